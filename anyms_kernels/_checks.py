@@ -1,0 +1,166 @@
+"""Argument checks of the public op: every bad input raises, naming the argument.
+
+Two kinds of check:
+- metadata (shapes, dtypes, devices, names): free, done on every call, also
+  while torch.compile traces;
+- values (box ranges, NaN scales, an all-masked text row): they read tensors,
+  so they synchronise with the device. They run on every eager call except
+  while a CUDA graph is being captured, where a sync is illegal.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .regions import Grid, check_grid, check_mode, check_token_boxes
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+BOX_DTYPES = (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8)
+
+
+@dataclass
+class Checked:
+    """The op's arguments after the checks, in the one form every backend takes."""
+    grid: Grid
+    boxes: torch.Tensor          # int32 [B, S, 4] on q's device (batch stride 0 when shared)
+    subject_scale: torch.Tensor  # float32 [B, S] on q's device (strides 0 when broadcast)
+    softmax_scale: float
+
+
+def check_backend(backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _shape(t):
+    return tuple(t.shape)
+
+
+def check_arguments(q, k_text, v_text, k_subj, v_subj, boxes, grid, mode, subject_scale,
+                    text_mask, softmax_scale, backend) -> Checked:
+    check_mode(mode)
+    check_backend(backend)
+    grid = check_grid(grid)
+    named = dict(q=q, k_text=k_text, v_text=v_text, k_subj=k_subj, v_subj=v_subj)
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be [B, H, N, D], got shape {_shape(q)}")
+    B, H, N, D = q.shape
+    for name, t in named.items():
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}: all inputs must share one dtype")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}: all inputs must share one device")
+    h, w = grid
+    if N != h * w:
+        raise ValueError(f"q has N={N} tokens but grid {h}x{w} has {h * w}: N must equal h*w")
+    if D < 1:
+        raise ValueError(f"q has head dim D={D}; it must be at least 1")
+    for name in ("k_text", "v_text"):
+        t = named[name]
+        if t.dim() != 4 or t.shape[0] != B or t.shape[1] != H or t.shape[3] != D:
+            raise ValueError(f"{name} must be [B={B}, H={H}, L, D={D}], got shape {_shape(t)}")
+    if k_text.shape != v_text.shape:
+        raise ValueError(f"k_text {_shape(k_text)} and v_text {_shape(v_text)} must have the same shape")
+    L = k_text.shape[2]
+    if L < 1:
+        raise ValueError("k_text must hold at least one text token (L >= 1)")
+    for name in ("k_subj", "v_subj"):
+        t = named[name]
+        if t.dim() != 5 or t.shape[0] != B or t.shape[1] != H or t.shape[4] != D:
+            raise ValueError(f"{name} must be [B={B}, H={H}, S, T, D={D}], got shape {_shape(t)}")
+    if k_subj.shape != v_subj.shape:
+        raise ValueError(f"k_subj {_shape(k_subj)} and v_subj {_shape(v_subj)} must have the same shape")
+    S, T = k_subj.shape[2], k_subj.shape[3]
+    if S > 0 and T < 1:
+        raise ValueError("k_subj must hold at least one token per subject (T >= 1)")
+
+    boxes = _check_boxes(boxes, B, S, q.device)
+    scales = _check_subject_scale(subject_scale, B, S, q.device)
+    if text_mask is not None:
+        if not isinstance(text_mask, torch.Tensor):
+            raise TypeError(f"text_mask must be a bool tensor [B, L] or None, got {type(text_mask).__name__}")
+        if text_mask.dtype != torch.bool:
+            raise TypeError(f"text_mask must be a bool tensor (True = attend), got {text_mask.dtype}")
+        if _shape(text_mask) != (B, L):
+            raise ValueError(f"text_mask must be [B={B}, L={L}], got shape {_shape(text_mask)}")
+        if text_mask.device != q.device:
+            raise ValueError(f"text_mask is on {text_mask.device} but q is on {q.device}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(D)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    softmax_scale = float(softmax_scale)
+    if not math.isfinite(softmax_scale) or softmax_scale <= 0:
+        raise ValueError(f"softmax_scale must be a finite positive float, got {softmax_scale}")
+    return Checked(grid, boxes, scales, softmax_scale)
+
+
+def _check_boxes(boxes, B, S, device) -> torch.Tensor:
+    if not isinstance(boxes, torch.Tensor):
+        try:
+            boxes = torch.as_tensor(boxes, dtype=torch.int64)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"boxes must be an int tensor [S, 4] or [B, S, 4] of token boxes: {exc}") from None
+        if boxes.numel() == 0:
+            boxes = boxes.reshape(0, 4)
+    if boxes.is_floating_point() or boxes.dtype not in BOX_DTYPES:
+        raise TypeError(
+            f"boxes must be an integer tensor of token boxes, got {boxes.dtype}; "
+            "turn normalised boxes into token boxes with anyms_kernels.rasterize_boxes(boxes, grid)"
+        )
+    if boxes.device != device and boxes.device.type != "cpu":
+        raise ValueError(f"boxes is on {boxes.device} but q is on {device}: pass them on q's device or the CPU")
+    if boxes.dim() == 2 and boxes.shape == (S, 4):
+        boxes = boxes.unsqueeze(0).expand(B, S, 4)
+    elif boxes.dim() == 3 and boxes.shape[1:] == (S, 4) and boxes.shape[0] in (1, B):
+        boxes = boxes.expand(B, S, 4)
+    else:
+        raise ValueError(
+            f"boxes must be [S={S}, 4] or [B={B}, S={S}, 4] (one box per subject of k_subj), "
+            f"got shape {_shape(boxes)}"
+        )
+    # to(...) copies only when needed; expanded batch stays stride 0.
+    return boxes.to(device=device, dtype=torch.int32)
+
+
+def _check_subject_scale(subject_scale, B, S, device) -> torch.Tensor:
+    if isinstance(subject_scale, bool):
+        raise TypeError("subject_scale must be a float or a tensor [S] / [B, S], got a bool")
+    if isinstance(subject_scale, (int, float)):
+        if math.isnan(subject_scale):
+            raise ValueError("subject_scale is NaN")
+        return torch.full((1, 1), float(subject_scale), dtype=torch.float32, device=device).expand(B, S)
+    if not isinstance(subject_scale, torch.Tensor):
+        raise TypeError(f"subject_scale must be a float or a tensor [S] / [B, S], got {type(subject_scale).__name__}")
+    if not subject_scale.is_floating_point():
+        raise TypeError(f"subject_scale must be a floating-point tensor, got {subject_scale.dtype}")
+    if subject_scale.device != device and subject_scale.device.type != "cpu":
+        raise ValueError(f"subject_scale is on {subject_scale.device} but q is on {device}")
+    shape = _shape(subject_scale)
+    if shape == (S,):
+        subject_scale = subject_scale.unsqueeze(0)
+    elif not (len(shape) == 2 and shape[1] == S and shape[0] in (1, B)):
+        raise ValueError(f"subject_scale must be a float, [S={S}] or [B={B}, S={S}], got shape {shape}")
+    return subject_scale.expand(B, S).to(device=device, dtype=torch.float32)
+
+
+def check_values(q, checked: Checked, text_mask: Optional[torch.Tensor]) -> None:
+    """The checks that read tensor values (see the module docstring)."""
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    check_token_boxes(checked.boxes, checked.grid, "boxes")
+    if checked.subject_scale.numel() and not torch.isfinite(checked.subject_scale).all():
+        raise ValueError("subject_scale holds NaN or inf")
+    if text_mask is not None and not text_mask.any(dim=1).all():
+        row = int((~text_mask.any(dim=1)).nonzero()[0, 0])
+        raise ValueError(f"text_mask masks every text token of batch row {row}: keep at least one per row")

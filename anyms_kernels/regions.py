@@ -1,0 +1,184 @@
+"""Region rules as small named ideas.
+
+The reference, the PyTorch backend, the Triton kernel's metadata and the
+visualisations all use these functions, so that the way a box becomes tokens,
+and the way overlapping boxes are settled, is written once.
+
+Conventions (METHOD.md):
+- a normalised box is ``(x0, y0, x1, y1)`` in ``[0, 1]`` of the image;
+- a token box is half-open integer ``(x0, y0, x1, y1)`` on an ``h x w`` grid;
+- tokens are row-major: token ``t`` sits at row ``t // w``, column ``t % w``;
+- subjects are in ascending priority: where boxes overlap, the later one wins
+  (``overwrite``) or all of them add (``sum``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import torch
+
+Grid = Tuple[int, int]
+
+MODES = ("overwrite", "sum")
+
+
+def check_grid(grid, name: str = "grid") -> Grid:
+    """Return ``grid`` as a ``(h, w)`` tuple of positive ints, or raise naming ``name``."""
+    if isinstance(grid, torch.Size):
+        grid = tuple(grid)
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2:
+        raise ValueError(f"{name} must be a pair (h, w) of positive ints, got {grid!r}")
+    h, w = grid
+    for v in (h, w):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a pair (h, w) of positive ints, got {grid!r}")
+    return int(h), int(w)
+
+
+def check_mode(mode) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def rasterize_boxes(boxes, grid: Grid) -> torch.Tensor:
+    """Normalised boxes -> half-open int32 token boxes on ``grid``.
+
+    Args:
+        boxes: ``[S, 4]`` or ``[B, S, 4]`` floats ``(x0, y0, x1, y1)`` in ``[0, 1]``
+            with ``x1 > x0`` and ``y1 > y0`` (a tensor, or nested sequences).
+        grid: ``(h, w)`` of the attention layer's token grid.
+
+    Returns:
+        int32 tensor of the same leading shape, on the boxes' device:
+        ``y0 = floor(y0 * h)``, ``y1 = max(y0 + 1, ceil(y1 * h))`` clamped to ``h``,
+        likewise for x with ``w``. A box never vanishes on a coarse grid.
+
+    Raises:
+        ValueError: ``boxes`` has the wrong shape, holds NaN, lies outside
+            ``[0, 1]`` or is inverted or empty; ``grid`` is not two positive ints.
+    """
+    h, w = check_grid(grid)
+    boxes = torch.as_tensor(boxes)
+    if boxes.dim() not in (2, 3) or boxes.shape[-1] != 4:
+        raise ValueError(f"boxes must have shape [S, 4] or [B, S, 4], got {tuple(boxes.shape)}")
+    if not boxes.is_floating_point():
+        boxes = boxes.to(torch.float64)
+    if boxes.numel():
+        # A handful of numbers: checking them costs one tiny sync, worth it here,
+        # where boxes arrive from users once per generation.
+        check_normalized_boxes(boxes)
+    b = boxes.to(torch.float64)
+    # floor/ceil on float64 so that 0.5 * 64 is exactly 32, not 31.99.
+    x0 = torch.floor(b[..., 0] * w).clamp_(0, w - 1)
+    y0 = torch.floor(b[..., 1] * h).clamp_(0, h - 1)
+    x1 = torch.maximum(x0 + 1, torch.ceil(b[..., 2] * w)).clamp_(max=w)
+    y1 = torch.maximum(y0 + 1, torch.ceil(b[..., 3] * h)).clamp_(max=h)
+    return torch.stack([x0, y0, x1, y1], dim=-1).to(torch.int32)
+
+
+def check_normalized_boxes(boxes: torch.Tensor, name: str = "boxes") -> None:
+    """Raise ValueError unless every box is finite, inside [0, 1] and not inverted."""
+    b = boxes.detach().to("cpu", torch.float64).reshape(-1, 4)
+    if torch.isnan(b).any():
+        raise ValueError(f"{name} holds NaN: {_first_bad(b, torch.isnan(b).any(1))}")
+    outside = ((b < 0) | (b > 1)).any(1)
+    if outside.any():
+        raise ValueError(f"{name} must lie inside [0, 1]; box {_first_bad(b, outside)} does not")
+    inverted = (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
+    if inverted.any():
+        raise ValueError(
+            f"{name} must have x1 > x0 and y1 > y0; box {_first_bad(b, inverted)} is inverted or empty"
+        )
+
+
+def check_token_boxes(boxes: torch.Tensor, grid: Grid, name: str = "boxes") -> None:
+    """Raise ValueError unless every token box is inside ``grid`` and non-empty.
+
+    Reads the values, so it synchronises with the boxes' device: callers skip it
+    while a CUDA graph is being captured.
+    """
+    h, w = grid
+    b = boxes.detach().to("cpu", torch.int64).reshape(-1, 4)
+    if b.numel() == 0:
+        return
+    outside = (b[:, 0] < 0) | (b[:, 1] < 0) | (b[:, 2] > w) | (b[:, 3] > h)
+    if outside.any():
+        raise ValueError(
+            f"{name} must lie inside the {h}x{w} grid (0 <= x <= {w}, 0 <= y <= {h}); "
+            f"box {_first_bad(b, outside)} does not"
+        )
+    empty = (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
+    if empty.any():
+        raise ValueError(
+            f"{name} must be half-open (x0, y0, x1, y1) with x1 > x0 and y1 > y0; "
+            f"box {_first_bad(b, empty)} is inverted or empty"
+        )
+
+
+def _first_bad(b: torch.Tensor, bad: torch.Tensor) -> str:
+    i = int(bad.nonzero()[0, 0])
+    return f"#{i} {tuple(b[i].tolist())}"
+
+
+def box_cover(box: Sequence[int], grid: Grid, device=None) -> torch.Tensor:
+    """Bool ``[h * w]``: which tokens the token box ``(x0, y0, x1, y1)`` covers."""
+    h, w = grid
+    x0, y0, x1, y1 = (int(v) for v in box)
+    ys = torch.arange(h, device=device)
+    xs = torch.arange(w, device=device)
+    rows = (ys >= y0) & (ys < y1)
+    cols = (xs >= x0) & (xs < x1)
+    return (rows[:, None] & cols[None, :]).reshape(h * w)
+
+
+def box_token_indices(box: Sequence[int], grid: Grid, device=None) -> torch.Tensor:
+    """int64 indices of the tokens inside a token box, in row-major order."""
+    h, w = grid
+    x0, y0, x1, y1 = (int(v) for v in box)
+    ys = torch.arange(y0, y1, device=device)
+    xs = torch.arange(x0, x1, device=device)
+    return (ys[:, None] * w + xs[None, :]).reshape(-1)
+
+
+def token_owner(boxes: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Priority routing: for each token, the index of the last subject covering it.
+
+    Args:
+        boxes: int token boxes ``[S, 4]`` in ascending priority.
+        grid: ``(h, w)``.
+
+    Returns:
+        int64 ``[h * w]`` holding a subject index, or -1 where no box covers the token.
+    """
+    h, w = grid
+    owner = torch.full((h * w,), -1, dtype=torch.int64, device=boxes.device)
+    for s, box in enumerate(boxes.tolist()):
+        owner.masked_fill_(box_cover(box, grid, boxes.device), s)
+    return owner
+
+
+def coverage_count(boxes: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """int64 ``[h * w]``: how many boxes cover each token (what ``sum`` mode adds up)."""
+    h, w = grid
+    count = torch.zeros(h * w, dtype=torch.int64, device=boxes.device)
+    for box in boxes.tolist():
+        count += box_cover(box, grid, boxes.device)
+    return count
+
+
+def layer_grid(latent_hw: Grid, num_tokens: int, max_downsample: int = 6) -> Grid:
+    """The grid of a layer with ``num_tokens`` tokens under a latent of ``latent_hw``.
+
+    A U-Net halves its feature map per level with stride-2 convolutions, rounding
+    odd sizes up; this finds the level whose ``h * w`` equals ``num_tokens``.
+    """
+    h, w = check_grid(latent_hw, "latent_hw")
+    for _ in range(max_downsample + 1):
+        if h * w == num_tokens:
+            return h, w
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    raise ValueError(
+        f"no U-Net level of a {latent_hw[0]}x{latent_hw[1]} latent has {num_tokens} tokens"
+    )
