@@ -27,7 +27,7 @@ class Checked:
     """The op's arguments after the checks, in the one form every backend takes."""
     grid: Grid
     boxes: torch.Tensor          # int32 [B, S, 4] on q's device (batch stride 0 when shared)
-    subject_scale: torch.Tensor  # float32 [B, S] on q's device (strides 0 when broadcast)
+    subject_scale: torch.Tensor  # float32 [B, S] on q's device (float64 for float64 q; strides 0 when broadcast)
     softmax_scale: float
 
 
@@ -85,7 +85,9 @@ def check_arguments(q, k_text, v_text, k_subj, v_subj, boxes, grid, mode, subjec
         raise ValueError("k_subj must hold at least one token per subject (T >= 1)")
 
     boxes = _check_boxes(boxes, B, S, q.device)
-    scales = _check_subject_scale(subject_scale, B, S, q.device)
+    # float32 feeds the kernel; a float64 oracle keeps float64 scales.
+    scale_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scales = _check_subject_scale(subject_scale, B, S, q.device, scale_dtype)
     if text_mask is not None:
         if not isinstance(text_mask, torch.Tensor):
             raise TypeError(f"text_mask must be a bool tensor [B, L] or None, got {type(text_mask).__name__}")
@@ -133,13 +135,13 @@ def _check_boxes(boxes, B, S, device) -> torch.Tensor:
     return boxes.to(device=device, dtype=torch.int32)
 
 
-def _check_subject_scale(subject_scale, B, S, device) -> torch.Tensor:
+def _check_subject_scale(subject_scale, B, S, device, dtype) -> torch.Tensor:
     if isinstance(subject_scale, bool):
         raise TypeError("subject_scale must be a float or a tensor [S] / [B, S], got a bool")
     if isinstance(subject_scale, (int, float)):
         if math.isnan(subject_scale):
             raise ValueError("subject_scale is NaN")
-        return torch.full((1, 1), float(subject_scale), dtype=torch.float32, device=device).expand(B, S)
+        return torch.full((1, 1), float(subject_scale), dtype=dtype, device=device).expand(B, S)
     if not isinstance(subject_scale, torch.Tensor):
         raise TypeError(f"subject_scale must be a float or a tensor [S] / [B, S], got {type(subject_scale).__name__}")
     if not subject_scale.is_floating_point():
@@ -151,7 +153,7 @@ def _check_subject_scale(subject_scale, B, S, device) -> torch.Tensor:
         subject_scale = subject_scale.unsqueeze(0)
     elif not (len(shape) == 2 and shape[1] == S and shape[0] in (1, B)):
         raise ValueError(f"subject_scale must be a float, [S={S}] or [B={B}, S={S}], got shape {shape}")
-    return subject_scale.expand(B, S).to(device=device, dtype=torch.float32)
+    return subject_scale.expand(B, S).to(device=device, dtype=dtype)
 
 
 def check_values(q, checked: Checked, text_mask: Optional[torch.Tensor]) -> None:

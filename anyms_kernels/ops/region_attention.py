@@ -298,8 +298,9 @@ def region_attention_triton(q, k_text, v_text, k_subj, v_subj, boxes, scales, te
 
 # ------------------------------------------------------------------- PyTorch backend
 def _chunk_tokens(num_tokens: int) -> int:
-    # Temporaries (a gathered query slab and its attention output) stay under about a
-    # quarter of the output; 1024 tokens keep each SDPA call big enough to be efficient.
+    # A subject's gathered queries and their attention output are processed in slabs of
+    # at most an eighth of the tokens (and at least 1024, so each SDPA call stays efficient):
+    # temporaries stay near a quarter of the output whatever the box sizes.
     return max(1024, -(-num_tokens // 8))
 
 
@@ -322,30 +323,49 @@ def _subject_tokens(boxes_key: Tuple[Tuple[int, ...], ...], grid: Grid, mode: st
     return tuple((s, idx.to(device)) for s, idx in groups if idx.numel() > 0)
 
 
+def _token_major(t: torch.Tensor) -> Tuple[torch.Tensor, int]:
+    """A view of t [B, H, N, D] in which gathering / scattering tokens moves whole rows.
+
+    diffusers' q is a transposed [B, N, H, D] buffer: there one token's H*D values are
+    contiguous, so index along N of the [B, N, H, D] view (a row copy) rather than of
+    the [B, H, N, D] view (H strided pieces per token).
+    """
+    if t.stride(2) >= t.stride(1) * t.shape[1] or t.shape[1] == 1:
+        return t.transpose(1, 2), 1
+    return t, 2
+
+
 def region_attention_torch(q, k_text, v_text, k_subj, v_subj, boxes, scales, text_mask, grid: Grid,
                            mode: str, softmax_scale: float):
-    """Exact on any device, no dense masks: SDPA per query chunk, then per subject on its tokens only."""
-    B, H, N, D = q.shape
-    out = _empty_like_layout(q)
-    chunk = _chunk_tokens(N)
+    """Exact on any device, no dense masks: one SDPA for the text branch over all tokens,
+    then, per subject, SDPA over only the tokens that subject acts on, added in place."""
+    B = q.shape[0]
     attn_mask = None if text_mask is None else text_mask[:, None, None, :]
-    for c0 in range(0, N, chunk):
-        out[:, :, c0:c0 + chunk] = F.scaled_dot_product_attention(
-            q[:, :, c0:c0 + chunk], k_text, v_text, attn_mask=attn_mask, scale=softmax_scale)
+    text = F.scaled_dot_product_attention(q, k_text, v_text, attn_mask=attn_mask, scale=softmax_scale)
+    if text.stride() == _empty_like_layout(text).stride() == _empty_like_layout(q).stride():
+        out = text                      # SDPA already wrote q's layout (the diffusers case on CPU)
+    else:
+        out = _empty_like_layout(q).copy_(text)
+        del text
     if k_subj.shape[2] == 0:
         return out
+    chunk = _chunk_tokens(q.shape[2])
     boxes_cpu = boxes.cpu()
     shared = boxes.stride(0) == 0 or B == 1
     batch_slices = [slice(0, B)] if shared else [slice(b, b + 1) for b in range(B)]
     for bs in batch_slices:
         key = tuple(map(tuple, boxes_cpu[bs.start].tolist()))
-        q_b, out_b = q[bs], out[bs]
+        q_rows, dim = _token_major(q[bs])
+        out_rows, out_dim = _token_major(out[bs])
         for s, tokens in _subject_tokens(key, grid, mode, q.device):
-            k_s, v_s = k_subj[bs, :, s], v_subj[bs, :, s]
+            # lambda_s * softmax(q K^T) V == softmax(q K^T) (lambda_s V): scale the T values, not the output.
             lam = scales[bs, s].to(q.dtype).view(-1, 1, 1, 1)
+            k_s, v_s = k_subj[bs, :, s], v_subj[bs, :, s] * lam
             for idx in tokens.split(chunk):
-                z = F.scaled_dot_product_attention(q_b.index_select(2, idx), k_s, v_s, scale=softmax_scale)
-                out_b.index_add_(2, idx, z.mul_(lam))
+                q_s = q_rows.index_select(dim, idx)
+                q_s = q_s.transpose(1, 2) if dim == 1 else q_s
+                z = F.scaled_dot_product_attention(q_s, k_s, v_s, scale=softmax_scale)
+                out_rows.index_add_(out_dim, idx, z.transpose(1, 2) if out_dim == 1 else z)
     return out
 
 

@@ -1,0 +1,183 @@
+"""Box rasterisation, and every bad input raising an error that names the argument."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import anyms_kernels as ak
+from anyms_kernels.regions import coverage_count, token_owner
+from tests.kernels.helpers import make_inputs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# ------------------------------------------------------------------ rasterize_boxes
+def test_rasterize_floor_ceil_rule():
+    grid = (64, 48)   # h, w
+    boxes = torch.tensor([[0.1, 0.2, 0.55, 0.8], [0.0, 0.0, 1.0, 1.0], [0.5, 0.5, 0.75, 0.625]])
+    tok = ak.rasterize_boxes(boxes, grid)
+    assert tok.dtype == torch.int32
+    h, w = grid
+    for (x0, y0, x1, y1), t in zip(boxes.tolist(), tok.tolist()):
+        ex0, ey0 = math.floor(x0 * w), math.floor(y0 * h)
+        assert t == [ex0, ey0, min(w, max(ex0 + 1, math.ceil(x1 * w))), min(h, max(ey0 + 1, math.ceil(y1 * h)))]
+    assert tok[2].tolist() == [24, 32, 36, 40]   # exact products are not nudged by float error
+
+
+def test_rasterize_never_empty_and_clamped():
+    tok = ak.rasterize_boxes([[0.5, 0.5, 0.5001, 0.5001], [0.999, 0.999, 1.0, 1.0], [0.0, 0.0, 1e-6, 1.0]], (4, 5))
+    assert tok.tolist() == [[2, 2, 3, 3], [4, 3, 5, 4], [0, 0, 1, 4]]
+    w = tok[:, 2] - tok[:, 0]
+    h = tok[:, 3] - tok[:, 1]
+    assert (w >= 1).all() and (h >= 1).all()
+
+
+def test_rasterize_per_batch_and_lists():
+    per_batch = [[[0, 0, 0.5, 0.5]], [[0.5, 0.5, 1, 1]]]
+    tok = ak.rasterize_boxes(per_batch, (8, 8))
+    assert tok.shape == (2, 1, 4)
+    assert tok.tolist() == [[[0, 0, 4, 4]], [[4, 4, 8, 8]]]
+
+
+@pytest.mark.parametrize("boxes, match", [
+    ([[0.2, 0.2, 0.1, 0.5]], "inverted"),
+    ([[0.2, 0.2, 0.2, 0.5]], "inverted"),
+    ([[-0.1, 0.0, 0.5, 0.5]], r"\[0, 1\]"),
+    ([[0.0, 0.0, 1.2, 0.5]], r"\[0, 1\]"),
+    ([[0.0, float("nan"), 0.5, 0.5]], "NaN"),
+    ([[0.0, 0.0, 0.5]], "shape"),
+])
+def test_rasterize_bad_boxes(boxes, match):
+    with pytest.raises(ValueError, match=match) as e:
+        ak.rasterize_boxes(boxes, (8, 8))
+    assert "boxes" in str(e.value)
+
+
+@pytest.mark.parametrize("grid", [(0, 8), (8,), (8.0, 8), "8x8", (8, -1)])
+def test_rasterize_bad_grid(grid):
+    with pytest.raises(ValueError, match="grid"):
+        ak.rasterize_boxes([[0, 0, 1, 1]], grid)
+
+
+def test_owner_and_coverage():
+    tok = torch.tensor([[0, 0, 2, 2], [1, 1, 3, 3]])
+    owner = token_owner(tok, (3, 3)).reshape(3, 3)
+    assert owner.tolist() == [[0, 0, -1], [0, 1, 1], [-1, 1, 1]]
+    assert coverage_count(tok, (3, 3)).reshape(3, 3).tolist() == [[1, 1, 0], [1, 2, 1], [0, 1, 1]]
+
+
+# --------------------------------------------------------------- region_cross_attention
+GRID = (4, 5)
+
+
+def _args(S=2, dtype=torch.float32, **over):
+    q, kt, vt, ks, vs = make_inputs(1, 2, GRID, 64, 7, S, 4, dtype)
+    a = dict(q=q, k_text=kt, v_text=vt, k_subj=ks, v_subj=vs,
+             boxes=torch.tensor([[0, 0, 2, 2], [1, 1, 5, 4]], dtype=torch.int32)[:S], grid=GRID)
+    a.update(over)
+    return a
+
+
+def _call(backend="torch", **kw):
+    args = _args(**{k: kw.pop(k) for k in list(kw) if k in ("S", "dtype")})
+    kwargs = {k: kw.pop(k) for k in list(kw) if k in ("mode", "subject_scale", "text_mask", "softmax_scale")}
+    args.update(kw)
+    pos = [args[k] for k in ("q", "k_text", "v_text", "k_subj", "v_subj", "boxes", "grid")]
+    return ak.region_cross_attention(*pos, backend=backend, **kwargs)
+
+
+BAD = {
+    # name: (override, exception, words the message must contain)
+    "N != h*w": (dict(grid=(4, 4)), ValueError, ["grid", "N=20"]),
+    "q not 4-D": (dict(q=torch.randn(2, 20, 64)), ValueError, ["q"]),
+    "k_text batch": (dict(k_text=torch.randn(3, 2, 7, 64)), ValueError, ["k_text"]),
+    "v_text head dim": (dict(v_text=torch.randn(1, 2, 7, 32)), ValueError, ["v_text"]),
+    "k/v text differ": (dict(v_text=torch.randn(1, 2, 8, 64)), ValueError, ["v_text"]),
+    "k_subj D": (dict(k_subj=torch.randn(1, 2, 2, 4, 32)), ValueError, ["k_subj"]),
+    "v_subj S": (dict(v_subj=torch.randn(1, 2, 3, 4, 64)), ValueError, ["v_subj"]),
+    "boxes count": (dict(boxes=torch.tensor([[0, 0, 1, 1]], dtype=torch.int32)), ValueError, ["boxes", "S=2"]),
+    "boxes shape": (dict(boxes=torch.zeros(2, 3, dtype=torch.int32)), ValueError, ["boxes"]),
+    "boxes float": (dict(boxes=torch.tensor([[0, 0, .5, .5], [.5, .5, 1, 1]])), TypeError, ["boxes", "rasterize_boxes"]),
+    "boxes outside": (dict(boxes=torch.tensor([[0, 0, 2, 2], [1, 1, 6, 4]])), ValueError, ["boxes", "grid"]),
+    "boxes negative": (dict(boxes=torch.tensor([[-1, 0, 2, 2], [1, 1, 5, 4]])), ValueError, ["boxes"]),
+    "boxes inverted": (dict(boxes=torch.tensor([[0, 0, 2, 2], [3, 1, 1, 4]])), ValueError, ["boxes", "inverted"]),
+    "boxes empty": (dict(boxes=torch.tensor([[0, 0, 2, 2], [1, 1, 1, 4]])), ValueError, ["boxes", "empty"]),
+    "mode": (dict(mode="replace"), ValueError, ["mode"]),
+    "backend": (dict(backend="cuda"), ValueError, ["backend"]),
+    "scale NaN": (dict(subject_scale=float("nan")), ValueError, ["subject_scale", "NaN"]),
+    "scale NaN tensor": (dict(subject_scale=torch.tensor([1.0, float("nan")])), ValueError, ["subject_scale"]),
+    "scale shape": (dict(subject_scale=torch.ones(3)), ValueError, ["subject_scale"]),
+    "scale int": (dict(subject_scale=torch.ones(2, dtype=torch.int64)), TypeError, ["subject_scale"]),
+    "text mask dtype": (dict(text_mask=torch.ones(1, 7)), TypeError, ["text_mask"]),
+    "text mask shape": (dict(text_mask=torch.ones(1, 8, dtype=torch.bool)), ValueError, ["text_mask"]),
+    "text mask all False": (dict(text_mask=torch.zeros(1, 7, dtype=torch.bool)), ValueError, ["text_mask"]),
+    "softmax_scale": (dict(softmax_scale=-1.0), ValueError, ["softmax_scale"]),
+    "softmax_scale nan": (dict(softmax_scale=float("nan")), ValueError, ["softmax_scale"]),
+    "mixed dtype": (dict(k_text=torch.randn(1, 2, 7, 64, dtype=torch.float16)), TypeError, ["k_text", "dtype"]),
+    "int q": (dict(q=torch.ones(1, 2, 20, 64, dtype=torch.int32)), TypeError, ["q"]),
+    "meta device": (dict(v_subj=torch.randn(1, 2, 2, 4, 64, device="meta")), ValueError, ["v_subj", "device"]),
+    "grid": (dict(grid=(20,)), ValueError, ["grid"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_raises_naming_argument(case):
+    override, exc, words = BAD[case]
+    with pytest.raises(exc) as e:
+        _call(**dict(override))
+    for word in words:
+        assert word in str(e.value), f"{case}: {word!r} not in message {str(e.value)!r}"
+
+
+def test_bad_input_checks_run_for_every_backend():
+    for backend in ("torch", "reference", "triton"):
+        with pytest.raises(ValueError, match="boxes"):
+            _call(backend=backend, boxes=torch.tensor([[0, 0, 2, 2], [1, 1, 6, 4]]))
+
+
+def test_triton_rejects_unsupported_head_dim_and_dtype():
+    from anyms_kernels.ops.region_attention import triton_runnable
+    q = make_inputs(1, 1, GRID, 72, 7, 1, 4)[0]
+    if triton_runnable(q) is not None:
+        pytest.skip("triton cannot run here")
+    q, kt, vt, ks, vs = make_inputs(1, 1, GRID, 72, 7, 1, 4)
+    box = torch.tensor([[0, 0, 1, 1]])
+    with pytest.raises(ValueError, match="head dim"):
+        ak.region_cross_attention(q, kt, vt, ks, vs, box, GRID, backend="triton")
+    q, kt, vt, ks, vs = make_inputs(1, 1, GRID, 64, 7, 1, 4, torch.float64)
+    with pytest.raises(TypeError, match="float64"):
+        ak.region_cross_attention(q, kt, vt, ks, vs, box, GRID, backend="triton")
+    # the torch backend takes both
+    ak.region_cross_attention(q, kt, vt, ks, vs, box, GRID, backend="torch")
+
+
+def _run_clean(code: str) -> subprocess.CompletedProcess:
+    """Run python code in a fresh process with no GPU visible and no TRITON_INTERPRET."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=300)
+
+
+def test_import_touches_no_gpu_and_needs_no_interpreter():
+    r = _run_clean("import torch, anyms_kernels as ak; "
+                   "assert not torch.cuda.is_initialized(), 'import initialised CUDA'; print(ak.__version__)")
+    assert r.returncode == 0, r.stderr
+
+
+def test_triton_backend_on_cpu_without_interpreter_says_why():
+    r = _run_clean(
+        "import torch, anyms_kernels as ak\n"
+        "q = torch.randn(1, 1, 4, 64); k = torch.randn(1, 1, 3, 64); s = torch.randn(1, 1, 1, 2, 64)\n"
+        "try:\n"
+        "    ak.region_cross_attention(q, k, k, s, s, [[0, 0, 1, 1]], (2, 2), backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    print('RAISED', e)\n")
+    assert r.returncode == 0, r.stderr
+    assert "RAISED backend='triton' cannot run" in r.stdout and "TRITON_INTERPRET" in r.stdout, r.stdout
