@@ -1,0 +1,52 @@
+"""AnyMS on diffusers: layout-guided multi-subject generation with IP-Adapter.
+
+    import anyms
+    pipe = anyms.AnyMSStableDiffusionXLPipeline.from_pretrained(...)
+    pipe.load_ip_adapter(...)
+    image = pipe(prompt, subjects=[anyms.Subject(img, box=(x0, y0, x1, y1)), ...]).images[0]
+
+The names below are imported on first use, so ``import anyms`` is quick and imports
+neither diffusers nor anything that touches a GPU.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "AnyMSAttnProcessor": "processor",
+    "apply_anyms": "processor",
+    "remove_anyms": "processor",
+    "set_anyms_layout": "processor",
+    "anyms_attention": "processor",
+    "Layout": "layout",
+    "Subject": "pipeline",
+    "AnyMSStableDiffusionXLPipeline": "pipeline",
+    "AnyMSStableDiffusionPipeline": "pipeline",
+    "draw_layout": "visualize",
+    "subject_maps": "visualize",
+}
+
+__all__ = list(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value   # later look-ups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs; never run
+    from .layout import Layout
+    from .pipeline import AnyMSStableDiffusionPipeline, AnyMSStableDiffusionXLPipeline, Subject
+    from .processor import AnyMSAttnProcessor, anyms_attention, apply_anyms, remove_anyms, set_anyms_layout
+    from .visualize import draw_layout, subject_maps

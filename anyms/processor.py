@@ -1,0 +1,383 @@
+"""AnyMS as a diffusers attention processor for the U-Net's cross-attention layers.
+
+    pipe.load_ip_adapter(...)                       # the subject features come from it
+    layout = Layout(boxes, latent_hw=(h // 8, w // 8))
+    with anyms_attention(pipe, layout):
+        image = pipe(prompt, ip_adapter_image=[[img_1, ..., img_S]]).images[0]
+
+``AnyMSAttnProcessor`` subclasses diffusers' ``IPAdapterAttnProcessor2_0`` and keeps
+its ``to_k_ip`` / ``to_v_ip`` and ``scale``. With a layout it runs the text branch and
+one branch per subject image, each confined to its box, in one call of
+``anyms_kernels.region_cross_attention``; without one it is its parent.
+
+The subject images are the S images of ONE IP-Adapter: the U-Net hands the
+processor ``ip_hidden_states[0]`` of shape ``[B, S, T, C]`` (diffusers' multi-image
+path, the one ``ip_adapter_masks`` uses), image ``s`` belonging to box ``s``.
+
+``apply_anyms`` converts, in place, the processors that ``load_ip_adapter``
+installed, sharing their weight modules and their ``scale`` list (so
+``set_ip_adapter_scale`` acts on both); ``remove_anyms`` puts the very same
+original processor objects back. No global state, no patching.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+from einops import rearrange
+
+import anyms_kernels
+from anyms.layout import Layout
+
+__all__ = ["AnyMSAttnProcessor", "apply_anyms", "remove_anyms", "set_anyms_layout", "anyms_attention"]
+
+# diffusers turns 0/1 attention masks into additive biases of 0 / -10000 (UNet2DConditionModel.forward).
+# exp(-10000) is 0 in every float dtype, so a bias at or below this is exactly a masked key.
+_MASKED_BIAS = -10000.0
+
+
+class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
+    r"""IP-Adapter cross-attention processor with AnyMS's layout-confined subject branches.
+
+    Args (as ``IPAdapterAttnProcessor2_0``):
+        hidden_size: the attention layer's width (``heads * head_dim``).
+        cross_attention_dim: the width of the image embeddings fed to ``to_k_ip`` / ``to_v_ip``.
+        num_tokens: image tokens per image, one entry per IP-Adapter (AnyMS uses one adapter).
+        scale: the IP-Adapter scale, one per adapter: a float, or a list of S floats.
+        layout: an :class:`anyms.layout.Layout`, or None to behave exactly like the parent.
+        backend: the ``anyms_kernels.region_cross_attention`` backend (``"auto"`` by default).
+
+    With a layout, for one layer with queries ``Q`` (``N = h * w`` tokens):
+
+        out = attn(Q, K_text, V_text) + Z_image,
+        Z_image[t] = lambda_r * attn(q_t, K_r, V_r) for the subject r that owns t
+                     ("overwrite", AnyMS), or the sum over every box covering t ("sum")
+
+    with ``lambda_s = layout.scales[s] * self.scale[0]`` (so ``set_ip_adapter_scale``
+    keeps working), keys ``K_s = to_k_ip(image tokens of s)``. Softmax scale ``1/sqrt(D)``,
+    as the parent's SDPA calls use. Text key masks (``attention_mask``) apply to the text
+    branch only, as in the parent.
+
+    Raises (with a layout): ``ValueError`` when the number of images per prompt differs
+    from the layout's boxes, when ``ip_adapter_masks`` is also passed, when more than one
+    IP-Adapter is loaded, when the image embeddings are missing, or when
+    ``attention_mask`` is not a key-padding mask the fused op can express.
+    """
+
+    def __init__(self, hidden_size, cross_attention_dim=None, num_tokens=(4,), scale=1.0,
+                 layout: Optional[Layout] = None, backend: str = "auto"):
+        super().__init__(hidden_size, cross_attention_dim=cross_attention_dim, num_tokens=num_tokens, scale=scale)
+        self.layout = _check_layout(layout)
+        self.backend = backend
+        # The processor this one replaced (see from_ip_adapter_processor); kept outside
+        # _modules so that state_dict() and .to() see its shared weights only once.
+        object.__setattr__(self, "_anyms_original", None)
+        self._scale_cache = None
+
+    @classmethod
+    def from_ip_adapter_processor(cls, processor: IPAdapterAttnProcessor2_0,
+                                  layout: Optional[Layout] = None) -> "AnyMSAttnProcessor":
+        """A processor that shares ``processor``'s ``to_k_ip``/``to_v_ip`` modules and ``scale`` list.
+
+        Nothing is copied or allocated: the weights, any accelerate offload hooks on the
+        projection layers and later ``set_ip_adapter_scale`` calls are common to both.
+        """
+        if not isinstance(processor, IPAdapterAttnProcessor2_0):
+            raise TypeError(f"processor must be an IPAdapterAttnProcessor2_0, got {type(processor).__name__}")
+        new = cls.__new__(cls)
+        torch.nn.Module.__init__(new)
+        new.hidden_size = processor.hidden_size
+        new.cross_attention_dim = processor.cross_attention_dim
+        new.num_tokens = processor.num_tokens
+        new.scale = processor.scale               # the same list object
+        new.to_k_ip = processor.to_k_ip           # the same ModuleLists (registered as submodules)
+        new.to_v_ip = processor.to_v_ip
+        new.train(processor.training)
+        new.layout = _check_layout(layout)
+        new.backend = "auto"
+        new._scale_cache = None
+        object.__setattr__(new, "_anyms_original", processor)
+        return new
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        scale: float = 1.0,
+        ip_adapter_masks: torch.Tensor | None = None,
+    ):
+        layout = self.layout
+        if layout is None:
+            return super().__call__(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                    attention_mask=attention_mask, temb=temb, scale=scale,
+                                    ip_adapter_masks=ip_adapter_masks)
+        if ip_adapter_masks is not None:
+            raise ValueError(
+                "ip_adapter_masks cannot be combined with an AnyMS layout: the layout's boxes are the masks. "
+                "Drop ip_adapter_masks, or clear the layout (set_anyms_layout(pipe, None)) to use diffusers' masks"
+            )
+        if not isinstance(encoder_hidden_states, tuple):
+            raise ValueError(
+                "encoder_hidden_states must be the tuple (text_states, [image_states]) that the U-Net passes "
+                "when an IP-Adapter is loaded and image embeddings are given; AnyMS needs the subject images "
+                "(pass ip_adapter_image=[[img_1, ..., img_S]] or ip_adapter_image_embeds to the pipeline)"
+            )
+        encoder_hidden_states, ip_hidden_states = encoder_hidden_states
+        if len(ip_hidden_states) != 1 or len(self.to_k_ip) != 1:
+            raise ValueError(
+                f"AnyMS takes its subjects from one IP-Adapter holding S images, but {len(self.to_k_ip)} "
+                f"IP-Adapters are loaded and {len(ip_hidden_states)} image embeddings were passed"
+            )
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        batch_size, num_queries, _ = hidden_states.shape
+        text_len = encoder_hidden_states.shape[1]
+        text_mask = _text_key_mask(attn, attention_mask, text_len, batch_size)
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        heads = attn.heads
+        head_dim = key.shape[-1] // heads
+        # Views, no copies: the op reads any strides and writes its output in q's layout.
+        q = rearrange(query, "b n (h d) -> b h n d", h=heads)
+        k_text = rearrange(key, "b l (h d) -> b h l d", h=heads)
+        v_text = rearrange(value, "b l (h d) -> b h l d", h=heads)
+
+        images = ip_hidden_states[0]
+        if images.dim() == 3:                     # [B, T, C]: one image per prompt
+            images = images.unsqueeze(1)
+        if images.dim() != 4:
+            raise ValueError(f"ip_hidden_states[0] must be [B, S, T, C], got shape {tuple(images.shape)}")
+        if images.shape[0] != batch_size:
+            raise ValueError(
+                f"ip_hidden_states[0] has batch {images.shape[0]} but the hidden states have {batch_size}; "
+                "with classifier-free guidance both must hold the unconditional and conditional halves"
+            )
+        num_images = images.shape[1]
+        if num_images != layout.num_subjects:
+            raise ValueError(
+                f"the IP-Adapter image embeddings hold S={num_images} images per prompt but the layout has "
+                f"{layout.num_subjects} boxes: give exactly one subject image per box"
+            )
+        k_subj = rearrange(self.to_k_ip[0](images), "b s t (h d) -> b h s t d", h=heads)
+        v_subj = rearrange(self.to_v_ip[0](images), "b s t (h d) -> b h s t d", h=heads)
+        if k_subj.dtype != q.dtype:               # e.g. image projection kept in float32
+            k_subj, v_subj = k_subj.to(q.dtype), v_subj.to(q.dtype)
+
+        grid, boxes = layout.token_boxes(num_queries, q.device)
+        if input_ndim == 4 and grid != (height, width):
+            raise ValueError(
+                f"the layout's latent {layout.latent_hw} gives a {grid[0]}x{grid[1]} grid for this layer, "
+                f"but its hidden states are {height}x{width}: make the Layout with the latent size being denoised"
+            )
+        out = anyms_kernels.region_cross_attention(
+            q, k_text, v_text, k_subj, v_subj, boxes, grid, mode=layout.mode,
+            subject_scale=self._subject_scale(layout, q.device), text_mask=text_mask,
+            softmax_scale=1.0 / math.sqrt(head_dim), backend=self.backend,
+        )
+        hidden_states = rearrange(out, "b h n d -> b n (h d)")   # free: out is laid out like q
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        hidden_states = hidden_states / attn.rescale_output_factor
+        return hidden_states
+
+    def _subject_scale(self, layout: Layout, device) -> torch.Tensor:
+        """lambda_s = layout.scales[s] * self.scale[0], cached while neither changes."""
+        ip_scale = self.scale[0]
+        if isinstance(ip_scale, (list, tuple)):
+            if len(ip_scale) != layout.num_subjects:
+                raise ValueError(
+                    f"the IP-Adapter scale has {len(ip_scale)} per-image values but the layout has "
+                    f"{layout.num_subjects} boxes (set_ip_adapter_scale)"
+                )
+            key = tuple(float(s) for s in ip_scale)
+        else:
+            key = float(ip_scale)
+        cache = self._scale_cache
+        if cache is not None and cache[0] is layout and cache[1] == device and cache[2] == key:
+            return cache[3]
+        factor = torch.tensor(key, dtype=torch.float32)
+        scale = layout.subject_scale(device) * factor.to(device)
+        self._scale_cache = (layout, device, key, scale)
+        return scale
+
+
+def _check_layout(layout):
+    if layout is not None and not isinstance(layout, Layout):
+        raise TypeError(f"layout must be an anyms.layout.Layout or None, got {type(layout).__name__}")
+    return layout
+
+
+def _text_key_mask(attn, attention_mask, text_len: int, batch_size: int) -> Optional[torch.Tensor]:
+    """The parent's text ``attention_mask`` as the op's bool key-padding mask ``[B, L]``.
+
+    The parent prepares it with ``attn.prepare_attention_mask`` into ``[B, heads, Q, L]``
+    (Q = 1 or the number of queries) and hands it to SDPA: a bool mask (True = attend)
+    or an additive bias. The op takes a mask shared by every head and query, so this
+    accepts exactly the masks that are: bool, or biases of 0 (attend) and <= -10000 /
+    -inf (masked, as diffusers writes them), and raises for anything else.
+    """
+    if attention_mask is None:
+        return None
+    mask = attn.prepare_attention_mask(attention_mask, text_len, batch_size)
+    mask = mask.view(batch_size, attn.heads, -1, mask.shape[-1])
+    if mask.shape[-1] != text_len:
+        raise ValueError(
+            f"attention_mask covers {mask.shape[-1]} keys but the text has {text_len} tokens"
+        )
+    if mask.dtype == torch.bool:
+        keep = mask
+    else:
+        keep = mask == 0
+        soft = ~keep & ~(mask <= _MASKED_BIAS)
+        if soft.any():
+            raise ValueError(
+                "attention_mask holds soft biases (values other than 0 and <= -10000): AnyMS's fused op "
+                "takes only a key-padding mask of the text tokens"
+            )
+    flat = keep.reshape(batch_size, -1, text_len)
+    shared = flat[:, :1]
+    if not torch.equal(flat, shared.expand_as(flat)):
+        raise ValueError(
+            "attention_mask differs between heads or query tokens: AnyMS's fused op takes only a "
+            "key-padding mask of the text tokens, one row per batch element"
+        )
+    return shared[:, 0].contiguous()
+
+
+# ----------------------------------------------------------------------- install
+def _unet_of(pipe_or_unet):
+    if hasattr(pipe_or_unet, "attn_processors") and hasattr(pipe_or_unet, "set_attn_processor"):
+        return pipe_or_unet
+    unet = getattr(pipe_or_unet, "unet", None)
+    if unet is not None and hasattr(unet, "attn_processors"):
+        return unet
+    raise TypeError(
+        f"pipe_or_unet must be a diffusers pipeline with a .unet or a UNet2DConditionModel, "
+        f"got {type(pipe_or_unet).__name__}"
+    )
+
+
+def _attention_modules(unet) -> Iterator[torch.nn.Module]:
+    """Every attention module of the U-Net that carries a processor (as ``unet.attn_processors`` sees)."""
+    for module in unet.modules():
+        if hasattr(module, "get_processor") and hasattr(module, "set_processor") and hasattr(module, "processor"):
+            yield module
+
+
+def apply_anyms(pipe_or_unet, layout: Optional[Layout] = None):
+    """Convert the U-Net's IP-Adapter processors into :class:`AnyMSAttnProcessor`, in place.
+
+    Each ``IPAdapterAttnProcessor2_0`` that ``load_ip_adapter`` installed is replaced by an
+    ``AnyMSAttnProcessor`` sharing its ``to_k_ip``/``to_v_ip`` modules and ``scale`` list;
+    the original object is kept for :func:`remove_anyms`. Idempotent: processors that
+    are already AnyMS stay as they are. Every AnyMS processor's layout is set to
+    ``layout`` (None: they behave like plain IP-Adapter until :func:`set_anyms_layout`).
+
+    Returns the U-Net. Raises ``ValueError`` if no IP-Adapter is loaded, ``TypeError``
+    for an argument of the wrong type.
+    """
+    unet = _unet_of(pipe_or_unet)
+    _check_layout(layout)
+    found = False
+    for module in _attention_modules(unet):
+        proc = module.processor
+        if isinstance(proc, AnyMSAttnProcessor):
+            proc.layout = layout
+            found = True
+        elif type(proc) is IPAdapterAttnProcessor2_0:
+            module.set_processor(AnyMSAttnProcessor.from_ip_adapter_processor(proc, layout))
+            found = True
+    if not found:
+        raise ValueError(
+            "pipe_or_unet has no IP-Adapter attention processors: load an IP-Adapter first with "
+            "pipe.load_ip_adapter(...)"
+        )
+    return unet
+
+
+def set_anyms_layout(pipe_or_unet, layout: Optional[Layout]):
+    """Set (or clear, with None) the layout of every AnyMS processor of the U-Net; returns the U-Net."""
+    unet = _unet_of(pipe_or_unet)
+    _check_layout(layout)
+    procs = [m.processor for m in _attention_modules(unet) if isinstance(m.processor, AnyMSAttnProcessor)]
+    if not procs:
+        raise ValueError("pipe_or_unet has no AnyMS processors: call apply_anyms(pipe_or_unet) first")
+    for proc in procs:
+        proc.layout = layout
+    return unet
+
+
+def remove_anyms(pipe_or_unet):
+    """Put back the processors :func:`apply_anyms` replaced (the same objects); returns the U-Net.
+
+    An AnyMS processor made directly (not by ``apply_anyms``) becomes a plain
+    ``IPAdapterAttnProcessor2_0`` sharing its weights. No AnyMS processor: nothing to do.
+    """
+    unet = _unet_of(pipe_or_unet)
+    for module in _attention_modules(unet):
+        proc = module.processor
+        if isinstance(proc, AnyMSAttnProcessor):
+            module.set_processor(_original_of(proc))
+    return unet
+
+
+def _original_of(proc: AnyMSAttnProcessor) -> IPAdapterAttnProcessor2_0:
+    original = proc._anyms_original
+    if original is not None:
+        return original
+    plain = IPAdapterAttnProcessor2_0.__new__(IPAdapterAttnProcessor2_0)
+    torch.nn.Module.__init__(plain)
+    plain.hidden_size, plain.cross_attention_dim = proc.hidden_size, proc.cross_attention_dim
+    plain.num_tokens, plain.scale = proc.num_tokens, proc.scale
+    plain.to_k_ip, plain.to_v_ip = proc.to_k_ip, proc.to_v_ip
+    plain.train(proc.training)
+    return plain
+
+
+@contextlib.contextmanager
+def anyms_attention(pipe_or_unet, layout: Optional[Layout] = None):
+    """``with anyms_attention(pipe, layout): ...`` applies AnyMS and, on exit, restores exactly
+    the processors (and AnyMS layouts) that were there before; yields the U-Net."""
+    unet = _unet_of(pipe_or_unet)
+    before: List[Tuple[torch.nn.Module, object, Optional[Layout]]] = [
+        (m, m.processor, getattr(m.processor, "layout", None)) for m in _attention_modules(unet)
+    ]
+    apply_anyms(unet, layout)
+    try:
+        yield unet
+    finally:
+        for module, proc, old_layout in before:
+            current = module.processor
+            if current is proc:
+                if isinstance(proc, AnyMSAttnProcessor):
+                    proc.layout = old_layout
+            elif isinstance(current, AnyMSAttnProcessor) and current._anyms_original is proc:
+                module.set_processor(proc)
+            # anything else was changed inside the block (e.g. unload_ip_adapter): leave it

@@ -1,0 +1,91 @@
+"""anyms.visualize: the per-subject maps follow METHOD.md's rules, checked by brute force."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anyms import Subject
+from anyms.layout import Layout
+from anyms.visualize import cross_attention_grids, draw_layout, subject_maps, subject_masks
+
+BOXES = [[0.0, 0.0, 0.6, 0.6], [0.4, 0.3, 1.0, 0.9], [0.2, 0.5, 0.21, 0.52], [0.0, 0.9, 1.0, 1.0]]
+SCALES = [1.0, 0.5, 2.0, 0.75]
+
+
+def brute_force_acted(boxes, grid, mode):
+    """[S, h, w] bool, token by token, from METHOD.md's formulas (no anyms_kernels code)."""
+    h, w = grid
+    covers = np.zeros((len(boxes), h, w), bool)
+    for s, (x0, y0, x1, y1) in enumerate(boxes):
+        r0, c0 = math.floor(y0 * h), math.floor(x0 * w)
+        r1, c1 = min(h, max(r0 + 1, math.ceil(y1 * h))), min(w, max(c0 + 1, math.ceil(x1 * w)))
+        covers[s, r0:r1, c0:c1] = True
+    if mode == "sum":
+        return covers
+    acted = np.zeros_like(covers)
+    for r in range(h):
+        for c in range(w):
+            owners = [s for s in range(len(boxes)) if covers[s, r, c]]
+            if owners:
+                acted[owners[-1], r, c] = True      # the last (highest-priority) box wins
+    return acted
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "sum"])
+@pytest.mark.parametrize("grid", [(13, 21), (7, 11), (1, 1), (64, 64)])
+def test_subject_masks_follow_the_method(mode, grid):
+    layout = Layout(BOXES, (26, 42), scales=SCALES, mode=mode)
+    masks = subject_masks(layout, grid)
+    expected = brute_force_acted(BOXES, grid, mode) * np.array(SCALES, np.float32)[:, None, None]
+    np.testing.assert_array_equal(masks.numpy(), expected)
+    if mode == "overwrite":
+        assert ((masks != 0).sum(0) <= 1).all()   # one subject per token at most
+
+
+def test_cross_attention_grids_are_the_grids_the_unet_runs(anyms_and_diffusers, subject_images, one_thread):
+    ours, _ = anyms_and_diffusers()
+    seen = {}
+
+    def record(module, args, kwargs):
+        n = args[0].shape[1]
+        seen[n] = seen.get(n, 0) + 1
+
+    hooks = [m.register_forward_pre_hook(record, with_kwargs=True)
+             for name, m in ours.unet.named_modules() if name.endswith("attn2")]
+    ours("a cat", subjects=[Subject(subject_images[0], (0, 0, 1, 1))], height=72, width=104,
+         num_inference_steps=1, guidance_scale=1.0, output_type="latent")
+    for h in hooks:
+        h.remove()
+    grids = cross_attention_grids(ours.unet, (9, 13))
+    assert grids == {(5, 7): 3, (3, 4): 8}
+    assert {gh * gw: count for (gh, gw), count in grids.items()} == seen
+
+
+def test_draw_layout_draws_in_each_box_and_leaves_the_input_alone():
+    base = Image.new("RGB", (200, 120), (128, 128, 128))
+    thumb = Image.new("RGB", (30, 30), (255, 255, 0))
+    subjects = [Subject(thumb, (0.0, 0.0, 0.5, 0.5), label="a"), Subject(thumb, (0.5, 0.5, 1.0, 1.0), 0.5)]
+    out = draw_layout(base, subjects)
+    assert out.size == base.size and base.getpixel((0, 0)) == (128, 128, 128)
+    arr = np.asarray(out)
+    for x0, y0, x1, y1 in ((0, 0, 100, 60), (100, 60, 200, 120)):
+        assert (arr[y0:y1, x0:x1] != 128).any(axis=-1).mean() > 0.05   # outline, thumbnail, label
+    assert (arr[70:110, 10:90] == 128).all()                            # nothing outside the boxes
+    with pytest.raises(ValueError, match="inside \\[0, 1\\]"):
+        draw_layout(base, [Subject(thumb, (0.0, 0.0, 1.5, 1.0))])
+    with pytest.raises(TypeError, match="PIL image"):
+        draw_layout(np.asarray(base), subjects)
+
+
+def test_subject_maps_renders_and_checks_its_arguments():
+    layout = Layout(BOXES, (13, 21), scales=SCALES)
+    im = subject_maps(layout, {(13, 21): 2, (7, 11): 6}, labels=list("abcd"),
+                      image=Image.new("RGB", (168, 104), (10, 200, 30)))
+    assert im.mode == "RGB" and im.width > im.height > 100
+    with pytest.raises(ValueError, match="grids is empty"):
+        subject_maps(layout, [])
+    with pytest.raises(ValueError, match="labels has 1 entries for 4 subjects"):
+        subject_maps(layout, [(13, 21)], labels=["a"])
