@@ -9,3 +9,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# One intra-op thread: tiny test shapes gain nothing from two, and on a loaded 2-core
+# machine an OpenMP barrier waiting for a descheduled thread made small ops 10-40x slower.
+torch.set_num_threads(1)

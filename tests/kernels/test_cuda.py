@@ -1,0 +1,88 @@
+"""What only a GPU can show: the kernel at real sizes, bf16, CUDA graphs, autotuning.
+Skipped on machines without CUDA (CI); run by benchmarks/gpu/run.sh on a lent GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import anyms_kernels as ak
+from anyms_kernels.ops import region_attention as ra
+from tests.kernels.helpers import LAYOUTS, assert_matches_reference, make_inputs, reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("grid, H", [((64, 64), 10), ((32, 32), 20), ((48, 80), 10)])
+@pytest.mark.parametrize("mode", ["overwrite", "sum"])
+def test_sdxl_sizes_against_reference(dtype, grid, H, mode):
+    boxes = ak.rasterize_boxes(LAYOUTS["five"], grid)
+    q, kt, vt, ks, vs = make_inputs(2, H, grid, 64, 77, 5, 16, dtype, "cuda")
+    out = ak.region_cross_attention(q, kt, vt, ks, vs, boxes, grid, mode=mode)   # auto -> triton
+    args = (q, kt, vt, ks, vs, boxes, grid)
+    ref64 = reference(*args, mode=mode)
+    same = None if dtype == torch.float32 else reference(*args, mode=mode, dtype=dtype)
+    if dtype == torch.float32:
+        # ieee dot products in float32: as tight as plain float32 PyTorch
+        torch.testing.assert_close(out.double(), ref64, atol=1e-4, rtol=1e-4)
+    else:
+        assert_matches_reference(out, args, ref64, dtype=dtype, ref_same_dtype=same)
+
+
+@pytest.mark.parametrize("D", [40, 80, 128, 160])
+def test_head_dims_on_gpu(D):
+    grid = (32, 32)
+    boxes = ak.rasterize_boxes(LAYOUTS["partial_overlap"], grid)
+    q, kt, vt, ks, vs = make_inputs(2, 4, grid, D, 77, 3, 4, torch.float16, "cuda")
+    out = ak.region_cross_attention(q, kt, vt, ks, vs, boxes, grid, backend="triton")
+    args = (q, kt, vt, ks, vs, boxes, grid)
+    assert_matches_reference(out, args, reference(*args), dtype=torch.float16,
+                             ref_same_dtype=reference(*args, dtype=torch.float16))
+
+
+def test_cuda_graph_capture_and_replay():
+    grid = (64, 64)
+    q, kt, vt, ks, vs = make_inputs(2, 10, grid, 64, 77, 5, 16, torch.float16, "cuda")
+    boxes = ak.rasterize_boxes(LAYOUTS["five"], grid).cuda()
+    scale = torch.linspace(0.5, 1.5, 5, device="cuda")
+    run = lambda: ak.region_cross_attention(q, kt, vt, ks, vs, boxes, grid, subject_scale=scale)  # noqa: E731
+    eager = run()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # warm-up (compiles) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    q.normal_()   # new inputs in place: the replay must see them
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, run(), atol=0, rtol=0)
+    assert not torch.equal(captured, eager)
+
+
+def test_triton_matches_torch_backend_at_2048px():
+    """A 128x128 grid (2048^2 images): int64 offsets and many tiles."""
+    grid = (128, 128)
+    boxes = ak.rasterize_boxes(LAYOUTS["partial_overlap"], grid)
+    q, kt, vt, ks, vs = make_inputs(2, 10, grid, 64, 77, 3, 16, torch.float16, "cuda")
+    a = ak.region_cross_attention(q, kt, vt, ks, vs, boxes, grid, backend="triton")
+    b = ak.region_cross_attention(q.float(), kt.float(), vt.float(), ks.float(), vs.float(), boxes, grid,
+                                  backend="torch")
+    torch.testing.assert_close(a.float(), b, atol=2e-3, rtol=2e-3)
+
+
+def test_autotune_on_request(monkeypatch):
+    monkeypatch.setenv("ANYMS_KERNELS_AUTOTUNE", "1")
+    ra._AUTOTUNED.clear()
+    grid = (32, 32)
+    q, kt, vt, ks, vs = make_inputs(2, 10, grid, 64, 77, 2, 4, torch.float16, "cuda")
+    boxes = ak.rasterize_boxes(LAYOUTS["disjoint"][:2], grid)
+    out = ak.region_cross_attention(q, kt, vt, ks, vs, boxes, grid)
+    assert len(ra._AUTOTUNED) == 1
+    chosen = next(iter(ra._AUTOTUNED.values()))
+    assert chosen in ra.config_candidates(64, torch.float16)
+    args = (q, kt, vt, ks, vs, boxes, grid)
+    assert_matches_reference(out, args, reference(*args), dtype=torch.float16,
+                             ref_same_dtype=reference(*args, dtype=torch.float16))
