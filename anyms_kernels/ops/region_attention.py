@@ -215,6 +215,11 @@ def _autotune_requested() -> bool:
 
 
 # ------------------------------------------------------------------------- launcher
+def _layout_order(t: torch.Tensor) -> List[int]:
+    """t's dims from outermost to innermost in memory (size-1 dims carry no layout: last)."""
+    return sorted(range(t.dim()), key=lambda i: (t.shape[i] == 1, -t.stride(i), i))
+
+
 def _empty_like_layout(q: torch.Tensor) -> torch.Tensor:
     """An empty tensor shaped like q whose dims are laid out in q's stride order.
 
@@ -222,7 +227,7 @@ def _empty_like_layout(q: torch.Tensor) -> torch.Tensor:
     [B, N, H, D] buffer too, so the caller's reshape back is free; this also holds
     when q is a non-dense slice of a fused projection.
     """
-    order = sorted(range(q.dim()), key=lambda i: (-q.stride(i), i))
+    order = _layout_order(q)
     buf = torch.empty([q.shape[i] for i in order], dtype=q.dtype, device=q.device)
     inverse = [order.index(i) for i in range(q.dim())]
     return buf.permute(inverse)
@@ -302,9 +307,9 @@ def region_attention_triton(q, k_text, v_text, k_subj, v_subj, boxes, scales, te
 # ------------------------------------------------------------------- PyTorch backend
 def _chunk_tokens(num_tokens: int) -> int:
     # A subject's gathered queries and their attention output are processed in slabs of
-    # at most an eighth of the tokens (and at least 1024, so each SDPA call stays efficient):
+    # at most an eighth of the tokens (and at least 256, so each SDPA call stays efficient):
     # temporaries stay near a quarter of the output whatever the box sizes.
-    return max(1024, -(-num_tokens // 8))
+    return max(256, -(-num_tokens // 8))
 
 
 @functools.lru_cache(maxsize=256)
@@ -326,6 +331,16 @@ def _subject_tokens(boxes_key: Tuple[Tuple[int, ...], ...], grid: Grid, mode: st
     return tuple((s, idx.to(device)) for s, idx in groups if idx.numel() > 0)
 
 
+def _is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: its elements fill exactly numel() slots of its storage."""
+    expected = 1
+    for i in reversed(_layout_order(t)):
+        if t.shape[i] != 1 and t.stride(i) != expected:
+            return False
+        expected *= t.shape[i]
+    return True
+
+
 def _token_major(t: torch.Tensor) -> Tuple[torch.Tensor, int]:
     """A view of t [B, H, N, D] in which gathering / scattering tokens moves whole rows.
 
@@ -345,7 +360,7 @@ def region_attention_torch(q, k_text, v_text, k_subj, v_subj, boxes, scales, tex
     B = q.shape[0]
     attn_mask = None if text_mask is None else text_mask[:, None, None, :]
     text = F.scaled_dot_product_attention(q, k_text, v_text, attn_mask=attn_mask, scale=softmax_scale)
-    if text.stride() == _empty_like_layout(text).stride() == _empty_like_layout(q).stride():
+    if _is_dense(text) and _layout_order(text) == _layout_order(q):
         out = text                      # SDPA already wrote q's layout (the diffusers case on CPU)
     else:
         out = _empty_like_layout(q).copy_(text)
