@@ -188,10 +188,10 @@ CONFIGS = {
     # (BLOCK_D, 16-bit operands?) -> candidates, the heuristic's choice first
     (32, True): (KernelConfig(128, 32, 8, 2), KernelConfig(64, 32, 4, 2)),
     (64, True): (KernelConfig(128, 32, 8, 2), KernelConfig(64, 32, 4, 2), KernelConfig(128, 16, 8, 2)),
-    (128, True): (KernelConfig(64, 32, 8, 2), KernelConfig(32, 16, 4, 2)),
+    (128, True): (KernelConfig(64, 32, 8, 2), KernelConfig(128, 32, 8, 2)),
     (256, True): (KernelConfig(64, 32, 8, 2), KernelConfig(32, 16, 4, 2)),
     (32, False): (KernelConfig(64, 16, 4, 2), KernelConfig(32, 16, 4, 2)),
-    (64, False): (KernelConfig(16, 16, 4, 2), KernelConfig(32, 16, 4, 2)),
+    (64, False): (KernelConfig(16, 16, 4, 2),),
     (128, False): (KernelConfig(32, 16, 8, 2),),
     (256, False): (KernelConfig(32, 16, 8, 2),),
 }

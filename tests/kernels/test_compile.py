@@ -60,6 +60,9 @@ def test_fake_tensor_keeps_layout():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="on a GPU machine the kernel is compiled and run for real (test_cuda.py); the offline "
+                           "report leans on compiler entry points checked against the CPU machines' triton")
 def test_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     """Every configuration the heuristic picks, for A100 (sm_80) and H100 (sm_90), fp16/bf16/fp32,
     every supported head dim, both modes: it compiles, and ptxas reports no spills.
