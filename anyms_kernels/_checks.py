@@ -4,14 +4,17 @@ Two kinds of check:
 - metadata (shapes, dtypes, devices, names): free, done on every call, also
   while torch.compile traces;
 - values (box ranges, NaN scales, an all-masked text row): they read tensors,
-  so they synchronise with the device. They run on every eager call except
-  while a CUDA graph is being captured, where a sync is illegal.
+  so on a GPU they synchronise with the device. CPU tensors are checked on every
+  call; a GPU tensor once per tensor and version (a generation reuses the same
+  boxes in every layer); none while a CUDA graph is being captured, where a sync
+  is illegal. Under torch.compile they run inside the op, eagerly.
 """
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -156,13 +159,54 @@ def _check_subject_scale(subject_scale, B, S, device, dtype) -> torch.Tensor:
     return subject_scale.expand(B, S).to(device=device, dtype=dtype)
 
 
-def check_values(q, checked: Checked, text_mask: Optional[torch.Tensor]) -> None:
-    """The checks that read tensor values (see the module docstring)."""
+def _check_box_values(boxes, grid):
+    check_token_boxes(boxes, grid, "boxes")
+
+
+def _check_scale_values(scale, grid):
+    if scale.numel() and not torch.isfinite(scale).all():
+        raise ValueError("subject_scale holds NaN or inf")
+
+
+def _check_mask_values(text_mask, grid):
+    keeps = text_mask.any(dim=1)
+    if not keeps.all():
+        row = int((~keeps).nonzero()[0, 0])
+        raise ValueError(f"text_mask masks every text token of batch row {row}: keep at least one per row")
+
+
+# Device tensors whose values passed, so that a generation's 70 layers x N steps pay one
+# device sync per boxes/scales tensor rather than one per call. Keyed by id, holding a
+# weak reference (a dead tensor drops its entry, so a new tensor at a reused id is never
+# taken for it) and the version counter (an in-place change invalidates the entry).
+_CHECKED_ON_DEVICE: Dict[int, Tuple[weakref.ref, int, tuple]] = {}
+
+
+def _check_once(t: torch.Tensor, what: tuple, check: Callable) -> None:
+    if t.device.type == "cpu":
+        check(t, what)                      # free: no device to wait for
+        return
+    entry = _CHECKED_ON_DEVICE.get(id(t))
+    if entry is not None and entry[0]() is t and entry[1] == t._version and entry[2] == what:
+        return
+    check(t, what)
+    key = id(t)
+    _CHECKED_ON_DEVICE[key] = (weakref.ref(t, lambda _ref: _CHECKED_ON_DEVICE.pop(key, None)), t._version, what)
+
+
+def check_values(q, grid: Grid, boxes, subject_scale, text_mask: Optional[torch.Tensor]) -> None:
+    """The checks that read tensor values (see the module docstring).
+
+    Pass the tensors as the caller gave them (not per-call views of them), so that a
+    device tensor that already passed is recognised and not read again.
+    """
     if q.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    check_token_boxes(checked.boxes, checked.grid, "boxes")
-    if checked.subject_scale.numel() and not torch.isfinite(checked.subject_scale).all():
-        raise ValueError("subject_scale holds NaN or inf")
-    if text_mask is not None and not text_mask.any(dim=1).all():
-        row = int((~text_mask.any(dim=1)).nonzero()[0, 0])
-        raise ValueError(f"text_mask masks every text token of batch row {row}: keep at least one per row")
+    if isinstance(boxes, torch.Tensor):
+        _check_once(boxes, tuple(grid), _check_box_values)
+    else:
+        check_token_boxes(torch.as_tensor(boxes), grid, "boxes")
+    if isinstance(subject_scale, torch.Tensor):
+        _check_once(subject_scale, (), _check_scale_values)
+    if text_mask is not None:
+        _check_once(text_mask, (), _check_mask_values)

@@ -16,7 +16,7 @@ import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator
 
 import torch
 

@@ -307,9 +307,11 @@ def region_attention_triton(q, k_text, v_text, k_subj, v_subj, boxes, scales, te
 # ------------------------------------------------------------------- PyTorch backend
 def _chunk_tokens(num_tokens: int) -> int:
     # A subject's gathered queries and their attention output are processed in slabs of
-    # at most an eighth of the tokens (and at least 256, so each SDPA call stays efficient):
-    # temporaries stay near a quarter of the output whatever the box sizes.
-    return max(256, -(-num_tokens // 8))
+    # at most 256 tokens (a sixteenth of the grid on small grids, at least 64): they stay in
+    # cache, and temporaries stay near a tenth of the output whatever the box sizes.
+    # Measured on CPU, 1 thread, S=5, T=16: against N/8-token slabs, 128x128 went from 1.50x
+    # to 1.27x the time of text-only SDPA and peak memory from 1.28x to 1.05x the output.
+    return min(256, max(64, num_tokens // 16))
 
 
 @functools.lru_cache(maxsize=256)
@@ -393,12 +395,12 @@ def _region_cross_attention_op(
     q: torch.Tensor, k_text: torch.Tensor, v_text: torch.Tensor,
     k_subj: torch.Tensor, v_subj: torch.Tensor,
     boxes: torch.Tensor, subject_scale: torch.Tensor, text_mask: Optional[torch.Tensor],
-    grid_h: int, grid_w: int, mode: str, softmax_scale: float, backend: str,
+    grid_h: int, grid_w: int, mode: str, softmax_scale: float, backend: str, values_checked: bool,
 ) -> torch.Tensor:
-    """The checked op: boxes int32 [B,S,4], subject_scale float32 [B,S], backend resolved."""
-    from .._checks import Checked
-    checked = Checked((grid_h, grid_w), boxes, subject_scale, softmax_scale)
-    check_values(q, checked, text_mask)
+    """The checked op: boxes int32 [B,S,4], subject_scale float32 [B,S], backend resolved.
+    ``values_checked``: the eager public function already read the values (see _checks)."""
+    if not values_checked:      # traced by torch.compile: the checks run here, eagerly
+        check_values(q, (grid_h, grid_w), boxes, subject_scale, text_mask)
     args = (q, k_text, v_text, k_subj, v_subj, boxes, subject_scale, text_mask, (grid_h, grid_w), mode,
             softmax_scale)
     if backend == "triton":
@@ -413,7 +415,7 @@ def _region_cross_attention_op(
 
 @_region_cross_attention_op.register_fake
 def _(q, k_text, v_text, k_subj, v_subj, boxes, subject_scale, text_mask, grid_h, grid_w, mode,
-      softmax_scale, backend):
+      softmax_scale, backend, values_checked):
     return _empty_like_layout(q)
 
 
@@ -482,6 +484,9 @@ def region_cross_attention(
                               text_mask, softmax_scale, backend)
     backend = resolve_backend(backend, q)
     h, w = checked.grid
+    values_checked = not torch.compiler.is_compiling()
+    if values_checked:  # on the caller's own tensors, so device tensors are read once, not per call
+        check_values(q, checked.grid, boxes, subject_scale, text_mask)
     return torch.ops.anyms_kernels.region_cross_attention(
         q, k_text, v_text, k_subj, v_subj, checked.boxes, checked.subject_scale, text_mask,
-        h, w, mode, checked.softmax_scale, backend)
+        h, w, mode, checked.softmax_scale, backend, values_checked)

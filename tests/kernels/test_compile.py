@@ -48,14 +48,13 @@ def test_torch_compile_fullgraph(compiler, mode):
 
 def test_fake_tensor_keeps_layout():
     from torch._subclasses.fake_tensor import FakeTensorMode
-    grid = (4, 4)
     with FakeTensorMode():
         q = torch.empty(2, 16, 3, 64).transpose(1, 2)
         kt = torch.empty(2, 3, 5, 64)
         ks = torch.empty(2, 3, 1, 4, 64)
         out = torch.ops.anyms_kernels.region_cross_attention(
             q, kt, kt, ks, ks, torch.zeros(2, 1, 4, dtype=torch.int32), torch.ones(2, 1), None,
-            4, 4, "overwrite", 0.125, "torch")
+            4, 4, "overwrite", 0.125, "torch", True)
         assert out.shape == q.shape and out.stride() == q.stride()
 
 

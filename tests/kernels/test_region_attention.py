@@ -78,7 +78,7 @@ def test_layouts_against_reference(device, backend, dtype, layout, mode):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mode", ["overwrite", "sum"])
 def test_per_batch_boxes_scales_and_text_mask(device, backend, mode):
-    B, S, L = 3, 3, 77
+    B, L = 3, 77
     text_mask = torch.rand(B, L, generator=torch.Generator().manual_seed(1)) > 0.3
     text_mask[:, 0] = True
     text_mask[1, 40:] = False   # a whole 32-key block masked for one row
