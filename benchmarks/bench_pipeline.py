@@ -35,15 +35,16 @@ import argparse
 import csv
 import datetime as _dt
 import os
-import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from typing import Dict, List, Optional
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ may be loaded by path
+from _env import git_commit, machine_name  # noqa: E402  (one place for what names a result)
 
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (diffusers 0.19 era keys).
 SDXL_UNET_CONFIG = dict(
@@ -111,30 +112,6 @@ GIB = 1024 ** 3
 
 
 # ------------------------------------------------------------------ environment
-def machine_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
-        return sha + ("+dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def versions() -> Dict[str, str]:
     import diffusers
 
