@@ -7,7 +7,7 @@ normalised boxes into token boxes once per layer grid and device, so that the
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Tuple
 
 import torch
 

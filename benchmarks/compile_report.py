@@ -14,7 +14,6 @@ import os
 import sys
 from dataclasses import asdict
 
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
