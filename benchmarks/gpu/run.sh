@@ -4,11 +4,11 @@
 #
 # On the lent machine (device tool), from the repository root, carrying the wheels:
 #     run(command="ANYMS_COMMIT=<git rev-parse --short=10 HEAD here> bash benchmarks/gpu/run.sh",
-#         carry=[".whl"], timeout_s=540)        # .git does not travel: the commit comes by name
+#         carry=[".whl"], timeout_s=570)        # .git does not travel: the commit comes by name
 # Dry run here, on CPU with tiny shapes and the Triton interpreter (checks the script end to end):
 #     OUT=/tmp/gpu_dry bash benchmarks/gpu/run.sh --dry-run
 #
-# Budget (whole script <= ~8 minutes): tests <= TEST_BUDGET s, sweep <= SWEEP_BUDGET s,
+# Budget (whole script <= ~8.5 minutes): tests <= TEST_BUDGET s, sweep <= SWEEP_BUDGET s,
 # pipeline <= PIPE_BUDGET s; each part is cut by `timeout` so the files still come back.
 set -u -o pipefail
 
@@ -20,8 +20,8 @@ cd "$ROOT"
 OUT=${OUT:-$ROOT/outputs/gpu}
 mkdir -p "$OUT"
 TEST_BUDGET=${TEST_BUDGET:-140}
-SWEEP_BUDGET=${SWEEP_BUDGET:-240}
-PIPE_BUDGET=${PIPE_BUDGET:-80}
+SWEEP_BUDGET=${SWEEP_BUDGET:-220}
+PIPE_BUDGET=${PIPE_BUDGET:-150}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
 log() { echo "[run.sh +$(( $(date +%s) - START ))s] $*"; }
