@@ -264,6 +264,12 @@ def _launch(q, k_text, v_text, k_subj, v_subj, boxes, scales, text_mask, out, gr
             softmax_scale, cfg: KernelConfig):
     B, H, N, D = q.shape
     L, S, T = k_text.shape[2], k_subj.shape[2], k_subj.shape[3]
+    if S == 0:
+        # Empty tensors may hold a null data pointer, which Triton's launcher can reject;
+        # with S = 0 the kernel reads none of these, so hand it non-empty stand-ins.
+        k_subj, v_subj = k_text.unsqueeze(2), v_text.unsqueeze(2)
+        boxes = torch.zeros(1, 1, 4, dtype=torch.int32, device=q.device)
+        scales = torch.zeros(1, 1, dtype=torch.float32, device=q.device)
     has_mask = text_mask is not None
     mask = text_mask.view(torch.int8) if has_mask else boxes  # any pointer will do when unused
     mask_strides = mask.stride() if has_mask else (0, 0)
