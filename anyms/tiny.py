@@ -417,6 +417,20 @@ def tiny_pipeline(pipeline_cls, kind: str = "sdxl", plus: bool = False, seed: in
             pipe.register_modules(feature_extractor=tiny_image_processor())
         # load_ip_adapter draws from the global RNG (the resampler's latents are made
         # with torch.randn before the saved ones replace them): keep the caller's RNG as it was.
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), _diffusers_errors_only():
             pipe.load_ip_adapter(folder, subfolder="", weight_name=weight_name)
     return pipe
+
+
+@contextlib.contextmanager
+def _diffusers_errors_only():
+    """load_ip_adapter warns that the U-Net has no modules to keep in float32 ('[]') when it
+    casts the adapter's layers: true of every model and nothing a demo user can act on."""
+    from diffusers.utils import logging as df_logging
+
+    level = df_logging.get_verbosity()
+    df_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        df_logging.set_verbosity(level)
