@@ -95,3 +95,19 @@ def test_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     spilled = [x for x in rows if x["stack_bytes"] > 0 or x["spill_stores"] > 0 or x["spill_loads"] > 0]
     assert not spilled, "register spills:\n" + table
     assert all(x["spill_stores"] == 0 for x in rows), "ptxas -v could not be read for some configurations"
+
+
+def test_registered_op_equals_public_function_in_eager():
+    """Eager calls skip the dispatcher; the registered op (what tracers see) computes the same."""
+    grid = (5, 6)
+    q, kt, vt, ks, vs = make_inputs(2, 2, grid, 64, 77, 2, 4)
+    boxes = ak.rasterize_boxes([[0, 0, 0.6, 0.6], [0.4, 0.4, 1, 1]], grid)
+    public = ak.region_cross_attention(q, kt, vt, ks, vs, boxes, grid, subject_scale=0.5, backend="torch")
+    registered = torch.ops.anyms_kernels.region_cross_attention(
+        q, kt, vt, ks, vs, boxes.expand(2, 2, 4), torch.full((2, 2), 0.5), None, 5, 6, "overwrite", 0.125,
+        "torch", False)
+    torch.testing.assert_close(registered, public, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="boxes"):   # not checked by the caller: the op checks
+        torch.ops.anyms_kernels.region_cross_attention(
+            q, kt, vt, ks, vs, torch.tensor([[[0, 0, 9, 9]] * 2] * 2, dtype=torch.int32), torch.ones(2, 2),
+            None, 5, 6, "overwrite", 0.125, "torch", False)
