@@ -29,7 +29,8 @@ BOX_DTYPES = (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8)
 class Checked:
     """The op's arguments after the checks, in the one form every backend takes."""
     grid: Grid
-    boxes: torch.Tensor          # int32 [B, S, 4] on q's device (batch stride 0 when shared)
+    regions: object              # int32 boxes [B, S, 4] or bool coverage [B, S, h, w] on q's device
+                                 # (batch stride 0 when shared), or a Routing
     subject_scale: torch.Tensor  # float32 [B, S] on q's device (float64 for float64 q; strides 0 when broadcast)
     softmax_scale: float
 
@@ -44,7 +45,7 @@ def _shape(t):
     return tuple(t.shape)
 
 
-def check_arguments(q, k_text, v_text, k_subj, v_subj, boxes, grid, mode, subject_scale,
+def check_arguments(q, k_text, v_text, k_subj, v_subj, regions, grid, mode, subject_scale,
                     text_mask, softmax_scale, backend) -> Checked:
     check_mode(mode)
     check_backend(backend)
@@ -87,7 +88,7 @@ def check_arguments(q, k_text, v_text, k_subj, v_subj, boxes, grid, mode, subjec
     if S > 0 and T < 1:
         raise ValueError("k_subj must hold at least one token per subject (T >= 1)")
 
-    boxes = _check_boxes(boxes, B, S, q.device)
+    regions = _check_regions(regions, B, S, grid, mode, q.device)
     # float32 feeds the kernel; a float64 oracle keeps float64 scales.
     scale_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scales = _check_subject_scale(subject_scale, B, S, q.device, scale_dtype)
@@ -107,7 +108,38 @@ def check_arguments(q, k_text, v_text, k_subj, v_subj, boxes, grid, mode, subjec
     softmax_scale = float(softmax_scale)
     if not math.isfinite(softmax_scale) or softmax_scale <= 0:
         raise ValueError(f"softmax_scale must be a finite positive float, got {softmax_scale}")
-    return Checked(grid, boxes, scales, softmax_scale)
+    return Checked(grid, regions, scales, softmax_scale)
+
+
+def _check_regions(regions, B, S, grid, mode, device):
+    """Token boxes, a bool coverage map, or a Routing; the first two in the op's one form."""
+    from .routing import Routing
+
+    if isinstance(regions, Routing):
+        h, w = grid
+        if regions.grid != grid:
+            raise ValueError(f"regions is a Routing for grid {regions.grid} but the call's grid is {grid}")
+        if regions.mode != mode:
+            raise ValueError(f"regions is a Routing built for mode={regions.mode!r} but the call has mode={mode!r}")
+        if regions.num_subjects != S:
+            raise ValueError(f"regions is a Routing of {regions.num_subjects} subjects but k_subj has S={S}")
+        if regions.batch not in (1, B):
+            raise ValueError(f"regions is a Routing of batch {regions.batch} but q has B={B}")
+        if regions.device != device:
+            raise ValueError(f"regions is a Routing on {regions.device} but q is on {device}: build it on q's device")
+        return regions
+    if isinstance(regions, torch.Tensor) and regions.dtype == torch.bool:
+        h, w = grid
+        if regions.device != device and regions.device.type != "cpu":
+            raise ValueError(f"regions is on {regions.device} but q is on {device}: pass it on q's device or the CPU")
+        if regions.dim() == 3 and regions.shape == (S, h, w):
+            regions = regions.unsqueeze(0)
+        elif not (regions.dim() == 4 and regions.shape[1:] == (S, h, w) and regions.shape[0] in (1, B)):
+            raise ValueError(
+                f"regions as a coverage map must be bool [S={S}, h={h}, w={w}] or [B={B}, S, h, w] on the call's "
+                f"grid (make it with anyms_kernels.rasterize_masks), got shape {_shape(regions)}")
+        return regions.to(device)
+    return _check_boxes(regions, B, S, device)
 
 
 def _check_boxes(boxes, B, S, device) -> torch.Tensor:
@@ -115,7 +147,8 @@ def _check_boxes(boxes, B, S, device) -> torch.Tensor:
         try:
             boxes = torch.as_tensor(boxes, dtype=torch.int64)
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(f"boxes must be an int tensor [S, 4] or [B, S, 4] of token boxes: {exc}") from None
+            raise TypeError(f"regions must be int token boxes [S, 4] / [B, S, 4], a bool coverage map or a Routing: "
+                            f"{exc}") from None
         if boxes.numel() == 0:
             boxes = boxes.reshape(0, 4)
     if boxes.is_floating_point() or boxes.dtype not in BOX_DTYPES:
@@ -186,6 +219,11 @@ def _check_once(t: torch.Tensor, what: tuple, check: Callable) -> None:
     if t.device.type == "cpu":
         check(t, what)                      # free: no device to wait for
         return
+    if t.is_inference():
+        # Inference tensors have no version counter, so an in-place change could not be
+        # seen: check them on every call (a device sync; a Routing or a Layout avoids it).
+        check(t, what)
+        return
     entry = _CHECKED_ON_DEVICE.get(id(t))
     if entry is not None and entry[0]() is t and entry[1] == t._version and entry[2] == what:
         return
@@ -194,7 +232,7 @@ def _check_once(t: torch.Tensor, what: tuple, check: Callable) -> None:
     _CHECKED_ON_DEVICE[key] = (weakref.ref(t, lambda _ref: _CHECKED_ON_DEVICE.pop(key, None)), t._version, what)
 
 
-def check_values(q, grid: Grid, boxes, subject_scale, text_mask: Optional[torch.Tensor]) -> None:
+def check_values(q, grid: Grid, regions, subject_scale, text_mask: Optional[torch.Tensor]) -> None:
     """The checks that read tensor values (see the module docstring).
 
     Pass the tensors as the caller gave them (not per-call views of them), so that a
@@ -202,10 +240,11 @@ def check_values(q, grid: Grid, boxes, subject_scale, text_mask: Optional[torch.
     """
     if q.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    if isinstance(boxes, torch.Tensor):
-        _check_once(boxes, tuple(grid), _check_box_values)
-    else:
-        check_token_boxes(torch.as_tensor(boxes), grid, "boxes")
+    if isinstance(regions, torch.Tensor):
+        if regions.dtype != torch.bool:             # coverage maps and Routings have no bad values
+            _check_once(regions, tuple(grid), _check_box_values)
+    elif not hasattr(regions, "cover"):
+        check_token_boxes(torch.as_tensor(regions), grid, "boxes")
     if isinstance(subject_scale, torch.Tensor):
         _check_once(subject_scale, (), _check_scale_values)
     if text_mask is not None:

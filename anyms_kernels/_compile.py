@@ -24,16 +24,17 @@ from ._triton import HAS_TRITON, TRITON_VERSION, triton, triton_unavailable_reas
 
 _TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # Runtime scalars of the kernel; every other UPPER-case parameter is a constexpr.
-_SCALAR_ARGS = ("H", "N", "L", "S", "T", "GRID_W")
+_SCALAR_ARGS = ("H", "N")
+_POINTERS = {"ORDER": "*i32", "OWNER": "*i32", "COVER": "*u8", "TILE_COUNT": "*i32", "TILE_SUBJECTS": "*i32",
+             "SCALES": "*fp32", "TEXT_MASK": "*i8"}
 # What Triton's JIT specialises on a real launch with diffusers-shaped inputs: unit
 # strides become constants, and pointers and row strides are multiples of 16 bytes
 # / elements. The report must describe the code that actually runs.
-_UNIT_STRIDES = ("stride_qd", "stride_ktd", "stride_vtd", "stride_ksd", "stride_vsd", "stride_od", "stride_bc",
-                 "stride_ml")
-_DIV16 = ("Q", "KT", "VT", "KS", "VS", "OUT", "stride_qb", "stride_qh", "stride_qn", "stride_ktb", "stride_kth",
-          "stride_ktl", "stride_vtb", "stride_vth", "stride_vtl", "stride_ksb", "stride_ksh", "stride_kss",
-          "stride_kst", "stride_vsb", "stride_vsh", "stride_vss", "stride_vst", "stride_ob", "stride_oh",
-          "stride_on")
+_UNIT_STRIDES = ("stride_qd", "stride_ktd", "stride_vtd", "stride_ksd", "stride_vsd", "stride_od", "stride_ml")
+_DIV16 = ("Q", "KT", "VT", "KS", "VS", "OUT", "ORDER", "OWNER", "COVER", "TILE_COUNT", "TILE_SUBJECTS",
+          "stride_qb", "stride_qn", "stride_ktb", "stride_ktl", "stride_vtb", "stride_vtl", "stride_ksb",
+          "stride_kss", "stride_kst", "stride_vsb", "stride_vss", "stride_vst", "stride_ob", "stride_on",
+          "stride_rb", "stride_cb", "stride_cs", "N")
 
 
 @dataclass
@@ -43,7 +44,7 @@ class ResourceUsage:
     head_dim: int
     overwrite: bool
     block_m: int
-    block_l: int
+    text_len: int
     block_t: int
     num_warps: int
     num_stages: int
@@ -66,17 +67,20 @@ def _nvidia_tool(name: str) -> str:
 
 
 def compile_kernel(head_dim: int, dtype: torch.dtype, config, *, arch: int = 90, overwrite: bool = True,
-                   has_text_mask: bool = True, block_t: int = 16):
-    """Compile ``_region_attention_fwd`` for ``sm_<arch>`` without a GPU; returns the CompiledKernel."""
+                   has_text_mask: bool = False, text_len: int = 77, subject_tokens: int = 16, vec: int = None):
+    """Compile ``_region_attention_fwd`` for ``sm_<arch>`` without a GPU; returns the CompiledKernel.
+
+    ``vec``: the alignment hint the launcher would pass (default: 16 bytes, what
+    diffusers' layouts give for the supported head dims)."""
     reason = triton_unavailable_reason()
     if reason:
         raise RuntimeError(reason)
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .ops import region_attention as ra
+    from .ops import region_attention_triton as rt
 
-    kernel = ra._region_attention_fwd
+    kernel = rt._region_attention_fwd
     if type(kernel).__name__ == "InterpretedFunction":
         raise RuntimeError("the kernel was defined under TRITON_INTERPRET=1; compile it in a process without it")
     ty = _TL_DTYPES[dtype]
@@ -84,21 +88,21 @@ def compile_kernel(head_dim: int, dtype: torch.dtype, config, *, arch: int = 90,
     for name in kernel.arg_names:
         if name in ("Q", "KT", "VT", "KS", "VS", "OUT"):
             signature[name] = "*" + ty
-        elif name == "BOXES":
-            signature[name] = "*i32"
-        elif name == "SCALES":
-            signature[name] = "*fp32"
-        elif name == "TEXT_MASK":
-            signature[name] = "*i8"
+        elif name in _POINTERS:
+            signature[name] = _POINTERS[name]
         elif name == "qk_scale":
             signature[name] = "fp32"
         elif (name.isupper() and name not in _SCALAR_ARGS) or name in _UNIT_STRIDES:
             signature[name] = "constexpr"
         else:
             signature[name] = "i32"
+    text_a, text_b = rt.text_blocks(text_len, head_dim)
     constexprs = dict(
-        HEAD_DIM=head_dim, BLOCK_D=ra._block_d(head_dim), BLOCK_M=config.block_m, BLOCK_L=config.block_l,
-        BLOCK_T=block_t, OVERWRITE=overwrite, HAS_TEXT_MASK=has_text_mask,
+        HEAD_DIM=head_dim, BLOCK_D=rt.block_d(head_dim), BLOCK_M=config.block_m, TEXT_LEN=text_len,
+        TEXT_A=text_a, TEXT_B=text_b, ONLINE_L=rt.online_text_block(head_dim),
+        PREFETCH_TEXT=rt.prefetch_text(head_dim, dtype), SUBJ_LEN=subject_tokens,
+        BLOCK_T=rt.subject_block(subject_tokens), OVERWRITE=overwrite, HAS_TEXT_MASK=has_text_mask,
+        VEC=vec or 16 // torch.empty((), dtype=dtype).element_size(),
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
     )
     constexprs.update({name: 1 for name in _UNIT_STRIDES})
@@ -130,9 +134,10 @@ def _ptxas_spills(ptx: str, arch: int):
 
 
 def resource_usage(head_dim: int, dtype: torch.dtype, config, *, arch: int = 90, overwrite: bool = True,
-                   block_t: int = 16) -> ResourceUsage:
+                   text_len: int = 77, subject_tokens: int = 16) -> ResourceUsage:
     """Registers, stack, spills and shared memory of one configuration, read from its cubin."""
-    ck = compile_kernel(head_dim, dtype, config, arch=arch, overwrite=overwrite, block_t=block_t)
+    ck = compile_kernel(head_dim, dtype, config, arch=arch, overwrite=overwrite, text_len=text_len,
+                        subject_tokens=subject_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
@@ -143,7 +148,7 @@ def resource_usage(head_dim: int, dtype: torch.dtype, config, *, arch: int = 90,
     stores, loads = _ptxas_spills(ck.asm["ptx"], arch)
     return ResourceUsage(
         arch=arch, dtype=_TL_DTYPES[dtype], head_dim=head_dim, overwrite=overwrite,
-        block_m=config.block_m, block_l=config.block_l, block_t=block_t, num_warps=config.num_warps,
+        block_m=config.block_m, text_len=text_len, block_t=subject_tokens, num_warps=config.num_warps,
         num_stages=config.num_stages, registers=int(fields["REG"]), stack_bytes=int(fields["STACK"]),
         spill_stores=stores, spill_loads=loads, shared_bytes=int(ck.metadata.shared),
     )

@@ -70,12 +70,96 @@ def rasterize_boxes(boxes, grid: Grid) -> torch.Tensor:
         # where boxes arrive from users once per generation.
         check_normalized_boxes(boxes)
     b = boxes.to(torch.float64)
-    # floor/ceil on float64 so that 0.5 * 64 is exactly 32, not 31.99.
-    x0 = torch.floor(b[..., 0] * w).clamp_(0, w - 1)
-    y0 = torch.floor(b[..., 1] * h).clamp_(0, h - 1)
-    x1 = torch.maximum(x0 + 1, torch.ceil(b[..., 2] * w)).clamp_(max=w)
-    y1 = torch.maximum(y0 + 1, torch.ceil(b[..., 3] * h)).clamp_(max=h)
+    # floor/ceil on float64, of products snapped to an integer when they are one up to
+    # rounding: 0.3 * 10 is 3.0000000000000004, and a box ending at 0.3 must end at
+    # token 3 of 10, not 4 (this is also what makes a rectangular mask equal its box).
+    x0 = torch.floor(_snap(b[..., 0] * w)).clamp_(0, w - 1)
+    y0 = torch.floor(_snap(b[..., 1] * h)).clamp_(0, h - 1)
+    x1 = torch.maximum(x0 + 1, torch.ceil(_snap(b[..., 2] * w))).clamp_(max=w)
+    y1 = torch.maximum(y0 + 1, torch.ceil(_snap(b[..., 3] * h))).clamp_(max=h)
     return torch.stack([x0, y0, x1, y1], dim=-1).to(torch.int32)
+
+
+def _snap(v: torch.Tensor) -> torch.Tensor:
+    """Products of a normalised coordinate and a grid size, snapped to the nearest integer
+    when within float64 rounding of it (inputs are at most a few thousand)."""
+    r = torch.round(v)
+    return torch.where((v - r).abs() <= 1e-9, r, v)
+
+
+def rasterize_masks(masks, grid: Grid) -> torch.Tensor:
+    """Masks at image resolution -> bool token coverage on ``grid``.
+
+    A token is covered when its cell meets the mask: cell ``(i, j)`` spans the image
+    rectangle ``[j W / w, (j + 1) W / w) x [i H / h, (i + 1) H / h)`` and is covered when a
+    nonzero pixel lies in it. This is the rule of :func:`rasterize_boxes` (a box covers
+    every cell it meets), so a rectangular mask gives exactly its box's tokens. Integer
+    arithmetic throughout: no rounding.
+
+    Args:
+        masks: ``[S, H, W]`` or ``[B, S, H, W]``, bool or numbers (nonzero = inside), any
+            device; H and W need not be multiples of the grid.
+        grid: ``(h, w)`` of the attention layer's token grid.
+
+    Returns:
+        bool ``[S, h, w]`` or ``[B, S, h, w]`` on the masks' device.
+
+    Raises:
+        ValueError: wrong shape, an image smaller than the grid, NaN values.
+        TypeError: not a tensor-like of numbers or bools.
+    """
+    h, w = check_grid(grid)
+    masks = as_mask_tensor(masks, "masks")
+    if masks.dim() not in (3, 4):
+        raise ValueError(f"masks must have shape [S, H, W] or [B, S, H, W], got {tuple(masks.shape)}")
+    H, W = masks.shape[-2:]
+    if H < h or W < w:
+        raise ValueError(f"masks are {H}x{W} pixels, smaller than the {h}x{w} token grid: pass them at image size")
+    # Summed-area table: the number of mask pixels in any rectangle in four look-ups.
+    sat = torch.zeros(*masks.shape[:-2], H + 1, W + 1, dtype=torch.int64, device=masks.device)
+    sat[..., 1:, 1:] = masks.to(torch.int64).cumsum(-1).cumsum(-2)
+    r0, r1 = _cell_edges(h, H, masks.device)
+    c0, c1 = _cell_edges(w, W, masks.device)
+    count = (sat[..., r1[:, None], c1[None, :]] - sat[..., r0[:, None], c1[None, :]]
+             - sat[..., r1[:, None], c0[None, :]] + sat[..., r0[:, None], c0[None, :]])
+    return count > 0
+
+
+def _cell_edges(cells: int, pixels: int, device):
+    """Per cell, the first pixel it meets and one past the last: floor(i P / n), ceil((i + 1) P / n)."""
+    i = torch.arange(cells, device=device, dtype=torch.int64)
+    return (i * pixels) // cells, -((-(i + 1) * pixels) // cells)
+
+
+def as_mask_tensor(masks, name: str = "masks") -> torch.Tensor:
+    """A tensor of a mask-like (tensor, numpy array, nested lists); bool or numbers, no NaN."""
+    if not isinstance(masks, torch.Tensor):
+        try:
+            masks = torch.as_tensor(__import__("numpy").asarray(masks))
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"{name} must be a bool or numeric array/tensor: {exc}") from None
+    if masks.dtype == torch.bool:
+        return masks
+    if masks.is_complex() or not (masks.is_floating_point() or masks.dtype in
+                                  (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
+        raise TypeError(f"{name} must hold bools or real numbers, got {masks.dtype}")
+    if masks.is_floating_point() and torch.isnan(masks).any():
+        raise ValueError(f"{name} holds NaN")
+    return masks != 0
+
+
+def mask_bbox(mask) -> Tuple[float, float, float, float]:
+    """The normalised bounding box ``(x0, y0, x1, y1)`` of a 2-D mask's nonzero pixels
+    (for drawing and for the box-based fallbacks); raises ValueError for an empty mask."""
+    m = as_mask_tensor(mask, "mask")
+    if m.dim() != 2:
+        raise ValueError(f"mask must be 2-D [H, W], got shape {tuple(m.shape)}")
+    H, W = m.shape
+    rows = m.any(1).nonzero()
+    cols = m.any(0).nonzero()
+    if rows.numel() == 0:
+        raise ValueError("mask is empty: it must cover at least one pixel")
+    return (int(cols[0]) / W, int(rows[0]) / H, (int(cols[-1]) + 1) / W, (int(rows[-1]) + 1) / H)
 
 
 def check_normalized_boxes(boxes: torch.Tensor, name: str = "boxes") -> None:
@@ -182,3 +266,18 @@ def layer_grid(latent_hw: Grid, num_tokens: int, max_downsample: int = 6) -> Gri
     raise ValueError(
         f"no U-Net level of a {latent_hw[0]}x{latent_hw[1]} latent has {num_tokens} tokens"
     )
+
+
+def boxes_cover(boxes: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """Bool ``[..., S, h * w]``: which tokens each int token box ``[..., S, 4]`` covers.
+
+    Vectorised on the boxes' device: no values are read on the host, so it is safe
+    inside a CUDA-graph capture and traceable by torch.compile.
+    """
+    h, w = grid
+    ys = torch.arange(h, device=boxes.device, dtype=torch.int32)
+    xs = torch.arange(w, device=boxes.device, dtype=torch.int32)
+    b = boxes.to(torch.int32)[..., None]                                   # [..., S, 4, 1]
+    rows = (ys >= b[..., 1, :]) & (ys < b[..., 3, :])                      # [..., S, h]
+    cols = (xs >= b[..., 0, :]) & (xs < b[..., 2, :])                      # [..., S, w]
+    return (rows[..., :, None] & cols[..., None, :]).flatten(-2)

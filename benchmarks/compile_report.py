@@ -39,7 +39,7 @@ def main():
                     r = asdict(resource_usage(head_dim, dtype, cfg, arch=arch))
                     r["heuristic_choice"] = i == 0
                     rows.append(r)
-                    print(f"sm_{arch} {r['dtype']:>4} D={head_dim:<3} BLOCK_M={cfg.block_m:<3} BLOCK_L={cfg.block_l} "
+                    print(f"sm_{arch} {r['dtype']:>4} D={head_dim:<3} BLOCK_M={cfg.block_m:<3} L77 "
                           f"warps={cfg.num_warps} regs={r['registers']:<3} stack={r['stack_bytes']:<4} "
                           f"spill={r['spill_stores']}/{r['spill_loads']} smem={r['shared_bytes']}"
                           f"{'  <- heuristic' if i == 0 else ''}", flush=True)

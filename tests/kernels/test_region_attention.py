@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import anyms_kernels as ak
+from anyms_kernels.ops import _layout
 from anyms_kernels.ops import region_attention as ra
 from tests.conftest import DEVICES
 from tests.kernels.helpers import LAYOUTS, assert_matches_reference, make_inputs, reference
@@ -18,12 +19,12 @@ BACKENDS = ["torch", "triton", "reference"]
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     """Every output buffer the op allocates starts as NaN, so unwritten rows fail."""
-    real = ra._empty_like_layout
+    real = _layout.empty_like_layout
 
     def poisoned(q):
         return real(q).fill_(float("nan"))
 
-    monkeypatch.setattr(ra, "_empty_like_layout", poisoned)
+    monkeypatch.setattr(_layout, "empty_like_layout", poisoned)
 
 
 def _device_ok(backend, device):

@@ -1,0 +1,54 @@
+"""The PyTorch backend of region cross-attention: exact on any device, no dense masks.
+
+One SDPA for the text branch over all tokens, then, per subject that acts on some
+token (the routing's work list), SDPA over only those tokens in bounded slabs, added
+in place. It reads the routing on the host once per Routing (one device sync on a
+GPU), so it is the fast path on CPUs only.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..routing import Routing
+from . import _layout
+
+
+def _chunk_tokens(num_tokens: int) -> int:
+    # A subject's gathered queries and their attention output are processed in slabs of
+    # at most 256 tokens (a sixteenth of the grid on small grids, at least 64): they stay in
+    # cache, and temporaries stay near a tenth of the output whatever the region sizes.
+    # Measured on CPU, 1 thread, S=5, T=16: against N/8-token slabs, 128x128 went from 1.50x
+    # to 1.27x the time of text-only SDPA and peak memory from 1.28x to 1.05x the output.
+    return min(256, max(64, num_tokens // 16))
+
+
+def region_attention_torch(q, k_text, v_text, k_subj, v_subj, routing: Routing, scales, text_mask,
+                           softmax_scale: float):
+    B = q.shape[0]
+    attn_mask = None if text_mask is None else text_mask[:, None, None, :]
+    text = F.scaled_dot_product_attention(q, k_text, v_text, attn_mask=attn_mask, scale=softmax_scale)
+    if _layout.is_dense(text) and _layout.layout_order(text) == _layout.layout_order(q):
+        out = text                      # SDPA already wrote q's layout (the diffusers case on CPU)
+    else:
+        out = _layout.empty_like_layout(q).copy_(text)
+        del text
+    if k_subj.shape[2] == 0 or B == 0 or q.shape[2] == 0:
+        return out
+    chunk = _chunk_tokens(q.shape[2])
+    per_row = routing.subject_tokens()
+    batch_slices = [slice(0, B)] if routing.batch == 1 else [slice(b, b + 1) for b in range(B)]
+    for r, bs in enumerate(batch_slices):
+        q_rows, dim = _layout.token_major(q[bs])
+        out_rows, out_dim = _layout.token_major(out[bs])
+        for s, tokens in per_row[r]:
+            # lambda_s * softmax(q K^T) V == softmax(q K^T) (lambda_s V): scale the T values, not the output.
+            lam = scales[bs, s].to(q.dtype).view(-1, 1, 1, 1)
+            k_s, v_s = k_subj[bs, :, s], v_subj[bs, :, s] * lam
+            tokens = tokens.to(q.device)
+            for idx in tokens.split(chunk):
+                q_s = q_rows.index_select(dim, idx)
+                q_s = q_s.transpose(1, 2) if dim == 1 else q_s
+                z = F.scaled_dot_product_attention(q_s, k_s, v_s, scale=softmax_scale)
+                out_rows.index_add_(out_dim, idx, z.transpose(1, 2) if out_dim == 1 else z)
+    return out

@@ -1,0 +1,449 @@
+"""The fused Triton kernel of region cross-attention, its launch table and launcher.
+
+One program per (tile of BLOCK_M query tokens, batch*head). The tokens of a tile are
+consecutive in the routing's sorted order (``anyms_kernels.routing``), so a tile is
+nearly always acted on by one subject or none, whatever the number of subjects. The
+program issues the text keys' loads, loads its query tile once, runs the text branch
+in one pass (no online rescale for L <= 128), then runs only the subjects its tile's
+list names, each in one key block, accumulating ``P @ V`` straight into the output
+accumulator with ``lambda_s / l`` and the token's acts-or-not folded into ``P``. The
+output is written once, in q's layout. Nothing in it depends on S.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from .._triton import HAS_TRITON, interpreter_requested, tl, triton, triton_unavailable_reason
+from ..routing import Routing
+from . import _layout
+
+# Head dims the Triton kernel is built and tested for: SD 1.5 (40, 80, 160),
+# SDXL (64), FLUX (128), and the common 32 / 96 / 256.
+TRITON_HEAD_DIMS = (32, 40, 64, 80, 96, 128, 160, 256)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Text keys up to this count run in one pass (one block, or two static blocks).
+ONE_PASS_TEXT = 128
+# Subject keys up to this count run in one block; longer sequences (a full ViT
+# sequence, T = 257) take an online softmax over blocks of ONLINE_T.
+ONE_BLOCK_SUBJECT = 64
+ONLINE_T = 32
+
+LOG2E = 1.4426950408889634
+
+# --------------------------------------------------------------------------- kernel
+if HAS_TRITON:
+
+    @triton.jit
+    def _load_keys(
+        K, V,                   # pointers to key / value row 0 of this branch
+        start, n_keys,          # first key of the block; keys in the branch
+        stride_kn, stride_kd,   # key strides (token, feature)
+        stride_vn, stride_vd,   # value strides (token, feature)
+        offs_d, d_ok,           # feature offsets and their validity (HEAD_DIM may be < BLOCK_D)
+        KEY_MASK, stride_mask,  # key-padding mask (int8, nonzero = attend), read if HAS_KEY_MASK
+        HAS_KEY_MASK: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        """K^T [BLOCK_D, BLOCK_N], V [BLOCK_N, BLOCK_D] and which of the BLOCK_N keys count."""
+        offs_n = start + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < n_keys
+        k = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                    mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if HAS_KEY_MASK:
+            n_ok = n_ok & (tl.load(KEY_MASK + offs_n * stride_mask, mask=n_ok, other=0) != 0)
+        return k, v, n_ok
+
+    @triton.jit
+    def _text_branch(
+        q,                      # [BLOCK_M, BLOCK_D] query tile
+        ka, va, ok_a,           # first key block (TEXT_A keys): K^T, V, validity
+        kb, vb, ok_b,           # second key block (TEXT_B keys), if TWO_BLOCKS
+        qk_scale,               # softmax_scale * log2(e): the softmax runs in base 2
+        MASK_A: tl.constexpr,   # whether block A has keys to mask (padding or a key mask)
+        TWO_BLOCKS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        """softmax(q K^T) V over at most two static key blocks: one max, one sum, no rescale."""
+        sa = tl.dot(q, ka, input_precision=DOT_PRECISION)
+        if MASK_A:
+            sa = tl.where(ok_a[None, :], sa, float("-inf"))
+        m = tl.max(sa, 1)
+        if TWO_BLOCKS:
+            sb = tl.dot(q, kb, input_precision=DOT_PRECISION)
+            sb = tl.where(ok_b[None, :], sb, float("-inf"))
+            m = tl.maximum(m, tl.max(sb, 1))
+        # A row whose keys are all masked keeps m = -inf: shift by 0 (its p are all 0).
+        m = tl.where(m == float("-inf"), 0.0, m) * qk_scale
+        pa = tl.exp2(sa * qk_scale - m[:, None])          # one FFMA per score, then MUFU.EX2
+        l_i = tl.sum(pa, 1)
+        acc = tl.dot(pa.to(va.dtype), va, input_precision=DOT_PRECISION)
+        if TWO_BLOCKS:
+            pb = tl.exp2(sb * qk_scale - m[:, None])
+            l_i += tl.sum(pb, 1)
+            acc = tl.dot(pb.to(vb.dtype), vb, acc, input_precision=DOT_PRECISION)
+        # l == 0 only for a fully masked row (the host refuses those, except while a CUDA
+        # graph is captured): write zeros, never 0/0.
+        inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
+        return acc * inv_l[:, None]
+
+    @triton.jit
+    def _subject_branch(
+        out,                    # [BLOCK_M, BLOCK_D] float32 output accumulator
+        q,                      # [BLOCK_M, BLOCK_D] query tile
+        k, v, t_ok,             # the subject's keys in one block: K^T, V, validity
+        weight,                 # [BLOCK_M] lambda_s where the subject acts on the token, else 0
+        qk_scale,
+        MASK_T: tl.constexpr,   # whether the block has padding keys (T < BLOCK_T)
+        DOT_PRECISION: tl.constexpr,
+    ):
+        """out += weight * softmax(q K^T) V, with weight / l folded into P: no rescale, no where over the tile."""
+        s = tl.dot(q, k, input_precision=DOT_PRECISION)
+        if MASK_T:
+            s = tl.where(t_ok[None, :], s, float("-inf"))
+        m = tl.max(s, 1) * qk_scale
+        p = tl.exp2(s * qk_scale - m[:, None])
+        w = weight / tl.sum(p, 1)
+        p = p * w[:, None]
+        return tl.dot(p.to(v.dtype), v, out, input_precision=DOT_PRECISION)
+
+    @triton.jit
+    def _attend_online(
+        q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, n_keys,
+        KEY_MASK, stride_mask, qk_scale, offs_d, d_ok,
+        HAS_KEY_MASK: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        """softmax(q K^T) V with an online softmax over key blocks: for long branches only."""
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start in range(0, n_keys, BLOCK_N):
+            k, v, n_ok = _load_keys(K, V, start, n_keys, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, d_ok,
+                                    KEY_MASK, stride_mask, HAS_KEY_MASK, BLOCK_N)
+            s = tl.dot(q, k, input_precision=DOT_PRECISION)
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s * qk_scale - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+        return acc * (1.0 / tl.where(l_i == 0.0, 1.0, l_i))[:, None]
+
+    @triton.jit
+    def _region_attention_fwd(
+        Q, KT, VT, KS, VS,      # q [B,H,N,D]; text k/v [B,H,L,D]; subject k/v [B,H,S,T,D]
+        OUT,                    # [B,H,N,D] output, any strides
+        ORDER,                  # int32 [Br,N] tokens in routing order: tile i = ORDER[i*BLOCK_M : (i+1)*BLOCK_M]
+        OWNER,                  # int32 [Br,N] acting subject per sorted position (overwrite), -1 = none
+        COVER,                  # uint8 [Br,S,N] coverage per sorted position (sum)
+        TILE_COUNT,             # int32 [Br,n_tiles] subjects acting on each tile
+        TILE_SUBJECTS,          # int32 [Br,n_tiles,S] their indices, ascending
+        SCALES,                 # float32 [B,S] subject scales (lambda_s)
+        TEXT_MASK,              # int8 [B,L] key-padding mask (nonzero = attend), read if HAS_TEXT_MASK
+        stride_qb, stride_qh, stride_qn, stride_qd,
+        stride_ktb, stride_kth, stride_ktl, stride_ktd,
+        stride_vtb, stride_vth, stride_vtl, stride_vtd,
+        stride_ksb, stride_ksh, stride_kss, stride_kst, stride_ksd,
+        stride_vsb, stride_vsh, stride_vss, stride_vst, stride_vsd,
+        stride_ob, stride_oh, stride_on, stride_od,
+        stride_rb,                          # ORDER / OWNER batch stride (0: shared by the batch)
+        stride_cb, stride_cs,               # COVER batch, subject strides
+        stride_tcb,                         # TILE_COUNT batch stride
+        stride_tsb, stride_tst,             # TILE_SUBJECTS batch, tile strides
+        stride_sb, stride_ss,               # SCALES (strides 0 when broadcast)
+        stride_mb, stride_ml,               # TEXT_MASK
+        H, N,                   # heads, query tokens
+        qk_scale,               # softmax_scale * log2(e)
+        HEAD_DIM: tl.constexpr,      # D
+        BLOCK_D: tl.constexpr,       # D rounded up to a power of two
+        BLOCK_M: tl.constexpr,       # query tokens per program
+        TEXT_LEN: tl.constexpr,      # L
+        TEXT_A: tl.constexpr,        # one-pass text: first key block (a power of two)
+        TEXT_B: tl.constexpr,        # one-pass text: second key block, 0 for none
+        ONLINE_L: tl.constexpr,      # key block of the online text path (TEXT_A == 0)
+        PREFETCH_TEXT: tl.constexpr, # issue the text key loads before the query tile's
+        SUBJ_LEN: tl.constexpr,      # T
+        BLOCK_T: tl.constexpr,       # subject keys per block (one block when T <= BLOCK_T)
+        OVERWRITE: tl.constexpr,     # True: a token takes its owner; False: all covering subjects add
+        HAS_TEXT_MASK: tl.constexpr,
+        VEC: tl.constexpr,           # every row offset is a multiple of VEC elements (16-byte accesses)
+        DOT_PRECISION: tl.constexpr, # "ieee" for float32 inputs, "tf32" otherwise (ignored for 16-bit)
+    ):
+        tile = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)   # int64: batch*head offsets overflow int32 at large sizes
+        h = (pid_bh % H).to(tl.int64)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_ok = offs_d < HEAD_DIM
+
+        # Text keys first (narrow heads): they do not depend on the routing, so their
+        # loads are in flight while the token order and the query tile arrive. Wide heads
+        # would hold too many registers across the query load: they load them after it.
+        kt_base = tl.multiple_of(b * stride_ktb + h * stride_kth, VEC)
+        vt_base = tl.multiple_of(b * stride_vtb + h * stride_vth, VEC)
+        mask_row = TEXT_MASK + b * stride_mb
+        if TEXT_A > 0 and PREFETCH_TEXT:
+            ka, va, ok_a = _load_keys(KT + kt_base, VT + vt_base, 0, TEXT_LEN, stride_ktl, stride_ktd,
+                                      stride_vtl, stride_vtd, offs_d, d_ok, mask_row, stride_ml,
+                                      HAS_TEXT_MASK, TEXT_A)
+            if TEXT_B > 0:
+                kb, vb, ok_b = _load_keys(KT + kt_base, VT + vt_base, TEXT_A, TEXT_LEN, stride_ktl, stride_ktd,
+                                          stride_vtl, stride_vtd, offs_d, d_ok, mask_row, stride_ml,
+                                          HAS_TEXT_MASK, TEXT_B)
+            else:
+                kb, vb, ok_b = ka, va, ok_a
+
+        # The tile's tokens in routing order, then the query tile, read once for every branch.
+        pos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = pos < N
+        route = b * stride_rb
+        tok = tl.load(ORDER + route + pos, mask=m_ok, other=0).to(tl.int64)
+        q_rows = tl.multiple_of(b * stride_qb + h * stride_qh + tok * stride_qn, VEC)
+        q = tl.load(Q + q_rows[:, None] + offs_d[None, :] * stride_qd, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        if TEXT_A > 0 and not PREFETCH_TEXT:
+            ka, va, ok_a = _load_keys(KT + kt_base, VT + vt_base, 0, TEXT_LEN, stride_ktl, stride_ktd,
+                                      stride_vtl, stride_vtd, offs_d, d_ok, mask_row, stride_ml,
+                                      HAS_TEXT_MASK, TEXT_A)
+            if TEXT_B > 0:
+                kb, vb, ok_b = _load_keys(KT + kt_base, VT + vt_base, TEXT_A, TEXT_LEN, stride_ktl, stride_ktd,
+                                          stride_vtl, stride_vtd, offs_d, d_ok, mask_row, stride_ml,
+                                          HAS_TEXT_MASK, TEXT_B)
+            else:
+                kb, vb, ok_b = ka, va, ok_a
+
+        # Level 1: the text branch, never masked by the layout.
+        if TEXT_A > 0:
+            out = _text_branch(q, ka, va, ok_a, kb, vb, ok_b, qk_scale,
+                               HAS_TEXT_MASK or TEXT_LEN < TEXT_A, TEXT_B > 0, DOT_PRECISION)
+        else:
+            out = _attend_online(q, KT + kt_base, VT + vt_base, stride_ktl, stride_ktd, stride_vtl, stride_vtd,
+                                 TEXT_LEN, mask_row, stride_ml, qk_scale, offs_d, d_ok, HAS_TEXT_MASK,
+                                 BLOCK_M, ONLINE_L, BLOCK_D, DOT_PRECISION)
+
+        # Level 2: only the subjects on this tile's list (usually one, often none).
+        count = tl.load(TILE_COUNT + b * stride_tcb + tile)
+        if OVERWRITE:
+            owner = tl.load(OWNER + route + pos, mask=m_ok, other=-1)
+        subjects = TILE_SUBJECTS + b * stride_tsb + tile * stride_tst
+        for j in range(0, count):
+            s = tl.load(subjects + j)
+            if OVERWRITE:
+                acts = owner == s
+            else:
+                acts = tl.load(COVER + b * stride_cb + s * stride_cs + pos, mask=m_ok, other=0) != 0
+            lam = tl.load(SCALES + b * stride_sb + s * stride_ss)
+            weight = tl.where(acts, lam, 0.0)
+            ks_ptr = KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s * stride_kss, VEC)
+            vs_ptr = VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s * stride_vss, VEC)
+            if SUBJ_LEN <= BLOCK_T:
+                k, v, t_ok = _load_keys(ks_ptr, vs_ptr, 0, SUBJ_LEN, stride_kst, stride_ksd, stride_vst,
+                                        stride_vsd, offs_d, d_ok, TEXT_MASK, 0, False, BLOCK_T)
+                out = _subject_branch(out, q, k, v, t_ok, weight, qk_scale, SUBJ_LEN < BLOCK_T, DOT_PRECISION)
+            else:
+                z = _attend_online(q, ks_ptr, vs_ptr, stride_kst, stride_ksd, stride_vst, stride_vsd, SUBJ_LEN,
+                                   TEXT_MASK, 0, qk_scale, offs_d, d_ok, False, BLOCK_M, BLOCK_T, BLOCK_D,
+                                   DOT_PRECISION)
+                out += weight[:, None] * z
+
+        o_rows = tl.multiple_of(b * stride_ob + h * stride_oh + tok * stride_on, VEC)
+        tl.store(OUT + o_rows[:, None] + offs_d[None, :] * stride_od, out.to(OUT.dtype.element_ty),
+                 mask=m_ok[:, None] & d_ok[None, :])
+
+    KERNEL_INTERPRETED = type(_region_attention_fwd).__name__ == "InterpretedFunction"
+else:  # pragma: no cover - exercised where triton is missing
+    _region_attention_fwd = None
+    KERNEL_INTERPRETED = False
+
+
+# --------------------------------------------------------------- launch configurations
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int     # query tokens per program
+    num_warps: int
+    num_stages: int
+
+
+def block_d(head_dim: int) -> int:
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+# A small table keyed by padded head dim and operand width; the heuristic takes the
+# first entry, and autotuning (ANYMS_KERNELS_AUTOTUNE=1, CUDA only) times all of them.
+# Every entry compiles without register spills for sm_80 and sm_90, with at most 128
+# registers a thread where the table says so (two or more programs per SM; tests/kernels/
+# test_compile.py, benchmarks/compile_report.py).
+CONFIGS = {
+    # (BLOCK_D, 16-bit operands?) -> candidates, the heuristic's choice first
+    (32, True): (KernelConfig(64, 4, 2), KernelConfig(128, 8, 2)),
+    (64, True): (KernelConfig(64, 4, 2), KernelConfig(128, 8, 2), KernelConfig(32, 4, 2)),
+    (128, True): (KernelConfig(64, 8, 2), KernelConfig(32, 4, 2)),
+    (256, True): (KernelConfig(32, 8, 2), KernelConfig(16, 4, 2)),
+    (32, False): (KernelConfig(32, 4, 2), KernelConfig(16, 4, 2)),
+    (64, False): (KernelConfig(16, 4, 2),),
+    (128, False): (KernelConfig(16, 8, 2),),
+    (256, False): (KernelConfig(16, 8, 2),),
+}
+
+
+def config_candidates(head_dim: int, dtype: torch.dtype) -> Tuple[KernelConfig, ...]:
+    return CONFIGS[(block_d(head_dim), dtype != torch.float32)]
+
+
+def text_blocks(num_text: int, head_dim: int = 64) -> Tuple[int, int]:
+    """(TEXT_A, TEXT_B): L keys in one or two static power-of-two blocks (77 -> 64 + 16),
+    or (0, 0) for the online path: when L > ONE_PASS_TEXT, and for heads wider than 64,
+    whose one-pass score and key blocks would not fit the registers without spilling."""
+    if num_text > ONE_PASS_TEXT or block_d(head_dim) > 64:
+        return 0, 0
+    a = max(16, 1 << (num_text.bit_length() - 1))
+    if a >= num_text:
+        return a, 0
+    rest = num_text - a
+    return a, max(16, 1 << (rest - 1).bit_length())
+
+
+def online_text_block(head_dim: int) -> int:
+    """Text keys per step of the online path: 16 for heads wider than 128 (32 spills there)."""
+    return 16 if block_d(head_dim) > 128 else 32
+
+
+def prefetch_text(head_dim: int, dtype: torch.dtype) -> bool:
+    """Text keys loaded before the query tile: for 16-bit heads up to 64 wide (registers allow it)."""
+    return block_d(head_dim) <= 64 and dtype != torch.float32
+
+
+def subject_block(num_subject_tokens: int) -> int:
+    """Keys per subject block: all T in one block when T <= ONE_BLOCK_SUBJECT (tl.dot needs 16)."""
+    if num_subject_tokens <= ONE_BLOCK_SUBJECT:
+        return max(16, 1 << (num_subject_tokens - 1).bit_length())
+    return ONLINE_T
+
+
+def vector_width(dtype: torch.dtype, *tensors_and_strides) -> int:
+    """Elements per 16-byte access that every base pointer and row stride allows (1 if none)."""
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    while vec > 1:
+        if all((t.data_ptr() if isinstance(t, torch.Tensor) else t) % (vec if not isinstance(t, torch.Tensor)
+                                                                       else vec * t.element_size()) == 0
+               for t in tensors_and_strides):
+            return vec
+        vec //= 2
+    return 1
+
+
+_AUTOTUNED: dict = {}
+
+
+def _autotune_requested() -> bool:
+    return os.environ.get("ANYMS_KERNELS_AUTOTUNE", "0") not in ("", "0")
+
+
+# ------------------------------------------------------------------------- launcher
+def triton_runnable(q: torch.Tensor) -> Optional[str]:
+    """None if the Triton kernel can run on q's device, else the reason it cannot."""
+    reason = triton_unavailable_reason()
+    if reason:
+        return reason
+    if q.is_cuda or KERNEL_INTERPRETED:
+        return None
+    if interpreter_requested():
+        return ("TRITON_INTERPRET=1 was set after anyms_kernels was imported; "
+                "set it before the first import to run the kernel on CPU tensors")
+    return (f"q is on {q.device}: the Triton kernel runs CUDA tensors, or CPU tensors under the "
+            "Triton interpreter (TRITON_INTERPRET=1 set before importing anyms_kernels); "
+            "use backend='torch' here")
+
+
+def check_triton_supported(q: torch.Tensor) -> None:
+    reason = triton_runnable(q)
+    if reason:
+        raise RuntimeError(f"backend='triton' cannot run: {reason}")
+    if q.dtype not in TRITON_DTYPES:
+        raise TypeError(f"backend='triton' takes float16, bfloat16 or float32 inputs, got {q.dtype}; "
+                        "use backend='torch' or 'reference' for float64")
+    if q.dtype == torch.bfloat16 and not q.is_cuda:
+        raise TypeError("backend='triton' refuses bfloat16 CPU tensors: the Triton interpreter computes bfloat16 "
+                        "dot products wrongly; use float16/float32 under the interpreter, or backend='torch'")
+    if q.shape[-1] not in TRITON_HEAD_DIMS:
+        raise ValueError(f"backend='triton' supports head dims {TRITON_HEAD_DIMS}, got D={q.shape[-1]}; "
+                         "use backend='torch' for other head dims")
+
+
+def _launch(q, k_text, v_text, k_subj, v_subj, routing: Routing, scales, text_mask, out, softmax_scale,
+            cfg: KernelConfig):
+    B, H, N, D = q.shape
+    L, S, T = k_text.shape[2], k_subj.shape[2], k_subj.shape[3]
+    count, subjects = routing.tiles(cfg.block_m)
+    cover = routing.cover_sorted
+    if S == 0:
+        # Empty tensors may hold a null data pointer, which Triton's launcher can reject;
+        # with S = 0 no tile lists a subject, so hand it non-empty stand-ins it never reads.
+        k_subj, v_subj = k_text.unsqueeze(2), v_text.unsqueeze(2)
+        scales = torch.zeros(1, 1, dtype=torch.float32, device=q.device)
+        subjects = count.unsqueeze(-1)
+    if cover is None:
+        cover = routing.owner.unsqueeze(1)   # any pointer will do when unused (overwrite)
+    has_mask = text_mask is not None
+    mask = text_mask.view(torch.int8) if has_mask else routing.order   # likewise when unused
+    mask_strides = mask.stride() if has_mask else (0, 0)
+    order, owner = routing.order, routing.owner
+    shared = order.shape[0] == 1
+    text_a, text_b = text_blocks(L, D)
+    vec = vector_width(q.dtype, q, k_text, v_text, k_subj, v_subj, out,
+                       *q.stride()[:3], *out.stride()[:3], *k_text.stride()[:3], *v_text.stride()[:3],
+                       *k_subj.stride()[:4], *v_subj.stride()[:4])
+    launch_grid = (count.shape[1], B * H)
+    _region_attention_fwd[launch_grid](
+        q, k_text, v_text, k_subj, v_subj, out, order, owner, cover, count, subjects, scales, mask,
+        *q.stride(), *k_text.stride(), *v_text.stride(), *k_subj.stride(), *v_subj.stride(), *out.stride(),
+        0 if shared else order.stride(0),
+        0 if shared else cover.stride(0), cover.stride(1),
+        0 if shared else count.stride(0),
+        0 if shared else subjects.stride(0), subjects.stride(1),
+        *scales.stride(), *mask_strides,
+        H, N, softmax_scale * LOG2E,
+        HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=cfg.block_m,
+        TEXT_LEN=L, TEXT_A=text_a, TEXT_B=text_b, ONLINE_L=online_text_block(D), PREFETCH_TEXT=prefetch_text(D, q.dtype),
+        SUBJ_LEN=max(T, 1), BLOCK_T=subject_block(max(T, 1)),
+        OVERWRITE=(routing.mode == "overwrite"), HAS_TEXT_MASK=has_mask, VEC=vec,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def pick_config(q, k_text, k_subj, mode, launch=None) -> KernelConfig:
+    """The table's first candidate, or (ANYMS_KERNELS_AUTOTUNE=1, CUDA) the fastest, timed once per shape."""
+    candidates = config_candidates(q.shape[-1], q.dtype)
+    if launch is None or not (_autotune_requested() and q.is_cuda and not KERNEL_INTERPRETED):
+        return candidates[0]
+    key = (q.shape[-1], q.dtype, q.shape[1], q.shape[2], k_text.shape[2], tuple(k_subj.shape[2:4]), mode)
+    if key not in _AUTOTUNED:
+        from triton.testing import do_bench
+        times = [do_bench(functools.partial(launch, cfg=c), return_mode="median") for c in candidates]
+        _AUTOTUNED[key] = candidates[times.index(min(times))]
+    return _AUTOTUNED[key]
+
+
+def region_attention_triton(q, k_text, v_text, k_subj, v_subj, routing: Routing, scales, text_mask,
+                            softmax_scale: float, config: Optional[KernelConfig] = None):
+    """Allocate the output in q's layout and launch the fused kernel once."""
+    check_triton_supported(q)
+    out = _layout.empty_like_layout(q)
+    if q.shape[0] == 0 or q.shape[1] == 0 or q.shape[2] == 0:
+        return out
+    launch = functools.partial(_launch, q, k_text, v_text, k_subj, v_subj, routing, scales, text_mask, out,
+                               softmax_scale)
+    cfg = config or pick_config(q, k_text, k_subj, routing.mode, launch)
+    launch(cfg=cfg)
+    return out

@@ -1,0 +1,170 @@
+"""Routing of a layout on one token grid, built once and read by every call.
+
+FlexAttention's BlockMask, for our op: a layout (boxes or masks) on a grid becomes,
+once, the few small tensors the kernels read, instead of every query tile testing
+every subject on every call:
+
+- ``cover``: bool ``[Br, S, N]``, which tokens each subject's region covers (row-major);
+- ``order``: int32 ``[Br, N]``, the tokens sorted by what acts on them (their owner in
+  ``overwrite`` mode, their set of covering subjects in ``sum`` mode), stable, so a
+  query tile of consecutive sorted tokens is nearly always acted on by one subject
+  whatever the number of subjects, and tiles outside every region by none;
+- ``owner``: int32 ``[Br, N]``, in sorted position, the subject that acts on the token
+  (``overwrite``; -1 for none); ``cover_sorted``: uint8 ``[Br, S, N]`` in sorted
+  position (``sum``);
+- per tile size ``block_m`` (:meth:`Routing.tiles`): the number of subjects acting on
+  each tile and their indices, ascending.
+
+``Br`` is 1 when the batch shares the layout. Everything is built with tensor ops on the
+regions' device and no host reads, so it can be built inside a CUDA-graph capture or a
+torch.compile'd region, and under ``torch.inference_mode()`` it still makes ordinary
+tensors (usable later in grad mode). There is no process-global cache: the object that
+owns the layout (``anyms.Layout``, or the caller) keeps its Routing.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .regions import MODES, Grid, boxes_cover, check_grid, check_mode
+
+# Subjects per int64 sort key in sum mode: 62 bits keep the key positive.
+_KEY_BITS = 62
+
+
+class Routing:
+    """The routing of one layout on one grid, in one mode (see the module docstring).
+
+    Make it with :func:`build_routing`; pass it to ``region_cross_attention`` in place
+    of the boxes to skip rebuilding it on every call.
+    """
+
+    def __init__(self, cover: torch.Tensor, grid: Grid, mode: str):
+        self.grid = grid
+        self.mode = mode
+        self.cover = cover                              # bool [Br, S, N]
+        self.batch, self.num_subjects, self.num_tokens = cover.shape
+        with torch.inference_mode(False), torch.no_grad():
+            self.order, self.owner, self.cover_sorted = _sort_tokens(cover, mode)
+        self._tiles: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._segments: Optional[tuple] = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.cover.device
+
+    def tiles(self, block_m: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(count int32 [Br, n_tiles], subjects int32 [Br, n_tiles, S])`` for tiles of
+        ``block_m`` consecutive sorted tokens: tile ``i`` is acted on by subjects
+        ``subjects[:, i, :count[:, i]]``, ascending. Built once per tile size."""
+        if block_m not in self._tiles:
+            with torch.inference_mode(False), torch.no_grad():
+                self._tiles[block_m] = _tile_subjects(self, block_m)
+        return self._tiles[block_m]
+
+    def subject_tokens(self):
+        """Per batch row of the routing, ``[(s, int64 token indices)]`` for every subject
+        that acts on some token (the torch backend's work list). Reads the routing on the
+        host once (one device sync on a GPU), then is cached."""
+        if self._segments is None:
+            with torch.inference_mode(False), torch.no_grad():
+                self._segments = tuple(_subject_tokens(self, r) for r in range(self.batch))
+        return self._segments
+
+    def acting_per_tile(self, block_m: int) -> torch.Tensor:
+        """float: the mean number of subjects acting on a tile of ``block_m`` tokens (cost models)."""
+        return self.tiles(block_m)[0].float().mean()
+
+    def __repr__(self) -> str:
+        h, w = self.grid
+        return f"Routing(grid={h}x{w}, mode={self.mode!r}, S={self.num_subjects}, batch={self.batch})"
+
+
+def build_routing(regions, grid: Grid, mode: str = "overwrite") -> Routing:
+    """The :class:`Routing` of token boxes or a coverage map on ``grid``.
+
+    Args:
+        regions: int token boxes ``[S, 4]`` / ``[B, S, 4]`` (as from ``rasterize_boxes``),
+            or a bool coverage map ``[S, h, w]`` / ``[B, S, h, w]`` (as from
+            ``rasterize_masks``), in ascending priority.
+        grid: ``(h, w)``.
+        mode: ``"overwrite"`` or ``"sum"``.
+
+    Box values are not checked here (no host reads); the op checks them.
+    """
+    grid = check_grid(grid)
+    check_mode(mode)
+    return Routing(region_cover(regions, grid), grid, mode)
+
+
+def region_cover(regions: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """bool ``[Br, S, N]`` from token boxes ``[S|B,S, 4]`` or a coverage map ``[S|B,S, h, w]``."""
+    if regions.dim() in (3, 4) and regions.shape[0] > 1 and regions.stride(0) == 0:
+        regions = regions[:1]               # a layout the batch shares: route it once
+    if regions.dtype == torch.bool:
+        cover = regions.flatten(-2)
+    else:
+        cover = boxes_cover(regions, grid)
+    return cover if cover.dim() == 3 else cover.unsqueeze(0)
+
+
+def _sort_tokens(cover: torch.Tensor, mode: str):
+    Br, S, N = cover.shape
+    device = cover.device
+    if S == 0:
+        order = torch.arange(N, device=device, dtype=torch.int32).expand(Br, N).contiguous()
+        return order, torch.full((Br, N), -1, dtype=torch.int32, device=device), None
+    if mode == "overwrite":
+        rank = torch.arange(1, S + 1, device=device, dtype=torch.int32)
+        owner = (cover.to(torch.int32) * rank[:, None]).amax(1) - 1                 # last covering subject
+        order = torch.argsort(owner, dim=-1, stable=True)
+        return order.to(torch.int32), torch.gather(owner, 1, order), None
+    # sum: group tokens with the same set of covering subjects (an LSD radix sort over
+    # 62-subject chunks of the set's bit pattern, so any S works).
+    order = torch.arange(N, device=device, dtype=torch.int64).expand(Br, N)
+    for start in range(0, S, _KEY_BITS):
+        chunk = cover[:, start:start + _KEY_BITS].to(torch.int64)
+        bits = torch.bitwise_left_shift(torch.ones_like(chunk[0, :, :1]),
+                                        torch.arange(chunk.shape[1], device=device)[:, None])
+        key = (chunk * bits).sum(1)                                                # [Br, N]
+        order = torch.gather(order, 1, torch.argsort(torch.gather(key, 1, order), dim=-1, stable=True))
+    cover_sorted = torch.gather(cover, 2, order[:, None, :].expand(Br, S, N)).to(torch.uint8)
+    owner = torch.full((Br, N), -1, dtype=torch.int32, device=device)
+    return order.to(torch.int32).contiguous(), owner, cover_sorted.contiguous()
+
+
+def _tile_subjects(routing: Routing, block_m: int):
+    Br, S, N = routing.batch, routing.num_subjects, routing.num_tokens
+    n_tiles = -(-N // block_m)
+    pad = n_tiles * block_m - N
+    device = routing.device
+    if S == 0:
+        return (torch.zeros(Br, n_tiles, dtype=torch.int32, device=device),
+                torch.zeros(Br, n_tiles, 0, dtype=torch.int32, device=device))
+    if routing.mode == "overwrite":
+        owner = torch.nn.functional.pad(routing.owner, (0, pad), value=-1).view(Br, n_tiles, block_m)
+        hit = torch.zeros(Br, n_tiles, S + 1, dtype=torch.bool, device=device)
+        hit.scatter_(2, (owner + 1).long(), True)
+        hit = hit[..., 1:]
+    else:
+        cov = torch.nn.functional.pad(routing.cover_sorted, (0, pad)).view(Br, S, n_tiles, block_m)
+        hit = cov.amax(-1).bool().transpose(1, 2)
+    count = hit.sum(-1, dtype=torch.int32)
+    # Acting subjects first, in ascending order (a stable sort of "not acting").
+    subjects = torch.argsort((~hit).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return count.contiguous(), subjects.contiguous()
+
+
+def _subject_tokens(routing: Routing, r: int):
+    cover = routing.cover[r]
+    if routing.mode == "sum":
+        return tuple((s, idx) for s in range(routing.num_subjects)
+                     if (idx := cover[s].nonzero().flatten()).numel())
+    owner = routing.owner[r]
+    counts = torch.bincount(owner.long() + 1, minlength=routing.num_subjects + 1).tolist()
+    pieces = torch.split(routing.order[r].long(), counts)
+    return tuple((s, pieces[s + 1]) for s in range(routing.num_subjects) if counts[s + 1])
+
+
+__all__ = ["Routing", "build_routing", "region_cover", "MODES"]
