@@ -15,7 +15,7 @@ setup(
         "triton": ["triton>=3.0"],
         "diffusers": ["diffusers>=0.32", "transformers>=4.45", "accelerate", "safetensors", "einops", "pillow"],
         "viz": ["matplotlib", "pillow"],
-        "test": ["pytest", "pytest-benchmark", "triton>=3.0"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "triton>=3.0"],
         "bench": ["pytest-benchmark", "matplotlib", "psutil"],
     },
     entry_points={"console_scripts": ["anyms=anyms.cli:main"]},

@@ -60,11 +60,9 @@ def rasterize_boxes(boxes, grid: Grid) -> torch.Tensor:
             ``[0, 1]`` or is inverted or empty; ``grid`` is not two positive ints.
     """
     h, w = check_grid(grid)
-    boxes = torch.as_tensor(boxes)
+    boxes = as_box_tensor(boxes)
     if boxes.dim() not in (2, 3) or boxes.shape[-1] != 4:
         raise ValueError(f"boxes must have shape [S, 4] or [B, S, 4], got {tuple(boxes.shape)}")
-    if not boxes.is_floating_point():
-        boxes = boxes.to(torch.float64)
     if boxes.numel():
         # A handful of numbers: checking them costs one tiny sync, worth it here,
         # where boxes arrive from users once per generation.
@@ -78,6 +76,28 @@ def rasterize_boxes(boxes, grid: Grid) -> torch.Tensor:
     x1 = torch.maximum(x0 + 1, torch.ceil(_snap(b[..., 2] * w))).clamp_(max=w)
     y1 = torch.maximum(y0 + 1, torch.ceil(_snap(b[..., 3] * h))).clamp_(max=h)
     return torch.stack([x0, y0, x1, y1], dim=-1).to(torch.int32)
+
+
+def as_box_tensor(boxes, name: str = "boxes") -> torch.Tensor:
+    """Normalised boxes as a float64 tensor. Python numbers are parsed at float64 (a float32
+    parse moves 0.2 * 5 past 1.0); None, bools and complex numbers are refused."""
+    if isinstance(boxes, torch.Tensor):
+        if boxes.dtype == torch.bool or boxes.is_complex():
+            raise TypeError(f"{name} must hold real numbers, got {boxes.dtype}")
+        return boxes.to(torch.float64)
+    try:
+        t = torch.as_tensor(boxes, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name} must be [S, 4] numbers (x0, y0, x1, y1) in [0, 1], got {boxes!r}: {exc}") from None
+    if _holds(boxes, lambda v: isinstance(v, (bool, complex)) or v is None):
+        raise TypeError(f"{name} must hold real numbers, not bools, None or complex numbers: {boxes!r}")
+    return t
+
+
+def _holds(x, bad) -> bool:
+    if isinstance(x, (list, tuple)):
+        return any(_holds(v, bad) for v in x)
+    return bad(x)
 
 
 def _snap(v: torch.Tensor) -> torch.Tensor:

@@ -95,7 +95,9 @@ def build_routing(regions, grid: Grid, mode: str = "overwrite") -> Routing:
     """
     grid = check_grid(grid)
     check_mode(mode)
-    return Routing(region_cover(regions, grid), grid, mode)
+    with torch.inference_mode(False), torch.no_grad():
+        cover = region_cover(regions, grid)
+    return Routing(cover, grid, mode)
 
 
 def region_cover(regions: torch.Tensor, grid: Grid) -> torch.Tensor:
@@ -103,7 +105,7 @@ def region_cover(regions: torch.Tensor, grid: Grid) -> torch.Tensor:
     if regions.dim() in (3, 4) and regions.shape[0] > 1 and regions.stride(0) == 0:
         regions = regions[:1]               # a layout the batch shares: route it once
     if regions.dtype == torch.bool:
-        cover = regions.flatten(-2)
+        cover = regions.flatten(-2).clone()     # its own storage: never a view of the caller's tensor
     else:
         cover = boxes_cover(regions, grid)
     return cover if cover.dim() == 3 else cover.unsqueeze(0)
@@ -114,7 +116,8 @@ def _sort_tokens(cover: torch.Tensor, mode: str):
     device = cover.device
     if S == 0:
         order = torch.arange(N, device=device, dtype=torch.int32).expand(Br, N).contiguous()
-        return order, torch.full((Br, N), -1, dtype=torch.int32, device=device), None
+        empty = torch.zeros(Br, 0, N, dtype=torch.uint8, device=device) if mode == "sum" else None
+        return order, torch.full((Br, N), -1, dtype=torch.int32, device=device), empty
     if mode == "overwrite":
         rank = torch.arange(1, S + 1, device=device, dtype=torch.int32)
         owner = (cover.to(torch.int32) * rank[:, None]).amax(1) - 1                 # last covering subject
@@ -125,7 +128,7 @@ def _sort_tokens(cover: torch.Tensor, mode: str):
     order = torch.arange(N, device=device, dtype=torch.int64).expand(Br, N)
     for start in range(0, S, _KEY_BITS):
         chunk = cover[:, start:start + _KEY_BITS].to(torch.int64)
-        bits = torch.bitwise_left_shift(torch.ones_like(chunk[0, :, :1]),
+        bits = torch.bitwise_left_shift(torch.ones(chunk.shape[1], 1, dtype=torch.int64, device=device),
                                         torch.arange(chunk.shape[1], device=device)[:, None])
         key = (chunk * bits).sum(1)                                                # [Br, N]
         order = torch.gather(order, 1, torch.argsort(torch.gather(key, 1, order), dim=-1, stable=True))

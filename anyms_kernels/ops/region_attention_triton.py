@@ -392,8 +392,8 @@ def _launch(q, k_text, v_text, k_subj, v_subj, routing: Routing, scales, text_ma
         k_subj, v_subj = k_text.unsqueeze(2), v_text.unsqueeze(2)
         scales = torch.zeros(1, 1, dtype=torch.float32, device=q.device)
         subjects = count.unsqueeze(-1)
-    if cover is None:
-        cover = routing.owner.unsqueeze(1)   # any pointer will do when unused (overwrite)
+    if cover is None or cover.numel() == 0:
+        cover = routing.owner.unsqueeze(1)   # any pointer will do when unused (overwrite, or S = 0)
     has_mask = text_mask is not None
     mask = text_mask.view(torch.int8) if has_mask else routing.order   # likewise when unused
     mask_strides = mask.stride() if has_mask else (0, 0)
