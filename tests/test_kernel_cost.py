@@ -1,0 +1,157 @@
+"""benchmarks/kernel_cost.py: the static cost model of the compiled kernel.
+
+The method (basic blocks, loops, matching to source constructs, execution counts,
+categories) is checked on a hand-written SASS listing whose counts are worked out below;
+then the script runs once on this tree's kernel, compiled for sm_90 without a GPU, in a
+fresh process without TRITON_INTERPRET (the suite sets it; the interpreter cannot compile).
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "kernel_cost.py")
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("kernel_cost", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["kernel_cost"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+kc = _load()
+
+SOURCE = '''\
+def helper(x):
+    for j in range(0, n):
+        x = x + 1
+    return x
+
+def kern(S):
+    a = 0
+    a = helper(a)
+    for s in range(0, S):
+        if s > 0:
+            a = helper(a)
+    return a
+'''
+
+# (address, instruction, source chain innermost first); labels on their own lines.
+LISTING = [
+    (0x00, "MOV R1, R2", (7,)),
+    (0x10, "@!P0 BRA `(.L_x_0)", (2, 8)),            # zero-trip guard of the text loop
+    ".L_x_1",
+    (0x20, "IADD3 R1, R1, 0x1, RZ", (3, 8)),
+    (0x30, "MUFU.EX2 R1, R1", (3, 8)),
+    (0x40, "@P1 BRA `(.L_x_1)", (2, 8)),             # text loop back edge
+    ".L_x_0",
+    (0x50, "FMUL R1, R1, R1", (4, 8)),               # text branch, after its loop
+    ".L_x_3",
+    (0x60, "ISETP.GE.AND P2, PT, R1, 0x1, PT", (10,)),
+    (0x70, "@!P2 BRA `(.L_x_2)", (10,)),              # the if: skips its body
+    (0x80, "MOV R3, RZ", (11,)),
+    ".L_x_4",
+    (0x90, "HMMA.16816.F32 R4, R8, R12, R4", (3, 11)),
+    (0xa0, "@P3 BRA `(.L_x_4)", (2, 11)),            # subject key loop back edge
+    (0xb0, "FADD R1, R1, R4", (4, 11)),
+    ".L_x_2",
+    (0xc0, "IADD3 R5, R5, 0x1, RZ", (9,)),
+    (0xd0, "@P4 BRA `(.L_x_3)", (9,)),               # subject loop back edge
+    (0xe0, "EXIT", (12,)),
+    ".L_x_5",
+    (0xf0, "BRA `(.L_x_5)", ()),                      # unreachable padding
+]
+
+
+def _sass(path: str) -> str:
+    out = []
+    for item in LISTING:
+        if isinstance(item, str):
+            out.append(item + ":")
+            continue
+        addr, text, chain = item
+        for k, line in enumerate(chain):
+            tail = f' inlined at "{path}", line {chain[k + 1]}' if k + 1 < len(chain) else ""
+            out.append(f'\t//## File "{path}", line {line}{tail}')
+        out.append(f"        /*{addr:04x}*/                   {text} ;")
+    return "\n".join(out) + "\n"
+
+
+def _constructs():
+    C = kc.Construct
+    keys = ("helper", ("for", 0, "for j"))
+    return [
+        C("text_call", "label", [("kern", ("call", 0, "helper"))], "text"),
+        C("text_keys", "loop", [keys, ("kern", ("call", 0, "helper"))], "text"),
+        C("subjects", "loop", [("kern", ("for", 0, "for s"))], "per_subject"),
+        C("acting", "if", [("kern", ("if", 0, "if s > 0"))], "per_acting", parent="subjects"),
+        C("subject_keys", "loop", [keys, ("kern", ("call", 1, "helper"))], "per_acting", parent="acting"),
+    ]
+
+
+def test_counts_of_a_hand_written_listing(tmp_path):
+    src = tmp_path / "kernel.py"
+    src.write_text(SOURCE)
+    an = kc.analyse(_sass(str(src)), str(src), _constructs())
+    assert {n: an.blocks[an.loops[i].head].start for n, i in an.loop_of.items()} == {
+        "text_keys": 0x20, "subjects": 0x60, "subject_keys": 0x90}
+    assert an.blocks[an.if_of["acting"][0]].term.addr == 0x70 and an.if_of["acting"][1] == 1.0
+    # 3 text key steps, 4 subjects of which 2 act, 2 key steps per acting subject
+    freq = kc.frequencies(an, {"text_keys": 3, "subjects": 4, "subject_keys": 2}, {"acting": 0.5})
+    by_start = {b.start: round(f, 9) for b, f in zip(an.blocks, freq)}
+    assert by_start == {0x00: 1, 0x20: 3, 0x50: 1, 0x60: 4, 0x80: 2, 0x90: 4, 0xb0: 2, 0xc0: 4, 0xe0: 1, 0xf0: 0}
+    tc = kc.tile_cost(an, freq)
+    # fixed: MOV + EXIT; text: the guard (its source is the text call) + 3 x 3 + FMUL;
+    # per subject: 4 x (2 + 2); per acting: 2 x MOV + 4 x 2 + 2 x FADD
+    assert tc.instr == pytest.approx({"fixed": 2, "text": 11, "per_subject": 16, "per_acting": 12})
+    assert tc.mufu == 3 and tc.flops_per_warp == 4 * 2 * 16 * 8 * 16
+    # a loop with no trips: its zero-trip guard is taken
+    freq0 = kc.frequencies(an, {"text_keys": 0, "subjects": 4, "subject_keys": 2}, {"acting": 0.5})
+    assert round(freq0[[b.start for b in an.blocks].index(0x20)], 9) == 0
+
+
+def test_hardware_model():
+    assert kc.programs_per_sm(kc.H100, 128, 32768, 8) == (2, "registers")
+    assert kc.programs_per_sm(kc.A100, 163, 24576, 8) == (1, "registers")
+    case = kc.Case(90, "overwrite", "disjoint", 5, 16)
+    qo = 2 * case.B * case.H * case.N * case.D * 2
+    assert abs(qo / 1e6 - 20.97) < 0.01
+    t = kc.model_time(kc.H100, case, 640, 8 * 1000, 8 * 10, 1e6, qo)
+    assert abs(t["hbm"] - 6.99) < 0.01                                # the 7 us floor
+    assert abs(t["issue"] - 5 * 8000 / (4 * 1755)) < 1e-9              # ceil(640 / 132) = 5 tiles per SM
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_script_on_this_trees_kernel(tmp_path):
+    """One configuration (sm_90, overwrite, disjoint, S=5, T=16), end to end."""
+    import triton
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not all(os.path.exists(os.path.join(bin_dir, t)) for t in ("nvdisasm", "cuobjdump")):
+        pytest.skip("the triton package ships no nvdisasm / cuobjdump")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    r = subprocess.run([sys.executable, SCRIPT, "--quick", "--archs", "90", "--modes", "overwrite", "--layouts",
+                        "disjoint", "--out", str(tmp_path), "--tag", "test"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    last = r.stdout.strip().splitlines()[-1]
+    ratio = float(re.search(r"predicted (\d+\.\d+)x floor$", last).group(1))
+    rows = list(csv.DictReader(open(tmp_path / "kernel_cost_test.csv")))
+    assert {row["device"] for row in rows} == {"H100", "H200"}
+    h100 = next(row for row in rows if row["device"] == "H100")
+    assert float(h100["ratio"]) == pytest.approx(ratio, abs=0.01) and ratio >= 1.0
+    parts = (float(h100["fixed_per_warp"]) + float(h100["text_per_warp"])
+             + float(h100["subjects_visited_per_tile"]) * float(h100["per_subject_per_warp"])
+             + float(h100["acting_per_tile"]) * float(h100["per_acting_per_warp"]))
+    assert parts == pytest.approx(float(h100["instr_per_warp"]), rel=1e-3)
+    assert float(h100["text_per_warp"]) > 0 and float(h100["per_acting_per_warp"]) > 0
+    assert int(h100["registers"]) > 0 and int(h100["programs_per_sm"]) >= 1
