@@ -18,9 +18,10 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .regions import Grid, check_grid, check_mode, check_token_boxes
+from .regions import Grid, check_grid, check_mode, check_token_boxes, refuse_non_real
 
 BACKENDS = ("auto", "triton", "torch", "reference")
+_LOG2E = 1.4426950408889634
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 BOX_DTYPES = (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8)
 
@@ -50,7 +51,11 @@ def check_arguments(q, k_text, v_text, k_subj, v_subj, regions, grid, mode, subj
     check_mode(mode)
     check_backend(backend)
     grid = check_grid(grid)
+    if (k_text is None) != (v_text is None):
+        raise ValueError("k_text and v_text must both be tensors, or both None (no text branch)")
     named = dict(q=q, k_text=k_text, v_text=v_text, k_subj=k_subj, v_subj=v_subj)
+    if k_text is None:
+        del named["k_text"], named["v_text"]
     for name, t in named.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -69,15 +74,17 @@ def check_arguments(q, k_text, v_text, k_subj, v_subj, regions, grid, mode, subj
         raise ValueError(f"q has N={N} tokens but grid {h}x{w} has {h * w}: N must equal h*w")
     if D < 1:
         raise ValueError(f"q has head dim D={D}; it must be at least 1")
-    for name in ("k_text", "v_text"):
-        t = named[name]
-        if t.dim() != 4 or t.shape[0] != B or t.shape[1] != H or t.shape[3] != D:
-            raise ValueError(f"{name} must be [B={B}, H={H}, L, D={D}], got shape {_shape(t)}")
-    if k_text.shape != v_text.shape:
-        raise ValueError(f"k_text {_shape(k_text)} and v_text {_shape(v_text)} must have the same shape")
-    L = k_text.shape[2]
-    if L < 1:
-        raise ValueError("k_text must hold at least one text token (L >= 1)")
+    L = 0
+    if k_text is not None:
+        for name in ("k_text", "v_text"):
+            t = named[name]
+            if t.dim() != 4 or t.shape[0] != B or t.shape[1] != H or t.shape[3] != D:
+                raise ValueError(f"{name} must be [B={B}, H={H}, L, D={D}], got shape {_shape(t)}")
+        if k_text.shape != v_text.shape:
+            raise ValueError(f"k_text {_shape(k_text)} and v_text {_shape(v_text)} must have the same shape")
+        L = k_text.shape[2]
+        if L < 1:
+            raise ValueError("k_text must hold at least one text token (L >= 1)")
     for name in ("k_subj", "v_subj"):
         t = named[name]
         if t.dim() != 5 or t.shape[0] != B or t.shape[1] != H or t.shape[4] != D:
@@ -92,6 +99,8 @@ def check_arguments(q, k_text, v_text, k_subj, v_subj, regions, grid, mode, subj
     # float32 feeds the kernel; a float64 oracle keeps float64 scales.
     scale_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scales = _check_subject_scale(subject_scale, B, S, q.device, scale_dtype)
+    if text_mask is not None and k_text is None:
+        raise ValueError("text_mask is given but k_text is None: there is no text branch to mask")
     if text_mask is not None:
         if not isinstance(text_mask, torch.Tensor):
             raise TypeError(f"text_mask must be a bool tensor [B, L] or None, got {type(text_mask).__name__}")
@@ -108,6 +117,10 @@ def check_arguments(q, k_text, v_text, k_subj, v_subj, regions, grid, mode, subj
     softmax_scale = float(softmax_scale)
     if not math.isfinite(softmax_scale) or softmax_scale <= 0:
         raise ValueError(f"softmax_scale must be a finite positive float, got {softmax_scale}")
+    # The kernels compute logits as float32 (q.k) * (softmax_scale * log2(e)): that factor must be a
+    # finite float32, or every logit is infinite.
+    if not math.isfinite(float(torch.tensor(softmax_scale * _LOG2E, dtype=torch.float32))):
+        raise ValueError(f"softmax_scale={softmax_scale} overflows float32, in which the kernels scale the logits")
     return Checked(grid, regions, scales, softmax_scale)
 
 
@@ -145,12 +158,13 @@ def _check_regions(regions, B, S, grid, mode, device):
 def _check_boxes(boxes, B, S, device) -> torch.Tensor:
     if not isinstance(boxes, torch.Tensor):
         try:
-            boxes = torch.as_tensor(boxes, dtype=torch.int64)
+            refuse_non_real(boxes, "boxes")
+            boxes = torch.as_tensor(boxes)     # its own dtype: floats must not be truncated to ints
         except (TypeError, ValueError, RuntimeError) as exc:
             raise TypeError(f"regions must be int token boxes [S, 4] / [B, S, 4], a bool coverage map or a Routing: "
                             f"{exc}") from None
         if boxes.numel() == 0:
-            boxes = boxes.reshape(0, 4)
+            boxes = boxes.reshape(0, 4).to(torch.int64)
     if boxes.is_floating_point() or boxes.dtype not in BOX_DTYPES:
         raise TypeError(
             f"boxes must be an integer tensor of token boxes, got {boxes.dtype}; "
@@ -175,8 +189,10 @@ def _check_subject_scale(subject_scale, B, S, device, dtype) -> torch.Tensor:
     if isinstance(subject_scale, bool):
         raise TypeError("subject_scale must be a float or a tensor [S] / [B, S], got a bool")
     if isinstance(subject_scale, (int, float)):
-        if math.isnan(subject_scale):
-            raise ValueError("subject_scale is NaN")
+        if not math.isfinite(subject_scale) or not math.isfinite(float(torch.tensor(subject_scale, dtype=dtype))):
+            what = "NaN" if math.isnan(subject_scale) else "not finite"
+            raise ValueError(f"subject_scale is {what} in {str(dtype).replace('torch.', '')}, in which the "
+                             f"kernels compute: got {subject_scale}")
         return torch.full((1, 1), float(subject_scale), dtype=dtype, device=device).expand(B, S)
     if not isinstance(subject_scale, torch.Tensor):
         raise TypeError(f"subject_scale must be a float or a tensor [S] / [B, S], got {type(subject_scale).__name__}")
@@ -197,8 +213,10 @@ def _check_box_values(boxes, grid):
 
 
 def _check_scale_values(scale, grid):
-    if scale.numel() and not torch.isfinite(scale).all():
-        raise ValueError("subject_scale holds NaN or inf")
+    # In the units the kernels compute in: a float64 1e300 is finite but overflows float32.
+    units = scale if scale.dtype == torch.float64 and grid == ("float64",) else scale.to(torch.float32)
+    if scale.numel() and not torch.isfinite(units).all():
+        raise ValueError("subject_scale holds NaN or inf, or values that overflow float32 (the kernels' units)")
 
 
 def _check_mask_values(text_mask, grid):
@@ -246,6 +264,6 @@ def check_values(q, grid: Grid, regions, subject_scale, text_mask: Optional[torc
     elif not hasattr(regions, "cover"):
         check_token_boxes(torch.as_tensor(regions), grid, "boxes")
     if isinstance(subject_scale, torch.Tensor):
-        _check_once(subject_scale, (), _check_scale_values)
+        _check_once(subject_scale, ("float64",) if q.dtype == torch.float64 else (), _check_scale_values)
     if text_mask is not None:
         _check_once(text_mask, (), _check_mask_values)

@@ -67,7 +67,8 @@ def _nvidia_tool(name: str) -> str:
 
 
 def compile_kernel(head_dim: int, dtype: torch.dtype, config, *, arch: int = 90, overwrite: bool = True,
-                   has_text_mask: bool = False, text_len: int = 77, subject_tokens: int = 16, vec: int = None):
+                   has_text_mask: bool = False, text_len: int = 77, subject_tokens: int = 16, vec: int = None,
+                   has_text: bool = True):
     """Compile ``_region_attention_fwd`` for ``sm_<arch>`` without a GPU; returns the CompiledKernel.
 
     ``vec``: the alignment hint the launcher would pass (default: 16 bytes, what
@@ -98,7 +99,8 @@ def compile_kernel(head_dim: int, dtype: torch.dtype, config, *, arch: int = 90,
             signature[name] = "i32"
     text_a, text_b = rt.text_blocks(text_len, head_dim)
     constexprs = dict(
-        HEAD_DIM=head_dim, BLOCK_D=rt.block_d(head_dim), BLOCK_M=config.block_m, TEXT_LEN=text_len,
+        HEAD_DIM=head_dim, BLOCK_D=rt.block_d(head_dim), BLOCK_M=config.block_m, HAS_TEXT=has_text,
+        TEXT_LEN=text_len,
         TEXT_A=text_a, TEXT_B=text_b, ONLINE_L=rt.online_text_block(head_dim),
         PREFETCH_TEXT=rt.prefetch_text(head_dim, dtype), SUBJ_LEN=subject_tokens,
         BLOCK_T=rt.subject_block(subject_tokens), OVERWRITE=overwrite, HAS_TEXT_MASK=has_text_mask,

@@ -89,15 +89,18 @@ def as_box_tensor(boxes, name: str = "boxes") -> torch.Tensor:
         t = torch.as_tensor(boxes, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"{name} must be [S, 4] numbers (x0, y0, x1, y1) in [0, 1], got {boxes!r}: {exc}") from None
-    if _holds(boxes, lambda v: isinstance(v, (bool, complex)) or v is None):
-        raise TypeError(f"{name} must hold real numbers, not bools, None or complex numbers: {boxes!r}")
+    refuse_non_real(boxes, name)
     return t
 
 
-def _holds(x, bad) -> bool:
+def refuse_non_real(x, name: str) -> None:
+    """TypeError if nested Python sequences ``x`` hold a bool, None or a complex number
+    (torch.as_tensor would silently turn True into 1)."""
     if isinstance(x, (list, tuple)):
-        return any(_holds(v, bad) for v in x)
-    return bad(x)
+        for v in x:
+            refuse_non_real(v, name)
+    elif isinstance(x, (bool, complex)) or x is None:
+        raise TypeError(f"{name} must hold real numbers, not bools, None or complex numbers; got {x!r}")
 
 
 def _snap(v: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,7 @@ def _run(q, k_text, v_text, k_subj, v_subj, routing: Routing, subject_scale, tex
 
 
 def _region_cross_attention_impl(
-    q: torch.Tensor, k_text: torch.Tensor, v_text: torch.Tensor,
+    q: torch.Tensor, k_text: Optional[torch.Tensor], v_text: Optional[torch.Tensor],
     k_subj: torch.Tensor, v_subj: torch.Tensor,
     regions: torch.Tensor, subject_scale: torch.Tensor, text_mask: Optional[torch.Tensor],
     grid_h: int, grid_w: int, mode: str, softmax_scale: float, backend: str, values_checked: bool,
@@ -90,8 +90,8 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
 
 def region_cross_attention(
     q: torch.Tensor,
-    k_text: torch.Tensor,
-    v_text: torch.Tensor,
+    k_text: Optional[torch.Tensor],
+    v_text: Optional[torch.Tensor],
     k_subj: torch.Tensor,
     v_subj: torch.Tensor,
     regions,
@@ -109,7 +109,9 @@ def region_cross_attention(
         q: ``[B, H, N, D]`` queries, ``N == h * w`` tokens in row-major order. May be a
             strided view (e.g. the transpose of a ``[B, N, H, D]`` projection): it is
             not copied, and the output is laid out like it.
-        k_text, v_text: ``[B, H, L, D]`` text keys and values.
+        k_text, v_text: ``[B, H, L, D]`` text keys and values, or both None: no text
+            branch, the output is the routed subject branches only (FLUX's IP-Adapter path,
+            where the joint attention is left as it is and the IP branch is added to it).
         k_subj, v_subj: ``[B, H, S, T, D]`` keys and values of S subjects with T image
             tokens each (S may be 0).
         regions: the subjects' regions on ``grid``, in ascending priority, one of
@@ -151,7 +153,7 @@ def region_cross_attention(
     """
     checked = check_arguments(q, k_text, v_text, k_subj, v_subj, regions, grid, mode, subject_scale,
                               text_mask, softmax_scale, backend)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_text, v_text, k_subj, v_subj)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_text, v_text, k_subj, v_subj)):
         raise RuntimeError(
             "region_cross_attention is forward only (inference): an input requires grad, and the output would "
             "silently carry none. Call it under torch.no_grad() / torch.inference_mode(), or detach the inputs")

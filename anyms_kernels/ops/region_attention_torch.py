@@ -26,13 +26,16 @@ def _chunk_tokens(num_tokens: int) -> int:
 def region_attention_torch(q, k_text, v_text, k_subj, v_subj, routing: Routing, scales, text_mask,
                            softmax_scale: float):
     B = q.shape[0]
-    attn_mask = None if text_mask is None else text_mask[:, None, None, :]
-    text = F.scaled_dot_product_attention(q, k_text, v_text, attn_mask=attn_mask, scale=softmax_scale)
-    if _layout.is_dense(text) and _layout.layout_order(text) == _layout.layout_order(q):
-        out = text                      # SDPA already wrote q's layout (the diffusers case on CPU)
+    if k_text is None:                  # no text branch (FLUX's IP path): the routed subjects only
+        out = _layout.empty_like_layout(q).zero_()
     else:
-        out = _layout.empty_like_layout(q).copy_(text)
-        del text
+        attn_mask = None if text_mask is None else text_mask[:, None, None, :]
+        text = F.scaled_dot_product_attention(q, k_text, v_text, attn_mask=attn_mask, scale=softmax_scale)
+        if _layout.is_dense(text) and _layout.layout_order(text) == _layout.layout_order(q):
+            out = text                  # SDPA already wrote q's layout (the diffusers case on CPU)
+        else:
+            out = _layout.empty_like_layout(q).copy_(text)
+            del text
     if k_subj.shape[2] == 0 or B == 0 or q.shape[2] == 0:
         return out
     chunk = _chunk_tokens(q.shape[2])

@@ -168,6 +168,7 @@ if HAS_TRITON:
         HEAD_DIM: tl.constexpr,      # D
         BLOCK_D: tl.constexpr,       # D rounded up to a power of two
         BLOCK_M: tl.constexpr,       # query tokens per program
+        HAS_TEXT: tl.constexpr,      # False: no text branch, the output is the routed subjects only
         TEXT_LEN: tl.constexpr,      # L
         TEXT_A: tl.constexpr,        # one-pass text: first key block (a power of two)
         TEXT_B: tl.constexpr,        # one-pass text: second key block, 0 for none
@@ -193,7 +194,7 @@ if HAS_TRITON:
         kt_base = tl.multiple_of(b * stride_ktb + h * stride_kth, VEC)
         vt_base = tl.multiple_of(b * stride_vtb + h * stride_vth, VEC)
         mask_row = TEXT_MASK + b * stride_mb
-        if TEXT_A > 0 and PREFETCH_TEXT:
+        if HAS_TEXT and TEXT_A > 0 and PREFETCH_TEXT:
             ka, va, ok_a = _load_keys(KT + kt_base, VT + vt_base, 0, TEXT_LEN, stride_ktl, stride_ktd,
                                       stride_vtl, stride_vtd, offs_d, d_ok, mask_row, stride_ml,
                                       HAS_TEXT_MASK, TEXT_A)
@@ -211,7 +212,7 @@ if HAS_TRITON:
         tok = tl.load(ORDER + route + pos, mask=m_ok, other=0).to(tl.int64)
         q_rows = tl.multiple_of(b * stride_qb + h * stride_qh + tok * stride_qn, VEC)
         q = tl.load(Q + q_rows[:, None] + offs_d[None, :] * stride_qd, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        if TEXT_A > 0 and not PREFETCH_TEXT:
+        if HAS_TEXT and TEXT_A > 0 and not PREFETCH_TEXT:
             ka, va, ok_a = _load_keys(KT + kt_base, VT + vt_base, 0, TEXT_LEN, stride_ktl, stride_ktd,
                                       stride_vtl, stride_vtd, offs_d, d_ok, mask_row, stride_ml,
                                       HAS_TEXT_MASK, TEXT_A)
@@ -222,8 +223,10 @@ if HAS_TRITON:
             else:
                 kb, vb, ok_b = ka, va, ok_a
 
-        # Level 1: the text branch, never masked by the layout.
-        if TEXT_A > 0:
+        # Level 1: the text branch, never masked by the layout (none on FLUX's IP path).
+        if not HAS_TEXT:
+            out = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        elif TEXT_A > 0:
             out = _text_branch(q, ka, va, ok_a, kb, vb, ok_b, qk_scale,
                                HAS_TEXT_MASK or TEXT_LEN < TEXT_A, TEXT_B > 0, DOT_PRECISION)
         else:
@@ -383,13 +386,17 @@ def check_triton_supported(q: torch.Tensor) -> None:
 def _launch(q, k_text, v_text, k_subj, v_subj, routing: Routing, scales, text_mask, out, softmax_scale,
             cfg: KernelConfig):
     B, H, N, D = q.shape
-    L, S, T = k_text.shape[2], k_subj.shape[2], k_subj.shape[3]
+    S, T = k_subj.shape[2], k_subj.shape[3]
+    has_text = k_text is not None
+    if not has_text:
+        k_text = v_text = q          # never read: HAS_TEXT=False
+    L = k_text.shape[2] if has_text else 16
     count, subjects = routing.tiles(cfg.block_m)
     cover = routing.cover_sorted
     if S == 0:
         # Empty tensors may hold a null data pointer, which Triton's launcher can reject;
         # with S = 0 no tile lists a subject, so hand it non-empty stand-ins it never reads.
-        k_subj, v_subj = k_text.unsqueeze(2), v_text.unsqueeze(2)
+        k_subj, v_subj = q.unsqueeze(2)[:, :, :, :1], q.unsqueeze(2)[:, :, :, :1]
         scales = torch.zeros(1, 1, dtype=torch.float32, device=q.device)
         subjects = count.unsqueeze(-1)
     if cover is None or cover.numel() == 0:
@@ -400,7 +407,7 @@ def _launch(q, k_text, v_text, k_subj, v_subj, routing: Routing, scales, text_ma
     order, owner = routing.order, routing.owner
     shared = order.shape[0] == 1
     text_a, text_b = text_blocks(L, D)
-    vec = vector_width(q.dtype, q, k_text, v_text, k_subj, v_subj, out,
+    vec = vector_width(q.dtype, q, k_text, v_text, k_subj, v_subj, out,  # (k_text is q when there is no text)
                        *q.stride()[:3], *out.stride()[:3], *k_text.stride()[:3], *v_text.stride()[:3],
                        *k_subj.stride()[:4], *v_subj.stride()[:4])
     launch_grid = (count.shape[1], B * H)
@@ -414,7 +421,7 @@ def _launch(q, k_text, v_text, k_subj, v_subj, routing: Routing, scales, text_ma
         *scales.stride(), *mask_strides,
         H, N, softmax_scale * LOG2E,
         HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=cfg.block_m,
-        TEXT_LEN=L, TEXT_A=text_a, TEXT_B=text_b, ONLINE_L=online_text_block(D), PREFETCH_TEXT=prefetch_text(D, q.dtype),
+        HAS_TEXT=has_text, TEXT_LEN=L, TEXT_A=text_a, TEXT_B=text_b, ONLINE_L=online_text_block(D), PREFETCH_TEXT=prefetch_text(D, q.dtype),
         SUBJ_LEN=max(T, 1), BLOCK_T=subject_block(max(T, 1)),
         OVERWRITE=(routing.mode == "overwrite"), HAS_TEXT_MASK=has_mask, VEC=vec,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -427,7 +434,8 @@ def pick_config(q, k_text, k_subj, mode, launch=None) -> KernelConfig:
     candidates = config_candidates(q.shape[-1], q.dtype)
     if launch is None or not (_autotune_requested() and q.is_cuda and not KERNEL_INTERPRETED):
         return candidates[0]
-    key = (q.shape[-1], q.dtype, q.shape[1], q.shape[2], k_text.shape[2], tuple(k_subj.shape[2:4]), mode)
+    key = (q.shape[-1], q.dtype, q.shape[1], q.shape[2], None if k_text is None else k_text.shape[2],
+           tuple(k_subj.shape[2:4]), mode)
     if key not in _AUTOTUNED:
         from triton.testing import do_bench
         times = [do_bench(functools.partial(launch, cfg=c), return_mode="median") for c in candidates]

@@ -65,7 +65,10 @@ def region_cross_attention_reference(
     B, H, N, D = q.shape
     scale = D ** -0.5 if softmax_scale is None else softmax_scale
     key_mask = None if text_mask is None else text_mask[:, None, :]     # [B, 1, L]
-    z_text = attention(q, k_text, v_text, scale, key_mask)              # global decoupling
+    if k_text is None:                                                  # no text branch (FLUX's IP path)
+        z_text = torch.zeros_like(q)
+    else:
+        z_text = attention(q, k_text, v_text, scale, key_mask)          # global decoupling
     level2 = crop_and_merge if mode == "overwrite" else masked_sum
     if B == 0:
         return z_text

@@ -310,3 +310,71 @@ def test_coverage_count_and_owner_of_cover_agree():
     tok = ak.rasterize_boxes(LAYOUTS["five"], grid)
     r = ak.build_routing(tok, grid, "sum")
     assert torch.equal(r.cover[0].sum(0), coverage_count(tok, grid))
+
+
+# ------------------------------------------------------------- no text branch (FLUX)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["overwrite", "sum"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_no_text_branch_is_the_routed_subjects_only(device, backend, mode, D):
+    """k_text=None: FLUX's IP path. Tokens outside every region get exactly 0."""
+    _skip_unless_runnable(backend, device)
+    grid = (7, 9)
+    q, kt, vt, ks, vs = make_inputs(2, 2, grid, D, 77, 3, 16, torch.float32, device)
+    tok = ak.rasterize_boxes(LAYOUTS["partial_overlap"], grid)
+    out = ak.region_cross_attention(q, None, None, ks, vs, tok, grid, mode=mode, subject_scale=0.6, backend=backend)
+    with_text = reference(q.cpu(), kt.cpu(), vt.cpu(), ks.cpu(), vs.cpu(), tok, grid, mode=mode, subject_scale=0.6)
+    text = reference(q.cpu(), kt.cpu(), vt.cpu(), ks[:, :, :0].cpu(), vs[:, :, :0].cpu(), tok[:0], grid)
+    torch.testing.assert_close(out.cpu().double(), with_text - text, atol=2e-5, rtol=2e-5)
+    outside = coverage_count(tok, grid) == 0
+    assert torch.equal(out[:, :, outside.to(device)], torch.zeros_like(out[:, :, outside.to(device)]))
+
+
+def test_no_text_branch_errors():
+    grid = (2, 2)
+    q, kt, vt, ks, vs = make_inputs(1, 1, grid, 64, 8, 1, 4)
+    with pytest.raises(ValueError, match="both be tensors, or both None"):
+        ak.region_cross_attention(q, kt, None, ks, vs, [[0, 0, 1, 1]], grid)
+    with pytest.raises(ValueError, match="no text branch to mask"):
+        ak.region_cross_attention(q, None, None, ks, vs, [[0, 0, 1, 1]], grid,
+                                  text_mask=torch.ones(1, 8, dtype=torch.bool))
+
+
+# ------------------------------------------------------------- numbers at the edges
+@pytest.mark.parametrize("scale", [float("inf"), -float("inf"), 1e39, float("nan")])
+def test_subject_scales_that_are_not_finite_in_float32_are_refused(scale):
+    grid = (2, 2)
+    q, kt, vt, ks, vs = make_inputs(1, 1, grid, 64, 8, 1, 4)
+    with pytest.raises(ValueError, match="subject_scale"):
+        ak.region_cross_attention(q, kt, vt, ks, vs, [[0, 0, 1, 1]], grid, subject_scale=scale)
+    with pytest.raises(ValueError, match="subject_scale"):
+        ak.region_cross_attention(q, kt, vt, ks, vs, [[0, 0, 1, 1]], grid,
+                                  subject_scale=torch.tensor([scale], dtype=torch.float64))
+
+
+def test_float64_scales_stay_float64_for_a_float64_call():
+    grid = (2, 2)
+    q, kt, vt, ks, vs = make_inputs(1, 1, grid, 64, 8, 1, 4, torch.float64)
+    ak.region_cross_attention(q, kt, vt, ks, vs, [[0, 0, 1, 1]], grid, subject_scale=1e39, backend="reference")
+
+
+def test_softmax_scale_overflowing_float32_is_refused():
+    grid = (2, 2)
+    q, kt, vt, ks, vs = make_inputs(1, 1, grid, 64, 8, 1, 4)
+    with pytest.raises(ValueError, match="softmax_scale"):
+        ak.region_cross_attention(q, kt, vt, ks, vs, [[0, 0, 1, 1]], grid, softmax_scale=1e39)
+
+
+@pytest.mark.parametrize("bad", [[[0, 0, 0.5, 1.0]], [[None, 0, 1, 1]], [[True, 0, 1, 1]], [[1j, 0, 1, 1]]])
+def test_box_lists_of_floats_none_bool_complex_are_refused(bad):
+    grid = (2, 2)
+    q, kt, vt, ks, vs = make_inputs(1, 1, grid, 64, 8, 1, 4)
+    with pytest.raises(TypeError, match="boxes|regions"):
+        ak.region_cross_attention(q, kt, vt, ks, vs, bad, grid)
+
+
+@pytest.mark.parametrize("bad", [[[None, 0, 1, 1]], [[True, 0, 1, 1]], [[1j, 0, 1, 1]]])
+def test_rasterize_boxes_refuses_none_bool_complex(bad):
+    with pytest.raises(TypeError, match="boxes"):
+        ak.rasterize_boxes(bad, (4, 4))
