@@ -1,71 +1,284 @@
-"""The layout of one generation: subjects' boxes, scales and the overlap mode.
+"""The layout of one generation: subjects' regions (boxes or masks), scales and the overlap mode.
 
 A ``Layout`` is made once per generation (by the pipeline, or by a user of the
-processor) and shared by every AnyMS processor of the U-Net. It turns the
-normalised boxes into token boxes once per layer grid and device, so that the
-70 cross-attention layers of SDXL do no box arithmetic per call.
+processor) and shared by every AnyMS processor of the U-Net. It turns the regions
+into a :class:`anyms_kernels.Routing` once per layer grid and device and keeps it,
+so that the 70 cross-attention layers of SDXL, at every step, do no region
+arithmetic and build nothing: they hand the op the prebuilt routing.
+
+Regions. Each subject's region is its mask if it has one, else its box:
+
+- a box is normalised ``(x0, y0, x1, y1)``; on a layer grid it covers every token
+  whose cell it meets (:func:`anyms_kernels.rasterize_boxes`);
+- a mask is an image-resolution ``[H, W]`` map (nonzero = inside); it covers every
+  token whose cell holds at least one of its pixels
+  (:func:`anyms_kernels.rasterize_masks`). The rule is the boxes' rule, so a
+  rectangular mask routes exactly like its box, bit for bit.
+
+A masked subject's box, when not given, is its mask's bounding box: it is used for
+the pictures only (where the label goes), never for routing.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
-from anyms_kernels.regions import Grid, check_grid, check_mode, check_normalized_boxes, layer_grid, rasterize_boxes
+from anyms_kernels.regions import (
+    Grid, as_mask_tensor, boxes_cover, check_grid, check_mode, check_normalized_boxes, layer_grid, mask_bbox,
+    rasterize_boxes, rasterize_masks,
+)
+from anyms_kernels.routing import Routing, build_routing
+
+__all__ = ["Layout", "load_mask"]
+
+
+def load_mask(mask, name: str = "mask") -> torch.Tensor:
+    """One subject's mask as a bool CPU tensor ``[H, W]`` (True = inside the region).
+
+    Args:
+        mask: a PIL image (converted to greyscale), a path to an image file, or a 2-D
+            numpy array / torch tensor / nested list of bools or real numbers. Any
+            nonzero pixel is inside (so store masks losslessly, e.g. PNG: a JPEG's
+            compression noise would be inside too).
+        name: the argument's name, for the errors.
+
+    Raises:
+        TypeError: not one of those types, or an array of another dtype (complex, strings).
+        ValueError: not 2-D, NaN values, an empty mask (no pixel inside), a file that
+            does not exist or cannot be read as an image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(mask, (str, os.PathLike)):
+        path = os.fspath(mask)
+        if not os.path.isfile(path):
+            raise ValueError(f"{name}: no mask file at {path!r}")
+        try:
+            with Image.open(path) as im:
+                mask = im.convert("L")            # reads the pixels: a truncated file fails here
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise ValueError(f"{name}: cannot read {path!r} as an image ({e})") from None
+    if isinstance(mask, Image.Image):
+        m = torch.from_numpy(np.asarray(mask.convert("L")) != 0)
+    elif isinstance(mask, (torch.Tensor, np.ndarray, list, tuple)):
+        m = as_mask_tensor(mask.detach() if isinstance(mask, torch.Tensor) else mask, name)
+    else:
+        raise TypeError(f"{name} must be a PIL image, a path, or a 2-D numpy array / torch tensor of bools or "
+                        f"numbers, got {type(mask).__name__}")
+    if m.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D [H, W] mask at the image's resolution, got shape {tuple(m.shape)}")
+    if not m.any():
+        raise ValueError(f"{name} is empty: it must cover at least one pixel (nonzero = inside)")
+    return m.to("cpu").contiguous()
 
 
 class Layout:
-    """Boxes (normalised ``(x0, y0, x1, y1)``, ascending priority), scales and mode.
+    """Regions (boxes and/or masks, ascending priority), scales and mode of one generation.
 
     Args:
-        boxes: ``[S, 4]`` floats in ``[0, 1]``; later boxes are on top where they overlap.
+        boxes: ``[S, 4]`` normalised ``(x0, y0, x1, y1)`` in ``[0, 1]`` (x right, y down),
+            or a list of S entries each 4 numbers or None (None only for a subject with a
+            mask), or None when every subject has a mask.
         latent_hw: ``(h, w)`` of the latent the U-Net denoises (image size / 8 for SD).
         scales: lambda_s, a float or ``S`` floats (IP-Adapter scale per subject).
-        mode: ``"overwrite"`` (AnyMS) or ``"sum"`` (the paper's Eq. 7, diffusers' masks).
+        mode: ``"overwrite"`` (AnyMS: a token takes the last region covering it) or
+            ``"sum"`` (the paper's Eq. 7, diffusers' masks: covering regions add up).
+        masks: None, an ``[S, H, W]`` array/tensor, or a list of S entries each a mask
+            (anything :func:`load_mask` takes) or None (that subject uses its box). All
+            masks share one size, the image's: ``H = f * h`` and ``W = f * w`` for one
+            integer ``f`` (the VAE's scale factor, 8 for SD; 1 for masks at latent size).
+
+    A subject with a mask is routed by its mask; ``boxes[s]``, given or (when None)
+    the mask's bounding box, is then only for the pictures. Later subjects are on top
+    where regions overlap. Every error names the argument (``boxes``, ``masks[i]``, ...).
+
+    Attributes:
+        boxes: float64 ``[S, 4]``, every subject's box (given, or its mask's bounding box).
+        masks: a tuple of S bool ``[H, W]`` CPU tensors or None.
+        image_hw: ``(H, W)`` of the masks, or None without masks.
     """
 
-    def __init__(self, boxes, latent_hw: Grid, scales=1.0, mode: str = "overwrite"):
-        boxes = torch.as_tensor(boxes, dtype=torch.float64)
-        if boxes.dim() != 2 or boxes.shape[-1] != 4:
-            raise ValueError(f"boxes must be [S, 4] normalised (x0, y0, x1, y1), got shape {tuple(boxes.shape)}")
-        if boxes.numel():
-            check_normalized_boxes(boxes, "boxes")
-        self.boxes = boxes
+    def __init__(self, boxes=None, latent_hw: Optional[Grid] = None, scales=1.0, mode: str = "overwrite",
+                 masks=None):
         self.latent_hw = check_grid(latent_hw, "latent_hw")
         self.mode = check_mode(mode)
-        num = boxes.shape[0]
-        scales = torch.as_tensor(scales, dtype=torch.float32)
-        if scales.dim() == 0:
-            scales = scales.expand(num).clone()
-        if scales.shape != (num,):
-            raise ValueError(f"scales must be a float or {num} floats (one per box), got shape {tuple(scales.shape)}")
-        if not torch.isfinite(scales).all():
-            raise ValueError("scales holds NaN or inf")
-        self.scales = scales
-        self._cache: Dict[Tuple[Grid, torch.device], torch.Tensor] = {}
+        # Stored tensors are ordinary tensors even when the Layout is made under
+        # torch.inference_mode(), so that later grad-mode calls can use them.
+        with torch.inference_mode(False):
+            mask_list = _masks_argument(masks)
+            box_list = _boxes_argument(boxes, mask_list)
+            if mask_list is None:
+                mask_list = [None] * len(box_list)
+            if len(mask_list) != len(box_list):
+                raise ValueError(f"boxes has {len(box_list)} entries but masks has {len(mask_list)}: give one per "
+                                 f"subject (None where a subject has only a mask, or only a box)")
+            self.image_hw = _check_mask_sizes(mask_list, self.latent_hw)
+            for s, (box, mask) in enumerate(zip(box_list, mask_list)):
+                if box is None and mask is None:
+                    raise ValueError(f"subject {s} has neither a box (boxes[{s}] is None) nor a mask (masks[{s}])")
+                if box is None:
+                    box_list[s] = mask_bbox(mask)
+            self.boxes = torch.tensor(box_list, dtype=torch.float64).reshape(-1, 4)
+            self.masks: Tuple[Optional[torch.Tensor], ...] = tuple(mask_list)
+            num = self.boxes.shape[0]
+            scales = torch.as_tensor(scales, dtype=torch.float32).clone()
+            if scales.dim() == 0:
+                scales = scales.expand(num).clone()
+            if scales.shape != (num,):
+                raise ValueError(f"scales must be a float or {num} floats (one per subject), "
+                                 f"got shape {tuple(scales.shape)}")
+            if not torch.isfinite(scales).all():
+                raise ValueError("scales holds NaN or inf")
+            self.scales = scales
+        self._coverage: Dict[Grid, torch.Tensor] = {}
+        self._routing: Dict[Tuple[Grid, torch.device], Routing] = {}
+        self._token_boxes: Dict[Tuple[Grid, torch.device], torch.Tensor] = {}
         self._scale_cache: Dict[torch.device, torch.Tensor] = {}
 
     @property
     def num_subjects(self) -> int:
         return self.boxes.shape[0]
 
+    @property
+    def has_masks(self) -> bool:
+        return self.image_hw is not None
+
     def grid_for(self, num_tokens: int) -> Grid:
         """The ``(h, w)`` of a layer with ``num_tokens`` query tokens (odd sizes round up)."""
         return layer_grid(self.latent_hw, num_tokens)
 
+    def coverage(self, grid: Grid) -> torch.Tensor:
+        """bool ``[S, h, w]`` on the CPU: which tokens of ``grid`` each subject's region covers
+        (mask or box, before priorities). Computed once per grid."""
+        grid = check_grid(grid)
+        if grid not in self._coverage:
+            with torch.inference_mode(False), torch.no_grad():
+                self._coverage[grid] = _coverage(self.boxes, self.masks, grid)
+        return self._coverage[grid]
+
+    def routing(self, num_tokens: int, device) -> Tuple[Grid, Routing]:
+        """``(grid, Routing)`` of the layer with ``num_tokens`` tokens, on ``device``.
+
+        Built once per grid and device and kept on this Layout (not process-wide), from
+        :meth:`coverage` in this layout's mode: pass it to
+        ``anyms_kernels.region_cross_attention`` as its regions. Its tensors are
+        ordinary tensors even when first built under ``torch.inference_mode()``.
+        """
+        grid = self.grid_for(num_tokens)
+        return grid, self.routing_at(grid, device)
+
+    def routing_at(self, grid: Grid, device) -> Routing:
+        """The :class:`Routing` of ``grid`` on ``device`` (see :meth:`routing`)."""
+        grid = check_grid(grid)
+        key = (grid, torch.device(device))
+        routing = self._routing.get(key)
+        if routing is None:
+            cover = self.coverage(grid)
+            with torch.inference_mode(False), torch.no_grad():
+                routing = build_routing(cover.to(key[1]), grid, self.mode)
+            self._routing[key] = routing
+        return routing
+
     def token_boxes(self, num_tokens: int, device) -> Tuple[Grid, torch.Tensor]:
-        """``(grid, int32 [S, 4] token boxes on device)``, computed once per grid and device."""
+        """``(grid, int32 [S, 4] token boxes on device)``, computed once per grid and device.
+
+        Box layouts only: a mask is not a box, so a layout with masks raises
+        ``ValueError`` (use :meth:`routing`, which serves both).
+        """
+        if self.has_masks:
+            raise ValueError("this Layout has masks: its regions are not token boxes; use Layout.routing()")
         grid = self.grid_for(num_tokens)
         key = (grid, torch.device(device))
-        if key not in self._cache:
-            self._cache[key] = rasterize_boxes(self.boxes, grid).to(device)
-        return grid, self._cache[key]
+        if key not in self._token_boxes:
+            with torch.inference_mode(False):
+                self._token_boxes[key] = rasterize_boxes(self.boxes, grid).to(device)
+        return grid, self._token_boxes[key]
 
     def subject_scale(self, device) -> torch.Tensor:
         device = torch.device(device)
         if device not in self._scale_cache:
-            self._scale_cache[device] = self.scales.to(device)
+            with torch.inference_mode(False):
+                self._scale_cache[device] = self.scales.to(device)
         return self._scale_cache[device]
 
     def __repr__(self) -> str:
-        return f"Layout(S={self.num_subjects}, latent_hw={self.latent_hw}, mode={self.mode!r})"
+        masked = sum(m is not None for m in self.masks)
+        extra = f", masks={masked} at {self.image_hw[0]}x{self.image_hw[1]}" if masked else ""
+        return f"Layout(S={self.num_subjects}, latent_hw={self.latent_hw}, mode={self.mode!r}{extra})"
+
+
+# ---------------------------------------------------------------------- helpers
+def _masks_argument(masks) -> Optional[List[Optional[torch.Tensor]]]:
+    """``masks`` as a list of S bool [H, W] tensors or None entries (or None)."""
+    if masks is None:
+        return None
+    if isinstance(masks, (torch.Tensor, np.ndarray)):
+        if masks.ndim != 3:
+            raise ValueError(f"masks must be [S, H, W] (one mask per subject) or a list of S masks, "
+                             f"got shape {tuple(masks.shape)}")
+        return [load_mask(masks[s], f"masks[{s}]") for s in range(masks.shape[0])]
+    if isinstance(masks, (list, tuple)):
+        return [None if m is None else load_mask(m, f"masks[{s}]") for s, m in enumerate(masks)]
+    raise TypeError(f"masks must be a list of S masks (PIL images, arrays, tensors or None) or an [S, H, W] "
+                    f"array/tensor, got {type(masks).__name__}")
+
+
+def _boxes_argument(boxes, masks) -> List[Optional[Tuple[float, ...]]]:
+    """``boxes`` as a list of S checked 4-tuples or None entries."""
+    if boxes is None:
+        if masks is None:
+            raise ValueError("a Layout needs boxes or masks (or both): give boxes=[S, 4] and/or masks=[...]")
+        return [None] * len(masks)
+    if isinstance(boxes, (list, tuple)) and any(b is None for b in boxes):
+        out: List[Optional[Tuple[float, ...]]] = []
+        for s, box in enumerate(boxes):
+            if box is None:
+                out.append(None)
+                continue
+            t = torch.as_tensor(box, dtype=torch.float64)
+            if t.shape != (4,):
+                raise ValueError(f"boxes[{s}] must be 4 numbers (x0, y0, x1, y1) or None, got shape {tuple(t.shape)}")
+            check_normalized_boxes(t[None], f"boxes[{s}]")
+            out.append(tuple(t.tolist()))
+        return out
+    t = torch.as_tensor(boxes, dtype=torch.float64)
+    if t.numel() == 0:
+        t = t.reshape(0, 4)
+    if t.dim() != 2 or t.shape[-1] != 4:
+        raise ValueError(f"boxes must be [S, 4] normalised (x0, y0, x1, y1), got shape {tuple(t.shape)}")
+    if t.numel():
+        check_normalized_boxes(t, "boxes")
+    return [tuple(b) for b in t.tolist()]
+
+
+def _check_mask_sizes(masks: Sequence[Optional[torch.Tensor]], latent_hw: Grid) -> Optional[Grid]:
+    """The masks' common ``(H, W)`` (None without masks); it must be the latent times one integer."""
+    sized = [(s, tuple(m.shape)) for s, m in enumerate(masks) if m is not None]
+    if not sized:
+        return None
+    first, (H, W) = sized[0]
+    for s, hw in sized[1:]:
+        if hw != (H, W):
+            raise ValueError(f"masks[{s}] is {hw[0]}x{hw[1]} pixels but masks[{first}] is {H}x{W}: every mask "
+                             f"must have the image's size")
+    h, w = latent_hw
+    if H % h or W % w or H // h != W // w:
+        raise ValueError(f"masks are {H}x{W} pixels, which is no image of the {h}x{w} latent (latent_hw): give "
+                         f"masks at the image's resolution, the latent's size times the VAE's scale factor "
+                         f"(e.g. {8 * h}x{8 * w} for SD)")
+    return H, W
+
+
+def _coverage(boxes: torch.Tensor, masks: Sequence[Optional[torch.Tensor]], grid: Grid) -> torch.Tensor:
+    h, w = grid
+    num = boxes.shape[0]
+    cover = torch.zeros(num, h, w, dtype=torch.bool)
+    if num:
+        cover[:] = boxes_cover(rasterize_boxes(boxes, grid), grid).view(num, h, w)
+    for s, mask in enumerate(masks):
+        if mask is not None:                      # one at a time: bounded temporaries at large sizes
+            cover[s] = rasterize_masks(mask[None], grid)[0]
+    return cover

@@ -1,18 +1,19 @@
 """AnyMS as a diffusers attention processor for the U-Net's cross-attention layers.
 
     pipe.load_ip_adapter(...)                       # the subject features come from it
-    layout = Layout(boxes, latent_hw=(h // 8, w // 8))
+    layout = Layout(boxes, latent_hw=(h // 8, w // 8))      # or Layout(masks=[...], latent_hw=...)
     with anyms_attention(pipe, layout):
         image = pipe(prompt, ip_adapter_image=[[img_1, ..., img_S]]).images[0]
 
 ``AnyMSAttnProcessor`` subclasses diffusers' ``IPAdapterAttnProcessor2_0`` and keeps
 its ``to_k_ip`` / ``to_v_ip`` and ``scale``. With a layout it runs the text branch and
-one branch per subject image, each confined to its box, in one call of
-``anyms_kernels.region_cross_attention``; without one it is its parent.
+one branch per subject image, each confined to its region (a box or a mask), in one
+call of ``anyms_kernels.region_cross_attention``, handing it the layout's routing
+(built once per layer grid and kept by the layout); without one it is its parent.
 
 The subject images are the S images of ONE IP-Adapter: the U-Net hands the
 processor ``ip_hidden_states[0]`` of shape ``[B, S, T, C]`` (diffusers' multi-image
-path, the one ``ip_adapter_masks`` uses), image ``s`` belonging to box ``s``.
+path, the one ``ip_adapter_masks`` uses), image ``s`` belonging to region ``s``.
 
 ``apply_anyms`` converts, in place, the processors that ``load_ip_adapter``
 installed, sharing their weight modules and their ``scale`` list (so
@@ -54,7 +55,7 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
 
         out = attn(Q, K_text, V_text) + Z_image,
         Z_image[t] = lambda_r * attn(q_t, K_r, V_r) for the subject r that owns t
-                     ("overwrite", AnyMS), or the sum over every box covering t ("sum")
+                     ("overwrite", AnyMS), or the sum over every region covering t ("sum")
 
     with ``lambda_s = layout.scales[s] * self.scale[0]`` (so ``set_ip_adapter_scale``
     keeps working), keys ``K_s = to_k_ip(image tokens of s)``. Softmax scale ``1/sqrt(D)``,
@@ -62,7 +63,7 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
     branch only, as in the parent.
 
     Raises (with a layout): ``ValueError`` when the number of images per prompt differs
-    from the layout's boxes, when ``ip_adapter_masks`` is also passed, when more than one
+    from the layout's subjects, when ``ip_adapter_masks`` is also passed, when more than one
     IP-Adapter is loaded, when the image embeddings are missing, or when
     ``attention_mask`` is not a key-padding mask the fused op can express.
     """
@@ -119,7 +120,8 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
                                     ip_adapter_masks=ip_adapter_masks)
         if ip_adapter_masks is not None:
             raise ValueError(
-                "ip_adapter_masks cannot be combined with an AnyMS layout: the layout's boxes are the masks. "
+                "ip_adapter_masks cannot be combined with an AnyMS layout: the layout's regions are the masks "
+                "(give masks to the Layout: Layout(masks=...)). "
                 "Drop ip_adapter_masks, or clear the layout (set_anyms_layout(pipe, None)) to use diffusers' masks"
             )
         if not isinstance(encoder_hidden_states, tuple):
@@ -178,21 +180,22 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
         if num_images != layout.num_subjects:
             raise ValueError(
                 f"the IP-Adapter image embeddings hold S={num_images} images per prompt but the layout has "
-                f"{layout.num_subjects} boxes: give exactly one subject image per box"
+                f"{layout.num_subjects} regions (boxes or masks): give exactly one subject image per region"
             )
         k_subj = rearrange(self.to_k_ip[0](images), "b s t (h d) -> b h s t d", h=heads)
         v_subj = rearrange(self.to_v_ip[0](images), "b s t (h d) -> b h s t d", h=heads)
         if k_subj.dtype != q.dtype:               # e.g. image projection kept in float32
             k_subj, v_subj = k_subj.to(q.dtype), v_subj.to(q.dtype)
 
-        grid, boxes = layout.token_boxes(num_queries, q.device)
+        # The layout's routing on this grid, built on the first call and kept by the layout.
+        grid, routing = layout.routing(num_queries, q.device)
         if input_ndim == 4 and grid != (height, width):
             raise ValueError(
                 f"the layout's latent {layout.latent_hw} gives a {grid[0]}x{grid[1]} grid for this layer, "
                 f"but its hidden states are {height}x{width}: make the Layout with the latent size being denoised"
             )
         out = anyms_kernels.region_cross_attention(
-            q, k_text, v_text, k_subj, v_subj, boxes, grid, mode=layout.mode,
+            q, k_text, v_text, k_subj, v_subj, routing, grid, mode=layout.mode,
             subject_scale=self._subject_scale(layout, q.device), text_mask=text_mask,
             softmax_scale=1.0 / math.sqrt(head_dim), backend=self.backend,
         )
@@ -214,7 +217,7 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
             if len(ip_scale) != layout.num_subjects:
                 raise ValueError(
                     f"the IP-Adapter scale has {len(ip_scale)} per-image values but the layout has "
-                    f"{layout.num_subjects} boxes (set_ip_adapter_scale)"
+                    f"{layout.num_subjects} subjects (set_ip_adapter_scale)"
                 )
             key = tuple(float(s) for s in ip_scale)
         else:

@@ -239,7 +239,7 @@ def test_layer_errors_name_the_argument():
     attn, parent = make_layer()
     x, text, images = make_inputs(attn, S=3)
     proc = AnyMSAttnProcessor.from_ip_adapter_processor(parent, Layout(OVERLAP[:2], GRID))
-    with pytest.raises(ValueError, match=r"S=3 images.*2 boxes"):
+    with pytest.raises(ValueError, match=r"S=3 images.*2 regions"):
         run(attn, proc, x, text, images)
     proc.layout = Layout(OVERLAP, GRID)
     with pytest.raises(ValueError, match="ip_adapter_masks"):
@@ -409,7 +409,7 @@ def test_install_errors_name_the_argument(tiny_sdxl_pipe, unet_inputs):
     with pytest.raises(TypeError, match="layout"):
         apply_anyms(tiny_sdxl_pipe, layout="boxes")
     apply_anyms(tiny_sdxl_pipe, Layout(OVERLAP[:2], (13, 21)))
-    with pytest.raises(ValueError, match=r"S=3 images per prompt but the layout has 2 boxes"):
+    with pytest.raises(ValueError, match=r"S=3 images per prompt but the layout has 2 regions"):
         _unet(tiny_sdxl_pipe, unet_inputs(tiny_sdxl_pipe, S=3))
 
 
