@@ -3,7 +3,8 @@
     import anyms
     pipe = anyms.AnyMSStableDiffusionXLPipeline.from_pretrained(...)
     pipe.load_ip_adapter(...)
-    image = pipe(prompt, subjects=[anyms.Subject(img, box=(x0, y0, x1, y1)), ...]).images[0]
+    image = pipe(prompt, subjects=[anyms.Subject(img, box=(x0, y0, x1, y1)),
+                                   anyms.Subject(img2, mask=mask_png), ...]).images[0]
 
 The names below are imported on first use, so ``import anyms`` is quick and imports
 neither diffusers nor anything that touches a GPU.

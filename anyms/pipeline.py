@@ -1,15 +1,15 @@
-"""The AnyMS pipelines: diffusers' SDXL and SD 1.5 pipelines that take subjects with boxes.
+"""The AnyMS pipelines: diffusers' SDXL and SD 1.5 pipelines that take subjects with boxes or masks.
 
     pipe = AnyMSStableDiffusionXLPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0")
     pipe.load_ip_adapter("h94/IP-Adapter", subfolder="sdxl_models", weight_name="ip-adapter_sdxl.safetensors")
     image = pipe("a dog and a cat on a sofa", subjects=[
         Subject("dog.png", box=(0.05, 0.3, 0.5, 0.95), label="dog"),
-        Subject("cat.png", box=(0.5, 0.3, 0.95, 0.95), label="cat"),
+        Subject("cat.png", mask="cat_mask.png", label="cat"),      # any shape, at the image's size
     ]).images[0]
 
 A call with ``subjects`` does, in order:
-1. checks every AnyMS argument (subjects, boxes, images, mode, priority, the loaded
-   IP-Adapter) without touching a model, naming the bad argument;
+1. checks every AnyMS argument (subjects, boxes, masks and their size, images, mode,
+   priority, the loaded IP-Adapter) without touching a model, naming the bad argument;
 2. runs the parent pipeline with ``ip_adapter_image=[[image_1, ..., image_S]]``
    (one IP-Adapter, S images, each encoded on its own), after installing the AnyMS
    processors if they are not installed yet;
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -34,9 +34,9 @@ from PIL import Image, UnidentifiedImageError
 
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-from anyms_kernels.regions import MODES, check_normalized_boxes
+from anyms_kernels.regions import MODES, check_normalized_boxes, mask_bbox
 
-from .layout import Layout
+from .layout import Layout, load_mask
 from .processor import anyms_attention, set_anyms_layout
 
 __all__ = [
@@ -53,21 +53,33 @@ PRIORITIES = ("order", "smaller_on_top")
 
 @dataclass
 class Subject:
-    """One subject: its reference image, its box and its scale.
+    """One subject: its reference image, its region (a box or a mask) and its scale.
 
     Args:
         image: a PIL image, a path to an image file, or an ``H x W`` / ``H x W x C``
             array (uint8, or floats in ``[0, 1]``; C = 1, 3 or 4).
         box: ``(x0, y0, x1, y1)`` normalised to ``[0, 1]`` of the output image, x to
-            the right, y down; ``x1 > x0`` and ``y1 > y0``.
+            the right, y down; ``x1 > x0`` and ``y1 > y0``. Optional with a mask: it is
+            then only where the pictures put the label (default: the mask's bounding box).
         scale: lambda_s, this subject's IP-Adapter scale (multiplies the adapter's own).
         label: a name for the pictures (default: the file name, or ``"subject i"``).
+        mask: (keyword only) the region as a mask of any shape, at the generated
+            image's resolution, ``height x width`` pixels: a PIL image (greyscale), a
+            path to an image file, or a 2-D numpy array / torch tensor of bools or
+            numbers. Nonzero pixels are inside; a token of a layer is in the region when
+            its cell holds at least one of them (the rule boxes follow, so a rectangular
+            mask routes exactly like its box). A mask of another size is an error, not
+            resized: resizing would move the region's edges. Without ``height`` and
+            ``width`` the pipeline makes an image of the masks' size.
+
+    Give a box, a mask or both (the mask is the region); a subject with neither is an error.
     """
 
     image: Any
-    box: Tuple[float, float, float, float]
+    box: Optional[Tuple[float, float, float, float]] = None
     scale: float = 1.0
     label: Optional[str] = None
+    mask: Any = field(default=None, kw_only=True)
 
     def load_image(self, name: str = "image") -> Image.Image:
         """The image as an RGB PIL image; raises ValueError/TypeError naming ``name``."""
@@ -146,18 +158,61 @@ class AnyMSPlan:
     def labels(self) -> List[str]:
         return [s.label for s in self.subjects]
 
+    @property
+    def mask_hw(self) -> Optional[Tuple[int, int]]:
+        """``(height, width)`` of the subjects' masks (all the same), or None without masks."""
+        for s in self.subjects:
+            if s.mask is not None:
+                return tuple(s.mask.shape)
+        return None
+
+    def image_size(self, height: Optional[int], width: Optional[int],
+                   multiple: int = 8) -> Tuple[Optional[int], Optional[int]]:
+        """The ``(height, width)`` to generate: the masks' size where not given.
+
+        Raises ValueError naming the mask when a given size differs from the masks', or
+        when the masks' size is not a multiple of ``multiple`` (the pipelines' rule).
+        Without masks it returns its arguments.
+        """
+        hw = self.mask_hw
+        if hw is None:
+            return height, width
+        name = self._first_mask_name()
+        for what, given, size in (("height", height, hw[0]), ("width", width, hw[1])):
+            if given is not None and int(given) != size:
+                raise ValueError(f"{name} is {hw[0]}x{hw[1]} pixels (height x width) but the image's {what} is "
+                                 f"{given}: give masks at the image's size (or leave height and width out: they "
+                                 f"default to the masks' size)")
+        if hw[0] % multiple or hw[1] % multiple:
+            raise ValueError(f"{name} is {hw[0]}x{hw[1]} pixels, and the image takes its size: both sides must be "
+                             f"multiples of {multiple}")
+        return hw
+
+    def _first_mask_name(self) -> str:
+        i = next(i for i, s in enumerate(self.subjects) if s.mask is not None)
+        return f"subjects[{self.order[i]}].mask"
+
     def make_layout(self, latent_hw) -> Layout:
+        masks = [s.mask for s in self.subjects]
         return Layout([list(s.box) for s in self.subjects], latent_hw,
-                      scales=[s.scale for s in self.subjects], mode=self.mode)
+                      scales=[s.scale for s in self.subjects], mode=self.mode,
+                      masks=masks if any(m is not None for m in masks) else None)
 
 
 def prepare_subjects(subjects, mode: str = "overwrite", priority: str = "order") -> AnyMSPlan:
     """Check the subjects, read their images and sort them by priority. No model work.
 
     Raises ValueError/TypeError naming the argument: ``subjects`` not a non-empty list
-    of :class:`Subject`; a box that is not 4 numbers in ``[0, 1]`` with ``x1 > x0``
-    and ``y1 > y0``; a scale that is not a finite number; an image that cannot be
-    read; an unknown ``anyms_mode`` or ``anyms_priority``.
+    of :class:`Subject`; a subject with neither box nor mask; a box that is not 4
+    numbers in ``[0, 1]`` with ``x1 > x0`` and ``y1 > y0``; a mask that is not 2-D,
+    is empty, holds NaN, has another dtype than bool or real numbers, or another size
+    than the other subjects' masks (:func:`anyms.layout.load_mask`); a scale that is
+    not a finite number; an image that cannot be read; an unknown ``anyms_mode`` or
+    ``anyms_priority``.
+
+    The checked subjects hold RGB PIL images, bool ``[H, W]`` mask tensors, and a box
+    for each subject (a masked subject without one gets its mask's bounding box).
+    ``smaller_on_top`` compares region areas: a mask's pixel count, a box's area.
     """
     if mode not in MODES:
         raise ValueError(f"anyms_mode must be one of {MODES}, got {mode!r}")
@@ -168,22 +223,34 @@ def prepare_subjects(subjects, mode: str = "overwrite", priority: str = "order")
     if len(subjects) == 0:
         raise ValueError("subjects is empty: give at least one anyms.Subject, or leave subjects out")
     checked, images = [], []
+    mask_hw, mask_from = None, None
     for i, subject in enumerate(subjects):
         name = f"subjects[{i}]"
         if not isinstance(subject, Subject):
             raise TypeError(f"{name} must be an anyms.Subject, got {type(subject).__name__}")
-        box = _check_box(subject.box, f"{name}.box")
+        if subject.box is None and subject.mask is None:
+            raise ValueError(f"{name} has neither a box nor a mask: give box=(x0, y0, x1, y1) or mask=...")
+        mask = None if subject.mask is None else load_mask(subject.mask, f"{name}.mask")
+        if mask is not None:
+            if mask_hw is None:
+                mask_hw, mask_from = tuple(mask.shape), f"{name}.mask"
+            elif tuple(mask.shape) != mask_hw:
+                raise ValueError(f"{name}.mask is {mask.shape[0]}x{mask.shape[1]} pixels but {mask_from} is "
+                                 f"{mask_hw[0]}x{mask_hw[1]}: every mask must have the image's size")
+        box = _check_box(subject.box, f"{name}.box") if subject.box is not None else mask_bbox(mask)
         scale = _check_scale(subject.scale, f"{name}.scale")
         images.append(subject.load_image(f"{name}.image"))
         label = subject.label
         if not label:
             is_path = isinstance(subject.image, (str, os.PathLike))
             label = os.path.splitext(os.path.basename(os.fspath(subject.image)))[0] if is_path else f"subject {i}"
-        checked.append(Subject(images[-1], box, scale, label))
+        checked.append(Subject(images[-1], box, scale, label, mask=mask))
     order = list(range(len(checked)))
     if priority == "smaller_on_top":
-        # Largest box first (bottom), smallest last (top); equal areas keep the given order.
+        # Largest region first (bottom), smallest last (top); equal areas keep the given order.
         def area(i):
+            if checked[i].mask is not None:
+                return float(checked[i].mask.float().mean())
             x0, y0, x1, y1 = checked[i].box
             return (x1 - x0) * (y1 - y0)
         order.sort(key=lambda i: -area(i))
@@ -218,21 +285,23 @@ class AnyMSPipelineMixin:
         """The parent pipeline's call, plus AnyMS's arguments:
 
         Args:
-            subjects: :class:`Subject` objects (image, box, scale, label). Later subjects
-                are on top where boxes overlap (see ``anyms_priority``). Without them the
-                call is exactly the parent's.
+            subjects: :class:`Subject` objects (image, box and/or mask, scale, label).
+                Later subjects are on top where regions overlap (see ``anyms_priority``).
+                Without them the call is exactly the parent's. With masks, ``height`` and
+                ``width`` default to the masks' size, and a given size must equal it.
             anyms_mode: ``"overwrite"`` (AnyMS crop and merge, the default) or ``"sum"``
                 (the paper's Eq. 7: overlapping subjects add up).
             anyms_priority: ``"order"`` (the default: the list's order, later on top) or
-                ``"smaller_on_top"`` (smaller boxes on top of larger ones).
+                ``"smaller_on_top"`` (smaller regions on top of larger ones).
             everything else: as the parent pipeline. ``ip_adapter_image`` and
                 ``ip_adapter_image_embeds`` cannot be given together with ``subjects``.
 
         Raises:
             ValueError/TypeError before any model work, naming the argument (see
             :func:`prepare_subjects`), and also when no single IP-Adapter with its image
-            encoder is loaded, or ``ip_adapter_image``/``ip_adapter_image_embeds`` is
-            given with ``subjects``. The parent's own checks (height and width divisible
+            encoder is loaded, ``ip_adapter_image``/``ip_adapter_image_embeds`` is
+            given with ``subjects``, or a mask's size is not the image's (naming
+            ``subjects[i].mask``). The parent's own checks (height and width divisible
             by 8, ...) run next, still before any model work.
         """
         parent_call = super().__call__
@@ -250,6 +319,9 @@ class AnyMSPipelineMixin:
         self._anyms_check_adapter()
         call_kwargs = dict(bound.arguments)
         call_kwargs.update(call_kwargs.pop("kwargs", {}))
+        if plan.mask_hw is not None:       # the masks fix the image size (checked before any model work)
+            call_kwargs["height"], call_kwargs["width"] = plan.image_size(
+                call_kwargs.get("height"), call_kwargs.get("width"), self.vae_scale_factor)
         call_kwargs["ip_adapter_image"] = [plan.images]  # one adapter, S images
 
         # anyms_attention installs the AnyMS processors (layout None until check_inputs
