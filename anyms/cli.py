@@ -3,9 +3,12 @@
     anyms demo
     anyms generate "a dog and a cat on a sofa" \\
         --subject dog.png:0.05,0.3,0.5,0.95 --subject cat.png:0.5,0.3,0.95,0.95:0.8 --out sofa.png
+    anyms generate "a dog and a cat on a sofa" \\
+        --subject dog.png:mask=dog_mask.png --subject cat.png:mask=cat_mask.png:0.8 --out sofa.png
 
-Bad input (a malformed subject or layout file, a box outside [0, 1], an image that
-cannot be read, a size the pipeline cannot make, ...) prints one line naming the
+Bad input (a malformed subject or layout file, a box outside [0, 1], an image or mask
+that cannot be read, an empty mask, masks of another size than --height/--width, a
+size the pipeline cannot make, ...) prints one line naming the
 argument, without a traceback, and exits with status 2. A model or adapter that
 cannot be loaded exits with status 1.
 
@@ -38,17 +41,22 @@ layout file (--layout FILE.json); image paths are relative to the file:
     "priority": "order",                      optional; --priority wins
     "subjects": [                             required, at least one
       {"image": "dog.png", "box": [0.05, 0.3, 0.5, 0.95], "scale": 1.0, "label": "dog"},
-      {"image": "cat.png", "box": [0.5, 0.3, 0.95, 0.95]}
+      {"image": "cat.png", "mask": "cat_mask.png"}
     ]
   }
-"box" is [x0, y0, x1, y1] normalised to the image (x right, y down, x1 > x0, y1 > y0);
-"scale" (default 1.0) and "label" (default: the file name) are optional. Later
-subjects are on top where boxes overlap ("priority": "smaller_on_top" puts smaller
-boxes on top). No other keys are allowed.
+Each subject needs "box" or "mask" (or both: the mask is the region, the box only
+places the label in the layout picture). "box" is [x0, y0, x1, y1] normalised to
+the image (x right, y down, x1 > x0, y1 > y0). "mask" is an image file (PNG: any
+nonzero pixel is inside) of the generated image's size; without --height/--width
+the image takes the masks' size. A token is in a region when its cell meets the
+box or holds a mask pixel. "scale" (default 1.0) and "label" (default: the file
+name) are optional. Later subjects are on top where regions overlap ("priority":
+"smaller_on_top" puts smaller regions on top). No other keys are allowed.
 """
 
 LAYOUT_KEYS = {"prompt", "mode", "priority", "subjects"}
-SUBJECT_KEYS = {"image", "box", "scale", "label"}
+SUBJECT_KEYS = {"image", "box", "mask", "scale", "label"}
+SUBJECT_FORMS = "PATH:x0,y0,x1,y1[:scale] or PATH:mask=MASK.png[:scale]"
 
 
 class UsageError(Exception):
@@ -60,6 +68,14 @@ class LoadError(Exception):
 
 
 # --------------------------------------------------------------------- parsing
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _number(text: str, what: str) -> float:
     try:
         value = float(text)
@@ -71,20 +87,33 @@ def _number(text: str, what: str) -> float:
 
 
 def parse_subject(spec: str):
-    """``PATH:x0,y0,x1,y1[:scale]`` -> :class:`anyms.Subject` (image path not read yet).
+    """``PATH:x0,y0,x1,y1[:scale]`` or ``PATH:mask=MASK[:scale]`` -> :class:`anyms.Subject`
+    (image and mask paths not read yet).
 
-    Split from the right, so paths may hold colons (``C:\\img.png:0,0,1,1``).
+    Boxes are split from the right, so paths may hold colons (``C:\\img.png:0,0,1,1``);
+    a mask starts at the last ``:mask=`` and ends at a last ``:number`` (the scale), so
+    the mask path may hold colons too (``C:\\a.png:mask=C:\\m.png:0.8``).
     """
     from .pipeline import Subject
 
     what = f"--subject {spec!r}"
+    at = spec.rfind(":mask=")
+    if at >= 0:
+        image, rest = spec[:at], spec[at + len(":mask="):]
+        mask, scale = rest, 1.0
+        head, sep, tail = rest.rpartition(":")
+        if sep and _is_number(tail):
+            mask, scale = head, _number(tail, f"{what}: scale")
+        if not image or not mask:
+            raise UsageError(f"{what}: expected {SUBJECT_FORMS}")
+        return Subject(image, None, scale, mask=mask)
     head, sep, tail = spec.rpartition(":")
     scale = 1.0
     if sep and "," not in tail:               # the last field is the scale
         scale = _number(tail, f"{what}: scale")
         head, sep, tail = head.rpartition(":")
     if not sep or not head:
-        raise UsageError(f"{what}: expected PATH:x0,y0,x1,y1[:scale]")
+        raise UsageError(f"{what}: expected {SUBJECT_FORMS}")
     fields = tail.split(",")
     if len(fields) != 4:
         raise UsageError(f"{what}: the box must be 4 numbers x0,y0,x1,y1, got {tail!r}")
@@ -122,26 +151,31 @@ def read_layout_file(path: str) -> dict:
     for i, item in enumerate(items):
         where = f"{what}: subjects[{i}]"
         if not isinstance(item, dict):
-            raise UsageError(f"{where} must be an object with \"image\" and \"box\"")
+            raise UsageError(f"{where} must be an object with \"image\" and \"box\" or \"mask\"")
         unknown = sorted(set(item) - SUBJECT_KEYS)
         if unknown:
             raise UsageError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(SUBJECT_KEYS)}")
-        for key in ("image", "box"):
-            if key not in item:
-                raise UsageError(f"{where}: missing \"{key}\"")
+        if "image" not in item:
+            raise UsageError(f"{where}: missing \"image\"")
+        if "box" not in item and "mask" not in item:
+            raise UsageError(f"{where}: missing \"box\" or \"mask\" (give one, or both)")
         if not isinstance(item["image"], str):
             raise UsageError(f"{where}.image must be a path string")
-        box = item["box"]
-        if not isinstance(box, list) or len(box) != 4 or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
+        box = item.get("box")
+        if box is not None and (not isinstance(box, list) or len(box) != 4 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
             raise UsageError(f"{where}.box must be a list of 4 numbers [x0, y0, x1, y1], got {box!r}")
+        mask = item.get("mask")
+        if mask is not None and not isinstance(mask, str):
+            raise UsageError(f"{where}.mask must be a path string (an image file), got {mask!r}")
         scale = item.get("scale", 1.0)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise UsageError(f"{where}.scale must be a number, got {scale!r}")
         label = item.get("label")
         if label is not None and not isinstance(label, str):
             raise UsageError(f"{where}.label must be a string")
-        subjects.append(Subject(os.path.join(folder, item["image"]), tuple(box), float(scale), label))
+        subjects.append(Subject(os.path.join(folder, item["image"]), None if box is None else tuple(box),
+                                float(scale), label, mask=None if mask is None else os.path.join(folder, mask)))
     return {"prompt": data.get("prompt"), "mode": data.get("mode"), "priority": data.get("priority"),
             "subjects": subjects}
 
@@ -181,8 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="?", help="the text prompt (or \"prompt\" in --layout)")
     gen.add_argument("--negative-prompt", default=None)
     src = gen.add_mutually_exclusive_group(required=True)
-    src.add_argument("--subject", action="append", metavar="PATH:x0,y0,x1,y1[:scale]",
-                     help="a subject image and its normalised box (repeat; later ones on top)")
+    src.add_argument("--subject", action="append", metavar="PATH:x0,y0,x1,y1[:scale]|PATH:mask=MASK.png[:scale]",
+                     help="a subject image and its region: a normalised box, or a mask image of the output's "
+                          "size (nonzero = inside; without --height/--width the output takes the masks' size). "
+                          "Repeat; later ones on top")
     src.add_argument("--layout", metavar="FILE.json", help="a layout file (schema in the module docs)")
     gen.add_argument("--arch", choices=("sdxl", "sd15"), default="sdxl",
                      help="the pipeline: SDXL (default) or Stable Diffusion 1.5")
@@ -348,7 +384,9 @@ def cmd_generate(args) -> int:
     _check_size(args)
     paths = _output_paths(args.out)
     try:
-        prepare_subjects(subjects, mode, priority)   # reads the images, checks boxes, mode and priority
+        # reads the images and masks, checks boxes, masks, mode and priority, and the masks' size
+        plan = prepare_subjects(subjects, mode, priority)
+        height, width = plan.image_size(args.height, args.width)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
     device, dtype = _resolve_device_dtype(args.device, args.dtype)
@@ -364,7 +402,7 @@ def cmd_generate(args) -> int:
 
     # 3. Generation, with diffusers' progress bar.
     call = dict(subjects=subjects, anyms_mode=mode, anyms_priority=priority, negative_prompt=args.negative_prompt,
-                height=args.height, width=args.width, num_inference_steps=args.steps,
+                height=height, width=width, num_inference_steps=args.steps,
                 generator=torch.Generator("cpu").manual_seed(args.seed))
     if args.guidance is not None:
         call["guidance_scale"] = args.guidance
@@ -395,6 +433,15 @@ def demo_subject_images(size: int = 96):
     cone, d = canvas()
     d.polygon([(size // 2, m), (size - m, size - m), (m, size - m)], fill=(40, 170, 60))
     return [("red ball", ball), ("blue box", box), ("green cone", cone)]
+
+
+def triangle_mask(size: int, *corners):
+    """A ``size x size`` mask image (mode "L", 255 inside) of the triangle with normalised ``corners``."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(im).polygon([(x * size, y * size) for x, y in corners], fill=255)
+    return im
 
 
 def cmd_demo(args) -> int:
@@ -428,12 +475,18 @@ def _demo(args) -> int:
     t0 = time.perf_counter()
     pipe = tiny_pipeline(AnyMSStableDiffusionXLPipeline, kind="sdxl", plus=False, seed=args.seed)
     pipe.set_progress_bar_config(disable=False, desc="denoising")
-    boxes = [(0.05, 0.35, 0.55, 0.95), (0.4, 0.1, 0.95, 0.7), (0.3, 0.5, 0.6, 0.9)]   # the cone overlaps both
+    # Two boxes and a mask: the cone's region is a triangle (its mask file is written beside
+    # the subjects), overlapping both boxes; later subjects are on top.
+    boxes = [(0.05, 0.35, 0.55, 0.95), (0.4, 0.1, 0.95, 0.7), None]
     subjects = []
     for (label, image), box in zip(demo_subject_images(), boxes):
         path = os.path.join(out_dir, f"subject_{label.replace(' ', '_')}.png")
         image.save(path)
-        subjects.append(Subject(path, box, 1.0, label))
+        mask = None
+        if box is None:
+            mask = os.path.join(out_dir, f"mask_{label.replace(' ', '_')}.png")
+            triangle_mask(args.size, (0.45, 0.4), (0.68, 0.92), (0.22, 0.92)).save(mask)
+        subjects.append(Subject(path, box, 1.0, label, mask=mask))
     prompt = "a red ball, a blue box and a green cone on a table"
     t1 = time.perf_counter()
     image = pipe(prompt, subjects=subjects, anyms_mode=args.mode, height=args.size, width=args.size,
@@ -441,13 +494,13 @@ def _demo(args) -> int:
     t2 = time.perf_counter()
     paths = tuple(os.path.join(out_dir, name) for name in ("image.png", "layout.png", "maps.png"))
     _write_pictures(pipe, image, paths)
-    print(f"prompt: {prompt!r}; {len(subjects)} subjects, {args.mode} mode, {args.size}x{args.size}, "
+    print(f"prompt: {prompt!r}; {len(subjects)} subjects (2 boxes, 1 mask), {args.mode} mode, {args.size}x{args.size}, "
           f"{args.steps} steps")
     print(f"built the tiny model in {t1 - t0:.1f} s, generated in {t2 - t1:.1f} s")
     print(f"image (random weights):  {os.path.abspath(paths[0])}")
     print(f"layout overlay:          {os.path.abspath(paths[1])}")
     print(f"per-subject maps:        {os.path.abspath(paths[2])}")
-    print(f"subject images:          {os.path.abspath(out_dir)}/subject_*.png")
+    print(f"subject images, mask:    {os.path.abspath(out_dir)}/subject_*.png, mask_*.png")
     return 0
 
 
