@@ -1,28 +1,32 @@
-"""Pictures of a layout: the boxes over the output, and where each subject acted.
+"""Pictures of a layout: the regions over the output, and where each subject acted.
 
-- :func:`draw_layout` draws the subjects' boxes, thumbnails and labels over an image.
+- :func:`draw_layout` draws the subjects' regions (box outlines, or mask outlines for
+  masked subjects), thumbnails and labels over an image.
 - :func:`subject_masks` says, for one layer grid, where each subject's branch acted;
-  it is computed with the same region rules the kernel routes by
-  (:func:`anyms_kernels.rasterize_boxes`, :func:`anyms_kernels.token_owner`,
-  :func:`anyms_kernels.regions.box_cover`), so the pictures cannot drift from the
-  attention that ran.
+  it reads the layout's coverage (:meth:`anyms.Layout.coverage`, the same map the
+  layout's routing is built from, with :func:`anyms_kernels.rasterize_boxes` and
+  :func:`anyms_kernels.rasterize_masks`) and applies the mode's rule, so the pictures
+  cannot drift from the attention that ran.
 - :func:`cross_attention_grids` lists the grids a U-Net's cross-attention layers see.
 - :func:`subject_maps` renders the masks of every grid as one PNG-ready figure.
 
 No diffusers import here: the U-Net is only read through its ``attn_processors``
-names, and the subjects through their ``image``/``box``/``scale``/``label`` fields.
+names, and the subjects through their ``image``/``box``/``mask``/``scale``/``label`` fields.
 """
 from __future__ import annotations
 
 import colorsys
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from anyms_kernels.regions import Grid, box_cover, check_grid, rasterize_boxes, token_owner
+from anyms_kernels.regions import Grid, check_grid, mask_bbox, rasterize_boxes
 
-__all__ = ["draw_layout", "subject_masks", "cross_attention_grids", "subject_maps", "subject_colors"]
+from .layout import load_mask
+
+__all__ = ["draw_layout", "mask_outline", "subject_masks", "cross_attention_grids", "subject_maps", "subject_colors"]
 
 
 def subject_colors(num: int) -> List[Tuple[int, int, int]]:
@@ -48,24 +52,32 @@ def _font(size: int):
 
 def draw_layout(image, subjects: Sequence, *, thumbnails: bool = True, line_width: Optional[int] = None,
                 labels: Optional[Sequence[str]] = None) -> Image.Image:
-    """Draw each subject's box, a thumbnail of its image and its label over ``image``.
+    """Draw each subject's region, a thumbnail of its image and its label over ``image``.
+
+    A subject with a mask gets its mask's outline (the boundary pixels of the mask,
+    drawn inside it, ``line_width`` thick); a subject with a box only, the box's
+    outline. The thumbnail and label go in the top-left corner of the box (for a
+    masked subject without a box, its mask's bounding box).
 
     Args:
         image: the generated image (PIL image).
         subjects: :class:`anyms.Subject` objects (anything with ``box``, ``image``,
-            ``scale`` and ``label``), in ascending priority: they are drawn in that
-            order, so where boxes overlap the one on top in the picture is the one on
-            top in the attention (pass them in the order the pipeline used).
+            ``scale``, ``label`` and optionally ``mask``), in ascending priority: they
+            are drawn in that order, so where regions overlap the one on top in the
+            picture is the one on top in the attention (pass them in the order the
+            pipeline used, e.g. ``pipe.anyms_last_plan.subjects``).
         thumbnails: paste a small copy of each subject image in its box's corner.
-        line_width: box outline width in pixels (default: 1/200 of the short side, >= 2).
+        line_width: outline width in pixels (default: 1/200 of the short side, >= 2).
         labels: override the labels (default: ``subject.label`` or ``"subject i"``).
 
     Returns:
-        a new RGB image of ``image``'s size; ``image`` is left untouched.
+        a new RGB image of ``image``'s size; ``image`` is left untouched. A mask of
+        another size than ``image`` is scaled to it (nearest neighbour) for the picture.
 
     Raises:
-        TypeError: ``image`` is not a PIL image.
-        ValueError: a box is outside ``[0, 1]`` or inverted; ``labels`` has the wrong length.
+        TypeError: ``image`` is not a PIL image; a mask of an unsupported type.
+        ValueError: a box is outside ``[0, 1]`` or inverted; a subject with neither box
+            nor mask; an empty or NaN mask; ``labels`` has the wrong length.
     """
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL image, got {type(image).__name__}")
@@ -76,15 +88,29 @@ def draw_layout(image, subjects: Sequence, *, thumbnails: bool = True, line_widt
     lw = line_width or max(2, min(W, H) // 200)
     font = _font(max(10, min(W, H) // 40))
     colors = subject_colors(len(subjects))
-    boxes = torch.as_tensor([list(s.box) for s in subjects], dtype=torch.float64).reshape(-1, 4)
+    masks, box_list = [], []
+    for i, subject in enumerate(subjects):
+        # Same checks as the pipeline's, so an overlay never shows a region the pipeline refused.
+        raw = getattr(subject, "mask", None)
+        mask = None if raw is None else load_mask(raw, f"subjects[{i}].mask")
+        box = getattr(subject, "box", None)
+        if box is None:
+            if mask is None:
+                raise ValueError(f"subjects[{i}] has neither a box nor a mask")
+            box = mask_bbox(mask)
+        masks.append(mask)
+        box_list.append(list(box))
+    boxes = torch.as_tensor(box_list, dtype=torch.float64).reshape(-1, 4)
     if boxes.numel():
-        # Same checks as the pipeline's, so an overlay never shows a box the pipeline refused.
         rasterize_boxes(boxes, (1, 1))
     draw = ImageDraw.Draw(out)
-    for i, (subject, box) in enumerate(zip(subjects, boxes.tolist())):
+    for i, (subject, box, mask) in enumerate(zip(subjects, boxes.tolist(), masks)):
         color = colors[i]
         x0, y0, x1, y1 = box[0] * W, box[1] * H, box[2] * W, box[3] * H
-        draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=color, width=lw)
+        if mask is None:
+            draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=color, width=lw)
+        else:
+            out.paste(color, (0, 0), mask_outline(mask, (W, H), lw))
         tx, ty = int(x0) + lw, int(y0) + lw
         if thumbnails and getattr(subject, "image", None) is not None:
             thumb = subject.load_image() if hasattr(subject, "load_image") else subject.image
@@ -104,30 +130,53 @@ def draw_layout(image, subjects: Sequence, *, thumbnails: bool = True, line_widt
     return out
 
 
+def mask_outline(mask, size: Tuple[int, int], width: int) -> Image.Image:
+    """The outline of a mask as a PIL ``"L"`` image of ``size = (W, H)``: 255 on the mask's
+    pixels within ``width`` pixels of its boundary (inside the mask), 0 elsewhere.
+
+    ``mask`` is anything :func:`anyms.layout.load_mask` takes; it is scaled to ``size``
+    with nearest neighbour first if its size differs. Pixels on the image's border count
+    as boundary, so a mask touching the border is closed there.
+    """
+    m = load_mask(mask, "mask")
+    im = Image.fromarray(m.numpy().astype(np.uint8) * 255)
+    if im.size != tuple(size):
+        im = im.resize(tuple(size), Image.NEAREST)
+    width = max(1, int(width))
+    # Erode by `width` pixels (outside the image counts as outside the mask) and keep the difference.
+    padded = Image.new("L", (im.width + 2 * width, im.height + 2 * width), 0)
+    padded.paste(im, (width, width))
+    inner = padded.filter(ImageFilter.MinFilter(2 * width + 1)).crop(
+        (width, width, width + im.width, width + im.height))
+    band = (np.asarray(im) > 0) & (np.asarray(inner) == 0)
+    return Image.fromarray(band.astype(np.uint8) * 255)
+
+
 def subject_masks(layout, grid: Grid) -> torch.Tensor:
     """Where each subject's branch acted on one layer grid, weighted by its scale.
 
     Args:
-        layout: an :class:`anyms.Layout` (boxes in ascending priority, scales, mode).
+        layout: an :class:`anyms.Layout` (regions in ascending priority, scales, mode).
         grid: ``(h, w)`` of a cross-attention layer.
 
     Returns:
         float32 ``[S, h, w]``: ``lambda_s`` where subject ``s``'s image attention was
-        added, 0 elsewhere. ``overwrite``: the tokens :func:`token_owner` gives to ``s``
-        (disjoint; tokens no box covers get no image attention). ``sum``: every token
-        of ``s``'s box, overlaps included.
+        added, 0 elsewhere. A subject's region covers the tokens whose cells its box
+        or mask meets (:meth:`anyms.Layout.coverage`). ``overwrite``: the tokens whose
+        last covering region is ``s``'s (disjoint; tokens no region covers get no image
+        attention). ``sum``: every token of ``s``'s region, overlaps included.
     """
     h, w = check_grid(grid)
     num = layout.num_subjects
     if num == 0:
         return torch.zeros(0, h, w)
-    tok = rasterize_boxes(layout.boxes, (h, w))
+    acted = layout.coverage((h, w))
     if layout.mode == "overwrite":
-        owner = token_owner(tok, (h, w))
-        acted = torch.stack([owner == s for s in range(num)])
-    else:
-        acted = torch.stack([box_cover(box, (h, w)) for box in tok.tolist()])
-    return acted.to(torch.float32).reshape(num, h, w) * layout.scales.reshape(num, 1, 1)
+        # The last covering subject owns the token, as the routing ranks them.
+        rank = torch.arange(1, num + 1).reshape(num, 1, 1)
+        owner = (acted * rank).amax(0) - 1
+        acted = owner[None] == torch.arange(num).reshape(num, 1, 1)
+    return acted.to(torch.float32) * layout.scales.reshape(num, 1, 1)
 
 
 def cross_attention_grids(unet, latent_hw: Grid) -> Dict[Grid, int]:
