@@ -1,9 +1,12 @@
-"""benchmarks/bench_pipeline.py: the --quick smoke run CI uses, the --max-size search and its CPU dry run."""
+"""benchmarks/bench_pipeline.py (the --quick smoke run CI uses, the --max-size search and its CPU dry
+run) and benchmarks/gpu/run.sh's fail-fast setup step."""
 from __future__ import annotations
 
 import csv
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -151,3 +154,37 @@ def test_max_size_dry_run(bench, tmp_path):
     assert len(written) == 4 and all(w["commit"] and w["machine"] and w["vae"] for w in written)
     lines = summary.read_text().splitlines()
     assert len(lines) == 4 + 2 and sum(" max " in line for line in lines) == 4
+
+
+# ------------------------------------------------------------------------------- gpu/run.sh
+def _run_sh(tmp_path, *args, **env):
+    full = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, **env)
+    full.setdefault("ANYMS_COMMIT", "test")          # where .git did not travel (the GPU machine)
+    return subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu", "run.sh"), *args], cwd=ROOT, env=full,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_gpu_script_stops_in_one_line_without_diffusers(tmp_path):
+    """No wheel and no diffusers: exit 3 before any test or benchmark, saying how to get the wheel."""
+    shim = tmp_path / "shim" / "diffusers"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'diffusers'\", name='diffusers')\n")
+    (tmp_path / "no_wheels").mkdir()
+    r = _run_sh(tmp_path, "--dry-run", WHEELS=str(tmp_path / "no_wheels"), PYTHONPATH=str(tmp_path / "shim"))
+    assert r.returncode == 3, r.stdout + r.stderr
+    said = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(said) == 1 and said[0].startswith("run.sh: cannot import diffusers")
+    assert "pip download --no-deps -d .whl diffusers==0.42.1" in said[0]
+    assert not os.listdir(tmp_path / "out")                                  # nothing ran
+
+
+def test_gpu_script_prints_the_device_commands(tmp_path):
+    commit = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    if not commit:
+        pytest.skip("not a git checkout")
+    r = _run_sh(tmp_path, "--print-commands")
+    assert r.returncode == 0, r.stderr
+    runs = [line for line in r.stdout.splitlines() if line.startswith("run(")]
+    assert len(runs) == 2 and all(f"ANYMS_COMMIT={commit}" in line and 'carry=[".whl"]' in line for line in runs)
+    assert "run.sh --max-size" in runs[1] and "timeout_s=330" in runs[1] and "timeout_s=570" in runs[0]
