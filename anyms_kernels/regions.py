@@ -138,14 +138,21 @@ def rasterize_masks(masks, grid: Grid) -> torch.Tensor:
     H, W = masks.shape[-2:]
     if H < h or W < w:
         raise ValueError(f"masks are {H}x{W} pixels, smaller than the {h}x{w} token grid: pass them at image size")
-    # Summed-area table: the number of mask pixels in any rectangle in four look-ups.
-    sat = torch.zeros(*masks.shape[:-2], H + 1, W + 1, dtype=torch.int64, device=masks.device)
-    sat[..., 1:, 1:] = masks.to(torch.int64).cumsum(-1).cumsum(-2)
     r0, r1 = _cell_edges(h, H, masks.device)
     c0, c1 = _cell_edges(w, W, masks.device)
-    count = (sat[..., r1[:, None], c1[None, :]] - sat[..., r0[:, None], c1[None, :]]
-             - sat[..., r1[:, None], c0[None, :]] + sat[..., r0[:, None], c0[None, :]])
-    return count > 0
+    # int32 counts are exact below 2^31 pixels; one mask at a time bounds the memory to
+    # one summed-area table (16 MB at 2048^2), whatever the number of masks.
+    count_dtype = torch.int32 if (H + 1) * (W + 1) < 2**31 else torch.int64
+    flat = masks.reshape(-1, H, W)
+    out = torch.empty(flat.shape[0], h, w, dtype=torch.bool, device=masks.device)
+    for i, mask in enumerate(flat):
+        # Summed-area table: the number of mask pixels in any rectangle in four look-ups.
+        sat = torch.zeros(H + 1, W + 1, dtype=count_dtype, device=masks.device)
+        sat[1:, 1:] = mask.to(count_dtype).cumsum(-1, dtype=count_dtype).cumsum(-2, dtype=count_dtype)
+        count = (sat[r1[:, None], c1[None, :]] - sat[r0[:, None], c1[None, :]]
+                 - sat[r1[:, None], c0[None, :]] + sat[r0[:, None], c0[None, :]])
+        out[i] = count > 0
+    return out.reshape(*masks.shape[:-2], h, w)
 
 
 def _cell_edges(cells: int, pixels: int, device):
@@ -155,33 +162,47 @@ def _cell_edges(cells: int, pixels: int, device):
 
 
 def as_mask_tensor(masks, name: str = "masks") -> torch.Tensor:
-    """A tensor of a mask-like (tensor, numpy array, nested lists); bool or numbers, no NaN."""
+    """A bool tensor of a mask-like (tensor, numpy array of any integer, float or bool dtype,
+    nested lists): nonzero = inside. Raises TypeError for other types, ValueError for NaN."""
+    import numpy as np
+
     if not isinstance(masks, torch.Tensor):
         try:
-            masks = torch.as_tensor(__import__("numpy").asarray(masks))
-        except (TypeError, ValueError, RuntimeError) as exc:
+            arr = np.asarray(masks)
+        except (TypeError, ValueError) as exc:
             raise TypeError(f"{name} must be a bool or numeric array/tensor: {exc}") from None
+        if arr.dtype.kind not in "biuf":
+            raise TypeError(f"{name} must hold bools or real numbers, got an array of {arr.dtype}")
+        if arr.dtype.kind == "f" and np.isnan(arr).any():
+            raise ValueError(f"{name} holds NaN")
+        return torch.from_numpy(np.ascontiguousarray(arr != 0))
     if masks.dtype == torch.bool:
         return masks
-    if masks.is_complex() or not (masks.is_floating_point() or masks.dtype in
-                                  (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)):
+    if masks.is_complex() or not (masks.is_floating_point() or not masks.is_signed() or masks.dtype in
+                                  (torch.int8, torch.int16, torch.int32, torch.int64)):
         raise TypeError(f"{name} must hold bools or real numbers, got {masks.dtype}")
-    if masks.is_floating_point() and torch.isnan(masks).any():
-        raise ValueError(f"{name} holds NaN")
+    if masks.is_floating_point():
+        if torch.isnan(masks).any():
+            raise ValueError(f"{name} holds NaN")
+        return masks != 0
+    if masks.dtype in (torch.uint16, torch.uint32, torch.uint64):   # few ops support these: compare via int64
+        return masks.view(torch.int16 if masks.dtype == torch.uint16 else
+                          torch.int32 if masks.dtype == torch.uint32 else torch.int64) != 0
     return masks != 0
 
 
-def mask_bbox(mask) -> Tuple[float, float, float, float]:
+def mask_bbox(mask, name: str = "mask") -> Tuple[float, float, float, float]:
     """The normalised bounding box ``(x0, y0, x1, y1)`` of a 2-D mask's nonzero pixels
-    (for drawing and for the box-based fallbacks); raises ValueError for an empty mask."""
-    m = as_mask_tensor(mask, "mask")
+    (for drawing and for the box-based fallbacks); raises ValueError for an empty mask,
+    naming ``name``."""
+    m = as_mask_tensor(mask, name)
     if m.dim() != 2:
-        raise ValueError(f"mask must be 2-D [H, W], got shape {tuple(m.shape)}")
+        raise ValueError(f"{name} must be 2-D [H, W], got shape {tuple(m.shape)}")
     H, W = m.shape
     rows = m.any(1).nonzero()
     cols = m.any(0).nonzero()
     if rows.numel() == 0:
-        raise ValueError("mask is empty: it must cover at least one pixel")
+        raise ValueError(f"{name} is empty: it must cover at least one pixel")
     return (int(cols[0]) / W, int(rows[0]) / H, (int(cols[-1]) + 1) / W, (int(rows[-1]) + 1) / H)
 
 

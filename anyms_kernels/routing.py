@@ -102,7 +102,8 @@ def build_routing(regions, grid: Grid, mode: str = "overwrite") -> Routing:
 
 def region_cover(regions: torch.Tensor, grid: Grid) -> torch.Tensor:
     """bool ``[Br, S, N]`` from token boxes ``[S|B,S, 4]`` or a coverage map ``[S|B,S, h, w]``."""
-    if regions.dim() in (3, 4) and regions.shape[0] > 1 and regions.stride(0) == 0:
+    batched = regions.dim() == (4 if regions.dtype == torch.bool else 3)
+    if batched and regions.shape[0] > 1 and regions.stride(0) == 0:
         regions = regions[:1]               # a layout the batch shares: route it once
     if regions.dtype == torch.bool:
         cover = regions.flatten(-2).clone()     # its own storage: never a view of the caller's tensor

@@ -378,3 +378,19 @@ def test_box_lists_of_floats_none_bool_complex_are_refused(bad):
 def test_rasterize_boxes_refuses_none_bool_complex(bad):
     with pytest.raises(TypeError, match="boxes"):
         ak.rasterize_boxes(bad, (4, 4))
+
+
+def test_masks_of_every_integer_dtype_and_expanded_subjects():
+    import numpy as np
+    grid = (4, 4)
+    m = np.zeros((1, 8, 8), dtype=np.uint16)
+    m[0, 2:4, 2:4] = 40000
+    expected = ak.rasterize_masks(m > 0, grid)
+    for dtype in (np.uint16, np.uint32, np.uint64, np.int8, np.float32):
+        assert torch.equal(ak.rasterize_masks(m.astype(dtype), grid), expected)
+    assert torch.equal(ak.rasterize_masks(torch.from_numpy(m.astype(np.int32)), grid), expected)
+    with pytest.raises(ValueError, match="subjects\\[2\\].mask is empty"):
+        ak.mask_bbox(np.zeros((8, 8)), "subjects[2].mask")
+    # A stride-0 subject dimension is S subjects, not a shared batch.
+    cover = expected[0].expand(3, 4, 4)
+    assert ak.build_routing(cover, grid).num_subjects == 3
