@@ -13,3 +13,9 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # One intra-op thread: tiny test shapes gain nothing from two, and on a loaded 2-core
 # machine an OpenMP barrier waiting for a descheduled thread made small ops 10-40x slower.
 torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    # `make test` runs everything, slow tests included (CI has the time); the GPU script
+    # and quick local runs select `-m "not slow"`.
+    config.addinivalue_line("markers", "slow: takes more than ~20 s on a 2-core machine")
