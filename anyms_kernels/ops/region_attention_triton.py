@@ -11,6 +11,7 @@ output is written once, in q's layout. Nothing in it depends on S.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -452,6 +453,9 @@ def region_attention_triton(q, k_text, v_text, k_subj, v_subj, routing: Routing,
         return out
     launch = functools.partial(_launch, q, k_text, v_text, k_subj, v_subj, routing, scales, text_mask, out,
                                softmax_scale)
-    cfg = config or pick_config(q, k_text, k_subj, routing.mode, launch)
-    launch(cfg=cfg)
+    # Launch on q's device and its current stream, whatever device is current (a tensor on
+    # cuda:1 while cuda:0 is current would otherwise run on the wrong device's stream).
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        cfg = config or pick_config(q, k_text, k_subj, routing.mode, launch)
+        launch(cfg=cfg)
     return out

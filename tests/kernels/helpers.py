@@ -51,8 +51,12 @@ def reference(q, k_text, v_text, k_subj, v_subj, boxes, grid, *, mode="overwrite
               text_mask=None, softmax_scale=None, dtype=torch.float64):
     """The reference in ``dtype`` (float64: the oracle), with the op's argument forms."""
     B, S = q.shape[0], k_subj.shape[2]
-    boxes = torch.as_tensor(boxes).to(torch.int64)
-    boxes = boxes.expand(B, S, 4) if boxes.dim() == 2 else boxes
+    boxes = torch.as_tensor(boxes)
+    if boxes.dtype == torch.bool:   # a coverage map [S, h, w] / [B, S, h, w]
+        boxes = boxes.expand(B, *boxes.shape[-3:])
+    else:
+        boxes = boxes.to(torch.int64)
+        boxes = boxes.expand(B, S, 4) if boxes.dim() == 2 else boxes
     scale = torch.as_tensor(subject_scale, dtype=dtype).expand(B, S) if S else torch.zeros(B, 0, dtype=dtype)
     c = lambda t: t.to(dtype)  # noqa: E731
     return region_cross_attention_reference(

@@ -86,3 +86,25 @@ def test_autotune_on_request(monkeypatch):
     args = (q, kt, vt, ks, vs, boxes, grid)
     assert_matches_reference(out, args, reference(*args), dtype=torch.float16,
                              ref_same_dtype=reference(*args, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "sum"])
+def test_cuda_graph_capture_with_a_routing_from_masks(mode):
+    """The pipeline's path: a Routing built once (here from masks), the op captured and replayed."""
+    grid = (64, 64)
+    ys, xs = torch.meshgrid(torch.arange(512), torch.arange(512), indexing="ij")
+    masks = torch.stack([((ys - 200) ** 2 + (xs - 180) ** 2) < 150 ** 2, (xs > 250) & (ys < 400)])
+    routing = ak.build_routing(ak.rasterize_masks(masks, grid).cuda(), grid, mode)
+    q, kt, vt, ks, vs = make_inputs(2, 10, grid, 64, 77, 2, 16, torch.bfloat16, "cuda")
+    run = lambda: ak.region_cross_attention(q, kt, vt, ks, vs, routing, grid, mode=mode)  # noqa: E731
+    eager = run()
+    args = (q, kt, vt, ks, vs, routing.cover.view(1, 2, *grid).cpu(), grid)
+    assert_matches_reference(eager, args, reference(*args, mode=mode), dtype=torch.bfloat16,
+                             ref_same_dtype=reference(*args, mode=mode, dtype=torch.bfloat16))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    q.normal_()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, run(), atol=0, rtol=0)

@@ -394,3 +394,34 @@ def test_masks_of_every_integer_dtype_and_expanded_subjects():
     # A stride-0 subject dimension is S subjects, not a shared batch.
     cover = expected[0].expand(3, 4, 4)
     assert ak.build_routing(cover, grid).num_subjects == 3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_text_and_subject_kv_as_views_of_fused_projections(device, backend):
+    """k and v sliced out of one fused projection (text [B, L, 2, H, D], subjects [B, S, T, 2, H, D]):
+    non-dense strided views, read in place."""
+    _skip_unless_runnable(backend, device)
+    B, H, D, L, S, T, grid = 2, 2, 40, 77, 3, 4, (5, 6)
+    g = torch.Generator().manual_seed(7)
+    q, _, _, _, _ = make_inputs(B, H, grid, D, L, S, T, torch.float16, device)
+    kv_text = torch.randn(B, L, 2, H, D, generator=g).to(device, torch.float16)
+    kv_subj = torch.randn(B, S, T, 2, H, D, generator=g).to(device, torch.float16)
+    kt, vt = kv_text[:, :, 0].transpose(1, 2), kv_text[:, :, 1].transpose(1, 2)
+    ks, vs = (kv_subj[:, :, :, i].permute(0, 3, 1, 2, 4) for i in (0, 1))
+    tok = ak.rasterize_boxes(LAYOUTS["partial_overlap"], grid)
+    out = ak.region_cross_attention(q, kt, vt, ks, vs, tok, grid, backend=backend)
+    args = (q.cpu(), kt.cpu(), vt.cpu(), ks.cpu(), vs.cpu(), tok, grid)
+    assert_matches_reference(out, args, reference(*args), dtype=torch.float16,
+                             ref_same_dtype=reference(*args, dtype=torch.float16))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_launch_follows_the_tensors_device():
+    grid = (4, 4)
+    q, kt, vt, ks, vs = make_inputs(1, 1, grid, 64, 8, 1, 4, torch.float16, "cuda:1")
+    tok = ak.rasterize_boxes([[0, 0, 1, 1]], grid)
+    with torch.cuda.device(0):
+        out = ak.region_cross_attention(q, kt, vt, ks, vs, tok, grid, backend="triton")
+    expected = ak.region_cross_attention(q, kt, vt, ks, vs, tok, grid, backend="torch")
+    torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)
