@@ -640,7 +640,7 @@ class Case:
     B: int = 2
     H: int = 10
     D: int = 64
-    L: int = 77
+    L: int = 77          # text keys; 0: no text branch (FLUX's IP path, k_text=None)
     dtype: str = "float16"
 
     @property
@@ -809,8 +809,8 @@ class Gen2(Generation):
     def compile(self, case):
         from anyms_kernels._compile import compile_kernel
         cfg = self._config(case)
-        want = dict(arch=case.arch, overwrite=case.mode == "overwrite", has_text_mask=False, text_len=case.L,
-                    subject_tokens=case.T)
+        want = dict(arch=case.arch, overwrite=case.mode == "overwrite", has_text_mask=False,
+                    text_len=case.L or 16, has_text=case.L > 0, subject_tokens=case.T)
         params = inspect.signature(compile_kernel).parameters
         ck = compile_kernel(case.D, _torch_dtype(case.dtype), cfg, **{k: v for k, v in want.items() if k in params})
         return Compiled(ck.asm["cubin"], ck.asm["ptx"], int(ck.metadata.shared), cfg.num_warps, cfg.block_m,
@@ -986,6 +986,15 @@ def reference_cases(archs=(90, 80), quick=False, modes=("overwrite", "sum"),
     return cases
 
 
+def flux_cases(archs=(90, 80), quick=False, modes=("overwrite", "sum"),
+               layouts=("disjoint", "overlap")) -> List[Case]:
+    """FLUX.1's IP path at 1024^2: the packed 64x64 token grid, 24 heads of 128, bf16, one image
+    (guidance-distilled: no CFG batch), no text branch (k_text=None); S = 2, 5, 10; T = 4 and 16."""
+    return [Case(arch, mode, layout, S, T, B=1, H=24, D=128, L=0, dtype="bfloat16")
+            for arch in archs for mode in modes for layout in layouts
+            for S in ((5,) if quick else (2, 5, 10)) for T in ((4,) if quick else (4, 16))]
+
+
 def git_commit(tree: str) -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=tree, capture_output=True, text=True,
@@ -1006,6 +1015,9 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--archs", default="90,80")
     ap.add_argument("--quick", action="store_true", help="S=5, T=16 only")
+    ap.add_argument("--shape", choices=["sdxl", "flux"], default="sdxl",
+                    help="sdxl: the 64x64 SDXL layer (the reference); flux: FLUX.1's IP path, no text branch "
+                         "(second-generation kernel only)")
     ap.add_argument("--modes", default="overwrite,sum")
     ap.add_argument("--layouts", default="disjoint,overlap")
     ap.add_argument("--acting", default=None, help="gen2: module:function(boxes, grid, mode, block_m) -> per-tile "
@@ -1036,7 +1048,8 @@ def main(argv=None):
     rows: List[dict] = []
     seen: set = set()
     archs = tuple(int(a) for a in args.archs.split(","))
-    for case in reference_cases(archs, args.quick, args.modes.split(","), args.layouts.split(",")):
+    make_cases = flux_cases if args.shape == "flux" else reference_cases
+    for case in make_cases(archs, args.quick, args.modes.split(","), args.layouts.split(",")):
         key = gen.compile_key(case)
         if key not in cache:
             comp = gen.compile(case)
