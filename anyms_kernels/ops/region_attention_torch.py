@@ -23,6 +23,22 @@ def _chunk_tokens(num_tokens: int) -> int:
     return min(256, max(64, num_tokens // 16))
 
 
+def _small_attention(q, k_t, v, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v for a subject's few keys, as two matmuls and a softmax.
+
+    Not SDPA: for a slab of a few hundred queries against 4-16 keys, the CPU's fused SDPA
+    kernel does not use a second thread (measured, 256 x 16 keys, B*H = 20: 0.49 ms on one
+    thread, 0.41 ms on two), while batched matmuls do (0.46 -> 0.26 ms). The scores are
+    only [c, T] per head. 16-bit inputs take their softmax in float32, as SDPA does.
+    """
+    scores = torch.matmul(q, k_t)
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        p = torch.softmax(scores.float().mul_(scale), dim=-1).to(v.dtype)
+    else:
+        p = torch.softmax(scores.mul_(scale), dim=-1)
+    return torch.matmul(p, v)
+
+
 def region_attention_torch(q, k_text, v_text, k_subj, v_subj, routing: Routing, scales, text_mask,
                            softmax_scale: float):
     B = q.shape[0]
@@ -47,11 +63,11 @@ def region_attention_torch(q, k_text, v_text, k_subj, v_subj, routing: Routing, 
         for s, tokens in per_row[r]:
             # lambda_s * softmax(q K^T) V == softmax(q K^T) (lambda_s V): scale the T values, not the output.
             lam = scales[bs, s].to(q.dtype).view(-1, 1, 1, 1)
-            k_s, v_s = k_subj[bs, :, s], v_subj[bs, :, s] * lam
+            k_s_t, v_s = k_subj[bs, :, s].transpose(-1, -2), v_subj[bs, :, s] * lam
             tokens = tokens.to(q.device)
             for idx in tokens.split(chunk):
                 q_s = q_rows.index_select(dim, idx)
                 q_s = q_s.transpose(1, 2) if dim == 1 else q_s
-                z = F.scaled_dot_product_attention(q_s, k_s, v_s, scale=softmax_scale)
+                z = _small_attention(q_s, k_s_t, v_s, softmax_scale)
                 out_rows.index_add_(out_dim, idx, z.transpose(1, 2) if out_dim == 1 else z)
     return out
