@@ -825,7 +825,7 @@ class Gen2(Generation):
         loop = (fwd, ("for", 0, "for "))
         lo, hi = src.node_range(*loop)
         out = [Construct("subjects", "loop", [loop], "per_acting")]
-        for helper in ("_text_branch", "_load_keys", "_attend_online"):
+        for helper in ("_text_branch", "_load_text_keys", "_load_keys", "_attend_online"):
             if helper not in src.funcs:
                 continue
             calls = sorted(n.lineno for n in ast.walk(src.funcs[fwd]) if isinstance(n, ast.Call)

@@ -63,6 +63,23 @@ if HAS_TRITON:
         return k, v, n_ok
 
     @triton.jit
+    def _load_text_keys(
+        KT, VT, n_keys, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, d_ok, KEY_MASK, stride_mask,
+        HAS_KEY_MASK: tl.constexpr,
+        TEXT_A: tl.constexpr,   # first static block of keys
+        TEXT_B: tl.constexpr,   # second static block, 0 for none (block A is then returned twice, unused)
+    ):
+        """The text keys of the one-pass branch: blocks A and B as (K^T, V, validity) each."""
+        ka, va, ok_a = _load_keys(KT, VT, 0, n_keys, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, d_ok,
+                                  KEY_MASK, stride_mask, HAS_KEY_MASK, TEXT_A)
+        if TEXT_B > 0:
+            kb, vb, ok_b = _load_keys(KT, VT, TEXT_A, n_keys, stride_kn, stride_kd, stride_vn, stride_vd, offs_d,
+                                      d_ok, KEY_MASK, stride_mask, HAS_KEY_MASK, TEXT_B)
+        else:
+            kb, vb, ok_b = ka, va, ok_a
+        return ka, va, ok_a, kb, vb, ok_b
+
+    @triton.jit
     def _text_branch(
         q,                      # [BLOCK_M, BLOCK_D] query tile
         ka, va, ok_a,           # first key block (TEXT_A keys): K^T, V, validity
@@ -196,15 +213,9 @@ if HAS_TRITON:
         vt_base = tl.multiple_of(b * stride_vtb + h * stride_vth, VEC)
         mask_row = TEXT_MASK + b * stride_mb
         if HAS_TEXT and TEXT_A > 0 and PREFETCH_TEXT:
-            ka, va, ok_a = _load_keys(KT + kt_base, VT + vt_base, 0, TEXT_LEN, stride_ktl, stride_ktd,
-                                      stride_vtl, stride_vtd, offs_d, d_ok, mask_row, stride_ml,
-                                      HAS_TEXT_MASK, TEXT_A)
-            if TEXT_B > 0:
-                kb, vb, ok_b = _load_keys(KT + kt_base, VT + vt_base, TEXT_A, TEXT_LEN, stride_ktl, stride_ktd,
-                                          stride_vtl, stride_vtd, offs_d, d_ok, mask_row, stride_ml,
-                                          HAS_TEXT_MASK, TEXT_B)
-            else:
-                kb, vb, ok_b = ka, va, ok_a
+            ka, va, ok_a, kb, vb, ok_b = _load_text_keys(KT + kt_base, VT + vt_base, TEXT_LEN, stride_ktl, stride_ktd,
+                                                         stride_vtl, stride_vtd, offs_d, d_ok, mask_row, stride_ml,
+                                                         HAS_TEXT_MASK, TEXT_A, TEXT_B)
 
         # The tile's tokens in routing order, then the query tile, read once for every branch.
         pos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -214,15 +225,9 @@ if HAS_TRITON:
         q_rows = tl.multiple_of(b * stride_qb + h * stride_qh + tok * stride_qn, VEC)
         q = tl.load(Q + q_rows[:, None] + offs_d[None, :] * stride_qd, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         if HAS_TEXT and TEXT_A > 0 and not PREFETCH_TEXT:
-            ka, va, ok_a = _load_keys(KT + kt_base, VT + vt_base, 0, TEXT_LEN, stride_ktl, stride_ktd,
-                                      stride_vtl, stride_vtd, offs_d, d_ok, mask_row, stride_ml,
-                                      HAS_TEXT_MASK, TEXT_A)
-            if TEXT_B > 0:
-                kb, vb, ok_b = _load_keys(KT + kt_base, VT + vt_base, TEXT_A, TEXT_LEN, stride_ktl, stride_ktd,
-                                          stride_vtl, stride_vtd, offs_d, d_ok, mask_row, stride_ml,
-                                          HAS_TEXT_MASK, TEXT_B)
-            else:
-                kb, vb, ok_b = ka, va, ok_a
+            ka, va, ok_a, kb, vb, ok_b = _load_text_keys(KT + kt_base, VT + vt_base, TEXT_LEN, stride_ktl, stride_ktd,
+                                                         stride_vtl, stride_vtd, offs_d, d_ok, mask_row, stride_ml,
+                                                         HAS_TEXT_MASK, TEXT_A, TEXT_B)
 
         # Level 1: the text branch, never masked by the layout (none on FLUX's IP path).
         if not HAS_TEXT:
