@@ -90,6 +90,11 @@ class Layout:
             (anything :func:`load_mask` takes) or None (that subject uses its box). All
             masks share one size, the image's: ``H = f * h`` and ``W = f * w`` for one
             integer ``f`` (the VAE's scale factor, 8 for SD; 1 for masks at latent size).
+        patch: None (a U-Net: each layer's grid is the level of the latent whose size
+            matches its number of tokens, :func:`anyms_kernels.layer_grid`), or ``p`` for a
+            diffusion transformer whose tokens are ``p x p`` patches of the latent: one
+            token grid ``(h / p, w / p)`` at every layer (FLUX packs 2x2: ``patch=2``, the
+            image / 16). ``h`` and ``w`` must be multiples of ``p``.
 
     A subject with a mask is routed by its mask; ``boxes[s]``, given or (when None)
     the mask's bounding box, is then only for the pictures. Later subjects are on top
@@ -102,9 +107,10 @@ class Layout:
     """
 
     def __init__(self, boxes=None, latent_hw: Optional[Grid] = None, scales=1.0, mode: str = "overwrite",
-                 masks=None):
+                 masks=None, patch: Optional[int] = None):
         self.latent_hw = check_grid(latent_hw, "latent_hw")
         self.mode = check_mode(mode)
+        self.patch = _check_patch(patch, self.latent_hw)
         # Stored tensors are ordinary tensors even when the Layout is made under
         # torch.inference_mode(), so that later grad-mode calls can use them.
         with torch.inference_mode(False):
@@ -146,9 +152,26 @@ class Layout:
     def has_masks(self) -> bool:
         return self.image_hw is not None
 
+    @property
+    def token_grid(self) -> Optional[Grid]:
+        """With ``patch``: the transformer's one token grid ``(h / p, w / p)``; None for a U-Net."""
+        if self.patch is None:
+            return None
+        return self.latent_hw[0] // self.patch, self.latent_hw[1] // self.patch
+
     def grid_for(self, num_tokens: int) -> Grid:
-        """The ``(h, w)`` of a layer with ``num_tokens`` query tokens (odd sizes round up)."""
-        return layer_grid(self.latent_hw, num_tokens)
+        """The ``(h, w)`` of a layer with ``num_tokens`` query tokens: the U-Net level of that
+        size (odd sizes round up), or with ``patch`` the token grid, which must have that many."""
+        grid = self.token_grid
+        if grid is None:
+            return layer_grid(self.latent_hw, num_tokens)
+        if num_tokens != grid[0] * grid[1]:
+            raise ValueError(
+                f"the layer has {num_tokens} image tokens but the layout's {self.latent_hw[0]}x{self.latent_hw[1]} "
+                f"latent in {self.patch}x{self.patch} patches is a {grid[0]}x{grid[1]} grid of {grid[0] * grid[1]}: "
+                f"make the Layout with the latent size being denoised"
+            )
+        return grid
 
     def coverage(self, grid: Grid) -> torch.Tensor:
         """bool ``[S, h, w]`` on the CPU: which tokens of ``grid`` each subject's region covers
@@ -207,10 +230,24 @@ class Layout:
     def __repr__(self) -> str:
         masked = sum(m is not None for m in self.masks)
         extra = f", masks={masked} at {self.image_hw[0]}x{self.image_hw[1]}" if masked else ""
+        extra += f", patch={self.patch}" if self.patch is not None else ""
         return f"Layout(S={self.num_subjects}, latent_hw={self.latent_hw}, mode={self.mode!r}{extra})"
 
 
 # ---------------------------------------------------------------------- helpers
+def _check_patch(patch, latent_hw: Grid) -> Optional[int]:
+    """``patch`` as None or a positive int dividing both sides of the latent."""
+    if patch is None:
+        return None
+    if isinstance(patch, bool) or not isinstance(patch, int) or patch < 1:
+        raise ValueError(f"patch must be None or a positive int, got {patch!r}")
+    h, w = latent_hw
+    if h % patch or w % patch:
+        raise ValueError(f"latent_hw {h}x{w} is not a whole number of {patch}x{patch} patches (patch={patch}): "
+                         f"both sides must be multiples of {patch}")
+    return patch
+
+
 def _masks_argument(masks) -> Optional[List[Optional[torch.Tensor]]]:
     """``masks`` as a list of S bool [H, W] tensors or None entries (or None)."""
     if masks is None:
