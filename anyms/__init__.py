@@ -6,6 +6,8 @@
     image = pipe(prompt, subjects=[anyms.Subject(img, box=(x0, y0, x1, y1)),
                                    anyms.Subject(img2, mask=mask_png), ...]).images[0]
 
+FLUX.1 (XLabs IP-Adapter format): ``anyms.AnyMSFluxPipeline``, called the same way.
+
 The names below are imported on first use, so ``import anyms`` is quick and imports
 neither diffusers nor anything that touches a GPU.
 """
@@ -27,6 +29,9 @@ _EXPORTS = {
     "Subject": "pipeline",
     "AnyMSStableDiffusionXLPipeline": "pipeline",
     "AnyMSStableDiffusionPipeline": "pipeline",
+    "AnyMSFluxAttnProcessor": "flux",
+    "AnyMSFluxPipeline": "flux",
+    "flux_layout": "flux",
     "draw_layout": "visualize",
     "subject_maps": "visualize",
 }
@@ -48,6 +53,7 @@ def __dir__():
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never run
     from .layout import Layout
+    from .flux import AnyMSFluxAttnProcessor, AnyMSFluxPipeline, flux_layout
     from .pipeline import AnyMSStableDiffusionPipeline, AnyMSStableDiffusionXLPipeline, Subject
     from .processor import AnyMSAttnProcessor, anyms_attention, apply_anyms, remove_anyms, set_anyms_layout
     from .visualize import draw_layout, subject_maps

@@ -276,15 +276,29 @@ def _text_key_mask(attn, attention_mask, text_len: int, batch_size: int) -> Opti
 
 # ----------------------------------------------------------------------- install
 def _unet_of(pipe_or_unet):
+    """The denoiser whose processors AnyMS converts: the argument itself, a pipeline's .unet,
+    or a FLUX pipeline's .transformer."""
     if hasattr(pipe_or_unet, "attn_processors") and hasattr(pipe_or_unet, "set_attn_processor"):
         return pipe_or_unet
-    unet = getattr(pipe_or_unet, "unet", None)
-    if unet is not None and hasattr(unet, "attn_processors"):
-        return unet
+    for name in ("unet", "transformer"):
+        model = getattr(pipe_or_unet, name, None)
+        if model is not None and hasattr(model, "attn_processors"):
+            return model
     raise TypeError(
-        f"pipe_or_unet must be a diffusers pipeline with a .unet or a UNet2DConditionModel, "
-        f"got {type(pipe_or_unet).__name__}"
+        f"pipe_or_unet must be a diffusers pipeline with a .unet or a .transformer, a UNet2DConditionModel or a "
+        f"FluxTransformer2DModel, got {type(pipe_or_unet).__name__}"
     )
+
+
+def _conversions():
+    """``{diffusers IP-Adapter processor class: its AnyMS subclass}``: the U-Net's, and FLUX's."""
+    from anyms.flux import AnyMSFluxAttnProcessor, FluxIPAdapterAttnProcessor
+
+    return {IPAdapterAttnProcessor2_0: AnyMSAttnProcessor, FluxIPAdapterAttnProcessor: AnyMSFluxAttnProcessor}
+
+
+def _anyms_classes() -> tuple:
+    return tuple(_conversions().values())
 
 
 def _attention_modules(unet) -> Iterator[torch.nn.Module]:
@@ -308,14 +322,15 @@ def apply_anyms(pipe_or_unet, layout: Optional[Layout] = None):
     """
     unet = _unet_of(pipe_or_unet)
     _check_layout(layout)
+    conversions = _conversions()
     found = False
     for module in _attention_modules(unet):
         proc = module.processor
-        if isinstance(proc, AnyMSAttnProcessor):
+        if isinstance(proc, tuple(conversions.values())):
             proc.layout = layout
             found = True
-        elif type(proc) is IPAdapterAttnProcessor2_0:
-            module.set_processor(AnyMSAttnProcessor.from_ip_adapter_processor(proc, layout))
+        elif type(proc) in conversions:
+            module.set_processor(conversions[type(proc)].from_ip_adapter_processor(proc, layout))
             found = True
     if not found:
         raise ValueError(
@@ -329,7 +344,7 @@ def set_anyms_layout(pipe_or_unet, layout: Optional[Layout]):
     """Set (or clear, with None) the layout of every AnyMS processor of the U-Net; returns the U-Net."""
     unet = _unet_of(pipe_or_unet)
     _check_layout(layout)
-    procs = [m.processor for m in _attention_modules(unet) if isinstance(m.processor, AnyMSAttnProcessor)]
+    procs = [m.processor for m in _attention_modules(unet) if isinstance(m.processor, _anyms_classes())]
     if not procs:
         raise ValueError("pipe_or_unet has no AnyMS processors: call apply_anyms(pipe_or_unet) first")
     for proc in procs:
@@ -344,10 +359,13 @@ def remove_anyms(pipe_or_unet):
     ``IPAdapterAttnProcessor2_0`` sharing its weights. No AnyMS processor: nothing to do.
     """
     unet = _unet_of(pipe_or_unet)
+    anyms_classes = _anyms_classes()
     for module in _attention_modules(unet):
         proc = module.processor
         if isinstance(proc, AnyMSAttnProcessor):
             module.set_processor(_original_of(proc))
+        elif isinstance(proc, anyms_classes):
+            module.set_processor(proc.original_processor())
     return unet
 
 
@@ -373,14 +391,15 @@ def anyms_attention(pipe_or_unet, layout: Optional[Layout] = None):
         (m, m.processor, getattr(m.processor, "layout", None)) for m in _attention_modules(unet)
     ]
     apply_anyms(unet, layout)
+    anyms_classes = _anyms_classes()
     try:
         yield unet
     finally:
         for module, proc, old_layout in before:
             current = module.processor
             if current is proc:
-                if isinstance(proc, AnyMSAttnProcessor):
+                if isinstance(proc, anyms_classes):
                     proc.layout = old_layout
-            elif isinstance(current, AnyMSAttnProcessor) and current._anyms_original is proc:
+            elif isinstance(current, anyms_classes) and current._anyms_original is proc:
                 module.set_processor(proc)
             # anything else was changed inside the block (e.g. unload_ip_adapter): leave it
