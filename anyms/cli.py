@@ -31,6 +31,10 @@ PRIORITIES = ("order", "smaller_on_top")
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_IP_ADAPTER = "h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors"
 DEFAULT_SD15_IP_ADAPTER = "h94/IP-Adapter/models/ip-adapter_sd15.safetensors"
+DEFAULT_FLUX_MODEL = "black-forest-labs/FLUX.1-dev"
+DEFAULT_FLUX_IP_ADAPTER = "XLabs-AI/flux-ip-adapter/ip_adapter.safetensors"
+DEFAULT_FLUX_IMAGE_ENCODER = "openai/clip-vit-large-patch14"
+ARCHS = ("sdxl", "sd15", "flux")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 LAYOUT_SCHEMA = """\
@@ -220,9 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "size (nonzero = inside; without --height/--width the output takes the masks' size). "
                           "Repeat; later ones on top")
     src.add_argument("--layout", metavar="FILE.json", help="a layout file (schema in the module docs)")
-    gen.add_argument("--arch", choices=("sdxl", "sd15"), default="sdxl",
-                     help="the pipeline: SDXL (default) or Stable Diffusion 1.5")
-    gen.add_argument("--model", default=None, help=f"model id or local folder (default {DEFAULT_MODEL} for sdxl)")
+    gen.add_argument("--arch", choices=ARCHS, default=None,
+                     help="the pipeline: SDXL, Stable Diffusion 1.5 or FLUX.1 (default: the one the model's "
+                          "model_index.json names; sdxl without --model)")
+    gen.add_argument("--model", default=None,
+                     help=f"model id or local folder (default {DEFAULT_MODEL} for sdxl, {DEFAULT_FLUX_MODEL} for "
+                          f"flux); its model_index.json picks the pipeline")
     gen.add_argument("--ip-adapter", default=None, metavar="SPEC",
                      help="IP-Adapter weights: a local file, or owner/repo/[subfolder/]file on the Hub "
                           f"(default {DEFAULT_IP_ADAPTER}; the 16-token "
@@ -257,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=8, help="denoising steps (default 8)")
     demo.add_argument("--size", type=int, default=256, help="image side, multiple of 8 (default 256)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--arch", choices=("sdxl", "flux"), default="sdxl",
+                      help="the tiny model: SDXL-shaped (default) or FLUX.1-shaped (size: a multiple of 16)")
     return parser
 
 
@@ -293,16 +302,22 @@ def _write_pictures(pipe, image, paths) -> None:
         os.makedirs(folder, exist_ok=True)
     image.save(paths[0])
     draw_layout(image, plan.subjects).save(paths[1])
-    grids = cross_attention_grids(pipe.unet, plan.layout.latent_hw)
+    if plan.layout.token_grid is not None:    # a transformer (FLUX): one grid, every double-stream block
+        grids = {plan.layout.token_grid: pipe.transformer.config.num_layers}
+    else:
+        grids = cross_attention_grids(pipe.unet, plan.layout.latent_hw)
     subject_maps(plan.layout, grids, labels=plan.labels, image=image).save(paths[2])
 
 
 def _resolve_sources(args) -> dict:
-    """Where the model, the IP-Adapter and the image encoder come from (no loading yet)."""
-    model = args.model or (DEFAULT_MODEL if args.arch == "sdxl" else None)
+    """Where the model, the IP-Adapter and the image encoder come from, and the pipeline's
+    family (``arch``: from --arch, or the model's model_index.json). No model is loaded."""
+    arch = _arch_of(args)
+    model = args.model or {"sdxl": DEFAULT_MODEL, "flux": DEFAULT_FLUX_MODEL}.get(arch)
     if model is None:
         raise UsageError("--model is required with --arch sd15 (an SD 1.5 model id or local folder)")
-    ip_spec = args.ip_adapter or (DEFAULT_IP_ADAPTER if args.arch == "sdxl" else DEFAULT_SD15_IP_ADAPTER)
+    ip_spec = args.ip_adapter or {"sdxl": DEFAULT_IP_ADAPTER, "sd15": DEFAULT_SD15_IP_ADAPTER,
+                                  "flux": DEFAULT_FLUX_IP_ADAPTER}[arch]
     if os.path.isdir(ip_spec):
         raise UsageError(f"--ip-adapter {ip_spec!r} is a folder: name the weight file inside it")
     if os.path.isfile(ip_spec):
@@ -315,7 +330,58 @@ def _resolve_sources(args) -> dict:
             encoder = (args.image_encoder, "")
         else:
             encoder = _split_hub_spec(args.image_encoder, "--image-encoder", need_file=False)[:2]
-    return {"model": model, "ip_adapter": ip, "image_encoder": encoder}
+    return {"model": model, "ip_adapter": ip, "image_encoder": encoder, "arch": arch}
+
+
+def _arch_of(args) -> str:
+    """--arch, checked against the family that --model's model_index.json names (read, not loaded)."""
+    if not args.model:
+        return args.arch or "sdxl"
+    named = _model_arch(args.model)
+    if named is None:
+        if args.arch is None:
+            raise UsageError(f"--model {args.model!r}: its model_index.json names no pipeline of {ARCHS}; "
+                             f"give --arch")
+        return args.arch
+    if args.arch is not None and args.arch != named:
+        raise UsageError(f"--arch {args.arch} but the model {args.model!r} is a {named} pipeline "
+                         f"(its model_index.json): drop --arch or give another --model")
+    return named
+
+
+def _model_arch(model: str):
+    """``"flux"``, ``"sdxl"``, ``"sd15"`` or None, from the ``_class_name`` of the model's model_index.json."""
+    if os.path.isdir(model):
+        path = os.path.join(model, "model_index.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise LoadError(f"cannot load the model {model!r}: no readable model_index.json, not a diffusers "
+                            f"pipeline folder ({type(e).__name__}: {e})") from None
+    else:
+        from diffusers import DiffusionPipeline
+
+        try:
+            config = DiffusionPipeline.load_config(model)
+        except (OSError, ValueError) as e:
+            raise LoadError(f"cannot load the model {model!r}: {type(e).__name__}: {e}") from None
+    name = str(config.get("_class_name", "")) if isinstance(config, dict) else ""
+    if "Flux" in name:
+        return "flux"
+    if "StableDiffusionXL" in name:
+        return "sdxl"
+    if name.startswith("StableDiffusion") or name.startswith("AnyMSStableDiffusion"):
+        return "sd15"
+    return None
+
+
+def _check_flux_size(height, width) -> None:
+    # FluxPipeline packs the latent 2x2: sides that are not multiples of 16 would be cut down
+    # (moving the boxes' edges and breaking masks of the given size).
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and value % 16:
+            raise UsageError(f"--{name} must be a multiple of 16 for FLUX (it packs the latent 2x2), got {value}")
 
 
 def _load_pipeline(args, sources: dict, device, dtype):
@@ -323,7 +389,11 @@ def _load_pipeline(args, sources: dict, device, dtype):
 
     from .pipeline import AnyMSStableDiffusionPipeline, AnyMSStableDiffusionXLPipeline
 
-    cls = AnyMSStableDiffusionXLPipeline if args.arch == "sdxl" else AnyMSStableDiffusionPipeline
+    arch = sources.get("arch", args.arch or "sdxl")
+    if arch == "flux":
+        from .flux import AnyMSFluxPipeline as cls
+    else:
+        cls = AnyMSStableDiffusionXLPipeline if arch == "sdxl" else AnyMSStableDiffusionPipeline
     # What a missing, malformed or mismatched checkpoint raises while loading.
     load_errors = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
     kwargs = {"torch_dtype": dtype}
@@ -344,8 +414,15 @@ def _load_pipeline(args, sources: dict, device, dtype):
     except load_errors as e:
         raise LoadError(f"cannot load the model {sources['model']!r}: {type(e).__name__}: {e}") from None
     source, subfolder, weight = sources["ip_adapter"]
+    ip_kwargs = {}
+    if arch == "flux" and getattr(pipe, "image_encoder", None) is None:
+        # FLUX's loader reads the image encoder from a path of its own (not beside the weights): the
+        # image_encoder folder beside a local adapter, else the CLIP ViT-L/14 of the XLabs adapters.
+        local = os.path.join(source, subfolder, "image_encoder")
+        ip_kwargs = {"image_encoder_pretrained_model_name_or_path":
+                     local if os.path.isdir(local) else DEFAULT_FLUX_IMAGE_ENCODER, "image_encoder_dtype": dtype}
     try:
-        pipe.load_ip_adapter(source, subfolder=subfolder, weight_name=weight)
+        pipe.load_ip_adapter(source, subfolder=subfolder, weight_name=weight, **ip_kwargs)
     except load_errors as e:
         raise LoadError(f"cannot load the IP-Adapter {'/'.join(p for p in (source, subfolder, weight) if p)!r}: "
                         f"{type(e).__name__}: {e}") from None
@@ -394,6 +471,8 @@ def cmd_generate(args) -> int:
         raise UsageError(f"--offload {args.offload} moves models between the CPU and an accelerator; "
                          f"with --device {device} there is nothing to offload")
     sources = _resolve_sources(args)
+    if sources["arch"] == "flux":
+        _check_flux_size(height, width)
 
     # 2. The model.
     t0 = time.perf_counter()
@@ -463,17 +542,27 @@ def _demo(args) -> int:
     from .pipeline import AnyMSStableDiffusionXLPipeline, Subject
     from .tiny import tiny_pipeline
 
+    flux = getattr(args, "arch", "sdxl") == "flux"
     if args.size < 8 or args.size % 8:
         raise UsageError(f"--size must be a positive multiple of 8, got {args.size}")
+    if flux and args.size % 16:
+        raise UsageError(f"--size must be a multiple of 16 for FLUX (it packs the latent 2x2), got {args.size}")
     if args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
     out_dir = args.out_dir
     os.makedirs(out_dir, exist_ok=True)
-    print("anyms demo: a tiny SDXL-shaped model built in code, with RANDOM weights (nothing is downloaded).")
+    print(f"anyms demo: a tiny {'FLUX.1' if flux else 'SDXL'}-shaped model built in code, with RANDOM weights "
+          f"(nothing is downloaded).")
     print("The image is therefore noise-like: the demo shows that the whole AnyMS pipeline runs, and what the")
     print("layout and the per-subject routing look like, not image quality. Use `anyms generate` with real weights.")
     t0 = time.perf_counter()
-    pipe = tiny_pipeline(AnyMSStableDiffusionXLPipeline, kind="sdxl", plus=False, seed=args.seed)
+    if flux:
+        from .flux import AnyMSFluxPipeline
+        from .tiny_flux import tiny_flux_pipeline
+
+        pipe = tiny_flux_pipeline(AnyMSFluxPipeline, seed=args.seed)
+    else:
+        pipe = tiny_pipeline(AnyMSStableDiffusionXLPipeline, kind="sdxl", plus=False, seed=args.seed)
     pipe.set_progress_bar_config(disable=False, desc="denoising")
     # Two boxes and a mask: the cone's region is a triangle (its mask file is written beside
     # the subjects), overlapping both boxes; later subjects are on top.
