@@ -220,13 +220,21 @@ class AnyMSFluxAttnProcessor(FluxIPAdapterAttnProcessor):
                 f"{layout.num_subjects} regions (boxes or masks): give exactly one subject image per region"
             )
 
-        # 1. The joint attention over text and image tokens, step by step as the parent computes it.
+        hidden_states, encoder_hidden_states, ip_query = self._joint(attn, hidden_states, encoder_hidden_states,
+                                                                     attention_mask, image_rotary_emb)
+        ip_attn_output = self._ip_term(attn, ip_query, images, layout)
+        return hidden_states, encoder_hidden_states, ip_attn_output.to(hidden_states.dtype)
+
+    def _joint(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb):
+        """The joint attention over text and image tokens and its output projections, step by
+        step as the parent computes them; also the image queries the IP term reads
+        (``[B, N, H, D]``: RMS-normed, without rotary embedding)."""
         query, key, value, encoder_query, encoder_key, encoder_value = _qkv(attn, hidden_states,
                                                                            encoder_hidden_states)
         query = attn.norm_q(query.unflatten(-1, (attn.heads, -1)))
         key = attn.norm_k(key.unflatten(-1, (attn.heads, -1)))
         value = value.unflatten(-1, (attn.heads, -1))
-        ip_query = query                          # [B, N, H, D]: normed, no rotary embedding
+        ip_query = query
         encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (attn.heads, -1)))
         encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (attn.heads, -1)))
         encoder_value = encoder_value.unflatten(-1, (attn.heads, -1))
@@ -242,11 +250,11 @@ class AnyMSFluxAttnProcessor(FluxIPAdapterAttnProcessor):
         encoder_hidden_states, hidden_states = joint.split_with_sizes([text_len, joint.shape[1] - text_len], dim=1)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
         encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
-        del query, key, value, joint
+        return hidden_states, encoder_hidden_states, ip_query
 
-        # 2. The IP term: each image token's own subjects, one fused call, no text branch.
-        heads, num_tokens = attn.heads, ip_query.shape[1]
-        head_dim = ip_query.shape[-1]
+    def _ip_term(self, attn, ip_query, images, layout: Layout) -> torch.Tensor:
+        """``[B, N, H * D]``: each image token's own subjects, in one fused call without a text branch."""
+        batch_size, num_tokens, heads, head_dim = ip_query.shape
         num_subjects, tokens_per_image = images.shape[1], images.shape[2]
         k_subj = self.to_k_ip[0](images).view(batch_size, num_subjects, tokens_per_image, heads, head_dim)
         v_subj = self.to_v_ip[0](images).view(batch_size, num_subjects, tokens_per_image, heads, head_dim)
@@ -259,8 +267,7 @@ class AnyMSFluxAttnProcessor(FluxIPAdapterAttnProcessor):
             subject_scale=self._subject_scale(layout, ip_query.device),
             softmax_scale=1.0 / math.sqrt(head_dim), backend=self.backend,
         )                                         # [B, H, N, D], laid out like ip_query: [B, N, H, D]
-        ip_attn_output = out.transpose(1, 2).reshape(batch_size, num_tokens, heads * head_dim)
-        return hidden_states, encoder_hidden_states, ip_attn_output.to(hidden_states.dtype)
+        return out.transpose(1, 2).reshape(batch_size, num_tokens, heads * head_dim)
 
     def _joint_attention(self, query, key, value, attention_mask):
         if dispatch_attention_fn is None:  # pragma: no cover - older diffusers
