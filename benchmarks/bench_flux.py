@@ -30,13 +30,20 @@ y in [0.125, 0.875], each 10% of a strip wider on both sides, so neighbours over
 and the covered area is 75% whatever S (cost that grows with S is per-subject
 overhead, not more covered tokens).
 
-Timing. One warm-up step per variant (it also measures the memory), then ``--rounds``
+Timing. On CPU the ratios compare the process's CPU time (all its threads), wall time
+beside it: on a shared machine other jobs stretch a step's wall time by tens of percent
+from one minute to the next, but barely the CPU time it uses (caches and memory bandwidth
+are still shared). With 2 threads the CPU time also counts OpenMP's spin-waits. CUDA:
+wall time. One warm-up step per variant (it also measures the memory), then ``--rounds``
 rounds; in each round every variant runs one step, in an order rotated from round to
 round, so that the shared machine's load drifts over all of them alike. Ratios are
 taken within a round (variant time / plain time of the same round) and reported as
-the median over rounds, with their min and max: the spread is the noise. Each block
-is timed on its own too, so the double block's ratio (where the IP branch is) is
-reported beside the step's.
+the median over rounds, with their min and max: the spread is the noise. Beside it,
+the ratio of the variants' fastest steps ("of minima"): other jobs only ever slow a
+step down, so each variant's fastest step is its least disturbed one. Each block is
+timed on its own too, so the double block's ratio (where the IP branch is) is
+reported beside the step's; ``--single 0`` times the double block alone, for more
+rounds in the same time.
 
 Peak memory. CUDA: torch.cuda.max_memory_allocated over one step. CPU: the weights'
 and inputs' bytes plus the peak of the CPU allocator's running total during the step,
@@ -73,10 +80,11 @@ TEXT_TOKENS = 512          # FluxPipeline's max_sequence_length
 IP_TOKENS = 4              # XLabs-AI/flux-ip-adapter
 GIB = 1024 ** 3
 FIELDS = ["machine", "device", "dtype", "threads", "image_size", "grid", "text_tokens", "width", "heads", "head_dim",
-          "double_blocks", "single_blocks", "variant", "subjects", "rounds", "step_s", "step_s_min", "step_s_max",
-          "double_s", "single_s", "ratio_vs_plain", "ratio_min", "ratio_max", "double_ratio_vs_plain",
-          "double_ratio_min", "double_ratio_max", "peak_bytes", "peak_extra_bytes", "peak_method", "torch",
-          "triton", "diffusers", "commit", "date"]
+          "double_blocks", "single_blocks", "variant", "subjects", "rounds", "clock", "step_wall_s", "step_s",
+          "step_s_min", "step_s_max", "double_s", "single_s", "ratio_vs_plain", "ratio_min", "ratio_max",
+          "double_ratio_vs_plain", "double_ratio_min", "double_ratio_max", "ratio_of_minima",
+          "double_ratio_of_minima", "peak_bytes", "peak_extra_bytes", "peak_method", "torch", "triton", "diffusers",
+          "commit", "date"]
 
 
 # ------------------------------------------------------------------------ model
@@ -198,8 +206,9 @@ class Bench:
                    + list(m.buffers())]
         return _tensor_bytes(tensors + [self.hidden, self.text, self.temb, *self.rope, *self.images.values()])
 
-    def step(self, variant: Tuple[str, int]) -> Tuple[float, float]:
-        """One step of the variant: (seconds in the double blocks, seconds in the single blocks)."""
+    def step(self, variant: Tuple[str, int]) -> Dict[str, Tuple[float, float]]:
+        """One step of the variant: ``{"wall": (double s, single s), "cpu": (double s, single s)}``
+        (wall-clock seconds, and the process's CPU seconds, all its threads)."""
         name, num = variant
         for block, proc in zip(self.doubles, self.procs[variant]):
             block.attn.set_processor(proc)
@@ -208,16 +217,16 @@ class Bench:
         hs, ehs = self.hidden, self.text
         with torch.no_grad():
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for block in self.doubles:
                 ehs, hs = block(hs, ehs, self.temb, self.rope, joint_attention_kwargs=dict(kwargs or {}))
             sync()
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), time.process_time()
             for block in self.singles:
                 ehs, hs = block(hs, ehs, self.temb, self.rope, joint_attention_kwargs=dict(kwargs or {}))
             sync()
-            t2 = time.perf_counter()
-        return t1 - t0, t2 - t1
+            t2, c2 = time.perf_counter(), time.process_time()
+        return {"wall": (t1 - t0, t2 - t1), "cpu": (c1 - c0, c2 - c1)}
 
     def peak(self, variant) -> Tuple[int, int, str]:
         """(peak bytes, peak above weights and inputs, method) of one step (also a warm-up)."""
@@ -235,31 +244,40 @@ class Bench:
 
 
 # ---------------------------------------------------------------------- measure
-def measure(bench: Bench, rounds: int, log=print) -> List[dict]:
+def measure(bench: Bench, rounds: int, clock: str, log=print) -> List[dict]:
+    """One row per variant; times and ratios in ``clock`` ("cpu" or "wall"), wall medians beside."""
     variants = bench.variants()
     peaks = {}
     for v in variants:
         peaks[v] = bench.peak(v)
         log(f"    warm-up {v[0]:6s} S={v[1]:<2d} peak {peaks[v][0] / GIB:.3f} GiB (extra {peaks[v][1] / GIB:.3f})")
     times: Dict[tuple, List[Tuple[float, float]]] = {v: [] for v in variants}
+    walls: Dict[tuple, List[float]] = {v: [] for v in variants}
     for r in range(rounds):
         order = variants[r % len(variants):] + variants[:r % len(variants)]
         for v in order:
-            times[v].append(bench.step(v))
-        log(f"    round {r + 1}/{rounds}: " + ", ".join(
-            f"{v[0]}{v[1] if v[0] in ('masked', 'anyms') else ''} {sum(times[v][-1]):.2f}" for v in variants))
+            t = bench.step(v)
+            times[v].append(t[clock])
+            walls[v].append(sum(t["wall"]))
+        log(f"    round {r + 1}/{rounds} ({clock}, wall): " + ", ".join(
+            f"{v[0]}{v[1] if v[0] in ('masked', 'anyms') else ''} {sum(times[v][-1]):.2f} {walls[v][-1]:.2f}"
+            for v in variants))
     plain = times[("plain", 1)]
+    plain_min, plain_d_min = min(d + s for d, s in plain), min(d for d, _ in plain)
     rows = []
     for v in variants:
         steps = [d + s for d, s in times[v]]
         ratios = [(d + s) / (pd + ps) for (d, s), (pd, ps) in zip(times[v], plain)]
         d_ratios = [d / pd for (d, _), (pd, _) in zip(times[v], plain)]
         rows.append(dict(
-            variant=v[0], subjects=v[1], rounds=rounds, step_s=statistics.median(steps), step_s_min=min(steps),
+            variant=v[0], subjects=v[1], rounds=rounds, clock=clock, step_wall_s=statistics.median(walls[v]),
+            step_s=statistics.median(steps), step_s_min=min(steps),
             step_s_max=max(steps), double_s=statistics.median(d for d, _ in times[v]),
             single_s=statistics.median(s for _, s in times[v]), ratio_vs_plain=statistics.median(ratios),
             ratio_min=min(ratios), ratio_max=max(ratios), double_ratio_vs_plain=statistics.median(d_ratios),
-            double_ratio_min=min(d_ratios), double_ratio_max=max(d_ratios), peak_bytes=peaks[v][0],
+            double_ratio_min=min(d_ratios), double_ratio_max=max(d_ratios),
+            ratio_of_minima=min(steps) / plain_min, double_ratio_of_minima=min(d for d, _ in times[v]) / plain_d_min,
+            peak_bytes=peaks[v][0],
             peak_extra_bytes=peaks[v][1], peak_method=peaks[v][2]))
     return rows
 
@@ -271,15 +289,17 @@ def summary(rows: List[dict], subjects) -> List[str]:
         by = {(r["variant"], r["subjects"]): r for r in rows if r["threads"] == threads}
         plain, none = by[("plain", 1)], by[("none", 0)]
         head = f"threads={threads}"
-        lines.append(f"{head}: plain IP-Adapter step {plain['step_s']:.3f} s (double {plain['double_s']:.3f}, "
-                     f"single {plain['single_s']:.3f}); no adapter {none['ratio_vs_plain']:.3f}x of plain")
+        lines.append(f"{head}: plain IP-Adapter step {plain['step_s']:.3f} s {plain['clock']} time (double "
+                     f"{plain['double_s']:.3f}, single {plain['single_s']:.3f}; wall {plain['step_wall_s']:.3f} s); "
+                     f"no adapter {none['ratio_vs_plain']:.3f}x of plain")
         for kind in ("anyms", "masked"):
             for num in subjects:
                 r = by[(kind, num)]
                 lines.append(
                     f"{head}: {kind:6s} S={num:<2d} step {r['ratio_vs_plain']:.3f}x plain "
                     f"[{r['ratio_min']:.3f}, {r['ratio_max']:.3f}], double block {r['double_ratio_vs_plain']:.3f}x "
-                    f"[{r['double_ratio_min']:.3f}, {r['double_ratio_max']:.3f}], peak "
+                    f"[{r['double_ratio_min']:.3f}, {r['double_ratio_max']:.3f}]; of minima {r['ratio_of_minima']:.3f} "
+                    f"(double {r['double_ratio_of_minima']:.3f}); peak "
                     f"{r['peak_bytes'] / plain['peak_bytes']:.4f}x plain (extra {r['peak_extra_bytes'] / GIB:.3f} vs "
                     f"{plain['peak_extra_bytes'] / GIB:.3f} GiB)")
         worst = max(by[("anyms", n)]["ratio_vs_plain"] for n in subjects)
@@ -307,6 +327,9 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=None, help="CPU threads (default: 1 and 2)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5; CUDA 20)")
     parser.add_argument("--quick", action="store_true", help="tiny widths (256, 2 heads), 128^2: a smoke run")
+    parser.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
+                        help="what the ratios compare: the process's CPU time (auto on CPU: other jobs on a shared "
+                             "machine stretch wall time, not the CPU time a step uses) or wall time (auto on CUDA)")
     parser.add_argument("--out", default=None, help="CSV path (default benchmarks/results/flux_<machine>_<commit>.csv)")
     args = parser.parse_args(argv)
 
@@ -337,7 +360,8 @@ def main(argv=None) -> int:
         if device.type == "cpu":
             torch.set_num_threads(threads)
         print(f"  threads={torch.get_num_threads()}")
-        for row in measure(bench, rounds):
+        clock = args.clock if args.clock != "auto" else ("cpu" if device.type == "cpu" else "wall")
+        for row in measure(bench, rounds, clock):
             rows.append(dict(env, threads=torch.get_num_threads(), **row))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w", newline="") as f:
