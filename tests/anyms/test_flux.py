@@ -7,7 +7,6 @@ the VAE's rounding to 8-bit images, so tolerances can be tight.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
@@ -547,7 +546,7 @@ def test_cli_generate_picks_flux_from_the_model_config(tiny_flux_on_disk, subjec
     assert cli.main(argv) == 0
     printed = capsys.readouterr()
     assert "AnyMSFluxPipeline" in printed.err
-    for path in (out, tmp_path / "flux.layout.png", tmp_path / "flux.maps.png"):
+    for path in (out, tmp_path / "flux.layout.png", tmp_path / "flux.routing.png"):
         assert path.is_file()
     assert Image.open(out).size == (96, 64)
     # the same image from Python: the real from_pretrained and load_ip_adapter
@@ -557,8 +556,9 @@ def test_cli_generate_picks_flux_from_the_model_config(tiny_flux_on_disk, subjec
                          image_encoder_pretrained_model_name_or_path=os.path.join(os.path.dirname(weight),
                                                                                   "image_encoder"),
                          image_encoder_dtype=torch.float32)
-    image = pipe("a cat and a dog", subjects=[Subject(paths[0], (0, 0, 0.6, 1)), Subject(paths[1], (0.4, 0, 1, 1), 0.7)],
-                 height=64, width=96, num_inference_steps=2, generator=torch.Generator().manual_seed(3)).images[0]
+    subjects = [Subject(paths[0], (0, 0, 0.6, 1)), Subject(paths[1], (0.4, 0, 1, 1), 0.7)]
+    image = pipe("a cat and a dog", subjects=subjects, height=64, width=96, num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(3)).images[0]
     np.testing.assert_array_equal(np.asarray(image), np.asarray(Image.open(out).convert("RGB")))
     # wrong --arch for the model, and FLUX's size rule, before any model is loaded
     assert cli.main(argv[:-2] + ["--out", str(out), "--arch", "sdxl"]) == 2
@@ -577,6 +577,6 @@ def test_cli_demo_flux(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "FLUX.1-shaped" in printed and "RANDOM weights" in printed
     assert Image.open(out / "image.png").size == (64, 64)
-    assert (out / "layout.png").is_file() and (out / "maps.png").is_file()
+    assert (out / "layout.png").is_file() and (out / "routing.png").is_file()
     assert cli.main(["demo", "--arch", "flux", "--out-dir", str(out), "--size", "72"]) == 2
     assert "multiple of 16 for FLUX" in capsys.readouterr().err
