@@ -1,0 +1,238 @@
+"""Checks before a generation: sizes, an estimate of peak memory, subjects that get no token.
+
+- :func:`check_image_size` refuses sizes no model here can make (not a multiple of 8,
+  or a side above ``MAX_SIDE``), naming the argument.
+- :func:`estimate_peak_memory` estimates the device's peak memory of one generation
+  from the loaded pipeline's configs, the size and the options (CFG, offload, VAE
+  tiling). It is a model, not a measurement: see its docstring for what it counts.
+- :func:`unreached_subjects` lists the (subject, grid) pairs where a subject owns no
+  token: in ``overwrite`` mode a subject whose cells are all covered by subjects on top
+  of it vanishes at that U-Net level (the coarser the grid, the likelier).
+
+No diffusers import here, and torch only inside the functions (the CLI imports this module).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+__all__ = ["MAX_SIDE", "MAX_STEPS", "check_image_size", "MemoryEstimate", "estimate_peak_memory", "device_memory",
+           "unreached_subjects", "unreached_message"]
+
+# The largest side accepted (pixels). SDXL's U-Net at 16384 px has a 2048 x 2048 latent and
+# self-attention over a quarter of a million tokens per layer; beyond it no card holds a step.
+MAX_SIDE = 16384
+# The SD-family schedulers are trained on 1000 timesteps; more steps than that repeat timesteps.
+MAX_STEPS = 1000
+GIB = 1024 ** 3
+
+
+def check_image_size(value: Optional[int], name: str, multiple: int = 8) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is None or a multiple of ``multiple`` in
+    ``[multiple, MAX_SIDE]``."""
+    if value is None:
+        return
+    if value < multiple or value % multiple:
+        raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value}")
+    if value > MAX_SIDE:
+        raise ValueError(f"{name} {value} is above the largest side accepted, {MAX_SIDE} pixels (SDXL's latent "
+                         f"would be {value // 8} tokens a side)")
+
+
+# ------------------------------------------------------------------ memory
+@dataclass
+class MemoryEstimate:
+    """Bytes: ``weights`` resident on the device at the peak, ``unet`` the activations of one
+    U-Net step, ``decode`` those of the VAE decode, ``total`` the estimated peak."""
+
+    weights: int
+    unet: int
+    decode: int
+    total: int
+
+    def describe(self) -> str:
+        def g(x):
+            return f"{x / GIB:.2f}" if x >= 0.01 * GIB else f"{x / GIB:.3f}"
+        return (f"{g(self.total)} GiB (weights {g(self.weights)} + the larger of a U-Net step {g(self.unet)} "
+                f"and the VAE decode {g(self.decode)})")
+
+
+def _module_bytes(module, dtype_size: Optional[int] = None) -> int:
+    if module is None:
+        return 0
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        size = dtype_size if (dtype_size and t.is_floating_point()) else t.element_size()
+        total += t.numel() * size
+    return total
+
+
+def _largest_leaf_bytes(module) -> int:
+    best = 0
+    for m in module.modules():
+        if next(m.children(), None) is None:
+            best = max(best, sum(p.numel() * p.element_size() for p in m.parameters(recurse=False)))
+    return best
+
+
+def _as_list(value, n: int) -> List[int]:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+
+def unet_step_elements(config, latent_hw: Tuple[int, int]) -> int:
+    """Activation elements of one U-Net step for one batch element (see :func:`estimate_peak_memory`)."""
+    channels = list(config.block_out_channels)
+    levels = len(channels)
+    layers = _as_list(config.layers_per_block, levels)
+    attention = ["CrossAttn" in t or "Attn" in t for t in config.down_block_types]
+    h, w = latent_hw
+    tokens = []
+    for _ in range(levels):
+        tokens.append(h * w)
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    # the skip connections kept for the up path: conv_in, every down resnet, every downsampler
+    skips = channels[0] * tokens[0]
+    for i in range(levels):
+        skips += layers[i] * channels[i] * tokens[i]
+        if i < levels - 1:
+            skips += channels[i] * tokens[i + 1]
+    # the largest transient: a transformer block (q, k, v, out, GEGLU's 8c projection and its
+    # two 4c halves, the residual stream) or an up resnet on the concatenated input
+    transient = 0
+    for i in range(levels):
+        per_token = 18 if attention[i] else 9
+        transient = max(transient, per_token * channels[i] * tokens[i])
+    return skips + transient
+
+
+def vae_decode_elements(config, image_hw: Tuple[int, int]) -> int:
+    """Activation elements of decoding one image of ``image_hw`` pixels (see :func:`estimate_peak_memory`)."""
+    rev = list(reversed(config.block_out_channels))
+    levels = len(rev)
+    pixels = image_hw[0] * image_hw[1]
+    peak = 0
+    c_in = rev[0]
+    for j, c_out in enumerate(rev):
+        p = pixels / 4 ** (levels - 1 - j)
+        peak = max(peak, (3 * c_in + 3 * c_out) * p)              # a resnet: norm, act, conv, shortcut, sum
+        if j < levels - 1:
+            peak = max(peak, c_out * p + 2 * c_out * 4 * p)       # the upsampler: input, 4x copy, conv
+        c_in = c_out
+    return int(peak + 2 * 3 * pixels)                              # + the decoded image
+
+
+def estimate_peak_memory(pipe, height: int, width: int, *, cfg: bool = True, offload: str = "none",
+                         vae_tiling: bool = False, dtype=None) -> MemoryEstimate:
+    """An estimate of the peak device memory of one generation (one image).
+
+    Counts: the weights on the device (every component; with ``offload="model"`` the
+    largest component at a time; with ``"sequential"`` the largest layer), plus the
+    larger of two activation peaks. A U-Net step: its skip connections and its largest
+    transient (a transformer block at the finest attention level, 18 values per token and
+    channel; a resnet, 9), times the batch (2 with CFG). The VAE decode: its largest
+    resnet or upsampler at full resolution (with tiling, at the tile's size) and the
+    decoded image, in float32 where the VAE upcasts float16 (``force_upcast``). It
+    assumes fused attention (no token x token score matrix), what PyTorch's SDPA runs on
+    CUDA and CPU; the IP-Adapter branches and the text and image encoders' activations
+    are small beside these. Checked against the CPU allocator's peak on the tiny models
+    (tests/anyms/test_preflight.py); expect tens of percent, not bytes.
+    """
+    import torch
+
+    unet, vae = pipe.unet, pipe.vae
+    dtype = dtype or unet.dtype
+    size = torch.empty((), dtype=dtype).element_size()
+    components = {name: getattr(pipe, name, None) for name in
+                  ("unet", "vae", "text_encoder", "text_encoder_2", "image_encoder")}
+    comp_bytes = {k: _module_bytes(m) for k, m in components.items() if m is not None}
+    upcast = bool(getattr(vae.config, "force_upcast", False)) and dtype == torch.float16
+    vae_size = 4 if upcast else size
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    latent = (math.ceil(height / factor), math.ceil(width / factor))
+    unet_act = (2 if cfg else 1) * size * unet_step_elements(unet.config, latent)
+    decode_hw = (height, width)
+    if vae_tiling:
+        tile = int(getattr(vae, "tile_sample_min_size", 0) or vae.config.sample_size)
+        decode_hw = (min(height, tile), min(width, tile))
+    decode_act = vae_size * vae_decode_elements(vae.config, decode_hw)
+    if vae_tiling:
+        decode_act += 2 * 3 * height * width * vae_size           # the tiles kept, and the blended image
+    vae_weights_decoding = _module_bytes(vae, 4) if upcast else comp_bytes.get("vae", 0)
+    if offload == "model":
+        weights = max(comp_bytes.values())
+        total = max(comp_bytes.get("unet", 0) + unet_act, vae_weights_decoding + decode_act)
+    elif offload == "sequential":
+        weights = max(_largest_leaf_bytes(m) for m in components.values() if m is not None)
+        total = weights + max(unet_act, decode_act)
+    else:
+        weights = sum(comp_bytes.values())
+        total = max(weights + unet_act, weights - comp_bytes.get("vae", 0) + vae_weights_decoding + decode_act)
+    return MemoryEstimate(int(weights), int(unet_act), int(decode_act), int(total))
+
+
+def device_memory(device) -> Optional[Tuple[int, int]]:
+    """``(available, total)`` bytes of ``device``'s memory (CUDA: free and total; CPU: the
+    system's available and total RAM), or None where unknown."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            free, total = torch.cuda.mem_get_info(device)
+            return int(free), int(total)
+        except (RuntimeError, AssertionError):
+            return None
+    if device.type == "cpu":
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+        available = total
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        available = int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            pass
+        return available, total
+    return None
+
+
+# ------------------------------------------------------------------ subjects
+def unreached_subjects(layout, grids) -> List[Tuple[int, Tuple[int, int], Optional[int]]]:
+    """``(subject, grid, layers)`` for every grid where a subject's branch acts on no token.
+
+    ``layout`` is an :class:`anyms.Layout`; ``grids`` ``(h, w)`` pairs or the dict
+    :func:`anyms.visualize.cross_attention_grids` returns (grid -> number of layers).
+    Subjects are in the layout's (priority) order. Only ``overwrite`` mode can lose a
+    subject: a region always meets at least one cell of a grid.
+    """
+    from .visualize import subject_masks
+
+    counts = dict(grids) if isinstance(grids, dict) else {tuple(g): None for g in grids}
+    out = []
+    for grid, layers in counts.items():
+        acted = subject_masks(layout, grid) != 0
+        for s in range(layout.num_subjects):
+            if not bool(acted[s].any()):
+                out.append((s, tuple(grid), layers))
+    return out
+
+
+def unreached_message(unreached, labels: Sequence[str], names: Optional[Sequence[str]] = None) -> List[str]:
+    """One line per subject that vanishes somewhere: its label, its name and the grids."""
+    by_subject: Dict[int, List[str]] = {}
+    for s, (h, w), layers in unreached:
+        by_subject.setdefault(s, []).append(f"{h}x{w}" + (f" ({layers} layers)" if layers else ""))
+    lines = []
+    for s, where in by_subject.items():
+        name = f" ({names[s]})" if names else ""
+        lines.append(f"subject {labels[s]!r}{name} gets no token at the {', '.join(where)} level"
+                     f"{'s' if len(where) > 1 else ''}: the subjects on top of it cover every cell of its region "
+                     f"there, so its image acts only at the finer levels (enlarge its region, move it on top, or "
+                     f"use --mode sum)")
+    return lines

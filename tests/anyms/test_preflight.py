@@ -1,0 +1,81 @@
+"""anyms.preflight: the size limits, and the peak-memory estimate against the CPU allocator's peak."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anyms.preflight import MAX_SIDE, check_image_size, estimate_peak_memory
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def cpu_alloc_peak(fn):
+    """The peak of the CPU allocator's running total while ``fn`` runs, above what was live before,
+    from torch.profiler's allocation events (frees are negative sizes)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    allocs, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
+            allocs.append((e.start_time_ns, e.extra_fields.alloc_size))
+        stack.extend(e.children)
+    live = peak = 0
+    for _, size in sorted(allocs):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+def test_check_image_size():
+    for value in (None, 8, 1024, MAX_SIDE):
+        check_image_size(value, "--height")
+    for value, message in ((0, "positive multiple of 8"), (100, "positive multiple of 8"),
+                           (MAX_SIDE + 8, "above the largest side accepted")):
+        with pytest.raises(ValueError, match=f"--height.*{message}"):
+            check_image_size(value, "--height")
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd15"])
+def test_the_estimate_is_within_tens_of_percent_of_the_measured_peak(kind, subject_images):
+    """One whole generation (CFG, 1 step) on the tiny models, with and without VAE tiling: the
+    estimated activations (total - weights) against the allocator's peak during the call."""
+    from anyms import Subject
+    from anyms.pipeline import AnyMSStableDiffusionPipeline, AnyMSStableDiffusionXLPipeline
+    from anyms.tiny import tiny_pipeline
+
+    cls = AnyMSStableDiffusionXLPipeline if kind == "sdxl" else AnyMSStableDiffusionPipeline
+    pipe = tiny_pipeline(cls, kind=kind)
+    subjects = [Subject(subject_images[0], (0, 0, 0.6, 1)), Subject(subject_images[1], (0.4, 0, 1, 1))]
+    weights = sum(p.numel() * p.element_size() for m in (pipe.unet, pipe.vae, pipe.text_encoder,
+                                                          getattr(pipe, "text_encoder_2", None), pipe.image_encoder)
+                  if m is not None for p in list(m.parameters()) + list(m.buffers()))
+    for size, tiled in ((256, False), (256, True)):
+        pipe.vae.enable_tiling() if tiled else pipe.vae.disable_tiling()
+
+        def generate():
+            pipe("a cat", subjects=subjects, height=size, width=size, num_inference_steps=1,
+                 generator=torch.Generator().manual_seed(0))
+
+        generate()                                          # warm: lazily built state is not the peak's
+        measured = cpu_alloc_peak(generate)
+        est = estimate_peak_memory(pipe, size, size, cfg=True, vae_tiling=tiled)
+        assert est.weights == weights
+        ratio = (est.total - est.weights) / measured
+        assert 0.6 < ratio < 1.6, (kind, size, tiled, ratio, est, measured)
+
+
+def test_the_estimate_follows_the_options(tiny_sdxl_pipe):
+    pipe = tiny_sdxl_pipe
+    base = estimate_peak_memory(pipe, 1024, 1024)
+    assert base.total > estimate_peak_memory(pipe, 512, 512).total
+    assert estimate_peak_memory(pipe, 1024, 1024, vae_tiling=True).decode < base.decode
+    assert estimate_peak_memory(pipe, 1024, 1024, cfg=False).unet * 2 == base.unet
+    assert estimate_peak_memory(pipe, 1024, 1024, offload="model").weights < base.weights
+    assert estimate_peak_memory(pipe, 1024, 1024, offload="sequential").weights < \
+        estimate_peak_memory(pipe, 1024, 1024, offload="model").weights
+    half = estimate_peak_memory(pipe, 1024, 1024, dtype=torch.bfloat16)
+    assert half.unet * 2 == base.unet
