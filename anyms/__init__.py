@@ -38,10 +38,23 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS) + ["__version__"]
 
+# optional dependencies -> the extra that brings them
+_EXTRAS = {"diffusers": "diffusers", "transformers": "diffusers", "accelerate": "diffusers", "einops": "diffusers",
+           "safetensors": "diffusers", "PIL": "diffusers", "huggingface_hub": "diffusers", "tqdm": "diffusers",
+           "matplotlib": "viz"}
+
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        try:
+            module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+        except ModuleNotFoundError as e:        # a base install, without the extras
+            top = (e.name or "").split(".")[0]
+            if top not in _EXTRAS:
+                raise
+            raise ModuleNotFoundError(f"anyms.{name} needs {top}, which is not installed: pip install "
+                                      f"'anyms-kernels[{_EXTRAS[top]}]'", name=e.name) from None
+        value = getattr(module, name)
         globals()[name] = value   # later look-ups skip this function
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,14 +17,19 @@ The layout file's schema is ``LAYOUT_SCHEMA`` below (also in ``anyms generate --
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, List, Optional, Sequence, Tuple
 
-__all__ = ["main", "parse_subject", "read_layout_file", "build_parser"]
+from . import _EXTRAS
+from .preflight import MAX_SIDE, MAX_STEPS
+
+__all__ = ["main", "parse_subject", "read_layout_file", "layout_from_dict", "build_parser"]
 
 MODES = ("overwrite", "sum")
 PRIORITIES = ("order", "smaller_on_top")
@@ -61,6 +66,27 @@ name) are optional. Later subjects are on top where regions overlap ("priority":
 LAYOUT_KEYS = {"prompt", "mode", "priority", "subjects"}
 SUBJECT_KEYS = {"image", "box", "mask", "scale", "label"}
 SUBJECT_FORMS = "PATH:x0,y0,x1,y1[:scale] or PATH:mask=MASK.png[:scale]"
+# --model TINY_MODEL: the built-in tiny model of anyms.tiny (random weights, offline)
+TINY_MODEL = "tiny"
+DEFAULT_STEPS = 50
+
+JOBS_SCHEMA = """\
+jobs file (--jobs FILE.jsonl): one JSON object a line (blank lines are skipped), each a
+layout file's object (above; paths relative to the jobs file), with optionally:
+  "out": "cats/0001.png"      the image, relative to --out-dir (default NNNNN.png, the
+                              job's index); PNG only
+  "seed": 7                   default: --seed (0) + the job's index (0-based, blank lines
+                              not counted), so a job's image never depends on the process
+  "negative_prompt", "steps", "guidance", "height", "width"   default: the options'
+The model and its options (--model, --dtype, ...) are the command line's, for every job.
+A job whose image exists and records this very job (a PNG's anyms record) is done and
+skipped, so a stopped run resumes; an existing image made from anything else is refused
+(--overwrite replaces it). DIR/manifest.jsonl lists every job in file order: its status
+(done; skipped: done before; failed, with its error), seconds and process. Under
+`accelerate launch` (one process per GPU, or torchrun/gloo on CPUs) each process makes
+its share of the jobs, and the images are the ones one process would make.
+"""
+JOB_KEYS = {"out", "seed", "negative_prompt", "steps", "guidance", "height", "width"}
 
 
 class UsageError(Exception):
@@ -69,6 +95,10 @@ class UsageError(Exception):
 
 class LoadError(Exception):
     """A model, adapter or image encoder that cannot be loaded: exit status 1."""
+
+
+class GenerationError(Exception):
+    """A generation that failed on a good input (out of memory): exit status 1."""
 
 
 # --------------------------------------------------------------------- parsing
@@ -127,8 +157,6 @@ def parse_subject(spec: str):
 
 def read_layout_file(path: str) -> dict:
     """Read a layout file (schema in this module's docstring) -> ``{"prompt", "mode", "priority", "subjects"}``."""
-    from .pipeline import Subject
-
     what = f"--layout {path!r}"
     try:
         with open(path, encoding="utf-8") as f:
@@ -139,24 +167,34 @@ def read_layout_file(path: str) -> dict:
         raise UsageError(f"{what}: not valid JSON ({e})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"{what}: cannot read it ({e})") from None
+    return layout_from_dict(data, what, os.path.dirname(os.path.abspath(path)))
+
+
+def layout_from_dict(data, what: str, folder: str, extra_keys=(), extra_subject_keys=()) -> dict:
+    """Check a layout file's object (``data``, already parsed) -> ``{"prompt", "mode", "priority",
+    "subjects"}`` plus its ``extra_keys`` that are present. Image and mask paths are relative
+    to ``folder``; errors start with ``what`` (the file, or a jobs file's line)."""
+    from .pipeline import Subject
+
     if not isinstance(data, dict):
         raise UsageError(f"{what}: the top level must be an object with a \"subjects\" list")
-    unknown = sorted(set(data) - LAYOUT_KEYS)
+    allowed = LAYOUT_KEYS | set(extra_keys)
+    unknown = sorted(set(data) - allowed)
     if unknown:
-        raise UsageError(f"{what}: unknown key(s) {unknown}; allowed: {sorted(LAYOUT_KEYS)}")
+        raise UsageError(f"{what}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
     for key in ("prompt", "mode", "priority"):
-        if key in data and not isinstance(data[key], str):
+        if key in data and data[key] is not None and not isinstance(data[key], str):
             raise UsageError(f"{what}: \"{key}\" must be a string")
     items = data.get("subjects")
     if not isinstance(items, list) or not items:
         raise UsageError(f"{what}: \"subjects\" must be a non-empty list")
-    folder = os.path.dirname(os.path.abspath(path))
+    subject_keys = SUBJECT_KEYS | set(extra_subject_keys)
     subjects = []
     for i, item in enumerate(items):
         where = f"{what}: subjects[{i}]"
         if not isinstance(item, dict):
             raise UsageError(f"{where} must be an object with \"image\" and \"box\" or \"mask\"")
-        unknown = sorted(set(item) - SUBJECT_KEYS)
+        unknown = sorted(set(item) - subject_keys)
         if unknown:
             raise UsageError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(SUBJECT_KEYS)}")
         if "image" not in item:
@@ -180,17 +218,10 @@ def read_layout_file(path: str) -> dict:
             raise UsageError(f"{where}.label must be a string")
         subjects.append(Subject(os.path.join(folder, item["image"]), None if box is None else tuple(box),
                                 float(scale), label, mask=None if mask is None else os.path.join(folder, mask)))
-    return {"prompt": data.get("prompt"), "mode": data.get("mode"), "priority": data.get("priority"),
-            "subjects": subjects}
-
-
-def _check_size(args) -> None:
-    # The rule of diffusers' check_inputs (height and width divisible by 8), checked
-    # here so that a bad size is reported before the model is loaded.
-    for name in ("height", "width"):
-        value = getattr(args, name)
-        if value is not None and (value < 8 or value % 8):
-            raise UsageError(f"--{name} must be a positive multiple of 8, got {value}")
+    out = {"prompt": data.get("prompt"), "mode": data.get("mode"), "priority": data.get("priority"),
+           "subjects": subjects}
+    out.update({key: data[key] for key in extra_keys if key in data})
+    return out
 
 
 def _split_hub_spec(spec: str, what: str, need_file: bool):
@@ -205,17 +236,27 @@ def _split_hub_spec(spec: str, what: str, need_file: bool):
 
 
 # ---------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (``anyms generate: error: ...``), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="anyms", description="AnyMS: layout-guided multi-subject generation with IP-Adapter, on diffusers.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     gen = sub.add_parser("generate", help="generate an image from a prompt and subjects with boxes",
-                         description="Generate an image with subjects placed in boxes (AnyMS). Writes the image, "
-                                     "the layout drawn over it (OUT stem + .layout.png) and the per-subject "
-                                     "attention maps (OUT stem + .maps.png).",
-                         epilog=LAYOUT_SCHEMA, formatter_class=argparse.RawDescriptionHelpFormatter)
+                         description="Generate an image with subjects placed in boxes or masks (AnyMS). Writes the "
+                                     "image (a PNG records what made it, for --from), the layout drawn over it "
+                                     "(OUT stem + .layout.png) and the routing: where each subject's branch acts, "
+                                     "per U-Net level (OUT stem + .routing.png). Nothing existing is replaced "
+                                     "without --overwrite. --jobs makes many images (resumable; under accelerate "
+                                     "launch, across processes).",
+                         epilog=LAYOUT_SCHEMA + "\n" + JOBS_SCHEMA, formatter_class=argparse.RawDescriptionHelpFormatter)
     gen.add_argument("prompt", nargs="?", help="the text prompt (or \"prompt\" in --layout)")
     gen.add_argument("--negative-prompt", default=None)
     src = gen.add_mutually_exclusive_group(required=True)
@@ -223,13 +264,20 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a subject image and its region: a normalised box, or a mask image of the output's "
                           "size (nonzero = inside; without --height/--width the output takes the masks' size). "
                           "Repeat; later ones on top")
-    src.add_argument("--layout", metavar="FILE.json", help="a layout file (schema in the module docs)")
+    src.add_argument("--layout", metavar="FILE.json", help="a layout file (schema below)")
+    src.add_argument("--from", dest="from_image", metavar="IMAGE.png",
+                     help="make again the image a PNG from anyms generate records (its prompt, layout, seed, steps, "
+                          "guidance, size, model, adapter, dtype); options given here override the record")
+    src.add_argument("--jobs", metavar="JOBS.jsonl",
+                     help="many images, one layout a line (schema below); resumable, with a manifest; under "
+                          "`accelerate launch` the jobs are split across the processes")
     gen.add_argument("--arch", choices=ARCHS, default=None,
                      help="the pipeline: SDXL, Stable Diffusion 1.5 or FLUX.1 (default: the one the model's "
                           "model_index.json names; sdxl without --model)")
     gen.add_argument("--model", default=None,
                      help=f"model id or local folder (default {DEFAULT_MODEL} for sdxl, {DEFAULT_FLUX_MODEL} for "
-                          f"flux); its model_index.json picks the pipeline")
+                          f"flux); its model_index.json picks the pipeline. \"{TINY_MODEL}\": the built-in tiny "
+                          f"model with RANDOM weights (offline, noise-like images: to try the command)")
     gen.add_argument("--ip-adapter", default=None, metavar="SPEC",
                      help="IP-Adapter weights: a local file, or owner/repo/[subfolder/]file on the Hub "
                           f"(default {DEFAULT_IP_ADAPTER}; the 16-token "
@@ -238,13 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--image-encoder", default=None, metavar="SPEC",
                      help="CLIP image encoder: a local folder or owner/repo[/subfolder] (default: the "
                           "image_encoder folder beside the IP-Adapter weights)")
-    gen.add_argument("--height", type=int, default=None, help="image height (multiple of 8; default: the model's)")
-    gen.add_argument("--width", type=int, default=None, help="image width (multiple of 8; default: the model's)")
-    gen.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    gen.add_argument("--height", type=int, default=None,
+                     help=f"image height (multiple of 8, at most {MAX_SIDE}; default: the model's)")
+    gen.add_argument("--width", type=int, default=None,
+                     help=f"image width (multiple of 8, at most {MAX_SIDE}; default: the model's)")
+    gen.add_argument("--steps", type=int, default=None, help=f"denoising steps (default 50, at most {MAX_STEPS})")
     gen.add_argument("--guidance", type=float, default=None,
                      help="classifier-free guidance scale (default: the pipeline's, 5.0 for SDXL; <= 1 turns CFG off)")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on CUDA, float32 elsewhere")
+    gen.add_argument("--seed", type=int, default=None,
+                     help="the generator's seed (default 0; with --jobs, a job's \"seed\", else this + the job's "
+                          "index)")
+    gen.add_argument("--dtype", choices=DTYPES, default=None, help="auto (default): float16 on CUDA, float32 elsewhere")
     gen.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     gen.add_argument("--mode", choices=MODES, default=None, help="overwrite (AnyMS, default) or sum (Eq. 7)")
     gen.add_argument("--priority", choices=PRIORITIES, default=None,
@@ -252,7 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--vae-tiling", action="store_true", help="decode the latent in tiles (large images)")
     gen.add_argument("--offload", choices=("none", "model", "sequential"), default="none",
                      help="CPU offload for limited GPU memory: model (whole models) or sequential (layers)")
-    gen.add_argument("--out", default="anyms.png", help="output image path (default anyms.png)")
+    gen.add_argument("--out", default=None, help="output image path (default anyms.png; .png records what made it)")
+    gen.add_argument("--out-dir", default=None, metavar="DIR",
+                     help="with --jobs: the folder of the images and manifest.jsonl (default: JOBS's name + -out, "
+                          "beside it)")
+    gen.add_argument("--overwrite", action="store_true",
+                     help="replace existing outputs (default: refuse; with --jobs, outputs already made from "
+                          "the same job are skipped)")
+    gen.add_argument("--pictures", action=argparse.BooleanOptionalAction, default=None,
+                     help="also write the .layout.png and .routing.png pictures (default: yes; with --jobs, no)")
 
     demo = sub.add_parser("demo", help="run AnyMS offline on a built-in tiny model with RANDOM weights",
                           description="Run the whole AnyMS pipeline offline on a tiny randomly-initialised "
@@ -286,32 +346,84 @@ def _resolve_device_dtype(device: str, dtype: str):
     return dev, getattr(torch, dtype)
 
 
-def _output_paths(out: str):
+def _output_paths(out: str, pictures: bool = True):
+    """``(image, layout picture, routing picture)`` paths for ``--out`` (pictures None without ``pictures``)."""
     stem, ext = os.path.splitext(out)
     if ext.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
         raise UsageError(f"--out must end in .png, .jpg, .jpeg or .webp, got {out!r}")
-    return out, f"{stem}.layout.png", f"{stem}.maps.png"
+    if not pictures:
+        return out, None, None
+    return out, f"{stem}.layout.png", f"{stem}.routing.png"
 
 
-def _write_pictures(pipe, image, paths) -> None:
-    from .visualize import cross_attention_grids, draw_layout, subject_maps
+def _check_outputs(paths, overwrite: bool, what: str = "--out") -> None:
+    """Before any model loads: the folders exist (made) and take files, and nothing would be replaced."""
+    from .outputs import OutputError, existing, prepare_output_folder
+
+    paths = [p for p in paths if p]
+    try:
+        for path in paths:
+            prepare_output_folder(path, what)
+    except OutputError as e:
+        raise UsageError(str(e)) from None
+    if not overwrite:
+        taken = existing(paths)
+        if taken is not None:
+            raise UsageError(f"{what}: {taken!r} exists; give --overwrite to replace it, or another {what}")
+
+
+def _routing_grids(pipe, layout):
+    """``{grid: layers}`` of the layers AnyMS acts on, for ``layout`` (U-Net levels, or FLUX's one grid)."""
+    from .visualize import cross_attention_grids
+
+    if layout.token_grid is not None:    # a transformer (FLUX): one grid, every double-stream block
+        return {layout.token_grid: pipe.transformer.config.num_layers}
+    return cross_attention_grids(pipe.unet, layout.latent_hw)
+
+
+def _write_pictures(pipe, image, paths, *, overwrite: bool = True, pnginfo=None, warn=None,
+                    overwrite_pictures: Optional[bool] = None) -> None:
+    """Write, each atomically, the layout and routing pictures where ``paths`` names them, then
+    the image (with ``pnginfo``'s text chunks): an image on disk means its pictures are there
+    too. Nothing existing is replaced without ``overwrite`` (``overwrite_pictures`` for the
+    pictures; default the same)."""
+    from .outputs import OutputError, atomic_save
+    from .visualize import draw_layout
 
     plan = pipe.anyms_last_plan
+    keep = overwrite if overwrite_pictures is None else overwrite_pictures
     for path in paths:
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-    image.save(paths[0])
-    draw_layout(image, plan.subjects).save(paths[1])
-    if plan.layout.token_grid is not None:    # a transformer (FLUX): one grid, every double-stream block
-        grids = {plan.layout.token_grid: pipe.transformer.config.num_layers}
-    else:
-        grids = cross_attention_grids(pipe.unet, plan.layout.latent_hw)
-    subject_maps(plan.layout, grids, labels=plan.labels, image=image).save(paths[2])
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        if paths[1]:
+            atomic_save(draw_layout(image, plan.subjects), paths[1], overwrite=keep)
+        if paths[2]:
+            try:
+                from .visualize import subject_maps
+
+                picture = subject_maps(plan.layout, _routing_grids(pipe, plan.layout), labels=plan.labels, image=image)
+            except ModuleNotFoundError as e:       # matplotlib is the viz extra's
+                (warn or _warn)(f"no routing picture: {e.name} is not installed (pip install 'anyms-kernels[viz]')")
+            else:
+                atomic_save(picture, paths[2], overwrite=keep)
+        atomic_save(image, paths[0], overwrite=overwrite, pnginfo=pnginfo)
+    except OutputError as e:
+        raise UsageError(str(e)) from None
 
 
 def _resolve_sources(args) -> dict:
     """Where the model, the IP-Adapter and the image encoder come from, and the pipeline's
-    family (``arch``: from --arch, or the model's model_index.json). No model is loaded."""
+    family (``arch``: from --arch, or the model's model_index.json). No model is loaded.
+    ``"spec"`` is what an image's record keeps: local paths made absolute, Hub specs as given."""
+    if args.model == TINY_MODEL:
+        for option in ("ip_adapter", "image_encoder"):
+            if getattr(args, option):
+                raise UsageError(f"--{option.replace('_', '-')}: --model {TINY_MODEL} brings its own random IP-Adapter "
+                                 f"and image encoder; leave --{option.replace('_', '-')} out")
+        arch = args.arch or "sdxl"
+        return {"model": TINY_MODEL, "ip_adapter": None, "image_encoder": None, "arch": arch,
+                "spec": {"arch": arch, "model": TINY_MODEL, "ip_adapter": None, "image_encoder": None}}
     arch = _arch_of(args)
     model = args.model or {"sdxl": DEFAULT_MODEL, "flux": DEFAULT_FLUX_MODEL}.get(arch)
     if model is None:
@@ -330,7 +442,13 @@ def _resolve_sources(args) -> dict:
             encoder = (args.image_encoder, "")
         else:
             encoder = _split_hub_spec(args.image_encoder, "--image-encoder", need_file=False)[:2]
-    return {"model": model, "ip_adapter": ip, "image_encoder": encoder, "arch": arch}
+
+    def spec(value):
+        return os.path.abspath(value) if value and os.path.exists(value) else value
+
+    return {"model": model, "ip_adapter": ip, "image_encoder": encoder, "arch": arch,
+            "spec": {"arch": arch, "model": spec(model), "ip_adapter": spec(ip_spec),
+                     "image_encoder": spec(args.image_encoder)}}
 
 
 def _arch_of(args) -> str:
@@ -394,9 +512,11 @@ def _load_pipeline(args, sources: dict, device, dtype):
         from .flux import AnyMSFluxPipeline as cls
     else:
         cls = AnyMSStableDiffusionXLPipeline if arch == "sdxl" else AnyMSStableDiffusionPipeline
+    if sources["model"] == TINY_MODEL:
+        return _place(args, _tiny_pipeline(cls, arch), device, dtype)
     # What a missing, malformed or mismatched checkpoint raises while loading.
     load_errors = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
-    kwargs = {"torch_dtype": dtype}
+    kwargs = {_diffusers_dtype_kwarg(): dtype}
     if sources["image_encoder"]:
         from diffusers.utils import is_transformers_version
         from transformers import CLIPVisionModelWithProjection
@@ -426,6 +546,32 @@ def _load_pipeline(args, sources: dict, device, dtype):
     except load_errors as e:
         raise LoadError(f"cannot load the IP-Adapter {'/'.join(p for p in (source, subfolder, weight) if p)!r}: "
                         f"{type(e).__name__}: {e}") from None
+    return _place(args, pipe, device, dtype)
+
+
+def _diffusers_dtype_kwarg() -> str:
+    """diffusers >= 0.40 takes ``dtype=`` in from_pretrained and deprecates ``torch_dtype=``."""
+    import diffusers
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers.__version__) >= Version("0.40.0") else "torch_dtype"
+
+
+def _tiny_pipeline(cls, arch: str):
+    """The built-in tiny model of ``arch`` (random weights, deterministic, offline)."""
+    if arch == "flux":
+        from .tiny_flux import tiny_flux_pipeline
+
+        return tiny_flux_pipeline(cls, seed=0)
+    from .tiny import tiny_pipeline
+
+    return tiny_pipeline(cls, kind=arch, plus=False, seed=0)
+
+
+def _place(args, pipe, device, dtype):
+    """VAE tiling, then the pipeline on its device and dtype (or CPU offload)."""
+    if pipe.dtype != dtype:
+        pipe.to(dtype=dtype)
     if args.vae_tiling:
         pipe.vae.enable_tiling()
     if args.offload == "model":
@@ -437,63 +583,351 @@ def _load_pipeline(args, sources: dict, device, dtype):
     return pipe
 
 
-def cmd_generate(args) -> int:
-    import torch
+# ------------------------------------------------------------------- one image
+@dataclass
+class Job:
+    """One image to make: everything but the model. ``anyms generate`` makes one, ``--jobs`` many."""
 
+    prompt: Optional[str]
+    subjects: list
+    mode: str = "overwrite"
+    priority: str = "order"
+    seed: int = 0
+    steps: int = DEFAULT_STEPS
+    guidance: Optional[float] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    negative_prompt: Optional[str] = None
+    out: str = "anyms.png"
+    where: str = ""                 # "" on the command line, "--jobs FILE:LINE" for a job
+    index: int = 0
+    plan: Any = None                # the checked subjects (check_job)
+
+    def name(self, key: str) -> str:
+        """How errors name ``key``: ``--steps`` on the command line, ``--jobs f.jsonl:3: "steps"`` in a job."""
+        return f'{self.where}: "{key}"' if self.where else f"--{key.replace('_', '-')}"
+
+    def error(self, message: str) -> UsageError:
+        return UsageError(f"{self.where}: {message}" if self.where else message)
+
+
+@dataclass
+class Run:
+    """What every image of one command shares: the model and where it runs."""
+
+    sources: dict
+    device: Any
+    dtype: Any
+    offload: str = "none"
+    vae_tiling: bool = False
+    overwrite: bool = False
+    pictures: bool = True
+
+    @property
+    def arch(self) -> str:
+        return self.sources["arch"]
+
+    def model_record(self) -> dict:
+        """The ``"model"`` entry of an image's record."""
+        return dict(self.sources["spec"], dtype=str(self.dtype).replace("torch.", ""))
+
+
+def _integer(value, name: str, low: int, high: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise UsageError(f"{name} must be {'at least ' + str(low) if high is None else f'in [{low}, {high}]'}, "
+                         f"got {value}")
+    return value
+
+
+def check_job(job: Job, arch: str = "sdxl") -> Job:
+    """Check everything about ``job`` that needs no model (reads its images and masks); fills
+    ``job.plan`` and, with masks, ``job.height``/``job.width``. Raises UsageError naming the argument."""
+    import math as _math
+
+    from .preflight import check_image_size
     from .pipeline import prepare_subjects
 
-    # 1. Everything about the input, before any model is loaded.
-    if args.layout:
-        layout = read_layout_file(args.layout)
-        subjects = layout["subjects"]
-        prompt = args.prompt if args.prompt is not None else layout["prompt"]
-        mode = args.mode or layout["mode"] or "overwrite"
-        priority = args.priority or layout["priority"] or "order"
-    else:
-        subjects = [parse_subject(spec) for spec in args.subject]
-        prompt, mode, priority = args.prompt, args.mode or "overwrite", args.priority or "order"
-    if not prompt:
-        raise UsageError("a prompt is required: give PROMPT or \"prompt\" in --layout")
-    if args.steps < 1:
-        raise UsageError(f"--steps must be at least 1, got {args.steps}")
-    if args.guidance is not None and not math.isfinite(args.guidance):
-        raise UsageError(f"--guidance must be a finite number, got {args.guidance}")
-    _check_size(args)
-    paths = _output_paths(args.out)
+    if not job.prompt:
+        raise job.error("a prompt is required: give PROMPT or \"prompt\" in --layout" if not job.where
+                        else "a prompt is required: give \"prompt\"")
+    if not isinstance(job.prompt, str):
+        raise UsageError(f"{job.name('prompt')} must be a string")
+    if job.negative_prompt is not None and not isinstance(job.negative_prompt, str):
+        raise UsageError(f"{job.name('negative_prompt')} must be a string")
+    for key, choices in (("mode", MODES), ("priority", PRIORITIES)):
+        if getattr(job, key) not in choices:
+            raise UsageError(f"{job.name(key)} must be one of {list(choices)}, got {getattr(job, key)!r}")
+    if type(job.steps) is int and job.steps < 1 and not job.where:
+        raise UsageError(f"--steps must be at least 1, got {job.steps}")
+    _integer(job.steps, job.name("steps"), 1, MAX_STEPS)
+    _integer(job.seed, job.name("seed"), 0, 2 ** 64 - 1)
+    if job.guidance is not None and (isinstance(job.guidance, bool) or not isinstance(job.guidance, (int, float))
+                                     or not _math.isfinite(job.guidance)):
+        raise UsageError(f"{job.name('guidance')} must be a finite number, got {job.guidance!r}")
+    for key in ("height", "width"):
+        value = getattr(job, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise UsageError(f"{job.name(key)} must be an integer, got {value!r}")
+        try:
+            check_image_size(value, job.name(key))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    flux = arch == "flux"
+    if flux:
+        for key in ("height", "width"):
+            value = getattr(job, key)
+            if value is not None and value % 16:
+                raise UsageError(f"{job.name(key)} must be a multiple of 16 for FLUX (it packs the latent 2x2), "
+                                 f"got {value}")
     try:
         # reads the images and masks, checks boxes, masks, mode and priority, and the masks' size
-        plan = prepare_subjects(subjects, mode, priority)
-        height, width = plan.image_size(args.height, args.width)
+        job.plan = prepare_subjects(job.subjects, job.mode, job.priority)
+        job.height, job.width = job.plan.image_size(job.height, job.width, 16 if flux else 8)
     except (ValueError, TypeError) as e:
-        raise UsageError(str(e)) from None
-    device, dtype = _resolve_device_dtype(args.device, args.dtype)
+        raise job.error(str(e)) from None
+    return job
+
+
+def _job_from_args(args) -> Job:
+    """The one image of the command line: from --subject, --layout or --from."""
+    record = None
+    if args.from_image:
+        from .metadata import read_record, record_layout
+
+        try:
+            record = read_record(args.from_image)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        layout = layout_from_dict(record_layout(record), f"--from {args.from_image!r}",
+                                  os.path.dirname(os.path.abspath(args.from_image)))
+        _check_record_files(record, layout["subjects"], args.from_image)
+        _record_defaults(args, record)
+    elif args.layout:
+        layout = read_layout_file(args.layout)
+    else:
+        layout = {"prompt": None, "mode": None, "priority": None,
+                  "subjects": [parse_subject(spec) for spec in args.subject]}
+    return Job(prompt=args.prompt if args.prompt is not None else layout["prompt"],
+               subjects=layout["subjects"], mode=args.mode or layout["mode"] or "overwrite",
+               priority=args.priority or layout["priority"] or "order",
+               seed=args.seed if args.seed is not None else 0,
+               steps=args.steps if args.steps is not None else DEFAULT_STEPS, guidance=args.guidance,
+               height=args.height, width=args.width, negative_prompt=args.negative_prompt,
+               out=args.out or "anyms.png")
+
+
+def _record_defaults(args, record: dict) -> None:
+    """--from: the record's values for every option not given on the command line."""
+    model = record.get("model") or {}
+    for option, value in (("negative_prompt", record.get("negative_prompt")), ("seed", record.get("seed")),
+                          ("steps", record.get("steps")), ("guidance", record.get("guidance")),
+                          ("height", record.get("height")), ("width", record.get("width")),
+                          ("mode", record["layout"].get("mode")), ("priority", record["layout"].get("priority")),
+                          ("dtype", model.get("dtype"))):
+        if getattr(args, option) is None and value is not None:
+            setattr(args, option, value)
+    if args.model is None and model.get("model"):
+        args.model = model["model"]
+        # the record's adapter and encoder go with the record's model only
+        for option in ("ip_adapter", "image_encoder", "arch"):
+            if getattr(args, option) is None and model.get(option):
+                setattr(args, option, model[option])
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise UsageError(f"--from {args.from_image!r}: its record's dtype {args.dtype!r} is none of {DTYPES}")
+
+
+def _check_record_files(record: dict, subjects, source: str) -> None:
+    """--from: warn when a subject or mask file differs from the one that made the image."""
+    from .metadata import file_sha256
+
+    for i, (entry, subject) in enumerate(zip(record["layout"].get("subjects", []), subjects)):
+        for key, path in (("image", subject.image), ("mask", subject.mask)):
+            want = entry.get(f"{key}_sha256") if isinstance(entry, dict) else None
+            if path is None or want is None or not os.path.isfile(path):
+                continue
+            if file_sha256(path) != want:
+                _warn(f"--from {source!r}: subjects[{i}].{key} {path!r} has changed since the image was made "
+                      f"(SHA-256 differs): the new image will differ")
+
+
+def _run_from_args(args, device=None) -> Run:
+    """The model and options every image of this command shares (nothing loaded)."""
+    device, dtype = _resolve_device_dtype(device or args.device, args.dtype or "auto")
     if args.offload != "none" and device.type == "cpu":
         raise UsageError(f"--offload {args.offload} moves models between the CPU and an accelerator; "
                          f"with --device {device} there is nothing to offload")
     sources = _resolve_sources(args)
-    if sources["arch"] == "flux":
-        _check_flux_size(height, width)
+    pictures = args.pictures if args.pictures is not None else not args.jobs
+    return Run(sources, device, dtype, args.offload, args.vae_tiling, args.overwrite, pictures)
 
-    # 2. The model.
-    t0 = time.perf_counter()
-    pipe = _load_pipeline(args, sources, device, dtype)
-    print(f"loaded {type(pipe).__name__} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
-    # 3. Generation, with diffusers' progress bar.
-    call = dict(subjects=subjects, anyms_mode=mode, anyms_priority=priority, negative_prompt=args.negative_prompt,
-                height=height, width=width, num_inference_steps=args.steps,
-                generator=torch.Generator("cpu").manual_seed(args.seed))
-    if args.guidance is not None:
-        call["guidance_scale"] = args.guidance
+def load_for_run(args, run: Run, log=None):
+    """Load the run's pipeline quietly (no per-file progress bars), reporting the time."""
     t0 = time.perf_counter()
-    image = pipe(prompt, **call).images[0]
-    seconds = time.perf_counter() - t0
-    _write_pictures(pipe, image, paths)
-    print(f"generated {image.width}x{image.height} in {seconds:.1f} s ({mode} mode, {len(subjects)} subjects)")
-    print(f"image:   {os.path.abspath(paths[0])}")
-    print(f"layout:  {os.path.abspath(paths[1])}")
-    print(f"maps:    {os.path.abspath(paths[2])}")
+    with _loading_quietly():
+        pipe = _load_pipeline(args, run.sources, run.device, run.dtype)
+    if run.sources["model"] == TINY_MODEL:
+        (log or _info)(f"--model {TINY_MODEL}: the built-in tiny {run.arch} model, with RANDOM weights: the images "
+                       f"are noise-like (it shows the command works, not image quality)")
+    (log or _status)(f"loaded {type(pipe).__name__} in {time.perf_counter() - t0:.1f} s")
+    return pipe
+
+
+def default_size(pipe) -> Tuple[int, int]:
+    """The pipeline's default ``(height, width)`` (what it makes when given neither)."""
+    f = pipe.vae_scale_factor
+    sample = getattr(pipe, "default_sample_size", None)
+    if not sample:
+        sample = pipe.unet.config.sample_size
+    sample = sample if isinstance(sample, (list, tuple)) else (sample, sample)
+    return int(sample[0]) * f, int(sample[1]) * f
+
+
+def job_layout(pipe, job: Job, height: int, width: int):
+    """The :class:`~anyms.Layout` the pipeline will build for ``job`` at ``height x width``."""
+    plan = job.plan
+    if getattr(pipe, "unet", None) is None:           # FLUX
+        from .flux import flux_layout
+
+        masks = [s.mask for s in plan.subjects]
+        return flux_layout([list(s.box) for s in plan.subjects], height, width,
+                           scales=[s.scale for s in plan.subjects], mode=plan.mode,
+                           masks=masks if any(m is not None for m in masks) else None,
+                           vae_scale_factor=pipe.vae_scale_factor)
+    return plan.make_layout((height // pipe.vae_scale_factor, width // pipe.vae_scale_factor))
+
+
+def warn_unreached(pipe, job: Job, warn=None) -> List[str]:
+    """Warn, one line per subject, where a subject gets no token at some level; returns the lines."""
+    from .preflight import unreached_message, unreached_subjects
+
+    height, width = job.height or default_size(pipe)[0], job.width or default_size(pipe)[1]
+    layout = job_layout(pipe, job, height, width)
+    names = [f"subjects[{i}]" for i in job.plan.order]
+    lines = unreached_message(unreached_subjects(layout, _routing_grids(pipe, layout)), job.plan.labels, names)
+    for line in lines:
+        (warn or _warn)(f"{job.where}: {line}" if job.where else line)
+    return lines
+
+
+def memory_report(pipe, run: Run, height: int, width: int, cfg: bool, log=None, warn=None):
+    """Print the estimated peak memory of one image; warn if it is above what the device has free."""
+    from .preflight import GIB, device_memory, estimate_peak_memory
+
+    if getattr(pipe, "unet", None) is None:          # the estimate models U-Nets (SD, SDXL) only
+        return None
+    est = estimate_peak_memory(pipe, height, width, cfg=cfg, offload=run.offload, vae_tiling=run.vae_tiling,
+                               dtype=run.dtype)
+    (log or _info)(f"estimated peak memory, {width}x{height} on {run.device}: {est.describe()}")
+    memory = device_memory(run.device)
+    if memory is not None and est.total > memory[0]:
+        hints = [h for h, on in (("--vae-tiling", not run.vae_tiling), ("--offload model", run.offload == "none"
+                                 and run.device.type == "cuda"), ("a smaller size", True)) if on]
+        (warn or _warn)(f"the estimate is above the {memory[0] / GIB:.1f} GiB free on {run.device}: expect to run "
+                        f"out of memory ({', '.join(hints)} need less)")
+    return est
+
+
+def generate_image(pipe, job: Job, run: Run):
+    """Make ``job``'s image; out of memory is a GenerationError naming the size."""
+    import torch
+
+    call = dict(subjects=job.subjects, anyms_mode=job.mode, anyms_priority=job.priority,
+                negative_prompt=job.negative_prompt, height=job.height, width=job.width,
+                num_inference_steps=job.steps, generator=torch.Generator("cpu").manual_seed(job.seed))
+    if job.guidance is not None:
+        call["guidance_scale"] = job.guidance
+    try:
+        return pipe(job.prompt, **call).images[0]
+    except torch.OutOfMemoryError:
+        raise GenerationError(
+            f"{job.where + ': ' if job.where else ''}out of memory on {run.device} making "
+            f"{job.width or 'default'}x{job.height or 'default'}: try --vae-tiling, --offload model or a smaller "
+            f"size") from None
+
+
+def image_record(pipe, job: Job, run: Run, image=None) -> dict:
+    """The record stored in ``job``'s PNG (see :mod:`anyms.metadata`); without ``image``, what is known
+    before generating (height, width and guidance None where the model's defaults will apply)."""
+    from .metadata import build_record
+
+    guidance = job.guidance
+    if image is not None and guidance is None:
+        guidance = getattr(pipe, "guidance_scale", None)     # the pipeline's default, as it ran
+    record = build_record(
+        prompt=job.prompt, negative_prompt=job.negative_prompt, subjects=job.subjects, mode=job.mode,
+        priority=job.priority, seed=job.seed, steps=job.steps, guidance=guidance,
+        height=image.height if image is not None else job.height,
+        width=image.width if image is not None else job.width,
+        model=run.model_record(), folder=os.path.dirname(os.path.abspath(job.out)),
+        device=str(run.device) if image is not None else None)
+    return record
+
+
+def save_job(pipe, image, job: Job, run: Run, paths, warn=None, overwrite_pictures: Optional[bool] = None) -> None:
+    """Write ``job``'s pictures and image (PNG: with its record), atomically, replacing nothing without --overwrite."""
+    from .metadata import png_info
+
+    info = png_info(image_record(pipe, job, run, image)) if paths[0].lower().endswith(".png") else None
+    _write_pictures(pipe, image, paths, overwrite=run.overwrite, pnginfo=info, warn=warn,
+                    overwrite_pictures=overwrite_pictures)
+
+
+def cmd_generate(args) -> int:
+    if args.jobs:
+        from .jobs import run_jobs
+
+        return run_jobs(args)
+    for option in ("out_dir",):
+        if getattr(args, option) is not None:
+            raise UsageError(f"--{option.replace('_', '-')} goes with --jobs (one image: --out)")
+
+    # 1. Everything about the input and the outputs, before any model is loaded.
+    job = _job_from_args(args)
+    run = _run_from_args(args)
+    check_job(job, run.arch)
+    paths = _output_paths(job.out, run.pictures)
+    _check_outputs(paths, run.overwrite)
+
+    # 2. The model, and what this generation will take.
+    with _threads_for(run):
+        pipe = load_for_run(args, run)
+        height, width = job.height or default_size(pipe)[0], job.width or default_size(pipe)[1]
+        memory_report(pipe, run, height, width, cfg=job.guidance is None or job.guidance > 1)
+        warn_unreached(pipe, job)
+
+        # 3. Generation, with diffusers' progress bar.
+        pipe.set_progress_bar_config(disable=False, desc="denoising")
+        t0 = time.perf_counter()
+        image = generate_image(pipe, job, run)
+        seconds = time.perf_counter() - t0
+    save_job(pipe, image, job, run, paths)
+    n = len(job.subjects)
+    print(f"generated {image.width}x{image.height} in {seconds:.1f} s ({job.mode} mode, {n} subject{'s' * (n != 1)}, "
+          f"seed {job.seed})")
+    for label, path in zip(("image:  ", "layout: ", "routing:"), paths):
+        if path:
+            print(f"{label} {os.path.abspath(path)}")
     return 0
+
+
+@contextlib.contextmanager
+def _threads_for(run: Run):
+    """The tiny model on a CPU runs on one thread: its matrices are too small for threads to help
+    (on 2 busy cores, two threads made it 40x slower), as in the demo."""
+    import torch
+
+    if run.sources["model"] != TINY_MODEL or run.device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def demo_subject_images(size: int = 96):
@@ -581,16 +1015,119 @@ def _demo(args) -> int:
     image = pipe(prompt, subjects=subjects, anyms_mode=args.mode, height=args.size, width=args.size,
                  num_inference_steps=args.steps, generator=torch.Generator("cpu").manual_seed(args.seed)).images[0]
     t2 = time.perf_counter()
-    paths = tuple(os.path.join(out_dir, name) for name in ("image.png", "layout.png", "maps.png"))
+    paths = tuple(os.path.join(out_dir, name) for name in ("image.png", "layout.png", "routing.png"))
     _write_pictures(pipe, image, paths)
     print(f"prompt: {prompt!r}; {len(subjects)} subjects (2 boxes, 1 mask), {args.mode} mode, {args.size}x{args.size}, "
           f"{args.steps} steps")
     print(f"built the tiny model in {t1 - t0:.1f} s, generated in {t2 - t1:.1f} s")
     print(f"image (random weights):  {os.path.abspath(paths[0])}")
     print(f"layout overlay:          {os.path.abspath(paths[1])}")
-    print(f"per-subject maps:        {os.path.abspath(paths[2])}")
+    print(f"routing (per level):     {os.path.abspath(paths[2])}")
     print(f"subject images, mask:    {os.path.abspath(out_dir)}/subject_*.png, mask_*.png")
     return 0
+
+
+# ------------------------------------------------------------------- stderr
+# The optional dependencies, and the extra of anyms-kernels that brings each.
+EXTRAS = _EXTRAS
+
+# Library log lines that say nothing a user can act on, dropped while a command runs:
+# (logger, text). transformers falls back to its PIL image processors without torchvision,
+# correctly; diffusers warns on every dtype cast that no module needs float32 ("[]").
+QUIET_LOG_LINES = (("transformers.utils.import_utils", "requires torchvision"),
+                   ("diffusers.models.modeling_utils", "should be kept in float32: []"))
+
+
+def _one_line(message) -> str:
+    """``message`` on one line (library errors may hold newlines)."""
+    import re
+
+    return re.sub(r"\s*\n\s*", " ", str(message)).strip()
+
+
+def _emit(line: str) -> None:
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stderr)          # above a progress bar, if one is running
+    except ImportError:
+        print(line, file=sys.stderr)
+
+
+def _info(message: str) -> None:
+    print(message, flush=True)
+
+
+def _status(message: str) -> None:
+    """Progress (model loaded, ...): stderr, beside the progress bars."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _warn(message: str) -> None:
+    _emit(f"anyms generate: warning: {_one_line(message)}")
+
+
+class _DropLines:
+    """A logging filter that drops records whose message contains ``text``."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def filter(self, record) -> bool:
+        try:
+            return self.text not in record.getMessage()
+        except Exception:   # a record that cannot be formatted: let logging report it
+            return True
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """While a command runs: library log lines in QUIET_LOG_LINES are dropped, and Python
+    warnings print as one line (``anyms: warning: Category: message``). Restored on exit."""
+    import logging
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = _one_line(str(message).split("\n")[0])
+        _emit(f"anyms: warning: {category.__name__}: {text}")
+
+    filters = [(logging.getLogger(name), _DropLines(text)) for name, text in QUIET_LOG_LINES]
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        for logger, f in filters:
+            logger.addFilter(f)
+        try:
+            yield
+        finally:
+            for logger, f in filters:
+                logger.removeFilter(f)
+
+
+@contextlib.contextmanager
+def _loading_quietly():
+    """No per-file progress bars from diffusers and transformers while a model loads."""
+    restore = []
+    for module in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            lib = __import__(module, fromlist=["disable_progress_bar"])
+        except ImportError:
+            continue
+        if lib.is_progress_bar_enabled():
+            lib.disable_progress_bar()
+            restore.append(lib.enable_progress_bar)
+    try:
+        yield
+    finally:
+        for enable in restore:
+            enable()
+
+
+def _is_main_process() -> bool:
+    """False in the other processes of a distributed launch (torchrun / accelerate set RANK)."""
+    try:
+        return int(os.environ.get("RANK", "0")) == 0
+    except ValueError:
+        return True
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -598,14 +1135,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     command = {"generate": cmd_generate, "demo": cmd_demo}[args.command]
-    try:
-        return command(args)
-    except UsageError as e:
-        print(f"anyms {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except LoadError as e:
-        print(f"anyms {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    # under a distributed launch every process checks the same input: one of them reports it
+    report = _is_main_process() or not getattr(args, "jobs", None)
+
+    def error(message: str, status: int) -> int:
+        if report:
+            print(f"anyms {args.command}: error: {_one_line(message)}", file=sys.stderr)
+        return status
+
+    with _quiet_stderr():
+        try:
+            return command(args)
+        except UsageError as e:
+            return error(str(e), 2)
+        except (LoadError, GenerationError) as e:
+            return error(str(e), 1)
+        except ModuleNotFoundError as e:
+            top = (e.name or "").split(".")[0]
+            if top not in EXTRAS:
+                raise
+            return error(f"this needs {top}, which is not installed: pip install 'anyms-kernels[{EXTRAS[top]}]'", 1)
 
 
 if __name__ == "__main__":  # pragma: no cover

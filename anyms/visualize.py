@@ -8,7 +8,8 @@
   :func:`anyms_kernels.rasterize_masks`) and applies the mode's rule, so the pictures
   cannot drift from the attention that ran.
 - :func:`cross_attention_grids` lists the grids a U-Net's cross-attention layers see.
-- :func:`subject_maps` renders the masks of every grid as one PNG-ready figure.
+- :func:`subject_maps` renders the masks of every grid as one PNG-ready figure: the
+  routing (which branch acts where, read from the layout), not measured attention.
 
 No diffusers import here: the U-Net is only read through its ``attn_processors``
 names, and the subjects through their ``image``/``box``/``mask``/``scale``/``label`` fields.
@@ -287,6 +288,7 @@ def subject_maps(layout, grids, *, labels: Optional[Sequence[str]] = None, image
             ax.set_xticks([])
             ax.set_yticks([])
     rule = "later subjects on top" if layout.mode == "overwrite" else "overlapping subjects add up"
-    fig.suptitle(f"where each subject's image attention acted ({layout.mode} mode: {rule})", fontsize=9)
+    fig.suptitle(f"routing: where each subject's image branch acts, from the layout ({layout.mode} mode: {rule}); "
+                 f"not measured attention", fontsize=9)
     fig.canvas.draw()
     return Image.frombuffer("RGBA", fig.canvas.get_width_height(), fig.canvas.buffer_rgba()).convert("RGB")

@@ -124,3 +124,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------ markers
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test of more than ~20 s (runs in CI too: make test selects every test)")

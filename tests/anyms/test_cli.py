@@ -39,7 +39,7 @@ def test_demo_writes_its_files_and_says_the_weights_are_random(tmp_path, capsys)
     assert cli.main(["demo", "--out-dir", str(out), "--steps", "2", "--size", "64"]) == 0
     printed = capsys.readouterr().out
     assert "RANDOM weights" in printed
-    for name in ("image.png", "layout.png", "maps.png"):
+    for name in ("image.png", "layout.png", "routing.png"):
         assert (out / name).is_file() and str(out / name) in printed
         assert Image.open(out / name).size[0] > 0
     assert Image.open(out / "image.png").size == (64, 64)
@@ -56,7 +56,7 @@ def test_generate_subjects_and_layout_file_give_the_pipeline_image(tiny_sdxl_on_
                          "--subject", f"{images[1]}:0.4,0,1,1:0.7", "--out", str(out))
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
-    for path in (out, tmp_path / "out" / "cats.layout.png", tmp_path / "out" / "cats.maps.png"):
+    for path in (out, tmp_path / "out" / "cats.layout.png", tmp_path / "out" / "cats.routing.png"):
         assert path.is_file() and str(path) in printed
     assert Image.open(out).size == (64, 64)
 

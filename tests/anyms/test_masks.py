@@ -446,7 +446,7 @@ def test_cli_accepts_masks_end_to_end(tiny_sdxl_on_disk, subject_images, tmp_pat
     assert cli.main(base + ["--subject", f"{imgs[0]}:mask={m0}", "--subject", f"{imgs[1]}:mask={m1}:0.7",
                             "--out", str(out_mask)]) == 0
     assert Image.open(out_mask).size == (64, 64)
-    assert (tmp_path / "mask.layout.png").is_file() and (tmp_path / "mask.maps.png").is_file()
+    assert (tmp_path / "mask.layout.png").is_file() and (tmp_path / "mask.routing.png").is_file()
     out_box = tmp_path / "box.png"
     box0, box1 = ",".join(map(str, rect_box(hw, *r0))), ",".join(map(str, rect_box(hw, *r1)))
     assert cli.main(base + ["--subject", f"{imgs[0]}:{box0}", "--subject", f"{imgs[1]}:{box1}:0.7",

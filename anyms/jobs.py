@@ -1,0 +1,360 @@
+"""``anyms generate --jobs JOBS.jsonl``: many layouts in one run, resumable, across processes.
+
+    anyms generate --jobs jobs.jsonl --out-dir out/                     # one process
+    accelerate launch --multi_gpu --num_processes 8 -m anyms generate --jobs jobs.jsonl --out-dir out/
+
+One JSON object a line (the schema: ``anyms.cli.JOBS_SCHEMA``, also in ``anyms generate
+--help``). The run, in order:
+
+1. reads and checks every job (its images and masks too) before any model loads: a bad
+   line is one error naming ``--jobs FILE:LINE`` and the key, and nothing is made;
+2. sorts the jobs into done (its image exists and its PNG record is this very job: same
+   prompt, layout, files, seed, steps, size, model...), pending, and conflicting (an image
+   made from something else: refused unless ``--overwrite``);
+3. loads the model once per process; under ``accelerate launch`` (or torchrun) each of the
+   N processes takes the pending jobs ``rank, rank + N, ...``, on its own device. Seeds
+   come from the jobs (``"seed"``, else ``--seed`` + the job's index), never from the rank,
+   so an image is the same whatever the number of processes;
+4. makes its jobs with a progress bar (images, seconds per image), reusing each distinct
+   subject image's embedding (:class:`anyms.embeddings.SubjectEmbeddingCache`), writing
+   each image atomically (a PNG with its record) as soon as it is made, and one line per
+   job to its own ``.manifest.rank-R.jsonl``; a failed job (out of memory, ...) is recorded
+   and the run goes on;
+5. when every process is done, the first writes ``manifest.jsonl`` (one line per job, in
+   file order: ``index, line, out, status, seed, seconds, process, error``; ``status``:
+   ``done``, ``skipped`` (done before), ``failed``) and removes the per-process files.
+
+Exit status: 0, or 1 if a job failed (the manifest says which), 2 for bad input.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+from .cli import (
+    DEFAULT_STEPS, JOB_KEYS, GenerationError, Job, UsageError, _check_outputs, _emit, _one_line, _run_from_args,
+    _threads_for, _warn, check_job, default_size, generate_image, image_record, layout_from_dict, load_for_run,
+    memory_report, save_job, warn_unreached,
+)
+
+__all__ = ["read_jobs", "run_jobs", "MANIFEST"]
+
+MANIFEST = "manifest.jsonl"
+
+
+@dataclass
+class Processes:
+    """This process's place in a distributed launch (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    device: Optional[str] = None                # the device the launcher gives this process
+    cpu: bool = True
+    state: object = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def connect(self) -> None:
+        """Join the other processes (accelerate's PartialState: gloo on CPUs, NCCL on GPUs).
+        Called after the model is loaded: transformers saves files on rank 0 only once
+        torch.distributed is up, which would starve the other processes' tiny models."""
+        if self.world > 1 and self.state is None:
+            from accelerate import PartialState
+
+            self.state = PartialState(cpu=self.cpu)
+
+    def barrier(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+
+def processes(device_option: str) -> Processes:
+    """Where this process stands in a launch with several processes (accelerate launch,
+    torchrun: ``WORLD_SIZE`` > 1, ``RANK``, ``LOCAL_RANK``), else one process."""
+    def env(name, default):
+        try:
+            return int(os.environ.get(name, default))
+        except ValueError:
+            return default
+
+    world = env("WORLD_SIZE", 1)
+    if world <= 1:
+        return Processes()
+    import torch
+
+    cpu = device_option == "cpu" or (device_option == "auto" and not torch.cuda.is_available()) \
+        or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    # each process on its own GPU (LOCAL_RANK), unless the command names one (cuda:1)
+    device = "cpu" if cpu else (f"cuda:{env('LOCAL_RANK', 0)}" if device_option in ("auto", "cuda") else None)
+    return Processes(env("RANK", 0), world, device, cpu)
+
+
+def read_jobs(path: str, args) -> Tuple[List[Job], str]:
+    """The jobs of ``path`` (checked for form, not yet for content) and the output folder."""
+    what = f"--jobs {path!r}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise UsageError(f"{what}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{what}: cannot read it ({e})") from None
+    folder = os.path.dirname(os.path.abspath(path))
+    out_dir = args.out_dir or f"{os.path.splitext(path)[0]}-out"
+    jobs: List[Job] = []
+    outs: Dict[str, int] = {}
+    for line_no, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        where = f"--jobs {path}:{line_no}"
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
+        layout = layout_from_dict(data, where, folder, extra_keys=JOB_KEYS)
+        index = len(jobs)
+        out = layout.get("out", f"{index:05d}.png")
+        if not isinstance(out, str) or not out.lower().endswith(".png"):
+            raise UsageError(f"{where}: \"out\" must be a .png path (its record makes the run resumable), got {out!r}")
+        out = os.path.join(out_dir, out)
+        key = os.path.normcase(os.path.abspath(out))
+        if key in outs:
+            raise UsageError(f"{where}: \"out\" {layout['out'] if 'out' in layout else out!r} is also line "
+                             f"{outs[key]}'s: every job needs an image of its own")
+        outs[key] = line_no
+        seed = layout.get("seed", (args.seed or 0) + index)
+
+        def pick(key, option, default=None):
+            if key in layout:
+                return layout[key]
+            value = getattr(args, option)
+            return default if value is None else value
+
+        jobs.append(Job(
+            prompt=layout["prompt"] if layout["prompt"] is not None else args.prompt,
+            subjects=layout["subjects"], mode=layout["mode"] or args.mode or "overwrite",
+            priority=layout["priority"] or args.priority or "order", seed=seed,
+            steps=pick("steps", "steps", DEFAULT_STEPS), guidance=pick("guidance", "guidance"),
+            height=pick("height", "height"), width=pick("width", "width"),
+            negative_prompt=pick("negative_prompt", "negative_prompt"), out=out, where=where, index=index))
+    if not jobs:
+        raise UsageError(f"{what} holds no jobs (one JSON object a line)")
+    return jobs, out_dir
+
+
+def _expected(job: Job, run) -> dict:
+    """What the record of ``job``'s image must hold for the job to count as done."""
+    record = image_record(None, job, run)
+    for key in ("anyms_version", "versions", "device"):
+        record.pop(key, None)
+    return record
+
+
+def sort_jobs(jobs: List[Job], run) -> Tuple[List[Job], List[Job], List[Tuple[Job, str]]]:
+    """``(done, pending, conflicts)``: conflicts are images that exist but record something else."""
+    from .metadata import differences, read_record
+
+    done, pending, conflicts = [], [], []
+    for job in jobs:
+        if not os.path.lexists(job.out):
+            pending.append(job)
+            continue
+        try:
+            record = read_record(job.out, "image")
+        except ValueError as e:
+            conflicts.append((job, str(e)))
+            continue
+        diff = differences(record, _expected(job, run))
+        if diff:
+            conflicts.append((job, f"{job.out!r} exists but was made from something else ({', '.join(diff[:4])} "
+                                   f"differ{'s' if len(diff) == 1 else ''})"))
+        else:
+            done.append(job)
+    return done, pending, conflicts
+
+
+def _paths(job: Job, pictures: bool):
+    stem = os.path.splitext(job.out)[0]
+    return (job.out, f"{stem}.layout.png", f"{stem}.routing.png") if pictures else (job.out, None, None)
+
+
+def _relative(path: str, folder: str) -> str:
+    try:
+        return os.path.relpath(path, folder).replace(os.sep, "/")
+    except ValueError:
+        return path
+
+
+def _read_lines(path: str) -> List[dict]:
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue            # a line cut short by a crash
+                if isinstance(entry, dict):
+                    out.append(entry)
+    except OSError:
+        pass
+    return out
+
+
+def run_jobs(args) -> int:
+    from .embeddings import SubjectEmbeddingCache
+    from .outputs import atomic_write_text
+
+    if args.out is not None:
+        raise UsageError("--out names one image; with --jobs each job's \"out\" is relative to --out-dir")
+    procs = processes(args.device)
+    # 1. Every job, checked before any model loads.
+    jobs, out_dir = read_jobs(args.jobs, args)
+    run = _run_from_args(args, device=procs.device)
+    for job in jobs:
+        check_job(job, run.arch)
+        job.plan = None                          # re-read when it runs: thousands of jobs' images stay on disk
+    _check_outputs([os.path.join(out_dir, MANIFEST)], overwrite=True, what="--out-dir")
+    # 2. Done, pending, conflicting.
+    done, pending, conflicts = sort_jobs(jobs, run)
+    if conflicts and not run.overwrite:
+        job, why = conflicts[0]
+        more = f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1 else ""
+        raise UsageError(f"{job.where}: {why}{more}; give --overwrite to make them again, or another \"out\"")
+    pending = sorted(pending + [job for job, _ in conflicts], key=lambda j: j.index)
+    folders = {}
+    for job in pending:                         # every folder made and writable, once each
+        folders.setdefault(os.path.dirname(os.path.abspath(job.out)), job)
+    for job in folders.values():
+        _check_outputs([job.out], overwrite=True, what=job.where + ": \"out\"")
+    mine = pending[procs.rank::procs.world]
+    log = _info_main(procs)
+
+    # 3. The model, once per process; then every process starts together (all have sorted the jobs).
+    with _threads_for(run):
+        pipe = load_for_run(args, run, log=log)
+        procs.connect()
+        if procs.main and pending:
+            sizes = [(j.height or default_size(pipe)[0], j.width or default_size(pipe)[1]) for j in pending]
+            h, w = max(sizes, key=lambda hw: hw[0] * hw[1])
+            memory_report(pipe, run, h, w, cfg=any(j.guidance is None or j.guidance > 1 for j in pending), log=log)
+        procs.barrier()
+        log(f"jobs: {len(jobs)} in {args.jobs}; {len(done)} done before, {len(pending)} to make"
+            + (f", split across {procs.world} processes (this one makes {len(mine)})"
+               if procs.world > 1 else ""))
+        pipe.set_progress_bar_config(disable=True)
+        cache = SubjectEmbeddingCache()
+        rank_file = os.path.join(out_dir, f".manifest.rank-{procs.rank}.jsonl")
+        results = _make(pipe, mine, run, cache, rank_file, procs, out_dir)
+
+    # 4. The manifest, once every process is done.
+    procs.barrier()
+    failed = sum(r["status"] == "failed" for r in results)
+    log(f"process {procs.rank}: made {len(results) - failed} image{'s' * (len(results) - failed != 1)}"
+        + (f", {failed} failed" if failed else "")
+        + f"; subject embeddings: {cache.misses} encoded, {cache.hits} reused")
+    if procs.main:
+        entries = _manifest(jobs, done, out_dir, procs.world)
+        atomic_write_text(os.path.join(out_dir, MANIFEST), "".join(json.dumps(e) + "\n" for e in entries))
+        for r in range(procs.world):
+            path = os.path.join(out_dir, f".manifest.rank-{r}.jsonl")
+            if os.path.exists(path):
+                os.unlink(path)
+        counts = {s: sum(e["status"] == s for e in entries) for s in ("done", "skipped", "failed", "pending")}
+        times = [e["seconds"] for e in entries if e["status"] == "done" and e.get("seconds") is not None]
+        per = f", {sum(times) / len(times):.2f} s per image" if times else ""
+        print(f"jobs: {counts['done']} made, {counts['skipped']} done before, {counts['failed']} failed"
+              + (f", {counts['pending']} not made" if counts["pending"] else "") + per)
+        print(f"manifest: {os.path.abspath(os.path.join(out_dir, MANIFEST))}")
+        if counts["failed"]:
+            first = next(e for e in entries if e["status"] == "failed")
+            _warn(f"{counts['failed']} job{'s' * (counts['failed'] != 1)} failed; the first, line {first['line']}: "
+                  f"{first['error']}")
+        return 1 if counts["failed"] or counts["pending"] else 0
+    return 1 if failed else 0
+
+
+def _info_main(procs: Processes):
+    def log(message: str) -> None:
+        if procs.main:
+            _emit(message) if _bar_running[0] else print(message, flush=True)
+    return log
+
+
+_bar_running = [False]
+
+
+def _make(pipe, jobs: List[Job], run, cache, rank_file: str, procs: Processes, out_dir: str) -> List[dict]:
+    """Make ``jobs`` one by one; a line per job in ``rank_file`` as it finishes; returns those lines."""
+    from tqdm.auto import tqdm
+
+    results = []
+    os.makedirs(out_dir, exist_ok=True)
+    bar = tqdm(total=len(jobs), desc="jobs", unit="image", disable=not procs.main or not jobs, file=sys.stderr,
+               dynamic_ncols=True)
+    _bar_running[0] = not bar.disable
+
+    def warn(message: str) -> None:
+        _warn(message)
+
+    try:
+        with open(rank_file, "a", encoding="utf-8") as manifest, cache.attached(pipe):
+            for job in jobs:
+                t0 = time.perf_counter()
+                entry = {"index": job.index, "line": int(job.where.rsplit(":", 1)[1]), "out": _relative(job.out, out_dir),
+                         "seed": job.seed, "process": procs.rank}
+                try:
+                    check_job(job, run.arch)
+                    warn_unreached(pipe, job, warn=warn)
+                    image = generate_image(pipe, job, run)
+                    # pictures first, the image last: an image on disk means its job is complete
+                    # (a pending job's pictures are left over from a stopped run: replaced)
+                    save_job(pipe, image, job, run, _paths(job, run.pictures), warn=warn, overwrite_pictures=True)
+                    entry.update(status="done", seconds=round(time.perf_counter() - t0, 3))
+                except (UsageError, GenerationError) as e:
+                    entry.update(status="failed", seconds=round(time.perf_counter() - t0, 3), error=_one_line(e))
+                except Exception as e:      # one job's failure does not stop a run of thousands
+                    entry.update(status="failed", seconds=round(time.perf_counter() - t0, 3),
+                                 error=_one_line(f"{type(e).__name__}: {e}"))
+                finally:
+                    job.plan = None
+                results.append(entry)
+                manifest.write(json.dumps(entry) + "\n")
+                manifest.flush()
+                bar.update(1)
+                bar.set_postfix_str(f"last {entry['seconds']:.2f} s" + (", FAILED" if entry["status"] == "failed"
+                                                                        else ""))
+    finally:
+        bar.close()
+        _bar_running[0] = False
+    return results
+
+
+def _manifest(jobs: List[Job], done_before: List[Job], out_dir: str, world: int) -> List[dict]:
+    """One entry per job, in file order, from the processes' lines and the previous manifest."""
+    now: Dict[int, dict] = {}
+    for r in range(world):
+        for entry in _read_lines(os.path.join(out_dir, f".manifest.rank-{r}.jsonl")):
+            now[entry.get("index")] = entry
+    before = {e.get("out"): e for e in _read_lines(os.path.join(out_dir, MANIFEST))}
+    done_before_ids = {job.index for job in done_before}
+    entries = []
+    for job in jobs:
+        out = _relative(job.out, out_dir)
+        line = int(job.where.rsplit(":", 1)[1])
+        if job.index in now:
+            entry = dict(now[job.index])
+        elif job.index in done_before_ids:
+            old = before.get(out, {})
+            entry = {"index": job.index, "line": line, "out": out, "seed": job.seed, "status": "skipped",
+                     "seconds": old.get("seconds"), "process": old.get("process")}
+        else:
+            entry = {"index": job.index, "line": line, "out": out, "seed": job.seed, "status": "pending"}
+        entries.append(entry)
+    return entries

@@ -1,0 +1,316 @@
+"""``anyms generate`` as a user meets it: --model tiny, no lost work, the PNG record and --from,
+warnings, sizes, the memory estimate, a quiet stderr, one-line errors, a base install.
+CPU, tiny random models, no network."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anyms import cli, outputs
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = ["--model", "tiny", "--height", "64", "--width", "64", "--steps", "2", "--device", "cpu"]
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def images(tmp_path, subject_images):
+    paths = []
+    for i, img in enumerate(subject_images[:2]):
+        paths.append(str(tmp_path / f"subject{i}.png"))
+        img.save(paths[-1])
+    return paths
+
+
+def run(argv, capsys):
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def record(path):
+    return json.loads(Image.open(path).text["anyms"])
+
+
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def no_loading(*args, **kwargs):
+    raise AssertionError("a model was loaded before the input and the outputs were checked")
+
+
+# ------------------------------------------------------------------ --model tiny, the record, --from
+def test_model_tiny_generates_offline_and_the_png_records_what_made_it(images, tmp_path, capsys):
+    import anyms
+
+    out = tmp_path / "o" / "a.png"
+    code, stdout, err = run(["generate", "a cat and a dog", "--subject", f"{images[0]}:0,0,0.6,1",
+                             "--subject", f"{images[1]}:0.4,0,1,1:0.7", *TINY, "--seed", "5", "--mode", "sum",
+                             "--out", str(out)], capsys)
+    assert code == 0, err
+    assert "RANDOM weights" in stdout and "2 subjects" in stdout and "seed 5" in stdout
+    for path in (out, tmp_path / "o" / "a.layout.png", tmp_path / "o" / "a.routing.png"):
+        assert path.is_file() and str(path) in stdout
+    assert not (tmp_path / "o" / "a.maps.png").exists()
+    assert Image.open(out).size == (64, 64)
+    rec = record(out)
+    assert rec["format"] == 1 and rec["anyms_version"] == anyms.__version__
+    assert rec["prompt"] == "a cat and a dog" and rec["negative_prompt"] is None
+    assert (rec["seed"], rec["steps"], rec["height"], rec["width"]) == (5, 2, 64, 64)
+    assert rec["guidance"] == 5.0                      # the SDXL pipeline's default, as it ran
+    assert rec["model"] == {"arch": "sdxl", "model": "tiny", "ip_adapter": None, "image_encoder": None,
+                            "dtype": "float32"}
+    assert rec["layout"]["mode"] == "sum" and rec["layout"]["priority"] == "order"
+    assert rec["layout"]["subjects"] == [
+        {"image": "../subject0.png", "image_sha256": sha(images[0]), "box": [0.0, 0.0, 0.6, 1.0], "scale": 1.0},
+        {"image": "../subject1.png", "image_sha256": sha(images[1]), "box": [0.4, 0.0, 1.0, 1.0], "scale": 0.7}]
+    assert set(rec["versions"]) >= {"torch", "diffusers", "transformers"} and rec["device"] == "cpu"
+
+    # --from makes the same image from the record alone
+    again = tmp_path / "again.png"
+    code, stdout, err = run(["generate", "--from", str(out), "--device", "cpu", "--out", str(again)], capsys)
+    assert code == 0, err
+    np.testing.assert_array_equal(pixels(again), pixels(out))
+    rec2 = record(again)
+    assert rec2["layout"]["subjects"][0]["image"] == "subject0.png"      # relative to the new image's folder
+    for key in ("prompt", "seed", "steps", "guidance", "height", "width", "model"):
+        assert rec2[key] == rec[key], key
+    # options given on the command line override the record
+    other = tmp_path / "seed6.png"
+    assert run(["generate", "--from", str(out), "--seed", "6", "--device", "cpu", "--out", str(other)], capsys)[0] == 0
+    assert record(other)["seed"] == 6 and np.abs(pixels(other).astype(int) - pixels(out)).max() > 0
+
+
+def test_from_with_masks_and_a_changed_subject_file(tmp_path, images, capsys):
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:50, 5:40] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    out = tmp_path / "masked.png"
+    assert run(["generate", "a cat", "--subject", f"{images[0]}:mask={tmp_path / 'm.png'}:0.9",
+                "--model", "tiny", "--steps", "1", "--device", "cpu", "--out", str(out)], capsys)[0] == 0
+    entry = record(out)["layout"]["subjects"][0]
+    assert entry["mask"] == "m.png" and entry["mask_sha256"] == sha(tmp_path / "m.png") and "box" not in entry
+    assert record(out)["height"] == 64                 # the masks' size
+    Image.fromarray(255 - np.asarray(Image.open(images[0]))).save(images[0])    # the subject changes
+    code, _, err = run(["generate", "--from", str(out), "--device", "cpu", "--out", str(tmp_path / "b.png")], capsys)
+    assert code == 0
+    assert re.search(r"warning: --from .*subjects\[0\]\.image .* has changed since the image was made", err), err
+
+
+@pytest.mark.parametrize("kind", ["missing", "jpeg", "plain png"])
+def test_from_refuses_images_without_a_record(tmp_path, kind, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_load_pipeline", no_loading)
+    path = tmp_path / ("x.jpg" if kind == "jpeg" else "x.png")
+    if kind != "missing":
+        Image.new("RGB", (8, 8)).save(path)
+    code, _, err = run(["generate", "--from", str(path), "--out", str(tmp_path / "y.png")], capsys)
+    expected = {"missing": "no such file", "jpeg": "is a JPEG file: only PNGs", "plain png": "holds no anyms record"}
+    assert code == 2 and expected[kind] in err and err.count("\n") == 1, err
+
+
+def test_tiny_brings_its_own_adapter(images, capsys, tmp_path):
+    code, _, err = run(["generate", "a", "--subject", f"{images[0]}:0,0,1,1", *TINY, "--ip-adapter", "x.safetensors",
+                        "--out", str(tmp_path / "a.png")], capsys)
+    assert code == 2 and "--ip-adapter: --model tiny brings its own random IP-Adapter" in err
+
+
+# ------------------------------------------------------------------ no lost work
+def test_outputs_are_checked_before_any_model_loads(tmp_path, images, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_load_pipeline", no_loading)
+    (tmp_path / "file").write_text("a file where a folder should be")
+    (tmp_path / "taken.png").write_bytes(b"an earlier result")
+    (tmp_path / "half.layout.png").write_bytes(b"an earlier picture")
+    cases = [(tmp_path / "file" / "x.png", r"--out '.*file/x\.png': '.*file' is a file, not a folder"),
+             (tmp_path / "file" / "deeper" / "x.png", r"is a file, not a folder"),
+             (tmp_path / "taken.png", r"--out: '.*taken\.png' exists; give --overwrite to replace it"),
+             (tmp_path / "half.png", r"'.*half\.layout\.png' exists; give --overwrite"),
+             (tmp_path / "dir.png", r"--out '.*dir\.png' is a folder: name an image file")]
+    (tmp_path / "dir.png").mkdir()
+    for out, message in cases:
+        code, _, err = run(["generate", "a", "--subject", f"{images[0]}:0,0,1,1", *TINY, "--out", str(out)], capsys)
+        assert code == 2 and re.search(message, err) and err.count("\n") == 1, (out, err)
+    assert (tmp_path / "taken.png").read_bytes() == b"an earlier result"
+    assert (tmp_path / "half.layout.png").read_bytes() == b"an earlier picture"
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes in read-only folders")
+def test_a_read_only_folder_is_refused_before_loading(tmp_path, images, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_load_pipeline", no_loading)
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        code, _, err = run(["generate", "a", "--subject", f"{images[0]}:0,0,1,1", *TINY,
+                            "--out", str(folder / "x.png")], capsys)
+    finally:
+        folder.chmod(0o700)
+    assert code == 2 and "cannot write in" in err
+
+
+def test_overwrite_replaces_and_no_pictures_writes_only_the_image(tmp_path, images, capsys):
+    out = tmp_path / "a.png"
+    base = ["generate", "a", "--subject", f"{images[0]}:0,0,1,1", *TINY, "--out", str(out)]
+    assert run(base, capsys)[0] == 0
+    first = out.read_bytes()
+    assert run(base + ["--seed", "1"], capsys)[0] == 2 and out.read_bytes() == first
+    assert run(base + ["--seed", "1", "--overwrite"], capsys)[0] == 0 and out.read_bytes() != first
+    only = tmp_path / "only.png"
+    assert run(base[:-1] + [str(only), "--no-pictures"], capsys)[0] == 0
+    assert only.is_file() and not (tmp_path / "only.layout.png").exists()
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_atomic_save_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
+    image = Image.new("RGB", (16, 16), (10, 20, 30))
+    path = str(tmp_path / "x.png")
+    open(path, "wb").write(b"old")
+
+    def broken_save(self, fp, format=None, **kwargs):
+        fp.write(b"half an image")
+        raise OSError("disk full")
+
+    with monkeypatch.context() as m:
+        m.setattr(Image.Image, "save", broken_save)
+        with pytest.raises(OSError, match="disk full"):
+            outputs.atomic_save(image, path, overwrite=True)
+    assert open(path, "rb").read() == b"old" and os.listdir(tmp_path) == ["x.png"]
+    outputs.atomic_save(image, path, overwrite=True)
+    assert Image.open(path).getpixel((0, 0)) == (10, 20, 30)
+    # without overwrite an existing name is never replaced; the new image is kept beside it
+    with pytest.raises(outputs.OutputError, match=r"appeared while this ran: .*x-1\.png"):
+        outputs.atomic_save(Image.new("RGB", (16, 16), (1, 2, 3)), path)
+    assert Image.open(path).getpixel((0, 0)) == (10, 20, 30)
+    assert Image.open(tmp_path / "x-1.png").getpixel((0, 0)) == (1, 2, 3)
+    assert sorted(os.listdir(tmp_path)) == ["x-1.png", "x.png"]
+
+
+# ------------------------------------------------------------------ warnings, sizes, memory
+def test_subjects_that_vanish_at_a_level_are_named(tmp_path, subject_images, capsys):
+    """Eight overlapping subjects: those whose every cell at a coarse grid lies under later
+    subjects are named, with the grid; the brute-force owner rule says which they are."""
+    from anyms.layout import Layout
+    from anyms.preflight import unreached_subjects
+
+    rng = np.random.default_rng(3)
+    boxes = []
+    for _ in range(8):
+        x0, y0 = rng.uniform(0, 0.7, 2)
+        boxes.append([round(x0, 3), round(y0, 3), round(x0 + rng.uniform(0.2, 0.3), 3),
+                      round(y0 + rng.uniform(0.2, 0.3), 3)])
+    specs = []
+    for i, box in enumerate(boxes):
+        path = tmp_path / f"s{i}.png"
+        subject_images[i % 4].save(path)
+        specs += ["--subject", f"{path}:{','.join(map(str, box))}"]
+    # the tiny SDXL U-Net at 64 x 64: cross-attention at the 4x4 and 2x2 grids
+    expected = set()
+    for grid in ((4, 4), (2, 2)):
+        h, w = grid
+        owner = -np.ones(grid, int)
+        for s, (x0, y0, x1, y1) in enumerate(boxes):       # later subjects on top
+            owner[int(np.floor(y0 * h)):int(np.ceil(y1 * h)), int(np.floor(x0 * w)):int(np.ceil(x1 * w))] = s
+        expected |= {(s, grid) for s in range(8) if not (owner == s).any()}
+    assert expected, "the layout must lose a subject somewhere"
+    assert {(s, g) for s, g, _ in unreached_subjects(Layout(boxes, (8, 8)), [(4, 4), (2, 2)])} == expected
+    code, _, err = run(["generate", "eight things", *specs, *TINY, "--out", str(tmp_path / "eight.png")], capsys)
+    assert code == 0
+    named = re.findall(r"warning: subject 's(\d)' \(subjects\[(\d)\]\) gets no token at the ([^:]*) level", err)
+    assert {int(a) for a, b, _ in named} == {s for s, _ in expected} and all(a == b for a, b, _ in named)
+    for s, (h, w) in expected:
+        assert any(int(a) == s and f"{h}x{w}" in where for a, _, where in named), (s, err)
+
+
+def test_absurd_sizes_and_steps_are_refused_before_loading(images, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli, "_load_pipeline", no_loading)
+    for extra, message in ((["--height", "100000"], "--height 100000 is above the largest side accepted, 16384"),
+                           (["--width", "16392"], "--width 16392 is above the largest side accepted"),
+                           (["--steps", "5000"], r"--steps must be in \[1, 1000\], got 5000"),
+                           (["--seed", "-1"], r"--seed must be in \[0, ")):
+        code, _, err = run(["generate", "a", "--subject", f"{images[0]}:0,0,1,1", "--model", "tiny", *extra,
+                            "--out", str(tmp_path / "a.png")], capsys)
+        assert code == 2 and re.search(message, err), (extra, err)
+
+
+def test_the_memory_estimate_is_printed(images, capsys, tmp_path):
+    code, stdout, _ = run(["generate", "a", "--subject", f"{images[0]}:0,0,1,1", *TINY, "--vae-tiling",
+                           "--out", str(tmp_path / "a.png")], capsys)
+    assert code == 0
+    assert re.search(r"estimated peak memory, 64x64 on cpu: [\d.]+ GiB \(weights [\d.]+ \+ the larger of a U-Net "
+                     r"step [\d.]+ and the VAE decode [\d.]+\)", stdout), stdout
+    assert "1 subject," in stdout                 # not "1 subjects"
+
+
+def test_an_out_of_memory_generation_is_one_line(images, capsys, tmp_path, monkeypatch):
+    import torch
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore details")
+
+    monkeypatch.setattr("anyms.pipeline.AnyMSStableDiffusionXLPipeline.__call__", oom)
+    code, _, err = run(["generate", "a", "--subject", f"{images[0]}:0,0,1,1", *TINY, "--out", str(tmp_path / "a.png")],
+                       capsys)
+    assert code == 1 and err.count("\n") == 1 and "out of memory on cpu making 64x64: try --vae-tiling" in err, err
+    assert not (tmp_path / "a.png").exists()
+
+
+# ------------------------------------------------------------------ a quiet stderr, one-line errors
+def test_stderr_holds_only_the_progress_bar(tiny_sdxl_on_disk, images, tmp_path):
+    """A real from_pretrained and load_ip_adapter, in a fresh process: no torchvision lines, no
+    torch_dtype deprecation, no "kept in float32: []", no per-file loading bars."""
+    model, ip_weight = tiny_sdxl_on_disk
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}     # what a user's shell has
+    result = subprocess.run(
+        [sys.executable, "-m", "anyms", "generate", "a cat", "--subject", f"{images[0]}:0,0,1,1", "--model", model,
+         "--ip-adapter", ip_weight, "--height", "64", "--width", "64", "--steps", "2", "--device", "cpu",
+         "--out", str(tmp_path / "a.png")], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in re.split(r"[\r\n]+", result.stderr) if line.strip()]
+    noise = [line for line in lines if not line.startswith("denoising:")
+             and not line.startswith("loaded AnyMSStableDiffusionXLPipeline")]
+    assert not noise, noise
+
+
+def test_errors_are_one_line(images, capsys, monkeypatch, tmp_path):
+    def multi_line(*args, **kwargs):
+        raise cli.LoadError("cannot load the model 'x': OSError: first line\n  second line\n\nthird")
+
+    monkeypatch.setattr(cli, "_load_pipeline", multi_line)
+    code, _, err = run(["generate", "a", "--subject", f"{images[0]}:0,0,1,1", *TINY, "--out", str(tmp_path / "a.png")],
+                       capsys)
+    assert code == 1 and err == "anyms generate: error: cannot load the model 'x': OSError: first line second line third\n"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "a", "--subject", "x.png:0,0,1,1", "--bogus"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "unrecognized arguments: --bogus" in err
+
+
+def test_a_base_install_says_which_extra_to_install(tmp_path):
+    code = ("import sys; sys.modules['diffusers'] = None\n"
+            "from anyms import cli\n"
+            f"status = cli.main(['generate', 'a', '--subject', 'x.png:0,0,1,1', '--out', {str(tmp_path / 'a.png')!r}])\n"
+            "import anyms\n"
+            "try:\n"
+            "    anyms.Subject\n"
+            "except ModuleNotFoundError as e:\n"
+            "    print('IMPORT:', e)\n"
+            "sys.exit(status)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == ("anyms generate: error: this needs diffusers, which is not installed: "
+                             "pip install 'anyms-kernels[diffusers]'\n")
+    assert "IMPORT: anyms.Subject needs diffusers, which is not installed: pip install 'anyms-kernels[diffusers]'" \
+        in result.stdout

@@ -1,0 +1,265 @@
+"""``anyms generate --jobs``: resumable runs with a manifest, bad lines named before loading, failed
+jobs recorded, subject embeddings reused, and two processes (accelerate launch, gloo on CPU) making
+the images one process makes. CPU, the built-in tiny model."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anyms import cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = ["--model", "tiny", "--height", "64", "--width", "64", "--steps", "2", "--device", "cpu"]
+
+
+@pytest.fixture
+def folder(tmp_path, subject_images):
+    for i, img in enumerate(subject_images[:3]):
+        img.save(tmp_path / f"s{i}.png")
+    return tmp_path
+
+
+def write_jobs(path, jobs):
+    path.write_text("\n".join(json.dumps(j) for j in jobs) + "\n")
+    return str(path)
+
+
+def three_jobs():
+    return [
+        {"prompt": "two things", "subjects": [{"image": "s0.png", "box": [0, 0, 0.6, 1]},
+                                             {"image": "s1.png", "box": [0.4, 0, 1, 1], "scale": 0.8}]},
+        {"prompt": "one thing", "seed": 42, "out": "sub/one.png", "subjects": [{"image": "s1.png", "box": [0, 0, 1, 1]}]},
+        {"prompt": "again two", "steps": 1, "mode": "sum",
+         "subjects": [{"image": "s0.png", "box": [0.1, 0.1, 0.9, 0.9]}, {"image": "s2.png", "box": [0, 0, 0.5, 0.5]}]},
+    ]
+
+
+def manifest(out_dir):
+    with open(os.path.join(out_dir, "manifest.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_jobs_run_resume_and_manifest(folder, capsys):
+    jobs = write_jobs(folder / "jobs.jsonl", three_jobs())
+    out = folder / "out"
+    argv = ["generate", "--jobs", jobs, *TINY, "--out-dir", str(out)]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    images = [out / "00000.png", out / "sub" / "one.png", out / "00002.png"]
+    assert all(p.is_file() for p in images) and not list(out.glob("*.layout.png"))
+    entries = manifest(out)
+    assert [(e["index"], e["line"], e["out"], e["status"], e["seed"]) for e in entries] == [
+        (0, 1, "00000.png", "done", 0), (1, 2, "sub/one.png", "done", 42), (2, 3, "00002.png", "done", 2)]
+    assert all(e["seconds"] > 0 and e["process"] == 0 for e in entries)
+    assert not list(out.glob(".manifest.rank-*"))
+    # the progress bar counts images and shows each one's time
+    assert re.search(r"jobs: 100%.*3/3.*image.*last [\d.]+ s", captured.err), captured.err
+    assert "subject embeddings: 3 encoded, 2 reused" in captured.out
+    records = [json.loads(Image.open(p).text["anyms"]) for p in images]
+    assert [(r["seed"], r["steps"], r["layout"]["mode"]) for r in records] == [(0, 2, "overwrite"), (42, 2, "overwrite"),
+                                                                             (2, 1, "sum")]
+    assert records[1]["layout"]["subjects"][0]["image"] == "../../s1.png"     # relative to the image
+
+    # a second run makes nothing: every job is done (the manifest keeps the first run's times)
+    stamps = [p.stat().st_mtime_ns for p in images]
+    assert cli.main(argv) == 0
+    assert [p.stat().st_mtime_ns for p in images] == stamps
+    again = manifest(out)
+    assert [e["status"] for e in again] == ["skipped"] * 3
+    assert [e["seconds"] for e in again] == [e["seconds"] for e in entries]
+    # a lost image is made again, and only it; the same job gives the same image
+    first = pixels(images[1])
+    images[1].unlink()
+    assert cli.main(argv) == 0
+    assert [e["status"] for e in manifest(out)] == ["skipped", "done", "skipped"]
+    np.testing.assert_array_equal(pixels(images[1]), first)
+    assert [p.stat().st_mtime_ns for p in (images[0], images[2])] == [stamps[0], stamps[2]]
+
+
+def test_a_job_image_is_the_single_generate_image(folder, capsys):
+    """The same layout and seed give the same pixels through --jobs (embeddings cached, encoded
+    one image at a time) and through one anyms generate."""
+    jobs = write_jobs(folder / "jobs.jsonl", three_jobs()[:1])
+    assert cli.main(["generate", "--jobs", jobs, *TINY, "--out-dir", str(folder / "out")]) == 0
+    single = folder / "single.png"
+    assert cli.main(["generate", "two things", "--subject", f"{folder / 's0.png'}:0,0,0.6,1",
+                     "--subject", f"{folder / 's1.png'}:0.4,0,1,1:0.8", *TINY, "--seed", "0", "--no-pictures",
+                     "--out", str(single)]) == 0
+    np.testing.assert_array_equal(pixels(folder / "out" / "00000.png"), pixels(single))
+
+
+def _bad_jobs(folder):
+    good = three_jobs()[0]
+    return [
+        (["{\"prompt\": \"x\", \"subjects\": [{\"image\": \"s0.png\", \"box\": [0, 0, 1, 1]}]}", "{ not json"],
+         r"--jobs .*jobs\.jsonl:2: not valid JSON"),
+        ([json.dumps(dict(good, bogus=1))], r"jobs\.jsonl:1: unknown key\(s\) \['bogus'\]"),
+        ([json.dumps(dict(good, steps="ten"))], r"jobs\.jsonl:1: \"steps\" must be an integer, got 'ten'"),
+        ([json.dumps(dict(good, steps=5000))], r"jobs\.jsonl:1: \"steps\" must be in \[1, 1000\]"),
+        ([json.dumps(dict(good, height=100))], r"jobs\.jsonl:1: \"height\" must be a positive multiple of 8"),
+        ([json.dumps(dict(good, seed=1.5))], r"jobs\.jsonl:1: \"seed\" must be an integer"),
+        ([json.dumps(dict(good, mode="add"))], r"jobs\.jsonl:1: \"mode\" must be one of \['overwrite', 'sum'\]"),
+        ([json.dumps(dict(good, out="a.jpg"))], r"jobs\.jsonl:1: \"out\" must be a \.png path"),
+        ([json.dumps(dict(good, out="a.png")), "", json.dumps(dict(good, out="a.png"))],
+         r"jobs\.jsonl:3: \"out\" 'a\.png' is also line 1's"),
+        ([json.dumps(dict(good, prompt=None))], r"jobs\.jsonl:1: a prompt is required"),
+        ([json.dumps({"prompt": "x", "subjects": [{"image": "missing.png", "box": [0, 0, 1, 1]}]})],
+         r"jobs\.jsonl:1: subjects\[0\]\.image: no image file"),
+        ([json.dumps({"prompt": "x", "subjects": [{"image": "s0.png", "box": [0, 0, 1, 2]}]})],
+         r"jobs\.jsonl:1: subjects\[0\]\.box must lie inside \[0, 1\]"),
+        (["", "   "], r"holds no jobs"),
+    ]
+
+
+def test_bad_jobs_fail_before_loading_naming_the_line(folder, capsys, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before every job was checked")
+
+    monkeypatch.setattr(cli, "_load_pipeline", no_loading)
+    for lines, message in _bad_jobs(folder):
+        (folder / "jobs.jsonl").write_text("\n".join(lines) + "\n")
+        code = cli.main(["generate", "--jobs", str(folder / "jobs.jsonl"), *TINY, "--out-dir", str(folder / "o")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and re.search(message, err), (lines, err)
+    assert not (folder / "o").exists() or not any((folder / "o").iterdir())
+    jobs = write_jobs(folder / "jobs.jsonl", three_jobs())
+    for extra, message in ((["--out", "x.png"], "--out names one image"),
+                           ([], r"--jobs .*missing\.jsonl': no such file")):
+        code = cli.main(["generate", "--jobs", jobs if extra else str(folder / "missing.jsonl"), *TINY, *extra])
+        assert code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_an_image_made_from_something_else_is_not_replaced(folder, capsys):
+    jobs = write_jobs(folder / "jobs.jsonl", three_jobs()[:2])
+    out = folder / "out"
+    argv = ["generate", "--jobs", jobs, *TINY, "--out-dir", str(out)]
+    (out / "sub").mkdir(parents=True)
+    (out / "sub" / "one.png").write_bytes(b"someone's file")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"jobs\.jsonl:2: image '.*one\.png': cannot read it as an image.*give --overwrite", err), err
+    assert (out / "sub" / "one.png").read_bytes() == b"someone's file" and not (out / "00000.png").exists()
+    (out / "sub" / "one.png").unlink()
+    assert cli.main(argv) == 0
+    # the jobs change (another seed for every job): the images no longer record them
+    assert cli.main(argv + ["--seed", "7"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"jobs\.jsonl:1: '.*00000\.png' exists but was made from something else \(seed differs\); "
+                     r"give --overwrite", err), err
+    before = pixels(out / "00000.png")
+    assert cli.main(argv + ["--seed", "7", "--overwrite"]) == 0
+    assert json.loads(Image.open(out / "00000.png").text["anyms"])["seed"] == 7
+    assert np.abs(pixels(out / "00000.png").astype(int) - before).max() > 0
+    assert [e["status"] for e in manifest(out)] == ["done", "skipped"]      # job 2 keeps its own seed, 42
+
+
+def test_a_failed_job_is_recorded_and_the_run_goes_on(folder, capsys, monkeypatch):
+    from anyms import jobs as jobs_module
+
+    real = jobs_module.generate_image
+
+    def flaky(pipe, job, run):
+        if job.index == 1:
+            raise cli.GenerationError(f"{job.where}: out of memory on cpu making 64x64: try --vae-tiling")
+        return real(pipe, job, run)
+
+    monkeypatch.setattr(jobs_module, "generate_image", flaky)
+    jobs = write_jobs(folder / "jobs.jsonl", three_jobs())
+    out = folder / "out"
+    argv = ["generate", "--jobs", jobs, *TINY, "--out-dir", str(out), "--pictures"]
+    assert cli.main(argv) == 1
+    captured = capsys.readouterr()
+    entries = manifest(out)
+    assert [e["status"] for e in entries] == ["done", "failed", "done"]
+    assert "out of memory on cpu" in entries[1]["error"]
+    assert re.search(r"warning: 1 job failed; the first, line 2: .*out of memory", captured.err)
+    assert (out / "00000.layout.png").is_file() and (out / "00002.routing.png").is_file()
+    assert not (out / "sub" / "one.png").exists()
+    monkeypatch.setattr(jobs_module, "generate_image", real)
+    assert cli.main(argv) == 0
+    assert [e["status"] for e in manifest(out)] == ["skipped", "done", "skipped"]
+
+
+def test_subject_embeddings_are_encoded_once_per_distinct_image(tiny_sdxl_pipe, subject_images):
+    """Each distinct image goes through the image encoder once; the cached embeddings are the
+    ones diffusers' encode_image makes for that image, and the generation is unchanged."""
+    import torch
+
+    from anyms.embeddings import SubjectEmbeddingCache, image_key
+    from anyms.pipeline import AnyMSStableDiffusionXLPipeline
+    from anyms.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline(AnyMSStableDiffusionXLPipeline, kind="sdxl", plus=True, seed=0)   # hidden-state path
+    calls = []
+    pipe.image_encoder.register_forward_pre_hook(lambda module, args, kwargs: calls.append(args[0].shape[0]),
+                                                 with_kwargs=True)
+    a, b, c = subject_images[:3]
+    layouts = [[a, b], [b, c], [a, c], [c, a]]
+    cache = SubjectEmbeddingCache()
+
+    def run(images):
+        from anyms import Subject
+
+        subjects = [Subject(images[0], (0, 0, 0.6, 1)), Subject(images[1], (0.4, 0, 1, 1))]
+        return np.asarray(pipe("x", subjects=subjects, height=64, width=64, num_inference_steps=1,
+                               generator=torch.Generator().manual_seed(0)).images[0])
+
+    plain = [run(images) for images in layouts]
+    calls.clear()
+    with cache.attached(pipe):
+        cached = [run(images) for images in layouts]
+    assert "encode_image" not in vars(pipe)             # the pipeline is left as it was
+    # 3 distinct images: 3 encodes of one image (and, for the plus adapter, of its black twin)
+    assert calls == [1] * 6 and (cache.misses, cache.hits, len(cache)) == (3, 5, 3)
+    for p, q in zip(plain, cached):
+        assert np.abs(p.astype(int) - q.astype(int)).max() <= 1
+    embeds, negative = pipe.encode_image([b], "cpu", 1, True)
+    key = next(k for k in cache._entries if k[0] == image_key(b))
+    torch.testing.assert_close(cache._entries[key][0], embeds, rtol=0, atol=0)
+    torch.testing.assert_close(cache._entries[key][1], negative, rtol=0, atol=0)
+    # a size bound: the least recently used entries go first
+    small = SubjectEmbeddingCache(max_bytes=int(1.5 * sum(t.numel() * t.element_size() for t in (embeds, negative))))
+    with small.attached(pipe):
+        run([a, b])
+    assert len(small) == 1 and small.misses == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
+                    reason="accelerate's launcher is not installed")
+def test_two_processes_make_the_images_one_process_makes(folder, capsys):
+    """accelerate launch, two processes on the CPU (torchrun and gloo underneath): every job is made
+    once, by one of them, and its image (PNG bytes: pixels and record) is the one-process image."""
+    jobs = three_jobs() + [{"prompt": "four", "subjects": [{"image": "s2.png", "box": [0, 0.2, 1, 0.8]}]}]
+    path = write_jobs(folder / "jobs.jsonl", jobs)
+    one = folder / "one"
+    assert cli.main(["generate", "--jobs", path, *TINY, "--out-dir", str(one)]) == 0
+    capsys.readouterr()
+    two = folder / "two"
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    result = subprocess.run(
+        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "--main_process_port", "0", "-m", "anyms", "generate", "--jobs", path, *TINY,
+         "--out-dir", str(two)], capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "split across 2 processes" in result.stdout
+    entries = manifest(two)
+    assert [e["status"] for e in entries] == ["done"] * 4
+    assert sorted({e["process"] for e in entries}) == [0, 1]
+    for e in manifest(one):
+        assert (one / e["out"]).read_bytes() == (two / e["out"]).read_bytes(), e["out"]
