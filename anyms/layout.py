@@ -164,11 +164,17 @@ class Layout:
         size (odd sizes round up), or with ``patch`` the token grid, which must have that many."""
         grid = self.token_grid
         if grid is None:
-            return layer_grid(self.latent_hw, num_tokens)
+            try:
+                return layer_grid(self.latent_hw, num_tokens)
+            except ValueError:
+                raise ValueError(
+                    f"the layer has {num_tokens} tokens, which no U-Net level of the layout's latent_hw "
+                    f"{self.latent_hw} has: make the Layout with latent_hw = (height // 8, width // 8) of the image "
+                    f"being generated, height first") from None
         if num_tokens != grid[0] * grid[1]:
             raise ValueError(
-                f"the layer has {num_tokens} image tokens but the layout's {self.latent_hw[0]}x{self.latent_hw[1]} "
-                f"latent in {self.patch}x{self.patch} patches is a {grid[0]}x{grid[1]} grid of {grid[0] * grid[1]}: "
+                f"the layer has {num_tokens} image tokens but the layout's latent_hw {self.latent_hw}, "
+                f"in {self.patch}x{self.patch} patches, is a {grid[0]}x{grid[1]} grid of {grid[0] * grid[1]}: "
                 f"make the Layout with the latent size being denoised"
             )
         return grid

@@ -191,8 +191,9 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
         grid, routing = layout.routing(num_queries, q.device)
         if input_ndim == 4 and grid != (height, width):
             raise ValueError(
-                f"the layout's latent {layout.latent_hw} gives a {grid[0]}x{grid[1]} grid for this layer, "
-                f"but its hidden states are {height}x{width}: make the Layout with the latent size being denoised"
+                f"the layout's latent_hw {layout.latent_hw} gives a {grid[0]}x{grid[1]} grid for this layer, "
+                f"but its hidden states are {height}x{width}: make the Layout with latent_hw = the latent being "
+                f"denoised, (height // 8, width // 8), height first"
             )
         out = anyms_kernels.region_cross_attention(
             q, k_text, v_text, k_subj, v_subj, routing, grid, mode=layout.mode,
