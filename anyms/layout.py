@@ -211,6 +211,27 @@ class Layout:
             self._routing[key] = routing
         return routing
 
+    def prepare(self, device, levels: int = 1) -> "Layout":
+        """Build now, on ``device``, everything the attention layers read; returns self.
+
+        That is the :class:`Routing` of every grid the model's layers have (with
+        ``patch``: the one token grid; else the latent and its next ``levels - 1``
+        halvings, odd sizes rounding up: a U-Net with ``levels`` resolutions) and the
+        scales. Afterwards a forward only looks them up: no region arithmetic, no value
+        checks and no writes to this Layout, so a ``torch.compile(fullgraph=True)``
+        forward has no data-dependent branch and reads tensors only. Without it each is
+        built on first use (eagerly). The pipelines call it when a call's layout is made.
+        """
+        if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
+            raise ValueError(f"levels must be a positive int (the U-Net's resolutions), got {levels!r}")
+        device = torch.empty(0, device=device).device      # "cuda" -> "cuda:0": the key a forward looks up
+        grid = self.token_grid or self.latent_hw
+        for _ in range(1 if self.patch is not None else levels):
+            self.routing_at(grid, device)
+            grid = ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
+        self.subject_scale(device)
+        return self
+
     def token_boxes(self, num_tokens: int, device) -> Tuple[Grid, torch.Tensor]:
         """``(grid, int32 [S, 4] token boxes on device)``, computed once per grid and device.
 

@@ -15,7 +15,8 @@ A call with ``subjects`` does, in order:
    processors if they are not installed yet;
 3. when the parent checks its inputs (its first step, before any model work), takes
    the height and width it settled on, builds the :class:`~anyms.Layout` on the
-   latent grid and sets it on every AnyMS processor;
+   latent grid with the routing of every U-Net level (so that the denoising loop,
+   compiled or not, only reads it) and sets it on every AnyMS processor;
 4. always puts back the processors (and layouts) that were there before, so that a
    plain call afterwards is plain diffusers.
 
@@ -338,14 +339,17 @@ class AnyMSPipelineMixin:
 
         The parent calls this first thing, with the height and width it settled on
         (its defaults applied), before any model work: the one place where the
-        latent size is known for sure, so the layout is built here.
+        latent size is known for sure, so the layout is built here, with the routing
+        of every U-Net level on the device the U-Net runs on (:meth:`Layout.prepare`):
+        the denoising loop, compiled or not, only reads it.
         """
         super().check_inputs(*args, **kwargs)
         plan = self._anyms_pending
         if plan is not None:
             sizes = inspect.signature(super().check_inputs).bind(*args, **kwargs).arguments
             height, width = int(sizes["height"]), int(sizes["width"])
-            plan.layout = plan.make_layout((height // self.vae_scale_factor, width // self.vae_scale_factor))
+            layout = plan.make_layout((height // self.vae_scale_factor, width // self.vae_scale_factor))
+            plan.layout = layout.prepare(self._execution_device, levels=len(self.unet.config.block_out_channels))
             set_anyms_layout(self, plan.layout)
             self.anyms_last_plan = plan
 

@@ -228,7 +228,8 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
             return cache[3]
         factor = torch.tensor(key, dtype=torch.float32)
         scale = layout.subject_scale(device) * factor.to(device)
-        self._scale_cache = (layout, device, key, scale)
+        if not torch.compiler.is_compiling():     # traced, the product is part of the graph: no cache
+            self._scale_cache = (layout, device, key, scale)   # (writing one would retrace at the next step)
         return scale
 
 
