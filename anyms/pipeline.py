@@ -27,13 +27,14 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
 from anyms_kernels.regions import MODES, check_normalized_boxes, mask_bbox
 
@@ -277,6 +278,14 @@ class AnyMSPipelineMixin:
         if len(layers) != 1:
             raise ValueError(f"subjects use exactly one IP-Adapter (its images are the subjects), "
                              f"but {len(layers)} are loaded: unload_ip_adapter() and load one")
+        if not any(isinstance(p, IPAdapterAttnProcessor2_0) for p in unet.attn_processors.values()):
+            kinds = sorted({type(p).__name__ for p in unet.attn_processors.values()})
+            raise ValueError(
+                f"an IP-Adapter is loaded (its image projection is in unet.encoder_hid_proj), but no attention "
+                f"processor of the U-Net holds its to_k_ip / to_v_ip weights any more: something replaced them "
+                f"after load_ip_adapter (the U-Net's processors are {', '.join(kinds)}; unet.set_attn_processor, "
+                f"set_default_attn_processor and unet.set_attention_slice do). Load the adapter again "
+                f"(pipe.load_ip_adapter(...)); pipe.enable_attention_slicing() keeps it")
         if getattr(self, "image_encoder", None) is None:
             raise ValueError("subjects need the IP-Adapter's image encoder, and the pipeline has none: "
                              "load the adapter with its image_encoder_folder, or pass image_encoder=")
@@ -352,6 +361,23 @@ class AnyMSPipelineMixin:
             plan.layout = layout.prepare(self._execution_device, levels=len(self.unet.config.block_out_channels))
             set_anyms_layout(self, plan.layout)
             self.anyms_last_plan = plan
+
+    def enable_attention_slicing(self, slice_size: Union[str, int, None] = "auto"):
+        """diffusers' attention slicing, except that the IP-Adapter's layers keep their processors.
+
+        diffusers' own replaces every attention processor, the IP-Adapter's too, which
+        drops their ``to_k_ip`` / ``to_v_ip`` weights (an ``ip_adapter_image`` call then
+        fails). Here the other layers are sliced and the adapter's cross-attention layers
+        (the AnyMS op's, which needs no slicing) stay as they are; ``disable_attention_slicing``
+        (``slice_size=None``) likewise.
+        """
+        unet = self.unet
+        adapter = {name: p for name, p in unet.attn_processors.items() if isinstance(p, IPAdapterAttnProcessor2_0)}
+        super().enable_attention_slicing(slice_size)
+        if adapter:
+            processors = dict(unet.attn_processors)
+            processors.update(adapter)
+            unet.set_attn_processor(processors)
 
 
 class AnyMSStableDiffusionXLPipeline(AnyMSPipelineMixin, StableDiffusionXLPipeline):

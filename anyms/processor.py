@@ -40,7 +40,28 @@ __all__ = ["AnyMSAttnProcessor", "apply_anyms", "remove_anyms", "set_anyms_layou
 _MASKED_BIAS = -10000.0
 
 
-class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
+class _EqualsItsParent(type):
+    """The metaclass that makes ``AnyMSAttnProcessor == IPAdapterAttnProcessor2_0``; nothing else changes.
+
+    diffusers' models let ``set_default_attn_processor()`` run only when
+    ``proc.__class__ in CROSS_ATTENTION_PROCESSORS`` for every processor: an equality
+    test on classes, which a subclass fails. An AnyMS processor is an IP-Adapter
+    processor (same weights; without a layout, the same behaviour), so the reset must
+    treat it as one (replace it like diffusers' own) rather than refuse with an error
+    naming another layer's processor. ``type(p)``, ``isinstance``, hashing (identity),
+    pickling and every diffusers object are untouched.
+    """
+
+    def __eq__(cls, other):
+        return cls is other or other is IPAdapterAttnProcessor2_0
+
+    def __ne__(cls, other):
+        return not (cls is other or other is IPAdapterAttnProcessor2_0)
+
+    __hash__ = type.__hash__
+
+
+class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0, metaclass=_EqualsItsParent):
     r"""IP-Adapter cross-attention processor with AnyMS's layout-confined subject branches.
 
     Args (as ``IPAdapterAttnProcessor2_0``):
