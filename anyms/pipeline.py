@@ -20,11 +20,14 @@ A call with ``subjects`` does, in order:
 4. always puts back the processors (and layouts) that were there before, so that a
    plain call afterwards is plain diffusers.
 
-Without ``subjects`` the pipelines are their parents, unchanged.
+Without ``subjects`` the pipelines are their parents, unchanged: the same ``__call__``
+signature (plus the keyword-only AnyMS arguments), and ``save_pretrained`` writes a
+folder of the parent pipeline.
 """
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence, Tuple, Union
@@ -262,12 +265,20 @@ def prepare_subjects(subjects, mode: str = "overwrite", priority: str = "order")
 class AnyMSPipelineMixin:
     """The AnyMS call, shared by the SDXL and SD 1.5 pipelines (put it first in the bases).
 
-    After a call with subjects, ``anyms_last_plan`` holds its :class:`AnyMSPlan`
-    (subjects in priority order and the :class:`Layout` used), for the pictures.
+    A subclass's ``__call__`` has its diffusers parent's signature plus the keyword-only
+    ``subjects``, ``anyms_mode`` and ``anyms_priority`` (``inspect.signature`` shows
+    them all, as diffusers' tools and tests expect). After a call with subjects,
+    ``anyms_last_plan`` holds its :class:`AnyMSPlan` (subjects in priority order and the
+    :class:`Layout` used), for the pictures.
     """
 
     _anyms_pending: Optional[AnyMSPlan] = None
     anyms_last_plan: Optional[AnyMSPlan] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__call__" not in vars(cls):
+            cls.__call__ = _call_with_parent_signature(cls)
 
     def _anyms_check_adapter(self) -> None:
         unet = self.unet
@@ -290,8 +301,8 @@ class AnyMSPipelineMixin:
             raise ValueError("subjects need the IP-Adapter's image encoder, and the pipeline has none: "
                              "load the adapter with its image_encoder_folder, or pass image_encoder=")
 
-    def __call__(self, prompt=None, *args, subjects: Optional[Sequence[Subject]] = None,
-                 anyms_mode: Optional[str] = None, anyms_priority: Optional[str] = None, **kwargs):
+    def _anyms_call(self, args: tuple, kwargs: dict, subjects: Optional[Sequence[Subject]],
+                    anyms_mode: Optional[str], anyms_priority: Optional[str]):
         """The parent pipeline's call, plus AnyMS's arguments:
 
         Args:
@@ -319,8 +330,8 @@ class AnyMSPipelineMixin:
             for name, value in (("anyms_mode", anyms_mode), ("anyms_priority", anyms_priority)):
                 if value is not None:
                     raise ValueError(f"{name} was given without subjects; give subjects=[anyms.Subject(...)]")
-            return parent_call(prompt, *args, **kwargs)
-        bound = inspect.signature(parent_call).bind_partial(prompt, *args, **kwargs)
+            return parent_call(*args, **kwargs)
+        bound = inspect.signature(parent_call).bind_partial(*args, **kwargs)
         for name in ("ip_adapter_image", "ip_adapter_image_embeds"):
             if bound.arguments.get(name) is not None:
                 raise ValueError(f"give either subjects or {name}, not both: the subjects' images are the "
@@ -378,6 +389,58 @@ class AnyMSPipelineMixin:
             processors = dict(unet.attn_processors)
             processors.update(adapter)
             unet.set_attn_processor(processors)
+
+    def to_json_string(self) -> str:
+        """The pipeline's config as JSON, naming the diffusers pipeline this one extends.
+
+        ``save_pretrained`` writes it to ``model_index.json``. AnyMS adds no weights and
+        no config to its parent, so the folder is the parent's: ``DiffusionPipeline``
+        and the ``AutoPipeline`` classes load it (as the parent, which they know), and
+        ``AnyMSStableDiffusionXLPipeline.from_pretrained`` (or ``from_pipe``) as AnyMS.
+        """
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = _parent_pipeline(type(self)).__name__
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+_ANYMS_PARAMETERS = (("subjects", Optional[Sequence[Subject]]), ("anyms_mode", Optional[str]),
+                     ("anyms_priority", Optional[str]))
+
+
+def _parent_pipeline(cls) -> type:
+    """The diffusers pipeline class that an AnyMS pipeline class extends."""
+    for base in cls.__mro__[1:]:
+        if not issubclass(base, AnyMSPipelineMixin) and "__call__" in vars(base):
+            return base
+    raise TypeError(f"{cls.__name__} has no diffusers pipeline among its bases")
+
+
+def _call_with_parent_signature(cls):
+    """``cls.__call__``: the parent's parameters, then AnyMS's keyword-only ones, then its ``**kwargs``.
+
+    diffusers' tests and tools read ``inspect.signature(pipeline_class.__call__)`` (which
+    arguments exist: guidance_scale, callback_on_step_end, num_images_per_prompt, ...), so
+    the signature is the parent's own, not ``(*args, **kwargs)``. Arguments are bound by
+    the parent's signature, so a wrong one fails as it would in the parent.
+    """
+    parent = _parent_pipeline(cls)
+    signature = inspect.signature(parent.__call__)
+    params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    var_keyword = [p for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD]
+    clash = {p.name for p in params} & {name for name, _ in _ANYMS_PARAMETERS}
+    if clash:
+        raise TypeError(f"{parent.__name__}.__call__ already has {sorted(clash)}: AnyMS's arguments would shadow them")
+    anyms = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+             for name, annotation in _ANYMS_PARAMETERS]
+
+    def __call__(self, *args, subjects=None, anyms_mode=None, anyms_priority=None, **kwargs):
+        return self._anyms_call(args, kwargs, subjects, anyms_mode, anyms_priority)
+
+    __call__.__signature__ = signature.replace(parameters=params + anyms + var_keyword)
+    __call__.__doc__ = AnyMSPipelineMixin._anyms_call.__doc__
+    __call__.__qualname__ = f"{cls.__qualname__}.__call__"
+    __call__.__module__ = cls.__module__
+    return __call__
 
 
 class AnyMSStableDiffusionXLPipeline(AnyMSPipelineMixin, StableDiffusionXLPipeline):
