@@ -22,13 +22,17 @@ A call with ``subjects`` does, in order:
 
 Without ``subjects`` the pipelines are their parents, unchanged: the same ``__call__``
 signature (plus the keyword-only AnyMS arguments), and ``save_pretrained`` writes a
-folder of the parent pipeline.
+folder of the parent pipeline. A pipeline runs one call at a time (a concurrent call
+raises ``RuntimeError``, see :class:`AnyMSPipelineMixin`).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
+import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
@@ -270,6 +274,13 @@ class AnyMSPipelineMixin:
     them all, as diffusers' tools and tests expect). After a call with subjects,
     ``anyms_last_plan`` holds its :class:`AnyMSPlan` (subjects in priority order and the
     :class:`Layout` used), for the pictures.
+
+    One call at a time: a call while another runs on the same pipeline (any thread),
+    or a ``subjects=`` call while another AnyMS pipeline runs on the same U-Net (as
+    after ``from_pipe``), raises ``RuntimeError`` and changes nothing. diffusers'
+    pipelines are not reentrant either (the scheduler's step index, the guidance
+    state, the U-Net's attention processors belong to the objects, not to the call);
+    for concurrent generations give each thread its own pipeline and U-Net.
     """
 
     _anyms_pending: Optional[AnyMSPlan] = None
@@ -324,35 +335,38 @@ class AnyMSPipelineMixin:
             given with ``subjects``, or a mask's size is not the image's (naming
             ``subjects[i].mask``). The parent's own checks (height and width divisible
             by 8, ...) run next, still before any model work.
+            RuntimeError, before anything else, when another call runs on this pipeline,
+            or (with subjects) on its U-Net (see :class:`AnyMSPipelineMixin`).
         """
-        parent_call = super().__call__
-        if subjects is None:
-            for name, value in (("anyms_mode", anyms_mode), ("anyms_priority", anyms_priority)):
-                if value is not None:
-                    raise ValueError(f"{name} was given without subjects; give subjects=[anyms.Subject(...)]")
-            return parent_call(*args, **kwargs)
-        bound = inspect.signature(parent_call).bind_partial(*args, **kwargs)
-        for name in ("ip_adapter_image", "ip_adapter_image_embeds"):
-            if bound.arguments.get(name) is not None:
-                raise ValueError(f"give either subjects or {name}, not both: the subjects' images are the "
-                                 f"IP-Adapter images")
-        plan = prepare_subjects(subjects, anyms_mode or "overwrite", anyms_priority or "order")
-        self._anyms_check_adapter()
-        call_kwargs = dict(bound.arguments)
-        call_kwargs.update(call_kwargs.pop("kwargs", {}))
-        if plan.mask_hw is not None:       # the masks fix the image size (checked before any model work)
-            call_kwargs["height"], call_kwargs["width"] = plan.image_size(
-                call_kwargs.get("height"), call_kwargs.get("width"), self.vae_scale_factor)
-        call_kwargs["ip_adapter_image"] = [plan.images]  # one adapter, S images
+        with _one_call_at_a_time(self, with_subjects=subjects is not None):
+            parent_call = super().__call__
+            if subjects is None:
+                for name, value in (("anyms_mode", anyms_mode), ("anyms_priority", anyms_priority)):
+                    if value is not None:
+                        raise ValueError(f"{name} was given without subjects; give subjects=[anyms.Subject(...)]")
+                return parent_call(*args, **kwargs)
+            bound = inspect.signature(parent_call).bind_partial(*args, **kwargs)
+            for name in ("ip_adapter_image", "ip_adapter_image_embeds"):
+                if bound.arguments.get(name) is not None:
+                    raise ValueError(f"give either subjects or {name}, not both: the subjects' images are the "
+                                     f"IP-Adapter images")
+            plan = prepare_subjects(subjects, anyms_mode or "overwrite", anyms_priority or "order")
+            self._anyms_check_adapter()
+            call_kwargs = dict(bound.arguments)
+            call_kwargs.update(call_kwargs.pop("kwargs", {}))
+            if plan.mask_hw is not None:       # the masks fix the image size (checked before any model work)
+                call_kwargs["height"], call_kwargs["width"] = plan.image_size(
+                    call_kwargs.get("height"), call_kwargs.get("width"), self.vae_scale_factor)
+            call_kwargs["ip_adapter_image"] = [plan.images]  # one adapter, S images
 
-        # anyms_attention installs the AnyMS processors (layout None until check_inputs
-        # sets it) and, on exit, puts back exactly the processors and layouts of before.
-        with anyms_attention(self):
-            self._anyms_pending = plan
-            try:
-                return parent_call(**call_kwargs)
-            finally:
-                self._anyms_pending = None
+            # anyms_attention installs the AnyMS processors (layout None until check_inputs
+            # sets it) and, on exit, puts back exactly the processors and layouts of before.
+            with anyms_attention(self):
+                self._anyms_pending = plan
+                try:
+                    return parent_call(**call_kwargs)
+                finally:
+                    self._anyms_pending = None
 
     def check_inputs(self, *args, **kwargs):
         """The parent's check; during an AnyMS call it also sets the layout.
@@ -441,6 +455,55 @@ def _call_with_parent_signature(cls):
     __call__.__qualname__ = f"{cls.__qualname__}.__call__"
     __call__.__module__ = cls.__module__
     return __call__
+
+
+# ---------------------------------------------------------------- one call at a time
+# The calls in progress: pipeline -> its thread's name; underlying U-Net -> [plain calls,
+# subjects= calls] of AnyMS pipelines on it. Weak keys: they hold no model alive.
+_CALLS_LOCK = threading.Lock()
+_BUSY_PIPELINES: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+_BUSY_UNETS: "weakref.WeakKeyDictionary[Any, List[int]]" = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def _one_call_at_a_time(pipe, with_subjects: bool):
+    """Hold ``pipe`` (and its U-Net) for one call; raise RuntimeError, changing nothing, when busy.
+
+    A pipeline runs one call at a time. A U-Net runs any number of plain calls of
+    pipelines sharing it, or one ``subjects=`` call (which installs its layout in the
+    U-Net's attention processors, where every other call would see it).
+    """
+    unet = getattr(pipe, "unet", None)
+    unet = getattr(unet, "_orig_mod", unet)          # torch.compile's wrapper: the module it wraps
+    name = type(pipe).__name__
+    with _CALLS_LOCK:
+        thread = _BUSY_PIPELINES.get(pipe)
+        if thread is not None:
+            raise RuntimeError(
+                f"this {name} is already running a call (thread {thread!r}): a pipeline runs one call at a "
+                f"time, as diffusers' pipelines do (the scheduler's step index and the guidance state belong to "
+                f"the pipeline, and a subjects= call sets its layout in the U-Net's attention processors). Wait "
+                f"for that call (e.g. share a threading.Lock), or give each thread its own pipeline and U-Net")
+        counts = _BUSY_UNETS.get(unet) if unet is not None else None
+        if counts is not None and (counts[1] or (with_subjects and counts[0])):
+            what = "a subjects= call" if counts[1] else "a call"
+            raise RuntimeError(
+                f"another pipeline is running {what} on this {name}'s U-Net (pipelines made with from_pipe share "
+                f"it): a subjects= call sets its layout in the U-Net's attention processors, which every call on "
+                f"that U-Net would see. Wait for that call, or give each thread its own U-Net")
+        _BUSY_PIPELINES[pipe] = threading.current_thread().name
+        if unet is not None:
+            _BUSY_UNETS.setdefault(unet, [0, 0])[with_subjects] += 1
+    try:
+        yield
+    finally:
+        with _CALLS_LOCK:
+            del _BUSY_PIPELINES[pipe]
+            if unet is not None:
+                counts = _BUSY_UNETS[unet]
+                counts[with_subjects] -= 1
+                if not any(counts):
+                    del _BUSY_UNETS[unet]
 
 
 class AnyMSStableDiffusionXLPipeline(AnyMSPipelineMixin, StableDiffusionXLPipeline):
