@@ -1,16 +1,24 @@
-"""The ``anyms`` command: ``anyms generate`` (real models) and ``anyms demo`` (offline, tiny model).
+"""The ``anyms`` command: ``anyms generate`` (real models, or ``--model tiny``) and ``anyms demo``.
 
     anyms demo
     anyms generate "a dog and a cat on a sofa" \\
         --subject dog.png:0.05,0.3,0.5,0.95 --subject cat.png:0.5,0.3,0.95,0.95:0.8 --out sofa.png
     anyms generate "a dog and a cat on a sofa" \\
         --subject dog.png:mask=dog_mask.png --subject cat.png:mask=cat_mask.png:0.8 --out sofa.png
+    anyms generate --from sofa.png --seed 7 --out sofa-7.png      # again, from the PNG's record
+    anyms generate --jobs jobs.jsonl --out-dir out/                # many (anyms.jobs)
 
 Bad input (a malformed subject or layout file, a box outside [0, 1], an image or mask
 that cannot be read, an empty mask, masks of another size than --height/--width, a
-size the pipeline cannot make, ...) prints one line naming the
-argument, without a traceback, and exits with status 2. A model or adapter that
-cannot be loaded exits with status 1.
+size the pipeline cannot make or above MAX_SIDE, an output that exists or cannot be
+written, ...) prints one line naming the argument, without a traceback, and exits
+with status 2, before any model loads. A model or adapter that cannot be loaded, or a
+generation that runs out of memory, exits with status 1 (one line too).
+
+Outputs are written atomically and never replaced without --overwrite; a PNG holds the
+record of what made it (anyms.metadata). Before generating, the command prints the
+estimated peak memory and names subjects that get no token at some U-Net level
+(anyms.preflight).
 
 The layout file's schema is ``LAYOUT_SCHEMA`` below (also in ``anyms generate --help``).
 """
