@@ -80,10 +80,11 @@ TEXT_TOKENS = 512          # FluxPipeline's max_sequence_length
 IP_TOKENS = 4              # XLabs-AI/flux-ip-adapter
 GIB = 1024 ** 3
 FIELDS = ["machine", "device", "dtype", "threads", "image_size", "grid", "text_tokens", "width", "heads", "head_dim",
-          "double_blocks", "single_blocks", "variant", "subjects", "rounds", "clock", "step_wall_s", "step_s",
+          "double_blocks", "single_blocks", "part", "variant", "subjects", "rounds", "clock", "step_wall_s", "step_s",
           "step_s_min", "step_s_max", "double_s", "single_s", "ratio_vs_plain", "ratio_min", "ratio_max",
           "double_ratio_vs_plain", "double_ratio_min", "double_ratio_max", "ratio_of_minima",
-          "double_ratio_of_minima", "peak_bytes", "peak_extra_bytes", "peak_method", "torch", "triton", "diffusers",
+          "double_ratio_of_minima", "est_step_ratio", "peak_bytes", "peak_extra_bytes", "peak_method", "torch",
+          "triton", "diffusers",
           "commit", "date"]
 
 
@@ -150,6 +151,23 @@ def masked_sum_processor_class():
             return out
 
     return DiffusersMaskedSum
+
+
+def plain_ip_term(proc, ip_query, images) -> torch.Tensor:
+    """The IP term of diffusers' FluxIPAdapterAttnProcessor on its own (its operations, in its
+    order: the adapter's k/v projections, one attention over all image tokens, the scale, the sum
+    into a zero tensor), for timing it apart from the block."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    batch, num_tokens, heads, head_dim = ip_query.shape
+    out = torch.zeros(batch, num_tokens, heads * head_dim, device=ip_query.device, dtype=ip_query.dtype)
+    for states, scale, to_k, to_v in zip([images], proc.scale, proc.to_k_ip, proc.to_v_ip):
+        key = to_k(states).view(batch, -1, heads, head_dim)
+        value = to_v(states).view(batch, -1, heads, head_dim)
+        z = dispatch_attention_fn(ip_query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                  backend=proc._attention_backend, parallel_config=proc._parallel_config)
+        out += scale * z.reshape(batch, -1, heads * head_dim).to(ip_query.dtype)
+    return out
 
 
 def box_masks(boxes, size: int, device, dtype) -> torch.Tensor:
@@ -228,18 +246,40 @@ class Bench:
             t2, c2 = time.perf_counter(), time.process_time()
         return {"wall": (t1 - t0, t2 - t1), "cpu": (c1 - c0, c2 - c1)}
 
-    def peak(self, variant) -> Tuple[int, int, str]:
-        """(peak bytes, peak above weights and inputs, method) of one step (also a warm-up)."""
+    def ip_term(self, variant) -> Dict[str, float]:
+        """The IP term of the first double block alone, on its own image queries: ``{"wall": s, "cpu": s}``."""
+        if getattr(self, "_ip_query", None) is None:
+            block = self.doubles[0]
+            with torch.no_grad():
+                x = block.norm1(self.hidden, emb=self.temb)[0]
+                self._ip_query = block.attn.norm_q(block.attn.to_q(x).unflatten(-1, (block.attn.heads, -1)))
+        name, num = variant
+        proc, q = self.procs[variant][0], self._ip_query
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        with torch.no_grad():
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            if name == "plain":
+                plain_ip_term(proc, q, self.images[1])
+            else:
+                proc._ip_term(self.doubles[0].attn, q, self.images[num], proc.layout)
+            sync()
+            return {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
+
+    def peak(self, variant, fn=None) -> Tuple[int, int, str]:
+        """(peak bytes, peak above weights and inputs, method) of one step, or of ``fn(variant)``
+        (also a warm-up)."""
+        fn = fn or self.step
         base = self.weight_bytes()
         if self.device.type == "cuda":
-            self.step(variant)
+            fn(variant)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             start = torch.cuda.memory_allocated()
-            self.step(variant)
+            fn(variant)
             peak = torch.cuda.max_memory_allocated()
             return peak, peak - start, "torch.cuda.max_memory_allocated"
-        extra, _ = cpu_alloc_peak(lambda: self.step(variant))
+        extra, _ = cpu_alloc_peak(lambda: fn(variant))
         return base + extra, extra, "weights+inputs + torch.profiler allocator peak"
 
 
@@ -270,7 +310,8 @@ def measure(bench: Bench, rounds: int, clock: str, log=print) -> List[dict]:
         ratios = [(d + s) / (pd + ps) for (d, s), (pd, ps) in zip(times[v], plain)]
         d_ratios = [d / pd for (d, _), (pd, _) in zip(times[v], plain)]
         rows.append(dict(
-            variant=v[0], subjects=v[1], rounds=rounds, clock=clock, step_wall_s=statistics.median(walls[v]),
+            part="step", variant=v[0], subjects=v[1], rounds=rounds, clock=clock,
+            step_wall_s=statistics.median(walls[v]),
             step_s=statistics.median(steps), step_s_min=min(steps),
             step_s_max=max(steps), double_s=statistics.median(d for d, _ in times[v]),
             single_s=statistics.median(s for _, s in times[v]), ratio_vs_plain=statistics.median(ratios),
@@ -282,11 +323,44 @@ def measure(bench: Bench, rounds: int, clock: str, log=print) -> List[dict]:
     return rows
 
 
+def measure_ip(bench: Bench, rounds: int, clock: str, steps: List[dict], log=print) -> List[dict]:
+    """The IP term alone (first double block), every variant but none, ``rounds`` interleaved
+    rounds. ``est_step_ratio``: the step's ratio to plain estimated from it, (plain step + this
+    IP term - plain's IP term) / plain step, with the plain step's median from ``steps``: the
+    variants differ only in the IP term, which is timed here many times, close together."""
+    variants = [v for v in bench.variants() if v[0] != "none"]
+    peaks = {v: bench.peak(v, bench.ip_term) for v in variants}
+    times: Dict[tuple, List[float]] = {v: [] for v in variants}
+    walls: Dict[tuple, List[float]] = {v: [] for v in variants}
+    for r in range(rounds):
+        for v in variants[r % len(variants):] + variants[:r % len(variants)]:
+            t = bench.ip_term(v)
+            times[v].append(t[clock])
+            walls[v].append(t["wall"])
+    plain = times[("plain", 1)]
+    plain_step = next(r for r in steps if r["variant"] == "plain")
+    per_block = plain_step["step_s"] / max(1, len(bench.doubles))    # each double block has an IP term
+    rows = []
+    for v in variants:
+        ratios = [t / p for t, p in zip(times[v], plain)]
+        extra = (statistics.median(times[v]) - statistics.median(plain)) / per_block
+        rows.append(dict(
+            part="ip_term", variant=v[0], subjects=v[1], rounds=rounds, clock=clock,
+            step_wall_s=statistics.median(walls[v]), step_s=statistics.median(times[v]), step_s_min=min(times[v]),
+            step_s_max=max(times[v]), ratio_vs_plain=statistics.median(ratios), ratio_min=min(ratios),
+            ratio_max=max(ratios), ratio_of_minima=min(times[v]) / min(plain), est_step_ratio=1.0 + extra,
+            peak_bytes=peaks[v][0], peak_extra_bytes=peaks[v][1], peak_method=peaks[v][2]))
+        log(f"    IP term {v[0]:6s} S={v[1]:<2d} {rows[-1]['step_s'] * 1e3:8.1f} ms ({clock}), "
+            f"{rows[-1]['ratio_vs_plain']:.2f}x plain's; step estimate {rows[-1]['est_step_ratio']:.4f}x plain")
+    return rows
+
+
 def summary(rows: List[dict], subjects) -> List[str]:
     """Ratios and the issue's targets, per thread count."""
     lines = []
     for threads in sorted({r["threads"] for r in rows}):
-        by = {(r["variant"], r["subjects"]): r for r in rows if r["threads"] == threads}
+        by = {(r["variant"], r["subjects"]): r for r in rows if r["threads"] == threads and r["part"] == "step"}
+        ip = {(r["variant"], r["subjects"]): r for r in rows if r["threads"] == threads and r["part"] == "ip_term"}
         plain, none = by[("plain", 1)], by[("none", 0)]
         head = f"threads={threads}"
         lines.append(f"{head}: plain IP-Adapter step {plain['step_s']:.3f} s {plain['clock']} time (double "
@@ -302,14 +376,32 @@ def summary(rows: List[dict], subjects) -> List[str]:
                     f"(double {r['double_ratio_of_minima']:.3f}); peak "
                     f"{r['peak_bytes'] / plain['peak_bytes']:.4f}x plain (extra {r['peak_extra_bytes'] / GIB:.3f} vs "
                     f"{plain['peak_extra_bytes'] / GIB:.3f} GiB)")
+        for kind in ("anyms", "masked"):
+            for num in subjects if ip else ():
+                r = ip[(kind, num)]
+                lines.append(
+                    f"{head}: IP term alone, {kind:6s} S={num:<2d} {r['step_s'] * 1e3:.1f} ms = "
+                    f"{r['ratio_vs_plain']:.2f}x "
+                    f"plain's {ip[('plain', 1)]['step_s'] * 1e3:.1f} ms [{r['ratio_min']:.2f}, {r['ratio_max']:.2f}] "
+                    f"-> step estimate {r['est_step_ratio']:.4f}x plain; IP term peak extra "
+                    f"{r['peak_extra_bytes'] / 2**20:.1f} MiB (plain "
+                    f"{ip[('plain', 1)]['peak_extra_bytes'] / 2**20:.1f})")
         worst = max(by[("anyms", n)]["ratio_vs_plain"] for n in subjects)
         lines.append(f"{head}: target AnyMS <= 1.05x plain (step, median over rounds): worst S {worst:.3f} -> "
                      f"{'met' if worst <= 1.05 else 'NOT met'}")
+        if ip:
+            est = max(ip[("anyms", n)]["est_step_ratio"] for n in subjects)
+            lines.append(f"{head}: the same from the IP term timed alone: worst S {est:.4f} -> "
+                         f"{'met' if est <= 1.05 else 'NOT met'}")
         lo, hi = min(subjects), max(subjects)
         flat = by[("anyms", hi)]["step_s"] / by[("anyms", lo)]["step_s"]
         flat_d = by[("anyms", hi)]["double_s"] / by[("anyms", lo)]["double_s"]
         lines.append(f"{head}: target flat in S: AnyMS S={hi} / S={lo} = {flat:.3f} (step), {flat_d:.3f} (double "
                      f"block) -> {'met' if flat <= 1.1 else 'NOT met'} (<= 1.1)")
+        if ip:
+            est = ip[("anyms", hi)]["est_step_ratio"] / ip[("anyms", lo)]["est_step_ratio"]
+            lines.append(f"{head}: the same from the IP term timed alone: {est:.4f} -> "
+                         f"{'met' if est <= 1.1 else 'NOT met'}")
         b0 = by[("masked", hi)]["step_s"] / by[("masked", lo)]["step_s"]
         lines.append(f"{head}: B0 masked sum S={hi} / S={lo} = {b0:.3f}; AnyMS / B0 at S={hi}: "
                      f"{by[('anyms', hi)]['step_s'] / by[('masked', hi)]['step_s']:.3f}")
@@ -326,6 +418,8 @@ def main(argv=None) -> int:
     parser.add_argument("--subjects", type=int, nargs="+", default=[2, 5, 10])
     parser.add_argument("--threads", type=int, nargs="+", default=None, help="CPU threads (default: 1 and 2)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5; CUDA 20)")
+    parser.add_argument("--ip-rounds", type=int, default=30, help="rounds of the IP term timed alone (default 30; 0: "
+                                                                  "not measured)")
     parser.add_argument("--quick", action="store_true", help="tiny widths (256, 2 heads), 128^2: a smoke run")
     parser.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
                         help="what the ratios compare: the process's CPU time (auto on CPU: other jobs on a shared "
@@ -361,7 +455,10 @@ def main(argv=None) -> int:
             torch.set_num_threads(threads)
         print(f"  threads={torch.get_num_threads()}")
         clock = args.clock if args.clock != "auto" else ("cpu" if device.type == "cpu" else "wall")
-        for row in measure(bench, rounds, clock):
+        steps = measure(bench, rounds, clock)
+        if args.ip_rounds:
+            steps += measure_ip(bench, args.ip_rounds, clock, steps)
+        for row in steps:
             rows.append(dict(env, threads=torch.get_num_threads(), **row))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w", newline="") as f:

@@ -23,17 +23,20 @@ def bench():
 
 def test_quick_run_writes_every_variant(bench, tmp_path):
     out = tmp_path / "flux.csv"
-    assert bench.main(["--quick", "--threads", "1", "--rounds", "1", "--subjects", "2", "3", "--out", str(out)]) == 0
+    assert bench.main(["--quick", "--threads", "1", "--rounds", "1", "--ip-rounds", "2", "--subjects", "2", "3",
+                       "--out", str(out)]) == 0
     with open(out) as f:
         rows = list(csv.DictReader(f))
-    assert [(r["variant"], int(r["subjects"])) for r in rows] == [
-        ("none", 0), ("plain", 1), ("anyms", 2), ("masked", 2), ("anyms", 3), ("masked", 3)]
+    variants = [("plain", 1), ("anyms", 2), ("masked", 2), ("anyms", 3), ("masked", 3)]
+    assert [(r["part"], r["variant"], int(r["subjects"])) for r in rows] == (
+        [("step", "none", 0)] + [("step", *v) for v in variants] + [("ip_term", *v) for v in variants])
     for r in rows:
-        assert r["machine"] and r["commit"] and r["dtype"] == "float32" and r["grid"] == "8x8"
+        assert r["machine"] and r["commit"] and r["dtype"] == "float32" and r["grid"] == "8x8" and r["clock"] == "cpu"
         assert float(r["step_s"]) > 0 and int(r["peak_bytes"]) > int(r["peak_extra_bytes"]) > 0
-    assert float(rows[1]["ratio_vs_plain"]) == 1.0
+    assert float(rows[1]["ratio_vs_plain"]) == 1.0 and float(rows[6]["est_step_ratio"]) == 1.0
     summary = (tmp_path / "flux_summary.txt").read_text()
     assert "target AnyMS <= 1.05x plain" in summary and "target flat in S" in summary
+    assert "the same from the IP term timed alone" in summary
 
 
 def test_full_width_blocks_are_flux_dev(bench):
