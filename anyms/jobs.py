@@ -18,7 +18,7 @@ One JSON object a line (the schema: ``anyms.cli.JOBS_SCHEMA``, also in ``anyms g
 4. makes its jobs with a progress bar (images, seconds per image), reusing each distinct
    subject image's embedding (:class:`anyms.embeddings.SubjectEmbeddingCache`), writing
    each image atomically (a PNG with its record) as soon as it is made, and one line per
-   job to its own ``.manifest.rank-R.jsonl``; a failed job (out of memory, ...) is recorded
+   job to its own ``.manifest.rank-R.jsonl`` (rewritten by each run); a failed job (out of memory, ...) is recorded
    and the run goes on;
 5. when every process is done, the first writes ``manifest.jsonl`` (one line per job, in
    file order: ``index, line, out, status, seed, seconds, process, error``; ``status``:
@@ -28,6 +28,7 @@ Exit status: 0, or 1 if a job failed (the manifest says which), 2 for bad input.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -262,10 +263,8 @@ def run_jobs(args) -> int:
     if procs.main:
         entries = _manifest(jobs, done, out_dir, procs.world)
         atomic_write_text(os.path.join(out_dir, MANIFEST), "".join(json.dumps(e) + "\n" for e in entries))
-        for r in range(procs.world):
-            path = os.path.join(out_dir, f".manifest.rank-{r}.jsonl")
-            if os.path.exists(path):
-                os.unlink(path)
+        for path in glob.glob(os.path.join(glob.escape(out_dir), ".manifest.rank-*.jsonl")):
+            os.unlink(path)             # this run's, and any a stopped run left
         counts = {s: sum(e["status"] == s for e in entries) for s in ("done", "skipped", "failed", "pending")}
         times = [e["seconds"] for e in entries if e["status"] == "done" and e.get("seconds") is not None]
         per = f", {sum(times) / len(times):.2f} s per image" if times else ""
@@ -304,7 +303,7 @@ def _make(pipe, jobs: List[Job], run, cache, rank_file: str, procs: Processes, o
         _warn(message)
 
     try:
-        with open(rank_file, "a", encoding="utf-8") as manifest, cache.attached(pipe):
+        with open(rank_file, "w", encoding="utf-8") as manifest, cache.attached(pipe):
             for job in jobs:
                 t0 = time.perf_counter()
                 entry = {"index": job.index, "line": int(job.where.rsplit(":", 1)[1]), "out": _relative(job.out, out_dir),
@@ -348,12 +347,12 @@ def _manifest(jobs: List[Job], done_before: List[Job], out_dir: str, world: int)
     for job in jobs:
         out = _relative(job.out, out_dir)
         line = int(job.where.rsplit(":", 1)[1])
-        if job.index in now:
-            entry = dict(now[job.index])
-        elif job.index in done_before_ids:
+        if job.index in done_before_ids:
             old = before.get(out, {})
             entry = {"index": job.index, "line": line, "out": out, "seed": job.seed, "status": "skipped",
                      "seconds": old.get("seconds"), "process": old.get("process")}
+        elif job.index in now:
+            entry = dict(now[job.index])
         else:
             entry = {"index": job.index, "line": line, "out": out, "seed": job.seed, "status": "pending"}
         entries.append(entry)
