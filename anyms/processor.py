@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from typing import Iterator, List, Optional, Tuple
 
 import torch
@@ -360,7 +361,45 @@ def apply_anyms(pipe_or_unet, layout: Optional[Layout] = None):
             "pipe_or_unet has no IP-Adapter attention processors: load an IP-Adapter first with "
             "pipe.load_ip_adapter(...)"
         )
+    _install_latent_check(unet)
     return unet
+
+
+# U-Net -> the forward pre-hook that checks the latent against the layout (see below). Weak keys:
+# nothing is written onto the user's model, and a dropped model drops its entry.
+_LATENT_CHECKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _install_latent_check(unet) -> None:
+    """A U-Net's cross-attention layers see ``[B, h*w, C]``: a layout made for (w, h), or for
+    twice the latent, has the same token counts and would route the wrong tokens silently.
+    The U-Net's ``sample`` shows the latent: check it against the layout once per forward."""
+    if unet in _LATENT_CHECKS or type(unet).__name__ != "UNet2DConditionModel":
+        return
+    modules = [m for m in _attention_modules(unet) if isinstance(m.processor, AnyMSAttnProcessor)]
+
+    def check_latent(module, args, kwargs):
+        sample = kwargs.get("sample", args[0] if args else None)
+        if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
+            return None
+        for m in modules:
+            layout = m.processor.layout if isinstance(m.processor, AnyMSAttnProcessor) else None
+            if layout is not None:
+                if tuple(sample.shape[-2:]) != tuple(layout.latent_hw):
+                    h, w = sample.shape[-2:]
+                    raise ValueError(
+                        f"the layout's latent_hw {tuple(layout.latent_hw)} is not the latent being denoised, "
+                        f"{h}x{w}: make the Layout with latent_hw=({h}, {w}) (image height // 8, width // 8)")
+                return None
+        return None
+
+    _LATENT_CHECKS[unet] = unet.register_forward_pre_hook(check_latent, with_kwargs=True)
+
+
+def _remove_latent_check(unet) -> None:
+    handle = _LATENT_CHECKS.pop(unet, None)
+    if handle is not None:
+        handle.remove()
 
 
 def set_anyms_layout(pipe_or_unet, layout: Optional[Layout]):
@@ -389,6 +428,7 @@ def remove_anyms(pipe_or_unet):
             module.set_processor(_original_of(proc))
         elif isinstance(proc, anyms_classes):
             module.set_processor(proc.original_processor())
+    _remove_latent_check(unet)
     return unet
 
 

@@ -1,5 +1,5 @@
 """Layouts built by hand: a latent_hw that is not the latent being denoised fails naming latent_hw
-(where the layers can tell: a token count no level has, or a layer that shows its grid)."""
+(a token count no level has, a layer that shows its grid, or the U-Net's own sample)."""
 from __future__ import annotations
 
 import pytest
@@ -40,9 +40,6 @@ def test_swapped_height_and_width_name_latent_hw_where_the_layer_shows_its_grid(
             proc(attn, hidden, encoder_hidden_states=(text, [images]))
 
 
-@pytest.mark.xfail(strict=True, reason="not detected yet: U-Net cross-attention layers receive [B, h*w, C] hidden "
-                                       "states, so a latent_hw whose levels have the layers' token counts passes; "
-                                       "the check needs the U-Net's sample size (a forward pre-hook in processor.py)")
 @pytest.mark.parametrize("wrong", [(21, 13), (26, 42)], ids=["swapped", "twice-the-latent"])
 def test_a_latent_hw_with_the_same_token_counts_inside_a_unet(tiny_sdxl_pipe, unet_inputs, wrong):
     from anyms import Layout, anyms_attention
@@ -53,3 +50,14 @@ def test_a_latent_hw_with_the_same_token_counts_inside_a_unet(tiny_sdxl_pipe, un
         with pytest.raises(ValueError, match="latent_hw"):
             with torch.no_grad():
                 pipe.unet(**kwargs)
+
+
+def test_the_latent_check_leaves_with_remove_anyms(tiny_sdxl_pipe, unet_inputs):
+    from anyms import Layout, apply_anyms, remove_anyms
+    from anyms.processor import _LATENT_CHECKS
+
+    pipe = tiny_sdxl_pipe
+    apply_anyms(pipe, Layout([[0, 0, 1, 1]], (21, 13)))
+    assert pipe.unet in _LATENT_CHECKS
+    remove_anyms(pipe)
+    assert pipe.unet not in _LATENT_CHECKS and not pipe.unet._forward_pre_hooks
