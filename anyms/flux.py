@@ -410,6 +410,7 @@ class AnyMSFluxPipeline(FluxPipeline):
                                       int(sizes["width"]), scales=[s.scale for s in plan.subjects],
                                       mode=plan.mode, masks=masks if any(m is not None for m in masks) else None,
                                       vae_scale_factor=self.vae_scale_factor)
+            plan.layout.prepare(self._execution_device)   # the token grid's routing, before the loop
             set_anyms_layout(self, plan.layout)
             self.anyms_last_plan = plan
 
