@@ -43,7 +43,7 @@ from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProc
 import anyms_kernels
 
 from .layout import Layout
-from .pipeline import AnyMSPlan, Subject, _load_image, prepare_subjects
+from .pipeline import AnyMSPlan, Subject, _load_image, _one_call_at_a_time, prepare_subjects
 from .processor import AnyMSAttnProcessor, _check_layout, anyms_attention, set_anyms_layout
 
 try:  # the attention front door of diffusers >= 0.35; older versions call SDPA directly
@@ -344,6 +344,11 @@ class AnyMSFluxPipeline(FluxPipeline):
             list of another length than the subjects, masks whose size is not a multiple
             of 16 or not the given height and width.
         """
+        with _one_call_at_a_time(self, with_subjects=subjects is not None):
+            return self._anyms_call(prompt, *args, subjects=subjects, anyms_mode=anyms_mode,
+                                    anyms_priority=anyms_priority, **kwargs)
+
+    def _anyms_call(self, prompt, *args, subjects, anyms_mode, anyms_priority, **kwargs):
         parent_call = super().__call__
         if subjects is None:
             for name, value in (("anyms_mode", anyms_mode), ("anyms_priority", anyms_priority)):

@@ -580,3 +580,35 @@ def test_cli_demo_flux(tmp_path, capsys):
     assert (out / "layout.png").is_file() and (out / "routing.png").is_file()
     assert cli.main(["demo", "--arch", "flux", "--out-dir", str(out), "--size", "72"]) == 2
     assert "multiple of 16 for FLUX" in capsys.readouterr().err
+
+
+def test_a_second_call_while_one_runs_is_refused(pipes, subject_images_flux):
+    """As on the U-Net pipelines: one call at a time, refused clearly, nothing changed."""
+    import threading
+    ours, _ = pipes
+    subjects = [Subject(subject_images_flux[0], box=(0, 0, 0.6, 1)), Subject(subject_images_flux[1], box=(0.4, 0, 1, 1))]
+    inside, go, out = threading.Event(), threading.Event(), {}
+
+    def hold(pipe_, step, timestep, tensors):
+        if step == 0:
+            inside.set()
+            assert go.wait(120)
+        return tensors
+
+    def first():
+        try:
+            out["first"] = run(ours, subjects=subjects, callback_on_step_end=hold)
+        except BaseException as e:
+            out["first"] = e
+
+    thread = threading.Thread(target=first, name="paused-call", daemon=True)
+    thread.start()
+    assert inside.wait(120), out.get("first")
+    before = dict(ours.transformer.attn_processors)
+    with pytest.raises(RuntimeError, match="already running a call"):
+        run(ours, subjects=subjects)
+    assert all(ours.transformer.attn_processors[k] is v for k, v in before.items())
+    go.set()
+    thread.join(120)
+    assert isinstance(out["first"], torch.Tensor), out["first"]
+    torch.testing.assert_close(out["first"], run(ours, subjects=subjects), rtol=0, atol=0)
