@@ -473,7 +473,9 @@ def _one_call_at_a_time(pipe, with_subjects: bool):
     pipelines sharing it, or one ``subjects=`` call (which installs its layout in the
     U-Net's attention processors, where every other call would see it).
     """
-    unet = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)   # FLUX: its transformer
+    unet = getattr(pipe, "unet", None)
+    if unet is None:                                 # FLUX: its transformer (no truth test: a compiled
+        unet = getattr(pipe, "transformer", None)    # module's wrapper has no __bool__ / __len__)
     unet = getattr(unet, "_orig_mod", unet)          # torch.compile's wrapper: the module it wraps
     name = type(pipe).__name__
     with _CALLS_LOCK:
