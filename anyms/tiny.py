@@ -173,7 +173,8 @@ def tiny_image_processor(size: int = _VISION_IMAGE_SIZE):
 
 
 # ---------------------------------------------------------------------- components
-def _tiny_vae(seed: int):
+def _tiny_vae(seed: int, sample_size: int = TINY_IMAGE_SIZE, **config):
+    """A 4-level (8x) random VAE; ``config`` adds a model family's own fields (FLUX's scaling)."""
     from diffusers import AutoencoderKL
 
     with _seeded(seed):
@@ -181,7 +182,7 @@ def _tiny_vae(seed: int):
             in_channels=3, out_channels=3, latent_channels=4,
             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
             block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
-            sample_size=TINY_IMAGE_SIZE,
+            sample_size=sample_size, **config,
         ).eval()
 
 

@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 
 from .tiny import (
-    _diffusers_errors_only, _quiet_transformers_progress, _seeded, _text_config, tiny_image_encoder,
+    _diffusers_errors_only, _quiet_transformers_progress, _seeded, _text_config, _tiny_vae, tiny_image_encoder,
     tiny_image_processor, tiny_tokenizer,
 )
 
@@ -88,17 +88,9 @@ def tiny_t5_tokenizer():
 
 # --------------------------------------------------------------------- components
 def _tiny_flux_vae(seed: int):
-    from diffusers import AutoencoderKL
-
-    with _seeded(seed):
-        return AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
-            sample_size=TINY_FLUX_IMAGE_SIZE,
-            # black-forest-labs/FLUX.1-dev, vae/config.json
-            scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
-        ).eval()
+    # black-forest-labs/FLUX.1-dev, vae/config.json: its scaling, shift and no quant convs
+    return _tiny_vae(seed, TINY_FLUX_IMAGE_SIZE, scaling_factor=0.3611, shift_factor=0.1159,
+                     use_quant_conv=False, use_post_quant_conv=False)
 
 
 def tiny_flux_transformer(seed: int = 0, num_layers: int = 2, num_single_layers: int = 2):
