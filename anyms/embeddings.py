@@ -75,9 +75,12 @@ class SubjectEmbeddingCache:
         """Whether ``pipe``'s ``encode_image`` is the SD / SDXL one this cache wraps."""
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+        from .pipeline import AnyMSPipelineMixin
+
         method = getattr(type(pipe), "encode_image", None)
         return method is not None and method in (StableDiffusionPipeline.encode_image,
-                                                 StableDiffusionXLPipeline.encode_image)
+                                                 StableDiffusionXLPipeline.encode_image,
+                                                 AnyMSPipelineMixin.encode_image)
 
     @contextlib.contextmanager
     def attached(self, pipe):

@@ -422,7 +422,8 @@ class AnyMSFluxPipeline(FluxPipeline):
     def prepare_ip_adapter_image_embeds(self, ip_adapter_image, ip_adapter_image_embeds, device,
                                         num_images_per_prompt):
         """The parent's, except for an AnyMS call's own images: the S subjects are encoded
-        in one batch, once, and handed on as one adapter's ``[B, S, E]`` embeddings; the
+        once, each image alone (so a subject's embedding does not depend on the other
+        subjects of the call), and handed on as one adapter's ``[B, S, E]`` embeddings; the
         unconditional pass gets S negative images (encoded only with true CFG, when it runs)."""
         state = self._anyms_pending
         if state is None or ip_adapter_image_embeds is not None or not (
@@ -431,7 +432,7 @@ class AnyMSFluxPipeline(FluxPipeline):
                                                            num_images_per_prompt)
         num = state.plan.layout.num_subjects
         if ip_adapter_image is state.positive:
-            state.embeds = self.encode_image(state.plan.images, device, 1)          # [S, E]
+            state.embeds = self._anyms_encode_each(state.plan.images, device)          # [S, E]
             embeds = state.embeds
         elif not state.true_cfg:
             # The parent prepares negative embeddings on every call but reads them only with
@@ -439,10 +440,14 @@ class AnyMSFluxPipeline(FluxPipeline):
             embeds = state.embeds
         elif state.negative_images is None or len(state.negative_images) == 1:
             image = [_black_image()] if state.negative_images is None else state.negative_images
-            embeds = self.encode_image(image, device, 1).expand(num, -1)         # one image for every region
+            embeds = self._anyms_encode_each(image, device).expand(num, -1)         # one image for every region
         else:
-            embeds = self.encode_image(state.negative_images, device, 1)
+            embeds = self._anyms_encode_each(state.negative_images, device)
         return super().prepare_ip_adapter_image_embeds(None, [embeds[None]], device, num_images_per_prompt)
+
+    def _anyms_encode_each(self, images, device):
+        """``[len(images), E]``: each image through the encoder alone (batch 1), as the U-Net pipelines do."""
+        return torch.cat([self.encode_image([image], device, 1) for image in images])
 
 
 def _black_image():

@@ -368,6 +368,24 @@ class AnyMSPipelineMixin:
                 finally:
                     self._anyms_pending = None
 
+    def encode_image(self, image, device, num_images_per_prompt, output_hidden_states=None):
+        """The parent's, except that during an AnyMS call each subject image goes through the
+        image encoder alone (batch 1).
+
+        A batch of S images and S batches of one need not give the same last bits (the
+        encoder's matmuls may reduce in another order for another batch size, on some
+        CPUs), so encoding each image alone makes a subject's embedding independent of
+        the other subjects of the call: ``pipe(...)``, ``anyms generate``, ``--jobs`` (whose
+        :class:`~anyms.embeddings.SubjectEmbeddingCache` encodes one image at a time) and
+        ``--from`` run the same operations and give the same bytes.
+        """
+        encode = super().encode_image
+        if self._anyms_pending is None or not isinstance(image, (list, tuple)) or len(image) <= 1:
+            return encode(image, device, num_images_per_prompt, output_hidden_states)
+        parts = [encode([one], device, num_images_per_prompt, output_hidden_states) for one in image]
+        # the parent repeats each image's rows num_images_per_prompt times, image after image
+        return torch.cat([cond for cond, _ in parts]), torch.cat([uncond for _, uncond in parts])
+
     def check_inputs(self, *args, **kwargs):
         """The parent's check; during an AnyMS call it also sets the layout.
 

@@ -477,11 +477,11 @@ def test_each_subject_image_is_encoded_once_per_call(pipes, subject_images_flux)
     handle = ours.image_encoder.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
     try:
         run(ours, subjects=[Subject(im, FULL) for im in subject_images_flux[:3]], num_inference_steps=3)
-        assert seen == [3]                         # one batch of the 3 subjects, no black image without CFG
+        assert seen == [1, 1, 1]                   # each subject alone, no black image without CFG
         seen.clear()
         run(ours, subjects=[Subject(im, FULL) for im in subject_images_flux[:3]], negative_prompt="x",
             true_cfg_scale=2.0)
-        assert seen == [3, 1]                      # and with true CFG, the black image once for all three
+        assert seen == [1, 1, 1, 1]                # and with true CFG, the black image once for all three
     finally:
         handle.remove()
 

@@ -61,6 +61,30 @@ def test_full_box_equals_diffusers_ip_adapter(anyms_and_diffusers, subject_image
     assert_differs(run(ours, subjects=[Subject(subject_images[1], FULL)], guidance_scale=guidance), expected)
 
 
+@pytest.mark.parametrize("kind", ["sdxl", "sd15"])
+def test_each_subject_image_is_encoded_alone(anyms_and_diffusers, subject_images, kind):
+    """A subject's embedding does not depend on the other subjects of the call: a batch of S
+    images can differ in the last bits from S batches of one on some CPUs, and the embedding
+    cache of ``--jobs`` encodes one image at a time, so the pipeline does too."""
+    from anyms.embeddings import SubjectEmbeddingCache
+
+    ours, _ = anyms_and_diffusers(kind)
+    seen = []
+    handle = ours.image_encoder.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[0]))
+    subjects = [Subject(im, box) for im, box in zip(subject_images[:3], (LEFT, RIGHT, SMALLER))]
+    try:
+        plain = run(ours, subjects=subjects, num_images_per_prompt=2)
+        assert seen == [1, 1, 1]
+        seen.clear()
+        cache = SubjectEmbeddingCache()
+        with cache.attached(ours):
+            cached = run(ours, subjects=subjects, num_images_per_prompt=2)
+        assert seen == [1, 1, 1] and cache.misses == 3
+    finally:
+        handle.remove()
+    assert torch.equal(plain, cached)           # the same operations: the same bits, on any CPU
+
+
 def test_batch_and_images_per_prompt_equal_diffusers(anyms_and_diffusers, subject_images):
     ours, theirs = anyms_and_diffusers()
     prompts = ["a cat", "a dog"]
