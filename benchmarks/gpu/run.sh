@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# THE GPU script of GPU.md. Two modes, each its own device call. Every file it writes under $OUT is
-# named <mode>_<GPU>_<commit>_* (the sweep's own files: region_attention_cuda_<GPU>_<commit>*), and
-# <mode>_<GPU>_<commit>_summary.txt gets each step's result the moment that step ends, so a run cut
-# by the device's limit still reports what finished.
+# The GPU check: correctness on the GPU, then the kernel and pipeline benchmarks. Two modes. Every
+# file it writes under $OUT is named <mode>_<GPU>_<commit>_* (the sweep's own files:
+# region_attention_cuda_<GPU>_<commit>*), and <mode>_<GPU>_<commit>_summary.txt gets each step's
+# result the moment that step ends, so a run cut short still reports what finished.
 #
 #   main (default)  the CUDA tests first (tests/kernels/test_cuda.py and every test parametrised on
 #                   cuda: pytest -k cuda), then the rest of the suite (-k "not cuda"), the kernel
@@ -12,21 +12,21 @@
 #                   fits in 16, 12 and 8 GiB (set_per_process_memory_fraction): plain IP-Adapter,
 #                   B0 (diffusers' masks, S=5), AnyMS (S=5), VAE tiling on and off.   <= 5 minutes
 #
-# The device commands (device tool, repository root). .git does not travel: the commit comes by
-# name, written out (not $(git ...), which would run there). This prints both with it filled in:
-#     bash benchmarks/gpu/run.sh --print-commands
-#   run(command="ANYMS_COMMIT=<commit> bash benchmarks/gpu/run.sh", carry=[".whl"], timeout_s=570)
-#   run(command="ANYMS_COMMIT=<commit> bash benchmarks/gpu/run.sh --max-size", carry=[".whl"], timeout_s=330)
-# <commit> = `git rev-parse --short=10 HEAD` here, with "-dirty" if tracked files are modified.
+# On a machine with an NVIDIA GPU, from the repository root:
+#     pip install -e ".[triton,diffusers,test,bench]"      # or put a diffusers wheel in .whl/ (below)
+#     OUT=gpu-results bash benchmarks/gpu/run.sh
+#     OUT=gpu-results bash benchmarks/gpu/run.sh --max-size
+# The commit goes into the file names: from a git checkout it is read here; from a copy without
+# .git, set ANYMS_COMMIT=<commit> (`--print-commands` prints both commands with it filled in, for a
+# copy made from this checkout).
 #
-# Wheels: the machine's python has torch 2.11, triton 3.6, transformers, einops, pytest, but NOT
-# diffusers. Put its wheel in the ignored .whl/ here, once:
+# Wheels: where diffusers is not installed, put its wheel in the ignored .whl/, once:
 #     python -m pip download --no-deps -d .whl diffusers==0.42.1
 # The first step installs .whl/*.whl into a scratch folder and imports everything the mode needs;
 # if anything is missing it says what and how to get it, in one line, and stops (exit 3) before any
 # test or benchmark. No CUDA device: exit 4. No commit name: exit 2.
 #
-# Dry runs here (CPU, tiny shapes; the tests under the Triton interpreter): same steps, same files.
+# Dry runs on a CPU (tiny shapes; the tests under the Triton interpreter): same steps, same files.
 #     OUT=/tmp/gpu_dry bash benchmarks/gpu/run.sh --dry-run                  # about 2 minutes
 #     OUT=/tmp/gpu_dry_ms bash benchmarks/gpu/run.sh --max-size --dry-run    # about 1 minute
 #
@@ -36,7 +36,7 @@
 #             PIPE_BUDGET=110 (the sweep and the pipeline also stop starting cases 45 / 30 s early)
 #   max-size  RUN_BUDGET=300: setup ~25, MAXSIZE_BUDGET=270 (no try started that would end in its
 #             last 25 s)
-# Files under $OUT (the device returns at most 8, at most 2 folders deep): main 7, max-size 4.
+# Files under $OUT: main 7, max-size 4, at most 2 folders deep.
 set -u -o pipefail
 
 DIFFUSERS_VERSION=0.42.1       # what the CPU suite runs against
@@ -62,8 +62,8 @@ if [[ $PRINT == 1 ]]; then
   [[ -n $(git status --porcelain --untracked-files=no) ]] && c="$c-dirty"
   compgen -G "$WHEELS/diffusers-*.whl" > /dev/null \
     || echo "first: $WHEELS/ holds no diffusers wheel; get it with: $GET_DIFFUSERS"
-  echo "run(command=\"ANYMS_COMMIT=$c bash benchmarks/gpu/run.sh\", carry=[\".whl\"], timeout_s=570)             # main: <= 9 min"
-  echo "run(command=\"ANYMS_COMMIT=$c bash benchmarks/gpu/run.sh --max-size\", carry=[\".whl\"], timeout_s=330)  # max size: <= 5 min"
+  echo "ANYMS_COMMIT=$c OUT=gpu-results bash benchmarks/gpu/run.sh             # main: <= 9 min"
+  echo "ANYMS_COMMIT=$c OUT=gpu-results bash benchmarks/gpu/run.sh --max-size  # max size: <= 5 min"
   exit 0
 fi
 
@@ -85,11 +85,11 @@ stop() { local code=$1; shift; echo "run.sh: $*" >&2; exit "$code"; }
 OUT=${OUT:-$ROOT/outputs/gpu}
 mkdir -p "$OUT" || stop 2 "cannot create OUT=$OUT"
 
-# 1. The commit that names every file. On the device .git is absent: ANYMS_COMMIT must say it (and
-#    no git repository above the copy may answer instead).
+# 1. The commit that names every file. In a copy without .git, ANYMS_COMMIT must say it (and no git
+#    repository above the copy may answer instead).
 if [[ ! -e .git ]]; then
   [[ -n ${ANYMS_COMMIT:-} ]] || stop 2 "no .git here and ANYMS_COMMIT is unset, so results cannot be named: \
-run ANYMS_COMMIT=<git rev-parse --short=10 HEAD, on the dev machine> bash benchmarks/gpu/run.sh (--print-commands prints it)"
+run ANYMS_COMMIT=<git rev-parse --short=10 HEAD, in the checkout it was copied from> bash benchmarks/gpu/run.sh (--print-commands prints it)"
   export GIT_DIR=/nonexistent-anyms-git     # benchmarks/_env.py then falls back to ANYMS_COMMIT
 fi
 
@@ -135,16 +135,16 @@ for name in needed:
         missing = getattr(exc, "name", None) if isinstance(exc, ModuleNotFoundError) else None
         why = f"{type(exc).__name__}: {exc}"
         if missing and missing.split(".")[0] == "diffusers":
-            msg = (f"cannot import {name} ({why}): the diffusers wheel is missing; get it on the dev machine "
-                   f"with `{get_diffusers}` and carry it (carry=[\".whl\"])")
+            msg = (f"cannot import {name} ({why}): the diffusers wheel is missing; get it "
+                   f"with `{get_diffusers}` (it installs from .whl/)")
         elif missing and missing.split(".")[0] not in OWN:
             top = missing.split(".")[0]
             msg = (f"cannot import {name} ({why}): package {DIST.get(top, top.replace('_', '-'))} is missing here; "
-                   f"put its wheel in .whl/ on the dev machine (python -m pip download --no-deps --only-binary=:all: "
+                   f"put its wheel in .whl/ (python -m pip download --no-deps --only-binary=:all: "
                    f"--python-version {platform.python_version_tuple()[0]}.{platform.python_version_tuple()[1]} "
-                   f"--platform manylinux_2_17_x86_64 -d .whl {DIST.get(top, top.replace('_', '-'))}) and carry .whl")
+                   f"--platform manylinux_2_17_x86_64 -d .whl {DIST.get(top, top.replace('_', '-'))})")
         elif name.split(".")[0] in OWN:
-            msg = f"the repository's own {name} does not import ({why}): fix the tree before spending device time"
+            msg = f"the repository's own {name} does not import ({why}): fix the tree before spending GPU time"
         else:
             msg = f"cannot import {name} ({why})"
         print("run.sh: " + msg.replace("\n", " "), file=sys.stderr)

@@ -1,5 +1,5 @@
 """What only a GPU can show: the kernel at real sizes, bf16, CUDA graphs, autotuning.
-Skipped on machines without CUDA (CI); run by benchmarks/gpu/run.sh on a lent GPU."""
+Skipped on machines without CUDA (CI); run by benchmarks/gpu/run.sh on a GPU."""
 from __future__ import annotations
 
 import pytest
