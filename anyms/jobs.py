@@ -123,12 +123,18 @@ def read_jobs(path: str, args) -> Tuple[List[Job], str]:
         out = layout.get("out", f"{index:05d}.png")
         if not isinstance(out, str) or not out.lower().endswith(".png"):
             raise UsageError(f"{where}: \"out\" must be a .png path (its record makes the run resumable), got {out!r}")
-        out = os.path.join(out_dir, out)
-        key = os.path.normcase(os.path.abspath(out))
-        if key in outs:
-            raise UsageError(f"{where}: \"out\" {layout['out'] if 'out' in layout else out!r} is also line "
-                             f"{outs[key]}'s: every job needs an image of its own")
-        outs[key] = line_no
+        out = _inside(out_dir, out, f'{where} "out"')
+        # every file the job writes, pictures included, is its own: no job replaces another's
+        for written in _paths_of(out):
+            key = os.path.normcase(written)
+            if key in outs and written == out:
+                raise UsageError(f"{where}: \"out\" {layout.get('out', out)!r} is also line {outs[key]}'s: every "
+                                 f"job needs an image of its own")
+            if key in outs:
+                raise UsageError(f"{where}: \"out\" {layout.get('out', out)!r} would write "
+                                 f"{_relative(written, out_dir)!r}, which line {outs[key]}'s job writes too: every "
+                                 f"job needs files of its own")
+            outs[key] = line_no
         seed = layout.get("seed", (args.seed or 0) + index)
 
         def pick(key, option, default=None):
@@ -180,9 +186,44 @@ def sort_jobs(jobs: List[Job], run) -> Tuple[List[Job], List[Job], List[Tuple[Jo
     return done, pending, conflicts
 
 
+def _paths_of(out: str) -> Tuple[str, str, str]:
+    """The image ``out`` and its two pictures: every file a job may write."""
+    stem = os.path.splitext(out)[0]
+    return out, f"{stem}.layout.png", f"{stem}.routing.png"
+
+
 def _paths(job: Job, pictures: bool):
-    stem = os.path.splitext(job.out)[0]
-    return (job.out, f"{stem}.layout.png", f"{stem}.routing.png") if pictures else (job.out, None, None)
+    return _paths_of(job.out) if pictures else (job.out, None, None)
+
+
+# the temporary name a file is written under first: ".<name>.<8 random characters>.tmp"
+_TEMPORARY_EXTRA = len("..12345678.tmp")
+
+
+def _inside(out_dir: str, out: str, what: str) -> str:
+    """``out``, a job's relative output path, as an absolute path that resolves inside ``out_dir``
+    (through any link on the way); a UsageError naming ``what`` otherwise."""
+    if "\0" in out:
+        raise UsageError(f"{what} holds a NUL character")
+    if os.path.isabs(out):
+        raise UsageError(f"{what} {out!r} is an absolute path: give a path relative to --out-dir")
+    path = os.path.abspath(os.path.join(out_dir, out))
+    root = os.path.realpath(out_dir)
+    resolved = os.path.realpath(path)
+    if os.path.commonpath([root, resolved]) != root or resolved == root:
+        raise UsageError(f"{what} {out!r} resolves to {resolved!r}, outside --out-dir {out_dir!r}: every "
+                         f"output stays inside the output folder")
+    if os.path.basename(path).lower() == ".png":
+        raise UsageError(f"{what} {out!r} has an empty file name before .png")
+    try:
+        name_max = os.pathconf(root, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    longest = max(len(os.path.basename(p).encode("utf-8")) for p in _paths_of(path)) + _TEMPORARY_EXTRA
+    if longest > name_max:
+        raise UsageError(f"{what} {out!r}: its file name is too long for the file system (a file of this job "
+                         f"would need a {longest}-byte name, at most {name_max})")
+    return path
 
 
 def _relative(path: str, folder: str) -> str:
@@ -303,7 +344,7 @@ def _make(pipe, jobs: List[Job], run, cache, rank_file: str, procs: Processes, o
         _warn(message)
 
     try:
-        with open(rank_file, "w", encoding="utf-8") as manifest, cache.attached(pipe):
+        with _open_new(rank_file) as manifest, cache.attached(pipe):
             for job in jobs:
                 t0 = time.perf_counter()
                 entry = {"index": job.index, "line": int(job.where.rsplit(":", 1)[1]), "out": _relative(job.out, out_dir),
@@ -333,6 +374,17 @@ def _make(pipe, jobs: List[Job], run, cache, rank_file: str, procs: Processes, o
         bar.close()
         _bar_running[0] = False
     return results
+
+
+def _open_new(path: str):
+    """``path`` opened for writing as a new file: whatever had that name (a link planted there
+    included) is removed first, never followed or truncated."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    return os.fdopen(fd, "w", encoding="utf-8")
 
 
 def _manifest(jobs: List[Job], done_before: List[Job], out_dir: str, world: int) -> List[dict]:

@@ -87,6 +87,7 @@ def _write_atomically(path: str, overwrite: bool, write) -> None:
     base = os.path.basename(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())    # mkstemp's 0600 would survive the rename
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -100,6 +101,13 @@ def _write_atomically(path: str, overwrite: bool, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, and set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _keep_aside(tmp: str, path: str) -> str:

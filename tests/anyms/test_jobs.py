@@ -263,3 +263,69 @@ def test_two_processes_make_the_images_one_process_makes(folder, capsys):
     assert sorted({e["process"] for e in entries}) == [0, 1]
     for e in manifest(one):
         assert (one / e["out"]).read_bytes() == (two / e["out"]).read_bytes(), e["out"]
+
+
+# ------------------------------------------------------------------ outputs stay inside --out-dir
+def _one_job(folder, out, **extra):
+    job = dict(three_jobs()[1], **extra)
+    job["out"] = out
+    return job
+
+
+@pytest.mark.parametrize("out,message", [
+    ("../esc.png", r"resolves to .*outside --out-dir"),
+    ("sub/../../esc.png", r"resolves to .*outside --out-dir"),
+    ("/tmp/anyms-esc.png", r"is an absolute path"),
+    ("sub/.png", r"empty file name"),
+    ("a\u0000b.png", r"NUL character"),
+    ("x" * 245 + ".png", r"too long for the file system"),
+])
+def test_a_job_out_that_leaves_the_folder_or_cannot_be_written_is_refused_before_loading(
+        folder, capsys, monkeypatch, out, message):
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    jobs = write_jobs(folder / "jobs.jsonl", [_one_job(folder, out)])
+    assert cli.main(["generate", "--jobs", jobs, *TINY, "--out-dir", str(folder / "out"), "--overwrite"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(r'jobs\.jsonl:1 "out".*' + message, err[0]), err
+    assert not (folder / "esc.png").exists() and not os.path.exists("/tmp/anyms-esc.png")
+
+
+def test_a_linked_subfolder_leading_outside_is_refused(folder, capsys, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("outside")
+    (folder / "out").mkdir()
+    os.symlink(outside, folder / "out" / "link")
+    jobs = write_jobs(folder / "jobs.jsonl", [_one_job(folder, "link/x.png")])
+    assert cli.main(["generate", "--jobs", jobs, *TINY, "--out-dir", str(folder / "out")]) == 2
+    assert "outside --out-dir" in capsys.readouterr().err
+    assert not os.listdir(outside)
+
+
+def test_one_jobs_picture_cannot_be_another_jobs_image(folder, capsys):
+    jobs = write_jobs(folder / "jobs.jsonl", [_one_job(folder, "x.layout.png"), _one_job(folder, "x.png")])
+    assert cli.main(["generate", "--jobs", jobs, *TINY, "--out-dir", str(folder / "out"), "--pictures"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"jobs\.jsonl:2: \"out\" 'x\.png' would write 'x\.layout\.png', which line 1's job writes", err), err
+    assert not (folder / "out" / "x.layout.png").exists()
+
+
+def test_a_link_planted_as_the_process_manifest_is_not_followed(folder):
+    target = folder / "precious.txt"
+    target.write_text("keep me")
+    out = folder / "out"
+    out.mkdir()
+    os.symlink(target, out / ".manifest.rank-0.jsonl")
+    jobs = write_jobs(folder / "jobs.jsonl", [_one_job(folder, "one.png")])
+    assert cli.main(["generate", "--jobs", jobs, *TINY, "--out-dir", str(out)]) == 0
+    assert target.read_text() == "keep me"
+    assert not os.path.lexists(out / ".manifest.rank-0.jsonl") and (out / "one.png").is_file()
+
+
+def test_outputs_follow_the_umask(folder):
+    jobs = write_jobs(folder / "jobs.jsonl", [_one_job(folder, "one.png")])
+    old = os.umask(0o027)
+    try:
+        assert cli.main(["generate", "--jobs", jobs, *TINY, "--out-dir", str(folder / "out")]) == 0
+    finally:
+        os.umask(old)
+    for name in ("one.png", "manifest.jsonl"):
+        assert (folder / "out" / name).stat().st_mode & 0o777 == 0o640, name
