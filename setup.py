@@ -4,7 +4,8 @@ from setuptools import find_packages, setup
 # (`pip install torch==2.13.0`, see the README) so that pip does not pull a CUDA build.
 setup(
     name="anyms-kernels",
-    version="0.1.0",
+    # one place for the version: anyms/__init__.py (read, not imported: torch may not be installed yet)
+    version=__import__("re").search(r'__version__ = "([^"]+)"', open("anyms/__init__.py", encoding="utf-8").read())[1],
     description="Fused region-masked multi-subject cross-attention (AnyMS) for diffusers, with Triton kernels",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",

@@ -254,6 +254,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="anyms", description="AnyMS: layout-guided multi-subject generation with IP-Adapter, on diffusers.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"anyms {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -1158,6 +1161,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return error(str(e), 2)
         except (LoadError, GenerationError) as e:
             return error(str(e), 1)
+        except KeyboardInterrupt:
+            # the files of a run are written atomically: an interrupted write leaves nothing
+            return error("interrupted (Ctrl-C): every image written so far is complete", 130)
         except ModuleNotFoundError as e:
             top = (e.name or "").split(".")[0]
             if top not in EXTRAS:

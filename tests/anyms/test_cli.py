@@ -203,3 +203,22 @@ def test_python_dash_m_and_a_light_import():
                  "Layout", "Subject", "AnyMSStableDiffusionXLPipeline", "AnyMSStableDiffusionPipeline",
                  "draw_layout"):
         assert f"'{name}'" in result.stdout
+
+
+def test_version(capsys):
+    import anyms
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"anyms {anyms.__version__}"
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_generate", interrupted)
+    assert cli.main(["generate", "x", "--model", "tiny", "--layout", "layout.json"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("anyms generate: error: interrupted"), err
