@@ -163,8 +163,36 @@ def _expected(job: Job, run) -> dict:
     return record
 
 
+def _default_guidance(pipe) -> Optional[float]:
+    """The guidance the pipeline uses when none is given: its ``__call__``'s default."""
+    import inspect
+
+    try:
+        default = inspect.signature(type(pipe).__call__).parameters["guidance_scale"].default
+    except (KeyError, TypeError, ValueError):
+        return None
+    return None if default is inspect.Parameter.empty else float(default)
+
+
+def _unlike(job: Job, run, pipe) -> Optional[str]:
+    """Why the image of a job found done before loading was made from something else, now that the
+    model's defaults are known (an unset size or guidance is the model's default, never "anything")."""
+    from .metadata import read_record
+
+    record = read_record(job.out, "image")
+    height, width = default_size(pipe)
+    want = {"height": job.height or height, "width": job.width or width,
+            "guidance": job.guidance if job.guidance is not None else _default_guidance(pipe)}
+    diff = [key for key, value in want.items() if value is not None and record.get(key) != value]
+    if not diff:
+        return None
+    return (f"{job.out!r} exists but was made from something else ({', '.join(diff)} "
+            f"differ{'s' if len(diff) == 1 else ''})")
+
+
 def sort_jobs(jobs: List[Job], run) -> Tuple[List[Job], List[Job], List[Tuple[Job, str]]]:
-    """``(done, pending, conflicts)``: conflicts are images that exist but record something else."""
+    """``(done, pending, conflicts)``: conflicts are images that exist but record something else.
+    Before the model loads, an unset size or guidance is not known yet (see :func:`_unlike`)."""
     from .metadata import differences, read_record
 
     done, pending, conflicts = [], [], []
@@ -178,6 +206,8 @@ def sort_jobs(jobs: List[Job], run) -> Tuple[List[Job], List[Job], List[Tuple[Jo
             conflicts.append((job, str(e)))
             continue
         diff = differences(record, _expected(job, run))
+        if record.get("negative_prompt") != job.negative_prompt and "negative_prompt" not in diff:
+            diff.append("negative_prompt")      # unset means none, not "any"
         if diff:
             conflicts.append((job, f"{job.out!r} exists but was made from something else ({', '.join(diff[:4])} "
                                    f"differ{'s' if len(diff) == 1 else ''})"))
@@ -275,12 +305,21 @@ def run_jobs(args) -> int:
         folders.setdefault(os.path.dirname(os.path.abspath(job.out)), job)
     for job in folders.values():
         _check_outputs([job.out], overwrite=True, what=job.where + ": \"out\"")
-    mine = pending[procs.rank::procs.world]
     log = _info_main(procs)
 
     # 3. The model, once per process; then every process starts together (all have sorted the jobs).
     with _threads_for(run):
         pipe = load_for_run(args, run, log=log)
+        # the jobs that looked done, checked again against the model's defaults
+        late = [(job, why) for job in done for why in [_unlike(job, run, pipe)] if why]
+        if late and not run.overwrite:
+            job, why = late[0]
+            more = f" (and {len(late) - 1} more)" if len(late) > 1 else ""
+            raise UsageError(f"{job.where}: {why}{more}; give --overwrite to make them again, or another \"out\"")
+        if late:
+            done = [job for job in done if all(job is not other for other, _ in late)]
+            pending = sorted(pending + [job for job, _ in late], key=lambda j: j.index)
+        mine = pending[procs.rank::procs.world]
         procs.connect()
         if procs.main and pending:
             sizes = [(j.height or default_size(pipe)[0], j.width or default_size(pipe)[1]) for j in pending]

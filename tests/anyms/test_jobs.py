@@ -329,3 +329,23 @@ def test_outputs_follow_the_umask(folder):
         os.umask(old)
     for name in ("one.png", "manifest.jsonl"):
         assert (folder / "out" / name).stat().st_mode & 0o777 == 0o640, name
+
+
+@pytest.mark.parametrize("first", [["--guidance", "9"], ["--negative-prompt", "blurry"]], ids=["guidance", "negative"])
+def test_an_unset_option_means_its_default_not_anything_on_resume(folder, capsys, first):
+    jobs = write_jobs(folder / "jobs.jsonl", [_one_job(folder, "one.png")])
+    out = str(folder / "out")
+    assert cli.main(["generate", "--jobs", jobs, *TINY, "--out-dir", out, *first]) == 0
+    image = folder / "out" / "one.png"
+    stamp = image.stat().st_mtime_ns
+    capsys.readouterr()
+    assert cli.main(["generate", "--jobs", jobs, *TINY, "--out-dir", out]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"jobs\.jsonl:1: .*one\.png' exists but was made from something else \((guidance|negative_prompt)",
+                     err), err
+    assert image.stat().st_mtime_ns == stamp
+    # with the same options it is done, and with --overwrite it is made again
+    assert cli.main(["generate", "--jobs", jobs, *TINY, "--out-dir", out, *first]) == 0
+    assert "1 done before" in capsys.readouterr().out
+    assert cli.main(["generate", "--jobs", jobs, *TINY, "--out-dir", out, "--overwrite"]) == 0
+    assert image.stat().st_mtime_ns != stamp
