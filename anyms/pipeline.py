@@ -127,7 +127,11 @@ def _load_image(image, name: str) -> Image.Image:
 
 
 def _check_box(box, name: str) -> Tuple[float, float, float, float]:
+    from anyms_kernels.regions import as_box_tensor
+
     try:
+        if isinstance(box, torch.Tensor):   # read as rasterize_boxes reads a tensor (float32 0.3 is 0.3)
+            box = as_box_tensor(box, name).tolist()
         values = tuple(float(v) for v in box)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be 4 numbers (x0, y0, x1, y1), got {box!r}") from None

@@ -84,6 +84,10 @@ def as_box_tensor(boxes, name: str = "boxes") -> torch.Tensor:
     if isinstance(boxes, torch.Tensor):
         if boxes.dtype == torch.bool or boxes.is_complex():
             raise TypeError(f"{name} must hold real numbers, got {boxes.dtype}")
+        if boxes.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device: boxes need their values (give them on the CPU)")
+        if boxes.dtype in _SHORTEST:
+            return decimal_values(boxes)
         return boxes.to(torch.float64)
     try:
         t = torch.as_tensor(boxes, dtype=torch.float64)
@@ -101,6 +105,24 @@ def refuse_non_real(x, name: str) -> None:
             refuse_non_real(v, name)
     elif isinstance(x, (bool, complex)) or x is None:
         raise TypeError(f"{name} must hold real numbers, not bools, None or complex numbers; got {x!r}")
+
+
+# dtypes whose values are read as the shortest decimal that gives them back (numpy's own printing)
+_SHORTEST = {torch.float32: "float32", torch.float16: "float16"}
+
+
+def decimal_values(t: torch.Tensor) -> torch.Tensor:
+    """A float32 / float16 tensor of a few coordinates as float64, each value read as the shortest
+    decimal that rounds to it: float32(0.3) is 0.300000012, whose product with 10 would end a box
+    at token 4, where the list ``[0.3]`` (parsed at float64) ends it at token 3. So a tensor and a
+    list of the same boxes give the same token boxes."""
+    import numpy as np
+
+    kind = getattr(np, _SHORTEST[t.dtype])
+    flat = t.detach().to("cpu").numpy().ravel()
+    values = [float(np.format_float_positional(kind(v), unique=True, trim="-")) if np.isfinite(v) else float(v)
+              for v in flat]
+    return torch.tensor(values, dtype=torch.float64).view(t.shape).to(t.device)
 
 
 def _snap(v: torch.Tensor) -> torch.Tensor:

@@ -213,3 +213,57 @@ def test_device_tensors_are_checked_once_per_version():
     _checks._check_once(cpu, (), check)
     _checks._check_once(cpu, (), check)             # CPU tensors: always checked (free)
     assert len(calls) == 5
+
+
+# ------------------------------------------------------------------ boxes as tensors and as lists
+def test_a_float32_tensor_and_a_list_of_the_same_boxes_give_the_same_token_boxes():
+    assert ak.rasterize_boxes(torch.tensor([[0, 0, .3, 1]]), (10, 10)).tolist() == [[0, 0, 3, 10]]
+    assert ak.rasterize_boxes([[0, 0, .3, 1]], (10, 10)).tolist() == [[0, 0, 3, 10]]
+
+
+def _decimal_boxes():
+    from hypothesis import strategies as st
+
+    coord = st.integers(0, 1000).map(lambda n: n / 1000)     # what a user types: up to 3 decimals
+    return st.lists(st.tuples(coord, coord, coord, coord).filter(lambda b: b[2] > b[0] and b[3] > b[1]),
+                    min_size=1, max_size=4)
+
+
+def test_tensor_and_list_boxes_agree_for_every_dtype_and_grid():
+    from hypothesis import given, settings, strategies as st
+
+    @settings(max_examples=200, deadline=None)
+    @given(_decimal_boxes(), st.integers(1, 160), st.integers(1, 160),
+           st.sampled_from([torch.float32, torch.float16, torch.float64]))
+    def check(boxes, h, w, dtype):
+        as_list = ak.rasterize_boxes(boxes, (h, w))
+        tensor = torch.tensor(boxes, dtype=dtype)
+        if dtype == torch.float16:
+            # float16 cannot hold every 3-decimal value: the list to agree with is the decimals it holds
+            import numpy as np
+
+            boxes = [[float(np.format_float_positional(np.float16(v), unique=True, trim="-")) for v in row]
+                     for row in boxes]
+            if any(r[2] <= r[0] or r[3] <= r[1] or max(r) > 1 for r in boxes):
+                return
+            as_list = ak.rasterize_boxes(boxes, (h, w))
+        assert torch.equal(ak.rasterize_boxes(tensor, (h, w)), as_list), (boxes, dtype)
+
+    check()
+
+
+def test_a_subject_box_tensor_is_read_as_its_list():
+    import anyms
+    from PIL import Image
+
+    subject = anyms.Subject(Image.new("RGB", (8, 8), (200, 10, 10)), box=torch.tensor([0, 0, .3, 1]))
+    from anyms.pipeline import prepare_subjects
+
+    plan = prepare_subjects([subject])
+    layout = plan.make_layout((10, 10))
+    assert layout.token_boxes(100, "cpu")[1].tolist() == [[0, 0, 3, 10]]
+
+
+def test_boxes_on_the_meta_device_are_refused_clearly():
+    with pytest.raises(ValueError, match="meta device"):
+        ak.rasterize_boxes(torch.zeros(1, 4, device="meta"), (4, 4))
