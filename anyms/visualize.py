@@ -109,7 +109,8 @@ def draw_layout(image, subjects: Sequence, *, thumbnails: bool = True, line_widt
         color = colors[i]
         x0, y0, x1, y1 = box[0] * W, box[1] * H, box[2] * W, box[3] * H
         if mask is None:
-            draw.rectangle([x0, y0, x1 - 1, y1 - 1], outline=color, width=lw)
+            # a box under a pixel wide is still drawn, one pixel wide (x1 - 1 < x0 would be an error)
+            draw.rectangle([x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)], outline=color, width=lw)
         else:
             out.paste(color, (0, 0), mask_outline(mask, (W, H), lw))
         tx, ty = int(x0) + lw, int(y0) + lw

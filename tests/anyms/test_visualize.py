@@ -89,3 +89,14 @@ def test_subject_maps_renders_and_checks_its_arguments():
         subject_maps(layout, [])
     with pytest.raises(ValueError, match="labels has 1 entries for 4 subjects"):
         subject_maps(layout, [(13, 21)], labels=["a"])
+
+
+def test_a_box_under_a_pixel_wide_is_drawn():
+    from PIL import Image
+
+    import anyms
+
+    image = Image.new("RGB", (64, 64), (128, 128, 128))
+    subject = anyms.Subject(Image.new("RGB", (8, 8), (255, 0, 0)), box=(0.5, 0.5, 0.505, 0.503))
+    picture = anyms.draw_layout(image, [subject])
+    assert picture.size == image.size and picture.tobytes() != image.tobytes()
