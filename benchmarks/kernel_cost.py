@@ -1015,6 +1015,16 @@ def reference_cases(archs=(90, 80), quick=False, modes=("overwrite", "sum"),
     return cases
 
 
+def sdxl_level_cases(archs=(90, 80), quick=False, modes=("overwrite", "sum"),
+                     layouts=("disjoint", "overlap")) -> List[Case]:
+    """Every SDXL cross-attention level, S = 5, T = 4 and 16: at 1024^2 64x64 x 10 heads (the
+    reference shape) and 32x32 x 20 heads; at 2048^2 128x128 x 10 heads and 64x64 x 20 heads."""
+    levels = [((64, 64), 10), ((32, 32), 20), ((128, 128), 10), ((64, 64), 20)]
+    return [Case(arch, mode, layout, 5, T, grid=grid, H=H)
+            for (grid, H) in (levels[:2] if quick else levels) for arch in archs for mode in modes
+            for layout in layouts for T in ((16,) if quick else (16, 4))]
+
+
 def flux_cases(archs=(90, 80), quick=False, modes=("overwrite", "sum"),
                layouts=("disjoint", "overlap")) -> List[Case]:
     """FLUX.1's IP path at 1024^2: the packed 64x64 token grid, 24 heads of 128, bf16, one image
@@ -1044,8 +1054,9 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument("--archs", default="90,80")
     ap.add_argument("--quick", action="store_true", help="S=5, T=16 only")
-    ap.add_argument("--shape", choices=["sdxl", "flux"], default="sdxl",
-                    help="sdxl: the 64x64 SDXL layer (the reference); flux: FLUX.1's IP path, no text branch "
+    ap.add_argument("--shape", choices=["sdxl", "levels", "flux"], default="sdxl",
+                    help="sdxl: the 64x64 SDXL layer (the reference); levels: every SDXL cross-attention "
+                         "level at 1024^2 and 2048^2, S=5; flux: FLUX.1's IP path, no text branch "
                          "(second-generation kernel only)")
     ap.add_argument("--modes", default="overwrite,sum")
     ap.add_argument("--layouts", default="disjoint,overlap")
@@ -1077,7 +1088,7 @@ def main(argv=None):
     rows: List[dict] = []
     seen: set = set()
     archs = tuple(int(a) for a in args.archs.split(","))
-    make_cases = flux_cases if args.shape == "flux" else reference_cases
+    make_cases = {"flux": flux_cases, "levels": sdxl_level_cases}.get(args.shape, reference_cases)
     for case in make_cases(archs, args.quick, args.modes.split(","), args.layouts.split(",")):
         key = gen.compile_key(case)
         if key not in cache:
@@ -1110,7 +1121,8 @@ def main(argv=None):
         w.writeheader()
         w.writerows(rows)
     print("wrote", os.path.relpath(path))
-    ref = [r for r in rows if r["device"] == "H100" and r["mode"] == "overwrite" and r["S"] == 5]
+    ref = [r for r in rows if r["device"] == "H100" and r["mode"] == "overwrite" and r["S"] == 5
+           and r["grid"] == "64x64" and r["H"] == 10]
     s2 = {(r["layout"], r["T"]): r for r in rows if r["device"] == "H100" and r["mode"] == "overwrite" and r["S"] == 2}
     s32 = [r for r in rows if r["device"] == "H100" and r["mode"] == "overwrite" and r["S"] == 32]
     for r in s32:
