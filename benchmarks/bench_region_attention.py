@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import functools
 import gc
 import math
 import os
@@ -405,18 +406,50 @@ def time_cpu_interleaved(fns: Dict[str, Callable], reps: int, budget_s: float) -
     return times
 
 
+# Bytes written between timed calls by the "flush" timer: five times the 50 MB L2 of an H100 or
+# H200 (40 MB on an A100), so nothing a call left in L2 survives into the next one.
+L2_FLUSH_BYTES = 256 * 2 ** 20
+
+
+def time_flushed(fn, reps: int = 50, warmup: int = 5) -> Tuple[float, float]:
+    """(median ms, min ms) of fn, each call timed alone by CUDA events after L2 is flushed by
+    writing L2_FLUSH_BYTES (the write is outside the events, so it is not counted)."""
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    for _ in range(warmup):
+        flush.zero_()
+        fn()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for a, b in zip(starts, ends):
+        flush.zero_()
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize()
+    times = sorted(a.elapsed_time(b) for a, b in zip(starts, ends))
+    return times[len(times) // 2], times[0]
+
+
 def time_cuda(fn, timer: str) -> Tuple[float, float, int, str]:
-    """(median ms, min ms, 0, timer name): CUDA-graph replays, or do_bench if capture fails."""
+    """(median ms, min ms, calls, timer name).
+
+    "flush" (the default): every call starts with a cold L2, so a memory-bound kernel is
+    measured against HBM, not against what the previous call left in L2 (a layer's working
+    set, ~20 MB at 64x64, fits in L2). "graph": CUDA-graph replays without a flush (L2 stays
+    warm; launch overhead removed). "bench": triton's do_bench medians."""
     import triton.testing as tt
     fn()
     torch.cuda.synchronize()
+    if timer == "flush":
+        med, mn = time_flushed(fn)
+        return med, mn, 50, "events-L2-flushed"
     if timer == "graph":
         try:
             try:
                 med, mn = tt.do_bench_cudagraph(fn, rep=20, quantiles=[0.5, 0.0])
             except TypeError:  # a triton whose do_bench_cudagraph takes no quantiles
                 med = mn = tt.do_bench_cudagraph(fn, rep=20)
-            return med, mn, 0, "cudagraph"
+            return med, mn, 0, "cudagraph-L2-warm"
         except Exception as exc:  # capture failed: fall back, and say so in the row
             torch.cuda.synchronize()
             print(f"  (CUDA graph capture failed: {type(exc).__name__}: {str(exc)[:120]}; using do_bench)",
@@ -509,6 +542,33 @@ def cpu_skip(case: Case) -> Optional[str]:
     return None
 
 
+MODEL_CSVS = ("kernel_cost_levels.csv", "kernel_cost_after.csv")   # benchmarks/kernel_cost.py's predictions
+
+
+@functools.lru_cache(maxsize=None)
+def _model_rows() -> Tuple[dict, ...]:
+    rows = []
+    for name in MODEL_CSVS:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
+        if os.path.exists(path):
+            with open(path, newline="") as f:
+                rows.extend(csv.DictReader(f))
+    return tuple(rows)
+
+
+def model_prediction(case: Case, mode: str, gpu_name: str) -> Optional[float]:
+    """The static cost model's predicted time (us) for this case on this GPU, if it has one
+    (fp16, an A100 / H100 / H200), so each measurement is printed beside it."""
+    family = next((f for f in ("H200", "H100", "A100") if f in gpu_name), None)
+    if family is None or case.dtype != torch.float16:
+        return None
+    for r in _model_rows():
+        if (r["device"], r["grid"], int(r["H"]), int(r["S"]), int(r["T"]), r["layout"], r["mode"]) == (
+                family, f"{case.grid[0]}x{case.grid[1]}", case.H, case.S, case.T, case.layout, mode):
+            return float(r["predicted_us"])
+    return None
+
+
 def run_case(case: Case, peers, args, meta, writer, rows) -> None:
     if "B1" in peers and not b1_wanted(case, args):
         peers = [p for p in peers if p != "B1"]
@@ -570,6 +630,14 @@ def run_case(case: Case, peers, args, meta, writer, rows) -> None:
         my_rows[peer].update(peak_extra_bytes=peak if peak is not None else "",
                              peak_over_out=f"{peak / out_bytes:.3f}" if peak is not None else "",
                              qo_GBps=f"{qo_bytes / (med * 1e-3) / 1e9:.2f}")
+    models = {}
+    if is_cuda:
+        gpu = torch.cuda.get_device_name(torch.device(case.device))
+        for peer, mode in (("ours", "overwrite"), ("ours_sum", "sum")):
+            pred = model_prediction(case, mode, gpu) if peer in results else None
+            if pred is not None:
+                models[peer] = pred
+                my_rows[peer].update(model_us=f"{pred:.3f}", measured_over_model=f"{results[peer] * 1e3 / pred:.3f}")
     for peer in peers:
         row = my_rows[peer]
         t = results.get(peer)
@@ -582,7 +650,8 @@ def run_case(case: Case, peers, args, meta, writer, rows) -> None:
                 row["bw_frac_of_B4"] = f"{results['B4'] / t:.3f}"
         writer.writerow(row)
         rows.append(row)
-    summary = "  ".join(f"{p}={results[p]:.3f}" for p in peers if p in results)
+    summary = "  ".join(f"{p}={results[p]:.3f}" + (f" (model {models[p] / 1e3:.4f})" if p in models else "")
+                        for p in peers if p in results)
     print(f"{case.grid[0]}x{case.grid[1]} S={case.S:2d} T={case.T:2d} {case.layout:8s} "
           f"{str(case.dtype)[6:]:8s} ms: {summary}", flush=True)
     del x, ref, fns
@@ -594,7 +663,7 @@ def run_case(case: Case, peers, args, meta, writer, rows) -> None:
 FIELDS = ["machine", "device", "torch", "triton", "commit", "date", "threads", "grid", "N", "B", "H", "D", "L",
           "S", "T", "layout", "dtype", "peer", "median_ms", "min_ms", "runs", "timer", "ours_over_peer",
           "ours_sum_over_peer", "peak_extra_bytes", "out_bytes", "peak_over_out", "setup_bytes", "qo_GBps", "bw_frac_of_B4",
-          "check_max_abs_err", "check_ok", "error"]
+          "model_us", "measured_over_model", "check_max_abs_err", "check_ok", "error"]
 
 
 def _get(rows, **kw):
@@ -722,12 +791,14 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", nargs="+", choices=["float32", "float16", "bfloat16"],
                    help="default float32 on CPU, float16 bfloat16 on CUDA")
     p.add_argument("--peers", nargs="+", help=f"default {CPU_PEERS} on CPU, {GPU_PEERS} on CUDA")
-    p.add_argument("--heads", type=int, default=10)
+    p.add_argument("--heads", type=int, default=None,
+                   help="heads (default: 10; on CUDA SDXL's own per level: 20 at 32x32, plus a 64x64 x 20 level)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--reps", type=int, default=7, help="CPU: timed calls per measurement (median)")
     p.add_argument("--budget", type=float, default=3.0, help="CPU: seconds per measurement before stopping")
-    p.add_argument("--timer", default="graph", choices=["graph", "bench"],
-                   help="CUDA: CUDA-graph replay medians (do_bench_cudagraph) or do_bench medians")
+    p.add_argument("--timer", default="flush", choices=["flush", "graph", "bench"],
+                   help="CUDA: per-call CUDA-event times with L2 flushed before each call (default), "
+                        "CUDA-graph replay medians with a warm L2 (do_bench_cudagraph), or do_bench medians")
     p.add_argument("--threads", type=int, help="CPU: torch threads (default: torch's choice)")
     p.add_argument("--time-limit", type=float, default=0, help="stop starting new cases after this many "
                    "seconds (0: none); the most important cases run first")
@@ -812,8 +883,18 @@ def main(argv=None) -> int:
         meta_note = f"b0_replica_err={err:.1e}"
     else:
         meta_note = ""
-    cases = [Case(grid, S, T, layout, dtype, device, B=args.batch, H=heads)
+    def heads_at(grid) -> int:
+        # CUDA, no --heads: SDXL's own heads per level (20 at 32x32, 10 at 64x64 and 128x128)
+        if heads is None:
+            return 20 if device == "cuda" and grid == (32, 32) else 10
+        return heads
+
+    cases = [Case(grid, S, T, layout, dtype, device, B=args.batch, H=heads_at(grid))
              for dtype in dtypes for grid in grids for T in tokens for S in subjects for layout in layouts]
+    if device == "cuda" and heads is None and not args.quick and (64, 64) in grids:
+        # 2048^2 images run a 64x64 level with 20 heads too: fp16, S = 5
+        cases += [Case((64, 64), 5, T, layout, torch.float16, device, B=args.batch, H=20)
+                  for T in tokens for layout in layouts]
     if device == "cpu" and not args.no_cpu_skip and not args.quick:
         cases = [c for c in cases if not cpu_skip(c)]
     if device == "cuda" and not args.bf16_all and not args.quick:

@@ -155,3 +155,21 @@ def test_script_on_this_trees_kernel(tmp_path):
     assert parts == pytest.approx(float(h100["instr_per_warp"]), rel=1e-3)
     assert float(h100["text_per_warp"]) > 0 and float(h100["per_acting_per_warp"]) > 0
     assert int(h100["registers"]) > 0 and int(h100["programs_per_sm"]) >= 1
+
+
+def test_the_gpu_sweep_reads_the_models_prediction_for_each_level():
+    """benchmarks/bench_region_attention.py prints the written-down prediction beside each GPU time."""
+    import torch
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_region_attention as bench
+    rows = list(csv.DictReader(open(os.path.join(ROOT, "benchmarks", "results", "kernel_cost_levels.csv"))))
+    for grid, H in (((64, 64), 10), ((32, 32), 20), ((128, 128), 10), ((64, 64), 20)):
+        case = bench.Case(grid, 5, 16, "overlap", torch.float16, "cuda", H=H)
+        want = next(float(r["predicted_us"]) for r in rows if r["device"] == "H200" and r["mode"] == "sum"
+                    and r["grid"] == f"{grid[0]}x{grid[1]}" and int(r["H"]) == H and r["T"] == "16"
+                    and r["layout"] == "overlap")
+        assert bench.model_prediction(case, "sum", "NVIDIA H200") == want
+    case = bench.Case((64, 64), 5, 16, "overlap", torch.bfloat16, "cuda")
+    assert bench.model_prediction(case, "sum", "NVIDIA H200") is None          # predicted for fp16 only
+    assert bench.model_prediction(bench.Case((64, 64), 5, 16, "overlap", torch.float16, "cuda"), "sum",
+                                  "NVIDIA RTX 4090") is None                  # no model of that GPU

@@ -6,8 +6,8 @@
 #
 #   main (default)  the CUDA tests first (tests/kernels/test_cuda.py and every test parametrised on
 #                   cuda: pytest -k cuda), then the rest of the suite (-k "not cuda"), the kernel
-#                   sweep (fp16 + bf16, CUDA-graph medians), the pipeline step benchmark (SDXL U-Net,
-#                   1024^2 and 2048^2, none / plain / B0 / AnyMS).   <= 9 minutes, cold Triton cache
+#                   sweep (fp16 + bf16, the median of calls each timed after an L2 flush), the
+#                   pipeline step benchmark (SDXL U-Net, 1024^2 and 2048^2, none / plain / B0 / AnyMS).   <= 9 minutes, cold Triton cache
 #   --max-size      the largest square image whose U-Net step (fp16, CFG batch 2) + SDXL VAE decode
 #                   fits in 16, 12 and 8 GiB (set_per_process_memory_fraction): plain IP-Adapter,
 #                   B0 (diffusers' masks, S=5), AnyMS (S=5), VAE tiling on and off.   <= 5 minutes

@@ -108,3 +108,20 @@ def test_cuda_graph_capture_with_a_routing_from_masks(mode):
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(captured, run(), atol=0, rtol=0)
+
+
+def test_flushed_timer_times_each_call_after_an_l2_flush():
+    """The sweep's default CUDA timer: one event pair per call, the flush outside them."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench_region_attention.py")
+    spec = importlib.util.spec_from_file_location("bench_region_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.L2_FLUSH_BYTES >= 4 * torch.cuda.get_device_properties(0).L2_cache_size
+    x = torch.randn(1 << 22, device="cuda")
+    y = torch.empty_like(x)
+    med, mn = bench.time_flushed(lambda: y.copy_(x), reps=20)
+    assert 0 < mn <= med
+    med_ms, _, calls, timer = bench.time_cuda(lambda: y.copy_(x), "flush")
+    assert calls == 50 and timer == "events-L2-flushed" and med_ms > 0
