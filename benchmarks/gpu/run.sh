@@ -277,5 +277,5 @@ fi
 note "done: mode $MODE in $(( $(date +%s) - START ))s (RUN_BUDGET ${RUN_BUDGET}s)${FAILED:+; not clean:$FAILED}"
 n=$(find "$OUT" -type f | wc -l)
 find "$OUT" -type f | sort
-(( n > 8 )) && log "WARNING: $n files under $OUT; the device returns 8"
+(( n > 8 )) && log "WARNING: $n files under $OUT, more than the 8 this script is meant to write"
 [[ -z $FAILED ]]      # exit 1 when a part failed or was cut; every file is written either way
