@@ -42,6 +42,7 @@ from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProc
 
 import anyms_kernels
 
+from .auto_pipeline import register_auto_pipelines
 from .layout import Layout
 from .pipeline import AnyMSPlan, Subject, _load_image, _one_call_at_a_time, prepare_subjects
 from .processor import AnyMSAttnProcessor, _check_layout, anyms_attention, set_anyms_layout
@@ -448,6 +449,10 @@ class AnyMSFluxPipeline(FluxPipeline):
     def _anyms_encode_each(self, images, device):
         """``[len(images), E]``: each image through the encoder alone (batch 1), as the U-Net pipelines do."""
         return torch.cat([self.encode_image([image], device, 1) for image in images])
+
+
+# AutoPipelineFor*.from_pipe(pipe) takes it as a FluxPipeline (see anyms.auto_pipeline)
+register_auto_pipelines(AnyMSFluxPipeline)
 
 
 def _black_image():

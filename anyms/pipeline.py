@@ -45,6 +45,7 @@ from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
 from anyms_kernels.regions import MODES, check_normalized_boxes, mask_bbox
 
+from .auto_pipeline import register_auto_pipelines
 from .layout import Layout, load_mask
 from .processor import anyms_attention, set_anyms_layout
 
@@ -536,3 +537,7 @@ class AnyMSStableDiffusionXLPipeline(AnyMSPipelineMixin, StableDiffusionXLPipeli
 
 class AnyMSStableDiffusionPipeline(AnyMSPipelineMixin, StableDiffusionPipeline):
     """:class:`diffusers.StableDiffusionPipeline` with ``subjects=`` (see :class:`AnyMSPipelineMixin`)."""
+
+
+# AutoPipelineFor*.from_pipe(pipe) takes them as their parents (see anyms.auto_pipeline)
+register_auto_pipelines(AnyMSStableDiffusionXLPipeline, AnyMSStableDiffusionPipeline)
