@@ -21,10 +21,10 @@ __version__ = "0.1.0"
 # public name -> the submodule that defines it
 _EXPORTS = {
     "AnyMSAttnProcessor": "processor",
-    "apply_anyms": "processor",
-    "remove_anyms": "processor",
-    "set_anyms_layout": "processor",
-    "anyms_attention": "processor",
+    "apply_anyms": "branches",
+    "remove_anyms": "branches",
+    "set_anyms_layout": "branches",
+    "anyms_attention": "branches",
     "Layout": "layout",
     "Subject": "pipeline",
     "AnyMSStableDiffusionXLPipeline": "pipeline",
@@ -38,6 +38,10 @@ _EXPORTS = {
 
 __all__ = list(_EXPORTS) + ["__version__"]
 
+# the modules whose AnyMS processors the install functions of "branches" convert to (the U-Net's, FLUX's):
+# imported with those functions, so that anyms.apply_anyms takes a U-Net and a FLUX transformer alike
+_PROCESSOR_MODULES = ("processor", "flux")
+
 # optional dependencies -> the extra that brings them
 _EXTRAS = {"diffusers": "diffusers", "transformers": "diffusers", "accelerate": "diffusers", "einops": "diffusers",
            "safetensors": "diffusers", "PIL": "diffusers", "huggingface_hub": "diffusers", "tqdm": "diffusers",
@@ -46,8 +50,10 @@ _EXTRAS = {"diffusers": "diffusers", "transformers": "diffusers", "accelerate": 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
+        modules = (_PROCESSOR_MODULES if _EXPORTS[name] == "branches" else ()) + (_EXPORTS[name],)
         try:
-            module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+            for module_name in modules:
+                module = importlib.import_module(f".{module_name}", __name__)
         except ModuleNotFoundError as e:        # a base install, without the extras
             top = (e.name or "").split(".")[0]
             if top not in _EXTRAS:
@@ -68,5 +74,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never run
     from .layout import Layout
     from .flux import AnyMSFluxAttnProcessor, AnyMSFluxPipeline, flux_layout
     from .pipeline import AnyMSStableDiffusionPipeline, AnyMSStableDiffusionXLPipeline, Subject
-    from .processor import AnyMSAttnProcessor, anyms_attention, apply_anyms, remove_anyms, set_anyms_layout
+    from .branches import anyms_attention, apply_anyms, remove_anyms, set_anyms_layout
+    from .processor import AnyMSAttnProcessor
     from .visualize import draw_layout, subject_maps

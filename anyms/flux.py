@@ -31,7 +31,6 @@ tokens in one softmax).
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -40,12 +39,10 @@ from diffusers import FluxPipeline
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 
-import anyms_kernels
-
 from .auto_pipeline import register_auto_pipelines
 from .layout import Layout
 from .pipeline import AnyMSPlan, Subject, _load_image, _one_call_at_a_time, prepare_subjects
-from .processor import AnyMSAttnProcessor, _check_layout, anyms_attention, set_anyms_layout
+from .branches import AnyMSBranches, anyms_attention, check_layout, set_anyms_layout
 
 try:  # the attention front door of diffusers >= 0.35; older versions call SDPA directly
     from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -83,7 +80,7 @@ def flux_layout(boxes=None, height: int = 1024, width: int = 1024, scales=1.0, m
 
 
 # ---------------------------------------------------------------------- processor
-class AnyMSFluxAttnProcessor(FluxIPAdapterAttnProcessor):
+class AnyMSFluxAttnProcessor(AnyMSBranches, FluxIPAdapterAttnProcessor, replaces=FluxIPAdapterAttnProcessor):
     r"""FLUX IP-Adapter processor whose image branch is confined to each subject's region.
 
     Args (as ``FluxIPAdapterAttnProcessor``):
@@ -120,7 +117,7 @@ class AnyMSFluxAttnProcessor(FluxIPAdapterAttnProcessor):
         object.__setattr__(self, "_anyms_original", None)   # read by the scale property, set first
         super().__init__(hidden_size, cross_attention_dim, num_tokens=num_tokens, scale=scale, device=device,
                          dtype=dtype)
-        self.layout = _check_layout(layout)
+        self.layout = check_layout(layout)
         self.backend = backend
         self._scale_cache = None
 
@@ -145,7 +142,7 @@ class AnyMSFluxAttnProcessor(FluxIPAdapterAttnProcessor):
             if name in processor.__dict__:
                 setattr(new, name, processor.__dict__[name])
         new.train(processor.training)
-        new.layout = _check_layout(layout)
+        new.layout = check_layout(layout)
         new.backend = "auto"
         new._scale_cache = None
         return new
@@ -176,9 +173,6 @@ class AnyMSFluxAttnProcessor(FluxIPAdapterAttnProcessor):
         plain.train(self.training)
         return plain
 
-    # lambda_s = layout.scales[s] * self.scale[0], cached while neither changes (the U-Net processor's rule)
-    _subject_scale = AnyMSAttnProcessor._subject_scale
-
     def __call__(
         self,
         attn,
@@ -203,23 +197,12 @@ class AnyMSFluxAttnProcessor(FluxIPAdapterAttnProcessor):
                 "AnyMS needs the subject images, and this call has no IP-Adapter image embeddings: pass "
                 "subjects=[...] to AnyMSFluxPipeline, or ip_adapter_image=[[img_1, ..., img_S]] to FluxPipeline"
             )
-        if len(ip_hidden_states) != 1 or len(self.to_k_ip) != 1:
-            raise ValueError(
-                f"AnyMS takes its subjects from one IP-Adapter holding S images, but {len(self.to_k_ip)} "
-                f"IP-Adapters are loaded and {len(ip_hidden_states)} image embeddings were passed"
-            )
-        images = ip_hidden_states[0]
-        if images.dim() == 3:                     # [B, T, C]: one image per prompt
-            images = images.unsqueeze(1)
+        images = self._subject_images(ip_hidden_states, layout)
         batch_size = hidden_states.shape[0]
         if images.dim() != 4 or images.shape[0] != batch_size:
             raise ValueError(f"ip_hidden_states[0] must be [B, S, T, C] with B = {batch_size}, "
                              f"got shape {tuple(images.shape)}")
-        if images.shape[1] != layout.num_subjects:
-            raise ValueError(
-                f"the IP-Adapter image embeddings hold S={images.shape[1]} images per prompt but the layout has "
-                f"{layout.num_subjects} regions (boxes or masks): give exactly one subject image per region"
-            )
+        self._check_subject_count(images.shape[1], layout)
 
         hidden_states, encoder_hidden_states, ip_query = self._joint(attn, hidden_states, encoder_hidden_states,
                                                                      attention_mask, image_rotary_emb)
@@ -263,11 +246,8 @@ class AnyMSFluxAttnProcessor(FluxIPAdapterAttnProcessor):
         if k_subj.dtype != ip_query.dtype:        # e.g. an image projection kept in float32
             k_subj, v_subj = k_subj.to(ip_query.dtype), v_subj.to(ip_query.dtype)
         grid, routing = layout.routing(num_tokens, ip_query.device)
-        out = anyms_kernels.region_cross_attention(
-            ip_query.transpose(1, 2), None, None, k_subj, v_subj, routing, grid, mode=layout.mode,
-            subject_scale=self._subject_scale(layout, ip_query.device),
-            softmax_scale=1.0 / math.sqrt(head_dim), backend=self.backend,
-        )                                         # [B, H, N, D], laid out like ip_query: [B, N, H, D]
+        out = self._attend(layout, grid, routing, ip_query.transpose(1, 2), None, None, k_subj, v_subj)
+        # [B, H, N, D], laid out like ip_query: [B, N, H, D]
         return out.transpose(1, 2).reshape(batch_size, num_tokens, heads * head_dim)
 
     def _joint_attention(self, query, key, value, attention_mask):

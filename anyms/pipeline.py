@@ -47,7 +47,8 @@ from anyms_kernels.regions import MODES, check_normalized_boxes, mask_bbox
 
 from .auto_pipeline import register_auto_pipelines
 from .layout import Layout, load_mask
-from .processor import anyms_attention, set_anyms_layout
+from .branches import anyms_attention, set_anyms_layout
+from .processor import AnyMSAttnProcessor  # noqa: F401  the U-Net's AnyMS processor, which anyms_attention installs
 
 __all__ = [
     "Subject",

@@ -18,21 +18,21 @@ path, the one ``ip_adapter_masks`` uses), image ``s`` belonging to region ``s``.
 ``apply_anyms`` converts, in place, the processors that ``load_ip_adapter``
 installed, sharing their weight modules and their ``scale`` list (so
 ``set_ip_adapter_scale`` acts on both); ``remove_anyms`` puts the very same
-original processor objects back. No global state, no patching.
+original processor objects back. No global state, no patching. Those functions, the
+subject scales and the op call are :mod:`anyms.branches`', shared with the FLUX processor.
 """
 from __future__ import annotations
 
-import contextlib
-import math
 import weakref
-from typing import Iterator, List, Optional, Tuple
+from typing import Optional
 
 import torch
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from einops import rearrange
 
-import anyms_kernels
-from anyms.layout import Layout
+from .branches import (AnyMSBranches, anyms_attention, apply_anyms, attention_modules, check_layout,
+                       remove_anyms, set_anyms_layout)
+from .layout import Layout
 
 __all__ = ["AnyMSAttnProcessor", "apply_anyms", "remove_anyms", "set_anyms_layout", "anyms_attention"]
 
@@ -62,7 +62,8 @@ class _EqualsItsParent(type):
     __hash__ = type.__hash__
 
 
-class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0, metaclass=_EqualsItsParent):
+class AnyMSAttnProcessor(AnyMSBranches, IPAdapterAttnProcessor2_0, metaclass=_EqualsItsParent,
+                         replaces=IPAdapterAttnProcessor2_0):
     r"""IP-Adapter cross-attention processor with AnyMS's layout-confined subject branches.
 
     Args (as ``IPAdapterAttnProcessor2_0``):
@@ -93,7 +94,7 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0, metaclass=_EqualsItsParent):
     def __init__(self, hidden_size, cross_attention_dim=None, num_tokens=(4,), scale=1.0,
                  layout: Optional[Layout] = None, backend: str = "auto"):
         super().__init__(hidden_size, cross_attention_dim=cross_attention_dim, num_tokens=num_tokens, scale=scale)
-        self.layout = _check_layout(layout)
+        self.layout = check_layout(layout)
         self.backend = backend
         # The processor this one replaced (see from_ip_adapter_processor); kept outside
         # _modules so that state_dict() and .to() see its shared weights only once.
@@ -119,7 +120,7 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0, metaclass=_EqualsItsParent):
         new.to_k_ip = processor.to_k_ip           # the same ModuleLists (registered as submodules)
         new.to_v_ip = processor.to_v_ip
         new.train(processor.training)
-        new.layout = _check_layout(layout)
+        new.layout = check_layout(layout)
         new.backend = "auto"
         new._scale_cache = None
         object.__setattr__(new, "_anyms_original", processor)
@@ -153,12 +154,6 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0, metaclass=_EqualsItsParent):
                 "(pass ip_adapter_image=[[img_1, ..., img_S]] or ip_adapter_image_embeds to the pipeline)"
             )
         encoder_hidden_states, ip_hidden_states = encoder_hidden_states
-        if len(ip_hidden_states) != 1 or len(self.to_k_ip) != 1:
-            raise ValueError(
-                f"AnyMS takes its subjects from one IP-Adapter holding S images, but {len(self.to_k_ip)} "
-                f"IP-Adapters are loaded and {len(ip_hidden_states)} image embeddings were passed"
-            )
-
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -188,9 +183,7 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0, metaclass=_EqualsItsParent):
         k_text = rearrange(key, "b l (h d) -> b h l d", h=heads)
         v_text = rearrange(value, "b l (h d) -> b h l d", h=heads)
 
-        images = ip_hidden_states[0]
-        if images.dim() == 3:                     # [B, T, C]: one image per prompt
-            images = images.unsqueeze(1)
+        images = self._subject_images(ip_hidden_states, layout)
         if images.dim() != 4:
             raise ValueError(f"ip_hidden_states[0] must be [B, S, T, C], got shape {tuple(images.shape)}")
         if images.shape[0] != batch_size:
@@ -198,12 +191,7 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0, metaclass=_EqualsItsParent):
                 f"ip_hidden_states[0] has batch {images.shape[0]} but the hidden states have {batch_size}; "
                 "with classifier-free guidance both must hold the unconditional and conditional halves"
             )
-        num_images = images.shape[1]
-        if num_images != layout.num_subjects:
-            raise ValueError(
-                f"the IP-Adapter image embeddings hold S={num_images} images per prompt but the layout has "
-                f"{layout.num_subjects} regions (boxes or masks): give exactly one subject image per region"
-            )
+        self._check_subject_count(images.shape[1], layout)
         k_subj = rearrange(self.to_k_ip[0](images), "b s t (h d) -> b h s t d", h=heads)
         v_subj = rearrange(self.to_v_ip[0](images), "b s t (h d) -> b h s t d", h=heads)
         if k_subj.dtype != q.dtype:               # e.g. image projection kept in float32
@@ -217,11 +205,7 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0, metaclass=_EqualsItsParent):
                 f"but its hidden states are {height}x{width}: make the Layout with latent_hw = the latent being "
                 f"denoised, (height // 8, width // 8), height first"
             )
-        out = anyms_kernels.region_cross_attention(
-            q, k_text, v_text, k_subj, v_subj, routing, grid, mode=layout.mode,
-            subject_scale=self._subject_scale(layout, q.device), text_mask=text_mask,
-            softmax_scale=1.0 / math.sqrt(head_dim), backend=self.backend,
-        )
+        out = self._attend(layout, grid, routing, q, k_text, v_text, k_subj, v_subj, text_mask=text_mask)
         hidden_states = rearrange(out, "b h n d -> b n (h d)")   # free: out is laid out like q
 
         hidden_states = attn.to_out[0](hidden_states)
@@ -233,32 +217,27 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0, metaclass=_EqualsItsParent):
         hidden_states = hidden_states / attn.rescale_output_factor
         return hidden_states
 
-    def _subject_scale(self, layout: Layout, device) -> torch.Tensor:
-        """lambda_s = layout.scales[s] * self.scale[0], cached while neither changes."""
-        ip_scale = self.scale[0]
-        if isinstance(ip_scale, (list, tuple)):
-            if len(ip_scale) != layout.num_subjects:
-                raise ValueError(
-                    f"the IP-Adapter scale has {len(ip_scale)} per-image values but the layout has "
-                    f"{layout.num_subjects} subjects (set_ip_adapter_scale)"
-                )
-            key = tuple(float(s) for s in ip_scale)
-        else:
-            key = float(ip_scale)
-        cache = self._scale_cache
-        if cache is not None and cache[0] is layout and cache[1] == device and cache[2] == key:
-            return cache[3]
-        factor = torch.tensor(key, dtype=torch.float32)
-        scale = layout.subject_scale(device) * factor.to(device)
-        if not torch.compiler.is_compiling():     # traced, the product is part of the graph: no cache
-            self._scale_cache = (layout, device, key, scale)   # (writing one would retrace at the next step)
-        return scale
+    def original_processor(self) -> IPAdapterAttnProcessor2_0:
+        """The processor this one replaced; for one made directly, a plain
+        ``IPAdapterAttnProcessor2_0`` sharing its weights (what :func:`anyms.remove_anyms` installs)."""
+        original = self._anyms_original
+        if original is not None:
+            return original
+        plain = IPAdapterAttnProcessor2_0.__new__(IPAdapterAttnProcessor2_0)
+        torch.nn.Module.__init__(plain)
+        plain.hidden_size, plain.cross_attention_dim = self.hidden_size, self.cross_attention_dim
+        plain.num_tokens, plain.scale = self.num_tokens, self.scale
+        plain.to_k_ip, plain.to_v_ip = self.to_k_ip, self.to_v_ip
+        plain.train(self.training)
+        return plain
 
+    @classmethod
+    def _anyms_applied(cls, model) -> None:
+        _install_latent_check(model)
 
-def _check_layout(layout):
-    if layout is not None and not isinstance(layout, Layout):
-        raise TypeError(f"layout must be an anyms.layout.Layout or None, got {type(layout).__name__}")
-    return layout
+    @classmethod
+    def _anyms_removed(cls, model) -> None:
+        _remove_latent_check(model)
 
 
 def _text_key_mask(attn, attention_mask, text_len: int, batch_size: int) -> Optional[torch.Tensor]:
@@ -298,73 +277,7 @@ def _text_key_mask(attn, attention_mask, text_len: int, batch_size: int) -> Opti
     return shared[:, 0].contiguous()
 
 
-# ----------------------------------------------------------------------- install
-def _unet_of(pipe_or_unet):
-    """The denoiser whose processors AnyMS converts: the argument itself, a pipeline's .unet,
-    or a FLUX pipeline's .transformer."""
-    if hasattr(pipe_or_unet, "attn_processors") and hasattr(pipe_or_unet, "set_attn_processor"):
-        return pipe_or_unet
-    for name in ("unet", "transformer"):
-        model = getattr(pipe_or_unet, name, None)
-        if model is not None and hasattr(model, "attn_processors"):
-            return model
-    raise TypeError(
-        f"pipe_or_unet must be a diffusers pipeline with a .unet or a .transformer, a UNet2DConditionModel or a "
-        f"FluxTransformer2DModel, got {type(pipe_or_unet).__name__}"
-    )
-
-
-def _conversions():
-    """``{diffusers IP-Adapter processor class: its AnyMS subclass}``: the U-Net's, and FLUX's."""
-    from anyms.flux import AnyMSFluxAttnProcessor, FluxIPAdapterAttnProcessor
-
-    return {IPAdapterAttnProcessor2_0: AnyMSAttnProcessor, FluxIPAdapterAttnProcessor: AnyMSFluxAttnProcessor}
-
-
-def _anyms_classes() -> tuple:
-    return tuple(_conversions().values())
-
-
-def _attention_modules(unet) -> Iterator[torch.nn.Module]:
-    """Every attention module of the U-Net that carries a processor (as ``unet.attn_processors`` sees)."""
-    for module in unet.modules():
-        if hasattr(module, "get_processor") and hasattr(module, "set_processor") and hasattr(module, "processor"):
-            yield module
-
-
-def apply_anyms(pipe_or_unet, layout: Optional[Layout] = None):
-    """Convert the U-Net's IP-Adapter processors into :class:`AnyMSAttnProcessor`, in place.
-
-    Each ``IPAdapterAttnProcessor2_0`` that ``load_ip_adapter`` installed is replaced by an
-    ``AnyMSAttnProcessor`` sharing its ``to_k_ip``/``to_v_ip`` modules and ``scale`` list;
-    the original object is kept for :func:`remove_anyms`. Idempotent: processors that
-    are already AnyMS stay as they are. Every AnyMS processor's layout is set to
-    ``layout`` (None: they behave like plain IP-Adapter until :func:`set_anyms_layout`).
-
-    Returns the U-Net. Raises ``ValueError`` if no IP-Adapter is loaded, ``TypeError``
-    for an argument of the wrong type.
-    """
-    unet = _unet_of(pipe_or_unet)
-    _check_layout(layout)
-    conversions = _conversions()
-    found = False
-    for module in _attention_modules(unet):
-        proc = module.processor
-        if isinstance(proc, tuple(conversions.values())):
-            proc.layout = layout
-            found = True
-        elif type(proc) in conversions:
-            module.set_processor(conversions[type(proc)].from_ip_adapter_processor(proc, layout))
-            found = True
-    if not found:
-        raise ValueError(
-            "pipe_or_unet has no IP-Adapter attention processors: load an IP-Adapter first with "
-            "pipe.load_ip_adapter(...)"
-        )
-    _install_latent_check(unet)
-    return unet
-
-
+# ----------------------------------------------------------------------- the latent check
 # U-Net -> the forward pre-hook that checks the latent against the layout (see below). Weak keys:
 # nothing is written onto the user's model, and a dropped model drops its entry.
 _LATENT_CHECKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -376,7 +289,7 @@ def _install_latent_check(unet) -> None:
     The U-Net's ``sample`` shows the latent: check it against the layout once per forward."""
     if unet in _LATENT_CHECKS or type(unet).__name__ != "UNet2DConditionModel":
         return
-    modules = [m for m in _attention_modules(unet) if isinstance(m.processor, AnyMSAttnProcessor)]
+    modules = [m for m in attention_modules(unet) if isinstance(m.processor, AnyMSAttnProcessor)]
 
     def check_latent(module, args, kwargs):
         sample = kwargs.get("sample", args[0] if args else None)
@@ -400,69 +313,3 @@ def _remove_latent_check(unet) -> None:
     handle = _LATENT_CHECKS.pop(unet, None)
     if handle is not None:
         handle.remove()
-
-
-def set_anyms_layout(pipe_or_unet, layout: Optional[Layout]):
-    """Set (or clear, with None) the layout of every AnyMS processor of the U-Net; returns the U-Net."""
-    unet = _unet_of(pipe_or_unet)
-    _check_layout(layout)
-    procs = [m.processor for m in _attention_modules(unet) if isinstance(m.processor, _anyms_classes())]
-    if not procs:
-        raise ValueError("pipe_or_unet has no AnyMS processors: call apply_anyms(pipe_or_unet) first")
-    for proc in procs:
-        proc.layout = layout
-    return unet
-
-
-def remove_anyms(pipe_or_unet):
-    """Put back the processors :func:`apply_anyms` replaced (the same objects); returns the U-Net.
-
-    An AnyMS processor made directly (not by ``apply_anyms``) becomes a plain
-    ``IPAdapterAttnProcessor2_0`` sharing its weights. No AnyMS processor: nothing to do.
-    """
-    unet = _unet_of(pipe_or_unet)
-    anyms_classes = _anyms_classes()
-    for module in _attention_modules(unet):
-        proc = module.processor
-        if isinstance(proc, AnyMSAttnProcessor):
-            module.set_processor(_original_of(proc))
-        elif isinstance(proc, anyms_classes):
-            module.set_processor(proc.original_processor())
-    _remove_latent_check(unet)
-    return unet
-
-
-def _original_of(proc: AnyMSAttnProcessor) -> IPAdapterAttnProcessor2_0:
-    original = proc._anyms_original
-    if original is not None:
-        return original
-    plain = IPAdapterAttnProcessor2_0.__new__(IPAdapterAttnProcessor2_0)
-    torch.nn.Module.__init__(plain)
-    plain.hidden_size, plain.cross_attention_dim = proc.hidden_size, proc.cross_attention_dim
-    plain.num_tokens, plain.scale = proc.num_tokens, proc.scale
-    plain.to_k_ip, plain.to_v_ip = proc.to_k_ip, proc.to_v_ip
-    plain.train(proc.training)
-    return plain
-
-
-@contextlib.contextmanager
-def anyms_attention(pipe_or_unet, layout: Optional[Layout] = None):
-    """``with anyms_attention(pipe, layout): ...`` applies AnyMS and, on exit, restores exactly
-    the processors (and AnyMS layouts) that were there before; yields the U-Net."""
-    unet = _unet_of(pipe_or_unet)
-    before: List[Tuple[torch.nn.Module, object, Optional[Layout]]] = [
-        (m, m.processor, getattr(m.processor, "layout", None)) for m in _attention_modules(unet)
-    ]
-    apply_anyms(unet, layout)
-    anyms_classes = _anyms_classes()
-    try:
-        yield unet
-    finally:
-        for module, proc, old_layout in before:
-            current = module.processor
-            if current is proc:
-                if isinstance(proc, anyms_classes):
-                    proc.layout = old_layout
-            elif isinstance(current, anyms_classes) and current._anyms_original is proc:
-                module.set_processor(proc)
-            # anything else was changed inside the block (e.g. unload_ip_adapter): leave it

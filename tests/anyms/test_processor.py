@@ -428,3 +428,65 @@ def test_plus_adapter_sixteen_tokens(unet_inputs):
             outs[mode] = _unet(pipe, kwargs)
     assert_close(outs["overwrite"], outs["sum"], **FP32, what="plus adapter, disjoint boxes")
     assert not torch.allclose(outs["overwrite"], plain)
+
+
+# ------------------------------------------------------------------------ structure
+def _imports_of(module: str) -> set:
+    """The anyms modules that anyms/<module>.py imports, at any depth of its code (functions too)."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[2] / "anyms"
+    names = {p.stem for p in root.glob("*.py")}
+    found = set()
+    for node in ast.walk(ast.parse((root / f"{module}.py").read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("anyms."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("anyms."))
+    return found & names
+
+
+def _reachable(module: str) -> set:
+    seen, todo = set(), [module]
+    while todo:
+        for dep in _imports_of(todo.pop()) - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return seen
+
+
+def test_the_unet_and_flux_processors_share_a_layer_and_do_not_import_each_other():
+    assert "flux" not in _reachable("processor")         # no circle: the U-Net's side never reaches FLUX's
+    assert "processor" not in _imports_of("flux")        # (FLUX's pipeline reaches it through anyms.pipeline's Subject)
+    assert {"processor", "flux", "pipeline"}.isdisjoint(_reachable("branches"))
+    assert "branches" in _imports_of("processor") and "branches" in _imports_of("flux")
+
+
+def test_the_top_level_install_functions_know_both_processors():
+    """``anyms.apply_anyms`` converts U-Net and FLUX processors whatever was imported before;
+    ``anyms.branches.apply_anyms`` alone names the module to import for a FLUX transformer."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, anyms\n"
+        "from anyms.tiny_flux import tiny_flux_pipeline\n"
+        "pipe = tiny_flux_pipeline()\n"
+        "from anyms.branches import apply_anyms\n"
+        "assert 'anyms.flux' not in sys.modules\n"
+        "try:\n"
+        "    apply_anyms(pipe)\n"
+        "except ValueError as e:\n"
+        "    print('ERROR', e)\n"
+        "anyms.apply_anyms(pipe)\n"
+        "print(sorted({type(p).__name__ for p in pipe.transformer.attn_processors.values()}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert ("ERROR pipe_or_unet's IP-Adapter processors are FluxIPAdapterAttnProcessor, whose AnyMS processor is "
+            "defined in anyms.flux: import it first") in out.stdout
+    assert "AnyMSFluxAttnProcessor" in out.stdout.splitlines()[-1]

@@ -1,0 +1,238 @@
+"""What the U-Net and the FLUX processors share: subject branches routed by a layout.
+
+An AnyMS processor (:class:`anyms.processor.AnyMSAttnProcessor` for the U-Net,
+:class:`anyms.flux.AnyMSFluxAttnProcessor` for FLUX's double-stream blocks) replaces one
+diffusers IP-Adapter processor, keeps its ``to_k_ip`` / ``to_v_ip`` and scale, and adds a
+:class:`~anyms.Layout`. This module owns what both do with it, so neither imports the other:
+
+- :class:`AnyMSBranches`, the base they share: the layout they carry, the subject scales
+  ``lambda_s``, the checks of the subject images against the layout, and the one call of
+  ``anyms_kernels.region_cross_attention`` per layer, with the layout's routing;
+- installing them: :func:`apply_anyms`, :func:`set_anyms_layout`, :func:`remove_anyms`,
+  :func:`anyms_attention`. Each AnyMS processor class names the diffusers class it
+  replaces (``class P(AnyMSBranches, Parent, replaces=Parent)``), so the conversions are
+  known once the module defining it is imported (``import anyms`` names find both).
+
+No global state beyond that table and no patching.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+import anyms_kernels
+
+from .layout import Layout
+
+__all__ = ["AnyMSBranches", "apply_anyms", "remove_anyms", "set_anyms_layout", "anyms_attention"]
+
+# diffusers IP-Adapter processor class -> the AnyMS processor class that replaces it
+_ANYMS_FOR: Dict[type, type] = {}
+
+# where the AnyMS processor of a diffusers class is defined, for the error when it is not imported
+_DEFINED_IN = {"IPAdapterAttnProcessor2_0": "anyms.processor", "FluxIPAdapterAttnProcessor": "anyms.flux"}
+
+
+def check_layout(layout):
+    if layout is not None and not isinstance(layout, Layout):
+        raise TypeError(f"layout must be an anyms.layout.Layout or None, got {type(layout).__name__}")
+    return layout
+
+
+class AnyMSBranches:
+    """The base of the AnyMS processors (put it first in the bases).
+
+    A subclass declares the diffusers processor it replaces: ``replaces=Parent``. It has
+    ``layout`` (a :class:`~anyms.Layout` or None), ``backend``, ``scale`` (the adapter's),
+    ``_anyms_original`` (the processor it replaced, or None) and ``_scale_cache``, and
+    implements :meth:`original_processor`.
+    """
+
+    layout: Optional[Layout]
+    backend: str
+
+    def __init_subclass__(cls, replaces: Optional[type] = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if replaces is not None:
+            _ANYMS_FOR[replaces] = cls
+
+    def original_processor(self):
+        """The processor this one replaced (what :func:`remove_anyms` puts back)."""
+        raise NotImplementedError
+
+    @classmethod
+    def _anyms_applied(cls, model) -> None:
+        """Called by :func:`apply_anyms` on the model it converted (e.g. to add a check)."""
+
+    @classmethod
+    def _anyms_removed(cls, model) -> None:
+        """Called by :func:`remove_anyms`: undo what :meth:`_anyms_applied` added."""
+
+    def _subject_images(self, ip_hidden_states, layout: Layout) -> torch.Tensor:
+        """The subjects' image tokens ``[B, S, T, C]``: one IP-Adapter holding the layout's S images."""
+        if len(ip_hidden_states) != 1 or len(self.to_k_ip) != 1:
+            raise ValueError(
+                f"AnyMS takes its subjects from one IP-Adapter holding S images, but {len(self.to_k_ip)} "
+                f"IP-Adapters are loaded and {len(ip_hidden_states)} image embeddings were passed"
+            )
+        images = ip_hidden_states[0]
+        if images.dim() == 3:                     # [B, T, C]: one image per prompt
+            images = images.unsqueeze(1)
+        return images
+
+    @staticmethod
+    def _check_subject_count(num_images: int, layout: Layout) -> None:
+        if num_images != layout.num_subjects:
+            raise ValueError(
+                f"the IP-Adapter image embeddings hold S={num_images} images per prompt but the layout has "
+                f"{layout.num_subjects} regions (boxes or masks): give exactly one subject image per region"
+            )
+
+    def _attend(self, layout: Layout, grid, routing, q, k_text, v_text, k_subj, v_subj,
+                text_mask=None) -> torch.Tensor:
+        """One call of the op: the text branch (``k_text`` None: none) and every subject's
+        branch confined to its region by the layout's ``routing`` on ``grid``; ``[B, H, N, D]``
+        laid out like ``q``. Softmax scale ``1 / sqrt(D)``, as diffusers' SDPA calls."""
+        return anyms_kernels.region_cross_attention(
+            q, k_text, v_text, k_subj, v_subj, routing, grid, mode=layout.mode,
+            subject_scale=self._subject_scale(layout, q.device), text_mask=text_mask,
+            softmax_scale=1.0 / math.sqrt(q.shape[-1]), backend=self.backend,
+        )
+
+    def _subject_scale(self, layout: Layout, device) -> torch.Tensor:
+        """lambda_s = layout.scales[s] * self.scale[0], cached while neither changes."""
+        ip_scale = self.scale[0]
+        if isinstance(ip_scale, (list, tuple)):
+            if len(ip_scale) != layout.num_subjects:
+                raise ValueError(
+                    f"the IP-Adapter scale has {len(ip_scale)} per-image values but the layout has "
+                    f"{layout.num_subjects} subjects (set_ip_adapter_scale)"
+                )
+            key = tuple(float(s) for s in ip_scale)
+        else:
+            key = float(ip_scale)
+        cache = self._scale_cache
+        if cache is not None and cache[0] is layout and cache[1] == device and cache[2] == key:
+            return cache[3]
+        factor = torch.tensor(key, dtype=torch.float32)
+        scale = layout.subject_scale(device) * factor.to(device)
+        if not torch.compiler.is_compiling():     # traced, the product is part of the graph: no cache
+            self._scale_cache = (layout, device, key, scale)   # (writing one would retrace at the next step)
+        return scale
+
+
+# ----------------------------------------------------------------------- install
+def _model_of(pipe_or_unet):
+    """The denoiser whose processors AnyMS converts: the argument itself, a pipeline's .unet,
+    or a FLUX pipeline's .transformer."""
+    if hasattr(pipe_or_unet, "attn_processors") and hasattr(pipe_or_unet, "set_attn_processor"):
+        return pipe_or_unet
+    for name in ("unet", "transformer"):
+        model = getattr(pipe_or_unet, name, None)
+        if model is not None and hasattr(model, "attn_processors"):
+            return model
+    raise TypeError(
+        f"pipe_or_unet must be a diffusers pipeline with a .unet or a .transformer, a UNet2DConditionModel or a "
+        f"FluxTransformer2DModel, got {type(pipe_or_unet).__name__}"
+    )
+
+
+def attention_modules(model) -> Iterator[torch.nn.Module]:
+    """Every attention module of the model that carries a processor (as ``model.attn_processors`` sees)."""
+    for module in model.modules():
+        if hasattr(module, "get_processor") and hasattr(module, "set_processor") and hasattr(module, "processor"):
+            yield module
+
+
+def apply_anyms(pipe_or_unet, layout: Optional[Layout] = None):
+    """Convert the model's IP-Adapter processors into AnyMS processors, in place.
+
+    Each IP-Adapter processor that ``load_ip_adapter`` installed (``IPAdapterAttnProcessor2_0``
+    in a U-Net, ``FluxIPAdapterAttnProcessor`` in a FLUX transformer) is replaced by its
+    AnyMS subclass sharing its ``to_k_ip``/``to_v_ip`` modules and scale; the original
+    object is kept for :func:`remove_anyms`. Idempotent: processors that are already
+    AnyMS stay as they are. Every AnyMS processor's layout is set to ``layout`` (None:
+    they behave like plain IP-Adapter until :func:`set_anyms_layout`).
+
+    Returns the U-Net (or transformer). Raises ``ValueError`` if no IP-Adapter is loaded,
+    ``TypeError`` for an argument of the wrong type.
+    """
+    model = _model_of(pipe_or_unet)
+    check_layout(layout)
+    found = False
+    unknown = set()
+    for module in attention_modules(model):
+        proc = module.processor
+        if isinstance(proc, AnyMSBranches):
+            proc.layout = layout
+            found = True
+        elif type(proc) in _ANYMS_FOR:
+            module.set_processor(_ANYMS_FOR[type(proc)].from_ip_adapter_processor(proc, layout))
+            found = True
+        elif type(proc).__name__ in _DEFINED_IN:
+            unknown.add(type(proc).__name__)
+    if not found:
+        if unknown:
+            name = sorted(unknown)[0]
+            raise ValueError(f"pipe_or_unet's IP-Adapter processors are {name}, whose AnyMS processor is defined in "
+                             f"{_DEFINED_IN[name]}: import it first (anyms.apply_anyms does)")
+        raise ValueError(
+            "pipe_or_unet has no IP-Adapter attention processors: load an IP-Adapter first with "
+            "pipe.load_ip_adapter(...)"
+        )
+    for cls in set(_ANYMS_FOR.values()):
+        cls._anyms_applied(model)
+    return model
+
+
+def set_anyms_layout(pipe_or_unet, layout: Optional[Layout]):
+    """Set (or clear, with None) the layout of every AnyMS processor of the model; returns the model."""
+    model = _model_of(pipe_or_unet)
+    check_layout(layout)
+    procs = [m.processor for m in attention_modules(model) if isinstance(m.processor, AnyMSBranches)]
+    if not procs:
+        raise ValueError("pipe_or_unet has no AnyMS processors: call apply_anyms(pipe_or_unet) first")
+    for proc in procs:
+        proc.layout = layout
+    return model
+
+
+def remove_anyms(pipe_or_unet):
+    """Put back the processors :func:`apply_anyms` replaced (the same objects); returns the model.
+
+    An AnyMS processor made directly (not by ``apply_anyms``) becomes a plain diffusers
+    IP-Adapter processor sharing its weights. No AnyMS processor: nothing to do.
+    """
+    model = _model_of(pipe_or_unet)
+    for module in attention_modules(model):
+        proc = module.processor
+        if isinstance(proc, AnyMSBranches):
+            module.set_processor(proc.original_processor())
+    for cls in set(_ANYMS_FOR.values()):
+        cls._anyms_removed(model)
+    return model
+
+
+@contextlib.contextmanager
+def anyms_attention(pipe_or_unet, layout: Optional[Layout] = None):
+    """``with anyms_attention(pipe, layout): ...`` applies AnyMS and, on exit, restores exactly
+    the processors (and AnyMS layouts) that were there before; yields the U-Net (or transformer)."""
+    model = _model_of(pipe_or_unet)
+    before: List[Tuple[torch.nn.Module, object, Optional[Layout]]] = [
+        (m, m.processor, getattr(m.processor, "layout", None)) for m in attention_modules(model)
+    ]
+    apply_anyms(model, layout)
+    try:
+        yield model
+    finally:
+        for module, proc, old_layout in before:
+            current = module.processor
+            if current is proc:
+                if isinstance(proc, AnyMSBranches):
+                    proc.layout = old_layout
+            elif isinstance(current, AnyMSBranches) and current._anyms_original is proc:
+                module.set_processor(proc)
+            # anything else was changed inside the block (e.g. unload_ip_adapter): leave it
