@@ -27,7 +27,8 @@ from anyms_kernels.regions import Grid, check_grid, mask_bbox, rasterize_boxes
 
 from .layout import load_mask
 
-__all__ = ["draw_layout", "mask_outline", "subject_masks", "cross_attention_grids", "subject_maps", "subject_colors"]
+__all__ = ["draw_layout", "mask_outline", "subject_masks", "cross_attention_grids", "subject_maps", "routing_figure",
+           "subject_colors"]
 
 
 def subject_colors(num: int) -> List[Tuple[int, int, int]]:
@@ -234,6 +235,13 @@ def subject_maps(layout, grids, *, labels: Optional[Sequence[str]] = None, image
     Returns:
         an RGB PIL image (save it as PNG).
     """
+    fig = routing_figure(layout, grids, labels=labels, image=image, dpi=dpi)
+    return Image.frombuffer("RGBA", fig.canvas.get_width_height(), fig.canvas.buffer_rgba()).convert("RGB")
+
+
+def routing_figure(layout, grids, *, labels: Optional[Sequence[str]] = None, image: Optional[Image.Image] = None,
+                   dpi: int = 100):
+    """The matplotlib figure :func:`subject_maps` renders (same arguments), drawn."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
@@ -289,7 +297,23 @@ def subject_maps(layout, grids, *, labels: Optional[Sequence[str]] = None, image
             ax.set_xticks([])
             ax.set_yticks([])
     rule = "later subjects on top" if layout.mode == "overwrite" else "overlapping subjects add up"
-    fig.suptitle(f"routing: where each subject's image branch acts, from the layout ({layout.mode} mode: {rule}); "
-                 f"not measured attention", fontsize=9)
+    _fitted_title(fig, f"routing: where each subject's image branch acts, from the layout ({layout.mode} mode: "
+                       f"{rule}); not measured attention", fontsize=9)
     fig.canvas.draw()
-    return Image.frombuffer("RGBA", fig.canvas.get_width_height(), fig.canvas.buffer_rgba()).convert("RGB")
+    return fig
+
+
+def _fitted_title(fig, text: str, fontsize: float):
+    """``fig.suptitle(text)``, wrapped onto as many lines as it needs to fit the figure's width.
+
+    A figure of one or two subjects is narrower than the title on one line, which was clipped."""
+    import textwrap
+
+    title = fig.suptitle(text, fontsize=fontsize)
+    renderer = fig.canvas.get_renderer()
+    room = 0.96 * fig.bbox.width
+    chars = len(text)
+    while title.get_window_extent(renderer).width > room and chars > 8:
+        chars = max(8, int(chars * 0.9))
+        title.set_text("\n".join(textwrap.wrap(text, chars)))
+    return title

@@ -100,3 +100,25 @@ def test_a_box_under_a_pixel_wide_is_drawn():
     subject = anyms.Subject(Image.new("RGB", (8, 8), (255, 0, 0)), box=(0.5, 0.5, 0.505, 0.503))
     picture = anyms.draw_layout(image, [subject])
     assert picture.size == image.size and picture.tobytes() != image.tobytes()
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "sum"])
+@pytest.mark.parametrize("num,latent_hw", [(1, (16, 16)), (2, (16, 16)), (1, (32, 8)), (2, (8, 32)), (9, (16, 16))],
+                         ids=["1", "2", "1-tall", "2-wide", "9"])
+def test_the_routing_title_fits_the_picture_and_keeps_every_word(num, latent_hw, mode):
+    """The title is wrapped to the figure's width: with one or two subjects it used to be clipped."""
+    from anyms.visualize import routing_figure
+
+    boxes = [[0.1 * (s % 5), 0.1 * (s // 5), 0.1 * (s % 5) + 0.5, 0.1 * (s // 5) + 0.5] for s in range(num)]
+    layout = Layout(boxes, latent_hw, mode=mode)
+    fig = routing_figure(layout, [latent_hw, (latent_hw[0] // 2, latent_hw[1] // 2)])
+    title = fig._suptitle
+    box = title.get_window_extent(fig.canvas.get_renderer())
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width, (box, fig.bbox.width)
+    assert 0 <= box.y0 and box.y1 <= fig.bbox.height, (box, fig.bbox.height)
+    rule = "later subjects on top" if mode == "overwrite" else "overlapping subjects add up"
+    assert " ".join(title.get_text().split()) == (f"routing: where each subject's image branch acts, from the "
+                                                  f"layout ({mode} mode: {rule}); not measured attention")
+    # the picture is what subject_maps returns
+    picture = subject_maps(layout, [latent_hw])
+    assert picture.mode == "RGB" and picture.width > 0
