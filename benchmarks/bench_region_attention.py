@@ -673,12 +673,14 @@ def _get(rows, **kw):
     return None
 
 
-def targets(rows, device: str) -> List[str]:
-    """The issue's targets, each a ratio measured in this run: lines 'MET/MISSED ...'."""
-    lines = []
+def targets(rows, device: str, judge: bool = True) -> List[str]:
+    """The targets, each a ratio measured in this run: lines 'MET/MISSED ...'. ``judge=False`` (a
+    --quick smoke run on tiny shapes, whose ratios say nothing about the real ones) marks them
+    'smoke' instead."""
+    lines = [] if judge else ["smoke run (--quick, tiny shapes): ratios shown, the targets are not judged"]
 
     def verdict(ok, text):
-        lines.append(("MET     " if ok else "MISSED  ") + text)
+        lines.append(("MET     " if ok else "MISSED  ") + text if judge else "smoke   " + text)
 
     if device == "cpu":
         base = dict(grid="64x64", S=5, T=16, dtype="float32", B=2, H=10, D=64, L=77)
@@ -826,7 +828,7 @@ def main(argv=None) -> int:
         text = "\n".join([f"{rows[0]['machine']} | {rows[0]['device']} | torch {rows[0]['torch']} | triton "
                           f"{rows[0]['triton']} | commit {rows[0]['commit']} | {rows[0]['date']} | threads "
                           f"{rows[0]['threads']} | from {os.path.basename(args.plot_from)}"]
-                         + targets(rows, rows[0]["device"]))
+                         + targets(rows, rows[0]["device"], judge="_quick" not in os.path.basename(args.plot_from)))
         summary = os.path.splitext(png)[0] + "_summary.txt"
         if os.path.exists(summary):          # keep the sweep's own first line (duration, load)
             with open(summary) as f:
@@ -918,7 +920,7 @@ def main(argv=None) -> int:
                 continue
             run_case(case, peers, args, meta, writer, rows)
             f.flush()
-    lines = targets(rows, device)
+    lines = targets(rows, device, judge=not args.quick)
     lines.insert(0, f"{machine} | {device} | torch {meta['torch']} | triton {meta['triton']} | commit "
                     f"{meta['commit']} | {meta['date']} | threads {meta['threads']} | {meta_note} | "
                     f"sweep {time.perf_counter() - t_start:.0f} s | load average {load0} at start, "

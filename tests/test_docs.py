@@ -105,3 +105,46 @@ def test_the_examples_are_what_their_script_makes(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "examples" / "make_examples.py"), "--check",
                            "--out-dir", str(tmp_path / "examples")], capture_output=True, text=True)
     assert done.returncode == 1 and "cat_mask.png" in done.stderr
+
+
+# ------------------------------------------------------------------ every named path exists
+_TOP = ("anyms", "anyms_kernels", "benchmarks", "docs", "tests", "examples", "results", "gpu", ".ci")
+_PATH = re.compile(r"(?<![\w./$-])((?:%s)/[^\s`'\"()\[\]|]*)" % "|".join(re.escape(t) for t in _TOP))
+_FILE = re.compile(r"(?<![\w./$-])([\w-]+\.(?:md|py|sh))\b")     # a bare file name: exists somewhere in the repo
+_LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")
+_PLACEHOLDER = re.compile(r"<|>|\bX\.|NNNNN|\.\.\.|\$")
+
+
+def _expand(path: str):
+    """``a_{x,y}.csv`` -> a_x.csv, a_y.csv (one level of braces, as the docs write them)."""
+    brace = re.search(r"\{([^{}]*)\}", path)
+    if not brace:
+        return [path]
+    return [out for alt in brace.group(1).split(",")
+            for out in _expand(path[:brace.start()] + alt + path[brace.end():])]
+
+
+def named_paths(doc: str):
+    text = (ROOT / doc).read_text(encoding="utf-8")
+    found = set(_LINK.findall(text))
+    found.update(m.split(":")[0].rstrip(".,;)") for m in _PATH.findall(text))   # PATH:box of --subject
+    found.update(_FILE.findall(text))
+    return sorted(p for p in found if not p.startswith(("http://", "https://", "mailto:")) and not _PLACEHOLDER.search(p))
+
+
+@pytest.mark.parametrize("doc", ["README.md", "benchmarks/README.md"] + [d for d in DOCS if d != "README.md"])
+def test_every_path_a_doc_names_exists(doc):
+    here = (ROOT / doc).parent
+    missing = []
+    for named in named_paths(doc):
+        for path in _expand(named):
+            bases = [here, ROOT]
+            if "/" not in path:
+                ok = (here / path).exists() or any(p for p in ROOT.rglob(path) if ".venv" not in p.parts)
+            elif "*" in path:
+                ok = any(list(base.glob(path)) for base in bases)
+            else:
+                ok = any((base / path).exists() for base in bases)
+            if not ok:
+                missing.append(path)
+    assert not missing, f"{doc} names paths that do not exist: {missing}"

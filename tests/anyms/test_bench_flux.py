@@ -37,6 +37,9 @@ def test_quick_run_writes_every_variant(bench, tmp_path):
     summary = (tmp_path / "flux_summary.txt").read_text()
     assert "target AnyMS <= 1.05x plain" in summary and "target flat in S" in summary
     assert "the same from the IP term timed alone" in summary
+    # a smoke run at tiny widths judges no target: its ratios say nothing about FLUX.1
+    assert "not judged: smoke run" in summary and " met" not in summary.replace("NOT met", "") \
+        and "NOT met" not in summary
 
 
 def test_full_width_blocks_are_flux_dev(bench):

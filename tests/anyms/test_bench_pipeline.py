@@ -37,6 +37,18 @@ def test_quick_run_writes_every_variant(bench, tmp_path):
     lines = summary.read_text().splitlines()
     assert [line.split()[2] for line in lines[:4]] == ["none", "plain", "b0", "anyms"]   # one per row, in order
     assert any("AnyMS step / B0" in line for line in lines[4:])
+    # a smoke run on a tiny U-Net judges no target: its ratios say nothing about SDXL
+    targets = [line for line in lines[4:] if "target" in line]
+    assert targets and all("not judged: smoke run" in line for line in targets)
+    assert not any(" met)" in line or "NOT met" in line for line in lines)
+
+
+def test_targets_are_judged_only_on_real_runs(bench):
+    rows = [dict(image_size=512, variant=v, step_s=t, peak_bytes=100, peak_extra_bytes=10)
+            for v, t in (("plain", 1.0), ("b0", 1.1), ("anyms", 2.0))]
+    assert any("NOT met" in line for line in bench.targets(rows))
+    quick = bench.targets(rows, judge=False)
+    assert len(quick) == 4 and not any("met" in line.replace("not judged", "") for line in quick)
 
 
 def test_sdxl_config_is_the_published_one(bench):
