@@ -315,7 +315,7 @@ class AnyMSFluxPipeline(FluxPipeline):
                 ``ip_adapter_image``, ``ip_adapter_image_embeds`` and
                 ``negative_ip_adapter_image_embeds`` cannot be given with ``subjects``.
 
-        Each subject's image is encoded once per call (one batch of S images), and the
+        Each subject's image is encoded once per call, each image alone (batch 1), and the
         S embeddings reach the transformer as one adapter's S images.
 
         Raises:

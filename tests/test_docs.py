@@ -111,8 +111,8 @@ def test_the_examples_are_what_their_script_makes(tmp_path):
 _TOP = ("anyms", "anyms_kernels", "benchmarks", "docs", "tests", "examples", "results", "gpu", ".ci")
 _PATH = re.compile(r"(?<![\w./$-])((?:%s)/[^\s`'\"()\[\]|]*)" % "|".join(re.escape(t) for t in _TOP))
 _FILE = re.compile(r"(?<![\w./$-])([\w-]+\.(?:md|py|sh))\b")     # a bare file name: exists somewhere in the repo
-_LINK = re.compile(r"\]\(([^)\s#]+)(?:#[^)]*)?\)")
-_PLACEHOLDER = re.compile(r"<|>|\bX\.|NNNNN|\.\.\.|\$")
+_LINK = re.compile(r"\]\(([^)\s#]+(?:#[^)\s]*)?)\)")
+_PLACEHOLDER = re.compile(r"<|>|\bX\.|NNNNN|\.\.\.|\$|\{[^,}]*\}")   # {name}: an f-string, not a brace list
 
 
 def _expand(path: str):
@@ -132,11 +132,24 @@ def named_paths(doc: str):
     return sorted(p for p in found if not p.startswith(("http://", "https://", "mailto:")) and not _PLACEHOLDER.search(p))
 
 
+def _anchors(path: Path) -> set:
+    """GitHub's anchors of a Markdown file's headings."""
+    text = re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.M | re.S)   # not code comments
+    heads = re.findall(r"^#+\s+(.*)$", text, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
 @pytest.mark.parametrize("doc", ["README.md", "benchmarks/README.md"] + [d for d in DOCS if d != "README.md"])
 def test_every_path_a_doc_names_exists(doc):
     here = (ROOT / doc).parent
     missing = []
     for named in named_paths(doc):
+        named, _, anchor = named.partition("#")
+        if anchor:
+            target = next((b / named for b in (here, ROOT) if (b / named).is_file()), None)
+            if target is None or anchor not in _anchors(target):
+                missing.append(f"{named}#{anchor}")
+                continue
         for path in _expand(named):
             bases = [here, ROOT]
             if "/" not in path:
