@@ -23,6 +23,7 @@ they are imported.
 """
 from __future__ import annotations
 
+import re
 import threading
 import warnings
 from typing import Dict, Optional
@@ -39,9 +40,8 @@ _LOCK = threading.Lock()
 def _auto_module():
     """diffusers' auto_pipeline module, or None (with the reason) where the registration cannot be trusted."""
     import diffusers
-    from packaging.version import Version
 
-    if Version(diffusers.__version__).release < Version(_MIN_DIFFUSERS).release:
+    if _release(diffusers.__version__) < _release(_MIN_DIFFUSERS):
         return None, f"diffusers {diffusers.__version__} is older than {_MIN_DIFFUSERS}"
     from diffusers.pipelines import auto_pipeline
 
@@ -51,6 +51,12 @@ def _auto_module():
             getattr(auto_pipeline, "_get_model", None)):
         return None, f"diffusers {diffusers.__version__}'s auto_pipeline has another form than expected"
     return auto_pipeline, None
+
+
+def _release(version: str) -> tuple:
+    """``"0.36.0.dev0"`` -> ``(0, 36, 0)``: the release numbers, compared as numbers (a dev build of
+    a release counts as that release)."""
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:3])
 
 
 def _model_name(auto_pipeline, parent: type) -> Optional[str]:

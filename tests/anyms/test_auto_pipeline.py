@@ -143,3 +143,10 @@ def test_the_registration_is_guarded(restore_registration, monkeypatch):
     with pytest.warns(UserWarning, match="will not take NotAPipeline"):
         anyms_auto.register_auto_pipelines(NotAPipeline)
     assert auto_pipeline.SUPPORTED_TASKS_MAPPINGS == before
+
+
+def test_versions_compare_as_numbers():
+    release = anyms_auto._release
+    assert release("0.42.1") == (0, 42, 1) and release("0.36.0.dev0") == (0, 36, 0)
+    assert release("0.100.0") > release("0.32.0") > release("0.9.9")       # not as strings
+    assert release("1.0.0rc1") == (1, 0, 0) and release("0.42.1+cu124") == (0, 42, 1)
