@@ -142,14 +142,19 @@ def _check_box(box, name: str) -> Tuple[float, float, float, float]:
 
 
 def _check_scale(scale, name: str) -> float:
-    if isinstance(scale, bool):
-        raise ValueError(f"{name} must be a finite number, got {scale!r}")
+    """A subject's scale as a float; ValueError naming ``name`` unless it is a number that stays
+    finite in float32, the dtype the layout keeps scales in (1e39 is finite as a Python float
+    but inf there)."""
+    message = f"{name} must be a finite number (at most {float(np.finfo(np.float32).max):.4g} in magnitude), " \
+              f"got {scale!r}"
+    if isinstance(scale, (bool, str, bytes)):       # float("1.0") would read a string as a number
+        raise ValueError(message)
     try:
         value = float(scale)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a finite number, got {scale!r}") from None
-    if not np.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {scale!r}")
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(message) from None
+    if not torch.isfinite(torch.tensor(value, dtype=torch.float32)):
+        raise ValueError(message)
     return value
 
 
