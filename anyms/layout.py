@@ -48,19 +48,15 @@ def load_mask(mask, name: str = "mask") -> torch.Tensor:
     Raises:
         TypeError: not one of those types, or an array of another dtype (complex, strings).
         ValueError: not 2-D, NaN values, an empty mask (no pixel inside), a file that
-            does not exist or cannot be read as an image.
+            does not exist, cannot be read as an image, or claims more pixels than
+            Pillow decodes (a decompression bomb, checked in its header).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from .preflight import read_image
 
     if isinstance(mask, (str, os.PathLike)):
-        path = os.fspath(mask)
-        if not os.path.isfile(path):
-            raise ValueError(f"{name}: no mask file at {path!r}")
-        try:
-            with Image.open(path) as im:
-                mask = im.convert("L")            # reads the pixels: a truncated file fails here
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ValueError(f"{name}: cannot read {path!r} as an image ({e})") from None
+        mask = read_image(os.fspath(mask), name, "L", what="mask")
     if isinstance(mask, Image.Image):
         m = torch.from_numpy(np.asarray(mask.convert("L")) != 0)
     elif isinstance(mask, (torch.Tensor, np.ndarray, list, tuple)):

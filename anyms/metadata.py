@@ -141,6 +141,11 @@ def read_record(path: str, what: str = "--from") -> Dict[str, Any]:
             fmt = im.format
             im.load()                       # text chunks after the image data are read here
             text = dict(getattr(im, "text", {}) or {})
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{where} is too large to decode ({e})") from None
+    except ValueError as e:             # Pillow's limit on a text chunk (PngImagePlugin.MAX_TEXT_CHUNK)
+        raise ValueError(f"{where}: a text chunk is larger than Pillow reads ({e}): not a record anyms generate "
+                         f"wrote") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"{where}: cannot read it as an image ({e})") from None
     if fmt != "PNG":

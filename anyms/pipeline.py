@@ -38,7 +38,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
@@ -46,6 +46,7 @@ from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from anyms_kernels.regions import MODES, check_normalized_boxes, mask_bbox
 
 from .layout import Layout, load_mask
+from .preflight import read_image
 from .processor import anyms_attention, set_anyms_layout
 
 __all__ = [
@@ -99,14 +100,7 @@ def _load_image(image, name: str) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        if not os.path.isfile(path):
-            raise ValueError(f"{name}: no image file at {path!r}")
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")  # convert() reads the pixels, so a truncated file fails here
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ValueError(f"{name}: cannot read {path!r} as an image ({e})") from None
+        return read_image(os.fspath(image), name, "RGB")
     if isinstance(image, np.ndarray):
         arr = image
         if arr.ndim == 3 and arr.shape[-1] == 1:

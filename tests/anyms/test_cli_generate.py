@@ -111,15 +111,26 @@ def test_from_with_masks_and_a_changed_subject_file(tmp_path, images, capsys):
     assert re.search(r"warning: --from .*subjects\[0\]\.image .* has changed since the image was made", err), err
 
 
-@pytest.mark.parametrize("kind", ["missing", "jpeg", "plain png"])
-def test_from_refuses_images_without_a_record(tmp_path, kind, capsys, monkeypatch):
+@pytest.mark.parametrize("kind", ["missing", "jpeg", "plain png", "bomb", "record over 1 MB"])
+def test_from_refuses_images_without_a_record(tmp_path, kind, capsys, monkeypatch, header_only_png):
+    from PIL.PngImagePlugin import PngInfo
+
     monkeypatch.setattr(cli, "_load_pipeline", no_loading)
     path = tmp_path / ("x.jpg" if kind == "jpeg" else "x.png")
-    if kind != "missing":
+    if kind == "bomb":
+        header_only_png(path, 30000, 30000)
+    elif kind == "record over 1 MB":
+        info = PngInfo()
+        info.add_itxt("anyms", json.dumps({"format": 1, "prompt": "x" * (1 << 20), "layout": {}}), zip=True)
+        Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    elif kind != "missing":
         Image.new("RGB", (8, 8)).save(path)
     code, _, err = run(["generate", "--from", str(path), "--out", str(tmp_path / "y.png")], capsys)
-    expected = {"missing": "no such file", "jpeg": "is a JPEG file: only PNGs", "plain png": "holds no anyms record"}
-    assert code == 2 and expected[kind] in err and err.count("\n") == 1, err
+    expected = {"missing": "no such file", "jpeg": "is a JPEG file: only PNGs", "plain png": "holds no anyms record",
+                "bomb": "is too large to decode (Image size (900000000 pixels)",
+                "record over 1 MB": "a text chunk is larger than Pillow reads"}
+    assert code == 2 and err.startswith(f"anyms generate: error: --from {str(path)!r}") and expected[kind] in err \
+        and err.count("\n") == 1, err
 
 
 def test_tiny_brings_its_own_adapter(images, capsys, tmp_path):

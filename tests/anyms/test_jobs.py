@@ -122,12 +122,19 @@ def _bad_jobs(folder):
         ([json.dumps({"prompt": "x", "subjects": [{"image": "s0.png", "box": [0, 0, 1, 2]}]})],
          r"jobs\.jsonl:1: subjects\[0\]\.box must lie inside \[0, 1\]"),
         (["", "   "], r"holds no jobs"),
+        # a decompression bomb: its header claims 30000x30000
+        ([json.dumps(good), json.dumps({"prompt": "x", "subjects": [{"image": "bomb.png", "box": [0, 0, 1, 1]}]})],
+         r"jobs\.jsonl:2: subjects\[0\]\.image: '.*bomb\.png' is too large to decode"),
+        ([json.dumps({"prompt": "x", "subjects": [{"image": "s0.png", "mask": "bomb.png"}]})],
+         r"jobs\.jsonl:1: subjects\[0\]\.mask: '.*bomb\.png' is too large to decode"),
     ]
 
 
-def test_bad_jobs_fail_before_loading_naming_the_line(folder, capsys, monkeypatch):
+def test_bad_jobs_fail_before_loading_naming_the_line(folder, capsys, monkeypatch, header_only_png):
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before every job was checked")
+
+    header_only_png(folder / "bomb.png", 30000, 30000)
 
     monkeypatch.setattr(cli, "_load_pipeline", no_loading)
     for lines, message in _bad_jobs(folder):
@@ -349,3 +356,28 @@ def test_an_unset_option_means_its_default_not_anything_on_resume(folder, capsys
     assert "1 done before" in capsys.readouterr().out
     assert cli.main(["generate", "--jobs", jobs, *TINY, "--out-dir", out, "--overwrite"]) == 0
     assert image.stat().st_mtime_ns != stamp
+
+
+def test_a_subject_turned_into_a_bomb_during_the_run_fails_its_job_only(folder, capsys, monkeypatch, header_only_png):
+    """Checked before loading, then read again when its job runs: a file replaced by a
+    decompression bomb in between fails that job, named, and the run goes on."""
+    from anyms import jobs as jobs_module
+
+    real = jobs_module.generate_image
+
+    def then_swap(pipe, job, run):
+        image = real(pipe, job, run)
+        if job.index == 0:
+            header_only_png(folder / "s1.png", 30000, 30000)     # job 1's subject
+        return image
+
+    monkeypatch.setattr(jobs_module, "generate_image", then_swap)
+    jobs = write_jobs(folder / "jobs.jsonl", three_jobs())
+    out = folder / "out"
+    assert cli.main(["generate", "--jobs", jobs, *TINY, "--out-dir", str(out)]) == 1
+    err = capsys.readouterr().err
+    entries = manifest(out)
+    assert [e["status"] for e in entries] == ["done", "failed", "done"]
+    assert re.search(r"^--jobs .*jobs\.jsonl:2: subjects\[0\]\.image: '.*s1\.png' is too large to decode",
+                     entries[1]["error"]), entries[1]
+    assert "Traceback" not in err and (out / "00000.png").is_file() and (out / "00002.png").is_file()
