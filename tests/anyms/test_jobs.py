@@ -122,11 +122,14 @@ def _bad_jobs(folder):
         ([json.dumps({"prompt": "x", "subjects": [{"image": "s0.png", "box": [0, 0, 1, 2]}]})],
          r"jobs\.jsonl:1: subjects\[0\]\.box must lie inside \[0, 1\]"),
         (["", "   "], r"holds no jobs"),
-        # a decompression bomb: its header claims 30000x30000
+        # a decompression bomb (its header claims 30000x30000) and a mask above the largest side
         ([json.dumps(good), json.dumps({"prompt": "x", "subjects": [{"image": "bomb.png", "box": [0, 0, 1, 1]}]})],
          r"jobs\.jsonl:2: subjects\[0\]\.image: '.*bomb\.png' is too large to decode"),
         ([json.dumps({"prompt": "x", "subjects": [{"image": "s0.png", "mask": "bomb.png"}]})],
          r"jobs\.jsonl:1: subjects\[0\]\.mask: '.*bomb\.png' is too large to decode"),
+        ([json.dumps({"prompt": "x", "subjects": [{"image": "s0.png", "mask": "wide.png"}]})],
+         r"jobs\.jsonl:1: subjects\[0\]\.mask: '.*wide\.png' is 8x17000 pixels \(height x width\), above the "
+         r"largest side accepted"),
     ]
 
 
@@ -135,6 +138,7 @@ def test_bad_jobs_fail_before_loading_naming_the_line(folder, capsys, monkeypatc
         raise AssertionError("the model was loaded before every job was checked")
 
     header_only_png(folder / "bomb.png", 30000, 30000)
+    Image.new("L", (17000, 8), 255).save(folder / "wide.png")
 
     monkeypatch.setattr(cli, "_load_pipeline", no_loading)
     for lines, message in _bad_jobs(folder):

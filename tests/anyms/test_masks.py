@@ -381,6 +381,7 @@ def test_prepare_subjects_masks_priority_and_checked_subjects(tmp_path, subject_
 
 
 def _bad_pipeline_cases(tmp_path, img, header_only_png):
+    Image.new("L", (17000, 8), 255).save(tmp_path / "wide.png")
     header_only_png(tmp_path / "bomb.png", 30000, 30000)
     ok = np.zeros((SIZE, SIZE), bool)
     ok[10:50, 10:50] = True
@@ -405,6 +406,11 @@ def _bad_pipeline_cases(tmp_path, img, header_only_png):
         (dict(subjects=[Subject(img, mask=tmp_path / "missing.png")]), ValueError, r"subjects\[0\]\.mask: no mask file"),
         (dict(subjects=[Subject(img, mask=tmp_path / "text.png")]), ValueError, r"subjects\[0\]\.mask: cannot read"),
         (dict(subjects=[Subject(img, (0, 0, 2, 1), mask=ok)]), ValueError, r"subjects\[0\]\.box must lie inside"),
+        # a mask sets the image's size: a side above MAX_SIDE is refused, from a file before it is decoded
+        (dict(subjects=[Subject(img, mask=np.ones((8, 17000), bool))]), ValueError,
+         r"subjects\[0\]\.mask is 8x17000 pixels \(height x width\), above the largest side accepted, 16384"),
+        (dict(subjects=[Subject(img, (0, 0, 1, 1)), Subject(img, mask=tmp_path / "wide.png")]), ValueError,
+         r"subjects\[1\]\.mask: '.*wide\.png' is 8x17000 pixels \(height x width\), above the largest side"),
         (dict(subjects=[Subject(img, mask=tmp_path / "bomb.png")]), ValueError,
          r"subjects\[0\]\.mask: '.*bomb\.png' is too large to decode \(Image size \(900000000 pixels\)"),
         (dict(subjects=[Subject(tmp_path / "bomb.png", (0, 0, 1, 1))]), ValueError,
@@ -488,6 +494,7 @@ def test_cli_bad_masks_exit_2_before_loading(tmp_path, subject_images, capsys, m
     _save_mask(tmp_path / "empty.png", np.zeros((64, 64), bool))
     _save_mask(tmp_path / "odd.png", np.ones((60, 64), bool))
     (tmp_path / "text.png").write_text("not an image")
+    Image.new("L", (17000, 8), 255).save(tmp_path / "wide.png")
     header_only_png(tmp_path / "bomb.png", 30000, 30000)
     (tmp_path / "nomask.json").write_text(json.dumps({"subjects": [{"image": img}]}))
     (tmp_path / "maskint.json").write_text(json.dumps({"subjects": [{"image": img, "mask": 3}]}))
@@ -502,6 +509,8 @@ def test_cli_bad_masks_exit_2_before_loading(tmp_path, subject_images, capsys, m
         (["a", "--subject", f"{img}:0,0,1,1", "--subject", f"{img}:mask={tmp_path}/odd.png"],
          r"subjects\[1\]\.mask is 60x64 pixels.*multiples of 8"),
         (["a", "--subject", f"{img}:mask={good}:inf"], r"scale: 'inf' is not a finite number"),
+        (["a", "--subject", f"{img}:mask={tmp_path}/wide.png"],
+         r"subjects\[0\]\.mask: '.*wide\.png' is 8x17000 pixels \(height x width\), above the largest side"),
         (["a", "--subject", f"{img}:mask={tmp_path}/bomb.png"], r"subjects\[0\]\.mask: '.*bomb\.png' is too large"),
         (["a", "--subject", f"{tmp_path}/bomb.png:0,0,1,1"], r"subjects\[0\]\.image: '.*bomb\.png' is too large"),
         (["a", "--layout", str(tmp_path / "nomask.json")], r"subjects\[0\]: missing \"box\" or \"mask\""),
@@ -593,7 +602,17 @@ def test_image_files_are_checked_in_their_header_before_decoding(tmp_path, subje
     that names the size proves the size was checked before decoding."""
     from anyms.pipeline import _load_image
 
+    wide = header_only_png(tmp_path / "wide.png", 17000, 8)
+    tall = header_only_png(tmp_path / "tall.png", 8, 16392)
     bomb = header_only_png(tmp_path / "bomb.png", 30000, 30000)
+    with pytest.raises(ValueError, match=r"^m: '.*wide\.png' is 8x17000 pixels \(height x width\), above the largest"):
+        load_mask(wide, "m")
+    with pytest.raises(ValueError, match=r"^masks\[0\]: '.*tall\.png' is 16392x8 pixels"):
+        Layout(latent_hw=GRID, masks=[tall])
     for load in (load_mask, _load_image):
         with pytest.raises(ValueError, match=r"^x: '.*bomb\.png' is too large to decode \(Image size \(900000000"):
             load(bomb, "x")
+    # at the largest side the header passes, and the missing pixel data is what fails
+    with pytest.raises(ValueError, match=r"^m: cannot read '.*edge\.png' as an image"):
+        load_mask(header_only_png(tmp_path / "edge.png", 16384, 8), "m")
+    assert load_mask(np.ones((8, 16384), bool)).shape == (8, 16384)
