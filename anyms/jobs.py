@@ -3,7 +3,7 @@
     anyms generate --jobs jobs.jsonl --out-dir out/                     # one process
     accelerate launch --multi_gpu --num_processes 8 -m anyms generate --jobs jobs.jsonl --out-dir out/
 
-One JSON object a line (the schema: ``anyms.cli.JOBS_SCHEMA``, also in ``anyms generate
+One JSON object a line (the schema: ``anyms.job.JOBS_SCHEMA``, also in ``anyms generate
 --help``). The run, in order:
 
 1. reads and checks every job (its images and masks too) before any model loads: a bad
@@ -36,11 +36,14 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from .cli import (
-    DEFAULT_STEPS, JOB_KEYS, GenerationError, Job, UsageError, _check_outputs, _emit, _one_line, _run_from_args,
-    _threads_for, _warn, check_job, default_size, generate_image, image_record, layout_from_dict, load_for_run,
+from . import console
+from .console import emit, one_line
+from .errors import GenerationError, UsageError
+from .job import (
+    DEFAULT_STEPS, JOB_KEYS, Job, check_job, check_outputs, generate_image, image_record, layout_from_dict,
     memory_report, save_job, warn_unreached,
 )
+from .loading import default_size, load_for_run, run_from_args, threads_for
 
 __all__ = ["read_jobs", "run_jobs", "MANIFEST"]
 
@@ -288,11 +291,11 @@ def run_jobs(args) -> int:
     procs = processes(args.device)
     # 1. Every job, checked before any model loads.
     jobs, out_dir = read_jobs(args.jobs, args)
-    run = _run_from_args(args, device=procs.device)
+    run = run_from_args(args, device=procs.device)
     for job in jobs:
         check_job(job, run.arch)
         job.plan = None                          # re-read when it runs: thousands of jobs' images stay on disk
-    _check_outputs([os.path.join(out_dir, MANIFEST)], overwrite=True, what="--out-dir")
+    check_outputs([os.path.join(out_dir, MANIFEST)], overwrite=True, what="--out-dir")
     # 2. Done, pending, conflicting.
     done, pending, conflicts = sort_jobs(jobs, run)
     if conflicts and not run.overwrite:
@@ -304,11 +307,11 @@ def run_jobs(args) -> int:
     for job in pending:                         # every folder made and writable, once each
         folders.setdefault(os.path.dirname(os.path.abspath(job.out)), job)
     for job in folders.values():
-        _check_outputs([job.out], overwrite=True, what=job.where + ": \"out\"")
+        check_outputs([job.out], overwrite=True, what=job.where + ": \"out\"")
     log = _info_main(procs)
 
     # 3. The model, once per process; then every process starts together (all have sorted the jobs).
-    with _threads_for(run):
+    with threads_for(run):
         pipe = load_for_run(args, run, log=log)
         # the jobs that looked done, checked again against the model's defaults
         late = [(job, why) for job in done for why in [_unlike(job, run, pipe)] if why]
@@ -353,7 +356,7 @@ def run_jobs(args) -> int:
         print(f"manifest: {os.path.abspath(os.path.join(out_dir, MANIFEST))}")
         if counts["failed"]:
             first = next(e for e in entries if e["status"] == "failed")
-            _warn(f"{counts['failed']} job{'s' * (counts['failed'] != 1)} failed; the first, line {first['line']}: "
+            console.warn(f"{counts['failed']} job{'s' * (counts['failed'] != 1)} failed; the first, line {first['line']}: "
                   f"{first['error']}")
         return 1 if counts["failed"] or counts["pending"] else 0
     return 1 if failed else 0
@@ -362,7 +365,7 @@ def run_jobs(args) -> int:
 def _info_main(procs: Processes):
     def log(message: str) -> None:
         if procs.main:
-            _emit(message) if _bar_running[0] else print(message, flush=True)
+            emit(message) if _bar_running[0] else print(message, flush=True)
     return log
 
 
@@ -380,7 +383,7 @@ def _make(pipe, jobs: List[Job], run, cache, rank_file: str, procs: Processes, o
     _bar_running[0] = not bar.disable
 
     def warn(message: str) -> None:
-        _warn(message)
+        console.warn(message)
 
     try:
         with _open_new(rank_file) as manifest, cache.attached(pipe):
@@ -397,10 +400,10 @@ def _make(pipe, jobs: List[Job], run, cache, rank_file: str, procs: Processes, o
                     save_job(pipe, image, job, run, _paths(job, run.pictures), warn=warn, overwrite_pictures=True)
                     entry.update(status="done", seconds=round(time.perf_counter() - t0, 3))
                 except (UsageError, GenerationError) as e:
-                    entry.update(status="failed", seconds=round(time.perf_counter() - t0, 3), error=_one_line(e))
+                    entry.update(status="failed", seconds=round(time.perf_counter() - t0, 3), error=one_line(e))
                 except Exception as e:      # one job's failure does not stop a run of thousands
                     entry.update(status="failed", seconds=round(time.perf_counter() - t0, 3),
-                                 error=_one_line(f"{type(e).__name__}: {e}"))
+                                 error=one_line(f"{type(e).__name__}: {e}"))
                 finally:
                     job.plan = None
                 results.append(entry)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from anyms import cli
+from anyms import cli, loading
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -141,7 +141,7 @@ def test_generate_bad_input_exits_2_without_traceback_before_loading(tmp_path, i
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(cli, "_load_pipeline", no_loading)
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
     for argv, message in _bad(tmp_path, images):
         assert cli.main(["generate", *argv]) == 2, argv
         err = capsys.readouterr().err

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anyms import cli, outputs
+from anyms import cli, loading, outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -115,7 +115,7 @@ def test_from_with_masks_and_a_changed_subject_file(tmp_path, images, capsys):
 def test_from_refuses_images_without_a_record(tmp_path, kind, capsys, monkeypatch, header_only_png):
     from PIL.PngImagePlugin import PngInfo
 
-    monkeypatch.setattr(cli, "_load_pipeline", no_loading)
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
     path = tmp_path / ("x.jpg" if kind == "jpeg" else "x.png")
     if kind == "bomb":
         header_only_png(path, 30000, 30000)
@@ -141,7 +141,7 @@ def test_tiny_brings_its_own_adapter(images, capsys, tmp_path):
 
 # ------------------------------------------------------------------ no lost work
 def test_outputs_are_checked_before_any_model_loads(tmp_path, images, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_load_pipeline", no_loading)
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
     (tmp_path / "file").write_text("a file where a folder should be")
     (tmp_path / "taken.png").write_bytes(b"an earlier result")
     (tmp_path / "half.layout.png").write_bytes(b"an earlier picture")
@@ -160,7 +160,7 @@ def test_outputs_are_checked_before_any_model_loads(tmp_path, images, capsys, mo
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes in read-only folders")
 def test_a_read_only_folder_is_refused_before_loading(tmp_path, images, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_load_pipeline", no_loading)
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
     folder = tmp_path / "ro"
     folder.mkdir()
     folder.chmod(0o500)
@@ -246,7 +246,7 @@ def test_subjects_that_vanish_at_a_level_are_named(tmp_path, subject_images, cap
 
 
 def test_absurd_sizes_and_steps_are_refused_before_loading(images, capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "_load_pipeline", no_loading)
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
     for extra, message in ((["--height", "100000"], "--height 100000 is above the largest side accepted, 16384"),
                            (["--width", "16392"], "--width 16392 is above the largest side accepted"),
                            (["--steps", "5000"], r"--steps must be in \[1, 1000\], got 5000"),
@@ -301,7 +301,7 @@ def test_errors_are_one_line(images, capsys, monkeypatch, tmp_path):
     def multi_line(*args, **kwargs):
         raise cli.LoadError("cannot load the model 'x': OSError: first line\n  second line\n\nthird")
 
-    monkeypatch.setattr(cli, "_load_pipeline", multi_line)
+    monkeypatch.setattr(loading, "_load_pipeline", multi_line)
     code, _, err = run(["generate", "a", "--subject", f"{images[0]}:0,0,1,1", *TINY, "--out", str(tmp_path / "a.png")],
                        capsys)
     assert code == 1 and err == "anyms generate: error: cannot load the model 'x': OSError: first line second line third\n"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anyms import cli
+from anyms import cli, loading
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -140,7 +140,7 @@ def test_bad_jobs_fail_before_loading_naming_the_line(folder, capsys, monkeypatc
     header_only_png(folder / "bomb.png", 30000, 30000)
     Image.new("L", (17000, 8), 255).save(folder / "wide.png")
 
-    monkeypatch.setattr(cli, "_load_pipeline", no_loading)
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
     for lines, message in _bad_jobs(folder):
         (folder / "jobs.jsonl").write_text("\n".join(lines) + "\n")
         code = cli.main(["generate", "--jobs", str(folder / "jobs.jsonl"), *TINY, "--out-dir", str(folder / "o")])
@@ -293,7 +293,7 @@ def _one_job(folder, out, **extra):
 ])
 def test_a_job_out_that_leaves_the_folder_or_cannot_be_written_is_refused_before_loading(
         folder, capsys, monkeypatch, out, message):
-    monkeypatch.setattr(cli, "_load_pipeline", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr(loading, "_load_pipeline", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     jobs = write_jobs(folder / "jobs.jsonl", [_one_job(folder, out)])
     assert cli.main(["generate", "--jobs", jobs, *TINY, "--out-dir", str(folder / "out"), "--overwrite"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import anyms_kernels
-from anyms import Subject, cli
+from anyms import Subject, cli, loading
 from anyms.layout import Layout, load_mask
 from anyms.pipeline import AnyMSStableDiffusionXLPipeline, prepare_subjects
 from anyms.processor import AnyMSAttnProcessor
@@ -487,7 +487,7 @@ def test_cli_bad_masks_exit_2_before_loading(tmp_path, subject_images, capsys, m
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(cli, "_load_pipeline", no_loading)
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
     img = str(tmp_path / "s.png")
     subject_images[0].save(img)
     good = _save_mask(tmp_path / "good.png", rect_mask((64, 64), 0, 0, 30, 30))
