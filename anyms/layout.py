@@ -47,14 +47,14 @@ def load_mask(mask, name: str = "mask") -> torch.Tensor:
 
     Raises:
         TypeError: not one of those types, or an array of another dtype (complex, strings).
-        ValueError: not 2-D, a side above ``anyms.preflight.MAX_SIDE`` (checked in a
+        ValueError: not 2-D, a side above ``anyms.images.MAX_SIDE`` (checked in a
             file's header, before decoding), NaN values, an empty mask (no pixel inside),
             a file that does not exist, cannot be read as an image, or claims more
             pixels than Pillow decodes (a decompression bomb).
     """
     from PIL import Image
 
-    from .preflight import MAX_SIDE, read_image
+    from .images import MAX_SIDE, read_image
 
     if isinstance(mask, (str, os.PathLike)):
         # a mask is at the generated image's size: its side is checked before it is decoded

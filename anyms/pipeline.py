@@ -46,7 +46,7 @@ from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from anyms_kernels.regions import MODES, check_normalized_boxes, mask_bbox
 
 from .layout import Layout, load_mask
-from .preflight import read_image
+from .images import read_image
 from .processor import anyms_attention, set_anyms_layout
 
 __all__ = [

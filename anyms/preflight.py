@@ -2,9 +2,6 @@
 
 - :func:`check_image_size` refuses sizes no model here can make (not a multiple of 8,
   or a side above ``MAX_SIDE``), naming the argument.
-- :func:`read_image` reads an image file (a subject, a mask) after checking the size its
-  header claims, so a decompression bomb or an oversized mask is refused before a pixel
-  is decoded, naming the argument.
 - :func:`estimate_peak_memory` estimates the device's peak memory of one generation
   from the loaded pipeline's configs, the size and the options (CFG, offload, VAE
   tiling). It is a model, not a measurement: see its docstring for what it counts.
@@ -21,12 +18,11 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["MAX_SIDE", "MAX_STEPS", "check_image_size", "read_image", "MemoryEstimate", "estimate_peak_memory", "device_memory",
+from .images import MAX_SIDE
+
+__all__ = ["MAX_SIDE", "MAX_STEPS", "check_image_size", "MemoryEstimate", "estimate_peak_memory", "device_memory",
            "unreached_subjects", "unreached_message"]
 
-# The largest side accepted (pixels). SDXL's U-Net at 16384 px has a 2048 x 2048 latent and
-# self-attention over a quarter of a million tokens per layer; beyond it no card holds a step.
-MAX_SIDE = 16384
 # The SD-family schedulers are trained on 1000 timesteps; more steps than that repeat timesteps.
 MAX_STEPS = 1000
 GIB = 1024 ** 3
@@ -42,39 +38,6 @@ def check_image_size(value: Optional[int], name: str, multiple: int = 8) -> None
     if value > MAX_SIDE:
         raise ValueError(f"{name} {value} is above the largest side accepted, {MAX_SIDE} pixels (SDXL's latent "
                          f"would be {value // 8} tokens a side)")
-
-
-def read_image(path: str, name: str, mode: str, what: str = "image", max_side: Optional[int] = None):
-    """The image file at ``path`` as a decoded PIL image in ``mode`` (``"RGB"``, ``"L"``).
-
-    Raises ValueError starting with ``name`` when there is no such file (``"no {what}
-    file"``), when it is not an image or is truncated, and, before any pixel is decoded,
-    when its header claims more pixels than Pillow's decompression-bomb limit
-    (``PIL.Image.MAX_IMAGE_PIXELS``, twice it: Pillow's own refusal) or a side above
-    ``max_side``.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if not os.path.isfile(path):
-        raise ValueError(f"{name}: no {what} file at {path!r}")
-    unreadable = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
-    try:
-        im = Image.open(path)                    # reads the header only, and checks its size
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"{name}: {path!r} is too large to decode ({e})") from None
-    except unreadable as e:
-        raise ValueError(f"{name}: cannot read {path!r} as an image ({e})") from None
-    with im:
-        width, height = im.size
-        if max_side is not None and max(width, height) > max_side:
-            raise ValueError(f"{name}: {path!r} is {height}x{width} pixels (height x width), above the largest "
-                             f"side accepted, {max_side} pixels")
-        try:
-            return im.convert(mode)              # decodes the pixels: a truncated file fails here
-        except Image.DecompressionBombError as e:
-            raise ValueError(f"{name}: {path!r} is too large to decode ({e})") from None
-        except unreadable as e:
-            raise ValueError(f"{name}: cannot read {path!r} as an image ({e})") from None
 
 
 # ------------------------------------------------------------------ memory
