@@ -71,9 +71,10 @@ def _number(text: str, what: str) -> float:
     return value
 
 
-def parse_subject(spec: str):
+def parse_subject(spec: str, index: Optional[int] = None):
     """``PATH:x0,y0,x1,y1[:scale]`` or ``PATH:mask=MASK[:scale]`` -> :class:`anyms.Subject`
-    (image and mask paths not read yet).
+    (image and mask paths not read yet). ``index``: the subject's place among the
+    ``--subject`` options, for the errors (``subjects[1].scale``).
 
     Boxes are split from the right, so paths may hold colons (``C:\\img.png:0,0,1,1``);
     a mask starts at the last ``:mask=`` and ends at a last ``:number`` (the scale), so
@@ -82,20 +83,21 @@ def parse_subject(spec: str):
     from .pipeline import Subject
 
     what = f"--subject {spec!r}"
+    scale_name = f"{what}: {'scale' if index is None else f'subjects[{index}].scale'}"
     at = spec.rfind(":mask=")
     if at >= 0:
         image, rest = spec[:at], spec[at + len(":mask="):]
         mask, scale = rest, 1.0
         head, sep, tail = rest.rpartition(":")
         if sep and _is_number(tail):
-            mask, scale = head, _number(tail, f"{what}: scale")
+            mask, scale = head, _number(tail, scale_name)
         if not image or not mask:
             raise UsageError(f"{what}: expected {SUBJECT_FORMS}")
         return Subject(image, None, scale, mask=mask)
     head, sep, tail = spec.rpartition(":")
     scale = 1.0
     if sep and "," not in tail:               # the last field is the scale
-        scale = _number(tail, f"{what}: scale")
+        scale = _number(tail, scale_name)
         head, sep, tail = head.rpartition(":")
     if not sep or not head:
         raise UsageError(f"{what}: expected {SUBJECT_FORMS}")
@@ -222,7 +224,7 @@ def _job_from_args(args) -> Job:
         layout = read_layout_file(args.layout)
     else:
         layout = {"prompt": None, "mode": None, "priority": None,
-                  "subjects": [parse_subject(spec) for spec in args.subject]}
+                  "subjects": [parse_subject(spec, i) for i, spec in enumerate(args.subject)]}
     return Job(prompt=args.prompt if args.prompt is not None else layout["prompt"],
                subjects=layout["subjects"], mode=args.mode or layout["mode"] or "overwrite",
                priority=args.priority or layout["priority"] or "order",

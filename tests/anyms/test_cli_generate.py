@@ -327,3 +327,32 @@ def test_a_base_install_says_which_extra_to_install(tmp_path):
                              "pip install 'anyms-kernels[diffusers]'\n")
     assert "IMPORT: anyms.Subject needs diffusers, which is not installed: pip install 'anyms-kernels[diffusers]'" \
         in result.stdout
+
+
+# ------------------------------------------------------------------ a scale float32 cannot hold
+def _scale_inputs(tmp_path, image, scale_text):
+    """The same subject with the scale ``scale_text`` (JSON text: 1e39, NaN, Infinity), as the
+    command line, a layout file and a jobs file give it."""
+    subject = f'{{"image": {json.dumps(image)}, "box": [0, 0, 1, 1], "scale": {scale_text}}}'
+    (tmp_path / "layout.json").write_text(f'{{"prompt": "a", "subjects": [{subject}]}}')
+    (tmp_path / "jobs.jsonl").write_text('{"prompt": "a", "subjects": [{"image": "s.png", "box": [0, 0, 1, 1]}]}\n'
+                                         f'{{"prompt": "a", "subjects": [{subject}]}}\n')
+    return {"--subject": ["a", "--subject", f"{image}:0,0,1,1", "--subject", f"{image}:0,0,1,1:{scale_text}"],
+            "--layout": ["--layout", str(tmp_path / "layout.json")],
+            "--jobs": ["--jobs", str(tmp_path / "jobs.jsonl"), "--out-dir", str(tmp_path / "out")]}
+
+
+@pytest.mark.parametrize("scale", ["1e39", "-1e39", "NaN", "Infinity"])
+@pytest.mark.parametrize("source", ["--subject", "--layout", "--jobs"])
+def test_a_scale_float32_cannot_hold_is_named_before_loading(tmp_path, images, capsys, monkeypatch, source, scale):
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
+    image = str(tmp_path / "s.png")
+    Image.open(images[0]).save(image)
+    argv = _scale_inputs(tmp_path, image, scale)[source]
+    out = [] if source == "--jobs" else ["--out", str(tmp_path / "x.png")]
+    code, _, err = run(["generate", *argv, *TINY, *out], capsys)
+    # the command line's second subject is subjects[1]; the others hold one subject
+    name = {"--subject": r"subjects\[1\]\.scale", "--layout": r"subjects\[0\]\.scale",
+            "--jobs": r"--jobs .*jobs\.jsonl:2: subjects\[0\]\.scale"}[source]
+    assert code == 2 and err.count("\n") == 1 and re.search(name, err), err
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "out").exists()
