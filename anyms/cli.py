@@ -250,8 +250,6 @@ def _record_defaults(args, record: dict) -> None:
         for option in ("ip_adapter", "image_encoder", "arch"):
             if getattr(args, option) is None and model.get(option):
                 setattr(args, option, model[option])
-    if args.dtype is not None and args.dtype not in DTYPES:
-        raise UsageError(f"--from {args.from_image!r}: its record's dtype {args.dtype!r} is none of {DTYPES}")
 
 
 def _check_record_files(record: dict, subjects, source: str) -> None:

@@ -356,3 +356,90 @@ def test_a_scale_float32_cannot_hold_is_named_before_loading(tmp_path, images, c
             "--jobs": r"--jobs .*jobs\.jsonl:2: subjects\[0\]\.scale"}[source]
     assert code == 2 and err.count("\n") == 1 and re.search(name, err), err
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ --from: the record's schema
+def valid_record(folder, image):
+    """A record as anyms generate writes it (built without a model), subject paths relative to ``folder``."""
+    from anyms import Subject
+    from anyms.metadata import build_record
+
+    return build_record(prompt="a cat", negative_prompt=None, subjects=[Subject(image, (0.0, 0.0, 1.0, 1.0), 0.8)],
+                        mode="overwrite", priority="order", seed=3, steps=2, guidance=None, height=64, width=64,
+                        model={"arch": "sdxl", "model": "tiny", "ip_adapter": None, "image_encoder": None,
+                               "dtype": "float32"}, folder=str(folder), device="cpu")
+
+
+def save_record(path, record):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_itxt("anyms", json.dumps(record), zip=True)
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return str(path)
+
+
+def _set(record, key, value):
+    """``record`` with the dotted ``key`` (``layout.subjects[0].scale``) set to ``value``, or removed
+    where ``value`` is DROP."""
+    parts = [int(p) if p.isdigit() else p for p in re.split(r"\.|\[|\]\.?", key) if p != ""]
+    target = record
+    for part in parts[:-1]:
+        target = target[part]
+    if value is DROP:
+        del target[parts[-1]]
+    else:
+        target[parts[-1]] = value
+    return record
+
+
+DROP = object()
+BAD_RECORDS = [
+    ("model", [1], r'"model" must be an object, got \[1\]'),
+    ("model.arch", "evil", r"\"model.arch\" must be one of \['sdxl', 'sd15', 'flux'\], got 'evil'"),
+    ("model.dtype", "float8", r'"model.dtype" must be one of'),
+    ("model.model", 7, r'"model.model" must be a non-empty string'),
+    ("model.ip_adapter", DROP, r"\"model\" lacks \['ip_adapter'\]"),
+    ("layout.subjects[0].scale", 1e39, r'"layout.subjects\[0\].scale" must be a finite number'),
+    ("layout.subjects[0].scale", "1", r'"layout.subjects\[0\].scale" must be a number'),
+    ("layout.subjects[0].box", [0, 0, 1, 2], r'"layout.subjects\[0\].box" must lie inside \[0, 1\]'),
+    ("layout.subjects[0].box", [0, 0, 1], r'"layout.subjects\[0\].box" must be a list of 4 numbers'),
+    ("layout.subjects[0].image_sha256", "xyz", r'"layout.subjects\[0\].image_sha256" must be a SHA-256'),
+    ("layout.subjects[0].evil", 1, r"\"layout.subjects\[0\]\" holds unknown key\(s\) \['evil'\]"),
+    ("layout.subjects", [], r'"layout.subjects" must be a non-empty list'),
+    ("layout.mode", "add", r'"layout.mode" must be one of'),
+    ("layout.priority", None, r'"layout.priority" must be one of'),
+    ("seed", -1, r'"seed" must be an integer in \[0, 18446744073709551615\], got -1'),
+    ("seed", 2.5, r'"seed" must be an integer'),
+    ("steps", True, r'"steps" must be an integer in \[1, 1000\], got True'),
+    ("guidance", float("nan"), r'"guidance" must be a finite number or null'),
+    ("height", 17000, r'"height" 17000 is above the largest side accepted'),
+    ("width", "64", r'"width" must be an integer or null'),
+    ("prompt", None, r'"prompt" must be a non-empty string'),
+    ("versions", "x", r'"versions" must be an object'),
+    ("extra", 1, r"its record holds unknown key\(s\) \['extra'\]"),
+    ("seed", DROP, r"its record lacks \['seed'\]"),
+]
+
+
+@pytest.mark.parametrize("key,value,message", BAD_RECORDS, ids=[f"{k}={v!r}"[:40] for k, v, _ in BAD_RECORDS])
+def test_a_from_record_is_checked_against_its_schema_before_loading(tmp_path, images, capsys, monkeypatch,
+                                                                    key, value, message):
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
+    path = save_record(tmp_path / "r.png", _set(valid_record(tmp_path, images[0]), key, value))
+    capsys.readouterr()                 # what importing the pipeline module may have logged
+    code, _, err = run(["generate", "--from", path, "--out", str(tmp_path / "y.png")], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"anyms generate: error: --from {path!r}: its record") and re.search(message, err), err
+
+
+def test_a_written_record_passes_its_schema_and_a_huge_value_is_cut_in_the_message(tmp_path, images):
+    from anyms.metadata import check_record, read_record
+
+    record = valid_record(tmp_path, images[0])
+    check_record(record, "x")
+    assert read_record(save_record(tmp_path / "r.png", record)) == record
+    path = save_record(tmp_path / "big.png", _set(record, "model.arch", "x" * 100_000))
+    with pytest.raises(ValueError) as error:
+        read_record(path)
+    assert len(str(error.value)) < 300 and "'xxxx" in str(error.value)
