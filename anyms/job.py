@@ -81,6 +81,7 @@ class Job:
     where: str = ""                 # "" on the command line, "--jobs FILE:LINE" for a job
     index: int = 0
     plan: Any = None                # the checked subjects (check_job)
+    hashes: Any = None              # the SHA-256 of the subjects' files, taken as check_job read them
 
     def name(self, key: str) -> str:
         """How errors name ``key``: ``--steps`` on the command line, ``--jobs f.jsonl:3: "steps"`` in a job."""
@@ -173,6 +174,7 @@ def check_job(job: Job, arch: str = "sdxl") -> Job:
     ``job.plan`` and, with masks, ``job.height``/``job.width``. Raises UsageError naming the argument."""
     import math as _math
 
+    from .metadata import subject_hashes
     from .preflight import check_image_size
     from .pipeline import prepare_subjects
 
@@ -212,6 +214,7 @@ def check_job(job: Job, arch: str = "sdxl") -> Job:
         # reads the images and masks, checks boxes, masks, mode and priority, and the masks' size
         job.plan = prepare_subjects(job.subjects, job.mode, job.priority)
         job.height, job.width = job.plan.image_size(job.height, job.width, 16 if flux else 8)
+        job.hashes = subject_hashes(job.subjects)     # the record's, whatever happens to the files later
     except (ValueError, TypeError) as e:
         raise job.error(str(e)) from None
     return job
@@ -329,7 +332,7 @@ def image_record(pipe, job: Job, run: Run, image=None) -> dict:
         height=image.height if image is not None else job.height,
         width=image.width if image is not None else job.width,
         model=run.model_record(), folder=os.path.dirname(os.path.abspath(job.out)),
-        device=str(run.device) if image is not None else None)
+        device=str(run.device) if image is not None else None, hashes=job.hashes)
     return record
 
 

@@ -39,7 +39,7 @@ import math
 import os
 from typing import Any, Dict, List, Optional
 
-__all__ = ["METADATA_KEY", "FORMAT", "file_sha256", "relative_path", "subject_entry", "build_record", "png_info",
+__all__ = ["METADATA_KEY", "FORMAT", "file_sha256", "relative_path", "subject_hashes", "subject_entry", "build_record", "png_info",
            "read_record", "check_record", "record_layout", "differences"]
 
 METADATA_KEY = "anyms"
@@ -77,16 +77,38 @@ def relative_path(path: str, folder: str) -> str:
         return os.path.abspath(path)
 
 
-def subject_entry(subject, folder: str) -> Dict[str, Any]:
+def subject_hashes(subjects) -> List[Dict[str, str]]:
+    """The SHA-256 of each subject's files (``{"image_sha256", "mask_sha256"}``, the mask's where it
+    has one), taken when the job is checked: a file moved or changed later, while the model
+    loads or generates, costs nothing, and the record names the bytes that were read. Raises
+    ValueError naming ``subjects[i].image`` / ``.mask`` when a file cannot be read."""
+    out = []
+    for i, subject in enumerate(subjects):
+        hashes = {}
+        for key, path in (("image", subject.image), ("mask", subject.mask)):
+            if path is None:
+                continue
+            try:
+                hashes[f"{key}_sha256"] = file_sha256(os.fspath(path))
+            except (OSError, TypeError) as e:
+                raise ValueError(f"subjects[{i}].{key}: cannot read {path!r} ({getattr(e, 'strerror', None) or e})") \
+                    from None
+        out.append(hashes)
+    return out
+
+
+def subject_entry(subject, folder: str, hashes: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """A layout-file subject for ``subject`` (an :class:`anyms.Subject` with file paths), paths
-    relative to ``folder``, with the files' SHA-256."""
-    entry: Dict[str, Any] = {"image": relative_path(subject.image, folder),
-                             "image_sha256": file_sha256(subject.image)}
+    relative to ``folder``, with the files' SHA-256: ``hashes`` (from :func:`subject_hashes`),
+    else read now."""
+    if hashes is None:
+        hashes = subject_hashes([subject])[0]
+    entry: Dict[str, Any] = {"image": relative_path(subject.image, folder), "image_sha256": hashes["image_sha256"]}
     if subject.box is not None:
         entry["box"] = [float(v) for v in subject.box]
     if subject.mask is not None:
         entry["mask"] = relative_path(subject.mask, folder)
-        entry["mask_sha256"] = file_sha256(subject.mask)
+        entry["mask_sha256"] = hashes["mask_sha256"]
     entry["scale"] = float(subject.scale)
     if subject.label:
         entry["label"] = subject.label
@@ -107,8 +129,11 @@ def versions() -> Dict[str, str]:
 
 def build_record(*, prompt: str, negative_prompt: Optional[str], subjects, mode: str, priority: str, seed: int,
                  steps: int, guidance: Optional[float], height: Optional[int], width: Optional[int],
-                 model: Dict[str, Any], folder: str, device: Optional[str] = None) -> Dict[str, Any]:
-    """The record of one generation (see the module docstring); subject paths relative to ``folder``."""
+                 model: Dict[str, Any], folder: str, device: Optional[str] = None,
+                 hashes: Optional[List[Dict[str, str]]] = None) -> Dict[str, Any]:
+    """The record of one generation (see the module docstring); subject paths relative to ``folder``;
+    ``hashes``: the subjects' files' SHA-256 taken when they were read (:func:`subject_hashes`),
+    else read now."""
     from . import __version__
 
     record = {
@@ -118,7 +143,8 @@ def build_record(*, prompt: str, negative_prompt: Optional[str], subjects, mode:
         "prompt": prompt,
         "negative_prompt": negative_prompt,
         "layout": {"mode": mode, "priority": priority,
-                   "subjects": [subject_entry(s, folder) for s in subjects]},
+                   "subjects": [subject_entry(s, folder, None if hashes is None else hashes[i])
+                                for i, s in enumerate(subjects)]},
         "seed": int(seed),
         "steps": int(steps),
         "guidance": None if guidance is None else float(guidance),

@@ -443,3 +443,36 @@ def test_a_written_record_passes_its_schema_and_a_huge_value_is_cut_in_the_messa
     with pytest.raises(ValueError) as error:
         read_record(path)
     assert len(str(error.value)) < 300 and "'xxxx" in str(error.value)
+
+
+# ------------------------------------------------------------------ files that change during a run
+def test_a_subject_file_moved_during_the_run_costs_nothing_and_the_record_names_what_was_read(
+        tmp_path, images, capsys, monkeypatch):
+    """The subject files are hashed when they are read and checked, before the model loads: a
+    file moved or rewritten while the model loads or generates no longer loses the image."""
+    real = cli.generate_image
+    read = sha(images[0])
+
+    def then_move(pipe, job, run):
+        image = real(pipe, job, run)
+        os.replace(images[0], tmp_path / "moved.png")
+        return image
+
+    monkeypatch.setattr(cli, "generate_image", then_move)
+    out = tmp_path / "a.png"
+    code, _, err = run(["generate", "a", "--subject", f"{images[0]}:0,0,1,1", *TINY, "--out", str(out)], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert record(out)["layout"]["subjects"][0]["image_sha256"] == read
+    # a file rewritten after it was read: the record holds the hash of the bytes that were read
+    Image.open(tmp_path / "moved.png").save(images[0])
+    Image.fromarray(255 - pixels(images[0])).save(tmp_path / "other.png")
+
+    def then_rewrite(pipe, job, run):
+        image = real(pipe, job, run)
+        os.replace(tmp_path / "other.png", images[0])
+        return image
+
+    monkeypatch.setattr(cli, "generate_image", then_rewrite)
+    code, _, err = run(["generate", "a", "--subject", f"{images[0]}:0,0,1,1", *TINY, "--out", str(tmp_path / "b.png")],
+                       capsys)
+    assert code == 0 and record(tmp_path / "b.png")["layout"]["subjects"][0]["image_sha256"] == read != sha(images[0])

@@ -385,3 +385,30 @@ def test_a_subject_turned_into_a_bomb_during_the_run_fails_its_job_only(folder, 
     assert re.search(r"^--jobs .*jobs\.jsonl:2: subjects\[0\]\.image: '.*s1\.png' is too large to decode",
                      entries[1]["error"]), entries[1]
     assert "Traceback" not in err and (out / "00000.png").is_file() and (out / "00002.png").is_file()
+
+
+def test_a_subject_moved_during_the_run_keeps_the_images_made_and_fails_only_the_jobs_left(folder, capsys, monkeypatch):
+    """Job 0 (s0, s1) is made, then s1 moves: job 0's image is saved with the hashes taken when it
+    was checked, job 1 (s1 alone) fails naming the file, job 2 (s0, s2) is made."""
+    import hashlib
+
+    from anyms import jobs as jobs_module
+
+    real = jobs_module.generate_image
+    read = hashlib.sha256((folder / "s1.png").read_bytes()).hexdigest()
+
+    def then_move(pipe, job, run):
+        image = real(pipe, job, run)
+        if job.index == 0:
+            os.replace(folder / "s1.png", folder / "moved.png")
+        return image
+
+    monkeypatch.setattr(jobs_module, "generate_image", then_move)
+    jobs = write_jobs(folder / "jobs.jsonl", three_jobs())
+    out = folder / "out"
+    assert cli.main(["generate", "--jobs", jobs, *TINY, "--out-dir", str(out)]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    entries = manifest(out)
+    assert [e["status"] for e in entries] == ["done", "failed", "done"]
+    assert re.search(r"jobs\.jsonl:2: subjects\[0\]\.image: no image file at '.*s1\.png'", entries[1]["error"]), entries
+    assert json.loads(Image.open(out / "00000.png").text["anyms"])["layout"]["subjects"][1]["image_sha256"] == read
