@@ -55,7 +55,9 @@ layout file's object (above; paths relative to the jobs file), with optionally:
 The model and its options (--model, --dtype, ...) are the command line's, for every job.
 A job whose image exists and records this very job (a PNG's anyms record) is done and
 skipped, so a stopped run resumes; an existing image made from anything else is refused
-(--overwrite replaces it). DIR/manifest.jsonl lists every job in file order: its status
+(--overwrite replaces it). One run writes in DIR at a time: it holds DIR/.anyms.lock (its PID
+and host) while it runs, and another run on DIR refuses (exit 2); a lock left by a run that
+was killed is taken over, and the temporary files it left are removed. DIR/manifest.jsonl lists every job in file order: its status
 (done; skipped: done before; failed, with its error), seconds and process. Under
 `accelerate launch` (one process per GPU, or torchrun/gloo on CPUs) each process makes
 its share of the jobs, and the images are the ones one process would make.

@@ -8,7 +8,10 @@ One JSON object a line (the schema: ``anyms.job.JOBS_SCHEMA``, also in ``anyms g
 
 1. reads and checks every job (its images and masks too) before any model loads: a bad
    line is one error naming ``--jobs FILE:LINE`` and the key, and nothing is made;
-2. sorts the jobs into done (its image exists and its PNG record is this very job: same
+2. takes the output folder's lock (anyms.lock; one run writes in a folder at a time, the
+   processes of one launch being one run; another run holding it is one error naming it,
+   exit 2) and removes the temporary files a stopped run left beside this run's files;
+   then sorts the jobs into done (its image exists and its PNG record is this very job: same
    prompt, layout, files, seed, steps, size, model...), pending, and conflicting (an image
    made from something else: refused unless ``--overwrite``);
 3. loads the model once per process; under ``accelerate launch`` (or torchrun) each of the
@@ -44,6 +47,8 @@ from .job import (
     memory_report, save_job, warn_unreached,
 )
 from .loading import default_size, load_for_run, run_from_args, threads_for
+from .lock import FolderBusy, FolderLock, launch_name
+from .outputs import TEMPORARY_EXTRA
 
 __all__ = ["read_jobs", "run_jobs", "MANIFEST"]
 
@@ -229,8 +234,6 @@ def _paths(job: Job, pictures: bool):
     return _paths_of(job.out) if pictures else (job.out, None, None)
 
 
-# the temporary name a file is written under first: ".<name>.<8 random characters>.tmp"
-_TEMPORARY_EXTRA = len("..12345678.tmp")
 
 
 def _inside(out_dir: str, out: str, what: str) -> str:
@@ -252,7 +255,7 @@ def _inside(out_dir: str, out: str, what: str) -> str:
         name_max = os.pathconf(root, "PC_NAME_MAX")
     except (OSError, ValueError):
         name_max = 255
-    longest = max(len(os.path.basename(p).encode("utf-8")) for p in _paths_of(path)) + _TEMPORARY_EXTRA
+    longest = max(len(os.path.basename(p).encode("utf-8")) for p in _paths_of(path)) + TEMPORARY_EXTRA
     if longest > name_max:
         raise UsageError(f"{what} {out!r}: its file name is too long for the file system (a file of this job "
                          f"would need a {longest}-byte name, at most {name_max})")
@@ -283,9 +286,6 @@ def _read_lines(path: str) -> List[dict]:
 
 
 def run_jobs(args) -> int:
-    from .embeddings import SubjectEmbeddingCache
-    from .outputs import atomic_write_text
-
     if args.out is not None:
         raise UsageError("--out names one image; with --jobs each job's \"out\" is relative to --out-dir")
     procs = processes(args.device)
@@ -296,6 +296,39 @@ def run_jobs(args) -> int:
         check_job(job, run.arch)
         job.plan = None                          # re-read when it runs: thousands of jobs' images stay on disk
     check_outputs([os.path.join(out_dir, MANIFEST)], overwrite=True, what="--out-dir")
+    log = _info_main(procs)
+    # One writer per folder (the processes of one launch are one): held until the run ends.
+    lock = FolderLock(out_dir, launch_name(procs.world), shared=procs.world > 1,
+                      prepare=lambda: _remove_temporaries(jobs, out_dir))
+    try:
+        lock.acquire()
+    except FolderBusy as e:
+        raise UsageError(f"--out-dir: {e}") from None
+    if lock.taken_over:
+        gone = lock.taken_over
+        log(f"took over the folder's lock from a run that stopped (PID {gone.get('pid')} on {gone.get('host')})")
+    try:
+        return _run_holding_the_lock(args, procs, jobs, out_dir, run, log)
+    finally:
+        # the first process lets the others go first, and removes the lock file
+        lock.release(wait=5.0 if procs.main else 0.0)
+
+
+def _remove_temporaries(jobs: List[Job], out_dir: str) -> None:
+    """The temporary files a stopped run left beside this run's files (only while no other process writes)."""
+    from .outputs import remove_stale_temporaries
+
+    removed = remove_stale_temporaries([p for job in jobs for p in _paths_of(job.out)]
+                                       + [os.path.join(out_dir, MANIFEST)])
+    if removed:
+        console.info(f"removed {len(removed)} temporary file{'s' * (len(removed) != 1)} a stopped run left "
+                     f"(.NAME.XXXXXXXX.tmp)")
+
+
+def _run_holding_the_lock(args, procs: Processes, jobs: List[Job], out_dir: str, run, log) -> int:
+    from .embeddings import SubjectEmbeddingCache
+    from .outputs import atomic_write_text
+
     # 2. Done, pending, conflicting.
     done, pending, conflicts = sort_jobs(jobs, run)
     if conflicts and not run.overwrite:
@@ -308,7 +341,6 @@ def run_jobs(args) -> int:
         folders.setdefault(os.path.dirname(os.path.abspath(job.out)), job)
     for job in folders.values():
         check_outputs([job.out], overwrite=True, what=job.where + ": \"out\"")
-    log = _info_main(procs)
 
     # 3. The model, once per process; then every process starts together (all have sorted the jobs).
     with threads_for(run):

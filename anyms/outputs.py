@@ -15,13 +15,24 @@ No diffusers import here.
 from __future__ import annotations
 
 import os
+import re
+import stat
 import tempfile
-from typing import Optional
+from typing import Dict, Iterable, List, Optional
 
-__all__ = ["FORMATS", "OutputError", "image_format", "prepare_output_folder", "atomic_save", "atomic_write_text", "existing"]
+__all__ = ["FORMATS", "OutputError", "image_format", "prepare_output_folder", "atomic_save", "atomic_write_text",
+           "existing", "TEMPORARY_EXTRA", "remove_stale_temporaries"]
 
 # file extension -> the Pillow format that writes it
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+# A file NAME is written first as ".NAME.XXXXXXXX.tmp" beside it (XXXXXXXX: mkstemp's 8 random
+# characters), and a folder is proved writable with ".anyms-write-test-XXXXXXXX".
+_TEMPORARY = ".{name}.{random}.tmp"
+_PROBE_PREFIX = ".anyms-write-test-"
+_RANDOM = "[a-z0-9_]{8}"             # tempfile's alphabet, 8 characters
+# how much longer a temporary name is than its file's name
+TEMPORARY_EXTRA = len(_TEMPORARY.format(name="", random="12345678"))
 
 
 class OutputError(Exception):
@@ -57,7 +68,7 @@ def prepare_output_folder(path: str, what: str) -> str:
         raise OutputError(f"{what} {path!r} is a folder: name an image file")
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=".anyms-write-test-", dir=folder)
+        fd, name = tempfile.mkstemp(prefix=_PROBE_PREFIX, dir=folder)
         os.close(fd)
         os.unlink(name)
     except OSError as e:
@@ -85,7 +96,8 @@ def _publish(tmp: str, path: str, overwrite: bool) -> None:
 def _write_atomically(path: str, overwrite: bool, write) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
+    prefix, suffix = _TEMPORARY.format(name=base, random="\0").split("\0")
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
     try:
         os.fchmod(fd, 0o666 & ~_umask())    # mkstemp's 0600 would survive the rename
         with os.fdopen(fd, "wb") as f:
@@ -155,3 +167,37 @@ def existing(paths) -> Optional[str]:
         if os.path.lexists(p):
             return p
     return None
+
+
+def remove_stale_temporaries(paths: Iterable[str]) -> List[str]:
+    """Remove the temporary files that a stopped writer of ``paths`` left beside them (and the
+    folders' write probes); returns what was removed. Only regular files with exactly those
+    names go: anything else, links included, is left alone. Call it only while no other
+    process may be writing these files (anyms.lock)."""
+    wanted: Dict[str, set] = {}
+    for path in paths:
+        folder, name = os.path.split(os.path.abspath(path))
+        wanted.setdefault(folder, set()).add(name)
+    removed = []
+    for folder, names in wanted.items():
+        try:
+            entries = os.listdir(folder)
+        except OSError:
+            continue                    # not made yet
+        for entry in entries:
+            if entry.startswith(_PROBE_PREFIX):
+                ours = re.fullmatch(re.escape(_PROBE_PREFIX) + _RANDOM, entry) is not None
+            else:
+                found = re.fullmatch(r"\.(.+)\.(" + _RANDOM + r")\.tmp", entry)
+                ours = found is not None and found.group(1) in names
+            if not ours:
+                continue
+            path = os.path.join(folder, entry)
+            try:
+                if not stat.S_ISREG(os.lstat(path).st_mode):
+                    continue
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+    return removed

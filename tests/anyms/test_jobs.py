@@ -272,6 +272,7 @@ def test_two_processes_make_the_images_one_process_makes(folder, capsys):
     entries = manifest(two)
     assert [e["status"] for e in entries] == ["done"] * 4
     assert sorted({e["process"] for e in entries}) == [0, 1]
+    assert not (two / ".anyms.lock").exists()       # one launch, one writer: its lock is gone with it
     for e in manifest(one):
         assert (one / e["out"]).read_bytes() == (two / e["out"]).read_bytes(), e["out"]
 
@@ -412,3 +413,146 @@ def test_a_subject_moved_during_the_run_keeps_the_images_made_and_fails_only_the
     assert [e["status"] for e in entries] == ["done", "failed", "done"]
     assert re.search(r"jobs\.jsonl:2: subjects\[0\]\.image: no image file at '.*s1\.png'", entries[1]["error"]), entries
     assert json.loads(Image.open(out / "00000.png").text["anyms"])["layout"]["subjects"][1]["image_sha256"] == read
+
+
+# ------------------------------------------------------------------ one writer per output folder
+# A run of `anyms generate --jobs` in another process, paused (holding the folder) until its stdin
+# gets a line: the model's loading waits for it, and the folder is locked before the model loads.
+PAUSED_RUN = """
+import sys
+from anyms import cli, loading
+
+real = loading._load_pipeline
+
+def paused(*args, **kwargs):
+    print("holding", flush=True)
+    sys.stdin.readline()
+    return real(*args, **kwargs)
+
+loading._load_pipeline = paused
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _start(argv):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return subprocess.Popen([sys.executable, "-c", PAUSED_RUN, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+
+
+def test_a_second_run_on_the_folder_refuses_naming_the_first(folder, capsys):
+    jobs = write_jobs(folder / "jobs.jsonl", three_jobs())
+    out = folder / "out"
+    argv = ["generate", "--jobs", jobs, *TINY, "--out-dir", str(out)]
+    first = _start(argv)
+    try:
+        assert first.stdout.readline().strip() == "holding", first.stderr.read()
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"in use by another run (PID {first.pid} on " in err[0], err
+        assert not any(out.rglob("*.png"))             # the second run made nothing
+        stdout, stderr = first.communicate("go\n", timeout=300)
+    finally:
+        first.kill()
+    assert first.returncode == 0, stderr
+    assert [e["status"] for e in manifest(out)] == ["done"] * 3
+    assert sorted(p.name for p in out.rglob("*.png")) == ["00000.png", "00002.png", "one.png"]
+    assert not (out / ".anyms.lock").exists()           # the last holder removes it
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(folder, capsys):
+    jobs = write_jobs(folder / "jobs.jsonl", three_jobs()[:1])
+    out = folder / "out"
+    argv = ["generate", "--jobs", jobs, *TINY, "--out-dir", str(out)]
+    first = _start(argv)
+    try:
+        assert first.stdout.readline().strip() == "holding", first.stderr.read()
+    finally:
+        first.kill()
+        first.communicate(timeout=60)
+    lock = json.loads((out / ".anyms.lock").read_text())
+    assert lock["pid"] == first.pid                     # the killed run's lock is still there
+    assert cli.main(argv) == 0
+    assert f"took over the folder's lock from a run that stopped (PID {first.pid} on " in capsys.readouterr().out
+    assert [e["status"] for e in manifest(out)] == ["done"]
+    assert not (out / ".anyms.lock").exists()
+
+
+@pytest.mark.parametrize("dangling", [False, True], ids=["to-a-file", "dangling"])
+def test_a_link_planted_as_the_lock_is_not_followed(folder, capsys, dangling):
+    target = folder / "precious.txt"
+    if not dangling:
+        target.write_text("keep me")
+    out = folder / "out"
+    out.mkdir()
+    os.symlink(target, out / ".anyms.lock")
+    jobs = write_jobs(folder / "jobs.jsonl", [_one_job(folder, "one.png")])
+    assert cli.main(["generate", "--jobs", jobs, *TINY, "--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'.anyms.lock' is a link" in err[0].replace(str(out) + os.sep, ""), err
+    if dangling:
+        assert not os.path.lexists(target)              # not created through the link
+    else:
+        assert target.read_text() == "keep me"
+    assert os.path.islink(out / ".anyms.lock") and not (out / "one.png").exists()
+
+
+def test_stale_temporaries_of_the_run_are_removed_and_nothing_else(folder, capsys):
+    jobs = write_jobs(folder / "jobs.jsonl", three_jobs())
+    out = folder / "out"
+    (out / "sub").mkdir(parents=True)
+    stale = [".00000.png.k3x_9q2a.tmp", ".00002.layout.png.abcdefgh.tmp", ".manifest.jsonl.q1w2e3r4.tmp",
+             ".anyms-write-test-zz99zz99", "sub/.one.png.a1b2c3d4.tmp"]
+    kept = [".other.png.abcdefgh.tmp",                  # no job of this run writes other.png
+            ".00000.png.short.tmp", ".00000.png.abcdefghi.tmp",   # not a temporary's name
+            "notes.txt", "00000.png.abcdefgh.tmp", "sub/.two.png.a1b2c3d4.tmp"]
+    for name in stale + kept:
+        (out / name).write_text("x")
+    target = folder / "precious.txt"
+    target.write_text("keep me")
+    os.symlink(target, out / ".00002.png.linklink.tmp")    # a link with a temporary's name: left alone
+    assert cli.main(["generate", "--jobs", jobs, *TINY, "--out-dir", str(out)]) == 0
+    assert "removed 5 temporary files a stopped run left" in capsys.readouterr().out
+    for name in stale:
+        assert not os.path.lexists(out / name), name
+    for name in kept:
+        assert (out / name).read_text() == "x", name
+    assert os.path.islink(out / ".00002.png.linklink.tmp") and target.read_text() == "keep me"
+    assert [e["status"] for e in manifest(out)] == ["done"] * 3
+
+
+def test_temporaries_are_not_removed_while_another_run_holds_the_folder(folder, capsys):
+    jobs = write_jobs(folder / "jobs.jsonl", three_jobs())
+    out = folder / "out"
+    argv = ["generate", "--jobs", jobs, *TINY, "--out-dir", str(out)]
+    first = _start(argv)
+    try:
+        assert first.stdout.readline().strip() == "holding", first.stderr.read()
+        (out / ".00000.png.abcdefgh.tmp").write_text("being written")   # as if the first run wrote it
+        assert cli.main(argv) == 2
+        assert (out / ".00000.png.abcdefgh.tmp").read_text() == "being written"
+    finally:
+        first.kill()
+        first.communicate(timeout=60)
+
+
+def test_the_processes_of_one_launch_share_the_folder_and_no_other_run(tmp_path):
+    from anyms.lock import FolderBusy, FolderLock
+
+    prepared = []
+    first = FolderLock(str(tmp_path), "launch 127.0.0.1:29500", shared=True, prepare=lambda: prepared.append(1))
+    second = FolderLock(str(tmp_path), "launch 127.0.0.1:29500", shared=True, prepare=lambda: prepared.append(2))
+    first.acquire()
+    second.acquire()                     # the same launch: joins, and does not prepare again
+    assert prepared == [1]
+    for other in (FolderLock(str(tmp_path), "launch 127.0.0.1:29501", shared=True),
+                  FolderLock(str(tmp_path), "process 1 on elsewhere")):
+        with pytest.raises(FolderBusy, match=r"in use by another run \(PID \d+ on .*launch 127\.0\.0\.1:29500"):
+            other.acquire()
+    second.release()
+    assert (tmp_path / ".anyms.lock").exists()      # the first still holds it
+    first.release(wait=1.0)
+    assert not (tmp_path / ".anyms.lock").exists()
+    FolderLock(str(tmp_path), "process 1 on elsewhere").acquire().release()     # free again
