@@ -13,4 +13,4 @@ class LoadError(Exception):
 
 
 class GenerationError(Exception):
-    """A generation that failed on a good input (out of memory): exit status 1."""
+    """A generation that failed on a good input (out of memory, a full disk): exit status 1."""

@@ -353,7 +353,7 @@ def write_pictures(pipe, image, paths, *, overwrite: bool = True, pnginfo=None, 
     the image (with ``pnginfo``'s text chunks): an image on disk means its pictures are there
     too. Nothing existing is replaced without ``overwrite`` (``overwrite_pictures`` for the
     pictures; default the same)."""
-    from .outputs import OutputError, atomic_save
+    from .outputs import OutputError, WriteError, atomic_save
     from .visualize import draw_layout
 
     plan = pipe.anyms_last_plan
@@ -374,5 +374,7 @@ def write_pictures(pipe, image, paths, *, overwrite: bool = True, pnginfo=None, 
             else:
                 atomic_save(picture, paths[2], overwrite=keep)
         atomic_save(image, paths[0], overwrite=overwrite, pnginfo=pnginfo)
+    except WriteError as e:             # a full disk: the input was good
+        raise GenerationError(str(e)) from None
     except OutputError as e:
         raise UsageError(str(e)) from None

@@ -327,7 +327,7 @@ def _remove_temporaries(jobs: List[Job], out_dir: str) -> None:
 
 def _run_holding_the_lock(args, procs: Processes, jobs: List[Job], out_dir: str, run, log) -> int:
     from .embeddings import SubjectEmbeddingCache
-    from .outputs import atomic_write_text
+    from .outputs import WriteError, atomic_write_text
 
     # 2. Done, pending, conflicting.
     done, pending, conflicts = sort_jobs(jobs, run)
@@ -376,20 +376,28 @@ def _run_holding_the_lock(args, procs: Processes, jobs: List[Job], out_dir: str,
         + (f", {failed} failed" if failed else "")
         + f"; subject embeddings: {cache.misses} encoded, {cache.hits} reused")
     if procs.main:
-        entries = _manifest(jobs, done, out_dir, procs.world)
-        atomic_write_text(os.path.join(out_dir, MANIFEST), "".join(json.dumps(e) + "\n" for e in entries))
-        for path in glob.glob(os.path.join(glob.escape(out_dir), ".manifest.rank-*.jsonl")):
-            os.unlink(path)             # this run's, and any a stopped run left
+        entries = _manifest(jobs, done, out_dir, procs.world, own=results)
+        try:
+            atomic_write_text(os.path.join(out_dir, MANIFEST), "".join(json.dumps(e) + "\n" for e in entries))
+        except WriteError as e:         # a full disk: the per-process lines stay, the images are complete
+            manifest_error = f"the manifest is not written ({e})"
+        else:
+            manifest_error = None
+            for path in glob.glob(os.path.join(glob.escape(out_dir), ".manifest.rank-*.jsonl")):
+                os.unlink(path)         # this run's, and any a stopped run left
         counts = {s: sum(e["status"] == s for e in entries) for s in ("done", "skipped", "failed", "pending")}
         times = [e["seconds"] for e in entries if e["status"] == "done" and e.get("seconds") is not None]
         per = f", {sum(times) / len(times):.2f} s per image" if times else ""
         print(f"jobs: {counts['done']} made, {counts['skipped']} done before, {counts['failed']} failed"
               + (f", {counts['pending']} not made" if counts["pending"] else "") + per)
-        print(f"manifest: {os.path.abspath(os.path.join(out_dir, MANIFEST))}")
+        if manifest_error is None:
+            print(f"manifest: {os.path.abspath(os.path.join(out_dir, MANIFEST))}")
         if counts["failed"]:
             first = next(e for e in entries if e["status"] == "failed")
             console.warn(f"{counts['failed']} job{'s' * (counts['failed'] != 1)} failed; the first, line {first['line']}: "
                   f"{first['error']}")
+        if manifest_error is not None:
+            raise GenerationError(f"{manifest_error}; every image written is complete")
         return 1 if counts["failed"] or counts["pending"] else 0
     return 1 if failed else 0
 
@@ -418,7 +426,7 @@ def _make(pipe, jobs: List[Job], run, cache, rank_file: str, procs: Processes, o
         console.warn(message)
 
     try:
-        with _open_new(rank_file) as manifest, cache.attached(pipe):
+        with _ProcessLines(rank_file) as manifest, cache.attached(pipe):
             for job in jobs:
                 t0 = time.perf_counter()
                 entry = {"index": job.index, "line": int(job.where.rsplit(":", 1)[1]), "out": _relative(job.out, out_dir),
@@ -439,8 +447,7 @@ def _make(pipe, jobs: List[Job], run, cache, rank_file: str, procs: Processes, o
                 finally:
                     job.plan = None
                 results.append(entry)
-                manifest.write(json.dumps(entry) + "\n")
-                manifest.flush()
+                manifest.add(entry)
                 bar.update(1)
                 bar.set_postfix_str(f"last {entry['seconds']:.2f} s" + (", FAILED" if entry["status"] == "failed"
                                                                         else ""))
@@ -461,12 +468,57 @@ def _open_new(path: str):
     return os.fdopen(fd, "w", encoding="utf-8")
 
 
-def _manifest(jobs: List[Job], done_before: List[Job], out_dir: str, world: int) -> List[dict]:
-    """One entry per job, in file order, from the processes' lines and the previous manifest."""
+class _ProcessLines:
+    """This process's manifest lines (``.manifest.rank-R.jsonl``), one per job as it finishes, so a
+    stopped run leaves what it did. A line that cannot be written (a full disk) is warned about
+    once and the run goes on: the process keeps its lines in memory too."""
+
+    def __init__(self, path: str):
+        self.path, self.file = path, None
+        try:
+            self.file = _open_new(path)
+        except OSError as e:
+            self._lost(e)
+
+    def add(self, entry: dict) -> None:
+        if self.file is None:
+            return
+        try:
+            self.file.write(json.dumps(entry) + "\n")
+            self.file.flush()
+        except OSError as e:
+            self._lost(e)
+
+    def _lost(self, error: OSError) -> None:
+        console.warn(f"cannot write {self.path!r} ({error.strerror or error}): this process's manifest lines are "
+                     f"kept in memory only")
+        self.close()
+
+    def close(self) -> None:
+        file, self.file = self.file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError:             # the unwritten end of a line: nothing to keep
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _manifest(jobs: List[Job], done_before: List[Job], out_dir: str, world: int,
+              own: Optional[List[dict]] = None) -> List[dict]:
+    """One entry per job, in file order, from the processes' lines (and ``own``, this process's
+    lines as it kept them) and the previous manifest."""
     now: Dict[int, dict] = {}
     for r in range(world):
         for entry in _read_lines(os.path.join(out_dir, f".manifest.rank-{r}.jsonl")):
             now[entry.get("index")] = entry
+    for entry in own or ():
+        now[entry.get("index")] = entry
     before = {e.get("out"): e for e in _read_lines(os.path.join(out_dir, MANIFEST))}
     done_before_ids = {job.index for job in done_before}
     entries = []

@@ -8,7 +8,9 @@
   it to disk and only then gives it its name, so a crash, a full disk or Ctrl-C leaves
   either the old file or the new one, never half of one. Without ``overwrite`` the name
   is taken with a hard link, which fails if the name exists (even if another process
-  made it a moment ago): an existing image is never replaced.
+  made it a moment ago): an existing image is never replaced. A write that fails (a full
+  disk, an I/O error) raises :class:`WriteError`, one line naming the file, and leaves
+  nothing under the final name.
 
 No diffusers import here.
 """
@@ -20,7 +22,7 @@ import stat
 import tempfile
 from typing import Dict, Iterable, List, Optional
 
-__all__ = ["FORMATS", "OutputError", "image_format", "prepare_output_folder", "atomic_save", "atomic_write_text",
+__all__ = ["FORMATS", "OutputError", "WriteError", "image_format", "prepare_output_folder", "atomic_save", "atomic_write_text",
            "existing", "TEMPORARY_EXTRA", "remove_stale_temporaries"]
 
 # file extension -> the Pillow format that writes it
@@ -37,6 +39,11 @@ TEMPORARY_EXTRA = len(_TEMPORARY.format(name="", random="12345678"))
 
 class OutputError(Exception):
     """An output that cannot be written, or that exists and may not be replaced."""
+
+
+class WriteError(OutputError):
+    """A write that failed on the way (a full disk, an I/O error): nothing was left under the
+    final name, and any older file there is untouched."""
 
 
 def image_format(path: str) -> str:
@@ -97,7 +104,10 @@ def _write_atomically(path: str, overwrite: bool, write) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
     prefix, suffix = _TEMPORARY.format(name=base, random="\0").split("\0")
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    except OSError as e:
+        raise WriteError(f"cannot write {path!r}: {e.strerror or e}; nothing was written under that name") from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())    # mkstemp's 0600 would survive the rename
         with os.fdopen(fd, "wb") as f:
@@ -109,9 +119,12 @@ def _write_atomically(path: str, overwrite: bool, write) -> None:
         kept = _keep_aside(tmp, path)
         raise OutputError(f"{path!r} appeared while this ran: it was not replaced, and the new file is "
                           f"{kept!r}") from None
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise WriteError(f"cannot write {path!r}: {e.strerror or e}; nothing was written under that "
+                             f"name") from None
         raise
 
 

@@ -196,7 +196,7 @@ def test_atomic_save_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(Image.Image, "save", broken_save)
-        with pytest.raises(OSError, match="disk full"):
+        with pytest.raises(outputs.WriteError, match=r"cannot write '.*x\.png': disk full; nothing was written"):
             outputs.atomic_save(image, path, overwrite=True)
     assert open(path, "rb").read() == b"old" and os.listdir(tmp_path) == ["x.png"]
     outputs.atomic_save(image, path, overwrite=True)
@@ -476,3 +476,33 @@ def test_a_subject_file_moved_during_the_run_costs_nothing_and_the_record_names_
     code, _, err = run(["generate", "a", "--subject", f"{images[0]}:0,0,1,1", *TINY, "--out", str(tmp_path / "b.png")],
                        capsys)
     assert code == 0 and record(tmp_path / "b.png")["layout"]["subjects"][0]["image_sha256"] == read != sha(images[0])
+
+
+# ------------------------------------------------------------------ a full disk
+def _disk_full_for(monkeypatch, *names):
+    """os.fsync fails with ENOSPC for the temporary files of ``names`` (what a full disk does to
+    the last write of a file); every other file is written."""
+    import errno
+
+    real = os.fsync
+
+    def fsync(fd):
+        target = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        if any(target.startswith(f".{name}.") for name in names):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads the file names of descriptors in /proc")
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, images, capsys, monkeypatch):
+    _disk_full_for(monkeypatch, "a.png")
+    code, _, err = run(["generate", "a", "--subject", f"{images[0]}:0,0,1,1", *TINY, "--out", str(tmp_path / "a.png")],
+                       capsys)
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert code == 1 and "Traceback" not in err and len(errors) == 1, err
+    assert re.search(r"^anyms generate: error: cannot write '.*a\.png': No space left on device; nothing was "
+                     r"written under that name$", errors[0]), err
+    # the pictures went first and are whole; no image, no temporary file
+    assert sorted(os.listdir(tmp_path)) == ["a.layout.png", "a.routing.png", "subject0.png", "subject1.png"]

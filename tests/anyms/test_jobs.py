@@ -556,3 +556,42 @@ def test_the_processes_of_one_launch_share_the_folder_and_no_other_run(tmp_path)
     first.release(wait=1.0)
     assert not (tmp_path / ".anyms.lock").exists()
     FolderLock(str(tmp_path), "process 1 on elsewhere").acquire().release()     # free again
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full") or not os.path.isdir("/proc/self/fd"),
+                    reason="needs /dev/full and /proc/self/fd")
+def test_a_full_disk_fails_the_jobs_it_hits_and_says_the_manifest_is_not_written(folder, capsys, monkeypatch):
+    """Job 1's image, this process's manifest lines (written to /dev/full) and the manifest all
+    meet a full disk: job 1 fails with one line, the others are made, and the run ends with one
+    line saying the manifest is not written. Nothing partial is left under a final name."""
+    import errno
+
+    from anyms import jobs as jobs_module
+
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        if name.startswith((".one.png.", ".manifest.jsonl.")):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", fsync)
+        m.setattr(jobs_module, "_open_new", lambda path: open("/dev/full", "w", encoding="utf-8"))
+        jobs = write_jobs(folder / "jobs.jsonl", three_jobs())
+        out = folder / "out"
+        assert cli.main(["generate", "--jobs", jobs, *TINY, "--out-dir", str(out)]) == 1
+        err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert re.search(r"warning: cannot write '.*\.manifest\.rank-0\.jsonl' \(No space left on device\)", err), err
+    assert re.search(r"warning: 1 job failed; the first, line 2: .*cannot write '.*one\.png': No space left", err), err
+    assert re.search(r"error: the manifest is not written \(cannot write '.*manifest\.jsonl': No space left on "
+                     r"device; nothing was written under that name\); every image written is complete$",
+                     err.strip().splitlines()[-1]), err
+    assert (out / "00000.png").is_file() and (out / "00002.png").is_file()
+    assert not (out / "sub" / "one.png").exists() and not (out / "manifest.jsonl").exists()
+    assert not [p for p in out.rglob("*.tmp")]
+    # space again: the run resumes, makes job 1 and writes the manifest
+    assert cli.main(["generate", "--jobs", jobs, *TINY, "--out-dir", str(out)]) == 0
+    assert [e["status"] for e in manifest(out)] == ["skipped", "done", "skipped"]
