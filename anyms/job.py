@@ -105,6 +105,8 @@ def read_layout_file(path: str) -> dict:
         raise UsageError(f"{what}: not valid JSON ({e})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"{what}: cannot read it ({e})") from None
+    except (ValueError, RecursionError) as e:   # an integer of 5000 digits, arrays nested 100000 deep
+        raise UsageError(f"{what}: not valid JSON ({e})") from None
     return layout_from_dict(data, what, os.path.dirname(os.path.abspath(path)))
 
 

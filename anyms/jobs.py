@@ -126,6 +126,8 @@ def read_jobs(path: str, args) -> Tuple[List[Job], str]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise UsageError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
+        except (ValueError, RecursionError) as e:   # an integer of 5000 digits, arrays nested 100000 deep
+            raise UsageError(f"{where}: not valid JSON ({e})") from None
         layout = layout_from_dict(data, where, folder, extra_keys=JOB_KEYS)
         index = len(jobs)
         out = layout.get("out", f"{index:05d}.png")
@@ -276,8 +278,8 @@ def _read_lines(path: str) -> List[dict]:
             for line in f:
                 try:
                     entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue            # a line cut short by a crash
+                except (ValueError, RecursionError):
+                    continue            # a line cut short by a crash, or not one of ours
                 if isinstance(entry, dict):
                     out.append(entry)
     except OSError:

@@ -196,7 +196,7 @@ def read_record(path: str, what: str = "--from") -> Dict[str, Any]:
                          f"text chunk)")
     try:
         record = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:   # JSONDecodeError, a 5000-digit integer, nesting too deep
         raise ValueError(f"{where}: its anyms record is not valid JSON ({e})") from None
     if not isinstance(record, dict) or not isinstance(record.get("layout"), dict):
         raise ValueError(f"{where}: its anyms record is not an object with a \"layout\"")

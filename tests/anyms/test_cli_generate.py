@@ -506,3 +506,21 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, images, ca
                      r"written under that name$", errors[0]), err
     # the pictures went first and are whole; no image, no temporary file
     assert sorted(os.listdir(tmp_path)) == ["a.layout.png", "a.routing.png", "subject0.png", "subject1.png"]
+
+
+@pytest.mark.parametrize("text,message", [("9" * 5000, "Exceeds the limit"), ("[" * 100_000 + "]" * 100_000,
+                                                                          "maximum recursion depth")],
+                         ids=["5000 digits", "nested 100000 deep"])
+def test_json_that_python_refuses_otherwise_is_one_line(tmp_path, capsys, monkeypatch, text, message):
+    from PIL.PngImagePlugin import PngInfo
+
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
+    (tmp_path / "layout.json").write_text(text)
+    info = PngInfo()
+    info.add_itxt("anyms", text, zip=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "r.png", pnginfo=info)
+    for argv, what in ((["a", "--layout", str(tmp_path / "layout.json")], "--layout"),
+                       (["--from", str(tmp_path / "r.png")], "--from")):
+        code, _, err = run(["generate", *argv, "--out", str(tmp_path / "y.png")], capsys)
+        assert code == 2 and err.count("\n") == 1 and err.startswith(f"anyms generate: error: {what} ") \
+            and "not valid JSON (" in err and message in err, err

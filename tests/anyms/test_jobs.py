@@ -122,6 +122,9 @@ def _bad_jobs(folder):
         ([json.dumps({"prompt": "x", "subjects": [{"image": "s0.png", "box": [0, 0, 1, 2]}]})],
          r"jobs\.jsonl:1: subjects\[0\]\.box must lie inside \[0, 1\]"),
         (["", "   "], r"holds no jobs"),
+        # JSON that Python's parser refuses with other errors than JSONDecodeError
+        (['{"prompt": "x", "seed": ' + "9" * 5000 + "}"], r"jobs\.jsonl:1: not valid JSON \(Exceeds the limit"),
+        (["[" * 100_000 + "]" * 100_000], r"jobs\.jsonl:1: not valid JSON \(maximum recursion depth"),
         # a decompression bomb (its header claims 30000x30000) and a mask above the largest side
         ([json.dumps(good), json.dumps({"prompt": "x", "subjects": [{"image": "bomb.png", "box": [0, 0, 1, 1]}]})],
          r"jobs\.jsonl:2: subjects\[0\]\.image: '.*bomb\.png' is too large to decode"),
