@@ -266,6 +266,18 @@ def _check_record_files(record: dict, subjects, source: str) -> None:
                       f"(SHA-256 differs): the new image will differ")
 
 
+@contextlib.contextmanager
+def _naming_the_record(args):
+    """--from: a refusal of what its record gave (its subjects and files, its model's sources)
+    names the file as well."""
+    try:
+        yield
+    except UsageError as e:
+        if not args.from_image or str(e).startswith("--from "):
+            raise
+        raise UsageError(f"--from {args.from_image!r}: {e}") from None
+
+
 def cmd_generate(args) -> int:
     if args.jobs:
         from .jobs import run_jobs
@@ -277,8 +289,9 @@ def cmd_generate(args) -> int:
 
     # 1. Everything about the input and the outputs, before any model is loaded.
     job = _job_from_args(args)
-    run = run_from_args(args)
-    check_job(job, run.arch)
+    with _naming_the_record(args):
+        run = run_from_args(args)
+        check_job(job, run.arch)
     paths = output_paths(job.out, run.pictures)
     check_outputs(paths, run.overwrite)
 

@@ -220,7 +220,7 @@ def check_record(record: Dict[str, Any], where: str) -> None:
     ``layout.subjects[0].scale``)."""
     from anyms_kernels.regions import MODES
 
-    from .loading import ARCHS, DTYPES
+    from .loading import ARCHS, DTYPES, TINY_MODEL
     from .pipeline import PRIORITIES, _check_box, _check_scale
     from .preflight import MAX_STEPS, check_image_size
 
@@ -273,7 +273,8 @@ def check_record(record: Dict[str, Any], where: str) -> None:
     if not isinstance(record["versions"], dict):
         fail("versions", "an object", record["versions"])
     for name, version in record["versions"].items():
-        text(version, f"versions.{name}")
+        plain = name.isascii() and name.replace("-", "_").replace(".", "_").isidentifier()
+        text(version, f"versions.{name}" if plain else f"versions[{name!r}]")    # a key of any characters
     text(record["prompt"], "prompt")
     text(record["negative_prompt"], "negative_prompt", optional=True, empty=True)
     layout = obj(record["layout"], "layout", LAYOUT_KEYS)
@@ -319,8 +320,10 @@ def check_record(record: Dict[str, Any], where: str) -> None:
     model = obj(record["model"], "model", MODEL_KEYS)
     choice(model["arch"], "model.arch", ARCHS)
     text(model["model"], "model.model")
-    text(model["ip_adapter"], "model.ip_adapter", optional=True)
-    text(model["image_encoder"], "model.image_encoder", optional=True)
+    for key in ("ip_adapter", "image_encoder"):
+        text(model[key], f"model.{key}", optional=True)
+        if model["model"] == TINY_MODEL and model[key] is not None:      # it brings its own
+            fail(f"model.{key}", f"null with the {TINY_MODEL} model", model[key])
     choice(model["dtype"], "model.dtype", DTYPES)
     if "device" in record:
         text(record["device"], "device")

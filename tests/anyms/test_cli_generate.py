@@ -524,3 +524,17 @@ def test_json_that_python_refuses_otherwise_is_one_line(tmp_path, capsys, monkey
         code, _, err = run(["generate", *argv, "--out", str(tmp_path / "y.png")], capsys)
         assert code == 2 and err.count("\n") == 1 and err.startswith(f"anyms generate: error: {what} ") \
             and "not valid JSON (" in err and message in err, err
+
+
+def test_a_from_record_whose_files_or_sources_are_refused_names_the_file(tmp_path, images, capsys, monkeypatch):
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
+    cases = [(_set(valid_record(tmp_path, images[0]), "layout.subjects[0].image", "gone.png"),
+              r"subjects\[0\]\.image: no image file at '.*gone\.png'"),
+             (_set(valid_record(tmp_path, images[0]), "model.ip_adapter", "a/b/c.safetensors"),
+              r'its record\'s "model\.ip_adapter" must be null with the tiny model')]
+    capsys.readouterr()
+    for record_, message in cases:
+        path = save_record(tmp_path / "r.png", record_)
+        code, _, err = run(["generate", "--from", path, "--out", str(tmp_path / "y.png"), "--overwrite"], capsys)
+        assert code == 2 and err.count("\n") == 1 and err.startswith(f"anyms generate: error: --from {path!r}: ") \
+            and re.search(message, err), err
