@@ -76,10 +76,14 @@ def _resolve_device_dtype(device: str, dtype: str):
 
 def run_from_args(args, device=None) -> Run:
     """The model and options every image of this command shares (nothing loaded)."""
-    device, dtype = _resolve_device_dtype(device or args.device, args.dtype or "auto")
+    chosen = device or args.device
+    device, dtype = _resolve_device_dtype(chosen, args.dtype or "auto")
     if args.offload != "none" and device.type == "cpu":
-        raise UsageError(f"--offload {args.offload} moves models between the CPU and an accelerator; "
-                         f"with --device {device} there is nothing to offload")
+        why = (f"with --device {args.device}" if args.device != "auto"
+               else "this launch runs its processes on CPUs" if chosen != args.device
+               else "this machine has no CUDA device, so the run is on the CPU")
+        raise UsageError(f"--offload {args.offload} moves models between the CPU and an accelerator; {why}: "
+                         f"there is nothing to offload")
     sources = _resolve_sources(args)
     pictures = args.pictures if args.pictures is not None else not args.jobs
     return Run(sources, device, dtype, args.offload, args.vae_tiling, args.overwrite, pictures)

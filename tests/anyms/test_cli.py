@@ -130,7 +130,7 @@ def _bad(tmp_path, images):
         (["a", "--subject", f"{img}:0,0,1,1", "--out", str(tmp_path / "x.gif")], "--out must end in"),
         (["a", "--subject", f"{img}:0,0,1,1", "--device", "nonsense"], "--device"),
         (["a", "--subject", f"{img}:0,0,1,1", "--device", "cpu", "--offload", "model"],
-         "--offload model moves models between the CPU and an accelerator"),
+         "--offload model moves models between the CPU and an accelerator; with --device cpu: there is nothing"),
         (["a", "--subject", f"{img}:0,0,1,1", "--ip-adapter", str(tmp_path)], "is a folder: name the weight file"),
         (["a", "--subject", f"{img}:0,0,1,1", "--ip-adapter", "h94/weights.bin"], "neither a local path nor a Hub"),
         (["a", "--subject", f"{img}:0,0,1,1", "--arch", "sd15"], "--model is required with --arch sd15"),
@@ -178,6 +178,15 @@ def test_unloadable_model_or_adapter_exits_1(tiny_sdxl_on_disk, tmp_path, images
     assert cli.main(base + ["--model", model]) == 1
     err = capsys.readouterr().err
     assert "cannot load the IP-Adapter" in err and "SafetensorError" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_offload_without_device_does_not_speak_of_a_device_option(images, capsys, monkeypatch):
+    monkeypatch.setattr(loading, "_load_pipeline", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    assert cli.main(["generate", "a", "--subject", f"{images[0]}:0,0,1,1", "--offload", "model"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device" not in err[0], err
+    assert "this machine has no CUDA device, so the run is on the CPU: there is nothing to offload" in err[0]
 
 
 def test_parse_subject_splits_from_the_right():
