@@ -352,11 +352,10 @@ def _quiet_stderr():
 
 
 def _is_main_process() -> bool:
-    """False in the other processes of a distributed launch (torchrun / accelerate set RANK)."""
-    try:
-        return int(os.environ.get("RANK", "0")) == 0
-    except ValueError:
-        return True
+    """False in the other processes of a distributed launch (torchrun, accelerate, mpirun)."""
+    from .jobs import process_rank
+
+    return process_rank() == 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

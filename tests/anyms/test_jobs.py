@@ -493,3 +493,43 @@ def test_the_processes_of_one_launch_share_the_folder_and_no_other_run(tmp_path)
     first.release(wait=1.0)
     assert not (tmp_path / ".anyms.lock").exists()
     FolderLock(str(tmp_path), "process 1 on elsewhere").acquire().release()     # free again
+
+
+# ------------------------------------------------------------------ launches
+@pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
+                    reason="accelerate's launcher is not installed")
+def test_accelerate_launch_cpu_with_several_processes_is_refused_not_run_alone(folder):
+    """`accelerate launch --cpu --num_processes 2` starts one process (outside mpirun): it used to
+    make every job alone, silently."""
+    path = write_jobs(folder / "jobs.jsonl", three_jobs())
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run(
+        [launcher, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "anyms", "generate", "--jobs", path, *TINY, "--out-dir", str(folder / "out")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("anyms generate: error:")]
+    assert result.returncode != 0 and len(errors) == 1, result.stdout + result.stderr
+    assert "started this one process although more were asked for" in errors[0]
+    assert "torchrun --nproc-per-node N -m anyms generate" in errors[0]
+    assert not (folder / "out").exists() or not any((folder / "out").rglob("*.png"))
+
+
+def test_the_processes_of_a_launch_are_read_from_torchrun_or_mpirun(monkeypatch):
+    from anyms import jobs as jobs_module
+
+    for name in jobs_module.WORLD_VARIABLES + jobs_module.RANK_VARIABLES + jobs_module.LOCAL_RANK_VARIABLES + (
+            "ACCELERATE_USE_CPU", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    assert jobs_module.processes("cpu") == jobs_module.Processes()
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")         # mpirun (accelerate launch --cpu under it)
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    procs = jobs_module.processes("auto")
+    assert (procs.rank, procs.world, procs.device, procs.cpu) == (1, 2, "cpu", True)
+    for name in ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(name)
+    with pytest.raises(cli.UsageError, match="started this one process"):
+        jobs_module.processes("auto")                       # the simple launcher: one process of N
