@@ -180,6 +180,56 @@ def test_unloadable_model_or_adapter_exits_1(tiny_sdxl_on_disk, tmp_path, images
     assert "cannot load the IP-Adapter" in err and "SafetensorError" in err and "Traceback" not in err
 
 
+# ------------------------------------------------------------------ offline
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HUB_LOG_LINES = ("Couldn't connect", "Will try to load from local cache", "Retrying", "stacktrace", "Traceback")
+
+
+def _run_offline(argv, tmp_path, **env):
+    """``python -m anyms ARGV`` with an empty Hugging Face cache of its own (unless given) and ``env``."""
+    import subprocess
+    import sys
+
+    full = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    full.update(PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+                HF_HUB_CACHE=str(tmp_path / "hub"), **env)
+    return subprocess.run([sys.executable, "-m", "anyms", *argv], capture_output=True, text=True, timeout=300,
+                          cwd=str(tmp_path), env=full)
+
+
+@pytest.mark.parametrize("env,extra,model,cause", [
+    ({"HF_HUB_OFFLINE": "1"}, ["--model", "someone/not-cached"], "someone/not-cached", "HF_HUB_OFFLINE is set"),
+    # an endpoint where nothing answers: no network
+    ({"HF_ENDPOINT": "http://127.0.0.1:9"}, ["--arch", "flux"], "black-forest-labs/FLUX.1-dev",
+     "the Hub (http://127.0.0.1:9) cannot be reached: no network"),
+], ids=["HF_HUB_OFFLINE", "no-network-flux"])
+def test_a_model_not_in_the_cache_without_the_hub_is_one_line_naming_it(images, tmp_path, env, extra, model, cause):
+    result = _run_offline(["generate", "a", "--subject", f"{images[0]}:0,0,1,1", "--device", "cpu", *extra],
+                          tmp_path, **env)
+    err = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(err) == 1, result.stderr
+    assert err[0].startswith(f"anyms generate: error: cannot load the model {model!r}: it is not in the Hugging "
+                             f"Face cache ({tmp_path / 'hub'}) and {cause}"), err
+    assert not any(line in result.stderr for line in HUB_LOG_LINES)
+
+
+def test_a_cached_model_loads_without_the_hub_and_without_asking_it(tiny_sdxl_on_disk, images, tmp_path):
+    import shutil
+
+    model, weight = tiny_sdxl_on_disk
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-sdxl"
+    shutil.copytree(model, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    result = _run_offline(["generate", "a", "--subject", f"{images[0]}:0,0,1,1", "--model", "someone/tiny-sdxl",
+                           "--ip-adapter", weight, "--device", "cpu", *SIZE, "--steps", "1", "--no-pictures",
+                           "--out", str(tmp_path / "x.png")], tmp_path, HF_ENDPOINT="http://127.0.0.1:9")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "x.png").is_file()
+    assert not any(line in result.stderr for line in HUB_LOG_LINES), result.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_offload_without_device_does_not_speak_of_a_device_option(images, capsys, monkeypatch):
     monkeypatch.setattr(loading, "_load_pipeline", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
