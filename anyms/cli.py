@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "the demo shows the pipeline, the layout and the per-subject maps, not "
                                       "image quality.")
     demo.add_argument("--out-dir", default="anyms-demo", help="where to write the files (default ./anyms-demo)")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace the files of an earlier demo in --out-dir (default: refuse)")
     demo.add_argument("--mode", choices=MODES, default="overwrite")
     demo.add_argument("--steps", type=int, default=8, help="denoising steps (default 8)")
     demo.add_argument("--size", type=int, default=256, help="image side, multiple of 8 (default 256)")

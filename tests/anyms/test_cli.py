@@ -160,6 +160,64 @@ def test_argparse_errors_exit_2(argv, capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
+DEMO_FILES = ("image.png", "layout.png", "routing.png", "subject_red_ball.png", "subject_blue_box.png",
+              "subject_green_cone.png", "mask_green_cone.png")
+
+
+def test_demo_replaces_nothing_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "demo"
+    demo = ["demo", "--out-dir", str(out), "--steps", "1", "--size", "64"]
+    assert cli.main(demo) == 0
+    capsys.readouterr()
+    for name in DEMO_FILES:                         # any one of its files is enough to refuse
+        before = {n: (out / n).read_bytes() for n in DEMO_FILES}
+        others = [n for n in DEMO_FILES if n != name]
+        for n in others:
+            (out / n).unlink()
+        assert cli.main(demo + ["--seed", "1"]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--out-dir: '{out / name}' exists; give --overwrite" in err[0], err
+        assert (out / name).read_bytes() == before[name] and not any((out / n).exists() for n in others)
+        for n in others:
+            (out / n).write_bytes(before[n])
+    image = (out / "image.png").read_bytes()
+    assert cli.main(demo + ["--seed", "1", "--overwrite"]) == 0
+    assert (out / "image.png").read_bytes() != image           # replaced, as asked
+
+
+def test_demo_out_dir_that_is_a_file_or_cannot_be_written_is_one_line(tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    cases = [(a_file, "is a file, not a folder"), (a_file / "below", "is a file, not a folder")]
+    if os.path.isdir("/sys"):
+        try:
+            os.mkdir("/sys/anyms-demo-probe")       # refused even to root on a read-only /sys
+        except OSError:
+            cases.append(("/sys/anyms-demo", "cannot write in"))
+        else:
+            os.rmdir("/sys/anyms-demo-probe")
+    for out_dir, message in cases:
+        assert cli.main(["demo", "--out-dir", str(out_dir), "--steps", "1", "--size", "64"]) == 2, out_dir
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("anyms demo: error: --out-dir") and message in err[0], err
+    assert a_file.read_text() == "keep me"
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                    reason="root writes in a read-only folder: the /sys case above covers a folder root cannot write")
+def test_demo_read_only_out_dir_is_one_line(tmp_path, capsys):
+    out = tmp_path / "read-only"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        assert cli.main(["demo", "--out-dir", str(out), "--steps", "1", "--size", "64"]) == 2
+    finally:
+        out.chmod(0o755)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write in" in err[0] and "Permission denied" in err[0], err
+    assert not os.listdir(out)
+
+
 def test_demo_bad_size(tmp_path, capsys):
     assert cli.main(["demo", "--out-dir", str(tmp_path), "--size", "60"]) == 2
     assert "--size must be a positive multiple of 8" in capsys.readouterr().err
