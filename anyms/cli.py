@@ -264,8 +264,8 @@ def _check_record_files(record: dict, subjects, source: str) -> None:
             if path is None or want is None or not os.path.isfile(path):
                 continue
             if file_sha256(path) != want:
-                console.warn(f"--from {source!r}: subjects[{i}].{key} {path!r} has changed since the image was made "
-                      f"(SHA-256 differs): the new image will differ")
+                console.warn(f"--from {source!r}: subjects[{i}].{key} {path!r} has changed since the image was "
+                             f"made (SHA-256 differs): the new image will differ")
 
 
 def cmd_generate(args) -> int:

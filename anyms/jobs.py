@@ -420,8 +420,8 @@ def _run_holding_the_lock(args, procs: Processes, jobs: List[Job], out_dir: str,
         print(f"manifest: {os.path.abspath(os.path.join(out_dir, MANIFEST))}")
         if counts["failed"]:
             first = next(e for e in entries if e["status"] == "failed")
-            console.warn(f"{counts['failed']} job{'s' * (counts['failed'] != 1)} failed; the first, line {first['line']}: "
-                  f"{first['error']}")
+            console.warn(f"{counts['failed']} job{'s' * (counts['failed'] != 1)} failed; the first, line "
+                         f"{first['line']}: {first['error']}")
         return 1 if counts["failed"] or counts["pending"] else 0
     return 1 if failed else 0
 

@@ -250,8 +250,8 @@ def load_for_run(args, run: Run, log=None):
     with _loading_quietly():
         pipe = _load_pipeline(args, run.sources, run.device, run.dtype)
     if run.sources["model"] == TINY_MODEL:
-        (log or console.info)(f"--model {TINY_MODEL}: the built-in tiny {run.arch} model, with RANDOM weights: the images "
-                       f"are noise-like (it shows the command works, not image quality)")
+        (log or console.info)(f"--model {TINY_MODEL}: the built-in tiny {run.arch} model, with RANDOM weights: "
+                              f"the images are noise-like (it shows the command works, not image quality)")
     (log or console.status)(f"loaded {type(pipe).__name__} in {time.perf_counter() - t0:.1f} s")
     return pipe
 
