@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "the demo shows the pipeline, the layout and the per-subject maps, not "
                                       "image quality.")
     demo.add_argument("--out-dir", default="anyms-demo", help="where to write the files (default ./anyms-demo)")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace the files of an earlier demo in --out-dir (default: refuse)")
     demo.add_argument("--mode", choices=MODES, default="overwrite")
     demo.add_argument("--steps", type=int, default=8, help="denoising steps (default 8)")
     demo.add_argument("--size", type=int, default=256, help="image side, multiple of 8 (default 256)")
@@ -262,8 +264,8 @@ def _check_record_files(record: dict, subjects, source: str) -> None:
             if path is None or want is None or not os.path.isfile(path):
                 continue
             if file_sha256(path) != want:
-                console.warn(f"--from {source!r}: subjects[{i}].{key} {path!r} has changed since the image was made "
-                      f"(SHA-256 differs): the new image will differ")
+                console.warn(f"--from {source!r}: subjects[{i}].{key} {path!r} has changed since the image was "
+                             f"made (SHA-256 differs): the new image will differ")
 
 
 @contextlib.contextmanager
@@ -365,11 +367,10 @@ def _quiet_stderr():
 
 
 def _is_main_process() -> bool:
-    """False in the other processes of a distributed launch (torchrun / accelerate set RANK)."""
-    try:
-        return int(os.environ.get("RANK", "0")) == 0
-    except ValueError:
-        return True
+    """False in the other processes of a distributed launch (torchrun, accelerate, mpirun)."""
+    from .jobs import process_rank
+
+    return process_rank() == 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -5,7 +5,7 @@ import os
 import time
 
 from .errors import UsageError
-from .job import write_pictures
+from .job import check_outputs, write_pictures
 
 __all__ = ["cmd_demo", "demo_subject_images", "triangle_mask"]
 
@@ -52,6 +52,7 @@ def cmd_demo(args) -> int:
 def _demo(args) -> int:
     import torch
 
+    from .outputs import OutputError, atomic_save
     from .pipeline import AnyMSStableDiffusionXLPipeline, Subject
     from .tiny import tiny_pipeline
 
@@ -63,7 +64,14 @@ def _demo(args) -> int:
     if args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
     out_dir = args.out_dir
-    os.makedirs(out_dir, exist_ok=True)
+    overwrite = getattr(args, "overwrite", False)
+    drawn = demo_subject_images()
+    subject_paths = [os.path.join(out_dir, f"subject_{label.replace(' ', '_')}.png") for label, _ in drawn]
+    mask_path = os.path.join(out_dir, f"mask_{drawn[2][0].replace(' ', '_')}.png")
+    paths = tuple(os.path.join(out_dir, name) for name in ("image.png", "layout.png", "routing.png"))
+    # Like generate: the folder made and proven writable, and nothing replaced without --overwrite,
+    # before the model is built.
+    check_outputs([*paths, *subject_paths, mask_path], overwrite, what="--out-dir")
     print(f"anyms demo: a tiny {'FLUX.1' if flux else 'SDXL'}-shaped model built in code, with RANDOM weights "
           f"(nothing is downloaded).")
     print("The image is therefore noise-like: the demo shows that the whole AnyMS pipeline runs, and what the")
@@ -81,21 +89,23 @@ def _demo(args) -> int:
     # the subjects), overlapping both boxes; later subjects are on top.
     boxes = [(0.05, 0.35, 0.55, 0.95), (0.4, 0.1, 0.95, 0.7), None]
     subjects = []
-    for (label, image), box in zip(demo_subject_images(), boxes):
-        path = os.path.join(out_dir, f"subject_{label.replace(' ', '_')}.png")
-        image.save(path)
-        mask = None
-        if box is None:
-            mask = os.path.join(out_dir, f"mask_{label.replace(' ', '_')}.png")
-            triangle_mask(args.size, (0.45, 0.4), (0.68, 0.92), (0.22, 0.92)).save(mask)
-        subjects.append(Subject(path, box, 1.0, label, mask=mask))
+    try:
+        for (label, image), box, path in zip(drawn, boxes, subject_paths):
+            atomic_save(image, path, overwrite=overwrite)
+            mask = None
+            if box is None:
+                mask = mask_path
+                atomic_save(triangle_mask(args.size, (0.45, 0.4), (0.68, 0.92), (0.22, 0.92)), mask,
+                            overwrite=overwrite)
+            subjects.append(Subject(path, box, 1.0, label, mask=mask))
+    except OutputError as e:
+        raise UsageError(str(e)) from None
     prompt = "a red ball, a blue box and a green cone on a table"
     t1 = time.perf_counter()
     image = pipe(prompt, subjects=subjects, anyms_mode=args.mode, height=args.size, width=args.size,
                  num_inference_steps=args.steps, generator=torch.Generator("cpu").manual_seed(args.seed)).images[0]
     t2 = time.perf_counter()
-    paths = tuple(os.path.join(out_dir, name) for name in ("image.png", "layout.png", "routing.png"))
-    write_pictures(pipe, image, paths)
+    write_pictures(pipe, image, paths, overwrite=overwrite)
     print(f"prompt: {prompt!r}; {len(subjects)} subjects (2 boxes, 1 mask), {args.mode} mode, {args.size}x{args.size}, "
           f"{args.steps} steps")
     print(f"built the tiny model in {t1 - t0:.1f} s, generated in {t2 - t1:.1f} s")

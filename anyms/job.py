@@ -55,12 +55,13 @@ layout file's object (above; paths relative to the jobs file), with optionally:
 The model and its options (--model, --dtype, ...) are the command line's, for every job.
 A job whose image exists and records this very job (a PNG's anyms record) is done and
 skipped, so a stopped run resumes; an existing image made from anything else is refused
-(--overwrite replaces it). One run writes in DIR at a time: it holds DIR/.anyms.lock (its PID
-and host) while it runs, and another run on DIR refuses (exit 2); a lock left by a run that
-was killed is taken over, and the temporary files it left are removed. DIR/manifest.jsonl lists every job in file order: its status
-(done; skipped: done before; failed, with its error), seconds and process. Under
-`accelerate launch` (one process per GPU, or torchrun/gloo on CPUs) each process makes
-its share of the jobs, and the images are the ones one process would make.
+(--overwrite replaces it). One run writes in DIR at a time: it holds DIR/.anyms.lock (its
+PID and host) while it runs, and another run on DIR refuses (exit 2); a lock left by a run
+that was killed is taken over, and the temporary files it left are removed.
+DIR/manifest.jsonl lists every job in file order: its status (done; skipped: done before;
+failed, with its error), seconds and process. Under `accelerate launch` (one process per GPU)
+or `torchrun --nproc-per-node N` (CPUs: gloo) each process makes its share of the jobs, and
+the images are the ones one process would make.
 """
 JOB_KEYS = {"out", "seed", "negative_prompt", "steps", "guidance", "height", "width"}
 
@@ -299,8 +300,8 @@ def memory_report(pipe, run: Run, height: int, width: int, cfg: bool, log=None, 
     if memory is not None and est.total > memory[0]:
         hints = [h for h, on in (("--vae-tiling", not run.vae_tiling), ("--offload model", run.offload == "none"
                                  and run.device.type == "cuda"), ("a smaller size", True)) if on]
-        (warn or console.warn)(f"the estimate is above the {memory[0] / GIB:.1f} GiB free on {run.device}: expect to run "
-                        f"out of memory ({', '.join(hints)} need less)")
+        (warn or console.warn)(f"the estimate is above the {memory[0] / GIB:.1f} GiB free on {run.device}: "
+                               f"expect to run out of memory ({', '.join(hints)} need less)")
     return est
 
 
@@ -372,7 +373,8 @@ def write_pictures(pipe, image, paths, *, overwrite: bool = True, pnginfo=None, 
 
                 picture = subject_maps(plan.layout, _routing_grids(pipe, plan.layout), labels=plan.labels, image=image)
             except ModuleNotFoundError as e:       # matplotlib is the viz extra's
-                (warn or console.warn)(f"no routing picture: {e.name} is not installed (pip install 'anyms-kernels[viz]')")
+                (warn or console.warn)(f"no routing picture: {e.name} is not installed "
+                                       f"(pip install 'anyms-kernels[viz]')")
             else:
                 atomic_save(picture, paths[2], overwrite=keep)
         atomic_save(image, paths[0], overwrite=overwrite, pnginfo=pnginfo)

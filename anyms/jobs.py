@@ -83,25 +83,57 @@ class Processes:
             self.state.wait_for_everyone()
 
 
+# Where a launcher says how many processes there are and which one this is: torchrun (and
+# accelerate launch --multi_gpu, which runs it), then MPI (accelerate launch --cpu under mpirun).
+WORLD_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
+
+
+def _first_int(names, default: int) -> int:
+    for name in names:
+        try:
+            return int(os.environ[name])
+        except (KeyError, ValueError):
+            continue
+    return default
+
+
+def process_rank() -> int:
+    """This process's rank in a distributed launch (0 alone)."""
+    return _first_int(RANK_VARIABLES, 0)
+
+
 def processes(device_option: str) -> Processes:
     """Where this process stands in a launch with several processes (accelerate launch,
-    torchrun: ``WORLD_SIZE`` > 1, ``RANK``, ``LOCAL_RANK``), else one process."""
-    def env(name, default):
-        try:
-            return int(os.environ.get(name, default))
-        except ValueError:
-            return default
-
-    world = env("WORLD_SIZE", 1)
+    torchrun: ``WORLD_SIZE`` > 1, ``RANK``, ``LOCAL_RANK``; or mpirun's), else one process."""
+    world = _first_int(WORLD_VARIABLES, 1)
     if world <= 1:
+        _refuse_a_launch_of_one(device_option)
         return Processes()
     import torch
 
     cpu = device_option == "cpu" or (device_option == "auto" and not torch.cuda.is_available()) \
         or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     # each process on its own GPU (LOCAL_RANK), unless the command names one (cuda:1)
-    device = "cpu" if cpu else (f"cuda:{env('LOCAL_RANK', 0)}" if device_option in ("auto", "cuda") else None)
-    return Processes(env("RANK", 0), world, device, cpu)
+    local = _first_int(LOCAL_RANK_VARIABLES, 0)
+    device = "cpu" if cpu else (f"cuda:{local}" if device_option in ("auto", "cuda") else None)
+    return Processes(process_rank(), world, device, cpu)
+
+
+def _refuse_a_launch_of_one(device_option: str) -> None:
+    """``accelerate launch --num_processes N`` with ``--cpu`` (or on a machine without GPUs, without
+    ``--multi_gpu``) starts ONE process, outside mpirun, with the rendezvous address of N set
+    (``MASTER_ADDR``) but no ``WORLD_SIZE``: that process alone would make every job. Refused."""
+    if "ACCELERATE_USE_CPU" not in os.environ or not os.environ.get("MASTER_ADDR"):
+        return
+    device = "" if device_option == "auto" else f" --device {device_option}"
+    raise UsageError(
+        "--jobs: `accelerate launch` started this one process although more were asked for (with --cpu, or "
+        "without --multi_gpu, it starts several only under mpirun), so one process would make every job; on "
+        "CPUs run `accelerate launch --multi_gpu --num_processes N -m anyms generate --jobs ... --device cpu` or "
+        f"`torchrun --nproc-per-node N -m anyms generate --jobs ...{device}`, or leave --num_processes out for "
+        "one process")
 
 
 def read_jobs(path: str, args) -> Tuple[List[Job], str]:
@@ -396,8 +428,8 @@ def _run_holding_the_lock(args, procs: Processes, jobs: List[Job], out_dir: str,
             print(f"manifest: {os.path.abspath(os.path.join(out_dir, MANIFEST))}")
         if counts["failed"]:
             first = next(e for e in entries if e["status"] == "failed")
-            console.warn(f"{counts['failed']} job{'s' * (counts['failed'] != 1)} failed; the first, line {first['line']}: "
-                  f"{first['error']}")
+            console.warn(f"{counts['failed']} job{'s' * (counts['failed'] != 1)} failed; the first, line "
+                         f"{first['line']}: {first['error']}")
         if manifest_error is not None:
             raise GenerationError(f"{manifest_error}; every image written is complete")
         return 1 if counts["failed"] or counts["pending"] else 0

@@ -7,7 +7,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 from . import console
 from .errors import LoadError, UsageError
@@ -76,13 +76,75 @@ def _resolve_device_dtype(device: str, dtype: str):
 
 def run_from_args(args, device=None) -> Run:
     """The model and options every image of this command shares (nothing loaded)."""
-    device, dtype = _resolve_device_dtype(device or args.device, args.dtype or "auto")
+    chosen = device or args.device
+    device, dtype = _resolve_device_dtype(chosen, args.dtype or "auto")
     if args.offload != "none" and device.type == "cpu":
-        raise UsageError(f"--offload {args.offload} moves models between the CPU and an accelerator; "
-                         f"with --device {device} there is nothing to offload")
+        why = (f"with --device {args.device}" if args.device != "auto"
+               else "this launch runs its processes on CPUs" if chosen != args.device
+               else "this machine has no CUDA device, so the run is on the CPU")
+        raise UsageError(f"--offload {args.offload} moves models between the CPU and an accelerator; {why}: "
+                         f"there is nothing to offload")
     sources = _resolve_sources(args)
     pictures = args.pictures if args.pictures is not None else not args.jobs
     return Run(sources, device, dtype, args.offload, args.vae_tiling, args.overwrite, pictures)
+
+
+class _Hub:
+    """Whether the Hugging Face Hub can be reached, asked once and only when a Hub id is used: when
+    it cannot, everything loads from the local cache (``local_files_only``: no retries, no Hub log
+    lines), and an id that is not in the cache is one LoadError naming it and the cause."""
+
+    def __init__(self):
+        self._why_not: Optional[str] = None
+        self._asked = False
+
+    @property
+    def offline(self) -> bool:
+        """Asks the Hub if not asked yet."""
+        return self.why_offline() is not None
+
+    def known_offline(self) -> bool:
+        """Without asking: whether a question asked before found the Hub out of reach."""
+        return self._asked and self._why_not is not None
+
+    def why_offline(self) -> Optional[str]:
+        if not self._asked:
+            self._asked = True
+            self._why_not = _why_the_hub_cannot_be_reached()
+        return self._why_not
+
+    def require(self, what: str, repo: str, filename: str) -> None:
+        """``filename`` of the Hub repo ``repo`` must be in the local cache if the Hub cannot be reached."""
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        why = self.why_offline()
+        if why is None:
+            return
+        try:
+            cached = try_to_load_from_cache(repo, filename)
+        except ValueError:              # not a valid repo id: the loader names it
+            return
+        if not isinstance(cached, str):
+            raise LoadError(f"cannot load {what} {repo!r}: it is not in the Hugging Face cache "
+                            f"({constants.HF_HUB_CACHE}) and {why}; download it where there is a network, "
+                            f"or give a local folder")
+
+
+def _why_the_hub_cannot_be_reached() -> Optional[str]:
+    """None if the Hub answers (any HTTP answer, through the library's own session and proxies),
+    else why not, in a few words."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        from huggingface_hub.utils import get_session
+
+        get_session().head(constants.ENDPOINT, timeout=5)
+    except Exception as e:              # any failure to get an answer: DNS, refused, timeout, proxy, TLS
+        reason = console.one_line(str(e)) or type(e).__name__
+        return f"the Hub ({constants.ENDPOINT}) cannot be reached: no network ({reason[:120]})"
+    return None
 
 
 def _resolve_sources(args) -> dict:
@@ -97,10 +159,14 @@ def _resolve_sources(args) -> dict:
         arch = args.arch or "sdxl"
         return {"model": TINY_MODEL, "ip_adapter": None, "image_encoder": None, "arch": arch,
                 "spec": {"arch": arch, "model": TINY_MODEL, "ip_adapter": None, "image_encoder": None}}
-    arch = _arch_of(args)
+    hub = _Hub()
+    arch = _arch_of(args, hub)
     model = args.model or {"sdxl": DEFAULT_MODEL, "flux": DEFAULT_FLUX_MODEL}.get(arch)
     if model is None:
         raise UsageError("--model is required with --arch sd15 (an SD 1.5 model id or local folder)")
+    # what must be in the cache if the Hub cannot be reached: asked when loading (load_for_run),
+    # after the input is checked (an explicit --model's model_index.json is read now, for its arch)
+    needs = [] if os.path.isdir(model) else [("the model", model, "model_index.json")]
     ip_spec = args.ip_adapter or {"sdxl": DEFAULT_IP_ADAPTER, "sd15": DEFAULT_SD15_IP_ADAPTER,
                                   "flux": DEFAULT_FLUX_IP_ADAPTER}[arch]
     if os.path.isdir(ip_spec):
@@ -109,26 +175,31 @@ def _resolve_sources(args) -> dict:
         ip = (os.path.dirname(os.path.abspath(ip_spec)), "", os.path.basename(ip_spec))
     else:
         ip = _split_hub_spec(ip_spec, "--ip-adapter", need_file=True)
+        needs.append(("the IP-Adapter", ip[0], "/".join(p for p in ip[1:] if p)))
     encoder = None
+    if arch == "flux" and not args.image_encoder and not os.path.isdir(os.path.join(ip[0], ip[1], "image_encoder")):
+        needs.append(("the image encoder of FLUX's IP-Adapter", DEFAULT_FLUX_IMAGE_ENCODER, "config.json"))
     if args.image_encoder:
         if os.path.isdir(args.image_encoder):
             encoder = (args.image_encoder, "")
         else:
             encoder = _split_hub_spec(args.image_encoder, "--image-encoder", need_file=False)[:2]
+            needs.append(("the image encoder", encoder[0], "/".join(p for p in (encoder[1], "config.json") if p)))
 
     def spec(value):
         return os.path.abspath(value) if value and os.path.exists(value) else value
 
     return {"model": model, "ip_adapter": ip, "image_encoder": encoder, "arch": arch,
+            "hub": hub, "needs": needs,
             "spec": {"arch": arch, "model": spec(model), "ip_adapter": spec(ip_spec),
                      "image_encoder": spec(args.image_encoder)}}
 
 
-def _arch_of(args) -> str:
+def _arch_of(args, hub: _Hub) -> str:
     """--arch, checked against the family that --model's model_index.json names (read, not loaded)."""
     if not args.model:
         return args.arch or "sdxl"
-    named = _model_arch(args.model)
+    named = _model_arch(args.model, hub)
     if named is None:
         if args.arch is None:
             raise UsageError(f"--model {args.model!r}: its model_index.json names no pipeline of {ARCHS}; "
@@ -140,7 +211,7 @@ def _arch_of(args) -> str:
     return named
 
 
-def _model_arch(model: str):
+def _model_arch(model: str, hub: _Hub):
     """``"flux"``, ``"sdxl"``, ``"sd15"`` or None, from the ``_class_name`` of the model's model_index.json."""
     if os.path.isdir(model):
         path = os.path.join(model, "model_index.json")
@@ -153,8 +224,9 @@ def _model_arch(model: str):
     else:
         from diffusers import DiffusionPipeline
 
+        hub.require("the model", model, "model_index.json")
         try:
-            config = DiffusionPipeline.load_config(model)
+            config = DiffusionPipeline.load_config(model, local_files_only=hub.offline)
         except (OSError, ValueError) as e:
             raise LoadError(f"cannot load the model {model!r}: {type(e).__name__}: {e}") from None
     name = str(config.get("_class_name", "")) if isinstance(config, dict) else ""
@@ -169,12 +241,17 @@ def _model_arch(model: str):
 
 def load_for_run(args, run: Run, log=None):
     """Load the run's pipeline quietly (no per-file progress bars), reporting the time."""
+    hub = run.sources.get("hub")
+    if hub is not None:
+        for what, repo, filename in run.sources["needs"]:
+            hub.require(what, repo, filename)
+        run.sources["offline"] = hub.known_offline()
     t0 = time.perf_counter()
     with _loading_quietly():
         pipe = _load_pipeline(args, run.sources, run.device, run.dtype)
     if run.sources["model"] == TINY_MODEL:
-        (log or console.info)(f"--model {TINY_MODEL}: the built-in tiny {run.arch} model, with RANDOM weights: the images "
-                       f"are noise-like (it shows the command works, not image quality)")
+        (log or console.info)(f"--model {TINY_MODEL}: the built-in tiny {run.arch} model, with RANDOM weights: "
+                              f"the images are noise-like (it shows the command works, not image quality)")
     (log or console.status)(f"loaded {type(pipe).__name__} in {time.perf_counter() - t0:.1f} s")
     return pipe
 
@@ -193,7 +270,9 @@ def _load_pipeline(args, sources: dict, device, dtype):
         return _place(args, _tiny_pipeline(cls, arch), device, dtype)
     # What a missing, malformed or mismatched checkpoint raises while loading.
     load_errors = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
-    kwargs = {_diffusers_dtype_kwarg(): dtype}
+    # the Hub cannot be reached: the cache only, without asking it (no retries, no log lines)
+    offline = {"local_files_only": True} if sources.get("offline") else {}
+    kwargs = {_diffusers_dtype_kwarg(): dtype, **offline}
     if sources["image_encoder"]:
         from diffusers.utils import is_transformers_version
         from transformers import CLIPVisionModelWithProjection
@@ -203,7 +282,7 @@ def _load_pipeline(args, sources: dict, device, dtype):
         dtype_kwarg = {"dtype" if is_transformers_version(">=", "4.56.0") else "torch_dtype": dtype}
         try:
             kwargs["image_encoder"] = CLIPVisionModelWithProjection.from_pretrained(
-                source, subfolder=subfolder or None, **dtype_kwarg)
+                source, subfolder=subfolder or None, **dtype_kwarg, **offline)
         except load_errors as e:
             raise LoadError(f"cannot load the image encoder {args.image_encoder!r}: {type(e).__name__}: {e}") from None
     try:
@@ -219,7 +298,7 @@ def _load_pipeline(args, sources: dict, device, dtype):
         ip_kwargs = {"image_encoder_pretrained_model_name_or_path":
                      local if os.path.isdir(local) else DEFAULT_FLUX_IMAGE_ENCODER, "image_encoder_dtype": dtype}
     try:
-        pipe.load_ip_adapter(source, subfolder=subfolder, weight_name=weight, **ip_kwargs)
+        pipe.load_ip_adapter(source, subfolder=subfolder, weight_name=weight, **ip_kwargs, **offline)
     except load_errors as e:
         raise LoadError(f"cannot load the IP-Adapter {'/'.join(p for p in (source, subfolder, weight) if p)!r}: "
                         f"{type(e).__name__}: {e}") from None

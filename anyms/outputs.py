@@ -29,7 +29,7 @@ __all__ = ["FORMATS", "OutputError", "WriteError", "image_format", "prepare_outp
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 # A file NAME is written first as ".NAME.XXXXXXXX.tmp" beside it (XXXXXXXX: mkstemp's 8 random
-# characters), and a folder is proved writable with ".anyms-write-test-XXXXXXXX".
+# characters); a folder is proved writable with ".anyms-write-test-XXXXXXXX", removed at once.
 _TEMPORARY = ".{name}.{random}.tmp"
 _PROBE_PREFIX = ".anyms-write-test-"
 _RANDOM = "[a-z0-9_]{8}"             # tempfile's alphabet, 8 characters
@@ -183,10 +183,11 @@ def existing(paths) -> Optional[str]:
 
 
 def remove_stale_temporaries(paths: Iterable[str]) -> List[str]:
-    """Remove the temporary files that a stopped writer of ``paths`` left beside them (and the
-    folders' write probes); returns what was removed. Only regular files with exactly those
-    names go: anything else, links included, is left alone. Call it only while no other
-    process may be writing these files (anyms.lock)."""
+    """Remove the temporary files that a stopped writer of ``paths`` left beside them; returns
+    what was removed. Only regular files with exactly those names go: anything else, links
+    included, is left alone (the folders' write probes too: they live for microseconds, and
+    another run's probe may be alive). Call it only while no other process may be writing these
+    files (anyms.lock)."""
     wanted: Dict[str, set] = {}
     for path in paths:
         folder, name = os.path.split(os.path.abspath(path))
@@ -198,12 +199,8 @@ def remove_stale_temporaries(paths: Iterable[str]) -> List[str]:
         except OSError:
             continue                    # not made yet
         for entry in entries:
-            if entry.startswith(_PROBE_PREFIX):
-                ours = re.fullmatch(re.escape(_PROBE_PREFIX) + _RANDOM, entry) is not None
-            else:
-                found = re.fullmatch(r"\.(.+)\.(" + _RANDOM + r")\.tmp", entry)
-                ours = found is not None and found.group(1) in names
-            if not ours:
+            found = re.fullmatch(r"\.(.+)\.(" + _RANDOM + r")\.tmp", entry)
+            if found is None or found.group(1) not in names:
                 continue
             path = os.path.join(folder, entry)
             try:

@@ -507,8 +507,9 @@ def test_stale_temporaries_of_the_run_are_removed_and_nothing_else(folder, capsy
     out = folder / "out"
     (out / "sub").mkdir(parents=True)
     stale = [".00000.png.k3x_9q2a.tmp", ".00002.layout.png.abcdefgh.tmp", ".manifest.jsonl.q1w2e3r4.tmp",
-             ".anyms-write-test-zz99zz99", "sub/.one.png.a1b2c3d4.tmp"]
+             "sub/.one.png.a1b2c3d4.tmp"]
     kept = [".other.png.abcdefgh.tmp",                  # no job of this run writes other.png
+            ".anyms-write-test-zz99zz99",               # a write probe: another run's may be alive
             ".00000.png.short.tmp", ".00000.png.abcdefghi.tmp",   # not a temporary's name
             "notes.txt", "00000.png.abcdefgh.tmp", "sub/.two.png.a1b2c3d4.tmp"]
     for name in stale + kept:
@@ -517,7 +518,7 @@ def test_stale_temporaries_of_the_run_are_removed_and_nothing_else(folder, capsy
     target.write_text("keep me")
     os.symlink(target, out / ".00002.png.linklink.tmp")    # a link with a temporary's name: left alone
     assert cli.main(["generate", "--jobs", jobs, *TINY, "--out-dir", str(out)]) == 0
-    assert "removed 5 temporary files a stopped run left" in capsys.readouterr().out
+    assert "removed 4 temporary files a stopped run left" in capsys.readouterr().out
     for name in stale:
         assert not os.path.lexists(out / name), name
     for name in kept:
@@ -598,3 +599,43 @@ def test_a_full_disk_fails_the_jobs_it_hits_and_says_the_manifest_is_not_written
     # space again: the run resumes, makes job 1 and writes the manifest
     assert cli.main(["generate", "--jobs", jobs, *TINY, "--out-dir", str(out)]) == 0
     assert [e["status"] for e in manifest(out)] == ["skipped", "done", "skipped"]
+
+
+# ------------------------------------------------------------------ launches
+@pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
+                    reason="accelerate's launcher is not installed")
+def test_accelerate_launch_cpu_with_several_processes_is_refused_not_run_alone(folder):
+    """`accelerate launch --cpu --num_processes 2` starts one process (outside mpirun): it used to
+    make every job alone, silently."""
+    path = write_jobs(folder / "jobs.jsonl", three_jobs())
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run(
+        [launcher, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "anyms", "generate", "--jobs", path, *TINY, "--out-dir", str(folder / "out")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("anyms generate: error:")]
+    assert result.returncode != 0 and len(errors) == 1, result.stdout + result.stderr
+    assert "started this one process although more were asked for" in errors[0]
+    assert "torchrun --nproc-per-node N -m anyms generate" in errors[0]
+    assert not (folder / "out").exists() or not any((folder / "out").rglob("*.png"))
+
+
+def test_the_processes_of_a_launch_are_read_from_torchrun_or_mpirun(monkeypatch):
+    from anyms import jobs as jobs_module
+
+    for name in jobs_module.WORLD_VARIABLES + jobs_module.RANK_VARIABLES + jobs_module.LOCAL_RANK_VARIABLES + (
+            "ACCELERATE_USE_CPU", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    assert jobs_module.processes("cpu") == jobs_module.Processes()
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")         # mpirun (accelerate launch --cpu under it)
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    procs = jobs_module.processes("auto")
+    assert (procs.rank, procs.world, procs.device, procs.cpu) == (1, 2, "cpu", True)
+    for name in ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(name)
+    with pytest.raises(cli.UsageError, match="started this one process"):
+        jobs_module.processes("auto")                       # the simple launcher: one process of N

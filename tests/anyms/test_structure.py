@@ -96,6 +96,7 @@ def test_the_graph_sees_function_level_and_relative_imports():
 
 
 def test_no_import_cycles_in_the_package():
-    graph = {m: {n for n in imports if frozenset({m, n}) not in EXPECTED_PAIRS} for m, imports in import_graph().items()}
+    graph = {module: {other for other in imports if frozenset({module, other}) not in EXPECTED_PAIRS}
+             for module, imports in import_graph().items()}
     found = cycles(graph)
     assert found == [], f"import cycles among anyms/ modules: {found}"
