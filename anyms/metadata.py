@@ -39,8 +39,8 @@ import math
 import os
 from typing import Any, Dict, List, Optional
 
-__all__ = ["METADATA_KEY", "FORMAT", "file_sha256", "relative_path", "subject_hashes", "subject_entry", "build_record", "png_info",
-           "read_record", "check_record", "record_layout", "differences"]
+__all__ = ["METADATA_KEY", "FORMAT", "file_sha256", "relative_path", "subject_hashes", "subject_entry", "build_record",
+           "png_info", "read_record", "check_record", "record_layout", "differences"]
 
 METADATA_KEY = "anyms"
 FORMAT = 1

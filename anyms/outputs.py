@@ -22,8 +22,8 @@ import stat
 import tempfile
 from typing import Dict, Iterable, List, Optional
 
-__all__ = ["FORMATS", "OutputError", "WriteError", "image_format", "prepare_output_folder", "atomic_save", "atomic_write_text",
-           "existing", "TEMPORARY_EXTRA", "remove_stale_temporaries"]
+__all__ = ["FORMATS", "OutputError", "WriteError", "image_format", "prepare_output_folder", "atomic_save",
+           "atomic_write_text", "existing", "TEMPORARY_EXTRA", "remove_stale_temporaries"]
 
 # file extension -> the Pillow format that writes it
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}

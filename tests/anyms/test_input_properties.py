@@ -15,7 +15,6 @@ import tempfile
 from unittest import mock
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
