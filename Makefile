@@ -17,8 +17,9 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q -e ".[triton,diffusers,viz,test,bench]"
 	touch $@
 
+# anyms-demo/ is this target's own folder: made again each time
 demo: $(VENV)/.installed
-	$(VENV)/bin/anyms demo
+	$(VENV)/bin/anyms demo --overwrite
 
 test: $(VENV)/.installed
 	$(PY) -m pytest tests -q

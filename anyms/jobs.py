@@ -3,12 +3,15 @@
     anyms generate --jobs jobs.jsonl --out-dir out/                     # one process
     accelerate launch --multi_gpu --num_processes 8 -m anyms generate --jobs jobs.jsonl --out-dir out/
 
-One JSON object a line (the schema: ``anyms.cli.JOBS_SCHEMA``, also in ``anyms generate
+One JSON object a line (the schema: ``anyms.job.JOBS_SCHEMA``, also in ``anyms generate
 --help``). The run, in order:
 
 1. reads and checks every job (its images and masks too) before any model loads: a bad
    line is one error naming ``--jobs FILE:LINE`` and the key, and nothing is made;
-2. sorts the jobs into done (its image exists and its PNG record is this very job: same
+2. takes the output folder's lock (anyms.lock; one run writes in a folder at a time, the
+   processes of one launch being one run; another run holding it is one error naming it,
+   exit 2) and removes the temporary files a stopped run left beside this run's files;
+   then sorts the jobs into done (its image exists and its PNG record is this very job: same
    prompt, layout, files, seed, steps, size, model...), pending, and conflicting (an image
    made from something else: refused unless ``--overwrite``);
 3. loads the model once per process; under ``accelerate launch`` (or torchrun) each of the
@@ -36,11 +39,16 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-from .cli import (
-    DEFAULT_STEPS, JOB_KEYS, GenerationError, Job, UsageError, _check_outputs, _emit, _one_line, _run_from_args,
-    _threads_for, _warn, check_job, default_size, generate_image, image_record, layout_from_dict, load_for_run,
+from . import console
+from .console import emit, one_line
+from .errors import GenerationError, UsageError
+from .job import (
+    DEFAULT_STEPS, JOB_KEYS, Job, check_job, check_outputs, generate_image, image_record, layout_from_dict,
     memory_report, save_job, warn_unreached,
 )
+from .loading import default_size, load_for_run, run_from_args, threads_for
+from .lock import FolderBusy, FolderLock, launch_name
+from .outputs import TEMPORARY_EXTRA
 
 __all__ = ["read_jobs", "run_jobs", "MANIFEST"]
 
@@ -75,25 +83,57 @@ class Processes:
             self.state.wait_for_everyone()
 
 
+# Where a launcher says how many processes there are and which one this is: torchrun (and
+# accelerate launch --multi_gpu, which runs it), then MPI (accelerate launch --cpu under mpirun).
+WORLD_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK")
+
+
+def _first_int(names, default: int) -> int:
+    for name in names:
+        try:
+            return int(os.environ[name])
+        except (KeyError, ValueError):
+            continue
+    return default
+
+
+def process_rank() -> int:
+    """This process's rank in a distributed launch (0 alone)."""
+    return _first_int(RANK_VARIABLES, 0)
+
+
 def processes(device_option: str) -> Processes:
     """Where this process stands in a launch with several processes (accelerate launch,
-    torchrun: ``WORLD_SIZE`` > 1, ``RANK``, ``LOCAL_RANK``), else one process."""
-    def env(name, default):
-        try:
-            return int(os.environ.get(name, default))
-        except ValueError:
-            return default
-
-    world = env("WORLD_SIZE", 1)
+    torchrun: ``WORLD_SIZE`` > 1, ``RANK``, ``LOCAL_RANK``; or mpirun's), else one process."""
+    world = _first_int(WORLD_VARIABLES, 1)
     if world <= 1:
+        _refuse_a_launch_of_one(device_option)
         return Processes()
     import torch
 
     cpu = device_option == "cpu" or (device_option == "auto" and not torch.cuda.is_available()) \
         or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     # each process on its own GPU (LOCAL_RANK), unless the command names one (cuda:1)
-    device = "cpu" if cpu else (f"cuda:{env('LOCAL_RANK', 0)}" if device_option in ("auto", "cuda") else None)
-    return Processes(env("RANK", 0), world, device, cpu)
+    local = _first_int(LOCAL_RANK_VARIABLES, 0)
+    device = "cpu" if cpu else (f"cuda:{local}" if device_option in ("auto", "cuda") else None)
+    return Processes(process_rank(), world, device, cpu)
+
+
+def _refuse_a_launch_of_one(device_option: str) -> None:
+    """``accelerate launch --num_processes N`` with ``--cpu`` (or on a machine without GPUs, without
+    ``--multi_gpu``) starts ONE process, outside mpirun, with the rendezvous address of N set
+    (``MASTER_ADDR``) but no ``WORLD_SIZE``: that process alone would make every job. Refused."""
+    if "ACCELERATE_USE_CPU" not in os.environ or not os.environ.get("MASTER_ADDR"):
+        return
+    device = "" if device_option == "auto" else f" --device {device_option}"
+    raise UsageError(
+        "--jobs: `accelerate launch` started this one process although more were asked for (with --cpu, or "
+        "without --multi_gpu, it starts several only under mpirun), so one process would make every job; on "
+        "CPUs run `accelerate launch --multi_gpu --num_processes N -m anyms generate --jobs ... --device cpu` or "
+        f"`torchrun --nproc-per-node N -m anyms generate --jobs ...{device}`, or leave --num_processes out for "
+        "one process")
 
 
 def read_jobs(path: str, args) -> Tuple[List[Job], str]:
@@ -118,6 +158,8 @@ def read_jobs(path: str, args) -> Tuple[List[Job], str]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise UsageError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
+        except (ValueError, RecursionError) as e:   # an integer of 5000 digits, arrays nested 100000 deep
+            raise UsageError(f"{where}: not valid JSON ({e})") from None
         layout = layout_from_dict(data, where, folder, extra_keys=JOB_KEYS)
         index = len(jobs)
         out = layout.get("out", f"{index:05d}.png")
@@ -226,8 +268,6 @@ def _paths(job: Job, pictures: bool):
     return _paths_of(job.out) if pictures else (job.out, None, None)
 
 
-# the temporary name a file is written under first: ".<name>.<8 random characters>.tmp"
-_TEMPORARY_EXTRA = len("..12345678.tmp")
 
 
 def _inside(out_dir: str, out: str, what: str) -> str:
@@ -249,7 +289,7 @@ def _inside(out_dir: str, out: str, what: str) -> str:
         name_max = os.pathconf(root, "PC_NAME_MAX")
     except (OSError, ValueError):
         name_max = 255
-    longest = max(len(os.path.basename(p).encode("utf-8")) for p in _paths_of(path)) + _TEMPORARY_EXTRA
+    longest = max(len(os.path.basename(p).encode("utf-8")) for p in _paths_of(path)) + TEMPORARY_EXTRA
     if longest > name_max:
         raise UsageError(f"{what} {out!r}: its file name is too long for the file system (a file of this job "
                          f"would need a {longest}-byte name, at most {name_max})")
@@ -270,8 +310,8 @@ def _read_lines(path: str) -> List[dict]:
             for line in f:
                 try:
                     entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue            # a line cut short by a crash
+                except (ValueError, RecursionError):
+                    continue            # a line cut short by a crash, or not one of ours
                 if isinstance(entry, dict):
                     out.append(entry)
     except OSError:
@@ -280,19 +320,49 @@ def _read_lines(path: str) -> List[dict]:
 
 
 def run_jobs(args) -> int:
-    from .embeddings import SubjectEmbeddingCache
-    from .outputs import atomic_write_text
-
     if args.out is not None:
         raise UsageError("--out names one image; with --jobs each job's \"out\" is relative to --out-dir")
     procs = processes(args.device)
     # 1. Every job, checked before any model loads.
     jobs, out_dir = read_jobs(args.jobs, args)
-    run = _run_from_args(args, device=procs.device)
+    run = run_from_args(args, device=procs.device)
     for job in jobs:
         check_job(job, run.arch)
         job.plan = None                          # re-read when it runs: thousands of jobs' images stay on disk
-    _check_outputs([os.path.join(out_dir, MANIFEST)], overwrite=True, what="--out-dir")
+    check_outputs([os.path.join(out_dir, MANIFEST)], overwrite=True, what="--out-dir")
+    log = _info_main(procs)
+    # One writer per folder (the processes of one launch are one): held until the run ends.
+    lock = FolderLock(out_dir, launch_name(procs.world), shared=procs.world > 1,
+                      prepare=lambda: _remove_temporaries(jobs, out_dir))
+    try:
+        lock.acquire()
+    except FolderBusy as e:
+        raise UsageError(f"--out-dir: {e}") from None
+    if lock.taken_over:
+        gone = lock.taken_over
+        log(f"took over the folder's lock from a run that stopped (PID {gone.get('pid')} on {gone.get('host')})")
+    try:
+        return _run_holding_the_lock(args, procs, jobs, out_dir, run, log)
+    finally:
+        # the first process lets the others go first, and removes the lock file
+        lock.release(wait=5.0 if procs.main else 0.0)
+
+
+def _remove_temporaries(jobs: List[Job], out_dir: str) -> None:
+    """The temporary files a stopped run left beside this run's files (only while no other process writes)."""
+    from .outputs import remove_stale_temporaries
+
+    removed = remove_stale_temporaries([p for job in jobs for p in _paths_of(job.out)]
+                                       + [os.path.join(out_dir, MANIFEST)])
+    if removed:
+        console.info(f"removed {len(removed)} temporary file{'s' * (len(removed) != 1)} a stopped run left "
+                     f"(.NAME.XXXXXXXX.tmp)")
+
+
+def _run_holding_the_lock(args, procs: Processes, jobs: List[Job], out_dir: str, run, log) -> int:
+    from .embeddings import SubjectEmbeddingCache
+    from .outputs import WriteError, atomic_write_text
+
     # 2. Done, pending, conflicting.
     done, pending, conflicts = sort_jobs(jobs, run)
     if conflicts and not run.overwrite:
@@ -304,11 +374,10 @@ def run_jobs(args) -> int:
     for job in pending:                         # every folder made and writable, once each
         folders.setdefault(os.path.dirname(os.path.abspath(job.out)), job)
     for job in folders.values():
-        _check_outputs([job.out], overwrite=True, what=job.where + ": \"out\"")
-    log = _info_main(procs)
+        check_outputs([job.out], overwrite=True, what=job.where + ": \"out\"")
 
     # 3. The model, once per process; then every process starts together (all have sorted the jobs).
-    with _threads_for(run):
+    with threads_for(run):
         pipe = load_for_run(args, run, log=log)
         # the jobs that looked done, checked again against the model's defaults
         late = [(job, why) for job in done for why in [_unlike(job, run, pipe)] if why]
@@ -341,20 +410,28 @@ def run_jobs(args) -> int:
         + (f", {failed} failed" if failed else "")
         + f"; subject embeddings: {cache.misses} encoded, {cache.hits} reused")
     if procs.main:
-        entries = _manifest(jobs, done, out_dir, procs.world)
-        atomic_write_text(os.path.join(out_dir, MANIFEST), "".join(json.dumps(e) + "\n" for e in entries))
-        for path in glob.glob(os.path.join(glob.escape(out_dir), ".manifest.rank-*.jsonl")):
-            os.unlink(path)             # this run's, and any a stopped run left
+        entries = _manifest(jobs, done, out_dir, procs.world, own=results)
+        try:
+            atomic_write_text(os.path.join(out_dir, MANIFEST), "".join(json.dumps(e) + "\n" for e in entries))
+        except WriteError as e:         # a full disk: the per-process lines stay, the images are complete
+            manifest_error = f"the manifest is not written ({e})"
+        else:
+            manifest_error = None
+            for path in glob.glob(os.path.join(glob.escape(out_dir), ".manifest.rank-*.jsonl")):
+                os.unlink(path)         # this run's, and any a stopped run left
         counts = {s: sum(e["status"] == s for e in entries) for s in ("done", "skipped", "failed", "pending")}
         times = [e["seconds"] for e in entries if e["status"] == "done" and e.get("seconds") is not None]
         per = f", {sum(times) / len(times):.2f} s per image" if times else ""
         print(f"jobs: {counts['done']} made, {counts['skipped']} done before, {counts['failed']} failed"
               + (f", {counts['pending']} not made" if counts["pending"] else "") + per)
-        print(f"manifest: {os.path.abspath(os.path.join(out_dir, MANIFEST))}")
+        if manifest_error is None:
+            print(f"manifest: {os.path.abspath(os.path.join(out_dir, MANIFEST))}")
         if counts["failed"]:
             first = next(e for e in entries if e["status"] == "failed")
-            _warn(f"{counts['failed']} job{'s' * (counts['failed'] != 1)} failed; the first, line {first['line']}: "
-                  f"{first['error']}")
+            console.warn(f"{counts['failed']} job{'s' * (counts['failed'] != 1)} failed; the first, line "
+                         f"{first['line']}: {first['error']}")
+        if manifest_error is not None:
+            raise GenerationError(f"{manifest_error}; every image written is complete")
         return 1 if counts["failed"] or counts["pending"] else 0
     return 1 if failed else 0
 
@@ -362,7 +439,7 @@ def run_jobs(args) -> int:
 def _info_main(procs: Processes):
     def log(message: str) -> None:
         if procs.main:
-            _emit(message) if _bar_running[0] else print(message, flush=True)
+            emit(message) if _bar_running[0] else print(message, flush=True)
     return log
 
 
@@ -380,10 +457,10 @@ def _make(pipe, jobs: List[Job], run, cache, rank_file: str, procs: Processes, o
     _bar_running[0] = not bar.disable
 
     def warn(message: str) -> None:
-        _warn(message)
+        console.warn(message)
 
     try:
-        with _open_new(rank_file) as manifest, cache.attached(pipe):
+        with _ProcessLines(rank_file) as manifest, cache.attached(pipe):
             for job in jobs:
                 t0 = time.perf_counter()
                 entry = {"index": job.index, "line": int(job.where.rsplit(":", 1)[1]), "out": _relative(job.out, out_dir),
@@ -397,15 +474,14 @@ def _make(pipe, jobs: List[Job], run, cache, rank_file: str, procs: Processes, o
                     save_job(pipe, image, job, run, _paths(job, run.pictures), warn=warn, overwrite_pictures=True)
                     entry.update(status="done", seconds=round(time.perf_counter() - t0, 3))
                 except (UsageError, GenerationError) as e:
-                    entry.update(status="failed", seconds=round(time.perf_counter() - t0, 3), error=_one_line(e))
+                    entry.update(status="failed", seconds=round(time.perf_counter() - t0, 3), error=one_line(e))
                 except Exception as e:      # one job's failure does not stop a run of thousands
                     entry.update(status="failed", seconds=round(time.perf_counter() - t0, 3),
-                                 error=_one_line(f"{type(e).__name__}: {e}"))
+                                 error=one_line(f"{type(e).__name__}: {e}"))
                 finally:
                     job.plan = None
                 results.append(entry)
-                manifest.write(json.dumps(entry) + "\n")
-                manifest.flush()
+                manifest.add(entry)
                 bar.update(1)
                 bar.set_postfix_str(f"last {entry['seconds']:.2f} s" + (", FAILED" if entry["status"] == "failed"
                                                                         else ""))
@@ -426,12 +502,57 @@ def _open_new(path: str):
     return os.fdopen(fd, "w", encoding="utf-8")
 
 
-def _manifest(jobs: List[Job], done_before: List[Job], out_dir: str, world: int) -> List[dict]:
-    """One entry per job, in file order, from the processes' lines and the previous manifest."""
+class _ProcessLines:
+    """This process's manifest lines (``.manifest.rank-R.jsonl``), one per job as it finishes, so a
+    stopped run leaves what it did. A line that cannot be written (a full disk) is warned about
+    once and the run goes on: the process keeps its lines in memory too."""
+
+    def __init__(self, path: str):
+        self.path, self.file = path, None
+        try:
+            self.file = _open_new(path)
+        except OSError as e:
+            self._lost(e)
+
+    def add(self, entry: dict) -> None:
+        if self.file is None:
+            return
+        try:
+            self.file.write(json.dumps(entry) + "\n")
+            self.file.flush()
+        except OSError as e:
+            self._lost(e)
+
+    def _lost(self, error: OSError) -> None:
+        console.warn(f"cannot write {self.path!r} ({error.strerror or error}): this process's manifest lines are "
+                     f"kept in memory only")
+        self.close()
+
+    def close(self) -> None:
+        file, self.file = self.file, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError:             # the unwritten end of a line: nothing to keep
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _manifest(jobs: List[Job], done_before: List[Job], out_dir: str, world: int,
+              own: Optional[List[dict]] = None) -> List[dict]:
+    """One entry per job, in file order, from the processes' lines (and ``own``, this process's
+    lines as it kept them) and the previous manifest."""
     now: Dict[int, dict] = {}
     for r in range(world):
         for entry in _read_lines(os.path.join(out_dir, f".manifest.rank-{r}.jsonl")):
             now[entry.get("index")] = entry
+    for entry in own or ():
+        now[entry.get("index")] = entry
     before = {e.get("out"): e for e in _read_lines(os.path.join(out_dir, MANIFEST))}
     done_before_ids = {job.index for job in done_before}
     entries = []

@@ -47,20 +47,18 @@ def load_mask(mask, name: str = "mask") -> torch.Tensor:
 
     Raises:
         TypeError: not one of those types, or an array of another dtype (complex, strings).
-        ValueError: not 2-D, NaN values, an empty mask (no pixel inside), a file that
-            does not exist or cannot be read as an image.
+        ValueError: not 2-D, a side above ``anyms.images.MAX_SIDE`` (checked in a
+            file's header, before decoding), NaN values, an empty mask (no pixel inside),
+            a file that does not exist, cannot be read as an image, or claims more
+            pixels than Pillow decodes (a decompression bomb).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from .images import MAX_SIDE, read_image
 
     if isinstance(mask, (str, os.PathLike)):
-        path = os.fspath(mask)
-        if not os.path.isfile(path):
-            raise ValueError(f"{name}: no mask file at {path!r}")
-        try:
-            with Image.open(path) as im:
-                mask = im.convert("L")            # reads the pixels: a truncated file fails here
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ValueError(f"{name}: cannot read {path!r} as an image ({e})") from None
+        # a mask is at the generated image's size: its side is checked before it is decoded
+        mask = read_image(os.fspath(mask), name, "L", what="mask", max_side=MAX_SIDE)
     if isinstance(mask, Image.Image):
         m = torch.from_numpy(np.asarray(mask.convert("L")) != 0)
     elif isinstance(mask, (torch.Tensor, np.ndarray, list, tuple)):
@@ -70,6 +68,9 @@ def load_mask(mask, name: str = "mask") -> torch.Tensor:
                         f"numbers, got {type(mask).__name__}")
     if m.dim() != 2:
         raise ValueError(f"{name} must be a 2-D [H, W] mask at the image's resolution, got shape {tuple(m.shape)}")
+    if max(m.shape) > MAX_SIDE:
+        raise ValueError(f"{name} is {m.shape[0]}x{m.shape[1]} pixels (height x width), above the largest side "
+                         f"accepted, {MAX_SIDE} pixels")
     if not m.any():
         raise ValueError(f"{name} is empty: it must cover at least one pixel (nonzero = inside)")
     return m.to("cpu").contiguous()

@@ -22,22 +22,36 @@ can make the image again and say when a subject or mask file has changed since.
 ``guidance`` is null where the pipeline's default was used. ``device`` is for the
 record only (``--from`` uses the machine's). Also written: ``Software``.
 
-No diffusers import here.
+:func:`read_record` checks a record against this schema (:func:`check_record`): every
+key's type and range, no unknown keys, every required key present; a record that fails
+is one line naming the file and the key (``--from 'x.png': its record's
+"layout.subjects[0].scale" must be ...``).
+
+No diffusers import at module level (the schema's vocabularies are read from their modules
+when a record is checked).
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
+import math
 import os
 from typing import Any, Dict, List, Optional
 
-__all__ = ["METADATA_KEY", "FORMAT", "file_sha256", "relative_path", "subject_entry", "build_record", "png_info",
-           "read_record", "record_layout", "differences"]
+__all__ = ["METADATA_KEY", "FORMAT", "file_sha256", "relative_path", "subject_hashes", "subject_entry", "build_record",
+           "png_info", "read_record", "check_record", "record_layout", "differences"]
 
 METADATA_KEY = "anyms"
 FORMAT = 1
 HASH_KEYS = ("image_sha256", "mask_sha256")
+# The schema of format 1: the keys of each object, and which of them are required.
+RECORD_KEYS = {"format", "anyms_version", "versions", "prompt", "negative_prompt", "layout", "seed", "steps",
+               "guidance", "height", "width", "model", "device"}
+RECORD_OPTIONAL = {"device"}
+LAYOUT_KEYS = {"mode", "priority", "subjects"}
+SUBJECT_KEYS = {"image", "image_sha256", "box", "mask", "mask_sha256", "scale", "label"}
+MODEL_KEYS = {"arch", "model", "ip_adapter", "image_encoder", "dtype"}
 
 
 def file_sha256(path: str) -> str:
@@ -63,16 +77,38 @@ def relative_path(path: str, folder: str) -> str:
         return os.path.abspath(path)
 
 
-def subject_entry(subject, folder: str) -> Dict[str, Any]:
+def subject_hashes(subjects) -> List[Dict[str, str]]:
+    """The SHA-256 of each subject's files (``{"image_sha256", "mask_sha256"}``, the mask's where it
+    has one), taken when the job is checked: a file moved or changed later, while the model
+    loads or generates, costs nothing, and the record names the bytes that were read. Raises
+    ValueError naming ``subjects[i].image`` / ``.mask`` when a file cannot be read."""
+    out = []
+    for i, subject in enumerate(subjects):
+        hashes = {}
+        for key, path in (("image", subject.image), ("mask", subject.mask)):
+            if path is None:
+                continue
+            try:
+                hashes[f"{key}_sha256"] = file_sha256(os.fspath(path))
+            except (OSError, TypeError) as e:
+                raise ValueError(f"subjects[{i}].{key}: cannot read {path!r} ({getattr(e, 'strerror', None) or e})") \
+                    from None
+        out.append(hashes)
+    return out
+
+
+def subject_entry(subject, folder: str, hashes: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """A layout-file subject for ``subject`` (an :class:`anyms.Subject` with file paths), paths
-    relative to ``folder``, with the files' SHA-256."""
-    entry: Dict[str, Any] = {"image": relative_path(subject.image, folder),
-                             "image_sha256": file_sha256(subject.image)}
+    relative to ``folder``, with the files' SHA-256: ``hashes`` (from :func:`subject_hashes`),
+    else read now."""
+    if hashes is None:
+        hashes = subject_hashes([subject])[0]
+    entry: Dict[str, Any] = {"image": relative_path(subject.image, folder), "image_sha256": hashes["image_sha256"]}
     if subject.box is not None:
         entry["box"] = [float(v) for v in subject.box]
     if subject.mask is not None:
         entry["mask"] = relative_path(subject.mask, folder)
-        entry["mask_sha256"] = file_sha256(subject.mask)
+        entry["mask_sha256"] = hashes["mask_sha256"]
     entry["scale"] = float(subject.scale)
     if subject.label:
         entry["label"] = subject.label
@@ -93,8 +129,11 @@ def versions() -> Dict[str, str]:
 
 def build_record(*, prompt: str, negative_prompt: Optional[str], subjects, mode: str, priority: str, seed: int,
                  steps: int, guidance: Optional[float], height: Optional[int], width: Optional[int],
-                 model: Dict[str, Any], folder: str, device: Optional[str] = None) -> Dict[str, Any]:
-    """The record of one generation (see the module docstring); subject paths relative to ``folder``."""
+                 model: Dict[str, Any], folder: str, device: Optional[str] = None,
+                 hashes: Optional[List[Dict[str, str]]] = None) -> Dict[str, Any]:
+    """The record of one generation (see the module docstring); subject paths relative to ``folder``;
+    ``hashes``: the subjects' files' SHA-256 taken when they were read (:func:`subject_hashes`),
+    else read now."""
     from . import __version__
 
     record = {
@@ -104,7 +143,8 @@ def build_record(*, prompt: str, negative_prompt: Optional[str], subjects, mode:
         "prompt": prompt,
         "negative_prompt": negative_prompt,
         "layout": {"mode": mode, "priority": priority,
-                   "subjects": [subject_entry(s, folder) for s in subjects]},
+                   "subjects": [subject_entry(s, folder, None if hashes is None else hashes[i])
+                                for i, s in enumerate(subjects)]},
         "seed": int(seed),
         "steps": int(steps),
         "guidance": None if guidance is None else float(guidance),
@@ -141,6 +181,11 @@ def read_record(path: str, what: str = "--from") -> Dict[str, Any]:
             fmt = im.format
             im.load()                       # text chunks after the image data are read here
             text = dict(getattr(im, "text", {}) or {})
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{where} is too large to decode ({e})") from None
+    except ValueError as e:             # Pillow's limit on a text chunk (PngImagePlugin.MAX_TEXT_CHUNK)
+        raise ValueError(f"{where}: a text chunk is larger than Pillow reads ({e}): not a record anyms generate "
+                         f"wrote") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise ValueError(f"{where}: cannot read it as an image ({e})") from None
     if fmt != "PNG":
@@ -151,13 +196,137 @@ def read_record(path: str, what: str = "--from") -> Dict[str, Any]:
                          f"text chunk)")
     try:
         record = json.loads(raw)
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:   # JSONDecodeError, a 5000-digit integer, nesting too deep
         raise ValueError(f"{where}: its anyms record is not valid JSON ({e})") from None
     if not isinstance(record, dict) or not isinstance(record.get("layout"), dict):
         raise ValueError(f"{where}: its anyms record is not an object with a \"layout\"")
     if record.get("format") != FORMAT:
-        raise ValueError(f"{where}: anyms record format {record.get('format')!r}; this version reads format {FORMAT}")
+        raise ValueError(f"{where}: anyms record format {_short(record.get('format'))}; this version reads format "
+                         f"{FORMAT}")
+    check_record(record, where)
     return record
+
+
+def _short(value, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a record may hold megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_record(record: Dict[str, Any], where: str) -> None:
+    """Check ``record`` against the schema of format 1 (the module docstring; what
+    :func:`build_record` writes): no unknown key, every required key, each value's type and
+    range. Raises ValueError starting with ``where`` and naming the key (dotted:
+    ``layout.subjects[0].scale``)."""
+    from anyms_kernels.regions import MODES
+
+    from .loading import ARCHS, DTYPES, TINY_MODEL
+    from .pipeline import PRIORITIES, _check_box, _check_scale
+    from .preflight import MAX_STEPS, check_image_size
+
+    def fail(key: str, must: str, value) -> None:
+        raise ValueError(f"{where}: its record's \"{key}\" must be {must}, got {_short(value)}")
+
+    def obj(value, key: str, allowed: set, optional: set = frozenset()) -> dict:
+        named = f"its record's \"{key}\"" if key else "its record"
+        if not isinstance(value, dict):
+            fail(key, "an object", value)
+        unknown = sorted(set(value) - allowed)
+        if unknown:
+            raise ValueError(f"{where}: {named} holds unknown key(s) {_short(unknown)}; allowed: {sorted(allowed)}")
+        missing = sorted(allowed - optional - set(value))
+        if missing:
+            raise ValueError(f"{where}: {named} lacks {missing}")
+        return value
+
+    def text(value, key: str, optional: bool = False, empty: bool = False) -> None:
+        if value is None and optional:
+            return
+        if not isinstance(value, str) or (not value and not empty) or "\0" in value:
+            fail(key, f"a {'' if empty else 'non-empty '}string without NUL" + (" or null" if optional else ""),
+                 value)
+
+    def choice(value, key: str, choices) -> None:
+        if not isinstance(value, str) or value not in choices:
+            fail(key, f"one of {list(choices)}", value)
+
+    def integer(value, key: str, low: int, high: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            fail(key, f"an integer in [{low}, {high}]", value)
+
+    def sha256(value, key: str) -> None:
+        if not isinstance(value, str) or len(value) != 64 or value.strip("0123456789abcdef"):
+            fail(key, "a SHA-256 (64 lowercase hex digits)", value)
+
+    def checked(check, value, key: str) -> None:
+        """One of the pipeline's own checks (the rule a subject's box or scale follows)."""
+        try:
+            check(value, key)
+        except (ValueError, TypeError) as e:
+            message = str(e)
+            if message.startswith(key):
+                message = f"\"{key}\"{message[len(key):]}"
+            raise ValueError(f"{where}: its record's {message}") from None
+
+    obj(record, "", RECORD_KEYS, RECORD_OPTIONAL)
+    text(record["anyms_version"], "anyms_version")
+    if not isinstance(record["versions"], dict):
+        fail("versions", "an object", record["versions"])
+    for name, version in record["versions"].items():
+        plain = name.isascii() and name.replace("-", "_").replace(".", "_").isidentifier()
+        text(version, f"versions.{name}" if plain else f"versions[{name!r}]")    # a key of any characters
+    text(record["prompt"], "prompt")
+    text(record["negative_prompt"], "negative_prompt", optional=True, empty=True)
+    layout = obj(record["layout"], "layout", LAYOUT_KEYS)
+    choice(layout["mode"], "layout.mode", MODES)
+    choice(layout["priority"], "layout.priority", PRIORITIES)
+    subjects = layout["subjects"]
+    if not isinstance(subjects, list) or not subjects:
+        fail("layout.subjects", "a non-empty list", subjects)
+    for i, subject in enumerate(subjects):
+        key = f"layout.subjects[{i}]"
+        obj(subject, key, SUBJECT_KEYS, SUBJECT_KEYS - {"image", "image_sha256"})
+        text(subject["image"], f"{key}.image")
+        sha256(subject["image_sha256"], f"{key}.image_sha256")
+        if "box" not in subject and "mask" not in subject:
+            raise ValueError(f"{where}: its record's \"{key}\" has neither a \"box\" nor a \"mask\"")
+        if "box" in subject:
+            box = subject["box"]
+            if not isinstance(box, list) or len(box) != 4 or any(
+                    isinstance(v, bool) or not isinstance(v, (int, float)) for v in box):
+                fail(f"{key}.box", "a list of 4 numbers [x0, y0, x1, y1]", box)
+            checked(_check_box, box, f"{key}.box")
+        if "mask" in subject or "mask_sha256" in subject:
+            text(subject.get("mask"), f"{key}.mask")
+            sha256(subject.get("mask_sha256"), f"{key}.mask_sha256")
+        if "scale" in subject:
+            if isinstance(subject["scale"], bool) or not isinstance(subject["scale"], (int, float)):
+                fail(f"{key}.scale", "a number", subject["scale"])
+            checked(_check_scale, subject["scale"], f"{key}.scale")
+        if "label" in subject:
+            text(subject["label"], f"{key}.label")
+    integer(record["seed"], "seed", 0, 2 ** 64 - 1)
+    integer(record["steps"], "steps", 1, MAX_STEPS)
+    guidance = record["guidance"]
+    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float))
+                                 or not math.isfinite(guidance)):
+        fail("guidance", "a finite number or null", guidance)
+    for key in ("height", "width"):
+        value = record[key]
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int):
+                fail(key, "an integer or null", value)
+            checked(check_image_size, value, key)
+    model = obj(record["model"], "model", MODEL_KEYS)
+    choice(model["arch"], "model.arch", ARCHS)
+    text(model["model"], "model.model")
+    for key in ("ip_adapter", "image_encoder"):
+        text(model[key], f"model.{key}", optional=True)
+        if model["model"] == TINY_MODEL and model[key] is not None:      # it brings its own
+            fail(f"model.{key}", f"null with the {TINY_MODEL} model", model[key])
+    choice(model["dtype"], "model.dtype", DTYPES)
+    if "device" in record:
+        text(record["device"], "device")
 
 
 def record_layout(record: Dict[str, Any]) -> Dict[str, Any]:

@@ -8,24 +8,42 @@
   it to disk and only then gives it its name, so a crash, a full disk or Ctrl-C leaves
   either the old file or the new one, never half of one. Without ``overwrite`` the name
   is taken with a hard link, which fails if the name exists (even if another process
-  made it a moment ago): an existing image is never replaced.
+  made it a moment ago): an existing image is never replaced. A write that fails (a full
+  disk, an I/O error) raises :class:`WriteError`, one line naming the file, and leaves
+  nothing under the final name.
 
 No diffusers import here.
 """
 from __future__ import annotations
 
 import os
+import re
+import stat
 import tempfile
-from typing import Optional
+from typing import Dict, Iterable, List, Optional
 
-__all__ = ["FORMATS", "OutputError", "image_format", "prepare_output_folder", "atomic_save", "atomic_write_text", "existing"]
+__all__ = ["FORMATS", "OutputError", "WriteError", "image_format", "prepare_output_folder", "atomic_save",
+           "atomic_write_text", "existing", "TEMPORARY_EXTRA", "remove_stale_temporaries"]
 
 # file extension -> the Pillow format that writes it
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
+# A file NAME is written first as ".NAME.XXXXXXXX.tmp" beside it (XXXXXXXX: mkstemp's 8 random
+# characters); a folder is proved writable with ".anyms-write-test-XXXXXXXX", removed at once.
+_TEMPORARY = ".{name}.{random}.tmp"
+_PROBE_PREFIX = ".anyms-write-test-"
+_RANDOM = "[a-z0-9_]{8}"             # tempfile's alphabet, 8 characters
+# how much longer a temporary name is than its file's name
+TEMPORARY_EXTRA = len(_TEMPORARY.format(name="", random="12345678"))
+
 
 class OutputError(Exception):
     """An output that cannot be written, or that exists and may not be replaced."""
+
+
+class WriteError(OutputError):
+    """A write that failed on the way (a full disk, an I/O error): nothing was left under the
+    final name, and any older file there is untouched."""
 
 
 def image_format(path: str) -> str:
@@ -57,7 +75,7 @@ def prepare_output_folder(path: str, what: str) -> str:
         raise OutputError(f"{what} {path!r} is a folder: name an image file")
     try:
         os.makedirs(folder, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=".anyms-write-test-", dir=folder)
+        fd, name = tempfile.mkstemp(prefix=_PROBE_PREFIX, dir=folder)
         os.close(fd)
         os.unlink(name)
     except OSError as e:
@@ -85,7 +103,11 @@ def _publish(tmp: str, path: str, overwrite: bool) -> None:
 def _write_atomically(path: str, overwrite: bool, write) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
+    prefix, suffix = _TEMPORARY.format(name=base, random="\0").split("\0")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=folder)
+    except OSError as e:
+        raise WriteError(f"cannot write {path!r}: {e.strerror or e}; nothing was written under that name") from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())    # mkstemp's 0600 would survive the rename
         with os.fdopen(fd, "wb") as f:
@@ -97,9 +119,12 @@ def _write_atomically(path: str, overwrite: bool, write) -> None:
         kept = _keep_aside(tmp, path)
         raise OutputError(f"{path!r} appeared while this ran: it was not replaced, and the new file is "
                           f"{kept!r}") from None
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise WriteError(f"cannot write {path!r}: {e.strerror or e}; nothing was written under that "
+                             f"name") from None
         raise
 
 
@@ -155,3 +180,34 @@ def existing(paths) -> Optional[str]:
         if os.path.lexists(p):
             return p
     return None
+
+
+def remove_stale_temporaries(paths: Iterable[str]) -> List[str]:
+    """Remove the temporary files that a stopped writer of ``paths`` left beside them; returns
+    what was removed. Only regular files with exactly those names go: anything else, links
+    included, is left alone (the folders' write probes too: they live for microseconds, and
+    another run's probe may be alive). Call it only while no other process may be writing these
+    files (anyms.lock)."""
+    wanted: Dict[str, set] = {}
+    for path in paths:
+        folder, name = os.path.split(os.path.abspath(path))
+        wanted.setdefault(folder, set()).add(name)
+    removed = []
+    for folder, names in wanted.items():
+        try:
+            entries = os.listdir(folder)
+        except OSError:
+            continue                    # not made yet
+        for entry in entries:
+            found = re.fullmatch(r"\.(.+)\.(" + _RANDOM + r")\.tmp", entry)
+            if found is None or found.group(1) not in names:
+                continue
+            path = os.path.join(folder, entry)
+            try:
+                if not stat.S_ISREG(os.lstat(path).st_mode):
+                    continue
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+    return removed

@@ -38,7 +38,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
@@ -47,6 +47,7 @@ from anyms_kernels.regions import MODES, check_normalized_boxes, mask_bbox
 
 from .auto_pipeline import register_auto_pipelines
 from .layout import Layout, load_mask
+from .images import read_image
 from .branches import anyms_attention, set_anyms_layout
 from .processor import AnyMSAttnProcessor  # noqa: F401  the U-Net's AnyMS processor, which anyms_attention installs
 
@@ -101,14 +102,7 @@ def _load_image(image, name: str) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, (str, os.PathLike)):
-        path = os.fspath(image)
-        if not os.path.isfile(path):
-            raise ValueError(f"{name}: no image file at {path!r}")
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")  # convert() reads the pixels, so a truncated file fails here
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ValueError(f"{name}: cannot read {path!r} as an image ({e})") from None
+        return read_image(os.fspath(image), name, "RGB")
     if isinstance(image, np.ndarray):
         arr = image
         if arr.ndim == 3 and arr.shape[-1] == 1:
@@ -144,14 +138,19 @@ def _check_box(box, name: str) -> Tuple[float, float, float, float]:
 
 
 def _check_scale(scale, name: str) -> float:
-    if isinstance(scale, bool):
-        raise ValueError(f"{name} must be a finite number, got {scale!r}")
+    """A subject's scale as a float; ValueError naming ``name`` unless it is a number that stays
+    finite in float32, the dtype the layout keeps scales in (1e39 is finite as a Python float
+    but inf there)."""
+    message = f"{name} must be a finite number (at most {float(np.finfo(np.float32).max):.4g} in magnitude), " \
+              f"got {scale!r}"
+    if isinstance(scale, (bool, str, bytes)):       # float("1.0") would read a string as a number
+        raise ValueError(message)
     try:
         value = float(scale)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a finite number, got {scale!r}") from None
-    if not np.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {scale!r}")
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(message) from None
+    if not torch.isfinite(torch.tensor(value, dtype=torch.float32)):
+        raise ValueError(message)
     return value
 
 

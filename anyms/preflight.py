@@ -18,12 +18,11 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .images import MAX_SIDE
+
 __all__ = ["MAX_SIDE", "MAX_STEPS", "check_image_size", "MemoryEstimate", "estimate_peak_memory", "device_memory",
            "unreached_subjects", "unreached_message"]
 
-# The largest side accepted (pixels). SDXL's U-Net at 16384 px has a 2048 x 2048 latent and
-# self-attention over a quarter of a million tokens per layer; beyond it no card holds a step.
-MAX_SIDE = 16384
 # The SD-family schedulers are trained on 1000 timesteps; more steps than that repeat timesteps.
 MAX_STEPS = 1000
 GIB = 1024 ** 3

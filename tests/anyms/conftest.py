@@ -129,3 +129,24 @@ def one_thread():
 # ------------------------------------------------------------------ markers
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: a test of more than ~20 s (runs in CI too: make test selects every test)")
+
+
+# ------------------------------------------------------------------ hostile image files
+@pytest.fixture
+def header_only_png():
+    """Factory: ``make(path, width, height)`` writes a PNG whose header claims ``width x height``
+    greyscale pixels and that holds no pixel data (a decompression bomb's header, without the
+    bomb: whoever decodes it fails, whoever checks the header first refuses it). Returns ``str(path)``."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    def make(path, width, height):
+        header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+        with open(path, "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+        return str(path)
+
+    return make

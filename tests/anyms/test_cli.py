@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from anyms import cli
+from anyms import cli, loading
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,7 +130,7 @@ def _bad(tmp_path, images):
         (["a", "--subject", f"{img}:0,0,1,1", "--out", str(tmp_path / "x.gif")], "--out must end in"),
         (["a", "--subject", f"{img}:0,0,1,1", "--device", "nonsense"], "--device"),
         (["a", "--subject", f"{img}:0,0,1,1", "--device", "cpu", "--offload", "model"],
-         "--offload model moves models between the CPU and an accelerator"),
+         "--offload model moves models between the CPU and an accelerator; with --device cpu: there is nothing"),
         (["a", "--subject", f"{img}:0,0,1,1", "--ip-adapter", str(tmp_path)], "is a folder: name the weight file"),
         (["a", "--subject", f"{img}:0,0,1,1", "--ip-adapter", "h94/weights.bin"], "neither a local path nor a Hub"),
         (["a", "--subject", f"{img}:0,0,1,1", "--arch", "sd15"], "--model is required with --arch sd15"),
@@ -141,7 +141,7 @@ def test_generate_bad_input_exits_2_without_traceback_before_loading(tmp_path, i
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(cli, "_load_pipeline", no_loading)
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
     for argv, message in _bad(tmp_path, images):
         assert cli.main(["generate", *argv]) == 2, argv
         err = capsys.readouterr().err
@@ -158,6 +158,64 @@ def test_argparse_errors_exit_2(argv, capsys):
         cli.main(argv)
     assert exit_info.value.code == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+DEMO_FILES = ("image.png", "layout.png", "routing.png", "subject_red_ball.png", "subject_blue_box.png",
+              "subject_green_cone.png", "mask_green_cone.png")
+
+
+def test_demo_replaces_nothing_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "demo"
+    demo = ["demo", "--out-dir", str(out), "--steps", "1", "--size", "64"]
+    assert cli.main(demo) == 0
+    capsys.readouterr()
+    for name in DEMO_FILES:                         # any one of its files is enough to refuse
+        before = {n: (out / n).read_bytes() for n in DEMO_FILES}
+        others = [n for n in DEMO_FILES if n != name]
+        for n in others:
+            (out / n).unlink()
+        assert cli.main(demo + ["--seed", "1"]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--out-dir: '{out / name}' exists; give --overwrite" in err[0], err
+        assert (out / name).read_bytes() == before[name] and not any((out / n).exists() for n in others)
+        for n in others:
+            (out / n).write_bytes(before[n])
+    image = (out / "image.png").read_bytes()
+    assert cli.main(demo + ["--seed", "1", "--overwrite"]) == 0
+    assert (out / "image.png").read_bytes() != image           # replaced, as asked
+
+
+def test_demo_out_dir_that_is_a_file_or_cannot_be_written_is_one_line(tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep me")
+    cases = [(a_file, "is a file, not a folder"), (a_file / "below", "is a file, not a folder")]
+    if os.path.isdir("/sys"):
+        try:
+            os.mkdir("/sys/anyms-demo-probe")       # refused even to root on a read-only /sys
+        except OSError:
+            cases.append(("/sys/anyms-demo", "cannot write in"))
+        else:
+            os.rmdir("/sys/anyms-demo-probe")
+    for out_dir, message in cases:
+        assert cli.main(["demo", "--out-dir", str(out_dir), "--steps", "1", "--size", "64"]) == 2, out_dir
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("anyms demo: error: --out-dir") and message in err[0], err
+    assert a_file.read_text() == "keep me"
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                    reason="root writes in a read-only folder: the /sys case above covers a folder root cannot write")
+def test_demo_read_only_out_dir_is_one_line(tmp_path, capsys):
+    out = tmp_path / "read-only"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        assert cli.main(["demo", "--out-dir", str(out), "--steps", "1", "--size", "64"]) == 2
+    finally:
+        out.chmod(0o755)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write in" in err[0] and "Permission denied" in err[0], err
+    assert not os.listdir(out)
 
 
 def test_demo_bad_size(tmp_path, capsys):
@@ -178,6 +236,65 @@ def test_unloadable_model_or_adapter_exits_1(tiny_sdxl_on_disk, tmp_path, images
     assert cli.main(base + ["--model", model]) == 1
     err = capsys.readouterr().err
     assert "cannot load the IP-Adapter" in err and "SafetensorError" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ offline
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HUB_LOG_LINES = ("Couldn't connect", "Will try to load from local cache", "Retrying", "stacktrace", "Traceback")
+
+
+def _run_offline(argv, tmp_path, **env):
+    """``python -m anyms ARGV`` with an empty Hugging Face cache of its own (unless given) and ``env``."""
+    import subprocess
+    import sys
+
+    full = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    full.update(PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1",
+                HF_HUB_CACHE=str(tmp_path / "hub"), **env)
+    return subprocess.run([sys.executable, "-m", "anyms", *argv], capture_output=True, text=True, timeout=300,
+                          cwd=str(tmp_path), env=full)
+
+
+@pytest.mark.parametrize("env,extra,model,cause", [
+    ({"HF_HUB_OFFLINE": "1"}, ["--model", "someone/not-cached"], "someone/not-cached", "HF_HUB_OFFLINE is set"),
+    # an endpoint where nothing answers: no network
+    ({"HF_ENDPOINT": "http://127.0.0.1:9"}, ["--arch", "flux"], "black-forest-labs/FLUX.1-dev",
+     "the Hub (http://127.0.0.1:9) cannot be reached: no network"),
+], ids=["HF_HUB_OFFLINE", "no-network-flux"])
+def test_a_model_not_in_the_cache_without_the_hub_is_one_line_naming_it(images, tmp_path, env, extra, model, cause):
+    result = _run_offline(["generate", "a", "--subject", f"{images[0]}:0,0,1,1", "--device", "cpu", *extra],
+                          tmp_path, **env)
+    err = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(err) == 1, result.stderr
+    assert err[0].startswith(f"anyms generate: error: cannot load the model {model!r}: it is not in the Hugging "
+                             f"Face cache ({tmp_path / 'hub'}) and {cause}"), err
+    assert not any(line in result.stderr for line in HUB_LOG_LINES)
+
+
+def test_a_cached_model_loads_without_the_hub_and_without_asking_it(tiny_sdxl_on_disk, images, tmp_path):
+    import shutil
+
+    model, weight = tiny_sdxl_on_disk
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny-sdxl"
+    shutil.copytree(model, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    result = _run_offline(["generate", "a", "--subject", f"{images[0]}:0,0,1,1", "--model", "someone/tiny-sdxl",
+                           "--ip-adapter", weight, "--device", "cpu", *SIZE, "--steps", "1", "--no-pictures",
+                           "--out", str(tmp_path / "x.png")], tmp_path, HF_ENDPOINT="http://127.0.0.1:9")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "x.png").is_file()
+    assert not any(line in result.stderr for line in HUB_LOG_LINES), result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_offload_without_device_does_not_speak_of_a_device_option(images, capsys, monkeypatch):
+    monkeypatch.setattr(loading, "_load_pipeline", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    assert cli.main(["generate", "a", "--subject", f"{images[0]}:0,0,1,1", "--offload", "model"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device" not in err[0], err
+    assert "this machine has no CUDA device, so the run is on the CPU: there is nothing to offload" in err[0]
 
 
 def test_parse_subject_splits_from_the_right():

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anyms import cli, outputs
+from anyms import cli, loading, outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -111,15 +111,26 @@ def test_from_with_masks_and_a_changed_subject_file(tmp_path, images, capsys):
     assert re.search(r"warning: --from .*subjects\[0\]\.image .* has changed since the image was made", err), err
 
 
-@pytest.mark.parametrize("kind", ["missing", "jpeg", "plain png"])
-def test_from_refuses_images_without_a_record(tmp_path, kind, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_load_pipeline", no_loading)
+@pytest.mark.parametrize("kind", ["missing", "jpeg", "plain png", "bomb", "record over 1 MB"])
+def test_from_refuses_images_without_a_record(tmp_path, kind, capsys, monkeypatch, header_only_png):
+    from PIL.PngImagePlugin import PngInfo
+
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
     path = tmp_path / ("x.jpg" if kind == "jpeg" else "x.png")
-    if kind != "missing":
+    if kind == "bomb":
+        header_only_png(path, 30000, 30000)
+    elif kind == "record over 1 MB":
+        info = PngInfo()
+        info.add_itxt("anyms", json.dumps({"format": 1, "prompt": "x" * (1 << 20), "layout": {}}), zip=True)
+        Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    elif kind != "missing":
         Image.new("RGB", (8, 8)).save(path)
     code, _, err = run(["generate", "--from", str(path), "--out", str(tmp_path / "y.png")], capsys)
-    expected = {"missing": "no such file", "jpeg": "is a JPEG file: only PNGs", "plain png": "holds no anyms record"}
-    assert code == 2 and expected[kind] in err and err.count("\n") == 1, err
+    expected = {"missing": "no such file", "jpeg": "is a JPEG file: only PNGs", "plain png": "holds no anyms record",
+                "bomb": "is too large to decode (Image size (900000000 pixels)",
+                "record over 1 MB": "a text chunk is larger than Pillow reads"}
+    assert code == 2 and err.startswith(f"anyms generate: error: --from {str(path)!r}") and expected[kind] in err \
+        and err.count("\n") == 1, err
 
 
 def test_tiny_brings_its_own_adapter(images, capsys, tmp_path):
@@ -130,7 +141,7 @@ def test_tiny_brings_its_own_adapter(images, capsys, tmp_path):
 
 # ------------------------------------------------------------------ no lost work
 def test_outputs_are_checked_before_any_model_loads(tmp_path, images, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_load_pipeline", no_loading)
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
     (tmp_path / "file").write_text("a file where a folder should be")
     (tmp_path / "taken.png").write_bytes(b"an earlier result")
     (tmp_path / "half.layout.png").write_bytes(b"an earlier picture")
@@ -149,7 +160,7 @@ def test_outputs_are_checked_before_any_model_loads(tmp_path, images, capsys, mo
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes in read-only folders")
 def test_a_read_only_folder_is_refused_before_loading(tmp_path, images, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_load_pipeline", no_loading)
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
     folder = tmp_path / "ro"
     folder.mkdir()
     folder.chmod(0o500)
@@ -185,7 +196,7 @@ def test_atomic_save_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
 
     with monkeypatch.context() as m:
         m.setattr(Image.Image, "save", broken_save)
-        with pytest.raises(OSError, match="disk full"):
+        with pytest.raises(outputs.WriteError, match=r"cannot write '.*x\.png': disk full; nothing was written"):
             outputs.atomic_save(image, path, overwrite=True)
     assert open(path, "rb").read() == b"old" and os.listdir(tmp_path) == ["x.png"]
     outputs.atomic_save(image, path, overwrite=True)
@@ -235,7 +246,7 @@ def test_subjects_that_vanish_at_a_level_are_named(tmp_path, subject_images, cap
 
 
 def test_absurd_sizes_and_steps_are_refused_before_loading(images, capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "_load_pipeline", no_loading)
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
     for extra, message in ((["--height", "100000"], "--height 100000 is above the largest side accepted, 16384"),
                            (["--width", "16392"], "--width 16392 is above the largest side accepted"),
                            (["--steps", "5000"], r"--steps must be in \[1, 1000\], got 5000"),
@@ -290,7 +301,7 @@ def test_errors_are_one_line(images, capsys, monkeypatch, tmp_path):
     def multi_line(*args, **kwargs):
         raise cli.LoadError("cannot load the model 'x': OSError: first line\n  second line\n\nthird")
 
-    monkeypatch.setattr(cli, "_load_pipeline", multi_line)
+    monkeypatch.setattr(loading, "_load_pipeline", multi_line)
     code, _, err = run(["generate", "a", "--subject", f"{images[0]}:0,0,1,1", *TINY, "--out", str(tmp_path / "a.png")],
                        capsys)
     assert code == 1 and err == "anyms generate: error: cannot load the model 'x': OSError: first line second line third\n"
@@ -316,3 +327,214 @@ def test_a_base_install_says_which_extra_to_install(tmp_path):
                              "pip install 'anyms-kernels[diffusers]'\n")
     assert "IMPORT: anyms.Subject needs diffusers, which is not installed: pip install 'anyms-kernels[diffusers]'" \
         in result.stdout
+
+
+# ------------------------------------------------------------------ a scale float32 cannot hold
+def _scale_inputs(tmp_path, image, scale_text):
+    """The same subject with the scale ``scale_text`` (JSON text: 1e39, NaN, Infinity), as the
+    command line, a layout file and a jobs file give it."""
+    subject = f'{{"image": {json.dumps(image)}, "box": [0, 0, 1, 1], "scale": {scale_text}}}'
+    (tmp_path / "layout.json").write_text(f'{{"prompt": "a", "subjects": [{subject}]}}')
+    (tmp_path / "jobs.jsonl").write_text('{"prompt": "a", "subjects": [{"image": "s.png", "box": [0, 0, 1, 1]}]}\n'
+                                         f'{{"prompt": "a", "subjects": [{subject}]}}\n')
+    return {"--subject": ["a", "--subject", f"{image}:0,0,1,1", "--subject", f"{image}:0,0,1,1:{scale_text}"],
+            "--layout": ["--layout", str(tmp_path / "layout.json")],
+            "--jobs": ["--jobs", str(tmp_path / "jobs.jsonl"), "--out-dir", str(tmp_path / "out")]}
+
+
+@pytest.mark.parametrize("scale", ["1e39", "-1e39", "NaN", "Infinity"])
+@pytest.mark.parametrize("source", ["--subject", "--layout", "--jobs"])
+def test_a_scale_float32_cannot_hold_is_named_before_loading(tmp_path, images, capsys, monkeypatch, source, scale):
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
+    image = str(tmp_path / "s.png")
+    Image.open(images[0]).save(image)
+    argv = _scale_inputs(tmp_path, image, scale)[source]
+    out = [] if source == "--jobs" else ["--out", str(tmp_path / "x.png")]
+    code, _, err = run(["generate", *argv, *TINY, *out], capsys)
+    # the command line's second subject is subjects[1]; the others hold one subject
+    name = {"--subject": r"subjects\[1\]\.scale", "--layout": r"subjects\[0\]\.scale",
+            "--jobs": r"--jobs .*jobs\.jsonl:2: subjects\[0\]\.scale"}[source]
+    assert code == 2 and err.count("\n") == 1 and re.search(name, err), err
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ --from: the record's schema
+def valid_record(folder, image):
+    """A record as anyms generate writes it (built without a model), subject paths relative to ``folder``."""
+    from anyms import Subject
+    from anyms.metadata import build_record
+
+    return build_record(prompt="a cat", negative_prompt=None, subjects=[Subject(image, (0.0, 0.0, 1.0, 1.0), 0.8)],
+                        mode="overwrite", priority="order", seed=3, steps=2, guidance=None, height=64, width=64,
+                        model={"arch": "sdxl", "model": "tiny", "ip_adapter": None, "image_encoder": None,
+                               "dtype": "float32"}, folder=str(folder), device="cpu")
+
+
+def save_record(path, record):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_itxt("anyms", json.dumps(record), zip=True)
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    return str(path)
+
+
+def _set(record, key, value):
+    """``record`` with the dotted ``key`` (``layout.subjects[0].scale``) set to ``value``, or removed
+    where ``value`` is DROP."""
+    parts = [int(p) if p.isdigit() else p for p in re.split(r"\.|\[|\]\.?", key) if p != ""]
+    target = record
+    for part in parts[:-1]:
+        target = target[part]
+    if value is DROP:
+        del target[parts[-1]]
+    else:
+        target[parts[-1]] = value
+    return record
+
+
+DROP = object()
+BAD_RECORDS = [
+    ("model", [1], r'"model" must be an object, got \[1\]'),
+    ("model.arch", "evil", r"\"model.arch\" must be one of \['sdxl', 'sd15', 'flux'\], got 'evil'"),
+    ("model.dtype", "float8", r'"model.dtype" must be one of'),
+    ("model.model", 7, r'"model.model" must be a non-empty string'),
+    ("model.ip_adapter", DROP, r"\"model\" lacks \['ip_adapter'\]"),
+    ("layout.subjects[0].scale", 1e39, r'"layout.subjects\[0\].scale" must be a finite number'),
+    ("layout.subjects[0].scale", "1", r'"layout.subjects\[0\].scale" must be a number'),
+    ("layout.subjects[0].box", [0, 0, 1, 2], r'"layout.subjects\[0\].box" must lie inside \[0, 1\]'),
+    ("layout.subjects[0].box", [0, 0, 1], r'"layout.subjects\[0\].box" must be a list of 4 numbers'),
+    ("layout.subjects[0].image_sha256", "xyz", r'"layout.subjects\[0\].image_sha256" must be a SHA-256'),
+    ("layout.subjects[0].evil", 1, r"\"layout.subjects\[0\]\" holds unknown key\(s\) \['evil'\]"),
+    ("layout.subjects", [], r'"layout.subjects" must be a non-empty list'),
+    ("layout.mode", "add", r'"layout.mode" must be one of'),
+    ("layout.priority", None, r'"layout.priority" must be one of'),
+    ("seed", -1, r'"seed" must be an integer in \[0, 18446744073709551615\], got -1'),
+    ("seed", 2.5, r'"seed" must be an integer'),
+    ("steps", True, r'"steps" must be an integer in \[1, 1000\], got True'),
+    ("guidance", float("nan"), r'"guidance" must be a finite number or null'),
+    ("height", 17000, r'"height" 17000 is above the largest side accepted'),
+    ("width", "64", r'"width" must be an integer or null'),
+    ("prompt", None, r'"prompt" must be a non-empty string'),
+    ("versions", "x", r'"versions" must be an object'),
+    ("extra", 1, r"its record holds unknown key\(s\) \['extra'\]"),
+    ("seed", DROP, r"its record lacks \['seed'\]"),
+]
+
+
+@pytest.mark.parametrize("key,value,message", BAD_RECORDS, ids=[f"{k}={v!r}"[:40] for k, v, _ in BAD_RECORDS])
+def test_a_from_record_is_checked_against_its_schema_before_loading(tmp_path, images, capsys, monkeypatch,
+                                                                    key, value, message):
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
+    path = save_record(tmp_path / "r.png", _set(valid_record(tmp_path, images[0]), key, value))
+    capsys.readouterr()                 # what importing the pipeline module may have logged
+    code, _, err = run(["generate", "--from", path, "--out", str(tmp_path / "y.png")], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"anyms generate: error: --from {path!r}: its record") and re.search(message, err), err
+
+
+def test_a_written_record_passes_its_schema_and_a_huge_value_is_cut_in_the_message(tmp_path, images):
+    from anyms.metadata import check_record, read_record
+
+    record = valid_record(tmp_path, images[0])
+    check_record(record, "x")
+    assert read_record(save_record(tmp_path / "r.png", record)) == record
+    path = save_record(tmp_path / "big.png", _set(record, "model.arch", "x" * 100_000))
+    with pytest.raises(ValueError) as error:
+        read_record(path)
+    assert len(str(error.value)) < 300 and "'xxxx" in str(error.value)
+
+
+# ------------------------------------------------------------------ files that change during a run
+def test_a_subject_file_moved_during_the_run_costs_nothing_and_the_record_names_what_was_read(
+        tmp_path, images, capsys, monkeypatch):
+    """The subject files are hashed when they are read and checked, before the model loads: a
+    file moved or rewritten while the model loads or generates no longer loses the image."""
+    real = cli.generate_image
+    read = sha(images[0])
+
+    def then_move(pipe, job, run):
+        image = real(pipe, job, run)
+        os.replace(images[0], tmp_path / "moved.png")
+        return image
+
+    monkeypatch.setattr(cli, "generate_image", then_move)
+    out = tmp_path / "a.png"
+    code, _, err = run(["generate", "a", "--subject", f"{images[0]}:0,0,1,1", *TINY, "--out", str(out)], capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert record(out)["layout"]["subjects"][0]["image_sha256"] == read
+    # a file rewritten after it was read: the record holds the hash of the bytes that were read
+    Image.open(tmp_path / "moved.png").save(images[0])
+    Image.fromarray(255 - pixels(images[0])).save(tmp_path / "other.png")
+
+    def then_rewrite(pipe, job, run):
+        image = real(pipe, job, run)
+        os.replace(tmp_path / "other.png", images[0])
+        return image
+
+    monkeypatch.setattr(cli, "generate_image", then_rewrite)
+    code, _, err = run(["generate", "a", "--subject", f"{images[0]}:0,0,1,1", *TINY, "--out", str(tmp_path / "b.png")],
+                       capsys)
+    assert code == 0 and record(tmp_path / "b.png")["layout"]["subjects"][0]["image_sha256"] == read != sha(images[0])
+
+
+# ------------------------------------------------------------------ a full disk
+def _disk_full_for(monkeypatch, *names):
+    """os.fsync fails with ENOSPC for the temporary files of ``names`` (what a full disk does to
+    the last write of a file); every other file is written."""
+    import errno
+
+    real = os.fsync
+
+    def fsync(fd):
+        target = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+        if any(target.startswith(f".{name}.") for name in names):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads the file names of descriptors in /proc")
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, images, capsys, monkeypatch):
+    _disk_full_for(monkeypatch, "a.png")
+    code, _, err = run(["generate", "a", "--subject", f"{images[0]}:0,0,1,1", *TINY, "--out", str(tmp_path / "a.png")],
+                       capsys)
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert code == 1 and "Traceback" not in err and len(errors) == 1, err
+    assert re.search(r"^anyms generate: error: cannot write '.*a\.png': No space left on device; nothing was "
+                     r"written under that name$", errors[0]), err
+    # the pictures went first and are whole; no image, no temporary file
+    assert sorted(os.listdir(tmp_path)) == ["a.layout.png", "a.routing.png", "subject0.png", "subject1.png"]
+
+
+@pytest.mark.parametrize("text,message", [("9" * 5000, "Exceeds the limit"), ("[" * 100_000 + "]" * 100_000,
+                                                                          "maximum recursion depth")],
+                         ids=["5000 digits", "nested 100000 deep"])
+def test_json_that_python_refuses_otherwise_is_one_line(tmp_path, capsys, monkeypatch, text, message):
+    from PIL.PngImagePlugin import PngInfo
+
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
+    (tmp_path / "layout.json").write_text(text)
+    info = PngInfo()
+    info.add_itxt("anyms", text, zip=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "r.png", pnginfo=info)
+    for argv, what in ((["a", "--layout", str(tmp_path / "layout.json")], "--layout"),
+                       (["--from", str(tmp_path / "r.png")], "--from")):
+        code, _, err = run(["generate", *argv, "--out", str(tmp_path / "y.png")], capsys)
+        assert code == 2 and err.count("\n") == 1 and err.startswith(f"anyms generate: error: {what} ") \
+            and "not valid JSON (" in err and message in err, err
+
+
+def test_a_from_record_whose_files_or_sources_are_refused_names_the_file(tmp_path, images, capsys, monkeypatch):
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
+    cases = [(_set(valid_record(tmp_path, images[0]), "layout.subjects[0].image", "gone.png"),
+              r"subjects\[0\]\.image: no image file at '.*gone\.png'"),
+             (_set(valid_record(tmp_path, images[0]), "model.ip_adapter", "a/b/c.safetensors"),
+              r'its record\'s "model\.ip_adapter" must be null with the tiny model')]
+    capsys.readouterr()
+    for record_, message in cases:
+        path = save_record(tmp_path / "r.png", record_)
+        code, _, err = run(["generate", "--from", path, "--out", str(tmp_path / "y.png"), "--overwrite"], capsys)
+        assert code == 2 and err.count("\n") == 1 and err.startswith(f"anyms generate: error: --from {path!r}: ") \
+            and re.search(message, err), err

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import anyms_kernels
-from anyms import Subject, cli
+from anyms import Subject, cli, loading
 from anyms.layout import Layout, load_mask
 from anyms.pipeline import AnyMSStableDiffusionXLPipeline, prepare_subjects
 from anyms.processor import AnyMSAttnProcessor
@@ -380,7 +380,9 @@ def test_prepare_subjects_masks_priority_and_checked_subjects(tmp_path, subject_
     assert prepare_subjects(plan.subjects).order == [0, 1]
 
 
-def _bad_pipeline_cases(tmp_path, img):
+def _bad_pipeline_cases(tmp_path, img, header_only_png):
+    Image.new("L", (17000, 8), 255).save(tmp_path / "wide.png")
+    header_only_png(tmp_path / "bomb.png", 30000, 30000)
     ok = np.zeros((SIZE, SIZE), bool)
     ok[10:50, 10:50] = True
     nan = ok.astype(np.float64)
@@ -404,16 +406,25 @@ def _bad_pipeline_cases(tmp_path, img):
         (dict(subjects=[Subject(img, mask=tmp_path / "missing.png")]), ValueError, r"subjects\[0\]\.mask: no mask file"),
         (dict(subjects=[Subject(img, mask=tmp_path / "text.png")]), ValueError, r"subjects\[0\]\.mask: cannot read"),
         (dict(subjects=[Subject(img, (0, 0, 2, 1), mask=ok)]), ValueError, r"subjects\[0\]\.box must lie inside"),
+        # a mask sets the image's size: a side above MAX_SIDE is refused, from a file before it is decoded
+        (dict(subjects=[Subject(img, mask=np.ones((8, 17000), bool))]), ValueError,
+         r"subjects\[0\]\.mask is 8x17000 pixels \(height x width\), above the largest side accepted, 16384"),
+        (dict(subjects=[Subject(img, (0, 0, 1, 1)), Subject(img, mask=tmp_path / "wide.png")]), ValueError,
+         r"subjects\[1\]\.mask: '.*wide\.png' is 8x17000 pixels \(height x width\), above the largest side"),
+        (dict(subjects=[Subject(img, mask=tmp_path / "bomb.png")]), ValueError,
+         r"subjects\[0\]\.mask: '.*bomb\.png' is too large to decode \(Image size \(900000000 pixels\)"),
+        (dict(subjects=[Subject(tmp_path / "bomb.png", (0, 0, 1, 1))]), ValueError,
+         r"subjects\[0\]\.image: '.*bomb\.png' is too large to decode"),
     ]
 
 
-def test_bad_masks_raise_before_model_work(anyms_and_diffusers, subject_images, tmp_path):
+def test_bad_masks_raise_before_model_work(anyms_and_diffusers, subject_images, tmp_path, header_only_png):
     ours, _ = anyms_and_diffusers()
     calls = []
     for name in ("unet", "vae", "text_encoder", "text_encoder_2", "image_encoder"):
         getattr(ours, name).register_forward_pre_hook(lambda m, a, name=name: calls.append(name))
     before = dict(ours.unet.attn_processors)
-    for kwargs, error, message in _bad_pipeline_cases(tmp_path, subject_images[0]):
+    for kwargs, error, message in _bad_pipeline_cases(tmp_path, subject_images[0], header_only_png):
         with pytest.raises(error, match=message):
             ours("a cat", num_inference_steps=STEPS, output_type="latent", **kwargs)
         assert calls == [], f"{kwargs}: model work ran before the error: {calls}"
@@ -472,17 +483,19 @@ def test_cli_accepts_masks_end_to_end(tiny_sdxl_on_disk, subject_images, tmp_pat
     capsys.readouterr()
 
 
-def test_cli_bad_masks_exit_2_before_loading(tmp_path, subject_images, capsys, monkeypatch):
+def test_cli_bad_masks_exit_2_before_loading(tmp_path, subject_images, capsys, monkeypatch, header_only_png):
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(cli, "_load_pipeline", no_loading)
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
     img = str(tmp_path / "s.png")
     subject_images[0].save(img)
     good = _save_mask(tmp_path / "good.png", rect_mask((64, 64), 0, 0, 30, 30))
     _save_mask(tmp_path / "empty.png", np.zeros((64, 64), bool))
     _save_mask(tmp_path / "odd.png", np.ones((60, 64), bool))
     (tmp_path / "text.png").write_text("not an image")
+    Image.new("L", (17000, 8), 255).save(tmp_path / "wide.png")
+    header_only_png(tmp_path / "bomb.png", 30000, 30000)
     (tmp_path / "nomask.json").write_text(json.dumps({"subjects": [{"image": img}]}))
     (tmp_path / "maskint.json").write_text(json.dumps({"subjects": [{"image": img, "mask": 3}]}))
     (tmp_path / "missing.json").write_text(json.dumps({"subjects": [{"image": img, "mask": "nope.png"}]}))
@@ -496,6 +509,10 @@ def test_cli_bad_masks_exit_2_before_loading(tmp_path, subject_images, capsys, m
         (["a", "--subject", f"{img}:0,0,1,1", "--subject", f"{img}:mask={tmp_path}/odd.png"],
          r"subjects\[1\]\.mask is 60x64 pixels.*multiples of 8"),
         (["a", "--subject", f"{img}:mask={good}:inf"], r"scale: 'inf' is not a finite number"),
+        (["a", "--subject", f"{img}:mask={tmp_path}/wide.png"],
+         r"subjects\[0\]\.mask: '.*wide\.png' is 8x17000 pixels \(height x width\), above the largest side"),
+        (["a", "--subject", f"{img}:mask={tmp_path}/bomb.png"], r"subjects\[0\]\.mask: '.*bomb\.png' is too large"),
+        (["a", "--subject", f"{tmp_path}/bomb.png:0,0,1,1"], r"subjects\[0\]\.image: '.*bomb\.png' is too large"),
         (["a", "--layout", str(tmp_path / "nomask.json")], r"subjects\[0\]: missing \"box\" or \"mask\""),
         (["a", "--layout", str(tmp_path / "maskint.json")], r"subjects\[0\]\.mask must be a path string"),
         (["a", "--layout", str(tmp_path / "missing.json")], r"subjects\[0\]\.mask: no mask file"),
@@ -578,3 +595,24 @@ def test_load_mask_forms(tmp_path):
                  tmp_path / "m.png", Image.fromarray(m.astype(np.uint8) * 255).convert("RGB")):
         got = load_mask(form, "mask")
         assert got.dtype == torch.bool and got.device.type == "cpu" and torch.equal(got, torch.from_numpy(m))
+
+
+def test_image_files_are_checked_in_their_header_before_decoding(tmp_path, subject_images, header_only_png):
+    """Header-only PNGs hold no pixel data: decoding one fails as a truncated file, so a refusal
+    that names the size proves the size was checked before decoding."""
+    from anyms.pipeline import _load_image
+
+    wide = header_only_png(tmp_path / "wide.png", 17000, 8)
+    tall = header_only_png(tmp_path / "tall.png", 8, 16392)
+    bomb = header_only_png(tmp_path / "bomb.png", 30000, 30000)
+    with pytest.raises(ValueError, match=r"^m: '.*wide\.png' is 8x17000 pixels \(height x width\), above the largest"):
+        load_mask(wide, "m")
+    with pytest.raises(ValueError, match=r"^masks\[0\]: '.*tall\.png' is 16392x8 pixels"):
+        Layout(latent_hw=GRID, masks=[tall])
+    for load in (load_mask, _load_image):
+        with pytest.raises(ValueError, match=r"^x: '.*bomb\.png' is too large to decode \(Image size \(900000000"):
+            load(bomb, "x")
+    # at the largest side the header passes, and the missing pixel data is what fails
+    with pytest.raises(ValueError, match=r"^m: cannot read '.*edge\.png' as an image"):
+        load_mask(header_only_png(tmp_path / "edge.png", 16384, 8), "m")
+    assert load_mask(np.ones((8, 16384), bool)).shape == (8, 16384)

@@ -237,6 +237,11 @@ def _bad_cases(files, img):
         (dict(subjects=[Subject(img, (0, 0, 0.5, 1, 0.5, 0, 1, 1))]), ValueError, r"subjects\[0\]\.box must be 4 numbers"),
         (dict(subjects=[Subject(img, [[0, 0, 0.5, 1], [0.5, 0, 1, 1]])]), ValueError, r"subjects\[0\]\.box must be 4"),
         (dict(subjects=[Subject(img, FULL, scale=float("inf"))]), ValueError, r"subjects\[0\]\.scale"),
+        # finite as a Python float, inf in float32 (where the layout keeps scales)
+        (dict(subjects=[ok, Subject(img, FULL, scale=1e39)]), ValueError, r"subjects\[1\]\.scale must be a finite"),
+        (dict(subjects=[Subject(img, FULL, scale=-1e39)]), ValueError, r"subjects\[0\]\.scale must be a finite"),
+        (dict(subjects=[Subject(img, FULL, scale=np.float64("nan"))]), ValueError, r"subjects\[0\]\.scale"),
+        (dict(subjects=[Subject(img, FULL, scale=10 ** 400)]), ValueError, r"subjects\[0\]\.scale"),
         (dict(subjects=[Subject(files / "missing.png", FULL)]), ValueError, r"subjects\[0\]\.image: no image file"),
         (dict(subjects=[ok, Subject(files / "text.png", FULL)]), ValueError, r"subjects\[1\]\.image: cannot read"),
         (dict(subjects=[Subject(str(files / "truncated.png"), FULL)]), ValueError, r"subjects\[0\]\.image: cannot read"),
@@ -308,3 +313,15 @@ def test_model_cpu_offload_hooks_keep_the_result(anyms_and_diffusers, subject_im
     ours.enable_model_cpu_offload(device="cpu")
     torch.testing.assert_close(run(ours, subjects=subjects), expected, **TOL)
     assert not any(isinstance(p, AnyMSAttnProcessor) for p in processors(ours).values())
+
+
+def test_a_scale_is_accepted_exactly_when_float32_holds_it(subject_images):
+    from anyms.pipeline import prepare_subjects
+
+    img = subject_images[0]
+    largest = float(np.finfo(np.float32).max)
+    assert prepare_subjects([Subject(img, FULL, scale=largest)]).subjects[0].scale == largest
+    assert prepare_subjects([Subject(img, FULL, scale=-largest)]).subjects[0].scale == -largest
+    for bad in (1e39, largest * 1.001, float("-inf"), "1.0", None):
+        with pytest.raises(ValueError, match=r"^subjects\[0\]\.scale must be a finite number"):
+            prepare_subjects([Subject(img, FULL, scale=bad)])

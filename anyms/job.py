@@ -1,0 +1,384 @@
+"""One image to make (:class:`Job`): what it is, its checks, how it is read from a layout file or a
+jobs file's line, made and saved. ``anyms generate`` makes one job, ``--jobs`` many (anyms.jobs)."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+from . import console
+from .errors import GenerationError, UsageError
+from .loading import Run, default_size
+from .preflight import MAX_STEPS
+
+__all__ = ["Job", "check_job", "read_layout_file", "layout_from_dict", "output_paths", "check_outputs",
+           "generate_image", "image_record", "save_job", "write_pictures", "warn_unreached", "memory_report",
+           "LAYOUT_SCHEMA", "JOBS_SCHEMA"]
+
+MODES = ("overwrite", "sum")
+PRIORITIES = ("order", "smaller_on_top")
+DEFAULT_STEPS = 50
+
+LAYOUT_SCHEMA = """\
+layout file (--layout FILE.json); image paths are relative to the file:
+  {
+    "prompt": "a dog and a cat on a sofa",    optional; the PROMPT argument wins
+    "mode": "overwrite",                      optional; --mode wins
+    "priority": "order",                      optional; --priority wins
+    "subjects": [                             required, at least one
+      {"image": "dog.png", "box": [0.05, 0.3, 0.5, 0.95], "scale": 1.0, "label": "dog"},
+      {"image": "cat.png", "mask": "cat_mask.png"}
+    ]
+  }
+Each subject needs "box" or "mask" (or both: the mask is the region, the box only
+places the label in the layout picture). "box" is [x0, y0, x1, y1] normalised to
+the image (x right, y down, x1 > x0, y1 > y0). "mask" is an image file (PNG: any
+nonzero pixel is inside) of the generated image's size; without --height/--width
+the image takes the masks' size. A token is in a region when its cell meets the
+box or holds a mask pixel. "scale" (default 1.0) and "label" (default: the file
+name) are optional. Later subjects are on top where regions overlap ("priority":
+"smaller_on_top" puts smaller regions on top). No other keys are allowed.
+"""
+
+LAYOUT_KEYS = {"prompt", "mode", "priority", "subjects"}
+SUBJECT_KEYS = {"image", "box", "mask", "scale", "label"}
+
+JOBS_SCHEMA = """\
+jobs file (--jobs FILE.jsonl): one JSON object a line (blank lines are skipped), each a
+layout file's object (above; paths relative to the jobs file), with optionally:
+  "out": "cats/0001.png"      the image, relative to --out-dir (default NNNNN.png, the
+                              job's index); PNG only
+  "seed": 7                   default: --seed (0) + the job's index (0-based, blank lines
+                              not counted), so a job's image never depends on the process
+  "negative_prompt", "steps", "guidance", "height", "width"   default: the options'
+The model and its options (--model, --dtype, ...) are the command line's, for every job.
+A job whose image exists and records this very job (a PNG's anyms record) is done and
+skipped, so a stopped run resumes; an existing image made from anything else is refused
+(--overwrite replaces it). One run writes in DIR at a time: it holds DIR/.anyms.lock (its
+PID and host) while it runs, and another run on DIR refuses (exit 2); a lock left by a run
+that was killed is taken over, and the temporary files it left are removed.
+DIR/manifest.jsonl lists every job in file order: its status (done; skipped: done before;
+failed, with its error), seconds and process. Under `accelerate launch` (one process per GPU)
+or `torchrun --nproc-per-node N` (CPUs: gloo) each process makes its share of the jobs, and
+the images are the ones one process would make.
+"""
+JOB_KEYS = {"out", "seed", "negative_prompt", "steps", "guidance", "height", "width"}
+
+
+@dataclass
+class Job:
+    """One image to make: everything but the model. ``anyms generate`` makes one, ``--jobs`` many."""
+
+    prompt: Optional[str]
+    subjects: list
+    mode: str = "overwrite"
+    priority: str = "order"
+    seed: int = 0
+    steps: int = DEFAULT_STEPS
+    guidance: Optional[float] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    negative_prompt: Optional[str] = None
+    out: str = "anyms.png"
+    where: str = ""                 # "" on the command line, "--jobs FILE:LINE" for a job
+    index: int = 0
+    plan: Any = None                # the checked subjects (check_job)
+    hashes: Any = None              # the SHA-256 of the subjects' files, taken as check_job read them
+
+    def name(self, key: str) -> str:
+        """How errors name ``key``: ``--steps`` on the command line, ``--jobs f.jsonl:3: "steps"`` in a job."""
+        return f'{self.where}: "{key}"' if self.where else f"--{key.replace('_', '-')}"
+
+    def error(self, message: str) -> UsageError:
+        return UsageError(f"{self.where}: {message}" if self.where else message)
+
+
+def read_layout_file(path: str) -> dict:
+    """Read a layout file (schema in this module's docstring) -> ``{"prompt", "mode", "priority", "subjects"}``."""
+    what = f"--layout {path!r}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{what}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{what}: not valid JSON ({e})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{what}: cannot read it ({e})") from None
+    except (ValueError, RecursionError) as e:   # an integer of 5000 digits, arrays nested 100000 deep
+        raise UsageError(f"{what}: not valid JSON ({e})") from None
+    return layout_from_dict(data, what, os.path.dirname(os.path.abspath(path)))
+
+
+def layout_from_dict(data, what: str, folder: str, extra_keys=(), extra_subject_keys=()) -> dict:
+    """Check a layout file's object (``data``, already parsed) -> ``{"prompt", "mode", "priority",
+    "subjects"}`` plus its ``extra_keys`` that are present. Image and mask paths are relative
+    to ``folder``; errors start with ``what`` (the file, or a jobs file's line)."""
+    from .pipeline import Subject
+
+    if not isinstance(data, dict):
+        raise UsageError(f"{what}: the top level must be an object with a \"subjects\" list")
+    allowed = LAYOUT_KEYS | set(extra_keys)
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise UsageError(f"{what}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    for key in ("prompt", "mode", "priority"):
+        if key in data and data[key] is not None and not isinstance(data[key], str):
+            raise UsageError(f"{what}: \"{key}\" must be a string")
+    items = data.get("subjects")
+    if not isinstance(items, list) or not items:
+        raise UsageError(f"{what}: \"subjects\" must be a non-empty list")
+    subject_keys = SUBJECT_KEYS | set(extra_subject_keys)
+    subjects = []
+    for i, item in enumerate(items):
+        where = f"{what}: subjects[{i}]"
+        if not isinstance(item, dict):
+            raise UsageError(f"{where} must be an object with \"image\" and \"box\" or \"mask\"")
+        unknown = sorted(set(item) - subject_keys)
+        if unknown:
+            raise UsageError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(SUBJECT_KEYS)}")
+        if "image" not in item:
+            raise UsageError(f"{where}: missing \"image\"")
+        if "box" not in item and "mask" not in item:
+            raise UsageError(f"{where}: missing \"box\" or \"mask\" (give one, or both)")
+        if not isinstance(item["image"], str):
+            raise UsageError(f"{where}.image must be a path string")
+        box = item.get("box")
+        if box is not None and (not isinstance(box, list) or len(box) != 4 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+            raise UsageError(f"{where}.box must be a list of 4 numbers [x0, y0, x1, y1], got {box!r}")
+        mask = item.get("mask")
+        if mask is not None and not isinstance(mask, str):
+            raise UsageError(f"{where}.mask must be a path string (an image file), got {mask!r}")
+        scale = item.get("scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise UsageError(f"{where}.scale must be a number, got {scale!r}")
+        label = item.get("label")
+        if label is not None and not isinstance(label, str):
+            raise UsageError(f"{where}.label must be a string")
+        subjects.append(Subject(os.path.join(folder, item["image"]), None if box is None else tuple(box),
+                                float(scale), label, mask=None if mask is None else os.path.join(folder, mask)))
+    out = {"prompt": data.get("prompt"), "mode": data.get("mode"), "priority": data.get("priority"),
+           "subjects": subjects}
+    out.update({key: data[key] for key in extra_keys if key in data})
+    return out
+
+
+def _integer(value, name: str, low: int, high: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UsageError(f"{name} must be an integer, got {value!r}")
+    if value < low or (high is not None and value > high):
+        raise UsageError(f"{name} must be {'at least ' + str(low) if high is None else f'in [{low}, {high}]'}, "
+                         f"got {value}")
+    return value
+
+
+def check_job(job: Job, arch: str = "sdxl") -> Job:
+    """Check everything about ``job`` that needs no model (reads its images and masks); fills
+    ``job.plan`` and, with masks, ``job.height``/``job.width``. Raises UsageError naming the argument."""
+    import math as _math
+
+    from .metadata import subject_hashes
+    from .preflight import check_image_size
+    from .pipeline import prepare_subjects
+
+    if not job.prompt:
+        raise job.error("a prompt is required: give PROMPT or \"prompt\" in --layout" if not job.where
+                        else "a prompt is required: give \"prompt\"")
+    if not isinstance(job.prompt, str):
+        raise UsageError(f"{job.name('prompt')} must be a string")
+    if job.negative_prompt is not None and not isinstance(job.negative_prompt, str):
+        raise UsageError(f"{job.name('negative_prompt')} must be a string")
+    for key, choices in (("mode", MODES), ("priority", PRIORITIES)):
+        if getattr(job, key) not in choices:
+            raise UsageError(f"{job.name(key)} must be one of {list(choices)}, got {getattr(job, key)!r}")
+    if type(job.steps) is int and job.steps < 1 and not job.where:
+        raise UsageError(f"--steps must be at least 1, got {job.steps}")
+    _integer(job.steps, job.name("steps"), 1, MAX_STEPS)
+    _integer(job.seed, job.name("seed"), 0, 2 ** 64 - 1)
+    if job.guidance is not None and (isinstance(job.guidance, bool) or not isinstance(job.guidance, (int, float))
+                                     or not _math.isfinite(job.guidance)):
+        raise UsageError(f"{job.name('guidance')} must be a finite number, got {job.guidance!r}")
+    for key in ("height", "width"):
+        value = getattr(job, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise UsageError(f"{job.name(key)} must be an integer, got {value!r}")
+        try:
+            check_image_size(value, job.name(key))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    flux = arch == "flux"
+    if flux:
+        for key in ("height", "width"):
+            value = getattr(job, key)
+            if value is not None and value % 16:
+                raise UsageError(f"{job.name(key)} must be a multiple of 16 for FLUX (it packs the latent 2x2), "
+                                 f"got {value}")
+    try:
+        # reads the images and masks, checks boxes, masks, mode and priority, and the masks' size
+        job.plan = prepare_subjects(job.subjects, job.mode, job.priority)
+        job.height, job.width = job.plan.image_size(job.height, job.width, 16 if flux else 8)
+        job.hashes = subject_hashes(job.subjects)     # the record's, whatever happens to the files later
+    except (ValueError, TypeError) as e:
+        raise job.error(str(e)) from None
+    return job
+
+
+def output_paths(out: str, pictures: bool = True):
+    """``(image, layout picture, routing picture)`` paths for ``--out`` (pictures None without ``pictures``)."""
+    stem, ext = os.path.splitext(out)
+    if ext.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise UsageError(f"--out must end in .png, .jpg, .jpeg or .webp, got {out!r}")
+    if not pictures:
+        return out, None, None
+    return out, f"{stem}.layout.png", f"{stem}.routing.png"
+
+
+def check_outputs(paths, overwrite: bool, what: str = "--out") -> None:
+    """Before any model loads: the folders exist (made) and take files, and nothing would be replaced."""
+    from .outputs import OutputError, existing, prepare_output_folder
+
+    paths = [p for p in paths if p]
+    try:
+        for path in paths:
+            prepare_output_folder(path, what)
+    except OutputError as e:
+        raise UsageError(str(e)) from None
+    if not overwrite:
+        taken = existing(paths)
+        if taken is not None:
+            raise UsageError(f"{what}: {taken!r} exists; give --overwrite to replace it, or another {what}")
+
+
+def job_layout(pipe, job: Job, height: int, width: int):
+    """The :class:`~anyms.Layout` the pipeline will build for ``job`` at ``height x width``."""
+    plan = job.plan
+    if getattr(pipe, "unet", None) is None:           # FLUX
+        from .flux import flux_layout
+
+        masks = [s.mask for s in plan.subjects]
+        return flux_layout([list(s.box) for s in plan.subjects], height, width,
+                           scales=[s.scale for s in plan.subjects], mode=plan.mode,
+                           masks=masks if any(m is not None for m in masks) else None,
+                           vae_scale_factor=pipe.vae_scale_factor)
+    return plan.make_layout((height // pipe.vae_scale_factor, width // pipe.vae_scale_factor))
+
+
+def _routing_grids(pipe, layout):
+    """``{grid: layers}`` of the layers AnyMS acts on, for ``layout`` (U-Net levels, or FLUX's one grid)."""
+    from .visualize import cross_attention_grids
+
+    if layout.token_grid is not None:    # a transformer (FLUX): one grid, every double-stream block
+        return {layout.token_grid: pipe.transformer.config.num_layers}
+    return cross_attention_grids(pipe.unet, layout.latent_hw)
+
+
+def warn_unreached(pipe, job: Job, warn=None) -> List[str]:
+    """Warn, one line per subject, where a subject gets no token at some level; returns the lines."""
+    from .preflight import unreached_message, unreached_subjects
+
+    height, width = job.height or default_size(pipe)[0], job.width or default_size(pipe)[1]
+    layout = job_layout(pipe, job, height, width)
+    names = [f"subjects[{i}]" for i in job.plan.order]
+    lines = unreached_message(unreached_subjects(layout, _routing_grids(pipe, layout)), job.plan.labels, names)
+    for line in lines:
+        (warn or console.warn)(f"{job.where}: {line}" if job.where else line)
+    return lines
+
+
+def memory_report(pipe, run: Run, height: int, width: int, cfg: bool, log=None, warn=None):
+    """Print the estimated peak memory of one image; warn if it is above what the device has free."""
+    from .preflight import GIB, device_memory, estimate_peak_memory
+
+    if getattr(pipe, "unet", None) is None:          # the estimate models U-Nets (SD, SDXL) only
+        return None
+    est = estimate_peak_memory(pipe, height, width, cfg=cfg, offload=run.offload, vae_tiling=run.vae_tiling,
+                               dtype=run.dtype)
+    (log or console.info)(f"estimated peak memory, {width}x{height} on {run.device}: {est.describe()}")
+    memory = device_memory(run.device)
+    if memory is not None and est.total > memory[0]:
+        hints = [h for h, on in (("--vae-tiling", not run.vae_tiling), ("--offload model", run.offload == "none"
+                                 and run.device.type == "cuda"), ("a smaller size", True)) if on]
+        (warn or console.warn)(f"the estimate is above the {memory[0] / GIB:.1f} GiB free on {run.device}: "
+                               f"expect to run out of memory ({', '.join(hints)} need less)")
+    return est
+
+
+def generate_image(pipe, job: Job, run: Run):
+    """Make ``job``'s image; out of memory is a GenerationError naming the size."""
+    import torch
+
+    call = dict(subjects=job.subjects, anyms_mode=job.mode, anyms_priority=job.priority,
+                negative_prompt=job.negative_prompt, height=job.height, width=job.width,
+                num_inference_steps=job.steps, generator=torch.Generator("cpu").manual_seed(job.seed))
+    if job.guidance is not None:
+        call["guidance_scale"] = job.guidance
+    try:
+        return pipe(job.prompt, **call).images[0]
+    except torch.OutOfMemoryError:
+        raise GenerationError(
+            f"{job.where + ': ' if job.where else ''}out of memory on {run.device} making "
+            f"{job.width or 'default'}x{job.height or 'default'}: try --vae-tiling, --offload model or a smaller "
+            f"size") from None
+
+
+def image_record(pipe, job: Job, run: Run, image=None) -> dict:
+    """The record stored in ``job``'s PNG (see :mod:`anyms.metadata`); without ``image``, what is known
+    before generating (height, width and guidance None where the model's defaults will apply)."""
+    from .metadata import build_record
+
+    guidance = job.guidance
+    if image is not None and guidance is None:
+        guidance = getattr(pipe, "guidance_scale", None)     # the pipeline's default, as it ran
+    record = build_record(
+        prompt=job.prompt, negative_prompt=job.negative_prompt, subjects=job.subjects, mode=job.mode,
+        priority=job.priority, seed=job.seed, steps=job.steps, guidance=guidance,
+        height=image.height if image is not None else job.height,
+        width=image.width if image is not None else job.width,
+        model=run.model_record(), folder=os.path.dirname(os.path.abspath(job.out)),
+        device=str(run.device) if image is not None else None, hashes=job.hashes)
+    return record
+
+
+def save_job(pipe, image, job: Job, run: Run, paths, warn=None, overwrite_pictures: Optional[bool] = None) -> None:
+    """Write ``job``'s pictures and image (PNG: with its record), atomically, replacing nothing without --overwrite."""
+    from .metadata import png_info
+
+    info = png_info(image_record(pipe, job, run, image)) if paths[0].lower().endswith(".png") else None
+    write_pictures(pipe, image, paths, overwrite=run.overwrite, pnginfo=info, warn=warn,
+                    overwrite_pictures=overwrite_pictures)
+
+
+def write_pictures(pipe, image, paths, *, overwrite: bool = True, pnginfo=None, warn=None,
+                    overwrite_pictures: Optional[bool] = None) -> None:
+    """Write, each atomically, the layout and routing pictures where ``paths`` names them, then
+    the image (with ``pnginfo``'s text chunks): an image on disk means its pictures are there
+    too. Nothing existing is replaced without ``overwrite`` (``overwrite_pictures`` for the
+    pictures; default the same)."""
+    from .outputs import OutputError, WriteError, atomic_save
+    from .visualize import draw_layout
+
+    plan = pipe.anyms_last_plan
+    keep = overwrite if overwrite_pictures is None else overwrite_pictures
+    for path in paths:
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        if paths[1]:
+            atomic_save(draw_layout(image, plan.subjects), paths[1], overwrite=keep)
+        if paths[2]:
+            try:
+                from .visualize import subject_maps
+
+                picture = subject_maps(plan.layout, _routing_grids(pipe, plan.layout), labels=plan.labels, image=image)
+            except ModuleNotFoundError as e:       # matplotlib is the viz extra's
+                (warn or console.warn)(f"no routing picture: {e.name} is not installed "
+                                       f"(pip install 'anyms-kernels[viz]')")
+            else:
+                atomic_save(picture, paths[2], overwrite=keep)
+        atomic_save(image, paths[0], overwrite=overwrite, pnginfo=pnginfo)
+    except WriteError as e:             # a full disk: the input was good
+        raise GenerationError(str(e)) from None
+    except OutputError as e:
+        raise UsageError(str(e)) from None
