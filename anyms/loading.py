@@ -222,9 +222,9 @@ def _model_arch(model: str, hub: _Hub):
             raise LoadError(f"cannot load the model {model!r}: no readable model_index.json, not a diffusers "
                             f"pipeline folder ({type(e).__name__}: {e})") from None
     else:
+        hub.require("the model", model, "model_index.json")     # before diffusers' import: seconds
         from diffusers import DiffusionPipeline
 
-        hub.require("the model", model, "model_index.json")
         try:
             config = DiffusionPipeline.load_config(model, local_files_only=hub.offline)
         except (OSError, ValueError) as e:
