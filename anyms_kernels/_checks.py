@@ -30,7 +30,7 @@ BOX_DTYPES = (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8)
 class Checked:
     """The op's arguments after the checks, in the one form every backend takes."""
     grid: Grid
-    regions: object              # int32 boxes [B, S, 4] or bool coverage [B, S, h, w] on q's device
+    regions: object              # int64 boxes [B, S, 4] or bool coverage [B, S, h, w] on q's device
                                  # (batch stride 0 when shared), or a Routing
     subject_scale: torch.Tensor  # float32 [B, S] on q's device (float64 for float64 q; strides 0 when broadcast)
     softmax_scale: float
@@ -181,8 +181,10 @@ def _check_boxes(boxes, B, S, device) -> torch.Tensor:
             f"boxes must be [S={S}, 4] or [B={B}, S={S}, 4] (one box per subject of k_subj), "
             f"got shape {_shape(boxes)}"
         )
-    # to(...) copies only when needed; expanded batch stays stride 0.
-    return boxes.to(device=device, dtype=torch.int32)
+    # to(...) copies only when needed; expanded batch stays stride 0. int64, never narrower: the
+    # value checks (eager, or inside the op under torch.compile) must see the caller's numbers,
+    # and an int32 cast would turn 2**32 + 2 into a valid 2.
+    return boxes.to(device=device, dtype=torch.int64)
 
 
 def _check_subject_scale(subject_scale, B, S, device, dtype) -> torch.Tensor:

@@ -55,7 +55,7 @@ def _region_cross_attention_impl(
     regions: torch.Tensor, subject_scale: torch.Tensor, text_mask: Optional[torch.Tensor],
     grid_h: int, grid_w: int, mode: str, softmax_scale: float, backend: str, values_checked: bool,
 ) -> torch.Tensor:
-    """The registered op: regions are int32 boxes [B,S,4] or a bool coverage map [B,S,h,w]
+    """The registered op: regions are int64 boxes [B,S,4] or a bool coverage map [B,S,h,w]
     (a Routing's cover when the caller passed one), subject_scale float32 [B,S], backend
     resolved. ``values_checked``: the eager public function already read the values."""
     grid = (grid_h, grid_w)

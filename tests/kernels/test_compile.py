@@ -111,3 +111,41 @@ def test_registered_op_equals_public_function_in_eager():
         torch.ops.anyms_kernels.region_cross_attention(
             q, kt, vt, ks, vs, torch.tensor([[[0, 0, 9, 9]] * 2] * 2, dtype=torch.int32), torch.ones(2, 2),
             None, 5, 6, "overwrite", 0.125, "torch", False)
+
+
+# ------------------------------------------------------- the same contract compiled and eager
+def _op_on_boxes(q, kt, vt, ks, vs, boxes):
+    return ak.region_cross_attention(q, kt, vt, ks, vs, boxes, (4, 5), backend="torch")
+
+
+def _raised(fn, *args, **kwargs):
+    """(exception type, message) of what ``fn`` raises; fails the test if it returns."""
+    try:
+        fn(*args, **kwargs)
+    except Exception as exc:        # noqa: BLE001  (the type is part of what is compared)
+        return type(exc), str(exc)
+    pytest.fail(f"{getattr(fn, '__name__', fn)} raised nothing")
+
+
+@pytest.mark.parametrize("box", [[0, 0, 2**32 + 2, 2], [-2**32, 0, 2, 2], [0, 2**33 + 1, 2, 2**33 + 3]],
+                         ids=["x1 wraps to 2", "x0 wraps to 0", "y wraps to 1..3"])
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_int64_boxes_beyond_int32_are_refused_compiled_as_eager(box, compiler):
+    """Cast to int32 each of these boxes is a valid box on a 4x5 grid: the checks must see the
+    caller's numbers in both modes, not what an int32 cast makes of them."""
+    torch._dynamo.reset()
+    q, kt, vt, ks, vs = make_inputs(1, 2, (4, 5), 64, 7, 2, 4)
+    boxes = torch.tensor([box, [1, 1, 5, 4]], dtype=torch.int64)
+    assert ((boxes.to(torch.int32) >= 0).all() and (boxes.to(torch.int32)[:, 2:] <= 5).all())   # wraps to valid
+    eager = _raised(_op_on_boxes, q, kt, vt, ks, vs, boxes)
+    assert eager[0] is ValueError and "boxes must lie inside the 4x5 grid" in eager[1], eager
+    compiled = torch.compile(_op_on_boxes, fullgraph=True, backend=compiler)
+    assert _raised(compiled, q, kt, vt, ks, vs, boxes) == eager
+
+
+def test_routing_of_boxes_beyond_int32_does_not_wrap():
+    """build_routing reads no values (it does not check them): a box past the grid's edge covers
+    up to the edge, never what its int32 cast would name."""
+    far = ak.build_routing(torch.tensor([[0, 0, 2**32 + 2, 2]]), (4, 5)).cover
+    edge = ak.build_routing(torch.tensor([[0, 0, 5, 2]]), (4, 5)).cover
+    assert torch.equal(far, edge)
