@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .._checks import check_arguments, check_values
+from .._checks import check_arguments, check_values, refusal
 from ..reference import region_cross_attention_reference
 from ..regions import Grid
 from ..routing import Routing, build_routing
@@ -79,6 +79,13 @@ def _(q, k_text, v_text, k_subj, v_subj, regions, subject_scale, text_mask, grid
 
 
 # --------------------------------------------------------------------- public function
+def _refuse_grad(*inputs) -> None:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        raise RuntimeError(
+            "region_cross_attention is forward only (inference): an input requires grad, and the output would "
+            "silently carry none. Call it under torch.no_grad() / torch.inference_mode(), or detach the inputs")
+
+
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
     """'auto' -> 'triton' on CUDA tensors, 'torch' elsewhere. Never falls back silently."""
     if backend == "auto":
@@ -147,17 +154,22 @@ def region_cross_attention(
         RuntimeError: ``backend="triton"`` where the kernel cannot run (says why);
             inputs that require grad (there is no backward).
 
+    A call compiled with ``torch.compile`` (``fullgraph=True`` too) raises the same errors,
+    with the same messages, when the compiled call runs.
+
     Value checks (box ranges, NaN scales, an all-masked text row) read the tensors and
     are skipped while a CUDA graph is captured; for capture, pass a Routing, or boxes
     and scales on q's device.
     """
-    checked = check_arguments(q, k_text, v_text, k_subj, v_subj, regions, grid, mode, subject_scale,
-                              text_mask, softmax_scale, backend)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_text, v_text, k_subj, v_subj)):
-        raise RuntimeError(
-            "region_cross_attention is forward only (inference): an input requires grad, and the output would "
-            "silently carry none. Call it under torch.no_grad() / torch.inference_mode(), or detach the inputs")
-    backend = resolve_backend(backend, q)
+    try:
+        checked = check_arguments(q, k_text, v_text, k_subj, v_subj, regions, grid, mode, subject_scale,
+                                  text_mask, softmax_scale, backend)
+        _refuse_grad(q, k_text, v_text, k_subj, v_subj)
+        backend = resolve_backend(backend, q)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        if not torch.compiler.is_compiling():
+            raise
+        return refusal(q, exc)      # traced: raised when the graph runs, as the eager call raises it
     h, w = checked.grid
     values_checked = not torch.compiler.is_compiling()
     if values_checked:  # on the caller's own tensors, so device tensors are read once, not per call

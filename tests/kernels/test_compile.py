@@ -149,3 +149,104 @@ def test_routing_of_boxes_beyond_int32_does_not_wrap():
     far = ak.build_routing(torch.tensor([[0, 0, 2**32 + 2, 2]]), (4, 5)).cover
     edge = ak.build_routing(torch.tensor([[0, 0, 5, 2]]), (4, 5)).cover
     assert torch.equal(far, edge)
+
+
+def _bad_call(case):
+    """(positional args, keyword args) of the op for a case of test_inputs.BAD, or of the extra
+    cases here: errors that only the front door raises (grad, backend, a Routing that does not fit)."""
+    from tests.kernels import test_inputs
+
+    q, kt, vt, ks, vs = make_inputs(1, 2, (4, 5), 64, 7, 2, 4)
+    boxes = torch.tensor([[0, 0, 2, 2], [1, 1, 5, 4]], dtype=torch.int32)
+    extra = {
+        "q requires grad": dict(q=q.detach().clone().requires_grad_()),
+        "triton float64": dict(q=q.double(), k_text=kt.double(), v_text=vt.double(), k_subj=ks.double(),
+                               v_subj=vs.double(), backend="triton"),
+        "routing of another grid": dict(boxes=ak.build_routing(ak.rasterize_boxes([[0, 0, .5, .5]] * 2, (5, 4)),
+                                                               (5, 4))),
+        "box list with a bool": dict(boxes=[[0, 0, 2, 2], [True, 1, 5, 4]]),
+    }
+    override = dict(test_inputs.BAD[case][0]) if case in test_inputs.BAD else extra[case]
+    args = dict(q=q, k_text=kt, v_text=vt, k_subj=ks, v_subj=vs, boxes=boxes, grid=(4, 5))
+    kwargs = dict(backend="torch")
+    for name, value in override.items():
+        (args if name in args else kwargs)[name] = value
+    return [args[k] for k in ("q", "k_text", "v_text", "k_subj", "v_subj", "boxes", "grid")], kwargs
+
+
+def _bad_cases():
+    from tests.kernels import test_inputs
+
+    return sorted(test_inputs.BAD) + ["q requires grad", "triton float64", "routing of another grid",
+                                      "box list with a bool"]
+
+
+def _op(*args, **kwargs):
+    return ak.region_cross_attention(*args, **kwargs)
+
+
+@pytest.mark.parametrize("case", _bad_cases())
+def test_a_compiled_caller_gets_the_eager_error(case):
+    """With fullgraph=True an exception raised while dynamo traces reaches the caller as dynamo's
+    "Observed exception", the message lost: every argument error must instead reach a compiled
+    caller with the eager call's type and message (metadata checks: raised by a refusal op in the
+    graph; value checks: inside the op)."""
+    args, kwargs = _bad_call(case)
+    eager = _raised(_op, *args, **kwargs)
+    assert eager[0] in (TypeError, ValueError, RuntimeError) and "Observed exception" not in eager[1], eager
+    torch._dynamo.reset()
+    compiled = torch.compile(_op, fullgraph=True, backend="aot_eager")
+    assert _raised(compiled, *args, **kwargs) == eager
+
+
+def test_a_compiled_refusal_raises_on_every_call_and_good_calls_still_run():
+    """The refusal is part of the compiled graph: it raises each time that graph runs (not only
+    while tracing), and a good call after it compiles and computes as in eager."""
+    torch._dynamo.reset()
+    compiled = torch.compile(_op, fullgraph=True, backend="aot_eager")
+    bad_args, bad_kwargs = _bad_call("mode")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="mode must be one of"):
+            compiled(*bad_args, **bad_kwargs)
+    good_args, good_kwargs = _bad_call("box list with a bool")
+    good_args[5] = torch.tensor([[0, 0, 2, 2], [1, 1, 5, 4]])
+    torch.testing.assert_close(compiled(*good_args, **good_kwargs), _op(*good_args, **good_kwargs), atol=0, rtol=0)
+
+
+def test_an_unused_refusal_still_raises():
+    """A caller that drops the op's output still gets the error: the refusal is never removed
+    from the graph as dead code."""
+    def drops_output(*args, **kwargs):
+        ak.region_cross_attention(*args, **kwargs)
+        return args[0] * 2
+
+    torch._dynamo.reset()
+    args, kwargs = _bad_call("mode")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        torch.compile(drops_output, fullgraph=True, backend="aot_eager")(*args, **kwargs)
+
+
+def test_a_compiled_caller_gets_the_eager_error_once_sizes_are_dynamic():
+    """After a call with other sizes, torch.compile retraces with those sizes symbolic: the
+    messages, which state sizes, must still reach the caller as the eager call writes them.
+    (Each refusal is a graph of its own: more than the default 8 here.)"""
+    torch._dynamo.reset()
+    compiled = torch.compile(_op, fullgraph=True, backend="aot_eager")
+    boxes = torch.tensor([[0, 0, 2, 2], [1, 1, 5, 4]])
+    with torch._dynamo.config.patch(recompile_limit=32):
+        _sizes_change_between_calls(compiled, boxes)
+
+
+def _sizes_change_between_calls(compiled, boxes):
+    for L in (7, 9, 11):
+        q, kt, vt, ks, vs = make_inputs(1, 2, (4, 5), 64, L, 2, 4)
+        torch.testing.assert_close(compiled(q, kt, vt, ks, vs, boxes, (4, 5), backend="torch"),
+                                   _op(q, kt, vt, ks, vs, boxes, (4, 5), backend="torch"), atol=0, rtol=0)
+        for bad in (dict(v_text=vt[:, :, :-1]), dict(text_mask=torch.ones(1, L + 1, dtype=torch.bool)),
+                    dict(subject_scale=torch.ones(L))):
+            args = dict(q=q, k_text=kt, v_text=vt, k_subj=ks, v_subj=vs, boxes=boxes, grid=(4, 5))
+            kwargs = dict(backend="torch")
+            for name, value in bad.items():
+                (args if name in args else kwargs)[name] = value
+            eager = _raised(_op, *args.values(), **kwargs)
+            assert _raised(compiled, *args.values(), **kwargs) == eager, (L, bad.keys())
