@@ -79,11 +79,19 @@ def _(q, k_text, v_text, k_subj, v_subj, regions, subject_scale, text_mask, grid
 
 
 # --------------------------------------------------------------------- public function
-def _refuse_grad(*inputs) -> None:
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        raise RuntimeError(
-            "region_cross_attention is forward only (inference): an input requires grad, and the output would "
-            "silently carry none. Call it under torch.no_grad() / torch.inference_mode(), or detach the inputs")
+def _refuse_grad(**inputs) -> None:
+    """The op is forward only, for every backend and compiled or not: no input may require grad.
+
+    subject_scale included: the torch backend's ops would carry its gradient eagerly while the
+    registered op (what torch.compile runs) and the Triton kernel have no backward, so accepting
+    it would make one call differentiable or not depending on how it runs."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in inputs.items():
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise RuntimeError(
+                f"region_cross_attention is forward only (inference): {name} requires grad, and the op has no "
+                "backward. Call it under torch.no_grad() / torch.inference_mode(), or detach the inputs")
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
@@ -142,7 +150,7 @@ def region_cross_attention(
 
     Returns:
         ``[B, H, N, D]`` in q's dtype and memory layout. Forward only: inputs that
-        require grad are refused.
+        require grad (subject_scale too) are refused, eager and compiled alike.
 
     Raises:
         ValueError: shapes that disagree, boxes outside the grid or inverted/empty,
@@ -164,7 +172,7 @@ def region_cross_attention(
     try:
         checked = check_arguments(q, k_text, v_text, k_subj, v_subj, regions, grid, mode, subject_scale,
                                   text_mask, softmax_scale, backend)
-        _refuse_grad(q, k_text, v_text, k_subj, v_subj)
+        _refuse_grad(q=q, k_text=k_text, v_text=v_text, k_subj=k_subj, v_subj=v_subj, subject_scale=subject_scale)
         backend = resolve_backend(backend, q)
     except (TypeError, ValueError, RuntimeError) as exc:
         if not torch.compiler.is_compiling():

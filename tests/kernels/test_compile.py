@@ -160,6 +160,7 @@ def _bad_call(case):
     boxes = torch.tensor([[0, 0, 2, 2], [1, 1, 5, 4]], dtype=torch.int32)
     extra = {
         "q requires grad": dict(q=q.detach().clone().requires_grad_()),
+        "subject_scale requires grad": dict(subject_scale=torch.full((2,), 0.5, requires_grad=True)),
         "triton float64": dict(q=q.double(), k_text=kt.double(), v_text=vt.double(), k_subj=ks.double(),
                                v_subj=vs.double(), backend="triton"),
         "routing of another grid": dict(boxes=ak.build_routing(ak.rasterize_boxes([[0, 0, .5, .5]] * 2, (5, 4)),
@@ -177,7 +178,7 @@ def _bad_call(case):
 def _bad_cases():
     from tests.kernels import test_inputs
 
-    return sorted(test_inputs.BAD) + ["q requires grad", "triton float64", "routing of another grid",
+    return sorted(test_inputs.BAD) + ["q requires grad", "subject_scale requires grad", "triton float64", "routing of another grid",
                                       "box list with a bool"]
 
 
@@ -250,3 +251,28 @@ def _sizes_change_between_calls(compiled, boxes):
                 (args if name in args else kwargs)[name] = value
             eager = _raised(_op, *args.values(), **kwargs)
             assert _raised(compiled, *args.values(), **kwargs) == eager, (L, bad.keys())
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton"])
+def test_a_subject_scale_that_requires_grad_is_one_contract_eager_and_compiled(backend):
+    """The op is forward only: a subject_scale that requires grad is refused by name, eager and
+    compiled alike (eagerly the torch backend's output used to carry a gradient that the compiled
+    call, whose op has no backward, could not compute); without grad mode the same tensor is
+    accepted and gives the same output both ways."""
+    from anyms_kernels.ops.region_attention import triton_runnable
+
+    q, kt, vt, ks, vs = make_inputs(1, 2, (4, 5), 64, 7, 2, 4)
+    if backend == "triton" and triton_runnable(q) is not None:
+        pytest.skip("triton cannot run here")
+    boxes = torch.tensor([[0, 0, 2, 2], [1, 1, 5, 4]])
+    scale = torch.tensor([0.5, 2.0], requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(_op, fullgraph=True, backend="aot_eager")
+    for run in (_op, compiled):
+        kind, message = _raised(run, q, kt, vt, ks, vs, boxes, (4, 5), subject_scale=scale, backend=backend)
+        assert kind is RuntimeError and "subject_scale requires grad" in message and "forward only" in message
+    with torch.no_grad():
+        eager = _op(q, kt, vt, ks, vs, boxes, (4, 5), subject_scale=scale, backend=backend)
+        out = compiled(q, kt, vt, ks, vs, boxes, (4, 5), subject_scale=scale, backend=backend)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, eager, atol=0, rtol=0)
