@@ -35,11 +35,14 @@ def _run(q, k_text, v_text, k_subj, v_subj, routing: Routing, subject_scale, tex
     """The checked op on one backend. ``regions``: the checked boxes or coverage map (the
     reference's literal input), or None when the caller passed a Routing."""
     if backend == "triton":
-        return region_attention_triton(q, k_text, v_text, k_subj, v_subj, routing, subject_scale, text_mask,
-                                       softmax_scale)
-    if backend == "torch":
-        return region_attention_torch(q, k_text, v_text, k_subj, v_subj, routing, subject_scale, text_mask,
+        out = region_attention_triton(q, k_text, v_text, k_subj, v_subj, routing, subject_scale, text_mask,
                                       softmax_scale)
+        # With a text branch the kernel's softmax over NaN scores is NaN on every row already.
+        return out if k_text is not None and q.is_cuda else _keep_nan_queries(q, out)
+    if backend == "torch":
+        out = region_attention_torch(q, k_text, v_text, k_subj, v_subj, routing, subject_scale, text_mask,
+                                     softmax_scale)
+        return _keep_nan_queries(q, out)
     if regions is None:
         regions = routing.cover.view(routing.batch, routing.num_subjects, *routing.grid)
     regions = regions.expand(q.shape[0], *regions.shape[1:])
@@ -47,6 +50,23 @@ def _run(q, k_text, v_text, k_subj, v_subj, routing: Routing, subject_scale, tex
         q, k_text, v_text, k_subj, v_subj, regions.cpu(), routing.grid, mode=mode,
         subject_scale=subject_scale, text_mask=text_mask, softmax_scale=softmax_scale)
     return _layout.empty_like_layout(q).copy_(res)
+
+
+def _keep_nan_queries(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """A query row holding NaN gives a NaN output row, as plain attention (and the reference) gives.
+
+    Two paths lost it: CPU SDPA writes 0 for a NaN row when the text has few keys (7 of them,
+    not 77), and without a text branch a token no subject acts on is written 0 whatever its
+    query. On the CPU a NaN shows in q's sum (about 1% of the op's time at SDXL's 64x64 level),
+    so the rows are looked for only then; on a GPU that test would sync with the device, so the
+    rows are marked without it."""
+    if q.numel() == 0:
+        return out
+    if q.device.type == "cpu":
+        total = q.sum(dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        if torch.isfinite(total):
+            return out
+    return out.masked_fill_(torch.isnan(q).any(-1, keepdim=True), float("nan"))
 
 
 def _region_cross_attention_impl(
@@ -161,6 +181,9 @@ def region_cross_attention(
             bfloat16 CPU tensors for the Triton interpreter.
         RuntimeError: ``backend="triton"`` where the kernel cannot run (says why);
             inputs that require grad (there is no backward).
+
+    A query row holding NaN gives a NaN output row on every backend, with or without a
+    text branch, as plain attention does; no other row is touched.
 
     A call compiled with ``torch.compile`` (``fullgraph=True`` too) raises the same errors,
     with the same messages, when the compiled call runs.
