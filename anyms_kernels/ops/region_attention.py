@@ -13,7 +13,7 @@ backend in ``region_attention_torch``, the routing they read in ``..routing``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -74,11 +74,18 @@ def _region_cross_attention_impl(
     k_subj: torch.Tensor, v_subj: torch.Tensor,
     regions: torch.Tensor, subject_scale: torch.Tensor, text_mask: Optional[torch.Tensor],
     grid_h: int, grid_w: int, mode: str, softmax_scale: float, backend: str, values_checked: bool,
+    routing_parts: Sequence[torch.Tensor],
 ) -> torch.Tensor:
     """The registered op: regions are int64 boxes [B,S,4] or a bool coverage map [B,S,h,w]
     (a Routing's cover when the caller passed one), subject_scale float32 [B,S], backend
-    resolved. ``values_checked``: the eager public function already read the values."""
+    resolved. ``values_checked``: the eager public function already read the values.
+    ``routing_parts``: with a Routing's cover, its other tensors (``Routing.parts``): the
+    routing is then taken as it was built, not built again; empty: built here."""
     grid = (grid_h, grid_w)
+    if routing_parts:
+        routing = Routing.from_parts(regions.flatten(-2), routing_parts, grid, mode)
+        return _run(q, k_text, v_text, k_subj, v_subj, routing, subject_scale, text_mask, None, mode,
+                    softmax_scale, backend)
     if not values_checked:      # traced by torch.compile: the checks run here, eagerly
         check_values(q, grid, regions, subject_scale, text_mask)
     routing = build_routing(regions, grid, mode)
@@ -94,7 +101,7 @@ _region_cross_attention_op = torch.library.custom_op(
 
 @_region_cross_attention_op.register_fake
 def _(q, k_text, v_text, k_subj, v_subj, regions, subject_scale, text_mask, grid_h, grid_w, mode,
-      softmax_scale, backend, values_checked):
+      softmax_scale, backend, values_checked, routing_parts):
     return _layout.empty_like_layout(q)
 
 
@@ -206,15 +213,19 @@ def region_cross_attention(
     if values_checked:  # on the caller's own tensors, so device tensors are read once, not per call
         check_values(q, checked.grid, regions, subject_scale, text_mask)
     eager = values_checked and type(q) is torch.Tensor   # no tracer to serve: skip the dispatcher
+    routing_parts = ()
     if isinstance(checked.regions, Routing):
         if eager:
             return _run(q, k_text, v_text, k_subj, v_subj, checked.regions, checked.subject_scale, text_mask,
                         None, mode, checked.softmax_scale, backend)
+        # Traced: the routing built once per layout enters the graph as its tensors, so the
+        # graph builds nothing and serves every layout of the same shapes.
         regions = checked.regions.cover.view(checked.regions.batch, -1, h, w)
+        routing_parts = checked.regions.parts()
     else:
         regions = checked.regions
     args = (q, k_text, v_text, k_subj, v_subj, regions, checked.subject_scale, text_mask,
-            h, w, mode, checked.softmax_scale, backend, values_checked)
+            h, w, mode, checked.softmax_scale, backend, values_checked, routing_parts)
     if eager:
         return _region_cross_attention_impl(*args)
     return torch.ops.anyms_kernels.region_cross_attention(*args)

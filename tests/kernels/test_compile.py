@@ -54,7 +54,7 @@ def test_fake_tensor_keeps_layout():
         ks = torch.empty(2, 3, 1, 4, 64)
         out = torch.ops.anyms_kernels.region_cross_attention(
             q, kt, kt, ks, ks, torch.zeros(2, 1, 4, dtype=torch.int32), torch.ones(2, 1), None,
-            4, 4, "overwrite", 0.125, "torch", True)
+            4, 4, "overwrite", 0.125, "torch", True, [])
         assert out.shape == q.shape and out.stride() == q.stride()
 
 
@@ -105,12 +105,12 @@ def test_registered_op_equals_public_function_in_eager():
     public = ak.region_cross_attention(q, kt, vt, ks, vs, boxes, grid, subject_scale=0.5, backend="torch")
     registered = torch.ops.anyms_kernels.region_cross_attention(
         q, kt, vt, ks, vs, boxes.expand(2, 2, 4), torch.full((2, 2), 0.5), None, 5, 6, "overwrite", 0.125,
-        "torch", False)
+        "torch", False, [])
     torch.testing.assert_close(registered, public, atol=0, rtol=0)
     with pytest.raises(ValueError, match="boxes"):   # not checked by the caller: the op checks
         torch.ops.anyms_kernels.region_cross_attention(
             q, kt, vt, ks, vs, torch.tensor([[[0, 0, 9, 9]] * 2] * 2, dtype=torch.int32), torch.ones(2, 2),
-            None, 5, 6, "overwrite", 0.125, "torch", False)
+            None, 5, 6, "overwrite", 0.125, "torch", False, [])
 
 
 # ------------------------------------------------------- the same contract compiled and eager
@@ -276,3 +276,42 @@ def test_a_subject_scale_that_requires_grad_is_one_contract_eager_and_compiled(b
         out = compiled(q, kt, vt, ks, vs, boxes, (4, 5), subject_scale=scale, backend=backend)
     assert not out.requires_grad
     torch.testing.assert_close(out, eager, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "sum"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_a_compiled_call_takes_the_prebuilt_routing_and_a_new_layout_does_not_recompile(backend, mode,
+                                                                                       monkeypatch):
+    """A Routing is built once per layout, before the compiled region: the compiled call hands
+    its tensors to the op as graph inputs. So no routing is built while tracing or running, a
+    second layout with the same shapes runs the same graph, and the outputs are the eager ones."""
+    from anyms_kernels import routing as routing_module
+    from anyms_kernels.ops.region_attention import triton_runnable
+
+    grid = (6, 7)
+    q, kt, vt, ks, vs = make_inputs(2, 2, grid, 64, 7, 3, 4)
+    if backend == "triton" and triton_runnable(q) is not None:
+        pytest.skip("triton cannot run here")
+    layouts = ([[0, 0, .5, .5], [.3, .3, 1, 1], [0, .6, .4, 1]], [[.5, 0, 1, .5], [0, .3, .6, 1], [.2, .2, .9, .4]])
+    routings = [ak.build_routing(ak.rasterize_boxes(boxes, grid), grid, mode) for boxes in layouts]
+    builds = []
+    for name in ("region_cover", "_sort_tokens", "_tile_subjects"):
+        real = getattr(routing_module, name)
+        monkeypatch.setattr(routing_module, name, lambda *a, _real=real, _name=name: (builds.append(_name), _real(*a))[1])
+
+    def op(q, routing):
+        return ak.region_cross_attention(q, kt, vt, ks, vs, routing, grid, mode=mode, subject_scale=0.7,
+                                         backend=backend)
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(op, fullgraph=True, backend="aot_eager")
+    first = compiled(q, routings[0])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        second = compiled(q, routings[1])
+        again = compiled(q, routings[0])
+    assert builds == []
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    for out, routing in ((first, routings[0]), (second, routings[1]), (again, routings[0])):
+        torch.testing.assert_close(out, op(q, routing), atol=0, rtol=0)
+    assert not torch.equal(first, second)
