@@ -187,8 +187,8 @@ def _check_regions(regions, B, S, grid, mode, device):
             regions = regions.unsqueeze(0)
         elif not (regions.dim() == 4 and regions.shape[1:] == (S, h, w) and regions.shape[0] in (1, B)):
             raise ValueError(
-                f"regions as a coverage map must be bool [S={int(S)}, h={h}, w={w}] or [B={int(B)}, S, h, w] on the call's "
-                f"grid (make it with anyms_kernels.rasterize_masks), got shape {_shape(regions)}")
+                f"regions as a coverage map must be bool [S={int(S)}, h={h}, w={w}] or [B={int(B)}, S, h, w] on "
+                f"the call's grid (make it with anyms_kernels.rasterize_masks), got shape {_shape(regions)}")
         return regions.to(device)
     return _check_boxes(regions, B, S, device)
 
@@ -252,7 +252,8 @@ def _check_subject_scale(subject_scale, B, S, device, dtype) -> torch.Tensor:
     if shape == (S,):
         subject_scale = subject_scale.unsqueeze(0)
     elif not (len(shape) == 2 and shape[1] == S and shape[0] in (1, B)):
-        raise ValueError(f"subject_scale must be a float, [S={int(S)}] or [B={int(B)}, S={int(S)}], got shape {_shape(subject_scale)}")
+        raise ValueError(f"subject_scale must be a float, [S={int(S)}] or [B={int(B)}, S={int(S)}], "
+                         f"got shape {_shape(subject_scale)}")
     return subject_scale.expand(B, S).to(device=device, dtype=dtype)
 
 

@@ -178,8 +178,8 @@ def _bad_call(case):
 def _bad_cases():
     from tests.kernels import test_inputs
 
-    return sorted(test_inputs.BAD) + ["q requires grad", "subject_scale requires grad", "triton float64", "routing of another grid",
-                                      "box list with a bool"]
+    return sorted(test_inputs.BAD) + ["q requires grad", "subject_scale requires grad", "triton float64",
+                                      "routing of another grid", "box list with a bool"]
 
 
 def _op(*args, **kwargs):
@@ -297,7 +297,8 @@ def test_a_compiled_call_takes_the_prebuilt_routing_and_a_new_layout_does_not_re
     builds = []
     for name in ("region_cover", "_sort_tokens", "_tile_subjects"):
         real = getattr(routing_module, name)
-        monkeypatch.setattr(routing_module, name, lambda *a, _real=real, _name=name: (builds.append(_name), _real(*a))[1])
+        monkeypatch.setattr(routing_module, name,
+                            lambda *a, _real=real, _name=name: (builds.append(_name), _real(*a))[1])
 
     def op(q, routing):
         return ak.region_cross_attention(q, kt, vt, ks, vs, routing, grid, mode=mode, subject_scale=0.7,
