@@ -8,6 +8,11 @@ Two kinds of check:
   call; a GPU tensor once per tensor and version (a generation reuses the same
   boxes in every layer); none while a CUDA graph is being captured, where a sync
   is illegal. Under torch.compile they run inside the op, eagerly.
+
+While torch.compile traces, an exception raised by a metadata check would reach the
+caller as dynamo's "Observed exception" (with ``fullgraph=True``), its message lost.
+So a traced call that fails a check puts :func:`refusal` in the graph instead: an op
+that raises the same exception, with the same message, when the graph runs.
 """
 from __future__ import annotations
 
@@ -30,10 +35,37 @@ BOX_DTYPES = (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8)
 class Checked:
     """The op's arguments after the checks, in the one form every backend takes."""
     grid: Grid
-    regions: object              # int32 boxes [B, S, 4] or bool coverage [B, S, h, w] on q's device
+    regions: object              # int64 boxes [B, S, 4] or bool coverage [B, S, h, w] on q's device
                                  # (batch stride 0 when shared), or a Routing
     subject_scale: torch.Tensor  # float32 [B, S] on q's device (float64 for float64 q; strides 0 when broadcast)
     softmax_scale: float
+
+
+# ------------------------------------------------------------- refusals that survive tracing
+_REFUSABLE = {cls.__name__: cls for cls in (TypeError, ValueError, RuntimeError)}
+
+
+@torch.library.custom_op("anyms_kernels::refuse", mutates_args=())
+def _refuse(like: torch.Tensor, kind: str, message: str) -> torch.Tensor:
+    raise _REFUSABLE[kind](message)
+
+
+@_refuse.register_fake
+def _(like, kind, message):
+    return torch.empty_like(like)
+
+
+# Never dropped from a graph as unused: the raise is the point.
+torch.fx.node.has_side_effect(torch.ops.anyms_kernels.refuse.default)
+
+
+def refusal(like, exc: Exception) -> torch.Tensor:
+    """For a traced call: the op output's stand-in, which raises ``exc`` (same type, same
+    message) when the compiled graph runs. ``like``: the call's q when it is a tensor."""
+    if not (isinstance(like, torch.Tensor) and like.dim() == 4):
+        like = torch.empty(0, 0, 0, 0)
+    # detached: nothing to differentiate (a q that requires grad is itself a refusal)
+    return torch.ops.anyms_kernels.refuse(like.detach(), type(exc).__name__, _message(exc))
 
 
 def check_backend(backend) -> str:
@@ -42,8 +74,14 @@ def check_backend(backend) -> str:
     return backend
 
 
-def _shape(t):
-    return tuple(t.shape)
+def _shape(t) -> str:
+    """str(tuple(t.shape)), built one int at a time: torch.compile puts a message in its graph
+    only when it is a constant string, and it cannot format a tuple of sizes that were dynamic
+    (int() pins the failing call's sizes, which is what the message states)."""
+    text = ""
+    for d in t.shape:
+        text += f", {int(d)}" if text else f"{int(d)}"
+    return f"({text},)" if t.dim() == 1 else f"({text})"
 
 
 def check_arguments(q, k_text, v_text, k_subj, v_subj, regions, grid, mode, subject_scale,
@@ -71,15 +109,15 @@ def check_arguments(q, k_text, v_text, k_subj, v_subj, regions, grid, mode, subj
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}: all inputs must share one device")
     h, w = grid
     if N != h * w:
-        raise ValueError(f"q has N={N} tokens but grid {h}x{w} has {h * w}: N must equal h*w")
+        raise ValueError(f"q has N={int(N)} tokens but grid {h}x{w} has {h * w}: N must equal h*w")
     if D < 1:
-        raise ValueError(f"q has head dim D={D}; it must be at least 1")
+        raise ValueError(f"q has head dim D={int(D)}; it must be at least 1")
     L = 0
     if k_text is not None:
         for name in ("k_text", "v_text"):
             t = named[name]
             if t.dim() != 4 or t.shape[0] != B or t.shape[1] != H or t.shape[3] != D:
-                raise ValueError(f"{name} must be [B={B}, H={H}, L, D={D}], got shape {_shape(t)}")
+                raise ValueError(f"{name} must be [B={int(B)}, H={int(H)}, L, D={int(D)}], got shape {_shape(t)}")
         if k_text.shape != v_text.shape:
             raise ValueError(f"k_text {_shape(k_text)} and v_text {_shape(v_text)} must have the same shape")
         L = k_text.shape[2]
@@ -88,7 +126,7 @@ def check_arguments(q, k_text, v_text, k_subj, v_subj, regions, grid, mode, subj
     for name in ("k_subj", "v_subj"):
         t = named[name]
         if t.dim() != 5 or t.shape[0] != B or t.shape[1] != H or t.shape[4] != D:
-            raise ValueError(f"{name} must be [B={B}, H={H}, S, T, D={D}], got shape {_shape(t)}")
+            raise ValueError(f"{name} must be [B={int(B)}, H={int(H)}, S, T, D={int(D)}], got shape {_shape(t)}")
     if k_subj.shape != v_subj.shape:
         raise ValueError(f"k_subj {_shape(k_subj)} and v_subj {_shape(v_subj)} must have the same shape")
     S, T = k_subj.shape[2], k_subj.shape[3]
@@ -106,8 +144,8 @@ def check_arguments(q, k_text, v_text, k_subj, v_subj, regions, grid, mode, subj
             raise TypeError(f"text_mask must be a bool tensor [B, L] or None, got {type(text_mask).__name__}")
         if text_mask.dtype != torch.bool:
             raise TypeError(f"text_mask must be a bool tensor (True = attend), got {text_mask.dtype}")
-        if _shape(text_mask) != (B, L):
-            raise ValueError(f"text_mask must be [B={B}, L={L}], got shape {_shape(text_mask)}")
+        if tuple(text_mask.shape) != (B, L):
+            raise ValueError(f"text_mask must be [B={int(B)}, L={int(L)}], got shape {_shape(text_mask)}")
         if text_mask.device != q.device:
             raise ValueError(f"text_mask is on {text_mask.device} but q is on {q.device}")
     if softmax_scale is None:
@@ -135,9 +173,9 @@ def _check_regions(regions, B, S, grid, mode, device):
         if regions.mode != mode:
             raise ValueError(f"regions is a Routing built for mode={regions.mode!r} but the call has mode={mode!r}")
         if regions.num_subjects != S:
-            raise ValueError(f"regions is a Routing of {regions.num_subjects} subjects but k_subj has S={S}")
+            raise ValueError(f"regions is a Routing of {regions.num_subjects} subjects but k_subj has S={int(S)}")
         if regions.batch not in (1, B):
-            raise ValueError(f"regions is a Routing of batch {regions.batch} but q has B={B}")
+            raise ValueError(f"regions is a Routing of batch {regions.batch} but q has B={int(B)}")
         if regions.device != device:
             raise ValueError(f"regions is a Routing on {regions.device} but q is on {device}: build it on q's device")
         return regions
@@ -149,8 +187,8 @@ def _check_regions(regions, B, S, grid, mode, device):
             regions = regions.unsqueeze(0)
         elif not (regions.dim() == 4 and regions.shape[1:] == (S, h, w) and regions.shape[0] in (1, B)):
             raise ValueError(
-                f"regions as a coverage map must be bool [S={S}, h={h}, w={w}] or [B={B}, S, h, w] on the call's "
-                f"grid (make it with anyms_kernels.rasterize_masks), got shape {_shape(regions)}")
+                f"regions as a coverage map must be bool [S={int(S)}, h={h}, w={w}] or [B={int(B)}, S, h, w] on "
+                f"the call's grid (make it with anyms_kernels.rasterize_masks), got shape {_shape(regions)}")
         return regions.to(device)
     return _check_boxes(regions, B, S, device)
 
@@ -162,7 +200,7 @@ def _check_boxes(boxes, B, S, device) -> torch.Tensor:
             boxes = torch.as_tensor(boxes)     # its own dtype: floats must not be truncated to ints
         except (TypeError, ValueError, RuntimeError) as exc:
             raise TypeError(f"regions must be int token boxes [S, 4] / [B, S, 4], a bool coverage map or a Routing: "
-                            f"{exc}") from None
+                            f"{_message(exc)}") from None
         if boxes.numel() == 0:
             boxes = boxes.reshape(0, 4).to(torch.int64)
     if boxes.is_floating_point() or boxes.dtype not in BOX_DTYPES:
@@ -178,11 +216,21 @@ def _check_boxes(boxes, B, S, device) -> torch.Tensor:
         boxes = boxes.expand(B, S, 4)
     else:
         raise ValueError(
-            f"boxes must be [S={S}, 4] or [B={B}, S={S}, 4] (one box per subject of k_subj), "
+            f"boxes must be [S={int(S)}, 4] or [B={int(B)}, S={int(S)}, 4] (one box per subject of k_subj), "
             f"got shape {_shape(boxes)}"
         )
-    # to(...) copies only when needed; expanded batch stays stride 0.
-    return boxes.to(device=device, dtype=torch.int32)
+    # to(...) copies only when needed; expanded batch stays stride 0. int64, never narrower: the
+    # value checks (eager, or inside the op under torch.compile) must see the caller's numbers,
+    # and an int32 cast would turn 2**32 + 2 into a valid 2.
+    return boxes.to(device=device, dtype=torch.int64)
+
+
+def _message(exc: Exception) -> str:
+    """str(exc), in a form torch.compile can trace into a new message (it cannot call str on
+    an exception whose message it built itself)."""
+    if len(exc.args) == 1 and isinstance(exc.args[0], str):
+        return exc.args[0]
+    return str(exc)
 
 
 def _check_subject_scale(subject_scale, B, S, device, dtype) -> torch.Tensor:
@@ -200,11 +248,12 @@ def _check_subject_scale(subject_scale, B, S, device, dtype) -> torch.Tensor:
         raise TypeError(f"subject_scale must be a floating-point tensor, got {subject_scale.dtype}")
     if subject_scale.device != device and subject_scale.device.type != "cpu":
         raise ValueError(f"subject_scale is on {subject_scale.device} but q is on {device}")
-    shape = _shape(subject_scale)
+    shape = tuple(subject_scale.shape)
     if shape == (S,):
         subject_scale = subject_scale.unsqueeze(0)
     elif not (len(shape) == 2 and shape[1] == S and shape[0] in (1, B)):
-        raise ValueError(f"subject_scale must be a float, [S={S}] or [B={B}, S={S}], got shape {shape}")
+        raise ValueError(f"subject_scale must be a float, [S={int(S)}] or [B={int(B)}, S={int(S)}], "
+                         f"got shape {_shape(subject_scale)}")
     return subject_scale.expand(B, S).to(device=device, dtype=dtype)
 
 

@@ -341,9 +341,9 @@ def boxes_cover(boxes: torch.Tensor, grid: Grid) -> torch.Tensor:
     inside a CUDA-graph capture and traceable by torch.compile.
     """
     h, w = grid
-    ys = torch.arange(h, device=boxes.device, dtype=torch.int32)
-    xs = torch.arange(w, device=boxes.device, dtype=torch.int32)
-    b = boxes.to(torch.int32)[..., None]                                   # [..., S, 4, 1]
+    ys = torch.arange(h, device=boxes.device, dtype=torch.int64)
+    xs = torch.arange(w, device=boxes.device, dtype=torch.int64)
+    b = boxes.to(torch.int64)[..., None]       # [..., S, 4, 1]; int64: no box wraps into the grid
     rows = (ys >= b[..., 1, :]) & (ys < b[..., 3, :])                      # [..., S, h]
     cols = (xs >= b[..., 0, :]) & (xs < b[..., 2, :])                      # [..., S, w]
     return (rows[..., :, None] & cols[..., None, :]).flatten(-2)

@@ -13,7 +13,12 @@ every subject on every call:
   (``overwrite``; -1 for none); ``cover_sorted``: uint8 ``[Br, S, N]`` in sorted
   position (``sum``);
 - per tile size ``block_m`` (:meth:`Routing.tiles`): the number of subjects acting on
-  each tile and their indices, ascending.
+  each tile and their indices, ascending; built with the rest for every size in
+  ``TILE_SIZES`` (the Triton kernel's), on demand for any other.
+
+Under torch.compile the op takes these tensors as graph inputs (:meth:`Routing.parts`,
+:meth:`Routing.from_parts`): a compiled call builds nothing, and another layout with the
+same shapes runs the same graph.
 
 ``Br`` is 1 when the batch shares the layout. Everything is built with tensor ops on the
 regions' device and no host reads, so it can be built inside a CUDA-graph capture or a
@@ -23,7 +28,7 @@ owns the layout (``anyms.Layout``, or the caller) keeps its Routing.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -31,6 +36,10 @@ from .regions import MODES, Grid, boxes_cover, check_grid, check_mode
 
 # Subjects per int64 sort key in sum mode: 62 bits keep the key positive.
 _KEY_BITS = 62
+
+# The query tile sizes (BLOCK_M) of the Triton kernel's launch table: their tile lists are
+# built with the routing, so a compiled call finds them ready (tests keep the two in step).
+TILE_SIZES = (16, 32, 64, 128)
 
 
 class Routing:
@@ -40,15 +49,36 @@ class Routing:
     of the boxes to skip rebuilding it on every call.
     """
 
-    def __init__(self, cover: torch.Tensor, grid: Grid, mode: str):
+    def __init__(self, cover: torch.Tensor, grid: Grid, mode: str, _parts: Optional[Sequence[torch.Tensor]] = None):
         self.grid = grid
         self.mode = mode
         self.cover = cover                              # bool [Br, S, N]
         self.batch, self.num_subjects, self.num_tokens = cover.shape
-        with torch.inference_mode(False), torch.no_grad():
-            self.order, self.owner, self.cover_sorted = _sort_tokens(cover, mode)
         self._tiles: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._segments: Optional[tuple] = None
+        if _parts is not None:                          # from_parts: built before, nothing to build
+            parts = list(_parts)
+            self.order, self.owner = parts[0], parts[1]
+            self.cover_sorted = parts[2] if mode == "sum" else None
+            tiles = parts[3 if mode == "sum" else 2:]
+            self._tile_lists = tuple((tiles[2 * i], tiles[2 * i + 1]) for i in range(len(TILE_SIZES)))
+            return
+        with torch.inference_mode(False), torch.no_grad():
+            self.order, self.owner, self.cover_sorted = _sort_tokens(cover, mode)
+            self._tile_lists = tuple(_tile_subjects(self, size) for size in TILE_SIZES)
+
+    def parts(self) -> List[torch.Tensor]:
+        """Every tensor of this routing but ``cover``, in the order :meth:`from_parts` takes
+        them: what a traced call hands the op as graph inputs."""
+        parts = [self.order, self.owner] + ([self.cover_sorted] if self.mode == "sum" else [])
+        for count, subjects in self._tile_lists:
+            parts += [count, subjects]
+        return parts
+
+    @classmethod
+    def from_parts(cls, cover: torch.Tensor, parts: Sequence[torch.Tensor], grid: Grid, mode: str) -> "Routing":
+        """The Routing whose ``cover`` and :meth:`parts` these are, rebuilt without computing anything."""
+        return cls(cover, grid, mode, _parts=parts)
 
     @property
     def device(self) -> torch.device:
@@ -58,6 +88,8 @@ class Routing:
         """``(count int32 [Br, n_tiles], subjects int32 [Br, n_tiles, S])`` for tiles of
         ``block_m`` consecutive sorted tokens: tile ``i`` is acted on by subjects
         ``subjects[:, i, :count[:, i]]``, ascending. Built once per tile size."""
+        if block_m in TILE_SIZES:
+            return self._tile_lists[TILE_SIZES.index(block_m)]
         if block_m not in self._tiles:
             with torch.inference_mode(False), torch.no_grad():
                 self._tiles[block_m] = _tile_subjects(self, block_m)
@@ -171,4 +203,4 @@ def _subject_tokens(routing: Routing, r: int):
     return tuple((s, pieces[s + 1]) for s in range(routing.num_subjects) if counts[s + 1])
 
 
-__all__ = ["Routing", "build_routing", "region_cover", "MODES"]
+__all__ = ["Routing", "build_routing", "region_cover", "MODES", "TILE_SIZES"]

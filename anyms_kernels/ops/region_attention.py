@@ -13,11 +13,11 @@ backend in ``region_attention_torch``, the routing they read in ``..routing``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
-from .._checks import check_arguments, check_values
+from .._checks import check_arguments, check_values, refusal
 from ..reference import region_cross_attention_reference
 from ..regions import Grid
 from ..routing import Routing, build_routing
@@ -35,11 +35,14 @@ def _run(q, k_text, v_text, k_subj, v_subj, routing: Routing, subject_scale, tex
     """The checked op on one backend. ``regions``: the checked boxes or coverage map (the
     reference's literal input), or None when the caller passed a Routing."""
     if backend == "triton":
-        return region_attention_triton(q, k_text, v_text, k_subj, v_subj, routing, subject_scale, text_mask,
-                                       softmax_scale)
-    if backend == "torch":
-        return region_attention_torch(q, k_text, v_text, k_subj, v_subj, routing, subject_scale, text_mask,
+        out = region_attention_triton(q, k_text, v_text, k_subj, v_subj, routing, subject_scale, text_mask,
                                       softmax_scale)
+        # With a text branch the kernel's softmax over NaN scores is NaN on every row already.
+        return out if k_text is not None and q.is_cuda else _keep_nan_queries(q, out)
+    if backend == "torch":
+        out = region_attention_torch(q, k_text, v_text, k_subj, v_subj, routing, subject_scale, text_mask,
+                                     softmax_scale)
+        return _keep_nan_queries(q, out)
     if regions is None:
         regions = routing.cover.view(routing.batch, routing.num_subjects, *routing.grid)
     regions = regions.expand(q.shape[0], *regions.shape[1:])
@@ -49,16 +52,40 @@ def _run(q, k_text, v_text, k_subj, v_subj, routing: Routing, subject_scale, tex
     return _layout.empty_like_layout(q).copy_(res)
 
 
+def _keep_nan_queries(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """A query row holding NaN gives a NaN output row, as plain attention (and the reference) gives.
+
+    Two paths lost it: CPU SDPA writes 0 for a NaN row when the text has few keys (7 of them,
+    not 77), and without a text branch a token no subject acts on is written 0 whatever its
+    query. On the CPU a NaN shows in q's sum (about 1% of the op's time at SDXL's 64x64 level),
+    so the rows are looked for only then; on a GPU that test would sync with the device, so the
+    rows are marked without it."""
+    if q.numel() == 0:
+        return out
+    if q.device.type == "cpu":
+        total = q.sum(dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        if torch.isfinite(total):
+            return out
+    return out.masked_fill_(torch.isnan(q).any(-1, keepdim=True), float("nan"))
+
+
 def _region_cross_attention_impl(
     q: torch.Tensor, k_text: Optional[torch.Tensor], v_text: Optional[torch.Tensor],
     k_subj: torch.Tensor, v_subj: torch.Tensor,
     regions: torch.Tensor, subject_scale: torch.Tensor, text_mask: Optional[torch.Tensor],
     grid_h: int, grid_w: int, mode: str, softmax_scale: float, backend: str, values_checked: bool,
+    routing_parts: Sequence[torch.Tensor],
 ) -> torch.Tensor:
-    """The registered op: regions are int32 boxes [B,S,4] or a bool coverage map [B,S,h,w]
+    """The registered op: regions are int64 boxes [B,S,4] or a bool coverage map [B,S,h,w]
     (a Routing's cover when the caller passed one), subject_scale float32 [B,S], backend
-    resolved. ``values_checked``: the eager public function already read the values."""
+    resolved. ``values_checked``: the eager public function already read the values.
+    ``routing_parts``: with a Routing's cover, its other tensors (``Routing.parts``): the
+    routing is then taken as it was built, not built again; empty: built here."""
     grid = (grid_h, grid_w)
+    if routing_parts:
+        routing = Routing.from_parts(regions.flatten(-2), routing_parts, grid, mode)
+        return _run(q, k_text, v_text, k_subj, v_subj, routing, subject_scale, text_mask, None, mode,
+                    softmax_scale, backend)
     if not values_checked:      # traced by torch.compile: the checks run here, eagerly
         check_values(q, grid, regions, subject_scale, text_mask)
     routing = build_routing(regions, grid, mode)
@@ -74,11 +101,26 @@ _region_cross_attention_op = torch.library.custom_op(
 
 @_region_cross_attention_op.register_fake
 def _(q, k_text, v_text, k_subj, v_subj, regions, subject_scale, text_mask, grid_h, grid_w, mode,
-      softmax_scale, backend, values_checked):
+      softmax_scale, backend, values_checked, routing_parts):
     return _layout.empty_like_layout(q)
 
 
 # --------------------------------------------------------------------- public function
+def _refuse_grad(**inputs) -> None:
+    """The op is forward only, for every backend and compiled or not: no input may require grad.
+
+    subject_scale included: the torch backend's ops would carry its gradient eagerly while the
+    registered op (what torch.compile runs) and the Triton kernel have no backward, so accepting
+    it would make one call differentiable or not depending on how it runs."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in inputs.items():
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise RuntimeError(
+                f"region_cross_attention is forward only (inference): {name} requires grad, and the op has no "
+                "backward. Call it under torch.no_grad() / torch.inference_mode(), or detach the inputs")
+
+
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
     """'auto' -> 'triton' on CUDA tensors, 'torch' elsewhere. Never falls back silently."""
     if backend == "auto":
@@ -135,7 +177,7 @@ def region_cross_attention(
 
     Returns:
         ``[B, H, N, D]`` in q's dtype and memory layout. Forward only: inputs that
-        require grad are refused.
+        require grad (subject_scale too) are refused, eager and compiled alike.
 
     Raises:
         ValueError: shapes that disagree, boxes outside the grid or inverted/empty,
@@ -147,31 +189,43 @@ def region_cross_attention(
         RuntimeError: ``backend="triton"`` where the kernel cannot run (says why);
             inputs that require grad (there is no backward).
 
+    A query row holding NaN gives a NaN output row on every backend, with or without a
+    text branch, as plain attention does; no other row is touched.
+
+    A call compiled with ``torch.compile`` (``fullgraph=True`` too) raises the same errors,
+    with the same messages, when the compiled call runs.
+
     Value checks (box ranges, NaN scales, an all-masked text row) read the tensors and
     are skipped while a CUDA graph is captured; for capture, pass a Routing, or boxes
     and scales on q's device.
     """
-    checked = check_arguments(q, k_text, v_text, k_subj, v_subj, regions, grid, mode, subject_scale,
-                              text_mask, softmax_scale, backend)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_text, v_text, k_subj, v_subj)):
-        raise RuntimeError(
-            "region_cross_attention is forward only (inference): an input requires grad, and the output would "
-            "silently carry none. Call it under torch.no_grad() / torch.inference_mode(), or detach the inputs")
-    backend = resolve_backend(backend, q)
+    try:
+        checked = check_arguments(q, k_text, v_text, k_subj, v_subj, regions, grid, mode, subject_scale,
+                                  text_mask, softmax_scale, backend)
+        _refuse_grad(q=q, k_text=k_text, v_text=v_text, k_subj=k_subj, v_subj=v_subj, subject_scale=subject_scale)
+        backend = resolve_backend(backend, q)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        if not torch.compiler.is_compiling():
+            raise
+        return refusal(q, exc)      # traced: raised when the graph runs, as the eager call raises it
     h, w = checked.grid
     values_checked = not torch.compiler.is_compiling()
     if values_checked:  # on the caller's own tensors, so device tensors are read once, not per call
         check_values(q, checked.grid, regions, subject_scale, text_mask)
     eager = values_checked and type(q) is torch.Tensor   # no tracer to serve: skip the dispatcher
+    routing_parts = ()
     if isinstance(checked.regions, Routing):
         if eager:
             return _run(q, k_text, v_text, k_subj, v_subj, checked.regions, checked.subject_scale, text_mask,
                         None, mode, checked.softmax_scale, backend)
+        # Traced: the routing built once per layout enters the graph as its tensors, so the
+        # graph builds nothing and serves every layout of the same shapes.
         regions = checked.regions.cover.view(checked.regions.batch, -1, h, w)
+        routing_parts = checked.regions.parts()
     else:
         regions = checked.regions
     args = (q, k_text, v_text, k_subj, v_subj, regions, checked.subject_scale, text_mask,
-            h, w, mode, checked.softmax_scale, backend, values_checked)
+            h, w, mode, checked.softmax_scale, backend, values_checked, routing_parts)
     if eager:
         return _region_cross_attention_impl(*args)
     return torch.ops.anyms_kernels.region_cross_attention(*args)

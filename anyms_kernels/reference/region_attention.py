@@ -66,7 +66,8 @@ def region_cross_attention_reference(
     scale = D ** -0.5 if softmax_scale is None else softmax_scale
     key_mask = None if text_mask is None else text_mask[:, None, :]     # [B, 1, L]
     if k_text is None:                                                  # no text branch (FLUX's IP path)
-        z_text = torch.zeros_like(q)
+        # nothing acts but the subjects; still, as in plain attention, a query holding NaN gives NaN
+        z_text = torch.zeros_like(q).masked_fill(torch.isnan(q).any(-1, keepdim=True), float("nan"))
     else:
         z_text = attention(q, k_text, v_text, scale, key_mask)          # global decoupling
     level2 = crop_and_merge if mode == "overwrite" else masked_sum

@@ -296,16 +296,23 @@ def test_prepare_builds_every_level():
 
 
 @pytest.mark.slow
-def test_compiled_unet_fullgraph_over_subjects_calls(anyms_and_diffusers, subject_images):
+def test_compiled_unet_fullgraph_over_subjects_calls(anyms_and_diffusers, subject_images, monkeypatch):
     """torch.compile(pipe.unet, fullgraph=True) over subjects= calls: no graph break, the eager
     result, and one graph for two layouts (new boxes, scales, processors: no recompile; the mode,
     the number of subjects and the image size are part of the graph). aot_eager traces the op's
-    fake implementation too; about 20 s on 2 cores."""
+    fake implementation too; about 20 s on 2 cores. The compiled U-Net builds no routing: the
+    calls build as many as eager calls do (each layout's levels, before the U-Net runs)."""
+    from anyms_kernels import routing as routing_module
+
     ours, _ = anyms_and_diffusers()
     a, b = subject_images[:2]
     first = [Subject(a, LEFT), Subject(b, RIGHT)]
     second = [Subject(b, (0.1, 0.2, 0.5, 0.9)), Subject(a, (0.3, 0.0, 1.0, 0.7), scale=0.5)]
+    builds = []
+    real_sort = routing_module._sort_tokens
+    monkeypatch.setattr(routing_module, "_sort_tokens", lambda *a: (builds.append(1), real_sort(*a))[1])
     want = [run(ours, subjects=first), run(ours, subjects=second, anyms_priority="smaller_on_top")]
+    eager_builds, builds[:] = len(builds), []
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     eager_unet = ours.unet
@@ -319,3 +326,4 @@ def test_compiled_unet_fullgraph_over_subjects_calls(anyms_and_diffusers, subjec
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     assert graphs == 1
+    assert len(builds) == eager_builds == 6      # two layouts, three U-Net levels each

@@ -54,7 +54,7 @@ def test_fake_tensor_keeps_layout():
         ks = torch.empty(2, 3, 1, 4, 64)
         out = torch.ops.anyms_kernels.region_cross_attention(
             q, kt, kt, ks, ks, torch.zeros(2, 1, 4, dtype=torch.int32), torch.ones(2, 1), None,
-            4, 4, "overwrite", 0.125, "torch", True)
+            4, 4, "overwrite", 0.125, "torch", True, [])
         assert out.shape == q.shape and out.stride() == q.stride()
 
 
@@ -105,9 +105,214 @@ def test_registered_op_equals_public_function_in_eager():
     public = ak.region_cross_attention(q, kt, vt, ks, vs, boxes, grid, subject_scale=0.5, backend="torch")
     registered = torch.ops.anyms_kernels.region_cross_attention(
         q, kt, vt, ks, vs, boxes.expand(2, 2, 4), torch.full((2, 2), 0.5), None, 5, 6, "overwrite", 0.125,
-        "torch", False)
+        "torch", False, [])
     torch.testing.assert_close(registered, public, atol=0, rtol=0)
     with pytest.raises(ValueError, match="boxes"):   # not checked by the caller: the op checks
         torch.ops.anyms_kernels.region_cross_attention(
             q, kt, vt, ks, vs, torch.tensor([[[0, 0, 9, 9]] * 2] * 2, dtype=torch.int32), torch.ones(2, 2),
-            None, 5, 6, "overwrite", 0.125, "torch", False)
+            None, 5, 6, "overwrite", 0.125, "torch", False, [])
+
+
+# ------------------------------------------------------- the same contract compiled and eager
+def _op_on_boxes(q, kt, vt, ks, vs, boxes):
+    return ak.region_cross_attention(q, kt, vt, ks, vs, boxes, (4, 5), backend="torch")
+
+
+def _raised(fn, *args, **kwargs):
+    """(exception type, message) of what ``fn`` raises; fails the test if it returns."""
+    try:
+        fn(*args, **kwargs)
+    except Exception as exc:        # noqa: BLE001  (the type is part of what is compared)
+        return type(exc), str(exc)
+    pytest.fail(f"{getattr(fn, '__name__', fn)} raised nothing")
+
+
+@pytest.mark.parametrize("box", [[0, 0, 2**32 + 2, 2], [-2**32, 0, 2, 2], [0, 2**33 + 1, 2, 2**33 + 3]],
+                         ids=["x1 wraps to 2", "x0 wraps to 0", "y wraps to 1..3"])
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_int64_boxes_beyond_int32_are_refused_compiled_as_eager(box, compiler):
+    """Cast to int32 each of these boxes is a valid box on a 4x5 grid: the checks must see the
+    caller's numbers in both modes, not what an int32 cast makes of them."""
+    torch._dynamo.reset()
+    q, kt, vt, ks, vs = make_inputs(1, 2, (4, 5), 64, 7, 2, 4)
+    boxes = torch.tensor([box, [1, 1, 5, 4]], dtype=torch.int64)
+    assert ((boxes.to(torch.int32) >= 0).all() and (boxes.to(torch.int32)[:, 2:] <= 5).all())   # wraps to valid
+    eager = _raised(_op_on_boxes, q, kt, vt, ks, vs, boxes)
+    assert eager[0] is ValueError and "boxes must lie inside the 4x5 grid" in eager[1], eager
+    compiled = torch.compile(_op_on_boxes, fullgraph=True, backend=compiler)
+    assert _raised(compiled, q, kt, vt, ks, vs, boxes) == eager
+
+
+def test_routing_of_boxes_beyond_int32_does_not_wrap():
+    """build_routing reads no values (it does not check them): a box past the grid's edge covers
+    up to the edge, never what its int32 cast would name."""
+    far = ak.build_routing(torch.tensor([[0, 0, 2**32 + 2, 2]]), (4, 5)).cover
+    edge = ak.build_routing(torch.tensor([[0, 0, 5, 2]]), (4, 5)).cover
+    assert torch.equal(far, edge)
+
+
+def _bad_call(case):
+    """(positional args, keyword args) of the op for a case of test_inputs.BAD, or of the extra
+    cases here: errors that only the front door raises (grad, backend, a Routing that does not fit)."""
+    from tests.kernels import test_inputs
+
+    q, kt, vt, ks, vs = make_inputs(1, 2, (4, 5), 64, 7, 2, 4)
+    boxes = torch.tensor([[0, 0, 2, 2], [1, 1, 5, 4]], dtype=torch.int32)
+    extra = {
+        "q requires grad": dict(q=q.detach().clone().requires_grad_()),
+        "subject_scale requires grad": dict(subject_scale=torch.full((2,), 0.5, requires_grad=True)),
+        "triton float64": dict(q=q.double(), k_text=kt.double(), v_text=vt.double(), k_subj=ks.double(),
+                               v_subj=vs.double(), backend="triton"),
+        "routing of another grid": dict(boxes=ak.build_routing(ak.rasterize_boxes([[0, 0, .5, .5]] * 2, (5, 4)),
+                                                               (5, 4))),
+        "box list with a bool": dict(boxes=[[0, 0, 2, 2], [True, 1, 5, 4]]),
+    }
+    override = dict(test_inputs.BAD[case][0]) if case in test_inputs.BAD else extra[case]
+    args = dict(q=q, k_text=kt, v_text=vt, k_subj=ks, v_subj=vs, boxes=boxes, grid=(4, 5))
+    kwargs = dict(backend="torch")
+    for name, value in override.items():
+        (args if name in args else kwargs)[name] = value
+    return [args[k] for k in ("q", "k_text", "v_text", "k_subj", "v_subj", "boxes", "grid")], kwargs
+
+
+def _bad_cases():
+    from tests.kernels import test_inputs
+
+    return sorted(test_inputs.BAD) + ["q requires grad", "subject_scale requires grad", "triton float64",
+                                      "routing of another grid", "box list with a bool"]
+
+
+def _op(*args, **kwargs):
+    return ak.region_cross_attention(*args, **kwargs)
+
+
+@pytest.mark.parametrize("case", _bad_cases())
+def test_a_compiled_caller_gets_the_eager_error(case):
+    """With fullgraph=True an exception raised while dynamo traces reaches the caller as dynamo's
+    "Observed exception", the message lost: every argument error must instead reach a compiled
+    caller with the eager call's type and message (metadata checks: raised by a refusal op in the
+    graph; value checks: inside the op)."""
+    args, kwargs = _bad_call(case)
+    eager = _raised(_op, *args, **kwargs)
+    assert eager[0] in (TypeError, ValueError, RuntimeError) and "Observed exception" not in eager[1], eager
+    torch._dynamo.reset()
+    compiled = torch.compile(_op, fullgraph=True, backend="aot_eager")
+    assert _raised(compiled, *args, **kwargs) == eager
+
+
+def test_a_compiled_refusal_raises_on_every_call_and_good_calls_still_run():
+    """The refusal is part of the compiled graph: it raises each time that graph runs (not only
+    while tracing), and a good call after it compiles and computes as in eager."""
+    torch._dynamo.reset()
+    compiled = torch.compile(_op, fullgraph=True, backend="aot_eager")
+    bad_args, bad_kwargs = _bad_call("mode")
+    for _ in range(2):
+        with pytest.raises(ValueError, match="mode must be one of"):
+            compiled(*bad_args, **bad_kwargs)
+    good_args, good_kwargs = _bad_call("box list with a bool")
+    good_args[5] = torch.tensor([[0, 0, 2, 2], [1, 1, 5, 4]])
+    torch.testing.assert_close(compiled(*good_args, **good_kwargs), _op(*good_args, **good_kwargs), atol=0, rtol=0)
+
+
+def test_an_unused_refusal_still_raises():
+    """A caller that drops the op's output still gets the error: the refusal is never removed
+    from the graph as dead code."""
+    def drops_output(*args, **kwargs):
+        ak.region_cross_attention(*args, **kwargs)
+        return args[0] * 2
+
+    torch._dynamo.reset()
+    args, kwargs = _bad_call("mode")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        torch.compile(drops_output, fullgraph=True, backend="aot_eager")(*args, **kwargs)
+
+
+def test_a_compiled_caller_gets_the_eager_error_once_sizes_are_dynamic():
+    """After a call with other sizes, torch.compile retraces with those sizes symbolic: the
+    messages, which state sizes, must still reach the caller as the eager call writes them.
+    (Each refusal is a graph of its own: more than the default 8 here.)"""
+    torch._dynamo.reset()
+    compiled = torch.compile(_op, fullgraph=True, backend="aot_eager")
+    boxes = torch.tensor([[0, 0, 2, 2], [1, 1, 5, 4]])
+    with torch._dynamo.config.patch(recompile_limit=32):
+        _sizes_change_between_calls(compiled, boxes)
+
+
+def _sizes_change_between_calls(compiled, boxes):
+    for L in (7, 9, 11):
+        q, kt, vt, ks, vs = make_inputs(1, 2, (4, 5), 64, L, 2, 4)
+        torch.testing.assert_close(compiled(q, kt, vt, ks, vs, boxes, (4, 5), backend="torch"),
+                                   _op(q, kt, vt, ks, vs, boxes, (4, 5), backend="torch"), atol=0, rtol=0)
+        for bad in (dict(v_text=vt[:, :, :-1]), dict(text_mask=torch.ones(1, L + 1, dtype=torch.bool)),
+                    dict(subject_scale=torch.ones(L))):
+            args = dict(q=q, k_text=kt, v_text=vt, k_subj=ks, v_subj=vs, boxes=boxes, grid=(4, 5))
+            kwargs = dict(backend="torch")
+            for name, value in bad.items():
+                (args if name in args else kwargs)[name] = value
+            eager = _raised(_op, *args.values(), **kwargs)
+            assert _raised(compiled, *args.values(), **kwargs) == eager, (L, bad.keys())
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton"])
+def test_a_subject_scale_that_requires_grad_is_one_contract_eager_and_compiled(backend):
+    """The op is forward only: a subject_scale that requires grad is refused by name, eager and
+    compiled alike (eagerly the torch backend's output used to carry a gradient that the compiled
+    call, whose op has no backward, could not compute); without grad mode the same tensor is
+    accepted and gives the same output both ways."""
+    from anyms_kernels.ops.region_attention import triton_runnable
+
+    q, kt, vt, ks, vs = make_inputs(1, 2, (4, 5), 64, 7, 2, 4)
+    if backend == "triton" and triton_runnable(q) is not None:
+        pytest.skip("triton cannot run here")
+    boxes = torch.tensor([[0, 0, 2, 2], [1, 1, 5, 4]])
+    scale = torch.tensor([0.5, 2.0], requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(_op, fullgraph=True, backend="aot_eager")
+    for run in (_op, compiled):
+        kind, message = _raised(run, q, kt, vt, ks, vs, boxes, (4, 5), subject_scale=scale, backend=backend)
+        assert kind is RuntimeError and "subject_scale requires grad" in message and "forward only" in message
+    with torch.no_grad():
+        eager = _op(q, kt, vt, ks, vs, boxes, (4, 5), subject_scale=scale, backend=backend)
+        out = compiled(q, kt, vt, ks, vs, boxes, (4, 5), subject_scale=scale, backend=backend)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, eager, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "sum"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_a_compiled_call_takes_the_prebuilt_routing_and_a_new_layout_does_not_recompile(backend, mode,
+                                                                                       monkeypatch):
+    """A Routing is built once per layout, before the compiled region: the compiled call hands
+    its tensors to the op as graph inputs. So no routing is built while tracing or running, a
+    second layout with the same shapes runs the same graph, and the outputs are the eager ones."""
+    from anyms_kernels import routing as routing_module
+    from anyms_kernels.ops.region_attention import triton_runnable
+
+    grid = (6, 7)
+    q, kt, vt, ks, vs = make_inputs(2, 2, grid, 64, 7, 3, 4)
+    if backend == "triton" and triton_runnable(q) is not None:
+        pytest.skip("triton cannot run here")
+    layouts = ([[0, 0, .5, .5], [.3, .3, 1, 1], [0, .6, .4, 1]], [[.5, 0, 1, .5], [0, .3, .6, 1], [.2, .2, .9, .4]])
+    routings = [ak.build_routing(ak.rasterize_boxes(boxes, grid), grid, mode) for boxes in layouts]
+    builds = []
+    for name in ("region_cover", "_sort_tokens", "_tile_subjects"):
+        real = getattr(routing_module, name)
+        monkeypatch.setattr(routing_module, name,
+                            lambda *a, _real=real, _name=name: (builds.append(_name), _real(*a))[1])
+
+    def op(q, routing):
+        return ak.region_cross_attention(q, kt, vt, ks, vs, routing, grid, mode=mode, subject_scale=0.7,
+                                         backend=backend)
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(op, fullgraph=True, backend="aot_eager")
+    first = compiled(q, routings[0])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        second = compiled(q, routings[1])
+        again = compiled(q, routings[0])
+    assert builds == []
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    for out, routing in ((first, routings[0]), (second, routings[1]), (again, routings[0])):
+        torch.testing.assert_close(out, op(q, routing), atol=0, rtol=0)
+    assert not torch.equal(first, second)

@@ -237,3 +237,47 @@ def test_torch_backend_routing_cache_is_per_layout():
     for tok in (a, b, a):
         out = ak.region_cross_attention(q, kt, vt, ks, vs, tok, grid, backend="torch")
         torch.testing.assert_close(out, reference(q, kt, vt, ks, vs, tok, grid), atol=1e-10, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------- NaN queries
+# An 8x8 grid: A covers the left half, B the top right, C overlaps both; 20 tokens (x 4..7,
+# y 3..7) are covered by none. Sorted by owner, the uncovered tokens fill the first tile of
+# 16 (no subject acts on it) and share the second with covered ones.
+NAN_GRID = (8, 8)
+NAN_BOXES = [[0, 0, 4, 8], [4, 0, 8, 3], [2, 1, 6, 2]]
+NAN_TOKENS = {"uncovered, alone in its tile": 3 * 8 + 4, "uncovered, beside covered tokens": 63,
+              "covered by one": 5 * 8 + 1, "covered by two": 1 * 8 + 3}
+
+
+def _op_call(*args, **kwargs):
+    return ak.region_cross_attention(*args, **kwargs)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("text", [7, 77, 0], ids=["text of 7", "text of 77", "no-text"])
+@pytest.mark.parametrize("mode", ["overwrite", "sum"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nan_query_row_gives_a_nan_output_row_on_every_backend(backend, mode, text, compiled):
+    """As plain attention: a query row holding a NaN gives a NaN output row, wherever the token
+    lies (covered or not, text branch or not), and no other row is touched. CPU SDPA wrote 0 for
+    such a row with 7 text keys; a NaN anywhere in the row or the whole row, both are tried."""
+    _device_ok(backend, "cpu")
+    q, kt, vt, ks, vs = make_inputs(1, 2, NAN_GRID, 64, text or 7, 3, 4)
+    tok = torch.tensor(NAN_BOXES)
+    clean = q.clone()
+    q = q.clone()
+    for i, t in enumerate(NAN_TOKENS.values()):
+        q[0, i % 2, t, 7 * i] = float("nan")       # one element of one head's row
+        q[0, 1 - i % 2, t] = float("nan") if i >= 2 else q[0, 1 - i % 2, t]   # and, for two, the other's whole row
+    kt, vt = (kt, vt) if text else (None, None)
+    run = _op_call
+    if compiled:
+        torch._dynamo.reset()
+        run = torch.compile(_op_call, fullgraph=True, backend="aot_eager")
+    out = run(q, kt, vt, ks, vs, tok, NAN_GRID, mode=mode, subject_scale=0.7, backend=backend)
+    nan_rows = torch.isnan(q).any(-1, keepdim=True).expand_as(out)
+    assert torch.equal(torch.isnan(out), nan_rows), \
+        {name: torch.isnan(out[0, :, t]).any(-1).tolist() for name, t in NAN_TOKENS.items()}
+    kt_ref, vt_ref = (kt, vt) if text else (torch.zeros(1, 2, 1, 64), torch.zeros(1, 2, 1, 64))
+    ref = reference(clean, kt_ref, vt_ref, ks, vs, tok, NAN_GRID, mode=mode, subject_scale=0.7)
+    torch.testing.assert_close(out[~nan_rows].double(), ref[~nan_rows], atol=2e-5, rtol=2e-5)

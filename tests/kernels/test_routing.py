@@ -425,3 +425,26 @@ def test_launch_follows_the_tensors_device():
         out = ak.region_cross_attention(q, kt, vt, ks, vs, tok, grid, backend="triton")
     expected = ak.region_cross_attention(q, kt, vt, ks, vs, tok, grid, backend="torch")
     torch.testing.assert_close(out, expected, atol=2e-3, rtol=2e-3)
+
+
+def test_routing_has_the_tiles_of_every_kernel_block_size_built():
+    """A compiled call takes a Routing's tile lists as they are: every BLOCK_M of the Triton
+    launch table must be one the Routing builds with the rest, never inside a graph."""
+    from anyms_kernels.ops.region_attention import CONFIGS
+    from anyms_kernels.routing import TILE_SIZES
+
+    assert {c.block_m for candidates in CONFIGS.values() for c in candidates} <= set(TILE_SIZES)
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "sum"])
+def test_routing_from_its_parts_is_the_same_routing(mode):
+    grid = (6, 7)
+    r = ak.build_routing(ak.rasterize_boxes(LAYOUTS["partial_overlap"], grid), grid, mode)
+    again = ak.Routing.from_parts(r.cover, r.parts(), grid, mode)
+    assert (again.grid, again.mode, again.batch, again.num_subjects) == (r.grid, r.mode, r.batch, r.num_subjects)
+    for a, b in zip(again.parts(), r.parts()):
+        assert a is b
+    for block_m in (16, 24, 128):
+        assert all(torch.equal(x, y) for x, y in zip(again.tiles(block_m), r.tiles(block_m)))
+    work = [[(s, idx.tolist()) for s, idx in routing.subject_tokens()[0]] for routing in (again, r)]
+    assert work[0] == work[1]
