@@ -13,11 +13,6 @@ import anyms
 
 PACKAGE = pathlib.Path(anyms.__file__).parent
 
-# The one cycle known today (processor.py and flux.py import each other; with pipeline.py in
-# between too): the imports between these two modules are left out of the graph, and only
-# those. Drop this entry once they no longer import each other.
-EXPECTED_PAIRS = {frozenset({"anyms.processor", "anyms.flux"})}
-
 
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
@@ -96,7 +91,5 @@ def test_the_graph_sees_function_level_and_relative_imports():
 
 
 def test_no_import_cycles_in_the_package():
-    graph = {module: {other for other in imports if frozenset({module, other}) not in EXPECTED_PAIRS}
-             for module, imports in import_graph().items()}
-    found = cycles(graph)
+    found = cycles(import_graph())
     assert found == [], f"import cycles among anyms/ modules: {found}"
