@@ -114,6 +114,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
 
 # ----------------------------------------------------------------------------- hardware
 @dataclass(frozen=True)
@@ -143,6 +145,21 @@ H200 = Device("H200", 90, 132, 1.755, 4.3, 4096)
 A100 = Device("A100", 80, 108, 1.41, 1.7, 2048, smem_per_sm=167936, l2_tb_s=4.0, hbm_latency_clk=550,
               l2_latency_clk=230)
 DEVICES = {90: (H100, H200), 80: (A100,)}
+
+
+def machine(dev: Device):
+    """The device as the SASS walk sees it (``sass_timing.Machine``): the same stated figures."""
+    from sass_timing import Latencies, Machine
+    return Machine(dev.name, dev.arch, dev.sms, dev.clock_ghz, dev.copy_tb_s, dev.l2_tb_s, sm_bytes_per_clk=64.0,
+                   tc_fma_per_clk_sm=dev.tc_flop_per_clk_sm // 2, fp32_per_clk_sm=128 if dev.arch >= 90 else 64,
+                   lat=Latencies(hbm=dev.hbm_latency_clk, l2=dev.l2_latency_clk))
+
+
+def query_load_class(source_lines: Sequence[str]) -> str:
+    """Where a global load of the kernel is served: the query tile (read once per layer) from HBM,
+    everything else (routing tables, text and subject K/V re-read by every (batch, head) tile,
+    scales) from L2."""
+    return "hbm" if any(re.search(r"\btl\.load\(\s*Q\b|_load_query", ln) for ln in source_lines) else "l2"
 
 
 def programs_per_sm(dev: Device, registers: int, shared: int, num_warps: int) -> Tuple[int, str]:
@@ -257,7 +274,8 @@ class Block:
 def build_cfg(instrs: List[Instr], labels: Dict[str, int]) -> List[Block]:
     for i in instrs:
         op = i.opcode.split(".")[0]
-        if op in ("BRX", "JMX", "CALL", "RET"):
+        # CALL.REL.NOINC pushes no return address: ptxas uses it as a jump (a pipelined loop's exit)
+        if op in ("BRX", "JMX", "RET") or (op == "CALL" and ".NOINC" not in i.opcode):
             raise NotImplementedError(f"indirect branch / call in the kernel: {i.text!r} (not modelled)")
     leaders = {instrs[0].addr} | {labels[i.target] for i in instrs if i.target}
     for a, b in zip(instrs, instrs[1:]):
@@ -696,6 +714,17 @@ class Generation:
         """How many of each per-X category unit a tile with parameters p has."""
         return {"per_subject": p.get("visited", 0.0), "per_acting": p.get("acting", 0.0)}
 
+    def programs(self, case: Case, comp: Compiled, tiles_per_bh: int) -> int:
+        """Programs launched: one per query tile and (batch, head) unless the generation says otherwise."""
+        return tiles_per_bh * case.B * case.H
+
+    def text_stagings(self, case: Case, comp: Compiled, tiles_per_program: float) -> float:
+        """Times one program loads the whole text K/V (once per tile unless the generation reuses it)."""
+        return tiles_per_program if case.L else 0.0
+
+    def load_class(self, source_lines: Sequence[str]) -> str:
+        return query_load_class(source_lines)
+
 
 def _torch_dtype(name: str):
     import torch
@@ -920,7 +949,8 @@ def model_time(dev: Device, case: Case, programs: int, instr_tile: float, mufu_t
 
 
 def run_case(gen: Generation, case: Case, comp: Compiled, an: Analysis, res: Dict[str, int], verbose: bool,
-             meta: Dict[str, str]) -> List[dict]:
+             meta: Dict[str, str], ctrl=None) -> List[dict]:
+    from sass_timing import kernel_time
     tiles = gen.tile_params(case, comp)
     ntiles = sum(n for _, n in tiles)
     tot: Dict[str, float] = defaultdict(float)
@@ -928,9 +958,12 @@ def run_case(gen: Generation, case: Case, comp: Compiled, an: Analysis, res: Dic
     mufu = flops = bars = 0.0
     lines: Counter = Counter()
     notes: List[str] = []
+    classes = []
+    load_class = lambda ins: gen.load_class([an.source.lines[f - 1] for f in an.source.frames(ins.chain)])
     for p, n in tiles:
         trips, runs = gen.trips(case, comp, p)
         freq = frequencies(an, trips, runs, notes if verbose else None)
+        classes.append((n / ntiles, an, freq, trips, ctrl, load_class))
         tc = tile_cost(an, freq)
         for k, v in tc.instr.items():
             tot[k] += n * v
@@ -955,35 +988,34 @@ def run_case(gen: Generation, case: Case, comp: Compiled, an: Analysis, res: Dic
     per_subject = tot.get("per_subject", 0.0) / units["per_subject"] if units["per_subject"] else 0.0
     per_acting = tot.get("per_acting", 0.0) / units["per_acting"] if units["per_acting"] else float("nan")
     instr_warp = sum(tot.values()) / ntiles
-    programs = ntiles * case.B * case.H
+    tile_programs = ntiles * case.B * case.H          # query tiles in the launch
+    programs = gen.programs(case, comp, ntiles)        # programs launched (several tiles each, for v3)
+    tiles_per_program = tile_programs / programs
     esz = {"float16": 2, "bfloat16": 2, "float32": 4}[case.dtype]
     qo = 2 * case.B * case.H * case.N * case.D * esz
     kv = 2 * case.B * case.H * (case.L + case.S * case.T) * case.D * esz
     rows = []
     for dev in DEVICES[case.arch]:
-        t = model_time(dev, case, programs, instr_warp * warps, mufu / ntiles * warps, flops / ntiles * warps, qo + kv)
+        t = model_time(dev, case, tile_programs, instr_warp * warps, mufu / ntiles * warps, flops / ntiles * warps,
+                       qo + kv)
         floor = qo / (dev.copy_tb_s * 1e6)
         progs, limit = programs_per_sm(dev, res["registers"], comp.shared, warps)
-        # L2 traffic: every program loads its Q tile, the whole text K/V (staged per program,
-        # never shared between programs), each acting subject's K/V, and stores its O tile.
-        l2_bytes = qo + programs * 2 * case.L * case.D * esz + 2 * units["per_acting"] * case.B * case.H * case.T * case.D * esz
+        # L2 traffic: every tile loads its Q, every program the text K/V it stages (once per
+        # program: v3 programs run several tiles of one (batch, head)), each acting subject's
+        # K/V, and every tile stores its O.
+        l2_bytes = (qo + programs * gen.text_stagings(case, comp, tiles_per_program) * 2 * case.L * case.D * esz
+                    + 2 * units["per_acting"] * case.B * case.H * case.T * case.D * esz)
         t["l2"] = l2_bytes / (dev.l2_tb_s * 1e6)
-        # Phases of one program, nothing overlapped inside it (no prefetch in the code): the
-        # ORDER load (L2) feeds the Q gather (HBM), then its warps issue their instructions
-        # (sharing 4 schedulers with the other resident programs), then it stores. Resident
-        # programs overlap each other; waves = programs / (resident x SMs), rounded up.
-        slots = max(1, progs) * dev.sms
-        waves = programs / slots
-        per_sched = max(1.0, progs * warps / dev.schedulers)
-        prog_clk = dev.l2_latency_clk + dev.hbm_latency_clk + instr_warp * per_sched
-        t["phase"] = math.ceil(waves) * prog_clk / (dev.clock_ghz * 1e3)
+        # The honest time: the SASS walk at the cubin's residency, over waves (sass_timing).
+        kt = kernel_time(classes, machine(dev), programs, max(1, progs), warps)
+        waits = ";".join(f"{k}={v:.0f}" for k, v in sorted(kt.waits.items(), key=lambda kv: -kv[1]) if v >= 1)
         bound = max(t, key=t.get)
         rows.append(dict(
             meta, generation=gen.name, device=dev.name, arch=f"sm_{case.arch}", mode=case.mode, layout=case.layout,
             S=case.S, T=case.T, L=case.L, grid=f"{case.grid[0]}x{case.grid[1]}", B=case.B, H=case.H, D=case.D,
             dtype=case.dtype, block_m=comp.block_m, num_warps=warps, registers=res["registers"],
             spill_bytes=res["spill_bytes"], shared_bytes=comp.shared, programs_per_sm=progs, programs_limit=limit,
-            programs=programs, tiles_per_sm=math.ceil(programs / dev.sms),
+            programs=programs, tiles_per_program=round(tiles_per_program, 3),
             acting_per_tile=round(units["per_acting"] / ntiles, 4),
             acting_per_covered_tile=round(units["per_acting"] / max(1, sum(n for p, n in tiles if p["acting"] > 0)), 4),
             subjects_visited_per_tile=round(units["per_subject"] / ntiles, 4),
@@ -994,9 +1026,11 @@ def run_case(gen: Generation, case: Case, comp: Compiled, an: Analysis, res: Dic
             tensor_flop_per_tile=round(flops / ntiles * warps),
             hbm_bytes=qo + kv, floor_bytes=qo,
             t_hbm_us=round(t["hbm"], 3), t_tensor_us=round(t["tensor"], 3), t_exp_us=round(t["exp"], 3),
-            t_issue_us=round(t["issue"], 3), t_l2_us=round(t["l2"], 3), t_phase_us=round(t["phase"], 3),
-            l2_bytes=round(l2_bytes), waves=round(waves, 3), predicted_us=round(t[bound], 3), bound=bound,
-            floor_us=round(floor, 3), ratio=round(t[bound] / floor, 3),
+            t_issue_us=round(t["issue"], 3), t_l2_us=round(t["l2"], 3), l2_bytes=round(l2_bytes),
+            lower_bound_us=round(t[bound], 3), lower_bound=bound,
+            waves=round(kt.waves, 3), full_waves=kt.full_waves, tail_programs_per_sm=kt.tail_programs_per_sm,
+            program_cycles=round(kt.program_cycles), tail_cycles=round(kt.tail_cycles), waits_cycles=waits,
+            predicted_us=round(kt.us, 3), floor_us=round(floor, 3), ratio=round(kt.us / floor, 3),
         ))
     return rows
 
@@ -1095,7 +1129,8 @@ def main(argv=None):
             comp = gen.compile(case)
             sass = disassemble(comp.cubin)
             an = analyse(sass, comp.source, gen.constructs(case, comp))
-            cache[key] = (comp, an, resources(comp, case.arch))
+            from sass_timing import control_codes
+            cache[key] = (comp, an, resources(comp, case.arch), control_codes(comp.cubin, nvidia_tool("nvdisasm")))
             if args.dump:
                 os.makedirs(args.dump, exist_ok=True)
                 tag = "_".join(map(str, key))
@@ -1104,15 +1139,15 @@ def main(argv=None):
                     f.write(annotate(an, frequencies(an, trips, runs)))
             if args.verbose:
                 print(f"  compiled {key}:")
-        comp, an, res = cache[key]
-        for r in run_case(gen, case, comp, an, res, args.verbose and key not in seen, meta):
+        comp, an, res, ctrl = cache[key]
+        for r in run_case(gen, case, comp, an, res, args.verbose and key not in seen, meta, ctrl):
             rows.append(r)
             print(f"{r['device']:4s} {r['arch']} {r['mode']:9s} {r['layout']:8s} S={r['S']:<2} T={r['T']:<2} "
                   f"regs={r['registers']} progs/SM={r['programs_per_sm']} A/tile={r['acting_per_tile']:<6} "
                   f"fixed={r['fixed_per_warp']:<6} text={r['text_per_warp']:<6} subj={r['per_subject_per_warp']:<5} "
                   f"act={r['per_acting_per_warp']:<6} instr/warp={r['instr_per_warp']:<7} "
-                  f"hbm={r['t_hbm_us']} l2={r['t_l2_us']} tc={r['t_tensor_us']} exp={r['t_exp_us']} issue={r['t_issue_us']} phase={r['t_phase_us']} us waves={r['waves']} "
-                  f"-> {r['predicted_us']} us ({r['bound']}) {r['ratio']}x floor", flush=True)
+                  f"bound={r['lower_bound_us']}({r['lower_bound']}) waves={r['waves']} prog={r['program_cycles']}clk "
+                  f"waits[{r['waits_cycles']}] -> {r['predicted_us']} us {r['ratio']}x floor", flush=True)
         seen.add(key)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"kernel_cost_{args.tag or gen.name}.csv")
@@ -1134,7 +1169,7 @@ def main(argv=None):
         worst = max(ref, key=lambda r: r["ratio"])
         print(f"reference: sm_90 H100 {worst['dtype']} D={worst['D']} B={worst['B']} H={worst['H']} {worst['grid']} "
               f"L={worst['L']} S=5 overwrite, worst of disjoint/overlap x T=16/4 ({worst['layout']}, T={worst['T']}, "
-              f"{worst['bound']}-bound, {worst['predicted_us']} us vs {worst['floor_us']} us): "
+              f"{worst['predicted_us']} us vs {worst['floor_us']} us): "
               f"predicted {worst['ratio']:.2f}x floor")
 
 
