@@ -396,7 +396,7 @@ class Source:
             raise KeyError(f"no function {func!r} in {self.path}")
         if kind == "def":
             return fn.lineno, fn.end_lineno
-        types = {"for": ast.For, "if": ast.If, "call": ast.Call}[kind]
+        types = {"for": ast.For, "if": ast.If, "else": ast.If, "call": ast.Call}[kind]
         nodes = [n for n in ast.walk(fn) if isinstance(n, types)]
         if kind == "call":
             nodes = [n for n in nodes if isinstance(n.func, ast.Name) and n.func.id == text]
@@ -408,6 +408,10 @@ class Source:
         n = nodes[ordinal]
         if kind == "if":            # the body only: the test runs before the branch that skips it
             return n.body[0].lineno, max(x.end_lineno for x in n.body)
+        if kind == "else":          # the else branch only
+            if not n.orelse:
+                raise KeyError(f"{func}: if #{ordinal} matching {text!r} has no else")
+            return n.orelse[0].lineno, max(x.end_lineno for x in n.orelse)
         return n.lineno, n.end_lineno
 
     def matches(self, chain: Tuple[Tuple[str, int], ...], ranges: Sequence[Tuple[str, int, int]]) -> bool:
@@ -568,12 +572,26 @@ def frequencies(an: Analysis, trips: Dict[str, float], runs: Dict[str, float],
         if notes is not None:
             size = sum(len(blocks[j].instrs) for j in range(k + 1, target))
             notes.append(f"assumed not taken: {t.addr:#06x} {t.text!r} (skips {size} instructions)")
+    # A predicated EXIT inside a loop whose back edge is unconditional is that loop's exit:
+    # the warp leaves once per entry (ptxas ends a persistent loop so). Elsewhere it only ends
+    # threads that have no work and the warp falls through.
+    leave: Dict[int, float] = {}
+    for k, b in enumerate(blocks):
+        t = b.term
+        if an.live[k] and t.opcode == "EXIT" and t.pred is not None:
+            around = [lp for lp in loops if lp.contains(k) and blocks[lp.latch].term.pred is None]
+            if around:
+                lp = min(around, key=lambda x: x.latch - x.head)
+                tr = trips[lp.construct]
+                leave[k] = 1.0 if tr <= 1 else 1.0 / tr
     P = np.zeros((n, n))
     for k, b in enumerate(blocks):
         if not an.live[k]:
             continue
         for s, kind in b.succ:
-            if k in prob:
+            if k in leave:
+                P[k, s] += 1.0 - leave[k]
+            elif k in prob:
                 P[k, s] += prob[k] if kind == "taken" else 1.0 - prob[k]
             else:
                 P[k, s] += 1.0
@@ -717,6 +735,9 @@ class Generation:
     def programs(self, case: Case, comp: Compiled, tiles_per_bh: int) -> int:
         """Programs launched: one per query tile and (batch, head) unless the generation says otherwise."""
         return tiles_per_bh * case.B * case.H
+
+    def tiles_per_program(self, case: Case, comp: Compiled, tiles_per_bh: int) -> float:
+        return 1.0
 
     def text_stagings(self, case: Case, comp: Compiled, tiles_per_program: float) -> float:
         """Times one program loads the whole text K/V (once per tile unless the generation reuses it)."""
@@ -912,7 +933,83 @@ class Gen2(Generation):
         return {"per_subject": 0.0, "per_acting": p["acting"]}
 
 
-GENERATIONS: Dict[str, Generation] = {"gen2": Gen2(), "gen1": Gen1()}
+class Gen3(Gen2):
+    """The third kernel: ``programs_per_head`` programs per (batch, head), each running the tiles
+    first, first + G, ... of it in a loop (``for tile``): the text K/V staged once per program
+    before the loop, the next tile's query rows and the indices of the tile after prefetched
+    at the top of each iteration, the tile's routing loaded before its text branch."""
+    name = "gen3"
+    device = None            # the Device whose SM count sets the programs (set per device by run_case)
+
+    def detect(self) -> bool:
+        try:
+            rt = self._mod()
+        except ImportError:
+            return False
+        return hasattr(rt, "programs_per_head")
+
+    resident = None          # programs per SM the cubin allows on that device (set by run_case)
+
+    def programs_per_head(self, case, comp, tiles_per_bh) -> int:
+        """What the launcher picks: the device's SMs x the resident programs its cubin allows."""
+        rt = self._mod()
+        dev = self.device or DEVICES[case.arch][0]
+        return rt.programs_per_head(tiles_per_bh, case.B * case.H, dev.sms * (self.resident or 1))
+
+    def programs(self, case, comp, tiles_per_bh):
+        return self.programs_per_head(case, comp, tiles_per_bh) * case.B * case.H
+
+    def tiles_per_program(self, case, comp, tiles_per_bh) -> float:
+        """The most tiles a program runs: the wave ends with the program that runs the most."""
+        return math.ceil(tiles_per_bh / self.programs_per_head(case, comp, tiles_per_bh))
+
+    def text_stagings(self, case, comp, tiles_per_program):
+        return 1.0 if case.L else 0.0
+
+    def constructs(self, case, comp):
+        fwd = "_region_attention_fwd"
+        src = Source(comp.source)
+        tiles = (fwd, ("for", 0, "for tile"))
+        subj = (fwd, ("for", 0, "for j"))
+        lo, hi = src.node_range(*subj)
+        out = [Construct("tiles", "loop", [tiles], "fixed"),
+               Construct("subjects", "loop", [subj], "per_acting", parent="tiles")]
+        if any("if j == 0" in ln for ln in src.lines):
+            # the first listed subject was prefetched a tile ahead: its loads run for the others only
+            out.append(Construct("later_subjects", "if", [(fwd, ("else", 0, "if j == 0"))], "per_acting",
+                                 parent="subjects"))
+        for helper in ("_text_branch", "_load_text_keys", "_attend_online"):
+            if helper not in src.funcs:
+                continue
+            calls = sorted(n.lineno for n in ast.walk(src.funcs[fwd]) if isinstance(n, ast.Call)
+                           and isinstance(n.func, ast.Name) and n.func.id == helper)
+            for k, line in enumerate(calls):
+                inside = lo <= line <= hi
+                if not inside:
+                    out.append(Construct(f"text{helper}{k}", "label", [(fwd, ("call", k, helper))], "text"))
+                if helper == "_attend_online":
+                    out.append(Construct(f"{'subject' if inside else 'text'}_online{k}", "loop",
+                                         [(helper, ("for", 0, "for ")), (fwd, ("call", k, helper))],
+                                         "per_acting" if inside else "text",
+                                         parent="subjects" if inside else "tiles"))
+        return out
+
+    def trips(self, case, comp, p):
+        trips, runs = super().trips(case, comp, p)
+        trips["tiles"] = p["tiles_per_program"]
+        runs["later_subjects"] = (p["acting"] - 1) / p["acting"] if p["acting"] > 0 else 0.0
+        return trips, runs
+
+    def tile_params(self, case, comp):
+        counts = self.acting_counts(case, comp.block_m)
+        tpp = self.tiles_per_program(case, comp, len(counts))
+        return [({"acting": a, "tiles_per_program": tpp}, n) for a, n in sorted(Counter(counts).items())]
+
+    def units(self, p):
+        return {"per_subject": 0.0, "per_acting": p["acting"] * p["tiles_per_program"]}
+
+
+GENERATIONS: Dict[str, Generation] = {"gen3": Gen3(), "gen2": Gen2(), "gen1": Gen1()}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -950,7 +1047,17 @@ def model_time(dev: Device, case: Case, programs: int, instr_tile: float, mufu_t
 
 def run_case(gen: Generation, case: Case, comp: Compiled, an: Analysis, res: Dict[str, int], verbose: bool,
              meta: Dict[str, str], ctrl=None) -> List[dict]:
+    rows = []
+    for dev in DEVICES[case.arch]:
+        gen.device = dev
+        rows += _run_case_on(gen, case, comp, an, res, verbose and dev is DEVICES[case.arch][0], meta, ctrl, dev)
+    gen.device = None
+    return rows
+
+
+def _run_case_on(gen, case, comp, an, res, verbose, meta, ctrl, dev) -> List[dict]:
     from sass_timing import kernel_time
+    gen.resident = programs_per_sm(dev, res["registers"], comp.shared, comp.num_warps)[0]
     tiles = gen.tile_params(case, comp)
     ntiles = sum(n for _, n in tiles)
     tot: Dict[str, float] = defaultdict(float)
@@ -987,6 +1094,14 @@ def run_case(gen: Generation, case: Case, comp: Compiled, an: Analysis, res: Dic
     per_warp = {k: tot.get(k, 0.0) / ntiles for k in ("fixed", "text")}
     per_subject = tot.get("per_subject", 0.0) / units["per_subject"] if units["per_subject"] else 0.0
     per_acting = tot.get("per_acting", 0.0) / units["per_acting"] if units["per_acting"] else float("nan")
+    # Frequencies are per program: per tile, divide by the tiles a program runs (1 before v3).
+    tpp = gen.tiles_per_program(case, comp, ntiles)
+    tot = {k: v / tpp for k, v in tot.items()}
+    units = {k: v / tpp for k, v in units.items()}
+    per_warp = {k: tot.get(k, 0.0) / ntiles for k in ("fixed", "text")}
+    per_subject = tot.get("per_subject", 0.0) / units["per_subject"] if units.get("per_subject") else 0.0
+    per_acting = tot.get("per_acting", 0.0) / units["per_acting"] if units.get("per_acting") else float("nan")
+    mufu, flops, bars = mufu / tpp, flops / tpp, bars / tpp
     instr_warp = sum(tot.values()) / ntiles
     tile_programs = ntiles * case.B * case.H          # query tiles in the launch
     programs = gen.programs(case, comp, ntiles)        # programs launched (several tiles each, for v3)
@@ -995,7 +1110,7 @@ def run_case(gen: Generation, case: Case, comp: Compiled, an: Analysis, res: Dic
     qo = 2 * case.B * case.H * case.N * case.D * esz
     kv = 2 * case.B * case.H * (case.L + case.S * case.T) * case.D * esz
     rows = []
-    for dev in DEVICES[case.arch]:
+    for dev in (dev,):
         t = model_time(dev, case, tile_programs, instr_warp * warps, mufu / ntiles * warps, flops / ntiles * warps,
                        qo + kv)
         floor = qo / (dev.copy_tb_s * 1e6)
