@@ -1,5 +1,5 @@
 """A static cost model of the fused region-attention kernel: its instruction count per
-query tile, read from the compiled code, and the time it predicts on an H100 / H200.
+query tile, read from the compiled code, and the time it predicts on an A100 / H100 / H200.
 
     env -u TRITON_INTERPRET python benchmarks/kernel_cost.py [--tag after]   # this tree's kernel
     env -u TRITON_INTERPRET python benchmarks/kernel_cost.py --tree DIR --tag before
@@ -56,27 +56,21 @@ Method (each step can be checked by hand; ``--dump DIR`` writes the annotated SA
    (or acting) over all tiles. Counts are warp-instructions issued by one warp, including
    predicated-off ones (``@!PT``: they still take an issue slot); a tile issues
    num_warps times that (no warp specialisation, and every branch is warp-uniform).
-7. Time. Programs = cdiv(N, BLOCK_M) x B x H; each SM runs ceil(programs / SMs) of them
-   (wave quantisation: tiles per SM rounded up, times the mean tile). Predicted time is the
-   largest of
-     - HBM:    bytes / copy bandwidth, bytes = Q + O + every K/V once (no quantisation);
-     - tensor: tensor-core FLOPs per SM / (FLOP per clock per SM x clock), FLOPs counted
-               from the HMMA / HGMMA instructions executed (padding included);
-     - exp:    MUFU instructions x 32 lanes per SM / (16 per clock per SM x clock) (ex2 and
-               rcp share the MUFU pipe);
-     - issue:  warp-instructions per SM / (4 schedulers x clock);
-     - l2:     L2 traffic / L2 bandwidth: every program's Q tile, the whole text K/V that
-               each program stages for itself (programs never share it), each acting
-               subject's K/V, and the O tile;
-     - phase:  ceil(waves) x one program's serial phases, waves = programs / (resident
-               programs per SM x SMs): the ORDER load (an L2 hit) feeds the Q gather (an HBM
-               miss), then the program's warps issue their instructions, sharing the 4
-               schedulers with the other resident programs, then it stores; nothing inside a
-               program overlaps (the code does not prefetch), resident programs overlap;
-   and the ratio is predicted time over the floor, Q + O bytes / copy bandwidth. Not counted:
-   barriers, shared-memory bank conflicts, stall cycles beyond the two stated load latencies,
-   launch overhead, the tail of a wave beyond rounding up, clock throttling. The L2 rate and
-   the load latencies are stated assumptions (``Device``), to calibrate against a GPU run.
+7. Time (``sass_timing``, whose docstring states the method). One warp of one program is
+   walked through the blocks it executes (the frequencies of step 5, per tile class), issuing
+   each instruction ``stall`` cycles after the last as its control word says, waiting where it
+   names a scoreboard, a cp.async group or a wgmma group, with the stated latencies of the
+   loads that set them: the query rows from HBM, everything else from L2 (``load_class``).
+   The warps of the programs resident on the SM (registers and shared memory of the cubin)
+   run in lockstep with it: they share its schedulers, pipes (tensor, MUFU, FP32, shared
+   memory) and the SM's share of the chip's HBM and L2 bandwidth, so memory and compute
+   overlap only where the code overlaps them (a load issued before independent work, a
+   prefetch of the next tile). Waves: full waves at full residency, then the tail at its own;
+   a wave ends when its traffic (its stores included) has moved. The predicted time is that;
+   its ratio to the floor (Q + O bytes at the device-copy rate) is the figure reported. The
+   largest of the separate bounds (HBM, L2, tensor, exp, issue) is kept in the CSV as
+   ``lower_bound_us``: it is a lower bound, not a prediction. Validated on kernels with
+   published GPU timings (``benchmarks/validation_kernels.py``; errors in docs/cost-model.md).
 
 Hardware assumed (``DEVICES``): H100 SXM, 132 SMs at 1.755 GHz (a sustained clock
 under load, below the 1.98 GHz maximum), 3.0 TB/s device copy (reads + writes), 4096

@@ -1,13 +1,17 @@
 """The fused Triton kernel of region cross-attention, its launch table and launcher.
 
-One program per (tile of BLOCK_M query tokens, batch*head). The tokens of a tile are
-consecutive in the routing's sorted order (``anyms_kernels.routing``), so a tile is
-nearly always acted on by one subject or none, whatever the number of subjects. The
-program issues the text keys' loads, loads its query tile once, runs the text branch
-in one pass (no online rescale for L <= 128), then runs only the subjects its tile's
-list names, each in one key block, accumulating ``P @ V`` straight into the output
-accumulator with ``lambda_s / l`` and the token's acts-or-not folded into ``P``. The
-output is written once, in q's layout. Nothing in it depends on S.
+The query tokens of each (batch, head) are cut into tiles of BLOCK_M tokens consecutive in
+the routing's sorted order (``anyms_kernels.routing``), so a tile is nearly always acted on
+by one subject or none, whatever the number of subjects. A program runs the tiles
+``first, first + G, ...`` of one (batch, head), G programs per (batch, head), as many
+programs in all as the GPU holds at once (one wave). It stages the text keys once, then per
+tile: prefetches the next tile's query rows, the indices of the tile after it and (narrow
+16-bit heads) the next tile's routing and first subject's keys; runs the text branch in one
+pass (no online rescale for L <= 128); runs only the subjects its tile's list names, each in
+one key block, accumulating ``P @ V`` straight into the output accumulator with
+``lambda_s / l`` and the token's acts-or-not folded into ``P``; writes the tile once, in q's
+layout. Every tile runs the same operations whichever program runs it, so the output does
+not depend on G. Nothing in it depends on S.
 """
 from __future__ import annotations
 
