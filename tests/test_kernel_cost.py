@@ -220,3 +220,26 @@ def test_a_load_and_its_use_do_not_overlap_a_prefetch_does(tmp_path):
     # 32 resident warps: 8 per scheduler, so each instruction of the walked warp issues 8 cycles apart
     crowded, _ = _walk(tmp_path, serial, ctrl2, warps_per_sm=32)
     assert crowded > lat + 8 * 100
+
+
+def test_the_gpu_sweep_times_every_launch_configuration_of_the_table():
+    """On CUDA at S=5, T=16 the sweep adds one peer per configuration of the kernel's table
+    (the configurations sm_80 and sm_90 launch); each computes the op (checked here under the
+    interpreter on a tiny CPU case against the float64 reference)."""
+    import torch
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_region_attention as bench
+    from anyms_kernels.ops import region_attention_triton as rt
+    cuda = bench.Case((64, 64), 5, 16, "overlap", torch.float16, "cuda")
+    assert set(bench.config_peers(cuda)) == {f"ours_cfg{c.block_m}x{c.num_warps}"
+                                             for c in rt.config_candidates(64, torch.float16)}
+    assert bench.config_peers(bench.Case((64, 64), 2, 16, "overlap", torch.float16, "cuda")) == {}
+    assert bench.config_peers(bench.Case((64, 64), 5, 16, "overlap", torch.float32, "cpu")) == {}
+    if rt.triton_runnable(torch.empty(0)):
+        pytest.skip("the Triton kernel cannot run here")
+    tiny = bench.Case((6, 7), 5, 16, "overlap", torch.float32, "cpu", B=1, H=2, D=32, L=9)
+    x = bench.make_inputs(tiny)
+    ref = bench.reference_outputs(tiny, x)["overwrite"]
+    for name, maker in bench.config_peers(bench.Case(**{**tiny.__dict__, "device": "cuda"})).items():
+        out = maker(tiny, x)()
+        assert (out.double() - ref).abs().max() < 1e-4, name

@@ -284,6 +284,7 @@ if HAS_TRITON:
                                      VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s0 * stride_vss, VEC),
                                      0, tl.where(count > 0, SUBJ_LEN, 0), stride_kst, stride_ksd, stride_vst,
                                      stride_vsd, offs_d, d_ok, TEXT_MASK, 0, False, BLOCK_T)
+            s1 = tl.load(TILE_SUBJECTS + b * stride_tsb + first * stride_tst + 1, mask=count > 1, other=0)
 
         for tile in tl.range(first, n_tiles, step, num_stages=1):
             pos = tile * BLOCK_M + rows
@@ -330,20 +331,27 @@ if HAS_TRITON:
                     VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s0_n * stride_vss, VEC),
                     0, tl.where(count_n > 0, SUBJ_LEN, 0), stride_kst, stride_ksd, stride_vst, stride_vsd, offs_d,
                     d_ok, TEXT_MASK, 0, False, BLOCK_T)
+                # ... and the index of its second, which the tile's count (arrived by now) guards.
+                s1_n = tl.load(TILE_SUBJECTS + b * stride_tsb + (tile + step) * stride_tst + 1, mask=count_n > 1,
+                               other=0)
+                # This tile's subjects, software-pipelined: while subject j computes, the keys and
+                # weights of subject j + 1 (its index arrived one step ago) and the index of
+                # subject j + 2 are in flight. Subject 0 arrived during the tile before.
+                weight, k, v, t_ok, s_next = w0, k0, v0, ok0, s1
                 for j in tl.range(0, count, num_stages=1):
-                    if j == 0:
-                        weight, k, v, t_ok = w0, k0, v0, ok0
-                    else:
-                        s = tl.load(subjects + j)
-                        weight = _subject_weight(s, owner, COVER, SCALES, b, pos, m_ok, stride_cb, stride_cs,
-                                                 stride_sb, stride_ss, OVERWRITE)
-                        k, v, t_ok = _load_keys(KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s * stride_kss,
-                                                                    VEC),
-                                                VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s * stride_vss,
-                                                                    VEC),
-                                                0, SUBJ_LEN, stride_kst, stride_ksd, stride_vst, stride_vsd, offs_d,
-                                                d_ok, TEXT_MASK, 0, False, BLOCK_T)
+                    # Unconditional (masked off past the tile's last subject): under an ``if`` the
+                    # compiler would wait for these loads where the branches merge, before subject j.
+                    more = j + 1 < count
+                    w_n = _subject_weight(s_next, owner, COVER, SCALES, b, pos, m_ok & (pos * 0 + j + 1 < count),
+                                          stride_cb, stride_cs, stride_sb, stride_ss, OVERWRITE)
+                    k_n, v_n, ok_n = _load_keys(
+                        KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s_next * stride_kss, VEC),
+                        VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s_next * stride_vss, VEC),
+                        0, tl.where(more, SUBJ_LEN, 0), stride_kst, stride_ksd, stride_vst, stride_vsd, offs_d,
+                        d_ok, TEXT_MASK, 0, False, BLOCK_T)
+                    s_after = tl.load(subjects + j + 2, mask=j + 2 < count, other=0)
                     out = _subject_branch(out, q, k, v, t_ok, weight, qk_scale, SUBJ_LEN < BLOCK_T, DOT_PRECISION)
+                    weight, k, v, t_ok, s_next = w_n, k_n, v_n, ok_n, s_after
             else:
                 for j in range(0, count):
                     s = tl.load(subjects + j)
@@ -368,7 +376,7 @@ if HAS_TRITON:
             if PREFETCH_TEXT:
                 q = q_next
             if PREFETCH_TEXT and SUBJ_LEN <= BLOCK_T:
-                count, owner, w0, k0, v0, ok0 = count_n, owner_n, w0_n, k0_n, v0_n, ok0_n
+                count, owner, w0, k0, v0, ok0, s1 = count_n, owner_n, w0_n, k0_n, v0_n, ok0_n, s1_n
             tok = tok_next
             tok_next = tok_after
 
