@@ -303,6 +303,28 @@ def make_ours(case: Case, x: dict, mode: str = "overwrite") -> Callable[[], torc
                                              subject_scale=SUBJECT_SCALE, backend=backend)
 
 
+def make_ours_config(case: Case, x: dict, block_m: int, num_warps: int, num_stages: int):
+    """The Triton kernel (overwrite) at one launch configuration of the table, whatever the
+    heuristic would pick: the table serves sm_80 and sm_90 alike, so a GPU run times them all."""
+    from anyms_kernels.ops import region_attention_triton as rt
+    q, kt, vt, ks, vs, tok = x["q"], x["k_text"], x["v_text"], x["k_subj"], x["v_subj"], x["tok"]
+    routing = ak.build_routing(tok.to(q.device), case.grid, "overwrite")
+    scales = torch.full((case.B, case.S), SUBJECT_SCALE, dtype=torch.float32, device=q.device)
+    cfg = rt.KernelConfig(block_m, num_warps, num_stages)
+    return lambda: rt.region_attention_triton(q, kt, vt, ks, vs, routing, scales, None, case.D ** -0.5, config=cfg)
+
+
+def config_peers(case: Case) -> Dict[str, Callable]:
+    """CUDA, fp16/bf16, S=5, T=16: one peer per launch configuration of the kernel's table,
+    named ``ours_cfg<BLOCK_M>x<warps>``."""
+    if not str(case.device).startswith("cuda") or case.S != 5 or case.T != 16:
+        return {}
+    from anyms_kernels.ops.region_attention_triton import config_candidates
+    return {f"ours_cfg{c.block_m}x{c.num_warps}": functools.partial(make_ours_config, block_m=c.block_m,
+                                                                    num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in config_candidates(case.D, case.dtype)}
+
+
 MAKERS = {
     "B0": make_b0, "B1": make_b1, "B2": make_b2, "B3": make_b3, "B4": make_b4, "crop": make_crop,
     "ours": make_ours, "ours_sum": lambda c, x: make_ours(c, x, "sum"),
@@ -346,7 +368,7 @@ def check_peer(peer: str, fn, case: Case, x: dict, ref: Dict[str, torch.Tensor])
     if peer == "B4":
         out = out.view(case.B, case.N, case.H, case.D).transpose(1, 2)
     got = _as_bhnd(out, case).detach().to(torch.float64)
-    return float((got - ref[ORACLE[peer]]).abs().max())
+    return float((got - ref[ORACLE.get(peer, "overwrite" if peer.startswith("ours_cfg") else peer)]).abs().max())
 
 
 def check_b0_replica(device: str = "cpu", dtype=torch.float32) -> float:
@@ -572,6 +594,8 @@ def model_prediction(case: Case, mode: str, gpu_name: str) -> Optional[float]:
 def run_case(case: Case, peers, args, meta, writer, rows) -> None:
     if "B1" in peers and not b1_wanted(case, args):
         peers = [p for p in peers if p != "B1"]
+    extra = config_peers(case) if "ours" in peers else {}
+    peers = list(peers) + list(extra)
     x = make_inputs(case)
     is_cuda = case.device.startswith("cuda")
     ref = None if args.no_check else reference_outputs(case, x)
@@ -592,7 +616,7 @@ def run_case(case: Case, peers, args, meta, writer, rows) -> None:
     for peer in peers:                      # build, then check once against the oracle
         row = my_rows[peer]
         try:
-            fn = MAKERS[peer](case, x)
+            fn = (MAKERS.get(peer) or extra[peer])(case, x)
             if ref is not None:
                 err = check_peer(peer, fn, case, x, ref)
                 row["check_max_abs_err"] = f"{err:.3g}"

@@ -173,3 +173,73 @@ def test_the_gpu_sweep_reads_the_models_prediction_for_each_level():
     assert bench.model_prediction(case, "sum", "NVIDIA H200") is None          # predicted for fp16 only
     assert bench.model_prediction(bench.Case((64, 64), 5, 16, "overlap", torch.float16, "cuda"), "sum",
                                   "NVIDIA RTX 4090") is None                  # no model of that GPU
+
+
+# ------------------------------------------------------------------ the SASS timing walk
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import sass_timing as st  # noqa: E402
+
+
+def test_control_words_are_decoded():
+    # LDC R16, c[0x0][0x2ec] sets scoreboard 1 and stalls 1; IABS R4, R16 waits on it, then stalls 7
+    # (two instructions of an sm_90 cubin of the kernel, as nvdisasm -hex prints them).
+    assert st.decode_control(0x000E620000000800) == st.Ctrl(stall=1, yld=1, wbar=1, rbar=7, wait=0)
+    assert st.decode_control(0x002FCE0000000000) == st.Ctrl(stall=7, yld=0, wbar=7, rbar=7, wait=0b10)
+
+
+def _walk(tmp_path, listing, ctrl, warps_per_sm=4, trips=None, constructs=()):
+    src = tmp_path / "k.py"
+    src.write_text("def kern():\n    q = load()\n    x = 1\n    return q\n")
+    text = "\n".join(f'\t//## File "{src}", line {line}\n        /*{a:04x}*/  {t} ;' for a, t, line in listing)
+    an = kc.analyse(text + "\n", str(src), list(constructs))
+    freq = kc.frequencies(an, trips or {}, {})
+    mach = kc.machine(kc.H100)
+    w = st.Walker(an, freq, trips or {}, ctrl, mach, warps_per_sm, 4, mach.sms, lambda ins: "hbm")
+    return w.program()[0], mach
+
+
+def test_a_load_and_its_use_do_not_overlap_a_prefetch_does(tmp_path):
+    C = st.Ctrl
+    # load (scoreboard 0), 100 independent instructions, then the use waiting on it
+    body = [(0x10 * (k + 1), "FADD R2, R2, R2", 3) for k in range(100)]
+    listing = [(0x0, "LDG.E.128 R4, desc[UR4][R8.64]", 2)] + body + [(0x10 * 101, "FADD R3, R4, R4", 3),
+                                                                      (0x10 * 102, "EXIT", 4)]
+    ctrl = {0x0: C(1, 0, 0, 7, 0), 0x10 * 101: C(1, 0, 7, 7, 1), 0x10 * 102: C(1, 0, 7, 7, 0)}
+    ctrl.update({a: C(1, 0, 7, 7, 0) for a, _, _ in body})
+    prefetched, mach = _walk(tmp_path, listing, ctrl, warps_per_sm=4)
+    # the same instructions with the use first: the warp waits the whole latency, then issues the rest
+    serial = [(0x0, "LDG.E.128 R4, desc[UR4][R8.64]", 2), (0x10, "FADD R3, R4, R4", 3)] + \
+        [(0x10 * (k + 2), "FADD R2, R2, R2", 3) for k in range(100)] + [(0x10 * 102, "EXIT", 4)]
+    ctrl2 = {a: C(1, 0, 7, 7, 0) for a, _, _ in serial}
+    ctrl2[0x0], ctrl2[0x10] = C(1, 0, 0, 7, 0), C(1, 0, 7, 7, 1)
+    waited, _ = _walk(tmp_path, serial, ctrl2, warps_per_sm=4)
+    # the latency after the SM's share of HBM moves the 4 warps' 512 bytes each
+    lat = mach.lat.hbm + 4 * 512 / (mach.hbm_tb_s * 1e12 / (mach.clock_ghz * 1e9) / mach.sms)
+    assert waited == pytest.approx(lat + 1 + 1 + 100 + 1, abs=2)        # latency, then every instruction
+    assert prefetched == pytest.approx(lat + 1 + 1, abs=2)              # the 100 issue under the load
+    # 32 resident warps: 8 per scheduler, so each instruction of the walked warp issues 8 cycles apart
+    crowded, _ = _walk(tmp_path, serial, ctrl2, warps_per_sm=32)
+    assert crowded > lat + 8 * 100
+
+
+def test_the_gpu_sweep_times_every_launch_configuration_of_the_table():
+    """On CUDA at S=5, T=16 the sweep adds one peer per configuration of the kernel's table
+    (the configurations sm_80 and sm_90 launch); each computes the op (checked here under the
+    interpreter on a tiny CPU case against the float64 reference)."""
+    import torch
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_region_attention as bench
+    from anyms_kernels.ops import region_attention_triton as rt
+    cuda = bench.Case((64, 64), 5, 16, "overlap", torch.float16, "cuda")
+    assert set(bench.config_peers(cuda)) == {f"ours_cfg{c.block_m}x{c.num_warps}"
+                                             for c in rt.config_candidates(64, torch.float16)}
+    assert bench.config_peers(bench.Case((64, 64), 2, 16, "overlap", torch.float16, "cuda")) == {}
+    assert bench.config_peers(bench.Case((64, 64), 5, 16, "overlap", torch.float32, "cpu")) == {}
+    if rt.triton_runnable(torch.empty(0)):
+        pytest.skip("the Triton kernel cannot run here")
+    tiny = bench.Case((6, 7), 5, 16, "overlap", torch.float32, "cpu", B=1, H=2, D=32, L=9)
+    x = bench.make_inputs(tiny)
+    ref = bench.reference_outputs(tiny, x)["overwrite"]
+    for name, maker in bench.config_peers(bench.Case(**{**tiny.__dict__, "device": "cuda"})).items():
+        out = maker(tiny, x)()
+        assert (out.double() - ref).abs().max() < 1e-4, name

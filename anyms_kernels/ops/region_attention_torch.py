@@ -23,7 +23,7 @@ def _chunk_tokens(num_tokens: int) -> int:
     return min(256, max(64, num_tokens // 16))
 
 
-def _small_attention(q, k_t, v, scale: float) -> torch.Tensor:
+def _small_attention(q, k_t, v, scale: float, out=None) -> torch.Tensor:
     """softmax(q k^T * scale) v for a subject's few keys, as two matmuls and a softmax.
 
     Not SDPA: for a slab of a few hundred queries against 4-16 keys, the CPU's fused SDPA
@@ -36,7 +36,7 @@ def _small_attention(q, k_t, v, scale: float) -> torch.Tensor:
         p = torch.softmax(scores.float().mul_(scale), dim=-1).to(v.dtype)
     else:
         p = torch.softmax(scores.mul_(scale), dim=-1)
-    return torch.matmul(p, v)
+    return torch.matmul(p, v, out=out)
 
 
 def region_attention_torch(q, k_text, v_text, k_subj, v_subj, routing: Routing, scales, text_mask,
@@ -67,7 +67,14 @@ def region_attention_torch(q, k_text, v_text, k_subj, v_subj, routing: Routing, 
             tokens = tokens.to(q.device)
             for idx in tokens.split(chunk):
                 q_s = q_rows.index_select(dim, idx)
-                q_s = q_s.transpose(1, 2) if dim == 1 else q_s
-                z = _small_attention(q_s, k_s_t, v_s, softmax_scale)
+                if dim == 1:
+                    # [b, c, H, D] rows: one batch row at a time is [H, c, D] with a row stride, which
+                    # the batched matmul reads in place; all rows at once ([b, H, c, D]) would be
+                    # copied first (measured: that copy was a fifth of the subjects' time).
+                    z = q_s.new_empty(q_s.shape[0], q_s.shape[2], q_s.shape[1], q_s.shape[3])
+                    for i in range(q_s.shape[0]):
+                        _small_attention(q_s[i].transpose(0, 1), k_s_t[i], v_s[i], softmax_scale, out=z[i])
+                else:
+                    z = _small_attention(q_s, k_s_t, v_s, softmax_scale)
                 out_rows.index_add_(out_dim, idx, z.transpose(1, 2) if out_dim == 1 else z)
     return out

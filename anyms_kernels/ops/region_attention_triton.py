@@ -1,13 +1,17 @@
 """The fused Triton kernel of region cross-attention, its launch table and launcher.
 
-One program per (tile of BLOCK_M query tokens, batch*head). The tokens of a tile are
-consecutive in the routing's sorted order (``anyms_kernels.routing``), so a tile is
-nearly always acted on by one subject or none, whatever the number of subjects. The
-program issues the text keys' loads, loads its query tile once, runs the text branch
-in one pass (no online rescale for L <= 128), then runs only the subjects its tile's
-list names, each in one key block, accumulating ``P @ V`` straight into the output
-accumulator with ``lambda_s / l`` and the token's acts-or-not folded into ``P``. The
-output is written once, in q's layout. Nothing in it depends on S.
+The query tokens of each (batch, head) are cut into tiles of BLOCK_M tokens consecutive in
+the routing's sorted order (``anyms_kernels.routing``), so a tile is nearly always acted on
+by one subject or none, whatever the number of subjects. A program runs the tiles
+``first, first + G, ...`` of one (batch, head), G programs per (batch, head), as many
+programs in all as the GPU holds at once (one wave). It stages the text keys once, then per
+tile: prefetches the next tile's query rows, the indices of the tile after it and (narrow
+16-bit heads) the next tile's routing and first subject's keys; runs the text branch in one
+pass (no online rescale for L <= 128); runs only the subjects its tile's list names, each in
+one key block, accumulating ``P @ V`` straight into the output accumulator with
+``lambda_s / l`` and the token's acts-or-not folded into ``P``; writes the tile once, in q's
+layout. Every tile runs the same operations whichever program runs it, so the output does
+not depend on G. Nothing in it depends on S.
 """
 from __future__ import annotations
 
@@ -159,6 +163,39 @@ if HAS_TRITON:
         return acc * (1.0 / tl.where(l_i == 0.0, 1.0, l_i))[:, None]
 
     @triton.jit
+    def _tile_routing(TILE_COUNT, TILE_SUBJECTS, OWNER, b, tile, n_tiles, pos, m_ok, route,
+                      stride_tcb, stride_tsb, stride_tst, OVERWRITE: tl.constexpr):
+        """A tile's acting-subject count, the first subject on its list and (overwrite) its tokens'
+        owners; count 0 for a tile past the last. Every list entry is a subject index (the list
+        is a permutation of 0..S-1), so the first one may be read before the count arrives."""
+        live = tile < n_tiles
+        count = tl.load(TILE_COUNT + b * stride_tcb + tile, mask=live, other=0)
+        first = tl.load(TILE_SUBJECTS + b * stride_tsb + tile * stride_tst, mask=live, other=0)
+        if OVERWRITE:
+            owner = tl.load(OWNER + route + pos, mask=m_ok, other=-1)
+        else:
+            owner = pos * 0 - 1
+        return count, first, owner
+
+    @triton.jit
+    def _subject_weight(s, owner, COVER, SCALES, b, pos, m_ok, stride_cb, stride_cs, stride_sb, stride_ss,
+                        OVERWRITE: tl.constexpr):
+        """[BLOCK_M]: lambda_s where subject s acts on the token, else 0."""
+        if OVERWRITE:
+            acts = owner == s
+        else:
+            acts = tl.load(COVER + b * stride_cb + s * stride_cs + pos, mask=m_ok, other=0) != 0
+        lam = tl.load(SCALES + b * stride_sb + s * stride_ss)
+        return tl.where(acts, lam, 0.0)
+
+    @triton.jit
+    def _load_query(Q, q_base, tok, ok, stride_qn, stride_qd, offs_d, d_ok, VEC: tl.constexpr):
+        """The query rows of one tile's tokens, [BLOCK_M, BLOCK_D] (rows not ok read as 0)."""
+        q_rows = tl.multiple_of(q_base + tok * stride_qn, VEC)
+        return tl.load(Q + q_rows[:, None] + offs_d[None, :] * stride_qd, mask=ok[:, None] & d_ok[None, :],
+                       other=0.0)
+
+    @triton.jit
     def _region_attention_fwd(
         Q, KT, VT, KS, VS,      # q [B,H,N,D]; text k/v [B,H,L,D]; subject k/v [B,H,S,T,D]
         OUT,                    # [B,H,N,D] output, any strides
@@ -182,6 +219,7 @@ if HAS_TRITON:
         stride_sb, stride_ss,               # SCALES (strides 0 when broadcast)
         stride_mb, stride_ml,               # TEXT_MASK
         H, N,                   # heads, query tokens
+        n_tiles,                # query tiles per (batch, head); this program runs tiles pid, pid + G, ... (G programs)
         qk_scale,               # softmax_scale * log2(e)
         HEAD_DIM: tl.constexpr,      # D
         BLOCK_D: tl.constexpr,       # D rounded up to a power of two
@@ -191,7 +229,7 @@ if HAS_TRITON:
         TEXT_A: tl.constexpr,        # one-pass text: first key block (a power of two)
         TEXT_B: tl.constexpr,        # one-pass text: second key block, 0 for none
         ONLINE_L: tl.constexpr,      # key block of the online text path (TEXT_A == 0)
-        PREFETCH_TEXT: tl.constexpr, # issue the text key loads before the query tile's
+        PREFETCH_TEXT: tl.constexpr, # registers allow prefetching: text keys first, next query tile ahead
         SUBJ_LEN: tl.constexpr,      # T
         BLOCK_T: tl.constexpr,       # subject keys per block (one block when T <= BLOCK_T)
         OVERWRITE: tl.constexpr,     # True: a token takes its owner; False: all covering subjects add
@@ -199,75 +237,148 @@ if HAS_TRITON:
         VEC: tl.constexpr,           # every row offset is a multiple of VEC elements (16-byte accesses)
         DOT_PRECISION: tl.constexpr, # "ieee" for float32 inputs, "tf32" otherwise (ignored for 16-bit)
     ):
-        tile = tl.program_id(0)
+        first = tl.program_id(0)
+        step = tl.num_programs(0)          # programs per (batch, head): each runs tiles first, first + step, ...
         pid_bh = tl.program_id(1)
         b = (pid_bh // H).to(tl.int64)   # int64: batch*head offsets overflow int32 at large sizes
         h = (pid_bh % H).to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
+        rows = tl.arange(0, BLOCK_M)
+        route = b * stride_rb
+        q_base = b * stride_qb + h * stride_qh
+        o_base = b * stride_ob + h * stride_oh
 
-        # Text keys first (narrow heads): they do not depend on the routing, so their
-        # loads are in flight while the token order and the query tile arrive. Wide heads
-        # would hold too many registers across the query load: they load them after it.
+        # The first tile's token indices are issued first (the query gather depends on them), then
+        # the text keys, staged once for every tile this program runs (they do not depend on the
+        # routing), then the first query tile and the second tile's indices.
+        tok = tl.load(ORDER + route + first * BLOCK_M + rows, mask=first * BLOCK_M + rows < N, other=0).to(tl.int64)
         kt_base = tl.multiple_of(b * stride_ktb + h * stride_kth, VEC)
         vt_base = tl.multiple_of(b * stride_vtb + h * stride_vth, VEC)
         mask_row = TEXT_MASK + b * stride_mb
-        if HAS_TEXT and TEXT_A > 0 and PREFETCH_TEXT:
+        # Narrow 16-bit heads (PREFETCH_TEXT) stage the text keys before the first query tile
+        # and prefetch each next tile's query rows; wide or float32 heads would spill holding
+        # both, so they stage the keys and load each tile's query rows when the tile starts.
+        if HAS_TEXT and TEXT_A > 0:
             ka, va, ok_a, kb, vb, ok_b = _load_text_keys(KT + kt_base, VT + vt_base, TEXT_LEN, stride_ktl, stride_ktd,
                                                          stride_vtl, stride_vtd, offs_d, d_ok, mask_row, stride_ml,
                                                          HAS_TEXT_MASK, TEXT_A, TEXT_B)
-
-        # The tile's tokens in routing order, then the query tile, read once for every branch.
-        pos = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = pos < N
-        route = b * stride_rb
-        tok = tl.load(ORDER + route + pos, mask=m_ok, other=0).to(tl.int64)
-        q_rows = tl.multiple_of(b * stride_qb + h * stride_qh + tok * stride_qn, VEC)
-        q = tl.load(Q + q_rows[:, None] + offs_d[None, :] * stride_qd, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        if HAS_TEXT and TEXT_A > 0 and not PREFETCH_TEXT:
-            ka, va, ok_a, kb, vb, ok_b = _load_text_keys(KT + kt_base, VT + vt_base, TEXT_LEN, stride_ktl, stride_ktd,
-                                                         stride_vtl, stride_vtd, offs_d, d_ok, mask_row, stride_ml,
-                                                         HAS_TEXT_MASK, TEXT_A, TEXT_B)
-
-        # Level 1: the text branch, never masked by the layout (none on FLUX's IP path).
-        if not HAS_TEXT:
-            out = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        elif TEXT_A > 0:
-            out = _text_branch(q, ka, va, ok_a, kb, vb, ok_b, qk_scale,
-                               HAS_TEXT_MASK or TEXT_LEN < TEXT_A, TEXT_B > 0, DOT_PRECISION)
+        if PREFETCH_TEXT:
+            q = _load_query(Q, q_base, tok, first * BLOCK_M + rows < N, stride_qn, stride_qd, offs_d, d_ok, VEC)
         else:
-            out = _attend_online(q, KT + kt_base, VT + vt_base, stride_ktl, stride_ktd, stride_vtl, stride_vtd,
-                                 TEXT_LEN, mask_row, stride_ml, qk_scale, offs_d, d_ok, HAS_TEXT_MASK,
-                                 BLOCK_M, ONLINE_L, BLOCK_D, DOT_PRECISION)
+            q = tl.zeros([BLOCK_M, BLOCK_D], Q.dtype.element_ty)
+        pos_next = (first + step) * BLOCK_M + rows
+        tok_next = tl.load(ORDER + route + pos_next, mask=pos_next < N, other=0).to(tl.int64)
+        # Routing one tile ahead (narrow 16-bit heads, one-block subjects): the first tile's
+        # count, first listed subject, its weights and keys; later tiles' arrive during the
+        # tile before them, so the subject branch never waits on a dependent load chain.
+        # (``pos * 0 + count``: the scalar count broadcast to the tile, which the interpreter
+        # needs to combine it with a tensor mask.)
+        if PREFETCH_TEXT and SUBJ_LEN <= BLOCK_T:
+            pos0 = first * BLOCK_M + rows
+            count, s0, owner = _tile_routing(TILE_COUNT, TILE_SUBJECTS, OWNER, b, first, n_tiles, pos0, pos0 < N,
+                                             route, stride_tcb, stride_tsb, stride_tst, OVERWRITE)
+            w0 = _subject_weight(s0, owner, COVER, SCALES, b, pos0, (pos0 < N) & (pos0 * 0 + count > 0), stride_cb, stride_cs,
+                                 stride_sb, stride_ss, OVERWRITE)
+            k0, v0, ok0 = _load_keys(KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s0 * stride_kss, VEC),
+                                     VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s0 * stride_vss, VEC),
+                                     0, tl.where(count > 0, SUBJ_LEN, 0), stride_kst, stride_ksd, stride_vst,
+                                     stride_vsd, offs_d, d_ok, TEXT_MASK, 0, False, BLOCK_T)
+            s1 = tl.load(TILE_SUBJECTS + b * stride_tsb + first * stride_tst + 1, mask=count > 1, other=0)
 
-        # Level 2: only the subjects on this tile's list (usually one, often none).
-        count = tl.load(TILE_COUNT + b * stride_tcb + tile)
-        if OVERWRITE:
-            owner = tl.load(OWNER + route + pos, mask=m_ok, other=-1)
-        subjects = TILE_SUBJECTS + b * stride_tsb + tile * stride_tst
-        for j in range(0, count):
-            s = tl.load(subjects + j)
-            if OVERWRITE:
-                acts = owner == s
+        for tile in tl.range(first, n_tiles, step, num_stages=1):
+            pos = tile * BLOCK_M + rows
+            m_ok = pos < N
+            # Prefetch, in flight while this tile computes: the next tile's query rows (its indices
+            # arrived one tile ago) and the indices of the tile after it.
+            pos_next = pos + step * BLOCK_M
+            if PREFETCH_TEXT:
+                q_next = _load_query(Q, q_base, tok_next, pos_next < N, stride_qn, stride_qd, offs_d, d_ok, VEC)
             else:
-                acts = tl.load(COVER + b * stride_cb + s * stride_cs + pos, mask=m_ok, other=0) != 0
-            lam = tl.load(SCALES + b * stride_sb + s * stride_ss)
-            weight = tl.where(acts, lam, 0.0)
-            ks_ptr = KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s * stride_kss, VEC)
-            vs_ptr = VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s * stride_vss, VEC)
-            if SUBJ_LEN <= BLOCK_T:
-                k, v, t_ok = _load_keys(ks_ptr, vs_ptr, 0, SUBJ_LEN, stride_kst, stride_ksd, stride_vst,
-                                        stride_vsd, offs_d, d_ok, TEXT_MASK, 0, False, BLOCK_T)
-                out = _subject_branch(out, q, k, v, t_ok, weight, qk_scale, SUBJ_LEN < BLOCK_T, DOT_PRECISION)
+                q = _load_query(Q, q_base, tok, m_ok, stride_qn, stride_qd, offs_d, d_ok, VEC)
+            pos_after = pos_next + step * BLOCK_M
+            tok_after = tl.load(ORDER + route + pos_after, mask=pos_after < N, other=0).to(tl.int64)
+            subjects = TILE_SUBJECTS + b * stride_tsb + tile * stride_tst
+            if PREFETCH_TEXT and SUBJ_LEN <= BLOCK_T:
+                # The next tile's routing heads, arriving during this tile's text branch.
+                count_n, s0_n, owner_n = _tile_routing(TILE_COUNT, TILE_SUBJECTS, OWNER, b, tile + step, n_tiles,
+                                                       pos_next, pos_next < N, route, stride_tcb, stride_tsb,
+                                                       stride_tst, OVERWRITE)
             else:
-                z = _attend_online(q, ks_ptr, vs_ptr, stride_kst, stride_ksd, stride_vst, stride_vsd, SUBJ_LEN,
-                                   TEXT_MASK, 0, qk_scale, offs_d, d_ok, False, BLOCK_M, BLOCK_T, BLOCK_D,
-                                   DOT_PRECISION)
-                out += weight[:, None] * z
+                # This tile's routing, issued before the text branch so it arrives during it.
+                count, s0, owner = _tile_routing(TILE_COUNT, TILE_SUBJECTS, OWNER, b, tile, n_tiles, pos, m_ok,
+                                                 route, stride_tcb, stride_tsb, stride_tst, OVERWRITE)
 
-        o_rows = tl.multiple_of(b * stride_ob + h * stride_oh + tok * stride_on, VEC)
-        tl.store(OUT + o_rows[:, None] + offs_d[None, :] * stride_od, out.to(OUT.dtype.element_ty),
-                 mask=m_ok[:, None] & d_ok[None, :])
+            # Level 1: the text branch, never masked by the layout (none on FLUX's IP path).
+            if not HAS_TEXT:
+                out = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            elif TEXT_A > 0:
+                out = _text_branch(q, ka, va, ok_a, kb, vb, ok_b, qk_scale,
+                                   HAS_TEXT_MASK or TEXT_LEN < TEXT_A, TEXT_B > 0, DOT_PRECISION)
+            else:
+                out = _attend_online(q, KT + kt_base, VT + vt_base, stride_ktl, stride_ktd, stride_vtl, stride_vtd,
+                                     TEXT_LEN, mask_row, stride_ml, qk_scale, offs_d, d_ok, HAS_TEXT_MASK,
+                                     BLOCK_M, ONLINE_L, BLOCK_D, DOT_PRECISION)
+
+            # Level 2: only the subjects on this tile's list (usually one, often none).
+            if PREFETCH_TEXT and SUBJ_LEN <= BLOCK_T:
+                # The next tile's first subject: its weights and keys, in flight during this
+                # tile's subjects and store.
+                w0_n = _subject_weight(s0_n, owner_n, COVER, SCALES, b, pos_next, (pos_next < N) & (pos_next * 0 + count_n > 0),
+                                       stride_cb, stride_cs, stride_sb, stride_ss, OVERWRITE)
+                k0_n, v0_n, ok0_n = _load_keys(
+                    KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s0_n * stride_kss, VEC),
+                    VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s0_n * stride_vss, VEC),
+                    0, tl.where(count_n > 0, SUBJ_LEN, 0), stride_kst, stride_ksd, stride_vst, stride_vsd, offs_d,
+                    d_ok, TEXT_MASK, 0, False, BLOCK_T)
+                # ... and the index of its second, which the tile's count (arrived by now) guards.
+                s1_n = tl.load(TILE_SUBJECTS + b * stride_tsb + (tile + step) * stride_tst + 1, mask=count_n > 1,
+                               other=0)
+                # This tile's subjects, software-pipelined: while subject j computes, the keys and
+                # weights of subject j + 1 (its index arrived one step ago) and the index of
+                # subject j + 2 are in flight. Subject 0 arrived during the tile before.
+                weight, k, v, t_ok, s_next = w0, k0, v0, ok0, s1
+                for j in tl.range(0, count, num_stages=1):
+                    # Unconditional (masked off past the tile's last subject): under an ``if`` the
+                    # compiler would wait for these loads where the branches merge, before subject j.
+                    more = j + 1 < count
+                    w_n = _subject_weight(s_next, owner, COVER, SCALES, b, pos, m_ok & (pos * 0 + j + 1 < count),
+                                          stride_cb, stride_cs, stride_sb, stride_ss, OVERWRITE)
+                    k_n, v_n, ok_n = _load_keys(
+                        KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s_next * stride_kss, VEC),
+                        VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s_next * stride_vss, VEC),
+                        0, tl.where(more, SUBJ_LEN, 0), stride_kst, stride_ksd, stride_vst, stride_vsd, offs_d,
+                        d_ok, TEXT_MASK, 0, False, BLOCK_T)
+                    s_after = tl.load(subjects + j + 2, mask=j + 2 < count, other=0)
+                    out = _subject_branch(out, q, k, v, t_ok, weight, qk_scale, SUBJ_LEN < BLOCK_T, DOT_PRECISION)
+                    weight, k, v, t_ok, s_next = w_n, k_n, v_n, ok_n, s_after
+            else:
+                for j in range(0, count):
+                    s = tl.load(subjects + j)
+                    weight = _subject_weight(s, owner, COVER, SCALES, b, pos, m_ok, stride_cb, stride_cs,
+                                             stride_sb, stride_ss, OVERWRITE)
+                    ks_ptr = KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s * stride_kss, VEC)
+                    vs_ptr = VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s * stride_vss, VEC)
+                    if SUBJ_LEN <= BLOCK_T:
+                        k, v, t_ok = _load_keys(ks_ptr, vs_ptr, 0, SUBJ_LEN, stride_kst, stride_ksd, stride_vst,
+                                                stride_vsd, offs_d, d_ok, TEXT_MASK, 0, False, BLOCK_T)
+                        out = _subject_branch(out, q, k, v, t_ok, weight, qk_scale, SUBJ_LEN < BLOCK_T,
+                                              DOT_PRECISION)
+                    else:
+                        z = _attend_online(q, ks_ptr, vs_ptr, stride_kst, stride_ksd, stride_vst, stride_vsd, SUBJ_LEN,
+                                           TEXT_MASK, 0, qk_scale, offs_d, d_ok, False, BLOCK_M, BLOCK_T, BLOCK_D,
+                                           DOT_PRECISION)
+                        out += weight[:, None] * z
+
+            o_rows = tl.multiple_of(o_base + tok * stride_on, VEC)
+            tl.store(OUT + o_rows[:, None] + offs_d[None, :] * stride_od, out.to(OUT.dtype.element_ty),
+                     mask=m_ok[:, None] & d_ok[None, :])
+            if PREFETCH_TEXT:
+                q = q_next
+            if PREFETCH_TEXT and SUBJ_LEN <= BLOCK_T:
+                count, owner, w0, k0, v0, ok0, s1 = count_n, owner_n, w0_n, k0_n, v0_n, ok0_n, s1_n
+            tok = tok_next
+            tok_next = tok_after
 
     KERNEL_INTERPRETED = type(_region_attention_fwd).__name__ == "InterpretedFunction"
 else:  # pragma: no cover - exercised where triton is missing
@@ -278,9 +389,50 @@ else:  # pragma: no cover - exercised where triton is missing
 # --------------------------------------------------------------- launch configurations
 @dataclass(frozen=True)
 class KernelConfig:
-    block_m: int     # query tokens per program
+    block_m: int     # query tokens per tile
     num_warps: int
     num_stages: int
+    programs_per_head: Optional[int] = None   # programs per (batch, head); None: programs_per_head()
+
+
+# The launcher gives each SM as many programs as can be resident on it at once (read from
+# the compiled kernel's registers and shared memory), so the launch is one wave; each program
+# runs ceil(tiles / programs) tiles of its (batch, head), and its prefetch of the next tile
+# hides the query gather (benchmarks/kernel_cost.py models this).
+INTERPRETER_SLOTS = 8      # under TRITON_INTERPRET: a small pretend GPU, so programs run several tiles
+_RESIDENT: dict = {}       # (device, launch constants) -> resident programs per SM
+
+
+def resident_programs(registers: int, shared: int, num_warps: int, regs_per_sm: int = 65536,
+                      smem_per_sm: int = 233472, max_threads: int = 2048, smem_reserved: int = 1024) -> int:
+    """Programs of one kernel resident on an SM: registers are allocated 256 per warp at a time,
+    the driver reserves 1 KiB of shared memory per program, at most max_threads threads."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_regs = (regs_per_sm // per_warp) // num_warps if per_warp else 32
+    by_smem = smem_per_sm // (shared + smem_reserved)
+    return max(1, min(by_regs, by_smem, max_threads // (32 * num_warps), 32))
+
+
+def _resident_slots(device: torch.device, compiled, num_warps: int) -> int:
+    """SMs x resident programs of the compiled kernel on ``device``."""
+    props = torch.cuda.get_device_properties(device)
+    if getattr(compiled, "n_regs", None) is None:
+        compiled._init_handles()          # loads the module: registers are known from then on
+    per_sm = resident_programs(int(compiled.n_regs), int(compiled.metadata.shared), num_warps,
+                               getattr(props, "regs_per_multiprocessor", 65536),
+                               getattr(props, "shared_memory_per_multiprocessor", 233472),
+                               getattr(props, "max_threads_per_multi_processor", 2048))
+    return props.multi_processor_count * per_sm
+
+
+def programs_per_head(n_tiles: int, heads: int, slots: int) -> int:
+    """Programs per (batch, head), between 1 and n_tiles: at most ``slots`` programs in all
+    (one wave) unless heads alone exceed them, each running the same number of tiles
+    (ceil(n_tiles / programs)) so that no program of the wave runs one more tile than the rest
+    where an even split exists."""
+    g0 = max(1, min(n_tiles, slots // max(1, heads)))
+    per = -(-n_tiles // g0)                   # tiles per program
+    return max(1, -(-n_tiles // per))         # as few programs as give that
 
 
 def block_d(head_dim: int) -> int:
@@ -328,7 +480,8 @@ def online_text_block(head_dim: int) -> int:
 
 
 def prefetch_text(head_dim: int, dtype: torch.dtype) -> bool:
-    """Text keys loaded before the query tile: for 16-bit heads up to 64 wide (registers allow it)."""
+    """Text keys staged before the first query tile and each next query tile prefetched: for
+    16-bit heads up to 64 wide (wider or float32 heads would spill)."""
     return block_d(head_dim) <= 64 and dtype != torch.float32
 
 
@@ -416,8 +569,8 @@ def _launch(q, k_text, v_text, k_subj, v_subj, routing: Routing, scales, text_ma
     vec = vector_width(q.dtype, q, k_text, v_text, k_subj, v_subj, out,  # (k_text is q when there is no text)
                        *q.stride()[:3], *out.stride()[:3], *k_text.stride()[:3], *v_text.stride()[:3],
                        *k_subj.stride()[:4], *v_subj.stride()[:4])
-    launch_grid = (count.shape[1], B * H)
-    _region_attention_fwd[launch_grid](
+    n_tiles = count.shape[1]
+    args = (
         q, k_text, v_text, k_subj, v_subj, out, order, owner, cover, count, subjects, scales, mask,
         *q.stride(), *k_text.stride(), *v_text.stride(), *k_subj.stride(), *v_subj.stride(), *out.stride(),
         0 if shared else order.stride(0),
@@ -425,7 +578,8 @@ def _launch(q, k_text, v_text, k_subj, v_subj, routing: Routing, scales, text_ma
         0 if shared else count.stride(0),
         0 if shared else subjects.stride(0), subjects.stride(1),
         *scales.stride(), *mask_strides,
-        H, N, softmax_scale * LOG2E,
+        H, N, n_tiles, softmax_scale * LOG2E)
+    consts = dict(
         HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=cfg.block_m,
         HAS_TEXT=has_text, TEXT_LEN=L, TEXT_A=text_a, TEXT_B=text_b, ONLINE_L=online_text_block(D), PREFETCH_TEXT=prefetch_text(D, q.dtype),
         SUBJ_LEN=max(T, 1), BLOCK_T=subject_block(max(T, 1)),
@@ -433,6 +587,18 @@ def _launch(q, k_text, v_text, k_subj, v_subj, routing: Routing, scales, text_ma
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    per_head = cfg.programs_per_head
+    if per_head is None:
+        if q.is_cuda and not KERNEL_INTERPRETED:
+            key = (q.device, q.dtype, vec, tuple(sorted(consts.items())))
+            if key not in _RESIDENT:
+                compiled = _region_attention_fwd.warmup(*args, grid=(1, 1), **consts)
+                _RESIDENT[key] = _resident_slots(q.device, compiled, cfg.num_warps)
+            slots = _RESIDENT[key]
+        else:
+            slots = INTERPRETER_SLOTS
+        per_head = programs_per_head(n_tiles, B * H, slots)
+    _region_attention_fwd[(max(1, min(n_tiles, per_head)), B * H)](*args, **consts)
 
 
 def pick_config(q, k_text, k_subj, mode, launch=None) -> KernelConfig:
