@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -413,12 +414,28 @@ def resident_programs(registers: int, shared: int, num_warps: int, regs_per_sm: 
     return max(1, min(by_regs, by_smem, max_threads // (32 * num_warps), 32))
 
 
+def compiled_resources(compiled) -> Optional[Tuple[int, int]]:
+    """(registers per thread, shared memory bytes) of a compiled kernel, or None where this triton
+    does not expose them. ``n_regs`` is filled when the module is loaded (``_init_handles``, a
+    private method of triton's CompiledKernel since 3.0, present in 3.6 and 3.9); without them the
+    launcher warns and runs one program per SM, which is correct but leaves latency unhidden."""
+    try:
+        if getattr(compiled, "n_regs", None) is None:
+            compiled._init_handles()      # loads the module: registers are known from then on
+        return int(compiled.n_regs), int(compiled.metadata.shared)
+    except (AttributeError, TypeError):
+        return None
+
+
 def _resident_slots(device: torch.device, compiled, num_warps: int) -> int:
     """SMs x resident programs of the compiled kernel on ``device``."""
     props = torch.cuda.get_device_properties(device)
-    if getattr(compiled, "n_regs", None) is None:
-        compiled._init_handles()          # loads the module: registers are known from then on
-    per_sm = resident_programs(int(compiled.n_regs), int(compiled.metadata.shared), num_warps,
+    resources = compiled_resources(compiled)
+    if resources is None:
+        warnings.warn(f"triton {triton.__version__} does not expose the compiled kernel's registers: "
+                      f"region attention runs one program per SM (correct, possibly slower)", stacklevel=3)
+        return props.multi_processor_count
+    per_sm = resident_programs(*resources, num_warps,
                                getattr(props, "regs_per_multiprocessor", 65536),
                                getattr(props, "shared_memory_per_multiprocessor", 233472),
                                getattr(props, "max_threads_per_multi_processor", 2048))

@@ -67,3 +67,23 @@ def test_resident_programs_counts_registers_shared_memory_and_threads():
     assert rt.resident_programs(40, 100_000, 4, smem_per_sm=233472) == 2   # shared memory limits
     assert rt.resident_programs(16, 0, 8) == 8                 # 2048 threads / 256
     assert rt.resident_programs(255, 0, 8) == 1                # never 0: a program always runs
+
+
+def test_compiled_resources_reads_registers_or_says_it_cannot():
+    from types import SimpleNamespace
+
+    loaded = SimpleNamespace(n_regs=168, metadata=SimpleNamespace(shared=24576))
+    assert rt.compiled_resources(loaded) == (168, 24576)
+    calls = []
+    lazy = SimpleNamespace(n_regs=None, metadata=SimpleNamespace(shared=1024))
+    lazy._init_handles = lambda: (calls.append(1), setattr(lazy, "n_regs", 96))
+    assert rt.compiled_resources(lazy) == (96, 1024) and calls == [1]
+    assert rt.compiled_resources(SimpleNamespace()) is None       # another triton: the launcher warns
+
+
+def test_this_triton_has_the_private_hook_the_launcher_reads():
+    # compiled_resources relies on CompiledKernel._init_handles / n_regs (triton 3.0 to 3.9)
+    triton = pytest.importorskip("triton")
+    from triton.compiler import CompiledKernel
+
+    assert hasattr(CompiledKernel, "_init_handles"), triton.__version__
