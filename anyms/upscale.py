@@ -37,7 +37,7 @@ is, in every tile.
 
 Memory. The U-Net never sees more than one tile (with CFG, a batch of two), so its peak is
 flat in the output size; the latents of the whole image are small (4 values per 8x8 pixels).
-The VAE still encodes and decodes the whole image: call ``pipe.enable_vae_tiling()`` for
+The VAE still encodes and decodes the whole image: call ``pipe.vae.enable_tiling()`` for
 large outputs (the img2img pipeline shares the VAE).
 
 Units: ``tile`` and ``overlap`` are in pixels of the output image. Sides, tile and overlap
@@ -58,9 +58,10 @@ from .branches import anyms_attention, set_anyms_layout
 from .layout import Layout
 from .pipeline import AnyMSPipelineMixin, Subject, _load_image, _one_call_at_a_time, prepare_subjects
 
-__all__ = ["SCALES", "Tile", "UpscalePlan", "unet_unit", "plan_tiles", "tile_layout", "tiled_upscale"]
+__all__ = ["SCALES", "TILE_EVENT", "Tile", "UpscalePlan", "unet_unit", "plan_tiles", "tile_layout", "tiled_upscale"]
 
 SCALES = (2, 4)
+TILE_EVENT = "anyms.upscale.tile"   # the profiler's name for one tile's U-Net forward
 
 
 @dataclass(frozen=True)
@@ -254,7 +255,8 @@ class _TiledForward:
             if embeds is not None and len(active) != plan.layout.num_subjects:
                 index = torch.tensor(active or [0], dtype=torch.long, device=embeds[0].device)
                 tile_kwargs["added_cond_kwargs"] = {**added, "image_embeds": [embeds[0].index_select(1, index)]}
-            out = self.forward(sample[..., tile.y0:tile.y1, tile.x0:tile.x1], *args, **tile_kwargs)[0]
+            with torch.profiler.record_function(TILE_EVENT):     # where a profiler finds one tile's work
+                out = self.forward(sample[..., tile.y0:tile.y1, tile.x0:tile.x1], *args, **tile_kwargs)[0]
             if total is None:
                 total = torch.zeros(*out.shape[:-2], *sample.shape[-2:], dtype=torch.float32, device=out.device)
                 weight_sum = torch.zeros(sample.shape[-2:], dtype=torch.float32, device=out.device)
