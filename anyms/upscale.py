@@ -55,7 +55,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 
 from .branches import anyms_attention, set_anyms_layout
-from .layout import Layout
+from .layout import Layout, load_mask
 from .pipeline import AnyMSPipelineMixin, Subject, _load_image, _one_call_at_a_time, prepare_subjects
 
 __all__ = ["SCALES", "TILE_EVENT", "Tile", "UpscalePlan", "unet_unit", "plan_tiles", "tile_layout", "tiled_upscale"]
@@ -144,7 +144,8 @@ def _check_int(value, name: str) -> int:
     return int(value)
 
 
-def check_upscale_args(pipe, image, scale, tile, overlap, strength) -> Tuple[Any, int, int, int, float]:
+def check_upscale_args(pipe, image, scale, tile, overlap, strength, num_inference_steps=1,
+                       seed=None) -> Tuple[Any, int, int, int, float]:
     """Check everything but the subjects, before any model work; return ``(image, unit, tile,
     overlap, strength)`` with the defaults applied. Each error is one line naming the argument."""
     if not isinstance(pipe, AnyMSPipelineMixin) or getattr(pipe, "unet", None) is None:
@@ -154,6 +155,14 @@ def check_upscale_args(pipe, image, scale, tile, overlap, strength) -> Tuple[Any
         raise ValueError(f"scale must be 2 or 4, got {scale!r}")
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
         raise ValueError(f"strength must be a number in (0, 1] (how far the tiles are noised again), got {strength!r}")
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral) \
+            or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+    if int(num_inference_steps * strength) < 1:
+        raise ValueError(f"strength {strength} x num_inference_steps {num_inference_steps} runs no step: raise "
+                         f"num_inference_steps to at least {math.ceil(1 / strength)}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise ValueError(f"seed must be an int or None, got {seed!r}")
     image = _load_image(image, "image")
     unit = unet_unit(pipe)
     out_h, out_w = image.height * scale, image.width * scale
@@ -182,8 +191,6 @@ def _subjects_at_scale(subjects: Sequence[Subject], image_hw, scale: int) -> Lis
         if not isinstance(s, Subject) or s.mask is None:
             out.append(s)
             continue
-        from .layout import load_mask
-
         mask = load_mask(s.mask, f"subjects[{i}].mask")
         hw = tuple(mask.shape)
         big = (image_hw[0] * scale, image_hw[1] * scale)
@@ -297,12 +304,14 @@ def tiled_upscale(pipe, image, prompt=None, *, subjects: Sequence[Subject], scal
     :class:`UpscalePlan` (tiles, per-tile active subjects and layouts).
 
     Raises ValueError/TypeError naming the argument before any model work: a pipe that is not an
-    AnyMS U-Net pipeline, ``scale`` not 2 or 4, ``strength`` outside (0, 1], ``image`` not an
+    AnyMS U-Net pipeline, ``scale`` not 2 or 4, ``strength`` outside (0, 1], ``num_inference_steps``
+    not a positive int or too few to run one step at ``strength``, ``seed`` not an int, ``image`` not an
     image or whose output size is no multiple of the unit, ``tile`` below the unit or no multiple
     of it, ``overlap`` negative, no multiple of the unit or not smaller than ``tile``, the
     subjects' errors (:func:`anyms.pipeline.prepare_subjects`), a mask of neither size.
     """
-    image, unit, tile, overlap, strength = check_upscale_args(pipe, image, scale, tile, overlap, strength)
+    image, unit, tile, overlap, strength = check_upscale_args(pipe, image, scale, tile, overlap, strength,
+                                                              num_inference_steps, seed)
     for name in ("image", "ip_adapter_image", "ip_adapter_image_embeds", "height", "width"):
         if name in kwargs:
             raise ValueError(f"{name} cannot be given to tiled_upscale: the call sets it from image, scale and subjects")

@@ -257,6 +257,9 @@ def no_model_work(monkeypatch):
     (dict(strength=1.5), ValueError, r"^strength must be a number in \(0, 1\]"),
     (dict(strength=float("nan")), ValueError, r"^strength must be"),
     (dict(strength="0.5"), ValueError, r"^strength must be"),
+    (dict(num_inference_steps=0), ValueError, r"^num_inference_steps must be a positive int, got 0$"),
+    (dict(num_inference_steps=2, strength=0.3), ValueError, r"^strength 0.3 x num_inference_steps 2 runs no step"),
+    (dict(seed=1.5), ValueError, r"^seed must be an int or None, got 1.5$"),
     (dict(tile=16), ValueError, r"^tile must be a multiple of 32 pixels, at least 32 \(one cell of the U-Net's "
                                 r"coarsest level"),
     (dict(tile=48), ValueError, r"^tile must be a multiple of 32"),
