@@ -186,6 +186,8 @@ def check_upscale_args(pipe, image, scale, tile, overlap, strength, num_inferenc
 def _subjects_at_scale(subjects: Sequence[Subject], image_hw, scale: int) -> List[Subject]:
     """The subjects with masks at the output's size: a mask at the input image's size is repeated
     ``scale`` times along each side (exact: no edge moves); one at the output's size is kept."""
+    if not isinstance(subjects, (list, tuple)):
+        return subjects                      # prepare_subjects names what is wrong
     out = []
     for i, s in enumerate(subjects):
         if not isinstance(s, Subject) or s.mask is None:
@@ -296,7 +298,7 @@ def tiled_upscale(pipe, image, prompt=None, *, subjects: Sequence[Subject], scal
             the unit, smaller than ``tile``; the blend's ramps are this wide.
         strength: in (0, 1], how far the upscaled image is noised again (img2img's).
         num_inference_steps: img2img's (``strength`` of them run).
-        seed: the generator's seed (None: unseeded). A ``generator`` in ``kwargs`` also works.
+        seed: the seed of a CPU generator (None: unseeded); or give ``generator`` (not both).
         anyms_mode, anyms_priority: as the pipelines'.
         kwargs: the rest of the img2img pipeline's arguments.
 
@@ -314,7 +316,10 @@ def tiled_upscale(pipe, image, prompt=None, *, subjects: Sequence[Subject], scal
                                                               num_inference_steps, seed)
     for name in ("image", "ip_adapter_image", "ip_adapter_image_embeds", "height", "width"):
         if name in kwargs:
-            raise ValueError(f"{name} cannot be given to tiled_upscale: the call sets it from image, scale and subjects")
+            raise ValueError(f"{name} cannot be given to tiled_upscale: the call sets it from image, scale and "
+                             f"subjects")
+    if seed is not None and kwargs.get("generator") is not None:
+        raise ValueError("give seed or generator, not both")
     size = (image.height * scale, image.width * scale)
     plan_subjects = prepare_subjects(_subjects_at_scale(subjects, (image.height, image.width), scale),
                                      anyms_mode, anyms_priority)

@@ -72,6 +72,11 @@ def test_one_tile_over_the_image_equals_the_untiled_img2img_pass(kind, subject_i
                           **common).images
     assert len(pipe.anyms_last_upscale.tiles) == 9 and tiled.shape == ours.shape
     assert not np.array_equal(tiled, ours)
+    # and the pipeline is as before: its U-Net's own forward, diffusers' IP-Adapter processors
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+    assert "forward" not in vars(pipe.unet)
+    assert {type(p) for n, p in pipe.unet.attn_processors.items() if "attn2" in n} == {IPAdapterAttnProcessor2_0}
 
 
 # ------------------------------------------------------------------ routing per tile
@@ -229,8 +234,8 @@ def test_the_peak_memory_of_a_tile_does_not_grow_with_the_output(subject_images)
     worst = {}
     for scale, side in ((2, 64), (2, 128), (4, 128)):        # outputs 128 (one tile), 256, 512
         def run():
-            tiled_upscale(pipe, _image(side), "a cat", subjects=_subjects(subject_images, side), scale=scale, tile=128, overlap=32,
-                          strength=0.5, num_inference_steps=2, seed=0, output_type="latent")
+            tiled_upscale(pipe, _image(side), "a cat", subjects=_subjects(subject_images, side), scale=scale,
+                          tile=128, overlap=32, strength=0.5, num_inference_steps=2, seed=0, output_type="latent")
         run()                                                  # warm: lazily built state is not the peak's
         peaks = _tile_peaks(run)
         assert len(peaks) == len(pipe.anyms_last_upscale.tiles) and peaks
@@ -275,6 +280,9 @@ def no_model_work(monkeypatch):
     (dict(subjects=[anyms.Subject(_image(8), mask=np.ones((50, 50), bool))]), ValueError,
      r"^subjects\[0\]\.mask is 50x50 pixels .* input image's size 64x64 or the output's 128x128"),
     (dict(ip_adapter_image=[_image(8)]), ValueError, r"^ip_adapter_image cannot be given"),
+    (dict(seed=1, generator=torch.Generator()), ValueError, r"^give seed or generator, not both$"),
+    (dict(subjects=anyms.Subject(_image(8), box=(0, 0, 1, 1))), TypeError, r"^subjects must be a list"),
+    (dict(subjects=[anyms.Subject(_image(8), box=(0, 0, 1, 1)), "x"]), TypeError, r"^subjects\[1\] must be"),
 ])
 def test_bad_input_is_one_line_naming_the_argument_before_any_model_work(no_model_work, subject_images, kwargs,
                                                                           error, message):
