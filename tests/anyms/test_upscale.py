@@ -17,10 +17,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 KINDS = {"sdxl": "AnyMSStableDiffusionXLPipeline", "sd15": "AnyMSStableDiffusionPipeline"}
 
 
-def _pipe(kind):
+def _pipe(kind, plus=False):
     from anyms.tiny import tiny_pipeline
 
-    return tiny_pipeline(getattr(anyms, KINDS[kind]), kind=kind, seed=0)
+    return tiny_pipeline(getattr(anyms, KINDS[kind]), kind=kind, plus=plus, seed=0)
 
 
 def _image(side, seed=0):
@@ -37,15 +37,15 @@ def _subjects(subject_images, side):
 
 
 # ------------------------------------------------------------------ one tile = the untiled pass
-@pytest.mark.parametrize("kind", ["sdxl", "sd15"])
-def test_one_tile_over_the_image_equals_the_untiled_img2img_pass(kind, subject_images):
+@pytest.mark.parametrize("kind, plus", [("sdxl", False), ("sd15", False), ("sdxl", True)])
+def test_one_tile_over_the_image_equals_the_untiled_img2img_pass(kind, plus, subject_images):
     """One tile covering the output: every weight is 1, the tile is the latent and its layout
     routes as the image's, so the pass is diffusers' img2img with the layout, bit for bit."""
     from diffusers import AutoPipelineForImage2Image
 
     from anyms.pipeline import prepare_subjects
 
-    pipe = _pipe(kind)
+    pipe = _pipe(kind, plus)
     image, side = _image(64), 128
     subjects = _subjects(subject_images, 64)
     common = dict(strength=0.6, num_inference_steps=4, output_type="np")
@@ -58,7 +58,7 @@ def test_one_tile_over_the_image_equals_the_untiled_img2img_pass(kind, subject_i
                              anyms.Subject(subjects[1].image, mask=np.kron(subjects[1].mask, np.ones((2, 2))),
                                            scale=0.8)])
     layout = plan.make_layout((side // 8, side // 8))
-    embeds = [pipe.encode_image([img], "cpu", 1, False) for img in plan.images]   # each image alone
+    embeds = [pipe.encode_image([img], "cpu", 1, plus) for img in plan.images]   # each image alone
     cond, uncond = torch.cat([c for c, _ in embeds])[None], torch.cat([u for _, u in embeds])[None]
     img2img = AutoPipelineForImage2Image.from_pipe(pipe)
     with anyms.anyms_attention(pipe, layout):
