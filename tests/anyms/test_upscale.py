@@ -305,3 +305,9 @@ def test_a_flux_or_plain_pipeline_is_refused(subject_images):
     flux = anyms.AnyMSFluxPipeline.__new__(anyms.AnyMSFluxPipeline)    # the class is refused, not its weights
     with pytest.raises(TypeError, match=r"^pipe must be .* got AnyMSFluxPipeline$"):
         tiled_upscale(flux, _image(64), "a cat", subjects=[anyms.Subject(subject_images[0], box=(0, 0, 1, 1))])
+
+
+def test_the_function_is_anyms_tiled_upscale():
+    import anyms.upscale
+
+    assert anyms.tiled_upscale is anyms.upscale.tiled_upscale and "tiled_upscale" in anyms.__all__
