@@ -243,7 +243,12 @@ def _tile_weights(tiles: List[Tile], latent_hw, ramp: int, device) -> List[torch
 
 class _TiledForward:
     """The U-Net's forward for one call: each evaluation on the whole latent runs tile by tile,
-    each tile with its own layout and its active subjects' embeddings, blended by weight."""
+    each tile with its own layout and its active subjects' embeddings, blended by weight.
+
+    It is set as the U-Net's ``forward`` for the call (and the one it replaced put back), so
+    the U-Net's module hooks run once per evaluation, on the whole latent, and each tile calls
+    the replaced ``forward``: accelerate's offload hooks, which wrap ``forward`` itself, still
+    run per tile; a tile's layout matches its latent by construction."""
 
     def __init__(self, unet, forward, plan: UpscalePlan, weights: List[torch.Tensor]):
         self.unet, self.forward, self.plan, self.weights = unet, forward, plan, weights
