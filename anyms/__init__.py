@@ -34,6 +34,7 @@ _EXPORTS = {
     "flux_layout": "flux",
     "draw_layout": "visualize",
     "subject_maps": "visualize",
+    "tiled_upscale": "upscale",
 }
 
 __all__ = list(_EXPORTS) + ["__version__"]
@@ -76,4 +77,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never run
     from .pipeline import AnyMSStableDiffusionPipeline, AnyMSStableDiffusionXLPipeline, Subject
     from .branches import anyms_attention, apply_anyms, remove_anyms, set_anyms_layout
     from .processor import AnyMSAttnProcessor
+    from .upscale import tiled_upscale
     from .visualize import draw_layout, subject_maps
