@@ -257,11 +257,8 @@ def job_layout(pipe, job: Job, height: int, width: int):
     if getattr(pipe, "unet", None) is None:           # FLUX
         from .flux import flux_layout
 
-        masks = [s.mask for s in plan.subjects]
         return flux_layout([list(s.box) for s in plan.subjects], height, width,
-                           scales=[s.scale for s in plan.subjects], mode=plan.mode,
-                           masks=masks if any(m is not None for m in masks) else None,
-                           vae_scale_factor=pipe.vae_scale_factor)
+                           vae_scale_factor=pipe.vae_scale_factor, **plan.layout_args())
     return plan.make_layout((height // pipe.vae_scale_factor, width // pipe.vae_scale_factor))
 
 
