@@ -1,9 +1,10 @@
 """Subjects acting in a window of the denoising steps, with a scale schedule (anyms.timing).
 
 Equalities are exact where both sides run the same operations: a subject absent from the
-routing is never computed (the op routes only the active subjects), so "end 0", "scale 0"
-and "not given" run identical arithmetic for every other subject; a timed call and a call
-whose layout is swapped by hand at each step run the same ops with the same float32 scales.
+routing is never computed (the op routes only the active subjects), so "end 0" and "scale 0"
+run identical arithmetic, and so does "not given" on the U-Net pipelines (FLUX's image
+projection then sees one row fewer: a stated tolerance); a timed call and a call whose
+layout is swapped by hand at each step run the same ops with the same float32 scales.
 """
 from __future__ import annotations
 
@@ -299,3 +300,71 @@ def test_scales_changing_per_step_do_not_recompile(subject_images):
         torch._dynamo.reset()
     assert graphs == 1
     assert all((outs[i] - outs[i + 1]).abs().max() > 1e-4 for i in range(STEPS - 1))
+
+
+# ------------------------------------------------------------------ FLUX
+@pytest.mark.parametrize("true_cfg", [False, True])
+def test_flux_a_window_equals_the_subject_on_those_steps_only(subject_images, true_cfg):
+    """FLUX (two transformer calls a step with true CFG): the timed call sets each step once,
+    and equals the call whose layout is swapped by hand; end 0 equals the subject not given."""
+    from anyms.flux import AnyMSFluxPipeline, flux_layout
+    from anyms.tiny_flux import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline(AnyMSFluxPipeline, seed=0)
+    a, b = subject_images[:2]
+    extra = dict(negative_prompt="blurry", true_cfg_scale=3.0) if true_cfg else {}
+
+    def call(subjects, callback=None):
+        return pipe("a cat and a dog", subjects=subjects, num_inference_steps=STEPS, height=64, width=64,
+                    output_type="latent", generator=torch.Generator().manual_seed(0),
+                    callback_on_step_end=callback, **extra).images
+
+    seen = []
+
+    def watch(p, i, t, tensors):
+        seen.append((p.anyms_last_plan.layout.step, p.anyms_last_plan.layout.active))
+        return tensors
+
+    timed = call([Subject(a, LOW), Subject(b, HIGH, scale=0.8, start=0.5)], watch)
+    assert seen == [((i, STEPS), (True, i >= 2)) for i in range(STEPS)]
+
+    def swap(p, i, t, tensors):
+        if i == 1:              # steps 2 and 3: the subject acts
+            layout = flux_layout([list(LOW), list(HIGH)], 64, 64, scales=[1.0, 0.8])
+            set_anyms_layout(p, layout.prepare("cpu"))
+        return tensors
+
+    assert torch.equal(timed, call([Subject(a, LOW), Subject(b, HIGH, scale=0.0)], swap))
+    end0 = call([Subject(a, LOW), Subject(b, HIGH, end=0.0)])
+    assert torch.equal(end0, call([Subject(a, LOW), Subject(b, HIGH, scale=0.0)]))
+    # Not given, one image fewer goes through FLUX's image projection (a Linear over B*S rows):
+    # another row count may round the other rows' last bits differently (7e-7 seen here).
+    torch.testing.assert_close(end0, call([Subject(a, LOW)]), rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------ the command line
+def test_a_timed_layout_file_is_recorded_and_from_makes_the_same_image(tmp_path, subject_images, capsys):
+    subject_images[0].save(tmp_path / "a.png")
+    subject_images[1].save(tmp_path / "b.png")
+    layout = {"prompt": "a cat and a dog", "subjects": [
+        {"image": "a.png", "box": list(LOW), "schedule": "ease_out"},
+        {"image": "b.png", "box": list(HIGH), "scale": 0.8, "start": 0.25, "end": 0.75, "schedule": "linear_up"}]}
+    (tmp_path / "layout.json").write_text(json.dumps(layout))
+    tiny = ["--model", "tiny", "--height", "64", "--width", "64", "--steps", "4", "--device", "cpu", "--no-pictures"]
+    out, untimed = tmp_path / "timed.png", tmp_path / "untimed.png"
+    assert cli.main(["generate", "--layout", str(tmp_path / "layout.json"), *tiny, "--out", str(out)]) == 0
+    record = json.loads(Image.open(out).text["anyms"])
+    entries = record["layout"]["subjects"]
+    assert (entries[0]["schedule"], "start" in entries[0], "end" in entries[0]) == ("ease_out", False, False)
+    assert (entries[1]["start"], entries[1]["end"], entries[1]["schedule"]) == (0.25, 0.75, "linear_up")
+    again = tmp_path / "again.png"
+    assert cli.main(["generate", "--from", str(out), "--device", "cpu", "--no-pictures", "--out", str(again)]) == 0
+    assert json.loads(Image.open(again).text["anyms"])["layout"]["subjects"][1]["start"] == 0.25
+    np.testing.assert_array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
+    for entry in layout["subjects"]:
+        for key in ("start", "end", "schedule"):
+            entry.pop(key, None)
+    (tmp_path / "layout.json").write_text(json.dumps(layout))
+    assert cli.main(["generate", "--layout", str(tmp_path / "layout.json"), *tiny, "--out", str(untimed)]) == 0
+    capsys.readouterr()
+    assert np.abs(np.asarray(Image.open(untimed), dtype=int) - np.asarray(Image.open(out))).max() > 0
