@@ -268,16 +268,15 @@ class Layout:
                    for (start, end), schedule in zip(self.windows, self.schedules)]
         self.step = (step, num_steps)
         self._awaiting_step = False
-        if weights == self._weights:
-            return self
-        self._weights = weights
-        with torch.inference_mode(False), torch.no_grad():
-            values = self._step_scales()
-            self.active = tuple(bool(v) for v in (values != 0).tolist())
-            for tensor in self._scale_cache.values():
-                tensor.copy_(values)
-        self.version += 1
-        for grid, device in self._prepared:
+        if weights != self._weights:
+            self._weights = weights
+            with torch.inference_mode(False), torch.no_grad():
+                values = self._step_scales()
+                self.active = tuple(bool(v) for v in (values != 0).tolist())
+                for tensor in self._scale_cache.values():
+                    tensor.copy_(values)
+            self.version += 1
+        for grid, device in self._prepared:      # looked up when built already
             self.routing_at(grid, device)
         return self
 
@@ -324,7 +323,8 @@ class Layout:
     def token_boxes(self, num_tokens: int, device) -> Tuple[Grid, torch.Tensor]:
         """``(grid, int32 [S, 4] token boxes on device)``, computed once per grid and device.
 
-        Box layouts only: a mask is not a box, so a layout with masks raises
+        Every subject's box, whatever the step (the op's box form has no active set). Box
+        layouts only: a mask is not a box, so a layout with masks raises
         ``ValueError`` (use :meth:`routing`, which serves both).
         """
         if self.has_masks:

@@ -368,3 +368,35 @@ def test_a_timed_layout_file_is_recorded_and_from_makes_the_same_image(tmp_path,
     assert cli.main(["generate", "--layout", str(tmp_path / "layout.json"), *tiny, "--out", str(untimed)]) == 0
     capsys.readouterr()
     assert np.abs(np.asarray(Image.open(untimed), dtype=int) - np.asarray(Image.open(out))).max() > 0
+
+
+@pytest.mark.slow
+def test_a_compiled_unet_compiles_once_per_active_set_not_per_step(pipe, subject_images):
+    """torch.compile(pipe.unet, fullgraph=True) over a timed call: a schedule that changes every
+    step reuses the graph; the step where the second subject joins is the one more graph. The
+    result is the eager one (aot_eager: the same ops, traced)."""
+    a, b = subject_images[:2]
+    subjects = [Subject(a, LOW, schedule="linear_down"), Subject(b, HIGH, scale=0.8, start=0.5, schedule="ease_in")]
+    want = run(pipe, subjects)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager_unet = pipe.unet
+    pipe.unet = torch.compile(eager_unet, fullgraph=True, backend="aot_eager")
+    try:
+        got = run(pipe, subjects)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        pipe.unet = eager_unet
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert graphs == 2          # active sets (True, False) at steps 0-1, (True, True) at steps 2-3
+
+
+def test_the_first_step_builds_the_routing_even_when_its_scales_are_the_untimed_ones():
+    """A timed layout whose step 0 has every weight 1 still has its routing built by set_step
+    (not inside the first forward)."""
+    layout = Layout([list(LOW), list(HIGH)], (9, 13), windows=[(0, 1), (0, 0.5)])
+    layout.prepare("cpu", levels=3)
+    assert layout._routing == {}
+    layout.set_step(0, STEPS)
+    assert {(g, a) for g, _, a in layout._routing} == {(g, (True, True)) for g in ((9, 13), (5, 7), (3, 4))}
