@@ -2,7 +2,8 @@
 
 A subject acts only at the denoising steps its window covers, with its scale
 multiplied by its schedule's weight at that step. The rules, for a call of ``N`` steps
-(``i = 0 .. N-1``, as the pipeline's ``callback_on_step_end`` numbers them):
+(``i = 0 .. N-1``, as the pipeline's ``callback_on_step_end`` numbers them; ``N`` is the
+loop's length, ``pipe.num_timesteps``, which is ``num_inference_steps + 1`` with PNDM):
 
 - **window**: step ``i`` acts when ``start <= i / N`` and ``(i + 1) / N <= end``, the
   whole step inside the window. This is diffusers' ControlNet rule for

@@ -179,10 +179,10 @@ def by_hand(pipe, images, boxes, scales_per_step, mode="overwrite"):
     """An untimed call whose layout is replaced, after each step, by a layout with the next
     step's scales: what a timed call must equal."""
     def swap(p, i, t, tensors):
-        if i + 1 < STEPS:
+        if i + 1 < p.num_timesteps:
             made = p.anyms_last_plan.layout
             layout = Layout([list(b) for b in boxes], made.latent_hw, scales=scales_per_step[i + 1], mode=mode)
-            set_anyms_layout(p, layout.prepare("cpu", levels=3))
+            set_anyms_layout(p, layout.prepare("cpu", levels=len(p.unet.config.block_out_channels)))
         return tensors
 
     subjects = [Subject(im, box, scale=s) for im, box, s in zip(images, boxes, scales_per_step[0])]
@@ -248,6 +248,27 @@ def test_a_schedule_gives_its_scale_at_each_step(pipe, subject_images, schedule)
             for i in range(STEPS)]
     assert scales == want
     assert torch.equal(timed, by_hand(pipe, [a, b], [LOW, HIGH], want))
+
+
+def test_sd15_a_window_and_end_zero(subject_images):
+    """SD 1.5's tiny pipeline runs PNDM, whose loop has num_inference_steps + 1 timesteps: N is
+    the loop's length (pipe.num_timesteps), as in diffusers' ControlNet pipelines."""
+    from anyms.pipeline import AnyMSStableDiffusionPipeline
+
+    pipe = tiny_pipeline(AnyMSStableDiffusionPipeline, kind="sd15", seed=0)
+    a, b = subject_images[:2]
+    seen = []
+
+    def watch(p, i, t, tensors):
+        seen.append((i, p.num_timesteps, p.anyms_last_plan.layout.active))
+        return tensors
+
+    timed = run(pipe, [Subject(a, LOW), Subject(b, HIGH, scale=0.8, start=0.2, end=0.8)], callback_on_step_end=watch)
+    n = seen[0][1]
+    assert n == STEPS + 1 and [(i, act) for i, _, act in seen] == [(i, (True, 1 <= i <= 3)) for i in range(n)]
+    on = [int(step_acts(i, n, 0.2, 0.8)) for i in range(n)]
+    assert torch.equal(timed, by_hand(pipe, [a, b], [LOW, HIGH], [[1.0, 0.8 * k] for k in on]))
+    assert torch.equal(run(pipe, [Subject(a, LOW), Subject(b, HIGH, end=0.0)]), run(pipe, [Subject(a, LOW)]))
 
 
 def test_a_pipeline_callback_object_keeps_its_tensor_inputs(pipe, subject_images):
@@ -400,3 +421,26 @@ def test_the_first_step_builds_the_routing_even_when_its_scales_are_the_untimed_
     assert layout._routing == {}
     layout.set_step(0, STEPS)
     assert {(g, a) for g, _, a in layout._routing} == {(g, (True, True)) for g in ((9, 13), (5, 7), (3, 4))}
+
+
+def test_a_timed_job_resumes_and_a_changed_window_is_not_done(tmp_path, subject_images, capsys):
+    subject_images[0].save(tmp_path / "a.png")
+    subject_images[1].save(tmp_path / "b.png")
+    job = {"prompt": "two", "out": "x.png", "subjects": [
+        {"image": "a.png", "box": list(LOW)}, {"image": "b.png", "box": list(HIGH), "end": 0.5}]}
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps(job) + "\n")
+    argv = ["generate", "--jobs", str(jobs), "--model", "tiny", "--height", "64", "--width", "64", "--steps", "2",
+            "--device", "cpu", "--out-dir", str(tmp_path / "out")]
+    assert cli.main(argv) == 0
+    assert cli.main(argv) == 0
+    lines = (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["status"] == "skipped"
+    job["subjects"][1]["end"] = 0.75
+    jobs.write_text(json.dumps(job) + "\n")
+    capsys.readouterr()
+    assert cli.main(argv) == 2                      # the image records end 0.5: refused without --overwrite
+    assert re.search(r"x\.png' exists but was made from something else \(layout\.subjects differs\)",
+                     capsys.readouterr().err)
+    assert cli.main(argv + ["--overwrite"]) == 0
+    assert json.loads(Image.open(tmp_path / "out" / "x.png").text["anyms"])["layout"]["subjects"][1]["end"] == 0.75
