@@ -444,3 +444,24 @@ def test_a_timed_job_resumes_and_a_changed_window_is_not_done(tmp_path, subject_
                      capsys.readouterr().err)
     assert cli.main(argv + ["--overwrite"]) == 0
     assert json.loads(Image.open(tmp_path / "out" / "x.png").text["anyms"])["layout"]["subjects"][1]["end"] == 0.75
+
+
+def test_a_timed_layout_in_your_own_pipeline(subject_images):
+    """With the processor in a plain diffusers pipeline: set step 0, pass step_callback; without
+    a step the first forward refuses (never a silent untimed run)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from anyms import anyms_attention
+
+    plain = tiny_pipeline(StableDiffusionXLPipeline, kind="sdxl", seed=0)
+    layout = Layout([list(LOW), list(HIGH)], (8, 8), scales=[1.0, 0.8], windows=[(0, 1), (0.5, 1)])
+    call = dict(ip_adapter_image=[subject_images[:2]], num_inference_steps=STEPS, height=64, width=64,
+                output_type="latent")
+    with anyms_attention(plain, layout):
+        with pytest.raises(ValueError, match="no step was set"):
+            plain("a cat", **call)
+        seen = []
+        layout.set_step(0, STEPS)
+        plain("a cat", callback_on_step_end=layout.step_callback(
+            lambda p, i, t, tensors: (seen.append((i, layout.active)), tensors)[1]), **call)
+    assert seen == [(i, (True, i >= 2)) for i in range(STEPS)]
