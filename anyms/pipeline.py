@@ -365,6 +365,9 @@ class AnyMSPipelineMixin:
                 ``"smaller_on_top"`` (smaller regions on top of larger ones).
             everything else: as the parent pipeline. ``ip_adapter_image`` and
                 ``ip_adapter_image_embeds`` cannot be given together with ``subjects``.
+                With timed subjects (``start``, ``end``, ``schedule``) the pipeline sets each
+                step on the layout: step 0 right before the loop, the next one after your
+                ``callback_on_step_end`` (which sees the step that ran) returns.
 
         Raises:
             ValueError/TypeError before any model work, naming the argument (see
