@@ -103,7 +103,7 @@ class AnyMSBranches:
         )
 
     def _subject_scale(self, layout: Layout, device) -> torch.Tensor:
-        """lambda_s = layout.scales[s] * self.scale[0], cached while neither changes."""
+        """lambda_s = (layout.scales[s] at this step) * self.scale[0], cached (eagerly) while neither changes."""
         ip_scale = self.scale[0]
         if isinstance(ip_scale, (list, tuple)):
             if len(ip_scale) != layout.num_subjects:
@@ -114,13 +114,18 @@ class AnyMSBranches:
             key = tuple(float(s) for s in ip_scale)
         else:
             key = float(ip_scale)
-        cache = self._scale_cache
-        if cache is not None and cache[0] is layout and cache[1] == device and cache[2] == key:
-            return cache[3]
         factor = torch.tensor(key, dtype=torch.float32)
+        if torch.compiler.is_compiling():
+            # traced, the product is part of the graph and reads the layout's scale tensor, whose
+            # values set_step rewrites in place: no cache (reading or writing one would guard on
+            # the step and retrace at the next one)
+            return layout.subject_scale(device) * factor.to(device)
+        cache = self._scale_cache
+        if (cache is not None and cache[0] is layout and cache[1] == device and cache[2] == key
+                and cache[3] == layout.version):
+            return cache[4]
         scale = layout.subject_scale(device) * factor.to(device)
-        if not torch.compiler.is_compiling():     # traced, the product is part of the graph: no cache
-            self._scale_cache = (layout, device, key, scale)   # (writing one would retrace at the next step)
+        self._scale_cache = (layout, device, key, layout.version, scale)
         return scale
 
 

@@ -41,7 +41,8 @@ from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProc
 
 from .auto_pipeline import register_auto_pipelines
 from .layout import Layout
-from .pipeline import AnyMSPlan, Subject, _load_image, _one_call_at_a_time, prepare_subjects
+from .pipeline import (AnyMSPlan, Subject, _load_image, _one_call_at_a_time, chain_step_callback, prepare_subjects,
+                       start_steps)
 from .branches import AnyMSBranches, anyms_attention, check_layout, set_anyms_layout
 
 try:  # the attention front door of diffusers >= 0.35; older versions call SDPA directly
@@ -68,15 +69,16 @@ def flux_latent_hw(height: int, width: int, vae_scale_factor: int = 8) -> Tuple[
 
 
 def flux_layout(boxes=None, height: int = 1024, width: int = 1024, scales=1.0, mode: str = "overwrite",
-                masks=None, vae_scale_factor: int = 8) -> Layout:
+                masks=None, vae_scale_factor: int = 8, windows=None, schedules=None) -> Layout:
     """A :class:`~anyms.Layout` for a FLUX generation of ``height x width`` pixels.
 
     Its token grid is ``(height // 16) x (width // 16)``, the transformer's image tokens.
-    ``boxes``, ``scales``, ``mode`` and ``masks`` are :class:`~anyms.Layout`'s; masks are
-    at the image's resolution (``height x width``, a multiple of 16 on each side).
+    ``boxes``, ``scales``, ``mode``, ``masks``, ``windows`` and ``schedules`` are
+    :class:`~anyms.Layout`'s; masks are at the image's resolution (``height x width``, a
+    multiple of 16 on each side).
     """
     return Layout(boxes, flux_latent_hw(height, width, vae_scale_factor), scales=scales, mode=mode, masks=masks,
-                  patch=FLUX_PATCH)
+                  patch=FLUX_PATCH, windows=windows, schedules=schedules)
 
 
 # ---------------------------------------------------------------------- processor
@@ -360,6 +362,8 @@ class AnyMSFluxPipeline(FluxPipeline):
         # encodes the subjects' images itself, once.
         state.positive, state.negative = [plan.images], ["anyms negative images"]
         arguments["ip_adapter_image"], arguments["negative_ip_adapter_image"] = state.positive, state.negative
+        if plan.timed:
+            chain_step_callback(self, plan, arguments)
 
         # anyms_attention installs the AnyMS processors (layout None until check_inputs
         # sets it) and, on exit, puts back exactly the processors and layouts of before.
@@ -391,14 +395,19 @@ class AnyMSFluxPipeline(FluxPipeline):
         if state is not None:
             sizes = inspect.signature(super().check_inputs).bind(*args, **kwargs).arguments
             plan = state.plan
-            masks = [s.mask for s in plan.subjects]
             plan.layout = flux_layout([list(s.box) for s in plan.subjects], int(sizes["height"]),
-                                      int(sizes["width"]), scales=[s.scale for s in plan.subjects],
-                                      mode=plan.mode, masks=masks if any(m is not None for m in masks) else None,
-                                      vae_scale_factor=self.vae_scale_factor)
+                                      int(sizes["width"]), vae_scale_factor=self.vae_scale_factor,
+                                      **plan.layout_args())
             plan.layout.prepare(self._execution_device)   # the token grid's routing, before the loop
             set_anyms_layout(self, plan.layout)
             self.anyms_last_plan = plan
+
+    def progress_bar(self, iterable=None, total=None):
+        """The parent's; during an AnyMS call with timed subjects it first sets step 0
+        (:func:`anyms.pipeline.start_steps`)."""
+        if self._anyms_pending is not None:
+            start_steps(self, self._anyms_pending.plan)
+        return super().progress_bar(iterable, total)
 
     def prepare_ip_adapter_image_embeds(self, ip_adapter_image, ip_adapter_image_embeds, device,
                                         num_images_per_prompt):

@@ -11,6 +11,7 @@ from . import console
 from .errors import GenerationError, UsageError
 from .loading import Run, default_size
 from .preflight import MAX_STEPS
+from .timing import check_schedule, check_window
 
 __all__ = ["Job", "check_job", "read_layout_file", "layout_from_dict", "output_paths", "check_outputs",
            "generate_image", "image_record", "save_job", "write_pictures", "warn_unreached", "memory_report",
@@ -28,7 +29,8 @@ layout file (--layout FILE.json); image paths are relative to the file:
     "priority": "order",                      optional; --priority wins
     "subjects": [                             required, at least one
       {"image": "dog.png", "box": [0.05, 0.3, 0.5, 0.95], "scale": 1.0, "label": "dog"},
-      {"image": "cat.png", "mask": "cat_mask.png"}
+      {"image": "cat.png", "mask": "cat_mask.png",
+       "start": 0.0, "end": 0.6, "schedule": "linear_down"}
     ]
   }
 Each subject needs "box" or "mask" (or both: the mask is the region, the box only
@@ -38,11 +40,17 @@ nonzero pixel is inside) of the generated image's size; without --height/--width
 the image takes the masks' size. A token is in a region when its cell meets the
 box or holds a mask pixel. "scale" (default 1.0) and "label" (default: the file
 name) are optional. Later subjects are on top where regions overlap ("priority":
-"smaller_on_top" puts smaller regions on top). No other keys are allowed.
+"smaller_on_top" puts smaller regions on top). "start" and "end" (defaults 0 and 1)
+are fractions of the denoising steps: step i of N acts when start <= i/N and
+(i+1)/N <= end (diffusers' ControlNet rule), 0 <= start <= end <= 1. "schedule"
+(default "constant"; "linear_up", "linear_down", "ease_in", "ease_out") shapes the
+scale over that window, with p the step's progress in it: 1, p, 1 - p, p^2,
+1 - (1 - p)^2. Outside its window (or at scale 0) a subject is absent: the subject
+under it takes its tokens. No other keys are allowed.
 """
 
 LAYOUT_KEYS = {"prompt", "mode", "priority", "subjects"}
-SUBJECT_KEYS = {"image", "box", "mask", "scale", "label"}
+SUBJECT_KEYS = {"image", "box", "mask", "scale", "label", "start", "end", "schedule"}
 
 JOBS_SCHEMA = """\
 jobs file (--jobs FILE.jsonl): one JSON object a line (blank lines are skipped), each a
@@ -157,8 +165,14 @@ def layout_from_dict(data, what: str, folder: str, extra_keys=(), extra_subject_
         label = item.get("label")
         if label is not None and not isinstance(label, str):
             raise UsageError(f"{where}.label must be a string")
+        try:      # a JSON number only: a string "0.5" is refused as check_window refuses it
+            start, end = check_window(item.get("start", 0.0), item.get("end", 1.0), f"subjects[{i}]")
+            schedule = check_schedule(item.get("schedule", "constant"), f"subjects[{i}].schedule")
+        except ValueError as e:
+            raise UsageError(f"{what}: {e}") from None
         subjects.append(Subject(os.path.join(folder, item["image"]), None if box is None else tuple(box),
-                                float(scale), label, mask=None if mask is None else os.path.join(folder, mask)))
+                                float(scale), label, mask=None if mask is None else os.path.join(folder, mask),
+                                start=start, end=end, schedule=schedule))
     out = {"prompt": data.get("prompt"), "mode": data.get("mode"), "priority": data.get("priority"),
            "subjects": subjects}
     out.update({key: data[key] for key in extra_keys if key in data})
@@ -257,11 +271,8 @@ def job_layout(pipe, job: Job, height: int, width: int):
     if getattr(pipe, "unet", None) is None:           # FLUX
         from .flux import flux_layout
 
-        masks = [s.mask for s in plan.subjects]
         return flux_layout([list(s.box) for s in plan.subjects], height, width,
-                           scales=[s.scale for s in plan.subjects], mode=plan.mode,
-                           masks=masks if any(m is not None for m in masks) else None,
-                           vae_scale_factor=pipe.vae_scale_factor)
+                           vae_scale_factor=pipe.vae_scale_factor, **plan.layout_args())
     return plan.make_layout((height // pipe.vae_scale_factor, width // pipe.vae_scale_factor))
 
 

@@ -17,6 +17,14 @@ Regions. Each subject's region is its mask if it has one, else its box:
 
 A masked subject's box, when not given, is its mask's bounding box: it is used for
 the pictures only (where the label goes), never for routing.
+
+Timing. Each subject may act only in a window ``[start, end)`` of the denoising steps,
+its scale following a schedule there (:mod:`anyms.timing` has the rules). A subject
+whose scale at the current step is 0 is absent from the routing at that step; the
+routing is built once per (grid, device, set of active subjects) and kept, and the
+subject scales live in one tensor per device whose values :meth:`Layout.set_step`
+rewrites in place (a compiled U-Net reads the same tensor at every step: no recompile
+when only the scales change; a new set of active subjects is a new routing).
 """
 from __future__ import annotations
 
@@ -31,6 +39,8 @@ from anyms_kernels.regions import (
     rasterize_boxes, rasterize_masks,
 )
 from anyms_kernels.routing import Routing, build_routing
+
+from .timing import check_schedule, check_window, step_weight
 
 __all__ = ["Layout", "load_mask"]
 
@@ -96,6 +106,15 @@ class Layout:
             diffusion transformer whose tokens are ``p x p`` patches of the latent: one
             token grid ``(h / p, w / p)`` at every layer (FLUX packs 2x2: ``patch=2``, the
             image / 16). ``h`` and ``w`` must be multiples of ``p``.
+        windows: None (every subject acts at every step), or S ``(start, end)`` pairs,
+            fractions of the denoising steps in ``[0, 1]`` with ``start <= end``.
+        schedules: None (constant), a schedule name for every subject, or S names, from
+            :data:`anyms.timing.SCHEDULES`.
+
+    A layout with windows or schedules other than the defaults is *timed*: whoever runs
+    the steps calls :meth:`set_step` before each one (the pipelines do; with your own
+    pipeline, from ``callback_on_step_end``, see :meth:`step_callback`), and a forward
+    before the first :meth:`set_step` raises rather than ignore the timing.
 
     A subject with a mask is routed by its mask; ``boxes[s]``, given or (when None)
     the mask's bounding box, is then only for the pictures. Later subjects are on top
@@ -108,7 +127,7 @@ class Layout:
     """
 
     def __init__(self, boxes=None, latent_hw: Optional[Grid] = None, scales=1.0, mode: str = "overwrite",
-                 masks=None, patch: Optional[int] = None):
+                 masks=None, patch: Optional[int] = None, windows=None, schedules=None):
         self.latent_hw = check_grid(latent_hw, "latent_hw")
         self.mode = check_mode(mode)
         self.patch = _check_patch(patch, self.latent_hw)
@@ -140,10 +159,20 @@ class Layout:
             if not torch.isfinite(scales).all():
                 raise ValueError("scales holds NaN or inf")
             self.scales = scales
+        self.windows: Tuple[Tuple[float, float], ...] = _windows_argument(windows, num)
+        self.schedules: Tuple[str, ...] = _schedules_argument(schedules, num)
+        self.timed = any(w != (0.0, 1.0) for w in self.windows) or any(s != "constant" for s in self.schedules)
+        # The current step: None before set_step (an untimed layout acts the same at every step).
+        self.step: Optional[Tuple[int, int]] = None
+        self._awaiting_step = self.timed       # a bool that forwards read (never the changing step)
+        self._weights: List[float] = [1.0] * num
+        self.active: Tuple[bool, ...] = tuple(bool(v) for v in (self.scales != 0).tolist())
         self._coverage: Dict[Grid, torch.Tensor] = {}
-        self._routing: Dict[Tuple[Grid, torch.device], Routing] = {}
+        self._routing: Dict[Tuple[Grid, torch.device, Tuple[bool, ...]], Routing] = {}
         self._token_boxes: Dict[Tuple[Grid, torch.device], torch.Tensor] = {}
         self._scale_cache: Dict[torch.device, torch.Tensor] = {}
+        self._prepared: List[Tuple[Grid, torch.device]] = []
+        self.version = 0            # bumped by every set_step that changes the scales
 
     @property
     def num_subjects(self) -> int:
@@ -201,16 +230,71 @@ class Layout:
         return grid, self.routing_at(grid, device)
 
     def routing_at(self, grid: Grid, device) -> Routing:
-        """The :class:`Routing` of ``grid`` on ``device`` (see :meth:`routing`)."""
+        """The :class:`Routing` of ``grid`` on ``device`` for the subjects active now (see
+        :meth:`routing`); an inactive subject covers no token, so in ``overwrite`` mode the
+        subject under it takes them. Built once per (grid, device, active set)."""
+        if self._awaiting_step:
+            raise ValueError(
+                "this Layout has windows or schedules, and no step was set: call layout.set_step(i, num_steps) "
+                "before each denoising step (callback_on_step_end=layout.step_callback(...) does it after step 0)")
         grid = check_grid(grid)
-        key = (grid, torch.device(device))
+        key = (grid, torch.device(device), self.active)
         routing = self._routing.get(key)
         if routing is None:
             cover = self.coverage(grid)
             with torch.inference_mode(False), torch.no_grad():
+                if not all(self.active):
+                    cover = cover & torch.tensor(self.active, dtype=torch.bool)[:, None, None]
                 routing = build_routing(cover.to(key[1]), grid, self.mode)
             self._routing[key] = routing
         return routing
+
+    def set_step(self, step: int, num_steps: int) -> "Layout":
+        """Make step ``step`` of ``num_steps`` (0-based, as ``callback_on_step_end`` counts) the current one.
+
+        Each subject's scale becomes ``scales[s] * w_s(step)`` (0 outside its window; the
+        schedule's weight inside, :mod:`anyms.timing`), written in place into the scale
+        tensors already handed out, and the subjects whose scale is 0 leave the routing.
+        The routing of a new active set is built here, on every grid and device
+        :meth:`prepare` built, so the forward only looks it up. Returns self.
+        """
+        for name, value in (("step", step), ("num_steps", num_steps)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+        if num_steps < 1 or not 0 <= step < num_steps:
+            raise ValueError(f"step must be in [0, num_steps) with num_steps >= 1, got step={step}, "
+                             f"num_steps={num_steps}")
+        weights = [step_weight(step, num_steps, start, end, schedule)
+                   for (start, end), schedule in zip(self.windows, self.schedules)]
+        self.step = (step, num_steps)
+        self._awaiting_step = False
+        if weights != self._weights:
+            self._weights = weights
+            with torch.inference_mode(False), torch.no_grad():
+                values = self._step_scales()
+                self.active = tuple(bool(v) for v in (values != 0).tolist())
+                for tensor in self._scale_cache.values():
+                    tensor.copy_(values)
+            self.version += 1
+        for grid, device in self._prepared:      # looked up when built already
+            self.routing_at(grid, device)
+        return self
+
+    def step_callback(self, callback=None):
+        """A ``callback_on_step_end`` for a diffusers pipeline running this layout through
+        :func:`anyms.anyms_attention`: after step ``i`` it calls ``callback`` (if any; it
+        sees step ``i``'s scales) and then sets step ``i + 1`` of ``pipe.num_timesteps``.
+        Call ``layout.set_step(0, num_steps)`` before the call yourself."""
+        def on_step_end(pipe, i, t, tensors):
+            out = tensors if callback is None else callback(pipe, i, t, tensors)
+            if i + 1 < pipe.num_timesteps:
+                self.set_step(i + 1, pipe.num_timesteps)
+            return out
+        return on_step_end
+
+    def _step_scales(self) -> torch.Tensor:
+        """float32 ``[S]``: each subject's scale at the current step."""
+        return self.scales * torch.tensor(self._weights, dtype=torch.float32)
 
     def prepare(self, device, levels: int = 1) -> "Layout":
         """Build now, on ``device``, everything the attention layers read; returns self.
@@ -228,7 +312,10 @@ class Layout:
         device = torch.empty(0, device=device).device      # "cuda" -> "cuda:0": the key a forward looks up
         grid = self.token_grid or self.latent_hw
         for _ in range(1 if self.patch is not None else levels):
-            self.routing_at(grid, device)
+            if (grid, device) not in self._prepared:
+                self._prepared.append((grid, device))
+            if not self._awaiting_step:     # a timed layout's routing waits for set_step
+                self.routing_at(grid, device)
             grid = ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
         self.subject_scale(device)
         return self
@@ -236,7 +323,8 @@ class Layout:
     def token_boxes(self, num_tokens: int, device) -> Tuple[Grid, torch.Tensor]:
         """``(grid, int32 [S, 4] token boxes on device)``, computed once per grid and device.
 
-        Box layouts only: a mask is not a box, so a layout with masks raises
+        Every subject's box, whatever the step (the op's box form has no active set). Box
+        layouts only: a mask is not a box, so a layout with masks raises
         ``ValueError`` (use :meth:`routing`, which serves both).
         """
         if self.has_masks:
@@ -249,10 +337,12 @@ class Layout:
         return grid, self._token_boxes[key]
 
     def subject_scale(self, device) -> torch.Tensor:
+        """float32 ``[S]`` on ``device``: the subjects' scales at the current step. One tensor per
+        device, the same object at every step (:meth:`set_step` rewrites its values)."""
         device = torch.device(device)
         if device not in self._scale_cache:
             with torch.inference_mode(False):
-                self._scale_cache[device] = self.scales.to(device)
+                self._scale_cache[device] = self._step_scales().to(device)
         return self._scale_cache[device]
 
     def __repr__(self) -> str:
@@ -274,6 +364,29 @@ def _check_patch(patch, latent_hw: Grid) -> Optional[int]:
         raise ValueError(f"latent_hw {h}x{w} is not a whole number of {patch}x{patch} patches (patch={patch}): "
                          f"both sides must be multiples of {patch}")
     return patch
+
+
+def _windows_argument(windows, num: int) -> Tuple[Tuple[float, float], ...]:
+    if windows is None:
+        return ((0.0, 1.0),) * num
+    if not isinstance(windows, (list, tuple)) or len(windows) != num:
+        raise ValueError(f"windows must be None or {num} (start, end) pairs, one per subject, got {windows!r}")
+    out = []
+    for s, window in enumerate(windows):
+        if not isinstance(window, (list, tuple)) or len(window) != 2:
+            raise ValueError(f"windows[{s}] must be a (start, end) pair, got {window!r}")
+        out.append(check_window(window[0], window[1], f"windows[{s}]"))
+    return tuple(out)
+
+
+def _schedules_argument(schedules, num: int) -> Tuple[str, ...]:
+    if schedules is None:
+        return ("constant",) * num
+    if isinstance(schedules, str):
+        return (check_schedule(schedules, "schedules"),) * num
+    if not isinstance(schedules, (list, tuple)) or len(schedules) != num:
+        raise ValueError(f"schedules must be None, a name or {num} names, one per subject, got {schedules!r}")
+    return tuple(check_schedule(name, f"schedules[{s}]") for s, name in enumerate(schedules))
 
 
 def _masks_argument(masks) -> Optional[List[Optional[torch.Tensor]]]:

@@ -9,14 +9,15 @@ chunk (iTXt) named ``anyms`` holding a JSON record::
      "layout": {"mode": "overwrite", "priority": "order", "subjects": [
          {"image": "dog.png", "image_sha256": "...", "box": [0.05, 0.3, 0.5, 0.95], "scale": 1.0},
          {"image": "cat.png", "image_sha256": "...", "mask": "cat_mask.png", "mask_sha256": "...",
-          "scale": 0.8, "label": "cat"}]},
+          "scale": 0.8, "label": "cat", "start": 0.0, "end": 0.6, "schedule": "linear_down"}]},
      "seed": 0, "steps": 50, "guidance": 5.0, "height": 1024, "width": 1024,
      "model": {"arch": "sdxl", "model": "stabilityai/stable-diffusion-xl-base-1.0",
                "ip_adapter": "h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors",
                "image_encoder": null, "dtype": "float16"},
      "device": "cuda"}
 
-``layout`` is a layout file (``anyms generate --help``) whose paths are relative to
+``layout`` is a layout file (``anyms generate --help``; a subject's ``start``, ``end`` and
+``schedule`` are written only when not the defaults, 0, 1 and constant) whose paths are relative to
 the image's folder, plus each file's SHA-256, so ``anyms generate --from image.png``
 can make the image again and say when a subject or mask file has changed since.
 ``guidance`` is null where the pipeline's default was used. ``device`` is for the
@@ -50,7 +51,7 @@ RECORD_KEYS = {"format", "anyms_version", "versions", "prompt", "negative_prompt
                "guidance", "height", "width", "model", "device"}
 RECORD_OPTIONAL = {"device"}
 LAYOUT_KEYS = {"mode", "priority", "subjects"}
-SUBJECT_KEYS = {"image", "image_sha256", "box", "mask", "mask_sha256", "scale", "label"}
+SUBJECT_KEYS = {"image", "image_sha256", "box", "mask", "mask_sha256", "scale", "label", "start", "end", "schedule"}
 MODEL_KEYS = {"arch", "model", "ip_adapter", "image_encoder", "dtype"}
 
 
@@ -112,6 +113,13 @@ def subject_entry(subject, folder: str, hashes: Optional[Dict[str, str]] = None)
     entry["scale"] = float(subject.scale)
     if subject.label:
         entry["label"] = subject.label
+    # the timing keys only where they are not the defaults: an untimed job's record is as before
+    if float(subject.start) != 0.0:
+        entry["start"] = float(subject.start)
+    if float(subject.end) != 1.0:
+        entry["end"] = float(subject.end)
+    if subject.schedule != "constant":
+        entry["schedule"] = subject.schedule
     return entry
 
 
@@ -223,6 +231,7 @@ def check_record(record: Dict[str, Any], where: str) -> None:
     from .loading import ARCHS, DTYPES, TINY_MODEL
     from .pipeline import PRIORITIES, _check_box, _check_scale
     from .preflight import MAX_STEPS, check_image_size
+    from .timing import SCHEDULES, check_window
 
     def fail(key: str, must: str, value) -> None:
         raise ValueError(f"{where}: its record's \"{key}\" must be {must}, got {_short(value)}")
@@ -305,6 +314,16 @@ def check_record(record: Dict[str, Any], where: str) -> None:
             checked(_check_scale, subject["scale"], f"{key}.scale")
         if "label" in subject:
             text(subject["label"], f"{key}.label")
+        for bound in ("start", "end"):
+            if bound in subject and (isinstance(subject[bound], bool) or not isinstance(subject[bound], (int, float))):
+                fail(f"{key}.{bound}", "a number in [0, 1]", subject[bound])
+        try:
+            check_window(subject.get("start", 0.0), subject.get("end", 1.0), key)
+        except ValueError as e:
+            message = str(e).replace(f"{key}.start", f"\"{key}.start\"").replace(f"{key}.end", f"\"{key}.end\"")
+            raise ValueError(f"{where}: its record's {message}") from None
+        if "schedule" in subject:
+            choice(subject["schedule"], f"{key}.schedule", SCHEDULES)
     integer(record["seed"], "seed", 0, 2 ** 64 - 1)
     integer(record["steps"], "steps", 1, MAX_STEPS)
     guidance = record["guidance"]

@@ -50,6 +50,7 @@ from .layout import Layout, load_mask
 from .images import read_image
 from .branches import anyms_attention, set_anyms_layout
 from .processor import AnyMSAttnProcessor  # noqa: F401  the U-Net's AnyMS processor, which anyms_attention installs
+from .timing import check_schedule, check_window
 
 __all__ = [
     "Subject",
@@ -83,6 +84,16 @@ class Subject:
             mask routes exactly like its box). A mask of another size is an error, not
             resized: resizing would move the region's edges. Without ``height`` and
             ``width`` the pipeline makes an image of the masks' size.
+        start, end: (keyword only) the window of denoising steps the subject acts in, as
+            fractions of the steps, ``0 <= start <= end <= 1`` (default: every step). Step
+            ``i`` of ``N`` acts when ``start <= i / N`` and ``(i + 1) / N <= end``: diffusers'
+            rule for ControlNet's ``control_guidance_start`` / ``control_guidance_end``.
+        schedule: (keyword only) how the scale changes over the window: ``"constant"`` (the
+            default), ``"linear_up"``, ``"linear_down"``, ``"ease_in"`` or ``"ease_out"``
+            (the formulas: :mod:`anyms.timing`).
+
+    At a step where its scale is 0 (outside its window, or ``scale=0``) a subject is absent:
+    in ``overwrite`` mode the subject under it takes its tokens, as if it had not been given.
 
     Give a box, a mask or both (the mask is the region); a subject with neither is an error.
     """
@@ -92,6 +103,14 @@ class Subject:
     scale: float = 1.0
     label: Optional[str] = None
     mask: Any = field(default=None, kw_only=True)
+    start: float = field(default=0.0, kw_only=True)
+    end: float = field(default=1.0, kw_only=True)
+    schedule: str = field(default="constant", kw_only=True)
+
+    @property
+    def timed(self) -> bool:
+        """Whether the subject has a window or schedule other than the defaults."""
+        return (self.start, self.end, self.schedule) != (0.0, 1.0, "constant")
 
     def load_image(self, name: str = "image") -> Image.Image:
         """The image as an RGB PIL image; raises ValueError/TypeError naming ``name``."""
@@ -173,6 +192,20 @@ class AnyMSPlan:
         return [s.label for s in self.subjects]
 
     @property
+    def timed(self) -> bool:
+        """Whether any subject has a window or a schedule (the pipeline then sets each step)."""
+        return any(s.timed for s in self.subjects)
+
+    def layout_args(self) -> dict:
+        """The :class:`Layout` arguments of these subjects, but the grid: scales, mode, masks,
+        windows and schedules."""
+        masks = [s.mask for s in self.subjects]
+        return dict(scales=[s.scale for s in self.subjects], mode=self.mode,
+                    masks=masks if any(m is not None for m in masks) else None,
+                    windows=[(s.start, s.end) for s in self.subjects],
+                    schedules=[s.schedule for s in self.subjects])
+
+    @property
     def mask_hw(self) -> Optional[Tuple[int, int]]:
         """``(height, width)`` of the subjects' masks (all the same), or None without masks."""
         for s in self.subjects:
@@ -207,10 +240,7 @@ class AnyMSPlan:
         return f"subjects[{self.order[i]}].mask"
 
     def make_layout(self, latent_hw) -> Layout:
-        masks = [s.mask for s in self.subjects]
-        return Layout([list(s.box) for s in self.subjects], latent_hw,
-                      scales=[s.scale for s in self.subjects], mode=self.mode,
-                      masks=masks if any(m is not None for m in masks) else None)
+        return Layout([list(s.box) for s in self.subjects], latent_hw, **self.layout_args())
 
 
 def prepare_subjects(subjects, mode: str = "overwrite", priority: str = "order") -> AnyMSPlan:
@@ -221,8 +251,9 @@ def prepare_subjects(subjects, mode: str = "overwrite", priority: str = "order")
     numbers in ``[0, 1]`` with ``x1 > x0`` and ``y1 > y0``; a mask that is not 2-D,
     is empty, holds NaN, has another dtype than bool or real numbers, or another size
     than the other subjects' masks (:func:`anyms.layout.load_mask`); a scale that is
-    not a finite number; an image that cannot be read; an unknown ``anyms_mode`` or
-    ``anyms_priority``.
+    not a finite number; a ``start`` / ``end`` that is not a number in ``[0, 1]``, or a
+    ``start`` after its ``end``; an unknown ``schedule``; an image that cannot be read; an
+    unknown ``anyms_mode`` or ``anyms_priority``.
 
     The checked subjects hold RGB PIL images, bool ``[H, W]`` mask tensors, and a box
     for each subject (a masked subject without one gets its mask's bounding box).
@@ -253,12 +284,14 @@ def prepare_subjects(subjects, mode: str = "overwrite", priority: str = "order")
                                  f"{mask_hw[0]}x{mask_hw[1]}: every mask must have the image's size")
         box = _check_box(subject.box, f"{name}.box") if subject.box is not None else mask_bbox(mask)
         scale = _check_scale(subject.scale, f"{name}.scale")
+        start, end = check_window(subject.start, subject.end, name)
+        schedule = check_schedule(subject.schedule, f"{name}.schedule")
         images.append(subject.load_image(f"{name}.image"))
         label = subject.label
         if not label:
             is_path = isinstance(subject.image, (str, os.PathLike))
             label = os.path.splitext(os.path.basename(os.fspath(subject.image)))[0] if is_path else f"subject {i}"
-        checked.append(Subject(images[-1], box, scale, label, mask=mask))
+        checked.append(Subject(images[-1], box, scale, label, mask=mask, start=start, end=end, schedule=schedule))
     order = list(range(len(checked)))
     if priority == "smaller_on_top":
         # Largest region first (bottom), smallest last (top); equal areas keep the given order.
@@ -332,6 +365,9 @@ class AnyMSPipelineMixin:
                 ``"smaller_on_top"`` (smaller regions on top of larger ones).
             everything else: as the parent pipeline. ``ip_adapter_image`` and
                 ``ip_adapter_image_embeds`` cannot be given together with ``subjects``.
+                With timed subjects (``start``, ``end``, ``schedule``) the pipeline sets each
+                step on the layout: step 0 right before the loop, the next one after your
+                ``callback_on_step_end`` (which sees the step that ran) returns.
 
         Raises:
             ValueError/TypeError before any model work, naming the argument (see
@@ -363,6 +399,8 @@ class AnyMSPipelineMixin:
                 call_kwargs["height"], call_kwargs["width"] = plan.image_size(
                     call_kwargs.get("height"), call_kwargs.get("width"), self.vae_scale_factor)
             call_kwargs["ip_adapter_image"] = [plan.images]  # one adapter, S images
+            if plan.timed:
+                chain_step_callback(self, plan, call_kwargs)
 
             # anyms_attention installs the AnyMS processors (layout None until check_inputs
             # sets it) and, on exit, puts back exactly the processors and layouts of before.
@@ -390,6 +428,13 @@ class AnyMSPipelineMixin:
         parts = [encode([one], device, num_images_per_prompt, output_hidden_states) for one in image]
         # the parent repeats each image's rows num_images_per_prompt times, image after image
         return torch.cat([cond for cond, _ in parts]), torch.cat([uncond for _, uncond in parts])
+
+    def progress_bar(self, iterable=None, total=None):
+        """The parent's; during an AnyMS call with timed subjects it first sets step 0 (see
+        :func:`start_steps`): the pipelines open it once, right before the denoising loop."""
+        if self._anyms_pending is not None:
+            start_steps(self, self._anyms_pending)
+        return super().progress_bar(iterable, total)
 
     def check_inputs(self, *args, **kwargs):
         """The parent's check; during an AnyMS call it also sets the layout.
@@ -438,6 +483,37 @@ class AnyMSPipelineMixin:
         config = json.loads(super().to_json_string())
         config["_class_name"] = _parent_pipeline(type(self)).__name__
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+# ---------------------------------------------------------------- the steps of a timed call
+def start_steps(pipe, plan: AnyMSPlan) -> None:
+    """Set step 0 of ``pipe.num_timesteps`` on a timed plan's layout.
+
+    diffusers' SD, SDXL and FLUX pipelines set ``num_timesteps`` (the steps the loop will
+    run, after ``timesteps``, ``sigmas`` or ``denoising_end``) and then open the progress
+    bar, once, right before the loop: the one moment both are known and no step has run.
+    """
+    if plan.timed and plan.layout is not None:
+        plan.layout.set_step(0, pipe.num_timesteps)
+
+
+def chain_step_callback(pipe, plan: AnyMSPlan, arguments: dict) -> None:
+    """Put, in a timed call's ``arguments``, a ``callback_on_step_end`` that calls the user's
+    (which sees the scales of the step that ran) and then sets the next step on the layout."""
+    from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+    user = arguments.get("callback_on_step_end")
+    if isinstance(user, (PipelineCallback, MultiPipelineCallbacks)):
+        # the parent reads the tensors such an object wants from the object itself
+        arguments["callback_on_step_end_tensor_inputs"] = user.tensor_inputs
+
+    def on_step_end(p, i, t, tensors):
+        out = tensors if user is None else user(p, i, t, tensors)
+        if i + 1 < p.num_timesteps:
+            plan.layout.set_step(i + 1, p.num_timesteps)
+        return out
+
+    arguments["callback_on_step_end"] = on_step_end
 
 
 _ANYMS_PARAMETERS = (("subjects", Optional[Sequence[Subject]]), ("anyms_mode", Optional[str]),

@@ -9,6 +9,8 @@
   built-in tiny model's images (a mask must have the generated image's size; for a real
   1024x1024 model, draw masks at 1024x1024).
 - ``layout.json``: a layout file (``anyms generate --layout``): a box and a mask.
+- ``timed_layout.json``: the same subjects, timed: the dog acts in the first 60% of the
+  steps, fading out; the cat from 20% of the steps on, easing in.
 - ``jobs.jsonl``: three jobs for ``anyms generate --jobs``, each with its own output name.
 
 Only Pillow is needed. The PNG bytes may differ between zlib versions; the pixels and the
@@ -31,6 +33,15 @@ LAYOUT = {
     "subjects": [
         {"image": "dog.png", "box": [0.05, 0.3, 0.5, 0.95], "label": "dog"},
         {"image": "cat.png", "mask": "cat_mask.png", "scale": 0.8, "label": "cat"},
+    ],
+}
+
+TIMED_LAYOUT = {
+    "prompt": "a dog and a cat on a sofa",
+    "subjects": [
+        {"image": "dog.png", "box": [0.05, 0.3, 0.5, 0.95], "label": "dog", "end": 0.6, "schedule": "linear_down"},
+        {"image": "cat.png", "mask": "cat_mask.png", "scale": 0.8, "label": "cat", "start": 0.2,
+         "schedule": "ease_in"},
     ],
 }
 
@@ -95,6 +106,7 @@ def files() -> dict:
         "dog.png": _dog(), "cat.png": _cat(), "ball.png": _ball(),
         "dog_mask.png": _mask("dog"), "cat_mask.png": _mask("cat"),
         "layout.json": json.dumps(LAYOUT, indent=2) + "\n",
+        "timed_layout.json": json.dumps(TIMED_LAYOUT, indent=2) + "\n",
         "jobs.jsonl": "".join(json.dumps(job) + "\n" for job in JOBS),
     }
 
