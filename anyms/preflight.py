@@ -20,7 +20,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .images import MAX_SIDE
 
-__all__ = ["MAX_SIDE", "MAX_STEPS", "check_image_size", "MemoryEstimate", "estimate_peak_memory", "device_memory",
+__all__ = ["MAX_SIDE", "MAX_STEPS", "check_image_size", "MemoryEstimate", "estimate_peak_memory", "MemoryPlan",
+           "fit_memory", "device_memory",
            "unreached_subjects", "unreached_message"]
 
 # The SD-family schedulers are trained on 1000 timesteps; more steps than that repeat timesteps.
@@ -68,11 +69,12 @@ def _module_bytes(module, dtype_size: Optional[int] = None) -> int:
     return total
 
 
-def _largest_leaf_bytes(module) -> int:
+def _largest_leaf_bytes(module, dtype_size: Optional[int] = None) -> int:
     best = 0
     for m in module.modules():
         if next(m.children(), None) is None:
-            best = max(best, sum(p.numel() * p.element_size() for p in m.parameters(recurse=False)))
+            best = max(best, sum(p.numel() * (dtype_size if dtype_size and p.is_floating_point() else p.element_size())
+                                 for p in m.parameters(recurse=False)))
     return best
 
 
@@ -141,11 +143,13 @@ def estimate_peak_memory(pipe, height: int, width: int, *, cfg: bool = True, off
     import torch
 
     unet, vae = pipe.unet, pipe.vae
+    explicit_dtype = dtype is not None
     dtype = dtype or unet.dtype
     size = torch.empty((), dtype=dtype).element_size()
     components = {name: getattr(pipe, name, None) for name in
                   ("unet", "vae", "text_encoder", "text_encoder_2", "image_encoder")}
-    comp_bytes = {k: _module_bytes(m) for k, m in components.items() if m is not None}
+    # weights in ``dtype`` where it is given (the pipeline would be cast to it), else as they are
+    comp_bytes = {k: _module_bytes(m, size if explicit_dtype else None) for k, m in components.items() if m is not None}
     upcast = bool(getattr(vae.config, "force_upcast", False)) and dtype == torch.float16
     vae_size = 4 if upcast else size
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -163,12 +167,75 @@ def estimate_peak_memory(pipe, height: int, width: int, *, cfg: bool = True, off
         weights = max(comp_bytes.values())
         total = max(comp_bytes.get("unet", 0) + unet_act, vae_weights_decoding + decode_act)
     elif offload == "sequential":
-        weights = max(_largest_leaf_bytes(m) for m in components.values() if m is not None)
+        weights = max(_largest_leaf_bytes(m, size if explicit_dtype else None) for m in components.values()
+                      if m is not None)
         total = weights + max(unet_act, decode_act)
     else:
         weights = sum(comp_bytes.values())
         total = max(weights + unet_act, weights - comp_bytes.get("vae", 0) + vae_weights_decoding + decode_act)
     return MemoryEstimate(int(weights), int(unet_act), int(decode_act), int(total))
+
+
+@dataclass
+class MemoryPlan:
+    """What :func:`fit_memory` chose: the dtype, the offload, VAE tiling, and the estimate with them."""
+
+    dtype: object
+    offload: str
+    vae_tiling: bool
+    estimate: MemoryEstimate
+
+    def options(self) -> str:
+        dtype = str(self.dtype).replace("torch.", "")
+        offload = {"none": "no offload", "model": "model offload", "sequential": "sequential offload"}[self.offload]
+        return f"{dtype}, {offload}, VAE tiling {'on' if self.vae_tiling else 'off'}"
+
+    def describe(self) -> str:
+        return f"memory plan: {self.options()}: estimated peak {self.estimate.describe()}"
+
+
+def fit_memory(pipe, height: int, width: int, budget_bytes, *, cfg: bool = True,
+               half_dtype=None) -> MemoryPlan:
+    """The first plan, in a fixed order, whose estimated peak (:func:`estimate_peak_memory`) is
+    within ``budget_bytes``; each step keeps the ones before it:
+
+    1. as the pipeline is (its dtype, no offload, no VAE tiling);
+    2. half precision (``half_dtype``, default float16), where the pipeline is in float32;
+    3. VAE tiling;
+    4. model offload (one component on the device at a time);
+    5. sequential offload (one layer at a time: slowest).
+
+    The order is by what each costs in speed. Attention slicing is not a step: the estimate
+    assumes fused attention (no token x token scores), where slicing saves nothing. Raises
+    ValueError naming ``budget_bytes`` when it is not a positive number, or when not even the
+    last plan fits (the message gives that plan's estimate, the smallest budget that would fit).
+    Applying the plan (``pipe.to(dtype)``, ``enable_model_cpu_offload()``, ...) is the caller's.
+    """
+    import torch
+
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float)) or not budget_bytes > 0 \
+            or math.isinf(budget_bytes):
+        raise ValueError(f"budget_bytes must be a positive number of bytes, got {budget_bytes!r}")
+    check_image_size(height, "height")
+    check_image_size(width, "width")
+    dtype = pipe.unet.dtype
+    half = half_dtype or torch.float16
+    if torch.empty((), dtype=half).element_size() != 2:
+        raise ValueError(f"half_dtype must be a 2-byte floating dtype (float16, bfloat16), got {half_dtype}")
+    plans = [(dtype, "none", False)]
+    if torch.empty((), dtype=dtype).element_size() > 2:
+        plans.append((half, "none", False))
+    d = plans[-1][0]
+    plans += [(d, "none", True), (d, "model", True), (d, "sequential", True)]
+    plan = None
+    for d, offload, tiled in plans:
+        est = estimate_peak_memory(pipe, height, width, cfg=cfg, offload=offload, vae_tiling=tiled, dtype=d)
+        plan = MemoryPlan(d, offload, tiled, est)
+        if est.total <= budget_bytes:
+            return plan
+    raise ValueError(f"budget_bytes {budget_bytes / GIB:.2f} GiB is below the smallest estimated peak of a "
+                     f"{height}x{width} generation, {plan.estimate.total / GIB:.2f} GiB "
+                     f"({plan.options()})")
 
 
 def device_memory(device) -> Optional[Tuple[int, int]]:

@@ -79,3 +79,66 @@ def test_the_estimate_follows_the_options(tiny_sdxl_pipe):
         estimate_peak_memory(pipe, 1024, 1024, offload="model").weights
     half = estimate_peak_memory(pipe, 1024, 1024, dtype=torch.bfloat16)
     assert half.unet * 2 == base.unet
+
+
+def test_the_estimate_counts_the_weights_in_the_dtype_asked(tiny_sdxl_pipe):
+    """An fp32 pipeline estimated in a 2-byte dtype: its weights would be cast, so they count half."""
+    pipe = tiny_sdxl_pipe
+    assert pipe.unet.dtype == torch.float32
+    for offload in ("none", "model", "sequential"):
+        full = estimate_peak_memory(pipe, 512, 512, offload=offload)
+        half = estimate_peak_memory(pipe, 512, 512, offload=offload, dtype=torch.float16)
+        assert half.weights * 2 == pytest.approx(full.weights, rel=1e-3), offload
+
+
+def test_fit_memory_takes_the_first_plan_that_fits_in_its_order(tiny_sdxl_pipe):
+    from anyms.preflight import fit_memory
+
+    pipe, size = tiny_sdxl_pipe, 1024
+    est = lambda **kw: estimate_peak_memory(pipe, size, size, **kw).total  # noqa: E731
+    f16 = torch.float16
+    as_is = est()
+    plan = fit_memory(pipe, size, size, as_is)
+    assert (plan.dtype, plan.offload, plan.vae_tiling) == (torch.float32, "none", False)
+    assert plan.estimate.total == as_is
+    half = est(dtype=f16)
+    assert half < as_is
+    plan = fit_memory(pipe, size, size, half)
+    assert (plan.dtype, plan.offload, plan.vae_tiling) == (f16, "none", False)
+    tiled = est(dtype=f16, vae_tiling=True)
+    assert tiled < half
+    plan = fit_memory(pipe, size, size, tiled)
+    assert (plan.dtype, plan.offload, plan.vae_tiling) == (f16, "none", True)
+    plan = fit_memory(pipe, size, size, tiled - 1)
+    assert plan.offload in ("model", "sequential") and plan.estimate.total <= tiled - 1
+    assert plan.describe().startswith("memory plan: float16, ") and "\n" not in plan.describe()
+    bf = fit_memory(pipe, size, size, half, half_dtype=torch.bfloat16)
+    assert bf.dtype == torch.bfloat16
+
+
+def test_fit_memory_refuses_with_the_smallest_budget_that_fits(tiny_sdxl_pipe):
+    from anyms.preflight import GIB, fit_memory
+
+    pipe = tiny_sdxl_pipe
+    smallest = estimate_peak_memory(pipe, 1024, 1024, offload="sequential", vae_tiling=True,
+                                    dtype=torch.float16).total
+    assert fit_memory(pipe, 1024, 1024, smallest).offload == "sequential"
+    with pytest.raises(ValueError, match=rf"^budget_bytes .* smallest estimated peak .* {smallest / GIB:.2f} GiB"):
+        fit_memory(pipe, 1024, 1024, smallest - 1)
+
+
+@pytest.mark.parametrize("budget", [0, -1, float("nan"), float("inf"), "8GB", None, True])
+def test_fit_memory_bad_budget_names_the_argument(tiny_sdxl_pipe, budget):
+    from anyms.preflight import fit_memory
+
+    with pytest.raises(ValueError, match=r"^budget_bytes must be a positive number"):
+        fit_memory(tiny_sdxl_pipe, 512, 512, budget)
+
+
+def test_fit_memory_bad_size_or_dtype_names_the_argument(tiny_sdxl_pipe):
+    from anyms.preflight import fit_memory
+
+    with pytest.raises(ValueError, match="^height"):
+        fit_memory(tiny_sdxl_pipe, 100, 512, 2 ** 30)
+    with pytest.raises(ValueError, match="^half_dtype"):
+        fit_memory(tiny_sdxl_pipe, 512, 512, 2 ** 30, half_dtype=torch.float32)
