@@ -156,11 +156,13 @@ def estimate_peak_memory(pipe, height: int, width: int, *, cfg: bool = True, off
     latent = (math.ceil(height / factor), math.ceil(width / factor))
     unet_act = (2 if cfg else 1) * size * unet_step_elements(unet.config, latent)
     decode_hw = (height, width)
-    if vae_tiling:
-        tile = int(getattr(vae, "tile_sample_min_size", 0) or vae.config.sample_size)
+    tile = int(getattr(vae, "tile_sample_min_size", 0) or vae.config.sample_size)
+    # diffusers decodes in tiles only when the latent is larger than one tile
+    tiled = vae_tiling and (latent[0] > tile // factor or latent[1] > tile // factor)
+    if tiled:
         decode_hw = (min(height, tile), min(width, tile))
     decode_act = vae_size * vae_decode_elements(vae.config, decode_hw)
-    if vae_tiling:
+    if tiled:
         decode_act += 2 * 3 * height * width * vae_size           # the tiles kept, and the blended image
     vae_weights_decoding = _module_bytes(vae, 4) if upcast else comp_bytes.get("vae", 0)
     if offload == "model":

@@ -142,3 +142,12 @@ def test_fit_memory_bad_size_or_dtype_names_the_argument(tiny_sdxl_pipe):
         fit_memory(tiny_sdxl_pipe, 100, 512, 2 ** 30)
     with pytest.raises(ValueError, match="^half_dtype"):
         fit_memory(tiny_sdxl_pipe, 512, 512, 2 ** 30, half_dtype=torch.float32)
+
+
+def test_vae_tiling_counts_only_where_the_latent_is_larger_than_a_tile(tiny_sdxl_pipe):
+    """diffusers decodes a latent of at most one tile whole, tiling on or off: the same estimate."""
+    pipe = tiny_sdxl_pipe
+    tile = pipe.vae.tile_sample_min_size
+    assert estimate_peak_memory(pipe, tile, tile, vae_tiling=True) == estimate_peak_memory(pipe, tile, tile)
+    assert estimate_peak_memory(pipe, 2 * tile, 2 * tile, vae_tiling=True).decode < \
+        estimate_peak_memory(pipe, 2 * tile, 2 * tile).decode
