@@ -28,7 +28,9 @@ FLUX (12 B parameters: 24 GB in bf16 for its transformer alone) does not fit in 
 memory at full size and is not measured here.
 
 Rows go to benchmarks/results/memory_<cpu>_<commit>.csv (appended, one per measurement as it
-ends); progress to --log (default benchmarks/results/memory_progress.log).
+ends); progress to --log (default benchmarks/results/memory_progress.log). --reestimate CSV
+recomputes the estimated columns with the current estimate (no step runs; ``estimate_commit``
+names the tree), --table CSV prints the Markdown table of docs/memory.md.
 """
 from __future__ import annotations
 
@@ -148,6 +150,55 @@ def measure_one(model: str, size: int, dtype_name: str, threads: int, quick: boo
     return rows
 
 
+def reestimate(path: str) -> None:
+    """Recompute the estimated columns of a results CSV with this tree's estimate_peak_memory (a
+    pure function of the configs, size and options: no step runs); the measured columns stay, and
+    ``estimate_commit`` names the tree. The models are allocated uninitialised (never touched)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from anyms.preflight import estimate_peak_memory
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    pipes = {}
+    for r in rows:
+        key = (r["model"], r["dtype"])
+        if key not in pipes:
+            model, quick = r["model"].removesuffix("-quick"), r["model"].endswith("-quick")
+            unet_config, vae_config = (QUICK_MODELS if quick else MODELS)[model]
+            with torch.device("meta"):
+                unet, vae = UNet2DConditionModel(**unet_config), AutoencoderKL(**vae_config)
+            unet = unet.to(DTYPES[r["dtype"]]).to_empty(device="cpu")
+            install_ip_adapter(unet)
+            pipes[key] = types.SimpleNamespace(unet=unet.to(DTYPES[r["dtype"]]),
+                                               vae=vae.to(DTYPES[r["dtype"]]).to_empty(device="cpu"))
+        size, tiled = int(r["size"]), r["vae_tiling"] == "True"
+        est = estimate_peak_memory(pipes[key], size, size, cfg=True, vae_tiling=tiled)
+        r.update(estimated_bytes=est.total, ratio=round(est.total / int(r["measured_bytes"]), 4),
+                 estimated_weights_bytes=est.weights, estimated_unet_bytes=est.unet,
+                 estimated_decode_bytes=est.decode, estimate_commit=git_commit())
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS + ["estimate_commit"])
+        w.writeheader()
+        w.writerows(rows)
+
+
+def table(path: str) -> str:
+    """The results CSV as a Markdown table."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    g = lambda x: f"{int(x) / GIB:.3f}"  # noqa: E731
+    lines = ["| model | size | VAE tiling | measured GiB | estimated GiB | est / measured | U-Net step: measured / est GiB "
+             "| decode: measured / est GiB | weights GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['size']}^2 | {'on' if r['vae_tiling'] == 'True' else 'off'} | "
+                     f"{g(r['measured_bytes'])} | {g(r['estimated_bytes'])} | {float(r['ratio']):.3f} | "
+                     f"{g(r['step_peak_bytes'])} / {g(r['estimated_unet_bytes'])} | "
+                     f"{g(r['decode_peak_bytes'])} / {g(r['estimated_decode_bytes'])} | {g(r['weights_bytes'])} |")
+    return "\n".join(lines)
+
+
 def _log(path: str, line: str) -> None:
     stamp = _dt.datetime.utcnow().strftime("%H:%M:%S")
     with open(path, "a") as f:
@@ -165,8 +216,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="CSV (default benchmarks/results/memory_<cpu>_<commit>.csv)")
     ap.add_argument("--log", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "memory_progress.log"))
+    ap.add_argument("--reestimate", metavar="CSV", help="recompute a results CSV's estimated columns with this tree")
+    ap.add_argument("--table", metavar="CSV", help="print a results CSV as a Markdown table")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)   # MODEL:SIZE, the subprocess's job
     args = ap.parse_args(argv)
+    if args.reestimate:
+        reestimate(args.reestimate)
+    if args.table or args.reestimate:
+        print(table(args.table or args.reestimate))
+        return 0
     for s in args.sizes:
         if s <= 0 or s % 64:
             ap.error(f"--sizes: {s} is not a positive multiple of 64")
