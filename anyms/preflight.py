@@ -5,6 +5,8 @@
 - :func:`estimate_peak_memory` estimates the device's peak memory of one generation
   from the loaded pipeline's configs, the size and the options (CFG, offload, VAE
   tiling). It is a model, not a measurement: see its docstring for what it counts.
+- :func:`fit_memory` picks, in a fixed order, the first plan (dtype, offload, VAE tiling)
+  whose estimate fits a budget, or says the smallest budget that would fit.
 - :func:`unreached_subjects` lists the (subject, grid) pairs where a subject owns no
   token: in ``overwrite`` mode a subject whose cells are all covered by subjects on top
   of it vanishes at that U-Net level (the coarser the grid, the likelier).
@@ -137,8 +139,10 @@ def estimate_peak_memory(pipe, height: int, width: int, *, cfg: bool = True, off
     decoded image, in float32 where the VAE upcasts float16 (``force_upcast``). It
     assumes fused attention (no token x token score matrix), what PyTorch's SDPA runs on
     CUDA and CPU; the IP-Adapter branches and the text and image encoders' activations
-    are small beside these. Checked against the CPU allocator's peak on the tiny models
-    (tests/anyms/test_preflight.py); expect tens of percent, not bytes.
+    are small beside these. Weights count in ``dtype`` where it is given (the pipeline would be
+    cast to it). Checked against the CPU allocator's peak on the full-size SD 1.5 and SDXL
+    architectures in bf16 (benchmarks/bench_memory.py, docs/memory.md: within 15%) and on the
+    tiny models (tests/anyms/test_preflight.py).
     """
     import torch
 

@@ -28,7 +28,7 @@ FLUX (12 B parameters: 24 GB in bf16 for its transformer alone) does not fit in 
 memory at full size and is not measured here.
 
 Rows go to benchmarks/results/memory_<cpu>_<commit>.csv (appended, one per measurement as it
-ends); progress to --log (default benchmarks/results/memory_progress.log). --reestimate CSV
+ends); progress to --log (default: anyms_bench_memory.log in the temporary folder). --reestimate CSV
 recomputes the estimated columns with the current estimate (no step runs; ``estimate_commit``
 names the tree), --table CSV prints the Markdown table of docs/memory.md.
 """
@@ -43,6 +43,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import types
 
@@ -214,8 +215,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny models of the same structure (smoke run)")
     ap.add_argument("--out", default=None, help="CSV (default benchmarks/results/memory_<cpu>_<commit>.csv)")
-    ap.add_argument("--log", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                                  "memory_progress.log"))
+    ap.add_argument("--log", default=os.path.join(tempfile.gettempdir(), "anyms_bench_memory.log"))
     ap.add_argument("--reestimate", metavar="CSV", help="recompute a results CSV's estimated columns with this tree")
     ap.add_argument("--table", metavar="CSV", help="print a results CSV as a Markdown table")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)   # MODEL:SIZE, the subprocess's job
