@@ -152,3 +152,22 @@ def test_vae_tiling_counts_only_where_the_latent_is_larger_than_a_tile(tiny_sdxl
     assert estimate_peak_memory(pipe, tile, tile, vae_tiling=True) == estimate_peak_memory(pipe, tile, tile)
     assert estimate_peak_memory(pipe, 2 * tile, 2 * tile, vae_tiling=True).decode < \
         estimate_peak_memory(pipe, 2 * tile, 2 * tile).decode
+
+
+def test_the_decode_term_matches_the_allocator_peak_of_a_vae_decode():
+    """SDXL's VAE structure (narrower) in bf16: the decode's peak is the first resnet after the last
+    upsampler, with the upsampler's copy and input still live; the term is within 3% of it."""
+    from diffusers import AutoencoderKL
+
+    from anyms.preflight import vae_decode_elements
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[32, 64, 128, 128], down_block_types=["DownEncoderBlock2D"] * 4,
+                        up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, norm_num_groups=32,
+                        latent_channels=4).to(torch.bfloat16).eval()
+    z = torch.randn(1, 4, 16, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        vae.decode(z)
+        measured = cpu_alloc_peak(lambda: vae.decode(z))
+    estimated = 2 * vae_decode_elements(vae.config, (128, 128))
+    assert 0.97 < estimated / measured < 1.03, (estimated, measured)
