@@ -101,11 +101,14 @@ def unet_step_elements(config, latent_hw: Tuple[int, int]) -> int:
         skips += layers[i] * channels[i] * tokens[i]
         if i < levels - 1:
             skips += channels[i] * tokens[i + 1]
-    # the largest transient: a transformer block (q, k, v, out, GEGLU's 8c projection and its
-    # two 4c halves, the residual stream) or an up resnet on the concatenated input
+    # the largest transient: a transformer block's feed-forward or an up resnet on the concatenated
+    # input. At the feed-forward the allocator holds (torch.profiler, SD 1.5's structure) GEGLU's 8c
+    # projection, its 4c gelu and 4c product, and about 5c more: the block's input and residual
+    # stream, the norm's output, the transformer's input and its projection, 21 values per token
+    # and channel above the skips
     transient = 0
     for i in range(levels):
-        per_token = 18 if attention[i] else 9
+        per_token = 21 if attention[i] else 9
         transient = max(transient, per_token * channels[i] * tokens[i])
     return skips + transient
 

@@ -65,7 +65,7 @@ def test_the_estimate_is_within_tens_of_percent_of_the_measured_peak(kind, subje
         est = estimate_peak_memory(pipe, size, size, cfg=True, vae_tiling=tiled)
         assert est.weights == weights
         ratio = (est.total - est.weights) / measured
-        # measured 1.00-1.35 on these tiny models (the full-size architectures: docs/memory.md)
+        # measured 1.03-1.39 on these tiny models (the full-size architectures: docs/memory.md)
         assert 0.85 < ratio < 1.5, (kind, size, tiled, ratio, est, measured)
 
 
@@ -171,3 +171,24 @@ def test_the_decode_term_matches_the_allocator_peak_of_a_vae_decode():
         measured = cpu_alloc_peak(lambda: vae.decode(z))
     estimated = 2 * vae_decode_elements(vae.config, (128, 128))
     assert 0.97 < estimated / measured < 1.03, (estimated, measured)
+
+
+def test_the_unet_term_matches_the_allocator_peak_of_a_step():
+    """SD 1.5's U-Net structure (narrower) in bf16, one step on the CFG batch: the peak is a transformer
+    block's feed-forward at the finest level over the skips; the term is within 5% of it."""
+    from diffusers import UNet2DConditionModel
+
+    from anyms.preflight import unet_step_elements
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=[64, 128, 256, 256], attention_head_dim=8, layers_per_block=2,
+                                down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                                up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, norm_num_groups=32,
+                                cross_attention_dim=64, sample_size=32).to(torch.bfloat16).eval()
+    kwargs = dict(sample=torch.randn(2, 4, 32, 32, dtype=torch.bfloat16), timestep=torch.tensor(500),
+                  encoder_hidden_states=torch.randn(2, 77, 64, dtype=torch.bfloat16))
+    with torch.no_grad():
+        unet(**kwargs)
+        measured = cpu_alloc_peak(lambda: unet(**kwargs))
+    estimated = 2 * 2 * unet_step_elements(unet.config, (32, 32))
+    assert 0.95 < estimated / measured < 1.05, (estimated, measured)
