@@ -189,8 +189,8 @@ def table(path: str) -> str:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     g = lambda x: f"{int(x) / GIB:.3f}"  # noqa: E731
-    lines = ["| model | size | VAE tiling | measured GiB | estimated GiB | est / measured | U-Net step: measured / est GiB "
-             "| decode: measured / est GiB | weights GiB |",
+    lines = ["| model | size | VAE tiling | measured GiB | estimated GiB | est / measured "
+             "| U-Net step: measured / est GiB | decode: measured / est GiB | weights GiB |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['size']}^2 | {'on' if r['vae_tiling'] == 'True' else 'off'} | "
