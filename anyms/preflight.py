@@ -5,6 +5,8 @@
 - :func:`estimate_peak_memory` estimates the device's peak memory of one generation
   from the loaded pipeline's configs, the size and the options (CFG, offload, VAE
   tiling). It is a model, not a measurement: see its docstring for what it counts.
+- :func:`fit_memory` picks, in a fixed order, the first plan (dtype, offload, VAE tiling)
+  whose estimate fits a budget, or says the smallest budget that would fit.
 - :func:`unreached_subjects` lists the (subject, grid) pairs where a subject owns no
   token: in ``overwrite`` mode a subject whose cells are all covered by subjects on top
   of it vanishes at that U-Net level (the coarser the grid, the likelier).
@@ -20,7 +22,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .images import MAX_SIDE
 
-__all__ = ["MAX_SIDE", "MAX_STEPS", "check_image_size", "MemoryEstimate", "estimate_peak_memory", "device_memory",
+__all__ = ["MAX_SIDE", "MAX_STEPS", "check_image_size", "MemoryEstimate", "estimate_peak_memory", "MemoryPlan",
+           "fit_memory", "device_memory",
            "unreached_subjects", "unreached_message"]
 
 # The SD-family schedulers are trained on 1000 timesteps; more steps than that repeat timesteps.
@@ -68,11 +71,12 @@ def _module_bytes(module, dtype_size: Optional[int] = None) -> int:
     return total
 
 
-def _largest_leaf_bytes(module) -> int:
+def _largest_leaf_bytes(module, dtype_size: Optional[int] = None) -> int:
     best = 0
     for m in module.modules():
         if next(m.children(), None) is None:
-            best = max(best, sum(p.numel() * p.element_size() for p in m.parameters(recurse=False)))
+            best = max(best, sum(p.numel() * (dtype_size if dtype_size and p.is_floating_point() else p.element_size())
+                                 for p in m.parameters(recurse=False)))
     return best
 
 
@@ -97,11 +101,14 @@ def unet_step_elements(config, latent_hw: Tuple[int, int]) -> int:
         skips += layers[i] * channels[i] * tokens[i]
         if i < levels - 1:
             skips += channels[i] * tokens[i + 1]
-    # the largest transient: a transformer block (q, k, v, out, GEGLU's 8c projection and its
-    # two 4c halves, the residual stream) or an up resnet on the concatenated input
+    # the largest transient: a transformer block's feed-forward or an up resnet on the concatenated
+    # input. At the feed-forward the allocator holds (torch.profiler, SD 1.5's structure) GEGLU's 8c
+    # projection, its 4c gelu and 4c product, and about 5c more: the block's input and residual
+    # stream, the norm's output, the transformer's input and its projection, 21 values per token
+    # and channel above the skips
     transient = 0
     for i in range(levels):
-        per_token = 18 if attention[i] else 9
+        per_token = 21 if attention[i] else 9
         transient = max(transient, per_token * channels[i] * tokens[i])
     return skips + transient
 
@@ -115,7 +122,14 @@ def vae_decode_elements(config, image_hw: Tuple[int, int]) -> int:
     c_in = rev[0]
     for j, c_out in enumerate(rev):
         p = pixels / 4 ** (levels - 1 - j)
-        peak = max(peak, (3 * c_in + 3 * c_out) * p)              # a resnet: norm, act, conv, shortcut, sum
+        # a resnet: at its first conv the input, the norm's and the activation's outputs and the
+        # conv's; at its second, the input and four of its width. Measured (torch.profiler, SDXL's
+        # VAE in bf16): the first resnet after an upsampler also has the upsampler's interpolated
+        # copy and its input still live, and that is the decode's peak.
+        resnet = max(3 * c_in + c_out, c_in + 4 * c_out)
+        if j > 0:
+            resnet += c_in + c_in / 4
+        peak = max(peak, resnet * p)
         if j < levels - 1:
             peak = max(peak, c_out * p + 2 * c_out * 4 * p)       # the upsampler: input, 4x copy, conv
         c_in = c_out
@@ -135,40 +149,109 @@ def estimate_peak_memory(pipe, height: int, width: int, *, cfg: bool = True, off
     decoded image, in float32 where the VAE upcasts float16 (``force_upcast``). It
     assumes fused attention (no token x token score matrix), what PyTorch's SDPA runs on
     CUDA and CPU; the IP-Adapter branches and the text and image encoders' activations
-    are small beside these. Checked against the CPU allocator's peak on the tiny models
-    (tests/anyms/test_preflight.py); expect tens of percent, not bytes.
+    are small beside these. Weights count in ``dtype`` where it is given (the pipeline would be
+    cast to it). Checked against the CPU allocator's peak on the full-size SD 1.5 and SDXL
+    architectures in bf16 (benchmarks/bench_memory.py, docs/memory.md: within 15%) and on the
+    tiny models (tests/anyms/test_preflight.py).
     """
     import torch
 
     unet, vae = pipe.unet, pipe.vae
+    explicit_dtype = dtype is not None
     dtype = dtype or unet.dtype
     size = torch.empty((), dtype=dtype).element_size()
     components = {name: getattr(pipe, name, None) for name in
                   ("unet", "vae", "text_encoder", "text_encoder_2", "image_encoder")}
-    comp_bytes = {k: _module_bytes(m) for k, m in components.items() if m is not None}
+    # weights in ``dtype`` where it is given (the pipeline would be cast to it), else as they are
+    comp_bytes = {k: _module_bytes(m, size if explicit_dtype else None) for k, m in components.items() if m is not None}
     upcast = bool(getattr(vae.config, "force_upcast", False)) and dtype == torch.float16
     vae_size = 4 if upcast else size
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     latent = (math.ceil(height / factor), math.ceil(width / factor))
     unet_act = (2 if cfg else 1) * size * unet_step_elements(unet.config, latent)
     decode_hw = (height, width)
-    if vae_tiling:
-        tile = int(getattr(vae, "tile_sample_min_size", 0) or vae.config.sample_size)
+    tile = int(getattr(vae, "tile_sample_min_size", 0) or vae.config.sample_size)
+    # diffusers decodes in tiles only when the latent is larger than one tile
+    tiled = vae_tiling and (latent[0] > tile // factor or latent[1] > tile // factor)
+    if tiled:
         decode_hw = (min(height, tile), min(width, tile))
     decode_act = vae_size * vae_decode_elements(vae.config, decode_hw)
-    if vae_tiling:
+    if tiled:
         decode_act += 2 * 3 * height * width * vae_size           # the tiles kept, and the blended image
     vae_weights_decoding = _module_bytes(vae, 4) if upcast else comp_bytes.get("vae", 0)
     if offload == "model":
         weights = max(comp_bytes.values())
         total = max(comp_bytes.get("unet", 0) + unet_act, vae_weights_decoding + decode_act)
     elif offload == "sequential":
-        weights = max(_largest_leaf_bytes(m) for m in components.values() if m is not None)
+        weights = max(_largest_leaf_bytes(m, size if explicit_dtype else None) for m in components.values()
+                      if m is not None)
         total = weights + max(unet_act, decode_act)
     else:
         weights = sum(comp_bytes.values())
         total = max(weights + unet_act, weights - comp_bytes.get("vae", 0) + vae_weights_decoding + decode_act)
     return MemoryEstimate(int(weights), int(unet_act), int(decode_act), int(total))
+
+
+@dataclass
+class MemoryPlan:
+    """What :func:`fit_memory` chose: the dtype, the offload, VAE tiling, and the estimate with them."""
+
+    dtype: object
+    offload: str
+    vae_tiling: bool
+    estimate: MemoryEstimate
+
+    def options(self) -> str:
+        dtype = str(self.dtype).replace("torch.", "")
+        offload = {"none": "no offload", "model": "model offload", "sequential": "sequential offload"}[self.offload]
+        return f"{dtype}, {offload}, VAE tiling {'on' if self.vae_tiling else 'off'}"
+
+    def describe(self) -> str:
+        return f"memory plan: {self.options()}: estimated peak {self.estimate.describe()}"
+
+
+def fit_memory(pipe, height: int, width: int, budget_bytes, *, cfg: bool = True,
+               half_dtype=None) -> MemoryPlan:
+    """The first plan, in a fixed order, whose estimated peak (:func:`estimate_peak_memory`) is
+    within ``budget_bytes``; each step keeps the ones before it:
+
+    1. as the pipeline is (its dtype, no offload, no VAE tiling);
+    2. half precision (``half_dtype``, default float16), where the pipeline is in float32;
+    3. VAE tiling;
+    4. model offload (one component on the device at a time);
+    5. sequential offload (one layer at a time: slowest).
+
+    The order is by what each costs in speed. Attention slicing is not a step: the estimate
+    assumes fused attention (no token x token scores), where slicing saves nothing. Raises
+    ValueError naming ``budget_bytes`` when it is not a positive number, or when not even the
+    last plan fits (the message gives that plan's estimate, the smallest budget that would fit).
+    Applying the plan (``pipe.to(dtype)``, ``enable_model_cpu_offload()``, ...) is the caller's.
+    """
+    import torch
+
+    if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float)) or not budget_bytes > 0 \
+            or math.isinf(budget_bytes):
+        raise ValueError(f"budget_bytes must be a positive number of bytes, got {budget_bytes!r}")
+    check_image_size(height, "height")
+    check_image_size(width, "width")
+    dtype = pipe.unet.dtype
+    half = half_dtype or torch.float16
+    if torch.empty((), dtype=half).element_size() != 2:
+        raise ValueError(f"half_dtype must be a 2-byte floating dtype (float16, bfloat16), got {half_dtype}")
+    plans = [(dtype, "none", False)]
+    if torch.empty((), dtype=dtype).element_size() > 2:
+        plans.append((half, "none", False))
+    d = plans[-1][0]
+    plans += [(d, "none", True), (d, "model", True), (d, "sequential", True)]
+    plan = None
+    for d, offload, tiled in plans:
+        est = estimate_peak_memory(pipe, height, width, cfg=cfg, offload=offload, vae_tiling=tiled, dtype=d)
+        plan = MemoryPlan(d, offload, tiled, est)
+        if est.total <= budget_bytes:
+            return plan
+    raise ValueError(f"budget_bytes {budget_bytes / GIB:.2f} GiB is below the smallest estimated peak of a "
+                     f"{height}x{width} generation, {plan.estimate.total / GIB:.2f} GiB "
+                     f"({plan.options()})")
 
 
 def device_memory(device) -> Optional[Tuple[int, int]]:

@@ -65,7 +65,8 @@ def test_the_estimate_is_within_tens_of_percent_of_the_measured_peak(kind, subje
         est = estimate_peak_memory(pipe, size, size, cfg=True, vae_tiling=tiled)
         assert est.weights == weights
         ratio = (est.total - est.weights) / measured
-        assert 0.6 < ratio < 1.6, (kind, size, tiled, ratio, est, measured)
+        # measured 1.03-1.39 on these tiny models (the full-size architectures: docs/memory.md)
+        assert 0.85 < ratio < 1.5, (kind, size, tiled, ratio, est, measured)
 
 
 def test_the_estimate_follows_the_options(tiny_sdxl_pipe):
@@ -79,3 +80,115 @@ def test_the_estimate_follows_the_options(tiny_sdxl_pipe):
         estimate_peak_memory(pipe, 1024, 1024, offload="model").weights
     half = estimate_peak_memory(pipe, 1024, 1024, dtype=torch.bfloat16)
     assert half.unet * 2 == base.unet
+
+
+def test_the_estimate_counts_the_weights_in_the_dtype_asked(tiny_sdxl_pipe):
+    """An fp32 pipeline estimated in a 2-byte dtype: its weights would be cast, so they count half."""
+    pipe = tiny_sdxl_pipe
+    assert pipe.unet.dtype == torch.float32
+    for offload in ("none", "model", "sequential"):
+        full = estimate_peak_memory(pipe, 512, 512, offload=offload)
+        half = estimate_peak_memory(pipe, 512, 512, offload=offload, dtype=torch.float16)
+        assert half.weights * 2 == pytest.approx(full.weights, rel=1e-3), offload
+
+
+def test_fit_memory_takes_the_first_plan_that_fits_in_its_order(tiny_sdxl_pipe):
+    from anyms.preflight import fit_memory
+
+    pipe, size = tiny_sdxl_pipe, 1024
+    est = lambda **kw: estimate_peak_memory(pipe, size, size, **kw).total  # noqa: E731
+    f16 = torch.float16
+    as_is = est()
+    plan = fit_memory(pipe, size, size, as_is)
+    assert (plan.dtype, plan.offload, plan.vae_tiling) == (torch.float32, "none", False)
+    assert plan.estimate.total == as_is
+    half = est(dtype=f16)
+    assert half < as_is
+    plan = fit_memory(pipe, size, size, half)
+    assert (plan.dtype, plan.offload, plan.vae_tiling) == (f16, "none", False)
+    tiled = est(dtype=f16, vae_tiling=True)
+    assert tiled < half
+    plan = fit_memory(pipe, size, size, tiled)
+    assert (plan.dtype, plan.offload, plan.vae_tiling) == (f16, "none", True)
+    plan = fit_memory(pipe, size, size, tiled - 1)
+    assert plan.offload in ("model", "sequential") and plan.estimate.total <= tiled - 1
+    assert plan.describe().startswith("memory plan: float16, ") and "\n" not in plan.describe()
+    bf = fit_memory(pipe, size, size, half, half_dtype=torch.bfloat16)
+    assert bf.dtype == torch.bfloat16
+
+
+def test_fit_memory_refuses_with_the_smallest_budget_that_fits(tiny_sdxl_pipe):
+    from anyms.preflight import GIB, fit_memory
+
+    pipe = tiny_sdxl_pipe
+    smallest = estimate_peak_memory(pipe, 1024, 1024, offload="sequential", vae_tiling=True,
+                                    dtype=torch.float16).total
+    assert fit_memory(pipe, 1024, 1024, smallest).offload == "sequential"
+    with pytest.raises(ValueError, match=rf"^budget_bytes .* smallest estimated peak .* {smallest / GIB:.2f} GiB"):
+        fit_memory(pipe, 1024, 1024, smallest - 1)
+
+
+@pytest.mark.parametrize("budget", [0, -1, float("nan"), float("inf"), "8GB", None, True])
+def test_fit_memory_bad_budget_names_the_argument(tiny_sdxl_pipe, budget):
+    from anyms.preflight import fit_memory
+
+    with pytest.raises(ValueError, match=r"^budget_bytes must be a positive number"):
+        fit_memory(tiny_sdxl_pipe, 512, 512, budget)
+
+
+def test_fit_memory_bad_size_or_dtype_names_the_argument(tiny_sdxl_pipe):
+    from anyms.preflight import fit_memory
+
+    with pytest.raises(ValueError, match="^height"):
+        fit_memory(tiny_sdxl_pipe, 100, 512, 2 ** 30)
+    with pytest.raises(ValueError, match="^half_dtype"):
+        fit_memory(tiny_sdxl_pipe, 512, 512, 2 ** 30, half_dtype=torch.float32)
+
+
+def test_vae_tiling_counts_only_where_the_latent_is_larger_than_a_tile(tiny_sdxl_pipe):
+    """diffusers decodes a latent of at most one tile whole, tiling on or off: the same estimate."""
+    pipe = tiny_sdxl_pipe
+    tile = pipe.vae.tile_sample_min_size
+    assert estimate_peak_memory(pipe, tile, tile, vae_tiling=True) == estimate_peak_memory(pipe, tile, tile)
+    assert estimate_peak_memory(pipe, 2 * tile, 2 * tile, vae_tiling=True).decode < \
+        estimate_peak_memory(pipe, 2 * tile, 2 * tile).decode
+
+
+def test_the_decode_term_matches_the_allocator_peak_of_a_vae_decode():
+    """SDXL's VAE structure (narrower) in bf16: the decode's peak is the first resnet after the last
+    upsampler, with the upsampler's copy and input still live; the term is within 3% of it."""
+    from diffusers import AutoencoderKL
+
+    from anyms.preflight import vae_decode_elements
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[32, 64, 128, 128], down_block_types=["DownEncoderBlock2D"] * 4,
+                        up_block_types=["UpDecoderBlock2D"] * 4, layers_per_block=2, norm_num_groups=32,
+                        latent_channels=4).to(torch.bfloat16).eval()
+    z = torch.randn(1, 4, 16, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        vae.decode(z)
+        measured = cpu_alloc_peak(lambda: vae.decode(z))
+    estimated = 2 * vae_decode_elements(vae.config, (128, 128))
+    assert 0.97 < estimated / measured < 1.03, (estimated, measured)
+
+
+def test_the_unet_term_matches_the_allocator_peak_of_a_step():
+    """SD 1.5's U-Net structure (narrower) in bf16, one step on the CFG batch: the peak is a transformer
+    block's feed-forward at the finest level over the skips; the term is within 5% of it."""
+    from diffusers import UNet2DConditionModel
+
+    from anyms.preflight import unet_step_elements
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(block_out_channels=[64, 128, 256, 256], attention_head_dim=8, layers_per_block=2,
+                                down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                                up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, norm_num_groups=32,
+                                cross_attention_dim=64, sample_size=32).to(torch.bfloat16).eval()
+    kwargs = dict(sample=torch.randn(2, 4, 32, 32, dtype=torch.bfloat16), timestep=torch.tensor(500),
+                  encoder_hidden_states=torch.randn(2, 77, 64, dtype=torch.bfloat16))
+    with torch.no_grad():
+        unet(**kwargs)
+        measured = cpu_alloc_peak(lambda: unet(**kwargs))
+    estimated = 2 * 2 * unet_step_elements(unet.config, (32, 32))
+    assert 0.95 < estimated / measured < 1.05, (estimated, measured)

@@ -1,0 +1,268 @@
+"""The peak-memory estimate (anyms.preflight.estimate_peak_memory) against the measured peak,
+on the full-size architectures with random weights.
+
+    python benchmarks/bench_memory.py                       # SD 1.5 then SDXL, 512^2, 768^2, 1024^2
+    python benchmarks/bench_memory.py --models sdxl --sizes 512 --threads 2
+    python benchmarks/bench_memory.py --quick               # smoke run: tiny models, 64^2 and 128^2
+
+What runs, per (model, size), in its own subprocess (one at a time, so that one measurement's
+memory never overlaps another's): the U-Net and VAE built from the published configs
+(stabilityai/stable-diffusion-xl-base-1.0 as in bench_pipeline.py; runwayml/stable-diffusion-v1-5
+below) with RANDOM weights, in --dtype (bf16 by default), on the CPU; random IP-Adapter layers
+(4 tokens, as bench_pipeline.py installs them) converted by anyms.apply_anyms for 5 subjects in
+overwrite mode; then ONE denoising step of the U-Net on the classifier-free-guidance batch
+(B = 2), then the VAE decode of the batch-1 latent, without and with VAE tiling. The text and
+image encoders are NOT built: the step gets random prompt embeddings and random post-projection
+image embeddings (an identity projection), so the weights counted are the U-Net's (with the
+IP-Adapter's projections) and the VAE's, on both sides of the comparison.
+
+Measured: the CPU allocator's peak running total (torch.profiler allocation events,
+profile_memory=True, every allocation including those inside C++ kernels; the same method as
+tests/anyms/test_preflight.py), above what was live before, separately for the step and for
+each decode; the measured peak of the generation is the weights + the step's inputs + the
+larger of those two. Estimated: estimate_peak_memory on a pipeline of these two components
+(offload "none", cfg=True). Each row gives both totals, their ratio, and the activation terms
+side by side (estimate.unet vs the step's peak, estimate.decode vs the decode's peak).
+
+FLUX (12 B parameters: 24 GB in bf16 for its transformer alone) does not fit in this machine's
+memory at full size and is not measured here.
+
+Rows go to benchmarks/results/memory_<cpu>_<commit>.csv (appended, one per measurement as it
+ends); progress to --log (default: anyms_bench_memory.log in the temporary folder). --reestimate CSV
+recomputes the estimated columns with the current estimate (no step runs; ``estimate_commit``
+names the tree), --table CSV prints the Markdown table of docs/memory.md.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import gc
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import types
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _env import git_commit, machine_name  # noqa: E402
+from bench_pipeline import (FIVE_BOXES, IP_TOKENS, QUICK_UNET_CONFIG, QUICK_VAE_CONFIG,  # noqa: E402
+                            SDXL_UNET_CONFIG, SDXL_VAE_CONFIG, _tensor_bytes, build_unet, build_vae,
+                            cpu_alloc_peak, install_ip_adapter, versions)
+
+# runwayml/stable-diffusion-v1-5, unet/config.json (the keys that differ from diffusers' defaults).
+SD15_UNET_CONFIG = dict(
+    act_fn="silu",
+    attention_head_dim=8,
+    block_out_channels=[320, 640, 1280, 1280],
+    cross_attention_dim=768,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    sample_size=64,
+)
+# runwayml/stable-diffusion-v1-5, vae/config.json: SDXL's architecture, 512^2 tiles.
+SD15_VAE_CONFIG = dict(SDXL_VAE_CONFIG, sample_size=512, scaling_factor=0.18215, force_upcast=True)
+QUICK_SD15_UNET_CONFIG = dict(SD15_UNET_CONFIG, block_out_channels=[32, 64, 64, 64], attention_head_dim=2,
+                              layers_per_block=1, norm_num_groups=8, cross_attention_dim=64)
+
+MODELS = {"sdxl": (SDXL_UNET_CONFIG, SDXL_VAE_CONFIG), "sd15": (SD15_UNET_CONFIG, SD15_VAE_CONFIG)}
+QUICK_MODELS = {"sdxl": (QUICK_UNET_CONFIG, QUICK_VAE_CONFIG), "sd15": (QUICK_SD15_UNET_CONFIG, QUICK_VAE_CONFIG)}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+BATCH = 2
+GIB = 1024 ** 3
+FIELDS = ["model", "size", "vae_tiling", "dtype", "threads", "measured_bytes", "estimated_bytes", "ratio",
+          "weights_bytes", "estimated_weights_bytes", "inputs_bytes", "step_peak_bytes", "estimated_unet_bytes",
+          "decode_peak_bytes", "estimated_decode_bytes", "step_s", "decode_s", "method", "text_encoders",
+          "cpu", "torch", "diffusers", "commit", "date"]
+
+
+def step_inputs(unet, size: int, dtype: torch.dtype, seed: int = 2) -> dict:
+    """The CFG batch's inputs, 5 subjects' post-projection image embeddings; SDXL's added
+    conditioning where the U-Net has it."""
+    cfg = unet.config
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
+    added = {"image_embeds": [rnd(BATCH, len(FIVE_BOXES), IP_TOKENS, cfg.cross_attention_dim)]}
+    if cfg.addition_embed_type == "text_time":
+        added["text_embeds"] = rnd(BATCH, cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim)
+        added["time_ids"] = torch.tensor([[size, size, 0, 0, size, size]] * BATCH, dtype=dtype)
+    return dict(sample=rnd(BATCH, cfg.in_channels, size // 8, size // 8), timestep=torch.tensor(500),
+                encoder_hidden_states=rnd(BATCH, 77, cfg.cross_attention_dim), added_cond_kwargs=added)
+
+
+def measure_one(model: str, size: int, dtype_name: str, threads: int, quick: bool) -> list:
+    """One (model, size): the step once, the decode untiled and tiled. Returns the CSV rows."""
+    from anyms.layout import Layout
+    from anyms.preflight import estimate_peak_memory
+    from anyms.processor import apply_anyms
+
+    torch.set_num_threads(threads)
+    dtype = DTYPES[dtype_name]
+    unet_config, vae_config = (QUICK_MODELS if quick else MODELS)[model]
+    unet = build_unet(unet_config, "cpu", dtype)
+    install_ip_adapter(unet)
+    unet.to(dtype)
+    apply_anyms(unet, Layout(FIVE_BOXES, (size // 8, size // 8), mode="overwrite"))
+    vae = build_vae(vae_config, "cpu", dtype)
+    kwargs = step_inputs(unet, size, dtype)
+    weights = _tensor_bytes([t for m in (unet, vae) for t in list(m.parameters()) + list(m.buffers())])
+    inputs = _tensor_bytes([kwargs["sample"], kwargs["encoder_hidden_states"]]
+                           + [t for v in kwargs["added_cond_kwargs"].values()
+                              for t in (v if isinstance(v, list) else [v])])
+    gc.collect()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        step_peak, out = cpu_alloc_peak(lambda: unet(**kwargs).sample)
+    step_s = time.perf_counter() - t0
+    latents = (out[:1] / vae.config.scaling_factor).contiguous()
+    del out
+    pipe = types.SimpleNamespace(unet=unet, vae=vae)     # no text or image encoders: not built here
+    rows = []
+    for tiled in (False, True):
+        (vae.enable_tiling if tiled else vae.disable_tiling)()
+        gc.collect()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            decode_peak, image = cpu_alloc_peak(lambda: vae.decode(latents).sample)
+        decode_s = time.perf_counter() - t0
+        del image
+        est = estimate_peak_memory(pipe, size, size, cfg=True, vae_tiling=tiled)
+        measured = weights + inputs + max(step_peak, decode_peak)
+        v = versions()
+        rows.append(dict(
+            model=model + ("-quick" if quick else ""), size=size, vae_tiling=tiled, dtype=dtype_name,
+            threads=threads, measured_bytes=measured, estimated_bytes=est.total,
+            ratio=round(est.total / measured, 4), weights_bytes=weights, estimated_weights_bytes=est.weights,
+            inputs_bytes=inputs, step_peak_bytes=step_peak, estimated_unet_bytes=est.unet,
+            decode_peak_bytes=decode_peak, estimated_decode_bytes=est.decode, step_s=round(step_s, 2),
+            decode_s=round(decode_s, 2), method="weights+inputs + torch.profiler CPU allocator peak",
+            text_encoders="not built (random prompt embeddings)", cpu=machine_name("cpu"), torch=v["torch"],
+            diffusers=v["diffusers"], commit=git_commit(), date=_dt.datetime.utcnow().isoformat(timespec="seconds")))
+    return rows
+
+
+def reestimate(path: str) -> None:
+    """Recompute the estimated columns of a results CSV with this tree's estimate_peak_memory (a
+    pure function of the configs, size and options: no step runs); the measured columns stay, and
+    ``estimate_commit`` names the tree. The models are allocated uninitialised (never touched)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from anyms.preflight import estimate_peak_memory
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    pipes = {}
+    for r in rows:
+        key = (r["model"], r["dtype"])
+        if key not in pipes:
+            model, quick = r["model"].removesuffix("-quick"), r["model"].endswith("-quick")
+            unet_config, vae_config = (QUICK_MODELS if quick else MODELS)[model]
+            with torch.device("meta"):
+                unet, vae = UNet2DConditionModel(**unet_config), AutoencoderKL(**vae_config)
+            unet = unet.to(DTYPES[r["dtype"]]).to_empty(device="cpu")
+            install_ip_adapter(unet)
+            pipes[key] = types.SimpleNamespace(unet=unet.to(DTYPES[r["dtype"]]),
+                                               vae=vae.to(DTYPES[r["dtype"]]).to_empty(device="cpu"))
+        size, tiled = int(r["size"]), r["vae_tiling"] == "True"
+        est = estimate_peak_memory(pipes[key], size, size, cfg=True, vae_tiling=tiled)
+        r.update(estimated_bytes=est.total, ratio=round(est.total / int(r["measured_bytes"]), 4),
+                 estimated_weights_bytes=est.weights, estimated_unet_bytes=est.unet,
+                 estimated_decode_bytes=est.decode, estimate_commit=git_commit())
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS + ["estimate_commit"])
+        w.writeheader()
+        w.writerows(rows)
+
+
+def table(path: str) -> str:
+    """The results CSV as a Markdown table."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    g = lambda x: f"{int(x) / GIB:.3f}"  # noqa: E731
+    lines = ["| model | size | VAE tiling | measured GiB | estimated GiB | est / measured "
+             "| U-Net step: measured / est GiB | decode: measured / est GiB | weights GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['size']}^2 | {'on' if r['vae_tiling'] == 'True' else 'off'} | "
+                     f"{g(r['measured_bytes'])} | {g(r['estimated_bytes'])} | {float(r['ratio']):.3f} | "
+                     f"{g(r['step_peak_bytes'])} / {g(r['estimated_unet_bytes'])} | "
+                     f"{g(r['decode_peak_bytes'])} / {g(r['estimated_decode_bytes'])} | {g(r['weights_bytes'])} |")
+    return "\n".join(lines)
+
+
+def _log(path: str, line: str) -> None:
+    stamp = _dt.datetime.utcnow().strftime("%H:%M:%S")
+    with open(path, "a") as f:
+        f.write(f"{stamp} {line}\n")
+    print(f"{stamp} {line}", flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=["sd15", "sdxl"], choices=sorted(MODELS))
+    ap.add_argument("--sizes", nargs="+", type=int, default=[512, 768, 1024])
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="tiny models of the same structure (smoke run)")
+    ap.add_argument("--out", default=None, help="CSV (default benchmarks/results/memory_<cpu>_<commit>.csv)")
+    ap.add_argument("--log", default=os.path.join(tempfile.gettempdir(), "anyms_bench_memory.log"))
+    ap.add_argument("--reestimate", metavar="CSV", help="recompute a results CSV's estimated columns with this tree")
+    ap.add_argument("--table", metavar="CSV", help="print a results CSV as a Markdown table")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)   # MODEL:SIZE, the subprocess's job
+    args = ap.parse_args(argv)
+    if args.reestimate:
+        reestimate(args.reestimate)
+    if args.table or args.reestimate:
+        print(table(args.table or args.reestimate))
+        return 0
+    for s in args.sizes:
+        if s <= 0 or s % 64:
+            ap.error(f"--sizes: {s} is not a positive multiple of 64")
+    if args.quick and args.sizes == [512, 768, 1024]:
+        args.sizes = [64, 128]
+    if args.one:
+        model, size = args.one.split(":")
+        print(json.dumps(measure_one(model, int(size), args.dtype, args.threads, args.quick)))
+        return 0
+    cpu = re.sub(r"[^A-Za-z0-9]+", "-", machine_name("cpu")).strip("-")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"memory_{cpu}_{git_commit()}.csv")
+    new = not os.path.exists(out)
+    for model in args.models:
+        for size in sorted(args.sizes):
+            _log(args.log, f"start {model} {size}^2 {args.dtype} threads={args.threads}")
+            cmd = [sys.executable, os.path.abspath(__file__), "--one", f"{model}:{size}", "--dtype", args.dtype,
+                   "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode:
+                _log(args.log, f"FAILED {model} {size}^2 (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+                continue
+            rows = json.loads(proc.stdout.strip().splitlines()[-1])
+            with open(out, "a", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=FIELDS)
+                if new:
+                    w.writeheader()
+                    new = False
+                w.writerows(rows)
+            for r in rows:
+                _log(args.log, f"{r['model']} {size}^2 tiling={r['vae_tiling']}: measured "
+                               f"{r['measured_bytes'] / GIB:.3f} GiB, estimated {r['estimated_bytes'] / GIB:.3f} GiB, "
+                               f"ratio {r['ratio']:.3f} (step {r['step_peak_bytes'] / GIB:.3f} vs est "
+                               f"{r['estimated_unet_bytes'] / GIB:.3f}; decode {r['decode_peak_bytes'] / GIB:.3f} "
+                               f"vs est {r['estimated_decode_bytes'] / GIB:.3f}; {r['step_s']} s + {r['decode_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
