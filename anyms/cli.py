@@ -76,6 +76,8 @@ SUBJECT_KEYS = {"image", "box", "mask", "scale", "label"}
 SUBJECT_FORMS = "PATH:x0,y0,x1,y1[:scale] or PATH:mask=MASK.png[:scale]"
 # --model TINY_MODEL: the built-in tiny model of anyms.tiny (random weights, offline)
 TINY_MODEL = "tiny"
+# --model TOY_MODEL: the trained toy world shipped in anyms/toy/weights (offline)
+TOY_MODEL = "toy"
 DEFAULT_STEPS = 50
 
 JOBS_SCHEMA = """\
@@ -287,8 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "model_index.json names; sdxl without --model)")
     gen.add_argument("--model", default=None,
                      help=f"model id or local folder (default {DEFAULT_MODEL} for sdxl, {DEFAULT_FLUX_MODEL} for "
-                          f"flux); its model_index.json picks the pipeline. \"{TINY_MODEL}\": the built-in tiny "
-                          f"model with RANDOM weights (offline, noise-like images: to try the command)")
+                          f"flux); its model_index.json picks the pipeline. \"{TOY_MODEL}\": the trained toy world "
+                          f"(64x64 coloured shapes on grey, offline; see anyms.toy). \"{TINY_MODEL}\": the built-in "
+                          f"tiny model with RANDOM weights (offline, noise-like images: to try the command)")
     gen.add_argument("--ip-adapter", default=None, metavar="SPEC",
                      help="IP-Adapter weights: a local file, or owner/repo/[subfolder/]file on the Hub "
                           f"(default {DEFAULT_IP_ADAPTER}; the 16-token "
@@ -325,18 +328,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--pictures", action=argparse.BooleanOptionalAction, default=None,
                      help="also write the .layout.png and .routing.png pictures (default: yes; with --jobs, no)")
 
-    demo = sub.add_parser("demo", help="run AnyMS offline on a built-in tiny model with RANDOM weights",
-                          description="Run the whole AnyMS pipeline offline on a tiny randomly-initialised "
-                                      "SDXL-shaped model. The weights are random, so the image is noise-like: "
-                                      "the demo shows the pipeline, the layout and the per-subject maps, not "
-                                      "image quality.")
+    demo = sub.add_parser("demo", help="run AnyMS offline on the trained toy world (or a tiny random model)",
+                          description="Run the whole AnyMS pipeline offline. By default on the trained toy world "
+                                      "(coloured shapes on grey, 64x64): each subject appears in its region. "
+                                      "--model tiny: a tiny randomly-initialised SDXL- or FLUX.1-shaped model, "
+                                      "whose image is noise-like (it shows the pipeline, the layout and the "
+                                      "per-subject maps, not image quality).")
     demo.add_argument("--out-dir", default="anyms-demo", help="where to write the files (default ./anyms-demo)")
+    demo.add_argument("--model", choices=(TOY_MODEL, TINY_MODEL), default=None,
+                      help=f"{TOY_MODEL} (default) or {TINY_MODEL} (random weights; the default with --arch)")
     demo.add_argument("--mode", choices=MODES, default="overwrite")
-    demo.add_argument("--steps", type=int, default=8, help="denoising steps (default 8)")
-    demo.add_argument("--size", type=int, default=256, help="image side, multiple of 8 (default 256)")
+    demo.add_argument("--steps", type=int, default=None, help="denoising steps (default 20 toy, 8 tiny)")
+    demo.add_argument("--size", type=int, default=None,
+                      help="image side, multiple of 8 (default 64 toy, its trained size; 256 tiny)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--arch", choices=("sdxl", "flux"), default="sdxl",
+    demo.add_argument("--arch", choices=("sdxl", "flux"), default=None,
                       help="the tiny model: SDXL-shaped (default) or FLUX.1-shaped (size: a multiple of 16)")
+    # The toy world's own commands (train, export, evaluate) are anyms/toy/cli.py's; main() hands them over.
+    sub.add_parser("toy", help="the toy world: train, export, evaluate (anyms toy --help)", add_help=False)
     return parser
 
 
@@ -427,6 +436,8 @@ def _resolve_sources(args) -> dict:
     """Where the model, the IP-Adapter and the image encoder come from, and the pipeline's
     family (``arch``: from --arch, or the model's model_index.json). No model is loaded.
     ``"spec"`` is what an image's record keeps: local paths made absolute, Hub specs as given."""
+    if args.model == TOY_MODEL:
+        return _toy_sources(args)
     if args.model == TINY_MODEL:
         for option in ("ip_adapter", "image_encoder"):
             if getattr(args, option):
@@ -460,6 +471,21 @@ def _resolve_sources(args) -> dict:
     return {"model": model, "ip_adapter": ip, "image_encoder": encoder, "arch": arch,
             "spec": {"arch": arch, "model": spec(model), "ip_adapter": spec(ip_spec),
                      "image_encoder": spec(args.image_encoder)}}
+
+
+def _toy_sources(args) -> dict:
+    """The shipped toy world: an SD 1.5-style folder and its IP-Adapter, loaded like any local model."""
+    from .toy import WEIGHTS_DIR
+    from .toy.models import IP_SUBFOLDER, IP_WEIGHT_NAME
+
+    for option in ("ip_adapter", "image_encoder"):
+        if getattr(args, option):
+            raise UsageError(f"--{option.replace('_', '-')}: --model {TOY_MODEL} brings its own IP-Adapter and "
+                             f"image encoder; leave --{option.replace('_', '-')} out")
+    if args.arch not in (None, "sd15"):
+        raise UsageError(f"--arch {args.arch}: --model {TOY_MODEL} is an SD 1.5-style pipeline; drop --arch")
+    return {"model": WEIGHTS_DIR, "ip_adapter": (WEIGHTS_DIR, IP_SUBFOLDER, IP_WEIGHT_NAME), "image_encoder": None,
+            "arch": "sd15", "spec": {"arch": "sd15", "model": TOY_MODEL, "ip_adapter": None, "image_encoder": None}}
 
 
 def _arch_of(args) -> str:
@@ -926,11 +952,11 @@ def cmd_generate(args) -> int:
 
 @contextlib.contextmanager
 def _threads_for(run: Run):
-    """The tiny model on a CPU runs on one thread: its matrices are too small for threads to help
-    (on 2 busy cores, two threads made it 40x slower), as in the demo."""
+    """The tiny model and the toy world on a CPU run on one thread: their matrices are too small for
+    threads to help (on 2 busy cores, two threads made the tiny model 40x slower), as in the demo."""
     import torch
 
-    if run.sources["model"] != TINY_MODEL or run.device.type != "cpu":
+    if run.sources["spec"]["model"] not in (TINY_MODEL, TOY_MODEL) or run.device.type != "cpu":
         yield
         return
     threads = torch.get_num_threads()
@@ -982,18 +1008,38 @@ def cmd_demo(args) -> int:
 
 
 def _demo(args) -> int:
-    import torch
+    if args.model == TOY_MODEL and args.arch is not None:
+        raise UsageError(f"--arch {args.arch}: the toy world is one model; --arch picks the --model {TINY_MODEL} shape")
+    if args.model == TOY_MODEL or (args.model is None and args.arch is None):
+        from .toy.demo import toy_demo
 
-    from .pipeline import AnyMSStableDiffusionXLPipeline, Subject
-    from .tiny import tiny_pipeline
+        args.steps = 20 if args.steps is None else args.steps
+        args.size = 64 if args.size is None else args.size
+        _check_demo_args(args, flux=False)
+        return toy_demo(args, _write_pictures)
+    args.arch = args.arch or "sdxl"
+    args.steps = 8 if args.steps is None else args.steps
+    args.size = 256 if args.size is None else args.size
+    return _tiny_demo(args)
 
-    flux = getattr(args, "arch", "sdxl") == "flux"
+
+def _check_demo_args(args, flux: bool) -> None:
     if args.size < 8 or args.size % 8:
         raise UsageError(f"--size must be a positive multiple of 8, got {args.size}")
     if flux and args.size % 16:
         raise UsageError(f"--size must be a multiple of 16 for FLUX (it packs the latent 2x2), got {args.size}")
     if args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
+
+
+def _tiny_demo(args) -> int:
+    import torch
+
+    from .pipeline import AnyMSStableDiffusionXLPipeline, Subject
+    from .tiny import tiny_pipeline
+
+    flux = args.arch == "flux"
+    _check_demo_args(args, flux)
     out_dir = args.out_dir
     os.makedirs(out_dir, exist_ok=True)
     print(f"anyms demo: a tiny {'FLUX.1' if flux else 'SDXL'}-shaped model built in code, with RANDOM weights "
@@ -1143,6 +1189,11 @@ def _is_main_process() -> bool:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``anyms`` console script; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["toy"]:
+        from .toy.cli import main as toy_main
+
+        return toy_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     command = {"generate": cmd_generate, "demo": cmd_demo}[args.command]

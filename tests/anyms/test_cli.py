@@ -36,7 +36,7 @@ def pixels(path):
 
 def test_demo_writes_its_files_and_says_the_weights_are_random(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--out-dir", str(out), "--steps", "2", "--size", "64"]) == 0
+    assert cli.main(["demo", "--model", "tiny", "--out-dir", str(out), "--steps", "2", "--size", "64"]) == 0
     printed = capsys.readouterr().out
     assert "RANDOM weights" in printed
     for name in ("image.png", "layout.png", "routing.png"):
