@@ -183,7 +183,7 @@ def train(out_dir: str, cfg: Optional[TrainConfig] = None, log=print, progress: 
             raise ValueError(f"--out: {ckpt_path} was written with other options: {diff}; "
                              f"use another --out or the same options")
         vae.load_state_dict(state["vae"])
-        vae.config.scaling_factor = state["scaling_factor"]
+        vae.register_to_config(scaling_factor=state["scaling_factor"])   # (config attributes do not save)
         for m, sd in zip(trained, state["models"]):
             m.load_state_dict(sd)
         opt.load_state_dict(state["opt"])
