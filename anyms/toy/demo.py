@@ -19,7 +19,7 @@ def toy_demo(args, write_pictures) -> int:
 
     from ..cli import triangle_mask
     from ..pipeline import Subject
-    from . import WEIGHTS_DIR, prompt_for, reference, toy_pipeline
+    from . import DEFAULT_GUIDANCE, WEIGHTS_DIR, prompt_for, reference, toy_pipeline
 
     os.makedirs(args.out_dir, exist_ok=True)
     print("anyms demo: the toy world, a small model trained here on coloured shapes on grey (shipped with anyms, "
@@ -43,7 +43,8 @@ def toy_demo(args, write_pictures) -> int:
         prompt = prompt_for((c, s) for c, s, _ in DEMO_SUBJECTS)
         t1 = time.perf_counter()
         image = pipe(prompt, subjects=subjects, anyms_mode=args.mode, height=args.size, width=args.size,
-                     num_inference_steps=args.steps, generator=torch.Generator("cpu").manual_seed(args.seed)).images[0]
+                     num_inference_steps=args.steps, guidance_scale=DEFAULT_GUIDANCE,
+                     generator=torch.Generator("cpu").manual_seed(args.seed)).images[0]
         t2 = time.perf_counter()
     finally:
         torch.set_num_threads(threads)

@@ -14,8 +14,9 @@ from all of them count as neither). A subject's *region* is the part of its box 
   :func:`train_shape_classifier`) names the subject's shape from the subject-coloured pixels
   of its box (boxes that no other box touches only, where the whole shape can be seen);
 - leakage: the fraction of pixels outside every box that show a palette colour;
-- similarity: cosine similarity, in the world's own image encoder, between the reference and
-  the box's crop re-centred on grey (the toy analogue of CLIP-I).
+- similarity: cosine similarity, in the world's own image encoder and measured from the
+  embedding of an empty grey picture, between the reference and the box's crop re-centred on
+  grey (the toy analogue of CLIP-I; 1 = the same picture, 0 = unrelated).
 """
 from __future__ import annotations
 
@@ -242,7 +243,8 @@ def train_shape_classifier(seed: int = 0, steps: int = 300, batch: int = 64):
 def box_metrics(image: np.ndarray, layout: ToyLayout, classifier=None, encoder=None) -> List[Dict]:
     """Per subject of ``layout``: owner, present, shape (None where not judged), similarity; and the image's leakage.
 
-    ``encoder``: a callable from a list of uint8 images to L2-normalised embeddings (for similarity).
+    ``encoder``: a callable from a list of uint8 images to embeddings (for similarity), e.g.
+    :func:`image_encoder_fn`.
     """
     labels = colour_map(image)
     regions = _regions(layout)
@@ -266,7 +268,13 @@ def box_metrics(image: np.ndarray, layout: ToyLayout, classifier=None, encoder=N
         crops = [_recentred_crop(image, s.box) for s in layout.subjects]
         refs = [world.render_reference(world.ToyObject(s.colour, s.shape, .5, .5, world.REFERENCE_SIZE))
                 for s in layout.subjects]
-        e = encoder(crops + refs)
+        grey = np.empty_like(crops[0])
+        grey[:] = world.BACKGROUND
+        e = encoder(crops + refs + [grey])
+        # measured from the empty picture's embedding: every picture of this world is mostly grey,
+        # so raw cosines all sit near 1 and would not tell a right shape from a wrong one
+        e = e[:-1] - e[-1:]
+        e = e / np.maximum(np.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
         n = len(crops)
         for i, row in enumerate(rows):
             row["similarity"] = float((e[i] * e[n + i]).sum())
@@ -289,12 +297,11 @@ def _recentred_crop(image: np.ndarray, box) -> np.ndarray:
 
 
 def image_encoder_fn(pipe):
-    """A callable: list of uint8 images -> normalised image_embeds from ``pipe``'s own image encoder."""
+    """A callable: list of uint8 images -> image_embeds (numpy) from ``pipe``'s own image encoder."""
     @torch.no_grad()
     def encode(images):
         pixels = pipe.feature_extractor(list(images), return_tensors="pt").pixel_values
-        e = pipe.image_encoder(pixels.to(pipe.image_encoder.dtype)).image_embeds.float()
-        return torch.nn.functional.normalize(e, dim=-1).numpy()
+        return pipe.image_encoder(pixels.to(pipe.image_encoder.dtype)).image_embeds.float().numpy()
     return encode
 
 
