@@ -262,5 +262,7 @@ def save_world(folder: str, *, vae, unet, text_encoder, image_encoder, dtype=tor
         config["dtype"] = "float32"
         with open(path, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
+    # transformers 5 saves only tokenizer.json; CLIP's own vocab.json / merges.txt go beside it
+    write_tokenizer_files(os.path.join(folder, "tokenizer"))
     os.makedirs(os.path.join(folder, IP_SUBFOLDER), exist_ok=True)
     save_file(ip_state, os.path.join(folder, IP_SUBFOLDER, IP_WEIGHT_NAME))
