@@ -10,6 +10,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["anyms_kernels", "anyms_kernels.*", "anyms", "anyms.*"]),
+    # the trained toy world (a diffusers folder, fp16 safetensors, 7.5 MB): pip install brings it
+    package_data={"anyms.toy": ["weights/*.json", "weights/*/*.json", "weights/*/*.txt", "weights/*/*.safetensors"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "numpy"],
     extras_require={

@@ -43,7 +43,7 @@ from .job import (
     layout_from_dict, memory_report, output_paths, read_layout_file, save_job, warn_unreached,
 )
 from .loading import (
-    ARCHS, DEFAULT_IP_ADAPTER, DEFAULT_FLUX_MODEL, DEFAULT_MODEL, DTYPES, TINY_MODEL, default_size, load_for_run,
+    ARCHS, DEFAULT_IP_ADAPTER, DEFAULT_FLUX_MODEL, DEFAULT_MODEL, DTYPES, TINY_MODEL, TOY_MODEL, default_size, load_for_run,
     run_from_args, threads_for,
 )
 from .preflight import MAX_SIDE, MAX_STEPS
@@ -152,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "model_index.json names; sdxl without --model)")
     gen.add_argument("--model", default=None,
                      help=f"model id or local folder (default {DEFAULT_MODEL} for sdxl, {DEFAULT_FLUX_MODEL} for "
-                          f"flux); its model_index.json picks the pipeline. \"{TINY_MODEL}\": the built-in tiny "
-                          f"model with RANDOM weights (offline, noise-like images: to try the command)")
+                          f"flux); its model_index.json picks the pipeline. \"{TOY_MODEL}\": the trained toy world "
+                          f"(64x64 coloured shapes on grey, offline; see anyms.toy). \"{TINY_MODEL}\": the built-in "
+                          f"tiny model with RANDOM weights (offline, noise-like images: to try the command)")
     gen.add_argument("--ip-adapter", default=None, metavar="SPEC",
                      help="IP-Adapter weights: a local file, or owner/repo/[subfolder/]file on the Hub "
                           f"(default {DEFAULT_IP_ADAPTER}; the 16-token "
@@ -190,20 +191,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--pictures", action=argparse.BooleanOptionalAction, default=None,
                      help="also write the .layout.png and .routing.png pictures (default: yes; with --jobs, no)")
 
-    demo = sub.add_parser("demo", help="run AnyMS offline on a built-in tiny model with RANDOM weights",
-                          description="Run the whole AnyMS pipeline offline on a tiny randomly-initialised "
-                                      "SDXL-shaped model. The weights are random, so the image is noise-like: "
-                                      "the demo shows the pipeline, the layout and the per-subject maps, not "
-                                      "image quality.")
+    demo = sub.add_parser("demo", help="run AnyMS offline on the trained toy world (or a tiny random model)",
+                          description="Run the whole AnyMS pipeline offline. By default on the trained toy world "
+                                      "(coloured shapes on grey, 64x64). --model tiny: a tiny randomly-initialised "
+                                      "SDXL- or FLUX.1-shaped model, whose image is noise-like (it shows the "
+                                      "pipeline, the layout and the per-subject maps, not image quality).")
     demo.add_argument("--out-dir", default="anyms-demo", help="where to write the files (default ./anyms-demo)")
     demo.add_argument("--overwrite", action="store_true",
                       help="replace the files of an earlier demo in --out-dir (default: refuse)")
+    demo.add_argument("--model", choices=(TOY_MODEL, TINY_MODEL), default=None,
+                      help=f"{TOY_MODEL} (default) or {TINY_MODEL} (random weights; the default with --arch)")
     demo.add_argument("--mode", choices=MODES, default="overwrite")
-    demo.add_argument("--steps", type=int, default=8, help="denoising steps (default 8)")
-    demo.add_argument("--size", type=int, default=256, help="image side, multiple of 8 (default 256)")
+    demo.add_argument("--steps", type=int, default=None, help="denoising steps (default 20 toy, 8 tiny)")
+    demo.add_argument("--size", type=int, default=None,
+                      help="image side, multiple of 8 (default 64 toy, its trained size; 256 tiny)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--arch", choices=("sdxl", "flux"), default="sdxl",
+    demo.add_argument("--arch", choices=("sdxl", "flux"), default=None,
                       help="the tiny model: SDXL-shaped (default) or FLUX.1-shaped (size: a multiple of 16)")
+    # The toy world's own commands (train, export, evaluate) are anyms/toy/cli.py's; main() hands them over.
+    sub.add_parser("toy", help="the toy world: train, export, evaluate (anyms toy --help)", add_help=False)
     return parser
 
 
@@ -375,6 +381,11 @@ def _is_main_process() -> bool:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``anyms`` console script; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["toy"]:
+        from .toy.cli import main as toy_main
+
+        return toy_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     command = {"generate": cmd_generate, "demo": cmd_demo}[args.command]

@@ -12,7 +12,8 @@ from typing import Any, Optional, Tuple
 from . import console
 from .errors import LoadError, UsageError
 
-__all__ = ["Run", "run_from_args", "load_for_run", "default_size", "threads_for", "ARCHS", "DTYPES", "TINY_MODEL"]
+__all__ = ["Run", "run_from_args", "load_for_run", "default_size", "threads_for", "ARCHS", "DTYPES", "TINY_MODEL",
+           "TOY_MODEL"]
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_IP_ADAPTER = "h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors"
@@ -24,6 +25,8 @@ ARCHS = ("sdxl", "sd15", "flux")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 # --model TINY_MODEL: the built-in tiny model of anyms.tiny (random weights, offline)
 TINY_MODEL = "tiny"
+# --model TOY_MODEL: the trained toy world shipped in anyms/toy/weights (offline)
+TOY_MODEL = "toy"
 
 
 def _split_hub_spec(spec: str, what: str, need_file: bool):
@@ -147,10 +150,27 @@ def _why_the_hub_cannot_be_reached() -> Optional[str]:
     return None
 
 
+def _toy_sources(args) -> dict:
+    """The shipped toy world: an SD 1.5-style folder and its IP-Adapter, loaded like any local model."""
+    from .toy import WEIGHTS_DIR
+    from .toy.models import IP_SUBFOLDER, IP_WEIGHT_NAME
+
+    for option in ("ip_adapter", "image_encoder"):
+        if getattr(args, option):
+            raise UsageError(f"--{option.replace('_', '-')}: --model {TOY_MODEL} brings its own IP-Adapter and "
+                             f"image encoder; leave --{option.replace('_', '-')} out")
+    if args.arch not in (None, "sd15"):
+        raise UsageError(f"--arch {args.arch}: --model {TOY_MODEL} is an SD 1.5-style pipeline; drop --arch")
+    return {"model": WEIGHTS_DIR, "ip_adapter": (WEIGHTS_DIR, IP_SUBFOLDER, IP_WEIGHT_NAME), "image_encoder": None,
+            "arch": "sd15", "spec": {"arch": "sd15", "model": TOY_MODEL, "ip_adapter": None, "image_encoder": None}}
+
+
 def _resolve_sources(args) -> dict:
     """Where the model, the IP-Adapter and the image encoder come from, and the pipeline's
     family (``arch``: from --arch, or the model's model_index.json). No model is loaded.
     ``"spec"`` is what an image's record keeps: local paths made absolute, Hub specs as given."""
+    if args.model == TOY_MODEL:
+        return _toy_sources(args)
     if args.model == TINY_MODEL:
         for option in ("ip_adapter", "image_encoder"):
             if getattr(args, option):
@@ -370,11 +390,11 @@ def default_size(pipe) -> Tuple[int, int]:
 
 @contextlib.contextmanager
 def threads_for(run: Run):
-    """The tiny model on a CPU runs on one thread: its matrices are too small for threads to help
-    (on 2 busy cores, two threads made it 40x slower), as in the demo."""
+    """The tiny model and the toy world on a CPU run on one thread: their matrices are too small for
+    threads to help (on 2 busy cores, two threads made the tiny model 40x slower), as in the demo."""
     import torch
 
-    if run.sources["model"] != TINY_MODEL or run.device.type != "cpu":
+    if run.sources["spec"]["model"] not in (TINY_MODEL, TOY_MODEL) or run.device.type != "cpu":
         yield
         return
     threads = torch.get_num_threads()

@@ -228,7 +228,7 @@ def check_record(record: Dict[str, Any], where: str) -> None:
     ``layout.subjects[0].scale``)."""
     from anyms_kernels.regions import MODES
 
-    from .loading import ARCHS, DTYPES, TINY_MODEL
+    from .loading import ARCHS, DTYPES, TINY_MODEL, TOY_MODEL
     from .pipeline import PRIORITIES, _check_box, _check_scale
     from .preflight import MAX_STEPS, check_image_size
     from .timing import SCHEDULES, check_window
@@ -341,8 +341,8 @@ def check_record(record: Dict[str, Any], where: str) -> None:
     text(model["model"], "model.model")
     for key in ("ip_adapter", "image_encoder"):
         text(model[key], f"model.{key}", optional=True)
-        if model["model"] == TINY_MODEL and model[key] is not None:      # it brings its own
-            fail(f"model.{key}", f"null with the {TINY_MODEL} model", model[key])
+        if model["model"] in (TINY_MODEL, TOY_MODEL) and model[key] is not None:      # they bring their own
+            fail(f"model.{key}", f"null with the {model['model']} model", model[key])
     choice(model["dtype"], "model.dtype", DTYPES)
     if "device" in record:
         text(record["device"], "device")

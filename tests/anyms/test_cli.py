@@ -36,7 +36,7 @@ def pixels(path):
 
 def test_demo_writes_its_files_and_says_the_weights_are_random(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--out-dir", str(out), "--steps", "2", "--size", "64"]) == 0
+    assert cli.main(["demo", "--model", "tiny", "--out-dir", str(out), "--steps", "2", "--size", "64"]) == 0
     printed = capsys.readouterr().out
     assert "RANDOM weights" in printed
     for name in ("image.png", "layout.png", "routing.png"):
@@ -160,18 +160,25 @@ def test_argparse_errors_exit_2(argv, capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
-DEMO_FILES = ("image.png", "layout.png", "routing.png", "subject_red_ball.png", "subject_blue_box.png",
-              "subject_green_cone.png", "mask_green_cone.png")
+DEMO_FILES = {
+    "tiny": ("image.png", "layout.png", "routing.png", "subject_red_ball.png", "subject_blue_box.png",
+             "subject_green_cone.png", "mask_green_cone.png"),
+    "toy": ("image.png", "layout.png", "routing.png", "subject_red_circle.png", "subject_blue_cross.png",
+            "subject_green_triangle.png", "mask_green_triangle.png"),
+}
 
 
-def test_demo_replaces_nothing_without_overwrite(tmp_path, capsys):
+@pytest.mark.parametrize("model", sorted(DEMO_FILES))
+def test_demo_replaces_nothing_without_overwrite(tmp_path, capsys, model):
     out = tmp_path / "demo"
-    demo = ["demo", "--out-dir", str(out), "--steps", "1", "--size", "64"]
+    demo = ["demo", "--model", model, "--out-dir", str(out), "--steps", "1", "--size", "64"]
+    DEMO = DEMO_FILES[model]
     assert cli.main(demo) == 0
+    assert sorted(os.listdir(out)) == sorted(DEMO)                    # every file the demo writes is checked
     capsys.readouterr()
-    for name in DEMO_FILES:                         # any one of its files is enough to refuse
-        before = {n: (out / n).read_bytes() for n in DEMO_FILES}
-        others = [n for n in DEMO_FILES if n != name]
+    for name in DEMO:                          # any one of its files is enough to refuse
+        before = {n: (out / n).read_bytes() for n in DEMO}
+        others = [n for n in DEMO if n != name]
         for n in others:
             (out / n).unlink()
         assert cli.main(demo + ["--seed", "1"]) == 2, name
