@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from anyms.preflight import MAX_SIDE, check_image_size, estimate_peak_memory
+from tests.anyms.memory_events import cpu_alloc_peak_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -12,22 +13,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def cpu_alloc_peak(fn):
     """The peak of the CPU allocator's running total while ``fn`` runs, above what was live before,
     from torch.profiler's allocation events (frees are negative sizes)."""
-    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    allocs, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        e = stack.pop()
-        if e.tag == _EventType.Allocation and e.extra_fields.device.type == "cpu":
-            allocs.append((e.start_time_ns, e.extra_fields.alloc_size))
-        stack.extend(e.children)
-    live = peak = 0
-    for _, size in sorted(allocs):
-        live += size
-        peak = max(peak, live)
-    return peak
+    return cpu_alloc_peak_of(prof.profiler.kineto_results.experimental_event_tree())
 
 
 def test_check_image_size():

@@ -11,6 +11,7 @@ from PIL import Image
 import anyms
 from anyms.layout import Layout
 from anyms.upscale import TILE_EVENT, plan_tiles, tiled_upscale
+from tests.anyms.memory_events import cpu_alloc_peak_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -204,7 +205,6 @@ def test_the_blended_prediction_is_the_weighted_mean_of_the_tiles():
 def _tile_peaks(fn):
     """The peak CPU bytes allocated inside each tile's U-Net forward, above what was live when it
     began, from torch.profiler's allocation events (frees are negative sizes)."""
-    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -213,17 +213,7 @@ def _tile_peaks(fn):
     while stack:
         e = stack.pop()
         if e.name == TILE_EVENT:
-            allocs, inner = [], list(e.children)
-            while inner:
-                c = inner.pop()
-                if c.tag == _EventType.Allocation and c.extra_fields.device.type == "cpu":
-                    allocs.append((c.start_time_ns, c.extra_fields.alloc_size))
-                inner.extend(c.children)
-            live = peak = 0
-            for _, size in sorted(allocs):
-                live += size
-                peak = max(peak, live)
-            peaks.append(peak)
+            peaks.append(cpu_alloc_peak_of(e.children))
             continue
         stack.extend(e.children)
     return peaks
