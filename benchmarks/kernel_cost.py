@@ -884,7 +884,18 @@ class Gen2(Generation):
         loop = (fwd, ("for", 0, "for "))
         lo, hi = src.node_range(*loop)
         out = [Construct("subjects", "loop", [loop], "per_acting")]
-        for helper in ("_text_branch", "_load_text_keys", "_load_keys", "_attend_online"):
+        out += self.helper_calls(src, fwd, (lo, hi), ("_text_branch", "_load_text_keys", "_load_keys", "_attend_online"),
+                                 text_parent=None)
+        return out
+
+    @staticmethod
+    def helper_calls(src, fwd, subject_lines, helpers, text_parent):
+        """The constructs of the helpers' calls in ``fwd``: a call outside the subject loop (lines
+        ``subject_lines``) is text-branch code; ``_attend_online`` is a loop, counted per acting
+        subject inside the subject loop and per text step outside it (under ``text_parent``)."""
+        lo, hi = subject_lines
+        out = []
+        for helper in helpers:
             if helper not in src.funcs:
                 continue
             calls = sorted(n.lineno for n in ast.walk(src.funcs[fwd]) if isinstance(n, ast.Call)
@@ -896,7 +907,8 @@ class Gen2(Generation):
                 if helper == "_attend_online":
                     out.append(Construct(f"{'subject' if inside else 'text'}_online{k}", "loop",
                                          [(helper, ("for", 0, "for ")), (fwd, ("call", k, helper))],
-                                         "per_acting" if inside else "text", parent="subjects" if inside else None))
+                                         "per_acting" if inside else "text",
+                                         parent="subjects" if inside else text_parent))
         return out
 
     def tile_params(self, case, comp):
@@ -972,20 +984,8 @@ class Gen3(Gen2):
             # the next subject's loads, issued while subject j computes: for all but the tile's last
             out.append(Construct("next_subject", "if", [(fwd, ("if", 0, "if j + 1 < count:"))], "per_acting",
                                  parent="subjects"))
-        for helper in ("_text_branch", "_load_text_keys", "_attend_online"):
-            if helper not in src.funcs:
-                continue
-            calls = sorted(n.lineno for n in ast.walk(src.funcs[fwd]) if isinstance(n, ast.Call)
-                           and isinstance(n.func, ast.Name) and n.func.id == helper)
-            for k, line in enumerate(calls):
-                inside = lo <= line <= hi
-                if not inside:
-                    out.append(Construct(f"text{helper}{k}", "label", [(fwd, ("call", k, helper))], "text"))
-                if helper == "_attend_online":
-                    out.append(Construct(f"{'subject' if inside else 'text'}_online{k}", "loop",
-                                         [(helper, ("for", 0, "for ")), (fwd, ("call", k, helper))],
-                                         "per_acting" if inside else "text",
-                                         parent="subjects" if inside else "tiles"))
+        out += self.helper_calls(src, fwd, (lo, hi), ("_text_branch", "_load_text_keys", "_attend_online"),
+                                 text_parent="tiles")
         return out
 
     def trips(self, case, comp, p):
