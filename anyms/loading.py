@@ -134,7 +134,7 @@ class _Hub:
 
 
 def _why_the_hub_cannot_be_reached() -> Optional[str]:
-    """None if the Hub answers (any HTTP answer, through the library's own session and proxies),
+    """None if the Hub answers (any HTTP answer, through huggingface_hub's own HTTP client and proxies),
     else why not, in a few words."""
     from huggingface_hub import constants
 
