@@ -242,9 +242,10 @@ def check_job(job: Job, arch: str = "sdxl") -> Job:
         job.plan = prepare_subjects(job.subjects, job.mode, job.priority)
         job.height, job.width = job.plan.image_size(job.height, job.width, 16 if flux else 8)
         # None: the pipeline's default guidance, above 1 for SD and SDXL
-        job.plan.require_guidance(not flux and (job.guidance is None or job.guidance > 1),
-                                  "FLUX runs here without classifier-free guidance" if flux
-                                  else f"guidance {job.guidance:g} <= 1")
+        if flux:
+            job.plan.require_guidance(False, "FLUX runs here without classifier-free guidance")
+        elif job.guidance is not None:
+            job.plan.require_guidance(job.guidance > 1, f"guidance {job.guidance:g} <= 1")
         job.hashes = subject_hashes(job.subjects)     # the record's, whatever happens to the files later
     except (ValueError, TypeError) as e:
         raise job.error(str(e)) from None
