@@ -51,8 +51,9 @@ from .loading import (
 from .preflight import MAX_SIDE, MAX_STEPS
 
 __all__ = ["main", "parse_subject", "build_parser"]
-SUBJECT_FORMS = "PATH:x0,y0,x1,y1[:scale][:TIMING] or PATH:mask=MASK.png[:scale][:TIMING]"
-# TIMING: the subject's window and schedule, the layout file's keys, e.g. start=0.2,end=0.8,schedule=ease_in
+SUBJECT_FORMS = "PATH:x0,y0,x1,y1[:scale] or PATH:mask=MASK.png[:scale], each with an optional last field " \
+                "start=S,end=E,schedule=NAME"
+# the last field: the subject's window and schedule, the layout file's keys (any of them)
 TIMING_KEYS = ("start", "end", "schedule")
 
 
