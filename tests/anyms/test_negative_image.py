@@ -90,15 +90,18 @@ def test_only_that_subjects_unconditional_row_changes(subject_images, plus):
     a, b, c, negative = subject_images
     plain = [Subject(a, LEFT), Subject(b, MIDDLE), Subject(c, RIGHT)]
     with_negative = [Subject(a, LEFT), Subject(b, MIDDLE, negative_image=negative), Subject(c, RIGHT)]
-    before, _ = unet_image_embeds(pipe, plain, anyms_priority="smaller_on_top")
-    after, _ = unet_image_embeds(pipe, with_negative, anyms_priority="smaller_on_top")
+    call = dict(anyms_priority="smaller_on_top", num_images_per_prompt=2)
+    before, _ = unet_image_embeds(pipe, plain, **call)
+    after, _ = unet_image_embeds(pipe, with_negative, **call)
     assert pipe.anyms_last_plan.order == [0, 2, 1]            # the middle subject's row is the last
+    assert after.shape[:2] == (4, 3)                          # 2 unconditional rows, then 2 conditional
     want, _ = pipe.encode_image([negative], "cpu", 1, plus)
-    assert torch.equal(after[0, 2], want[0])
-    assert torch.equal(after[0, :2], before[0, :2]) and torch.equal(after[1], before[1])
-    assert not torch.equal(after[0, 2], before[0, 2])
+    for row in (0, 1):
+        assert torch.equal(after[row, 2], want[0])
+        assert not torch.equal(after[row, 2], before[row, 2])
+    assert torch.equal(after[:2, :2], before[:2, :2]) and torch.equal(after[2:], before[2:])
     # the parent's default unconditional embedding: zeros (4 tokens), the encoder of a zero image (plus)
-    assert bool((before[0] == 0).all()) != plus
+    assert bool((before[:2] == 0).all()) != plus
 
 
 @pytest.mark.parametrize("kind", ["sdxl", "sd15"])
