@@ -47,7 +47,7 @@ are fractions of the denoising steps: step i of N acts when start <= i/N and
 scale over that window, with p the step's progress in it: 1, p, 1 - p, p^2,
 1 - (1 - p)^2. Outside its window (or at scale 0) a subject is absent: the subject
 under it takes its tokens. "negative_image" (a path) is what the subject's branch
-sees in classifier-free guidance's unconditional pass instead of the default (zeros),
+sees in classifier-free guidance's unconditional pass instead of diffusers' default,
 so guidance pushes its region away from that image; it needs guidance (--guidance
 above 1, SD and SDXL only: FLUX runs here without CFG) and is refused otherwise.
 No other keys are allowed.
