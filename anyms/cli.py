@@ -5,6 +5,8 @@
         --subject dog.png:0.05,0.3,0.5,0.95 --subject cat.png:0.5,0.3,0.95,0.95:0.8 --out sofa.png
     anyms generate "a dog and a cat on a sofa" \\
         --subject dog.png:mask=dog_mask.png --subject cat.png:mask=cat_mask.png:0.8 --out sofa.png
+    anyms generate "a dog and a cat on a sofa" \\
+        --subject dog.png:0.05,0.3,0.5,0.95:end=0.6 --subject cat.png:0.5,0.3,0.95,0.95:0.8:start=0.2,schedule=ease_in
     anyms generate --from sofa.png --seed 7 --out sofa-7.png      # again, from the PNG's record
     anyms generate --jobs jobs.jsonl --out-dir out/                # many (anyms.jobs)
 
@@ -49,7 +51,10 @@ from .loading import (
 from .preflight import MAX_SIDE, MAX_STEPS
 
 __all__ = ["main", "parse_subject", "build_parser"]
-SUBJECT_FORMS = "PATH:x0,y0,x1,y1[:scale] or PATH:mask=MASK.png[:scale]"
+SUBJECT_FORMS = "PATH:x0,y0,x1,y1[:scale] or PATH:mask=MASK.png[:scale], each with an optional last field " \
+                "start=S,end=E,schedule=NAME"
+# the last field: the subject's window and schedule, the layout file's keys (any of them)
+TIMING_KEYS = ("start", "end", "schedule")
 
 
 # --------------------------------------------------------------------- parsing
@@ -71,18 +76,59 @@ def _number(text: str, what: str) -> float:
     return value
 
 
+def _split_timing(spec: str, index: Optional[int]):
+    """``(spec without its timing field, {"start", "end", "schedule"})``: the last ``:``-field is the
+    timing when it reads ``word=...`` (``start=0.2,end=0.8,schedule=ease_in``, any of the three,
+    in any order); errors name ``--subject[i].KEY``."""
+    import re
+
+    from .timing import check_schedule, check_window
+
+    head, sep, tail = spec.rpartition(":")
+    first = tail.split(",")[0].partition("=")
+    if not sep or not first[1] or first[0] == "mask" or not re.fullmatch(r"[A-Za-z_]+", first[0]):
+        return spec, {}
+    name = "--subject" if index is None else f"--subject[{index}]"
+    values = {}
+    for item in tail.split(","):
+        key, eq, value = item.partition("=")
+        if key not in TIMING_KEYS or not eq:
+            raise UsageError(f"{name} {spec!r}: unknown timing field {item!r}; the timing field is "
+                             f"start=S,end=E,schedule=NAME (any of them)")
+        if key in values:
+            raise UsageError(f"{name} {spec!r}: {key} is given twice")
+        values[key] = value if key == "schedule" else _number(value, f"{name}.{key}")
+    try:
+        start, end = check_window(values.get("start", 0.0), values.get("end", 1.0), name)
+        schedule = check_schedule(values.get("schedule", "constant"), f"{name}.schedule")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return head, dict(start=start, end=end, schedule=schedule)
+
+
 def parse_subject(spec: str, index: Optional[int] = None):
-    """``PATH:x0,y0,x1,y1[:scale]`` or ``PATH:mask=MASK[:scale]`` -> :class:`anyms.Subject`
-    (image and mask paths not read yet). ``index``: the subject's place among the
-    ``--subject`` options, for the errors (``subjects[1].scale``).
+    """``PATH:x0,y0,x1,y1[:scale][:TIMING]`` or ``PATH:mask=MASK[:scale][:TIMING]`` ->
+    :class:`anyms.Subject` (image and mask paths not read yet). ``TIMING`` is
+    ``start=S,end=E,schedule=NAME`` (any of them: the layout file's keys). ``index``: the
+    subject's place among the ``--subject`` options, for the errors (``subjects[1].scale``,
+    ``--subject[1].end``).
 
     Boxes are split from the right, so paths may hold colons (``C:\\img.png:0,0,1,1``);
     a mask starts at the last ``:mask=`` and ends at a last ``:number`` (the scale), so
     the mask path may hold colons too (``C:\\a.png:mask=C:\\m.png:0.8``).
     """
+    import dataclasses
+
+    region, timing = _split_timing(spec, index)
+    return dataclasses.replace(_parse_region(region, spec, index), **timing)
+
+
+def _parse_region(spec: str, full: str, index: Optional[int]):
+    """``PATH:x0,y0,x1,y1[:scale]`` or ``PATH:mask=MASK[:scale]`` -> :class:`anyms.Subject`;
+    errors quote ``full``, the whole ``--subject`` value."""
     from .pipeline import Subject
 
-    what = f"--subject {spec!r}"
+    what = f"--subject {full!r}"
     scale_name = f"{what}: {'scale' if index is None else f'subjects[{index}].scale'}"
     at = spec.rfind(":mask=")
     if at >= 0:
@@ -136,9 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="?", help="the text prompt (or \"prompt\" in --layout)")
     gen.add_argument("--negative-prompt", default=None)
     src = gen.add_mutually_exclusive_group(required=True)
-    src.add_argument("--subject", action="append", metavar="PATH:x0,y0,x1,y1[:scale]|PATH:mask=MASK.png[:scale]",
+    src.add_argument("--subject", action="append",
+                     metavar="PATH:x0,y0,x1,y1[:scale][:TIMING]|PATH:mask=MASK.png[:scale][:TIMING]",
                      help="a subject image and its region: a normalised box, or a mask image of the output's "
                           "size (nonzero = inside; without --height/--width the output takes the masks' size). "
+                          "TIMING, optional: start=S,end=E,schedule=NAME (any of them; the layout file's "
+                          "\"start\", \"end\", \"schedule\"), e.g. dog.png:0,0,0.5,1:0.8:end=0.6,schedule=ease_out. "
                           "Repeat; later ones on top")
     src.add_argument("--layout", metavar="FILE.json", help="a layout file (schema below)")
     src.add_argument("--from", dest="from_image", metavar="IMAGE.png",
@@ -261,11 +310,11 @@ def _record_defaults(args, record: dict) -> None:
 
 
 def _check_record_files(record: dict, subjects, source: str) -> None:
-    """--from: warn when a subject or mask file differs from the one that made the image."""
+    """--from: warn when a subject, mask or negative image file differs from the one that made the image."""
     from .metadata import file_sha256
 
     for i, (entry, subject) in enumerate(zip(record["layout"].get("subjects", []), subjects)):
-        for key, path in (("image", subject.image), ("mask", subject.mask)):
+        for key, path in (("image", subject.image), ("mask", subject.mask), ("negative_image", subject.negative_image)):
             want = entry.get(f"{key}_sha256") if isinstance(entry, dict) else None
             if path is None or want is None or not os.path.isfile(path):
                 continue

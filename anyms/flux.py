@@ -311,7 +311,9 @@ class AnyMSFluxPipeline(FluxPipeline):
             negative_ip_adapter_image: with ``true_cfg_scale > 1`` and a negative prompt
                 (diffusers' true CFG), the image each region takes in the unconditional
                 pass: one image for every subject, or a list of S. Default, as diffusers: a
-                black image.
+                black image. A subject's own ``negative_image`` does the same for that
+                subject alone (the others keep the black image); it needs true CFG (a call
+                without it refuses one), and cannot be combined with this argument.
             everything else: as FluxPipeline (FLUX.1-dev's guidance-distilled call, without
                 CFG, unless ``true_cfg_scale`` and ``negative_prompt`` are given).
                 ``ip_adapter_image``, ``ip_adapter_image_embeds`` and
@@ -324,7 +326,8 @@ class AnyMSFluxPipeline(FluxPipeline):
             ValueError/TypeError before any model work, naming the argument: bad subjects
             (see :func:`anyms.pipeline.prepare_subjects`), no single IP-Adapter with its
             image encoder loaded, arguments that cannot go with subjects, a negative image
-            list of another length than the subjects, masks whose size is not a multiple
+            list of another length than the subjects, a subject's ``negative_image`` without
+            true CFG or together with ``negative_ip_adapter_image``, masks whose size is not a multiple
             of 16 or not the given height and width.
         """
         with _one_call_at_a_time(self, with_subjects=subjects is not None):
@@ -349,6 +352,13 @@ class AnyMSFluxPipeline(FluxPipeline):
                              "negative_ip_adapter_image (one image, or one per subject) instead")
         plan = prepare_subjects(subjects, anyms_mode or "overwrite", anyms_priority or "order")
         negatives = _negative_images(arguments.get("negative_ip_adapter_image"), plan)
+        own = plan.negative_image_names()
+        if own and negatives is not None:
+            raise ValueError(f"{own[0]} was given, and negative_ip_adapter_image too: give the negative images "
+                             f"either per subject or for the call, not both")
+        if own:        # diffusers' default (a black image) for the subjects without one
+            black = _black_image()
+            negatives = [black if s.negative_image is None else s.negative_image for s in plan.subjects]
         self._anyms_check_adapter()
         if plan.mask_hw is not None:       # the masks fix the image size (checked before any model work)
             arguments["height"], arguments["width"] = plan.image_size(
@@ -357,6 +367,7 @@ class AnyMSFluxPipeline(FluxPipeline):
             arguments.get("negative_prompt_embeds") is not None
             and arguments.get("negative_pooled_prompt_embeds") is not None)
         true_cfg = float(arguments.get("true_cfg_scale", 1.0)) > 1 and has_negative
+        plan.require_guidance(true_cfg, "FLUX runs it only with true CFG: true_cfg_scale > 1 and a negative prompt")
         state = _FluxCall(plan, negatives, true_cfg)
         # Identity markers: prepare_ip_adapter_image_embeds (below) recognises them and
         # encodes the subjects' images itself, once.
@@ -436,8 +447,13 @@ class AnyMSFluxPipeline(FluxPipeline):
         return super().prepare_ip_adapter_image_embeds(None, [embeds[None]], device, num_images_per_prompt)
 
     def _anyms_encode_each(self, images, device):
-        """``[len(images), E]``: each image through the encoder alone (batch 1), as the U-Net pipelines do."""
-        return torch.cat([self.encode_image([image], device, 1) for image in images])
+        """``[len(images), E]``: each image through the encoder alone (batch 1), as the U-Net pipelines do;
+        an image object listed twice (the default black negative) is encoded once."""
+        done = {}
+        for image in images:
+            if id(image) not in done:
+                done[id(image)] = self.encode_image([image], device, 1)
+        return torch.cat([done[id(image)] for image in images])
 
 
 # AutoPipelineFor*.from_pipe(pipe) takes it as a FluxPipeline (see anyms.auto_pipeline)

@@ -30,7 +30,7 @@ layout file (--layout FILE.json); image paths are relative to the file:
     "subjects": [                             required, at least one
       {"image": "dog.png", "box": [0.05, 0.3, 0.5, 0.95], "scale": 1.0, "label": "dog"},
       {"image": "cat.png", "mask": "cat_mask.png",
-       "start": 0.0, "end": 0.6, "schedule": "linear_down"}
+       "start": 0.0, "end": 0.6, "schedule": "linear_down", "negative_image": "blur.png"}
     ]
   }
 Each subject needs "box" or "mask" (or both: the mask is the region, the box only
@@ -46,11 +46,15 @@ are fractions of the denoising steps: step i of N acts when start <= i/N and
 (default "constant"; "linear_up", "linear_down", "ease_in", "ease_out") shapes the
 scale over that window, with p the step's progress in it: 1, p, 1 - p, p^2,
 1 - (1 - p)^2. Outside its window (or at scale 0) a subject is absent: the subject
-under it takes its tokens. No other keys are allowed.
+under it takes its tokens. "negative_image" (a path) is what the subject's branch
+sees in classifier-free guidance's unconditional pass instead of diffusers' default,
+so guidance pushes its region away from that image; it needs guidance (--guidance
+above 1, SD and SDXL only: FLUX runs here without CFG) and is refused otherwise.
+No other keys are allowed.
 """
 
 LAYOUT_KEYS = {"prompt", "mode", "priority", "subjects"}
-SUBJECT_KEYS = {"image", "box", "mask", "scale", "label", "start", "end", "schedule"}
+SUBJECT_KEYS = {"image", "box", "mask", "scale", "label", "start", "end", "schedule", "negative_image"}
 
 JOBS_SCHEMA = """\
 jobs file (--jobs FILE.jsonl): one JSON object a line (blank lines are skipped), each a
@@ -165,6 +169,9 @@ def layout_from_dict(data, what: str, folder: str, extra_keys=(), extra_subject_
         label = item.get("label")
         if label is not None and not isinstance(label, str):
             raise UsageError(f"{where}.label must be a string")
+        negative = item.get("negative_image")
+        if negative is not None and not isinstance(negative, str):
+            raise UsageError(f"{where}.negative_image must be a path string (an image file), got {negative!r}")
         try:      # a JSON number only: a string "0.5" is refused as check_window refuses it
             start, end = check_window(item.get("start", 0.0), item.get("end", 1.0), f"subjects[{i}]")
             schedule = check_schedule(item.get("schedule", "constant"), f"subjects[{i}].schedule")
@@ -172,7 +179,8 @@ def layout_from_dict(data, what: str, folder: str, extra_keys=(), extra_subject_
             raise UsageError(f"{what}: {e}") from None
         subjects.append(Subject(os.path.join(folder, item["image"]), None if box is None else tuple(box),
                                 float(scale), label, mask=None if mask is None else os.path.join(folder, mask),
-                                start=start, end=end, schedule=schedule))
+                                start=start, end=end, schedule=schedule,
+                                negative_image=None if negative is None else os.path.join(folder, negative)))
     out = {"prompt": data.get("prompt"), "mode": data.get("mode"), "priority": data.get("priority"),
            "subjects": subjects}
     out.update({key: data[key] for key in extra_keys if key in data})
@@ -233,6 +241,11 @@ def check_job(job: Job, arch: str = "sdxl") -> Job:
         # reads the images and masks, checks boxes, masks, mode and priority, and the masks' size
         job.plan = prepare_subjects(job.subjects, job.mode, job.priority)
         job.height, job.width = job.plan.image_size(job.height, job.width, 16 if flux else 8)
+        # None: the pipeline's default guidance, above 1 for SD and SDXL
+        if flux:
+            job.plan.require_guidance(False, "FLUX runs here without classifier-free guidance")
+        elif job.guidance is not None:
+            job.plan.require_guidance(job.guidance > 1, f"guidance {job.guidance:g} <= 1")
         job.hashes = subject_hashes(job.subjects)     # the record's, whatever happens to the files later
     except (ValueError, TypeError) as e:
         raise job.error(str(e)) from None

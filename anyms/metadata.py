@@ -17,7 +17,8 @@ chunk (iTXt) named ``anyms`` holding a JSON record::
      "device": "cuda"}
 
 ``layout`` is a layout file (``anyms generate --help``; a subject's ``start``, ``end`` and
-``schedule`` are written only when not the defaults, 0, 1 and constant) whose paths are relative to
+``schedule`` are written only when not the defaults, 0, 1 and constant, its ``negative_image``
+with its ``negative_image_sha256`` only when it has one) whose paths are relative to
 the image's folder, plus each file's SHA-256, so ``anyms generate --from image.png``
 can make the image again and say when a subject or mask file has changed since.
 ``guidance`` is null where the pipeline's default was used. ``device`` is for the
@@ -45,13 +46,14 @@ __all__ = ["METADATA_KEY", "FORMAT", "file_sha256", "relative_path", "subject_ha
 
 METADATA_KEY = "anyms"
 FORMAT = 1
-HASH_KEYS = ("image_sha256", "mask_sha256")
+HASH_KEYS = ("image_sha256", "mask_sha256", "negative_image_sha256")
 # The schema of format 1: the keys of each object, and which of them are required.
 RECORD_KEYS = {"format", "anyms_version", "versions", "prompt", "negative_prompt", "layout", "seed", "steps",
                "guidance", "height", "width", "model", "device"}
 RECORD_OPTIONAL = {"device"}
 LAYOUT_KEYS = {"mode", "priority", "subjects"}
-SUBJECT_KEYS = {"image", "image_sha256", "box", "mask", "mask_sha256", "scale", "label", "start", "end", "schedule"}
+SUBJECT_KEYS = {"image", "image_sha256", "box", "mask", "mask_sha256", "scale", "label", "start", "end", "schedule",
+                "negative_image", "negative_image_sha256"}
 MODEL_KEYS = {"arch", "model", "ip_adapter", "image_encoder", "dtype"}
 
 
@@ -79,14 +81,16 @@ def relative_path(path: str, folder: str) -> str:
 
 
 def subject_hashes(subjects) -> List[Dict[str, str]]:
-    """The SHA-256 of each subject's files (``{"image_sha256", "mask_sha256"}``, the mask's where it
-    has one), taken when the job is checked: a file moved or changed later, while the model
-    loads or generates, costs nothing, and the record names the bytes that were read. Raises
-    ValueError naming ``subjects[i].image`` / ``.mask`` when a file cannot be read."""
+    """The SHA-256 of each subject's files (``{"image_sha256", "mask_sha256", "negative_image_sha256"}``,
+    the mask's and the negative image's where it has one), taken when the job is checked: a file
+    moved or changed later, while the model loads or generates, costs nothing, and the record
+    names the bytes that were read. Raises ValueError naming ``subjects[i].image`` / ``.mask`` /
+    ``.negative_image`` when a file cannot be read."""
     out = []
     for i, subject in enumerate(subjects):
         hashes = {}
-        for key, path in (("image", subject.image), ("mask", subject.mask)):
+        for key, path in (("image", subject.image), ("mask", subject.mask),
+                          ("negative_image", subject.negative_image)):
             if path is None:
                 continue
             try:
@@ -120,6 +124,9 @@ def subject_entry(subject, folder: str, hashes: Optional[Dict[str, str]] = None)
         entry["end"] = float(subject.end)
     if subject.schedule != "constant":
         entry["schedule"] = subject.schedule
+    if subject.negative_image is not None:
+        entry["negative_image"] = relative_path(subject.negative_image, folder)
+        entry["negative_image_sha256"] = hashes["negative_image_sha256"]
     return entry
 
 
@@ -324,6 +331,9 @@ def check_record(record: Dict[str, Any], where: str) -> None:
             raise ValueError(f"{where}: its record's {message}") from None
         if "schedule" in subject:
             choice(subject["schedule"], f"{key}.schedule", SCHEDULES)
+        if "negative_image" in subject or "negative_image_sha256" in subject:
+            text(subject.get("negative_image"), f"{key}.negative_image")
+            sha256(subject.get("negative_image_sha256"), f"{key}.negative_image_sha256")
     integer(record["seed"], "seed", 0, 2 ** 64 - 1)
     integer(record["steps"], "steps", 1, MAX_STEPS)
     guidance = record["guidance"]

@@ -91,6 +91,13 @@ class Subject:
         schedule: (keyword only) how the scale changes over the window: ``"constant"`` (the
             default), ``"linear_up"``, ``"linear_down"``, ``"ease_in"`` or ``"ease_out"``
             (the formulas: :mod:`anyms.timing`).
+        negative_image: (keyword only) an image (as ``image``) that this subject's branch sees
+            in classifier-free guidance's unconditional pass, in place of diffusers' default
+            there (a zero embedding for the 4-token adapters, the encoder's features of an
+            all-zero image for the "plus" ones): guidance then pushes the region away from
+            it. It needs a call that runs that pass: ``guidance_scale > 1`` on SD / SDXL,
+            true CFG (``true_cfg_scale > 1`` and a negative prompt) on FLUX; a call without
+            one refuses it (it could have no effect).
 
     At a step where its scale is 0 (outside its window, or ``scale=0``) a subject is absent:
     in ``overwrite`` mode the subject under it takes its tokens, as if it had not been given.
@@ -106,6 +113,7 @@ class Subject:
     start: float = field(default=0.0, kw_only=True)
     end: float = field(default=1.0, kw_only=True)
     schedule: str = field(default="constant", kw_only=True)
+    negative_image: Any = field(default=None, kw_only=True)
 
     @property
     def timed(self) -> bool:
@@ -242,6 +250,20 @@ class AnyMSPlan:
     def make_layout(self, latent_hw) -> Layout:
         return Layout([list(s.box) for s in self.subjects], latent_hw, **self.layout_args())
 
+    def negative_image_names(self) -> List[str]:
+        """``subjects[i].negative_image`` of the subjects that have one, by the user's index."""
+        return [f"subjects[{i}].negative_image"
+                for i in sorted(self.order[k] for k, s in enumerate(self.subjects) if s.negative_image is not None)]
+
+    def require_guidance(self, guided: bool, why: str) -> None:
+        """Refuse negative images in a call that runs no unconditional pass (``guided`` False):
+        there they could change nothing, and a silent no-op would hide the mistake. ``why``
+        says what turned guidance off."""
+        names = self.negative_image_names()
+        if names and not guided:
+            raise ValueError(f"{names[0]} acts only in classifier-free guidance's unconditional pass, and this "
+                             f"call runs none ({why}): leave the negative image out, or turn guidance on")
+
 
 def prepare_subjects(subjects, mode: str = "overwrite", priority: str = "order") -> AnyMSPlan:
     """Check the subjects, read their images and sort them by priority. No model work.
@@ -252,8 +274,8 @@ def prepare_subjects(subjects, mode: str = "overwrite", priority: str = "order")
     is empty, holds NaN, has another dtype than bool or real numbers, or another size
     than the other subjects' masks (:func:`anyms.layout.load_mask`); a scale that is
     not a finite number; a ``start`` / ``end`` that is not a number in ``[0, 1]``, or a
-    ``start`` after its ``end``; an unknown ``schedule``; an image that cannot be read; an
-    unknown ``anyms_mode`` or ``anyms_priority``.
+    ``start`` after its ``end``; an unknown ``schedule``; an image or a negative image that
+    cannot be read; an unknown ``anyms_mode`` or ``anyms_priority``.
 
     The checked subjects hold RGB PIL images, bool ``[H, W]`` mask tensors, and a box
     for each subject (a masked subject without one gets its mask's bounding box).
@@ -287,11 +309,14 @@ def prepare_subjects(subjects, mode: str = "overwrite", priority: str = "order")
         start, end = check_window(subject.start, subject.end, name)
         schedule = check_schedule(subject.schedule, f"{name}.schedule")
         images.append(subject.load_image(f"{name}.image"))
+        negative = None if subject.negative_image is None else _load_image(subject.negative_image,
+                                                                          f"{name}.negative_image")
         label = subject.label
         if not label:
             is_path = isinstance(subject.image, (str, os.PathLike))
             label = os.path.splitext(os.path.basename(os.fspath(subject.image)))[0] if is_path else f"subject {i}"
-        checked.append(Subject(images[-1], box, scale, label, mask=mask, start=start, end=end, schedule=schedule))
+        checked.append(Subject(images[-1], box, scale, label, mask=mask, start=start, end=end, schedule=schedule,
+                               negative_image=negative))
     order = list(range(len(checked)))
     if priority == "smaller_on_top":
         # Largest region first (bottom), smallest last (top); equal areas keep the given order.
@@ -374,7 +399,9 @@ class AnyMSPipelineMixin:
             :func:`prepare_subjects`), and also when no single IP-Adapter with its image
             encoder is loaded, ``ip_adapter_image``/``ip_adapter_image_embeds`` is
             given with ``subjects``, or a mask's size is not the image's (naming
-            ``subjects[i].mask``). The parent's own checks (height and width divisible
+            ``subjects[i].mask``), or a subject has a negative image and the call runs no
+            classifier-free guidance (``guidance_scale <= 1``, naming
+            ``subjects[i].negative_image``). The parent's own checks (height and width divisible
             by 8, ...) run next, still before any model work.
             RuntimeError, before anything else, when another call runs on this pipeline,
             or (with subjects) on its U-Net (see :class:`AnyMSPipelineMixin`).
@@ -395,6 +422,12 @@ class AnyMSPipelineMixin:
             self._anyms_check_adapter()
             call_kwargs = dict(bound.arguments)
             call_kwargs.update(call_kwargs.pop("kwargs", {}))
+            # the parent's rule for classifier-free guidance (its do_classifier_free_guidance)
+            guidance = call_kwargs.get("guidance_scale",
+                                       inspect.signature(parent_call).parameters["guidance_scale"].default)
+            distilled = self.unet.config.time_cond_proj_dim is not None
+            plan.require_guidance(float(guidance) > 1 and not distilled,
+                                  "a guidance-distilled U-Net" if distilled else f"guidance_scale {guidance:g} <= 1")
             if plan.mask_hw is not None:       # the masks fix the image size (checked before any model work)
                 call_kwargs["height"], call_kwargs["width"] = plan.image_size(
                     call_kwargs.get("height"), call_kwargs.get("width"), self.vae_scale_factor)
@@ -428,6 +461,34 @@ class AnyMSPipelineMixin:
         parts = [encode([one], device, num_images_per_prompt, output_hidden_states) for one in image]
         # the parent repeats each image's rows num_images_per_prompt times, image after image
         return torch.cat([cond for cond, _ in parts]), torch.cat([uncond for _, uncond in parts])
+
+    def prepare_ip_adapter_image_embeds(self, ip_adapter_image, ip_adapter_image_embeds, device,
+                                        num_images_per_prompt, do_classifier_free_guidance):
+        """The parent's; during an AnyMS call with guidance, a subject with a negative image has
+        that image's embedding in the unconditional half, in place of the parent's default.
+
+        The negative image goes through ``encode_image`` alone (batch 1), as the subject images
+        do, so ``--jobs``'s embedding cache serves it and every path runs the same operations.
+        The embedding is what the conditional pass would take for that image: the image
+        embedding for the 4-token adapters, the encoder's penultimate hidden states for the
+        "plus" ones.
+        """
+        embeds = super().prepare_ip_adapter_image_embeds(ip_adapter_image, ip_adapter_image_embeds, device,
+                                                         num_images_per_prompt, do_classifier_free_guidance)
+        plan = self._anyms_pending
+        if plan is None or not do_classifier_free_guidance or not plan.negative_image_names():
+            return embeds
+        from diffusers.models.embeddings import ImageProjection
+
+        (both,) = embeds                       # one adapter: [2 * B, S, ...], the unconditional half first
+        hidden = not isinstance(self.unet.encoder_hid_proj.image_projection_layers[0], ImageProjection)
+        negative, positive = both.chunk(2)
+        negative = negative.clone()
+        for s, subject in enumerate(plan.subjects):
+            if subject.negative_image is not None:
+                embedding, _ = self.encode_image([subject.negative_image], device, 1, hidden)
+                negative[:, s] = embedding[0].to(negative.dtype)
+        return [torch.cat([negative, positive])]
 
     def progress_bar(self, iterable=None, total=None):
         """The parent's; during an AnyMS call with timed subjects it first sets step 0 (see
