@@ -25,7 +25,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from .errors import LoadError, UsageError
 
-__all__ = ["parse_size", "SIZE_UNITS", "skeleton_pipeline", "plan_memory"]
+__all__ = ["parse_size", "SIZE_UNITS", "skeleton_pipeline", "skeleton_from_modules", "plan_memory"]
 
 # Decimal (kB = 1000 bytes) and binary (KiB = 1024 bytes) units; the case is part of the unit.
 SIZE_UNITS = {"B": 1, "kB": 1000, "KB": 1000, "MB": 1000 ** 2, "GB": 1000 ** 3, "TB": 1000 ** 4,
@@ -173,15 +173,13 @@ def skeleton_pipeline(sources: dict, dtype, offline: bool = False):
     ``default_sample_size``, what :func:`anyms.preflight.fit_memory` and
     :func:`anyms.loading.default_size` read. ``sources``: :attr:`anyms.loading.Run.sources` (an
     SD 1.5 or SDXL model). Reads configs and the adapter's header; no weights."""
-    import torch
-
     from .loading import TINY_MODEL
 
     parts: Dict[str, object] = {}
     if sources["model"] == TINY_MODEL:
-        from .tiny import tiny_sd15_components, tiny_sdxl_components
-
         from accelerate import init_empty_weights
+
+        from .tiny import tiny_sd15_components, tiny_sdxl_components
 
         with init_empty_weights():          # parameters on the meta device; the scheduler's tensors are real
             built = (tiny_sdxl_components if sources["arch"] == "sdxl" else tiny_sd15_components)(0)
@@ -210,10 +208,17 @@ def skeleton_pipeline(sources: dict, dtype, offline: bool = False):
             parts["image_encoder"] = _meta_component("transformers", "CLIPVisionModelWithProjection", source,
                                                      "/".join(p for p in (subfolder, "image_encoder") if p), offline)
         adapter = _adapter_shapes(sources, offline)
-    unet, vae = parts.get("unet"), parts.get("vae")
-    if unet is None or vae is None:
+    if parts.get("unet") is None or parts.get("vae") is None:
         raise LoadError(f"cannot estimate the model {sources['model']!r} for --max-memory: its model_index.json "
                         f"names no unet or no vae")
+    return skeleton_from_modules(parts, dtype, adapter)
+
+
+def skeleton_from_modules(parts: Dict[str, object], dtype, adapter=None):
+    """The pipeline :func:`skeleton_pipeline` returns, from its components (meta-device modules by
+    name, ``COMPONENTS``; ``unet`` and ``vae`` required) and the IP-Adapter's tensors (``name ->
+    (shape, dtype)``; default: the 4-token adapter's, laid out on ``unet``), in ``dtype``."""
+    unet, vae = parts["unet"], parts["vae"]
     if adapter is None:
         adapter = _structural_adapter_shapes(unet, parts["image_encoder"])
     # the adapter's layers belong to the U-Net (its processors and encoder_hid_proj)

@@ -319,3 +319,56 @@ def test_jobs_get_one_plan_for_the_largest_job(tmp_path, subject_images, capsys)
     code, out, err = run(["generate", "--jobs", str(jobs), *TINY, "--max-memory", budget,
                           "--out-dir", str(tmp_path / "out")], capsys)
     assert code == 0 and "0 made, 2 done before" in out, out + err
+
+
+# ------------------------------------------------------------------ the table of the largest sizes
+def _bench_memory():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "bench_memory.py")
+    spec = importlib.util.spec_from_file_location("bench_memory_for_tests", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_sdxl_skeleton_has_the_published_parameter_counts():
+    bench = _bench_memory()
+    pipe = bench.sdxl_skeleton(torch.float16)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    adapter = count(pipe.unet.ip_adapter)
+    # SDXL base 1.0: U-Net 2,567,463,684, VAE 83,653,863, CLIP ViT-L/14 text 123,060,480, OpenCLIP bigG text
+    # with projection 694,659,840; ip-adapter_sdxl.safetensors 703 MB and its image encoder 3.69 GB, in fp16
+    assert count(pipe.unet) - adapter == 2_567_463_684
+    assert (count(pipe.vae), count(pipe.text_encoder), count(pipe.text_encoder_2)) == \
+        (83_653_863, 123_060_480, 694_659_840)
+    assert abs(2 * adapter / 703e6 - 1) < 0.01 and abs(2 * count(pipe.image_encoder) / 3.69e9 - 1) < 0.01
+
+
+def test_the_largest_size_table(tmp_path):
+    from anyms.preflight import FEED_FORWARD_VALUES
+
+    bench = _bench_memory()
+    sides = list(range(512, 8193, 512))
+    rows = bench.fits(str(tmp_path / "fits.csv"), step=512, sides=sides)
+    assert (tmp_path / "fits.csv").read_text().count("\n") == len(rows) + 1 == 3 * 2 * 2 * 4 + 1
+
+    def side(variant, offload, tiled, gib):
+        return next(r["max_side"] for r in rows if (r["variant"], r["offload"], r["vae_tiling"], r["budget_gib"])
+                    == (variant, offload, tiled, gib))
+    for r in rows:      # the derivation: no cross-attention here holds more than the feed-forward
+        assert r["attention_values"] < FEED_FORWARD_VALUES and r["status"].startswith("estimated")
+    for variant in ("plain", "masked", "anyms"):
+        for tiled in (False, True):
+            for offload in ("none", "model"):
+                got = [side(variant, offload, tiled, g) for g in bench.FIT_BUDGETS_GIB]
+                assert got == sorted(got), (variant, offload, tiled, got)
+            for g in bench.FIT_BUDGETS_GIB:
+                assert side(variant, "model", tiled, g) >= side(variant, "none", tiled, g)
+                assert side(variant, "none", True, g) >= side(variant, "none", False, g)
+    for g in bench.FIT_BUDGETS_GIB:
+        assert side("masked", "model", True, g) <= side("anyms", "model", True, g) == side("plain", "model", True, g)
+    assert side("anyms", "model", True, 24) > 1024      # something fits
+    table = bench.fits_table(rows, True)
+    assert table.count("\n") == 7 and "| AnyMS (S=3) | model |" in table
