@@ -48,6 +48,7 @@ from .loading import (
     ARCHS, DEFAULT_IP_ADAPTER, DEFAULT_FLUX_MODEL, DEFAULT_MODEL, DTYPES, TINY_MODEL, TOY_MODEL, default_size, load_for_run,
     run_from_args, threads_for,
 )
+from .budget import plan_memory, size_argument
 from .preflight import MAX_SIDE, MAX_STEPS
 
 __all__ = ["main", "parse_subject", "build_parser"]
@@ -228,8 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--priority", choices=PRIORITIES, default=None,
                      help="who is on top where boxes overlap: order (later on top, default) or smaller_on_top")
     gen.add_argument("--vae-tiling", action="store_true", help="decode the latent in tiles (large images)")
-    gen.add_argument("--offload", choices=("none", "model", "sequential"), default="none",
-                     help="CPU offload for limited GPU memory: model (whole models) or sequential (layers)")
+    gen.add_argument("--offload", choices=("none", "model", "sequential"), default=None,
+                     help="CPU offload for limited GPU memory: model (whole models) or sequential (layers) "
+                          "(default none, or what --max-memory chooses)")
+    gen.add_argument("--max-memory", type=size_argument, default=None, metavar="SIZE",
+                     help="a budget of device memory (8GB, 12GiB, 8000MB): chooses, before loading, the dtype "
+                          "(float16 on CUDA, bfloat16 on CPUs), VAE tiling and offload that make the largest image "
+                          "fit by the estimate, says which in one line, or refuses with the smallest budget that "
+                          "would fit; --dtype, --offload and --vae-tiling given with it are kept (docs/memory.md)")
     gen.add_argument("--out", default=None, help="output image path (default anyms.png; .png records what made it)")
     gen.add_argument("--out-dir", default=None, metavar="DIR",
                      help="with --jobs: the folder of the images and manifest.jsonl (default: JOBS's name + -out, "
@@ -298,7 +305,7 @@ def _record_defaults(args, record: dict) -> None:
                           ("steps", record.get("steps")), ("guidance", record.get("guidance")),
                           ("height", record.get("height")), ("width", record.get("width")),
                           ("mode", record["layout"].get("mode")), ("priority", record["layout"].get("priority")),
-                          ("dtype", model.get("dtype"))):
+                          ("dtype", model.get("dtype")), ("max_memory", model.get("max_memory"))):
         if getattr(args, option) is None and value is not None:
             setattr(args, option, value)
     if args.model is None and model.get("model"):
@@ -351,6 +358,8 @@ def cmd_generate(args) -> int:
         check_job(job, run.arch)
     paths = output_paths(job.out, run.pictures)
     check_outputs(paths, run.overwrite)
+    if args.max_memory is not None:             # reads configs only: refuses before any weights load
+        run = plan_memory(args, run, [job])
 
     # 2. The model, and what this generation will take.
     with threads_for(run):

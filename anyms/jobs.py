@@ -46,6 +46,7 @@ from .job import (
     DEFAULT_STEPS, JOB_KEYS, Job, check_job, check_outputs, generate_image, image_record, layout_from_dict,
     memory_report, save_job, warn_unreached,
 )
+from .budget import plan_memory
 from .loading import default_size, load_for_run, run_from_args, threads_for
 from .lock import FolderBusy, FolderLock, launch_name
 from .outputs import TEMPORARY_EXTRA
@@ -331,6 +332,8 @@ def run_jobs(args) -> int:
         job.plan = None                          # re-read when it runs: thousands of jobs' images stay on disk
     check_outputs([os.path.join(out_dir, MANIFEST)], overwrite=True, what="--out-dir")
     log = _info_main(procs)
+    if args.max_memory is not None:             # one plan, for the run's largest image, before any load
+        run = plan_memory(args, run, jobs, log=log)
     # One writer per folder (the processes of one launch are one): held until the run ends.
     lock = FolderLock(out_dir, launch_name(procs.world), shared=procs.world > 1,
                       prepare=lambda: _remove_temporaries(jobs, out_dir))

@@ -51,6 +51,7 @@ class Run:
     vae_tiling: bool = False
     overwrite: bool = False
     pictures: bool = True
+    max_memory: Optional[str] = None      # --max-memory as given (its plan is in dtype, offload, vae_tiling)
 
     @property
     def arch(self) -> str:
@@ -58,7 +59,10 @@ class Run:
 
     def model_record(self) -> dict:
         """The ``"model"`` entry of an image's record."""
-        return dict(self.sources["spec"], dtype=str(self.dtype).replace("torch.", ""))
+        record = dict(self.sources["spec"], dtype=str(self.dtype).replace("torch.", ""))
+        if self.max_memory is not None:
+            record["max_memory"] = self.max_memory
+        return record
 
 
 def _resolve_device_dtype(device: str, dtype: str):
@@ -81,7 +85,8 @@ def run_from_args(args, device=None) -> Run:
     """The model and options every image of this command shares (nothing loaded)."""
     chosen = device or args.device
     device, dtype = _resolve_device_dtype(chosen, args.dtype or "auto")
-    if args.offload != "none" and device.type == "cpu":
+    offload = args.offload or "none"     # None: not given (--max-memory may choose one)
+    if offload != "none" and device.type == "cpu":
         why = (f"with --device {args.device}" if args.device != "auto"
                else "this launch runs its processes on CPUs" if chosen != args.device
                else "this machine has no CUDA device, so the run is on the CPU")
@@ -89,7 +94,7 @@ def run_from_args(args, device=None) -> Run:
                          f"there is nothing to offload")
     sources = _resolve_sources(args)
     pictures = args.pictures if args.pictures is not None else not args.jobs
-    return Run(sources, device, dtype, args.offload, args.vae_tiling, args.overwrite, pictures)
+    return Run(sources, device, dtype, offload, args.vae_tiling, args.overwrite, pictures)
 
 
 class _Hub:
@@ -268,7 +273,7 @@ def load_for_run(args, run: Run, log=None):
         run.sources["offline"] = hub.known_offline()
     t0 = time.perf_counter()
     with _loading_quietly():
-        pipe = _load_pipeline(args, run.sources, run.device, run.dtype)
+        pipe = _load_pipeline(args, run)
     if run.sources["model"] == TINY_MODEL:
         (log or console.info)(f"--model {TINY_MODEL}: the built-in tiny {run.arch} model, with RANDOM weights: "
                               f"the images are noise-like (it shows the command works, not image quality)")
@@ -276,18 +281,19 @@ def load_for_run(args, run: Run, log=None):
     return pipe
 
 
-def _load_pipeline(args, sources: dict, device, dtype):
+def _load_pipeline(args, run: Run):
     from safetensors import SafetensorError
 
     from .pipeline import AnyMSStableDiffusionPipeline, AnyMSStableDiffusionXLPipeline
 
+    sources, device, dtype = run.sources, run.device, run.dtype
     arch = sources.get("arch", args.arch or "sdxl")
     if arch == "flux":
         from .flux import AnyMSFluxPipeline as cls
     else:
         cls = AnyMSStableDiffusionXLPipeline if arch == "sdxl" else AnyMSStableDiffusionPipeline
     if sources["model"] == TINY_MODEL:
-        return _place(args, _tiny_pipeline(cls, arch), device, dtype)
+        return _place(_tiny_pipeline(cls, arch), run)
     # What a missing, malformed or mismatched checkpoint raises while loading.
     load_errors = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)
     # the Hub cannot be reached: the cache only, without asking it (no retries, no log lines)
@@ -322,7 +328,7 @@ def _load_pipeline(args, sources: dict, device, dtype):
     except load_errors as e:
         raise LoadError(f"cannot load the IP-Adapter {'/'.join(p for p in (source, subfolder, weight) if p)!r}: "
                         f"{type(e).__name__}: {e}") from None
-    return _place(args, pipe, device, dtype)
+    return _place(pipe, run)
 
 
 def _diffusers_dtype_kwarg() -> str:
@@ -344,18 +350,19 @@ def _tiny_pipeline(cls, arch: str):
     return tiny_pipeline(cls, kind=arch, plus=False, seed=0)
 
 
-def _place(args, pipe, device, dtype):
-    """VAE tiling, then the pipeline on its device and dtype (or CPU offload)."""
-    if pipe.dtype != dtype:
-        pipe.to(dtype=dtype)
-    if args.vae_tiling:
+def _place(pipe, run: Run):
+    """VAE tiling, then the pipeline on its device and dtype (or CPU offload): the run's options,
+    as given or as --max-memory chose them."""
+    if pipe.dtype != run.dtype:
+        pipe.to(dtype=run.dtype)
+    if run.vae_tiling:
         pipe.vae.enable_tiling()
-    if args.offload == "model":
-        pipe.enable_model_cpu_offload(device=device)
-    elif args.offload == "sequential":
-        pipe.enable_sequential_cpu_offload(device=device)
+    if run.offload == "model":
+        pipe.enable_model_cpu_offload(device=run.device)
+    elif run.offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=run.device)
     else:
-        pipe.to(device)
+        pipe.to(run.device)
     return pipe
 
 

@@ -13,7 +13,7 @@ chunk (iTXt) named ``anyms`` holding a JSON record::
      "seed": 0, "steps": 50, "guidance": 5.0, "height": 1024, "width": 1024,
      "model": {"arch": "sdxl", "model": "stabilityai/stable-diffusion-xl-base-1.0",
                "ip_adapter": "h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors",
-               "image_encoder": null, "dtype": "float16"},
+               "image_encoder": null, "dtype": "float16", "max_memory": "8GB"},
      "device": "cuda"}
 
 ``layout`` is a layout file (``anyms generate --help``; a subject's ``start``, ``end`` and
@@ -21,7 +21,9 @@ chunk (iTXt) named ``anyms`` holding a JSON record::
 with its ``negative_image_sha256`` only when it has one) whose paths are relative to
 the image's folder, plus each file's SHA-256, so ``anyms generate --from image.png``
 can make the image again and say when a subject or mask file has changed since.
-``guidance`` is null where the pipeline's default was used. ``device`` is for the
+``model.max_memory`` (``--max-memory`` as given) is there only where it was given: ``--from``
+plans again within it (the ``dtype`` it chose is kept). ``guidance`` is null where the
+pipeline's default was used. ``device`` is for the
 record only (``--from`` uses the machine's). Also written: ``Software``.
 
 :func:`read_record` checks a record against this schema (:func:`check_record`): every
@@ -54,7 +56,8 @@ RECORD_OPTIONAL = {"device"}
 LAYOUT_KEYS = {"mode", "priority", "subjects"}
 SUBJECT_KEYS = {"image", "image_sha256", "box", "mask", "mask_sha256", "scale", "label", "start", "end", "schedule",
                 "negative_image", "negative_image_sha256"}
-MODEL_KEYS = {"arch", "model", "ip_adapter", "image_encoder", "dtype"}
+MODEL_KEYS = {"arch", "model", "ip_adapter", "image_encoder", "dtype", "max_memory"}
+MODEL_OPTIONAL = {"max_memory"}         # --max-memory as given, where it was
 
 
 def file_sha256(path: str) -> str:
@@ -346,7 +349,7 @@ def check_record(record: Dict[str, Any], where: str) -> None:
             if isinstance(value, bool) or not isinstance(value, int):
                 fail(key, "an integer or null", value)
             checked(check_image_size, value, key)
-    model = obj(record["model"], "model", MODEL_KEYS)
+    model = obj(record["model"], "model", MODEL_KEYS, MODEL_OPTIONAL)
     choice(model["arch"], "model.arch", ARCHS)
     text(model["model"], "model.model")
     for key in ("ip_adapter", "image_encoder"):
@@ -354,6 +357,13 @@ def check_record(record: Dict[str, Any], where: str) -> None:
         if model["model"] in (TINY_MODEL, TOY_MODEL) and model[key] is not None:      # they bring their own
             fail(f"model.{key}", f"null with the {model['model']} model", model[key])
     choice(model["dtype"], "model.dtype", DTYPES)
+    if "max_memory" in model:
+        from .budget import SIZE_FORMS, parse_size
+
+        try:
+            parse_size(model["max_memory"], "model.max_memory")
+        except ValueError:
+            fail("model.max_memory", SIZE_FORMS, model["max_memory"])
     if "device" in record:
         text(record["device"], "device")
 

@@ -6,7 +6,9 @@
   from the loaded pipeline's configs, the size and the options (CFG, offload, VAE
   tiling). It is a model, not a measurement: see its docstring for what it counts.
 - :func:`fit_memory` picks, in a fixed order, the first plan (dtype, offload, VAE tiling)
-  whose estimate fits a budget, or says the smallest budget that would fit.
+  whose estimate fits a budget, within the options the caller fixed, or says the smallest
+  budget that would fit. Both read only configs and parameter shapes: they work on a pipeline
+  built on the meta device (``anyms.budget``, before any weights load).
 - :func:`unreached_subjects` lists the (subject, grid) pairs where a subject owns no
   token: in ``overwrite`` mode a subject whose cells are all covered by subjects on top
   of it vanishes at that U-Net level (the coarser the grid, the likelier).
@@ -23,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .images import MAX_SIDE
 
 __all__ = ["MAX_SIDE", "MAX_STEPS", "check_image_size", "MemoryEstimate", "estimate_peak_memory", "MemoryPlan",
-           "fit_memory", "device_memory",
+           "fit_memory", "MemoryBudgetError", "OFFLOADS", "device_memory",
            "unreached_subjects", "unreached_message"]
 
 # The SD-family schedulers are trained on 1000 timesteps; more steps than that repeat timesteps.
@@ -84,8 +86,15 @@ def _as_list(value, n: int) -> List[int]:
     return list(value) if isinstance(value, (list, tuple)) else [value] * n
 
 
-def unet_step_elements(config, latent_hw: Tuple[int, int]) -> int:
-    """Activation elements of one U-Net step for one batch element (see :func:`estimate_peak_memory`)."""
+# Values per token and channel the allocator holds at a transformer block's feed-forward (see
+# unet_step_elements): the largest transient of an attention level unless its cross-attention holds more.
+FEED_FORWARD_VALUES = 21
+
+
+def unet_step_elements(config, latent_hw: Tuple[int, int], attention_values: float = 0) -> int:
+    """Activation elements of one U-Net step for one batch element (see :func:`estimate_peak_memory`).
+    ``attention_values``: values per token and channel held at a cross-attention layer's peak,
+    where that exceeds the feed-forward's (``FEED_FORWARD_VALUES``)."""
     channels = list(config.block_out_channels)
     levels = len(channels)
     layers = _as_list(config.layers_per_block, levels)
@@ -108,7 +117,7 @@ def unet_step_elements(config, latent_hw: Tuple[int, int]) -> int:
     # and channel above the skips
     transient = 0
     for i in range(levels):
-        per_token = 21 if attention[i] else 9
+        per_token = max(FEED_FORWARD_VALUES, attention_values) if attention[i] else 9
         transient = max(transient, per_token * channels[i] * tokens[i])
     return skips + transient
 
@@ -137,7 +146,8 @@ def vae_decode_elements(config, image_hw: Tuple[int, int]) -> int:
 
 
 def estimate_peak_memory(pipe, height: int, width: int, *, cfg: bool = True, offload: str = "none",
-                         vae_tiling: bool = False, dtype=None) -> MemoryEstimate:
+                         vae_tiling: bool = False, dtype=None, attention_values: float = 0,
+                         conditioning_bytes: int = 0) -> MemoryEstimate:
     """An estimate of the peak device memory of one generation (one image).
 
     Counts: the weights on the device (every component; with ``offload="model"`` the
@@ -150,7 +160,12 @@ def estimate_peak_memory(pipe, height: int, width: int, *, cfg: bool = True, off
     assumes fused attention (no token x token score matrix), what PyTorch's SDPA runs on
     CUDA and CPU; the IP-Adapter branches and the text and image encoders' activations
     are small beside these. Weights count in ``dtype`` where it is given (the pipeline would be
-    cast to it). Checked against the CPU allocator's peak on the full-size SD 1.5 and SDXL
+    cast to it). ``attention_values``: values per token and channel a cross-attention layer holds
+    at its peak, for processors that hold more than the feed-forward's 21 (the masked sum of
+    diffusers' IP-Adapter holds fewer; benchmarks/bench_memory.py --fits); ``conditioning_bytes``:
+    bytes held on the device through the U-Net steps beside the activations (diffusers' IP-Adapter
+    masks). Only configs, parameter shapes and dtypes are read: a pipeline of meta-device modules
+    (anyms.budget) is estimated as the loaded one. Checked against the CPU allocator's peak on the full-size SD 1.5 and SDXL
     architectures in bf16 (benchmarks/bench_memory.py, docs/memory.md: within 15%) and on the
     tiny models (tests/anyms/test_preflight.py).
     """
@@ -168,7 +183,8 @@ def estimate_peak_memory(pipe, height: int, width: int, *, cfg: bool = True, off
     vae_size = 4 if upcast else size
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     latent = (math.ceil(height / factor), math.ceil(width / factor))
-    unet_act = (2 if cfg else 1) * size * unet_step_elements(unet.config, latent)
+    unet_act = (2 if cfg else 1) * size * unet_step_elements(unet.config, latent, attention_values) \
+        + int(conditioning_bytes)
     decode_hw = (height, width)
     tile = int(getattr(vae, "tile_sample_min_size", 0) or vae.config.sample_size)
     # diffusers decodes in tiles only when the latent is larger than one tile
@@ -210,8 +226,21 @@ class MemoryPlan:
         return f"memory plan: {self.options()}: estimated peak {self.estimate.describe()}"
 
 
+OFFLOADS = ("none", "model", "sequential")
+
+
+class MemoryBudgetError(ValueError):
+    """No plan fits the budget: ``smallest`` is the plan with the smallest estimated peak (its
+    ``estimate.total`` is the smallest budget that would fit)."""
+
+    def __init__(self, message: str, smallest: MemoryPlan):
+        super().__init__(message)
+        self.smallest = smallest
+
+
 def fit_memory(pipe, height: int, width: int, budget_bytes, *, cfg: bool = True,
-               half_dtype=None) -> MemoryPlan:
+               half_dtype=None, dtype=None, offloads: Sequence[str] = OFFLOADS,
+               vae_tiling: Optional[bool] = None) -> MemoryPlan:
     """The first plan, in a fixed order, whose estimated peak (:func:`estimate_peak_memory`) is
     within ``budget_bytes``; each step keeps the ones before it:
 
@@ -221,11 +250,19 @@ def fit_memory(pipe, height: int, width: int, budget_bytes, *, cfg: bool = True,
     4. model offload (one component on the device at a time);
     5. sequential offload (one layer at a time: slowest).
 
-    The order is by what each costs in speed. Attention slicing is not a step: the estimate
-    assumes fused attention (no token x token scores), where slicing saves nothing. Raises
-    ValueError naming ``budget_bytes`` when it is not a positive number, or when not even the
-    last plan fits (the message gives that plan's estimate, the smallest budget that would fit).
-    Applying the plan (``pipe.to(dtype)``, ``enable_model_cpu_offload()``, ...) is the caller's.
+    The order is by what each costs in speed. Constraints, for options the caller fixed:
+    ``dtype`` (that dtype in every step: no step 2), ``offloads`` (the offloads allowed; a step
+    whose offload is not allowed takes the first allowed instead of ``"none"``, or is skipped),
+    ``vae_tiling`` (True or False in every step). Attention slicing is not a step: the estimate
+    assumes fused attention (no token x token scores), where slicing saves nothing.
+
+    ``pipe`` needs only its components' configs and parameters' shapes and dtypes: a pipeline
+    built on the meta device (anyms.budget) is estimated as the loaded one would be.
+
+    Raises ValueError naming ``budget_bytes`` when it is not a positive number, and
+    :class:`MemoryBudgetError` (a ValueError) when no plan fits: its message gives the smallest
+    estimated peak among the plans allowed, the smallest budget that would fit. Applying the
+    plan (``pipe.to(dtype)``, ``enable_model_cpu_offload()``, ...) is the caller's.
     """
     import torch
 
@@ -234,24 +271,38 @@ def fit_memory(pipe, height: int, width: int, budget_bytes, *, cfg: bool = True,
         raise ValueError(f"budget_bytes must be a positive number of bytes, got {budget_bytes!r}")
     check_image_size(height, "height")
     check_image_size(width, "width")
-    dtype = pipe.unet.dtype
+    offloads = tuple(offloads)
+    if not offloads or any(o not in OFFLOADS for o in offloads):
+        raise ValueError(f"offloads must be a non-empty sequence of {list(OFFLOADS)}, got {offloads!r}")
     half = half_dtype or torch.float16
     if torch.empty((), dtype=half).element_size() != 2:
         raise ValueError(f"half_dtype must be a 2-byte floating dtype (float16, bfloat16), got {half_dtype}")
-    plans = [(dtype, "none", False)]
-    if torch.empty((), dtype=dtype).element_size() > 2:
-        plans.append((half, "none", False))
-    d = plans[-1][0]
-    plans += [(d, "none", True), (d, "model", True), (d, "sequential", True)]
-    plan = None
+    start = dtype or pipe.unet.dtype
+    if dtype is None and torch.empty((), dtype=start).element_size() > 2:
+        half_steps = [(start, "none", False), (half, "none", False)]
+    else:
+        half_steps = [(start, "none", False)]
+    d = half_steps[-1][0]
+    plans = []
+    for d, offload, tiled in half_steps + [(d, "none", True), (d, "model", True), (d, "sequential", True)]:
+        if offload not in offloads:
+            if offload != "none":
+                continue
+            offload = offloads[0]
+        tiled = tiled if vae_tiling is None else bool(vae_tiling)
+        if (d, offload, tiled) not in plans:
+            plans.append((d, offload, tiled))
+    tried = []
     for d, offload, tiled in plans:
         est = estimate_peak_memory(pipe, height, width, cfg=cfg, offload=offload, vae_tiling=tiled, dtype=d)
         plan = MemoryPlan(d, offload, tiled, est)
         if est.total <= budget_bytes:
             return plan
-    raise ValueError(f"budget_bytes {budget_bytes / GIB:.2f} GiB is below the smallest estimated peak of a "
-                     f"{height}x{width} generation, {plan.estimate.total / GIB:.2f} GiB "
-                     f"({plan.options()})")
+        tried.append(plan)
+    smallest = min(tried, key=lambda p: p.estimate.total)
+    raise MemoryBudgetError(f"budget_bytes {budget_bytes / GIB:.2f} GiB is below the smallest estimated peak of a "
+                            f"{height}x{width} generation, {smallest.estimate.total / GIB:.2f} GiB "
+                            f"({smallest.options()})", smallest)
 
 
 def device_memory(device) -> Optional[Tuple[int, int]]:

@@ -31,6 +31,15 @@ Rows go to benchmarks/results/memory_<cpu>_<commit>.csv (appended, one per measu
 ends); progress to --log (default: anyms_bench_memory.log in the temporary folder). --reestimate CSV
 recomputes the estimated columns with the current estimate (no step runs; ``estimate_commit``
 names the tree), --table CSV prints the Markdown table of docs/memory.md.
+
+--fits runs nothing: from the estimate alone, the largest square side within 8/12/16/24 GiB for SDXL
+in fp16 with its default IP-Adapter (text and image encoders included, from the published configs on
+the meta device, as ``anyms generate --max-memory`` builds a model): a plain IP-Adapter (one image),
+diffusers' masked IP-Adapter and AnyMS (3 subjects), each with offload none and model, VAE tiling off
+and on. The three differ where the estimate says they do: the cross-attention layer's peak (the op's
+peak over its output from the kernel benchmark's committed CSV, plus what the layer holds beside it:
+``CROSS_ATTENTION_LIVE``) against the feed-forward's (21 values per token and channel), and diffusers'
+image-size float32 masks, held through the steps.
 """
 from __future__ import annotations
 
@@ -200,6 +209,143 @@ def table(path: str) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------ --fits: the largest size in a budget
+# stabilityai/stable-diffusion-xl-base-1.0's text encoders (text_encoder/config.json: CLIP ViT-L/14's;
+# text_encoder_2/config.json: OpenCLIP ViT-bigG/14's, with its projection), and the image encoder of the
+# default adapter, h94/IP-Adapter/sdxl_models/image_encoder/config.json (OpenCLIP ViT-bigG/14's vision tower).
+SDXL_TEXT_ENCODER_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                                projection_dim=768)
+SDXL_TEXT_ENCODER_2_CONFIG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                                  num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
+                                  projection_dim=1280)
+SDXL_IMAGE_ENCODER_CONFIG = dict(hidden_size=1664, intermediate_size=8192, num_hidden_layers=48, num_attention_heads=16,
+                                 image_size=224, patch_size=14, projection_dim=1280, hidden_act="gelu")
+# The op-level peaks (peak allocated during one call / its output; fp32, CPU, 64^2 grid, S = 2, 5, 32, T = 16)
+# come from the kernel benchmark's committed run; the largest over its rows is taken.
+OP_PEAKS_CSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                            "region_attention_cpu_AMD-EPYC_2e1f2abebb_t1.csv")
+# What a cross-attention layer holds beside the op, in values per token and channel: the transformer's input
+# and its projection, the block's residual stream and its norm's output (four of the five the feed-forward's
+# 21 count beside GEGLU), and the layer's query projection.
+CROSS_ATTENTION_LIVE = 5
+# diffusers' plain IP-Adapter processor (one image, no mask), from its code: at ``hidden_states + scale *
+# ip_hidden_states`` the text branch's output, the image branch's, the scaled copy and the sum: 4 outputs.
+PLAIN_OP_PEAK = 4.0
+# diffusers' masked sum in float16: IPAdapterMaskProcessor.downsample makes the [B, N, C] mask in float32
+# (the masks' dtype), two outputs' bytes, before ``.to(query.dtype)``: one output more than the fp32 op peak.
+MASK_FP16_EXTRA = 1.0
+FIT_SUBJECTS = 3
+FIT_BUDGETS_GIB = (8, 12, 16, 24)
+FIT_FIELDS = ["variant", "subjects", "offload", "vae_tiling", "budget_gib", "max_side", "estimated_bytes",
+              "weights_bytes", "unet_bytes", "decode_bytes", "attention_values", "conditioning_bytes", "op_peak",
+              "dtype", "cfg", "batch", "step", "status", "diffusers", "commit", "date"]
+
+
+def sdxl_skeleton(dtype: torch.dtype):
+    """SDXL with its default IP-Adapter (ip-adapter_sdxl, 4 tokens, the ViT-bigG image encoder) on the meta
+    device, from the published configs: what ``anyms generate --max-memory`` builds from a model's files."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig,
+                              CLIPVisionModelWithProjection)
+
+    from anyms.budget import skeleton_from_modules
+
+    with torch.device("meta"):
+        parts = dict(unet=UNet2DConditionModel(**SDXL_UNET_CONFIG), vae=AutoencoderKL(**SDXL_VAE_CONFIG),
+                     text_encoder=CLIPTextModel(CLIPTextConfig(**SDXL_TEXT_ENCODER_CONFIG)),
+                     text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_ENCODER_2_CONFIG)),
+                     image_encoder=CLIPVisionModelWithProjection(CLIPVisionConfig(**SDXL_IMAGE_ENCODER_CONFIG)))
+    return skeleton_from_modules(parts, dtype)
+
+
+def op_peaks(path: str = OP_PEAKS_CSV) -> dict:
+    """The largest ``peak_over_out`` of each peer in the kernel benchmark's CSV."""
+    peaks: dict = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            if r.get("peak_over_out"):
+                peaks[r["peer"]] = max(peaks.get(r["peer"], 0.0), float(r["peak_over_out"]))
+    return peaks
+
+
+def fit_variants(peaks: dict) -> dict:
+    """Per variant: subjects, the cross-attention op's peak over its output, values per token and channel
+    held at the layer, and the conditioning kept on the device (bytes, a function of the image side)."""
+    return {
+        "plain": dict(subjects=1, op_peak=PLAIN_OP_PEAK, masks=False),
+        "masked": dict(subjects=FIT_SUBJECTS, op_peak=peaks["B0"] + MASK_FP16_EXTRA, masks=True),
+        "anyms": dict(subjects=FIT_SUBJECTS, op_peak=peaks["ours"], masks=False),
+    }
+
+
+def fits(out: str, step: int = 64, sides=None) -> list:
+    """The largest square side (a multiple of ``step``) whose estimated peak is within each budget: SDXL
+    in float16 (its VAE decodes in float32, as diffusers upcasts it), CFG on, batch 1, per variant
+    (``fit_variants``), offload none / model, VAE tiling off / on. A side counts only if every smaller one
+    fits too. Rows to ``out`` (CSV); returns them."""
+    import diffusers
+
+    from anyms.preflight import MAX_SIDE, estimate_peak_memory
+
+    dtype = torch.float16
+    pipe = sdxl_skeleton(dtype)
+    variants = fit_variants(op_peaks())
+    sides = sides or range(step, MAX_SIDE + 1, step)
+    rows = []
+    for name, v in variants.items():
+        attention_values = CROSS_ATTENTION_LIVE + v["op_peak"]
+        for offload in ("none", "model"):
+            for tiled in (False, True):
+                totals = []
+                for side in sides:
+                    # diffusers' masks: one float32 image-size mask per subject, on the device through the steps
+                    masks = v["subjects"] * side * side * 4 if v["masks"] else 0
+                    est = estimate_peak_memory(pipe, side, side, cfg=True, offload=offload, vae_tiling=tiled,
+                                               dtype=dtype, attention_values=attention_values,
+                                               conditioning_bytes=masks)
+                    totals.append((side, est, masks))
+                for gib in FIT_BUDGETS_GIB:
+                    best = None
+                    for side, est, masks in totals:
+                        if est.total > gib * GIB:
+                            break
+                        best = (side, est, masks)
+                    side, est, masks = best if best else (0, None, 0)
+                    rows.append(dict(
+                        variant=name, subjects=v["subjects"], offload=offload, vae_tiling=tiled, budget_gib=gib,
+                        max_side=side, estimated_bytes=est.total if est else "", weights_bytes=est.weights if est else "",
+                        unet_bytes=est.unet if est else "", decode_bytes=est.decode if est else "",
+                        attention_values=round(attention_values, 3), conditioning_bytes=masks,
+                        op_peak=round(v["op_peak"], 3), dtype="float16", cfg=True, batch=1, step=step,
+                        status="estimated, not yet measured on a GPU", diffusers=diffusers.__version__,
+                        commit=git_commit(), date=_dt.datetime.utcnow().isoformat(timespec="seconds")))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIT_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    return rows
+
+
+def fits_table(rows: list, tiled: bool = True) -> str:
+    """The rows of one VAE tiling setting as a Markdown table: a row per variant and offload, a column per
+    budget (the largest side, ``-`` where not even the smallest fits)."""
+    label = {"plain": "plain IP-Adapter (1 image)", "masked": f"diffusers' masked IP-Adapter (S={FIT_SUBJECTS})",
+             "anyms": f"AnyMS (S={FIT_SUBJECTS})"}
+    head = "| method | offload | " + " | ".join(f"{g} GiB" for g in FIT_BUDGETS_GIB) + " |"
+    lines = [head, "|---|---|" + "---|" * len(FIT_BUDGETS_GIB)]
+    for variant in label:
+        for offload in ("none", "model"):
+            cells = []
+            for gib in FIT_BUDGETS_GIB:
+                r = next(r for r in rows if r["variant"] == variant and r["offload"] == offload
+                         and str(r["vae_tiling"]) == str(tiled) and int(r["budget_gib"]) == gib)
+                cells.append(f"{r['max_side']}^2" if int(r["max_side"]) else "-")
+            lines.append(f"| {label[variant]} | {offload} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _log(path: str, line: str) -> None:
     stamp = _dt.datetime.utcnow().strftime("%H:%M:%S")
     with open(path, "a") as f:
@@ -218,8 +364,22 @@ def main(argv=None) -> int:
     ap.add_argument("--log", default=os.path.join(tempfile.gettempdir(), "anyms_bench_memory.log"))
     ap.add_argument("--reestimate", metavar="CSV", help="recompute a results CSV's estimated columns with this tree")
     ap.add_argument("--table", metavar="CSV", help="print a results CSV as a Markdown table")
+    ap.add_argument("--fits", nargs="?", const="", default=None, metavar="CSV",
+                    help="no measurement: the largest square side (multiples of 64) within 8/12/16/24 GiB by the "
+                         "estimate, SDXL fp16, plain IP-Adapter / diffusers' masked IP-Adapter / AnyMS, offload "
+                         "none / model, VAE tiling off / on; CSV (default benchmarks/results/fits_sdxl_fp16.csv), "
+                         "then Markdown tables")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)   # MODEL:SIZE, the subprocess's job
     args = ap.parse_args(argv)
+    if args.fits is not None:
+        out = args.fits or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fits_sdxl_fp16.csv")
+        rows = fits(out)
+        for tiled in (True, False):
+            print(f"\nSDXL fp16, CFG, batch 1, VAE tiling {'on' if tiled else 'off'} (estimated, not yet measured on a "
+                  f"GPU):\n")
+            print(fits_table(rows, tiled))
+        print(f"\nrows: {out}")
+        return 0
     if args.reestimate:
         reestimate(args.reestimate)
     if args.table or args.reestimate:

@@ -1,0 +1,296 @@
+"""``anyms generate --max-memory SIZE``: a memory budget, the pipeline's architecture without its
+weights, and the plan that fits the budget, chosen before any weights load.
+
+- :func:`parse_size` reads ``8GB``, ``12GiB``, ``8000MB``, ... (strictly: a number and one of
+  ``SIZE_UNITS``).
+- :func:`skeleton_pipeline` builds the run's U-Net, VAE, text and image encoders and the
+  IP-Adapter's layers on the meta device, from the model's configs (its ``model_index.json``
+  and each component's config) and the adapter's safetensors header: every parameter's shape
+  and dtype, no weights read, no memory taken.
+- :func:`plan_memory` runs :func:`anyms.preflight.fit_memory` (the validated estimate; the
+  pipeline-level API) on that skeleton for the run's largest image, within the options the
+  command line fixed (``--dtype``, ``--offload``, ``--vae-tiling`` are constraints), and returns
+  the run with the plan applied, or refuses (UsageError, exit 2) with the smallest budget that
+  would fit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import types
+from decimal import Decimal
+from typing import Dict, Optional, Sequence, Tuple
+
+from .errors import LoadError, UsageError
+
+__all__ = ["parse_size", "SIZE_UNITS", "skeleton_pipeline", "skeleton_from_modules", "plan_memory"]
+
+# Decimal (kB = 1000 bytes) and binary (KiB = 1024 bytes) units; the case is part of the unit.
+SIZE_UNITS = {"B": 1, "kB": 1000, "KB": 1000, "MB": 1000 ** 2, "GB": 1000 ** 3, "TB": 1000 ** 4,
+              "KiB": 1024, "MiB": 1024 ** 2, "GiB": 1024 ** 3, "TiB": 1024 ** 4}
+SIZE_FORMS = "a number and a unit, e.g. 8GB, 12GiB, 8000MB, 7.5GiB (units: " + ", ".join(SIZE_UNITS) + ")"
+# More than any device has: a budget above it is a typo.
+LARGEST_BUDGET = 1024 ** 5
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([A-Za-z]+)")
+GIB = 1024 ** 3
+
+
+def parse_size(text, name: str = "--max-memory") -> int:
+    """``text`` (``"8GB"``, ``"12GiB"``, ``"7.5GiB"``) in bytes (rounded down). Anything else, a
+    size of 0 bytes or one above 1 PiB is a ValueError naming ``name``."""
+    match = _SIZE.fullmatch(text) if isinstance(text, str) else None
+    if match is None or match.group(2) not in SIZE_UNITS:
+        raise ValueError(f"{name}: {text!r} is not a size: give {SIZE_FORMS}")
+    size = int(Decimal(match.group(1)) * SIZE_UNITS[match.group(2)])
+    if size < 1:
+        raise ValueError(f"{name}: {text!r} is less than one byte")
+    if size > LARGEST_BUDGET:
+        raise ValueError(f"{name}: {text!r} is above 1 PiB, more than any device has")
+    return size
+
+
+def size_argument(text: str) -> str:
+    """argparse's ``type=`` for --max-memory: the text as given (what the image's record keeps), checked."""
+    import argparse
+
+    try:
+        parse_size(text, "")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).lstrip(": ")) from None
+    return text
+
+
+# ------------------------------------------------------------------ the skeleton
+_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def _meta_tensors(shapes: Dict[str, Tuple[Tuple[int, ...], str]]):
+    """A module holding one meta parameter per ``name -> (shape, dtype)``, each in a child of its own
+    (the layers a sequential offload moves one at a time are single weights here, as in the adapter)."""
+    import torch
+
+    root = torch.nn.Module()
+    for i, (shape, dtype) in enumerate(shapes.values()):
+        leaf = torch.nn.Module()
+        leaf.weight = torch.nn.Parameter(torch.empty(shape, dtype=getattr(torch, dtype), device="meta"),
+                                         requires_grad=False)
+        root.add_module(str(i), leaf)
+    return root
+
+
+def _header_shapes(path: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    """``name -> (shape, dtype)`` of a safetensors file, from its header (no tensor read)."""
+    from safetensors import safe_open
+
+    out = {}
+    with safe_open(path, framework="pt") as f:
+        for key in f.keys():
+            piece = f.get_slice(key)
+            out[key] = (tuple(piece.get_shape()), _DTYPES.get(piece.get_dtype(), "float32"))
+    return out
+
+
+def _adapter_shapes(sources: dict, offline: bool) -> Optional[Dict[str, Tuple[Tuple[int, ...], str]]]:
+    """The IP-Adapter's tensors from its safetensors header: a local file, the Hugging Face cache,
+    or (online) the Hub's header range. None for a weight file that is not safetensors."""
+    source, subfolder, weight = sources["ip_adapter"]
+    if not weight.endswith(".safetensors"):
+        return None
+    local = os.path.join(source, subfolder, weight)
+    if os.path.isfile(local):
+        return _header_shapes(local)
+    filename = "/".join(p for p in (subfolder, weight) if p)
+    from huggingface_hub import get_safetensors_metadata, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(source, filename)
+    if isinstance(cached, str):
+        return _header_shapes(cached)
+    if offline:
+        raise LoadError(f"cannot read the IP-Adapter {source}/{filename!r} for --max-memory: it is not in the "
+                        f"Hugging Face cache and the Hub cannot be reached")
+    try:
+        meta = get_safetensors_metadata(source, filename)
+    except Exception as e:       # any failure of the header request: not found, refused, no network
+        raise LoadError(f"cannot read the IP-Adapter {source}/{filename!r}'s header for --max-memory: "
+                        f"{type(e).__name__}: {e}") from None
+    return {name: (tuple(info.shape), _DTYPES.get(info.dtype, "float32"))
+            for file in meta.files_metadata.values() for name, info in file.tensors.items()}
+
+
+def _structural_adapter_shapes(unet, image_encoder) -> Dict[str, Tuple[Tuple[int, ...], str]]:
+    """The 4-token IP-Adapter's tensors as ``load_ip_adapter`` lays them out on ``unet``: a key and a
+    value projection beside every cross-attention layer's, and an ``ImageProjection``. For an adapter
+    whose file has no readable header (the tiny model's is made in memory; a pickled .bin)."""
+    import torch
+    from diffusers.models.embeddings import ImageProjection
+
+    cross = unet.config.cross_attention_dim
+    shapes = {}
+    for name, module in unet.named_modules():
+        if name.endswith("attn2"):
+            for which in ("to_k_ip", "to_v_ip"):
+                shapes[f"{name}.{which}"] = ((module.to_k.out_features, cross), "float32")
+    with torch.device("meta"):
+        proj = ImageProjection(image_embed_dim=image_encoder.config.projection_dim, cross_attention_dim=cross,
+                               num_image_text_embeds=4)
+    for key, value in proj.state_dict().items():
+        shapes[f"image_proj.{key}"] = (tuple(value.shape), "float32")
+    return shapes
+
+
+def _meta_component(library: str, class_name: str, model: str, subfolder: str, offline: bool):
+    """One component on the meta device, from its config (``model/subfolder/config.json``)."""
+    import importlib
+
+    import torch
+
+    cls = getattr(importlib.import_module(library), class_name, None)
+    if cls is None:
+        raise LoadError(f"cannot estimate the model {model!r}: its {subfolder} is a {library}.{class_name}, which "
+                        f"this {library} does not have")
+    try:
+        if library == "diffusers":
+            config = cls.load_config(model, subfolder=subfolder, local_files_only=offline)
+            with torch.device("meta"):
+                return cls.from_config(config)
+        config = cls.config_class.from_pretrained(model, subfolder=subfolder or None, local_files_only=offline)
+        with torch.device("meta"):
+            return cls(config)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LoadError(f"cannot read the config of {model!r}'s {subfolder or 'model'} for --max-memory: "
+                        f"{type(e).__name__}: {e}") from None
+
+
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "image_encoder")
+
+
+def skeleton_pipeline(sources: dict, dtype, offline: bool = False):
+    """The run's pipeline on the meta device, in ``dtype``: ``unet`` (with the IP-Adapter's layers),
+    ``vae``, ``text_encoder``, ``text_encoder_2``, ``image_encoder``, ``vae_scale_factor`` and
+    ``default_sample_size``, what :func:`anyms.preflight.fit_memory` and
+    :func:`anyms.loading.default_size` read. ``sources``: :attr:`anyms.loading.Run.sources` (an
+    SD 1.5 or SDXL model). Reads configs and the adapter's header; no weights."""
+    from .loading import TINY_MODEL
+
+    parts: Dict[str, object] = {}
+    if sources["model"] == TINY_MODEL:
+        from accelerate import init_empty_weights
+
+        from .tiny import tiny_sd15_components, tiny_sdxl_components
+
+        with init_empty_weights():          # parameters on the meta device; the scheduler's tensors are real
+            built = (tiny_sdxl_components if sources["arch"] == "sdxl" else tiny_sd15_components)(0)
+        parts = {name: built.get(name) for name in COMPONENTS}
+        adapter = None
+    else:
+        from diffusers import DiffusionPipeline
+
+        model = sources["model"]
+        try:
+            index = DiffusionPipeline.load_config(model, local_files_only=offline)
+        except (OSError, ValueError) as e:
+            raise LoadError(f"cannot read the model {model!r}'s model_index.json for --max-memory: "
+                            f"{type(e).__name__}: {e}") from None
+        for name in COMPONENTS:
+            entry = index.get(name)
+            if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] and entry[1]:
+                parts[name] = _meta_component(entry[0], entry[1], model, name, offline)
+        if sources.get("image_encoder"):
+            source, subfolder = sources["image_encoder"]
+            parts["image_encoder"] = _meta_component("transformers", "CLIPVisionModelWithProjection", source,
+                                                     subfolder, offline)
+        elif parts.get("image_encoder") is None:
+            # load_ip_adapter's default: the image_encoder folder beside the adapter's weights
+            source, subfolder, _ = sources["ip_adapter"]
+            parts["image_encoder"] = _meta_component("transformers", "CLIPVisionModelWithProjection", source,
+                                                     "/".join(p for p in (subfolder, "image_encoder") if p), offline)
+        adapter = _adapter_shapes(sources, offline)
+    if parts.get("unet") is None or parts.get("vae") is None:
+        raise LoadError(f"cannot estimate the model {sources['model']!r} for --max-memory: its model_index.json "
+                        f"names no unet or no vae")
+    return skeleton_from_modules(parts, dtype, adapter)
+
+
+def skeleton_from_modules(parts: Dict[str, object], dtype, adapter=None):
+    """The pipeline :func:`skeleton_pipeline` returns, from its components (meta-device modules by
+    name, ``COMPONENTS``; ``unet`` and ``vae`` required) and the IP-Adapter's tensors (``name ->
+    (shape, dtype)``; default: the 4-token adapter's, laid out on ``unet``), in ``dtype``."""
+    unet, vae = parts["unet"], parts["vae"]
+    if adapter is None:
+        adapter = _structural_adapter_shapes(unet, parts["image_encoder"])
+    # the adapter's layers belong to the U-Net (its processors and encoder_hid_proj)
+    unet.add_module("ip_adapter", _meta_tensors(adapter))
+    for module in parts.values():
+        if module is not None:
+            module.to(dtype)
+    return types.SimpleNamespace(**{name: parts.get(name) for name in COMPONENTS},
+                                 vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
+                                 default_sample_size=unet.config.sample_size)
+
+
+# ------------------------------------------------------------------ the plan
+def _size_up(size: int) -> str:
+    """``size`` bytes as a --max-memory value that fits it: rounded up to 0.1 GiB, or to a MiB below 1 GiB."""
+    if size < GIB:
+        return f"{math.ceil(size / 1024 ** 2)}MiB"
+    return f"{math.ceil(size / GIB * 10) / 10:.1f}GiB"
+
+
+def plan_memory(args, run, jobs: Sequence, log=None):
+    """The run with the plan of ``args.max_memory`` applied (dtype, offload, VAE tiling, and the
+    budget for the record), for the largest of ``jobs``' images (one plan for the whole run: its
+    model loads once); prints the choice in one line. Refuses (UsageError naming --max-memory)
+    where nothing fits, before any weights load."""
+    import torch
+
+    from . import console
+    from .loading import default_size
+    from .preflight import OFFLOADS, MemoryBudgetError, fit_memory
+
+    budget = parse_size(args.max_memory)
+    if run.arch == "flux":
+        raise UsageError("--max-memory: the memory estimate models the U-Net pipelines (SD 1.5, SDXL), not FLUX; "
+                         "leave --max-memory out (and choose --offload yourself)")
+    hub = run.sources.get("hub")
+    if hub is not None:
+        for what, repo, filename in run.sources["needs"]:
+            hub.require(what, repo, filename)
+    skeleton = skeleton_pipeline(run.sources, run.dtype, offline=hub is not None and hub.known_offline())
+    height0, width0 = default_size(skeleton)
+    sizes = [(job.height or height0, job.width or width0) for job in jobs]
+    height, width = max(sizes, key=lambda hw: hw[0] * hw[1])
+    cfg = any(job.guidance is None or job.guidance > 1 for job in jobs)
+    # the options given on the command line are constraints
+    fixed = []
+    dtype = None
+    if args.dtype not in (None, "auto"):
+        dtype = run.dtype
+        fixed.append(f"--dtype {args.dtype}")
+    if args.offload is not None:
+        offloads = (args.offload,)
+        fixed.append(f"--offload {args.offload}")
+    else:      # on a CPU there is nothing to offload to
+        offloads = OFFLOADS if run.device.type == "cuda" else ("none",)
+    if args.vae_tiling:
+        fixed.append("--vae-tiling")
+    half = torch.float16 if run.device.type == "cuda" else torch.bfloat16
+    try:
+        plan = fit_memory(skeleton, height, width, budget, cfg=cfg, half_dtype=half, dtype=dtype,
+                          offloads=offloads, vae_tiling=True if args.vae_tiling else None)
+    except MemoryBudgetError as e:
+        least = e.smallest
+        within = f" within {', '.join(fixed)}" if fixed else ""
+        weights = (f"; the weights alone take {least.estimate.weights / GIB:.2f} GiB on the device even so"
+                   if budget < least.estimate.weights else "")
+        raise UsageError(f"--max-memory {args.max_memory}: a {width}x{height} generation on {run.device} needs an "
+                         f"estimated {least.estimate.total / GIB:.2f} GiB at the least ({least.options()}{within})"
+                         f"{weights}; give --max-memory {_size_up(least.estimate.total)} or more, or a smaller size"
+                         ) from None
+    (log or console.info)(f"--max-memory {args.max_memory}: {plan.options()} (estimated peak "
+                          f"{plan.estimate.total / GIB:.2f} GiB for {width}x{height}"
+                          f"{', the largest job' if len(jobs) > 1 else ''})")
+    return dataclasses.replace(run, dtype=plan.dtype, offload=plan.offload, vae_tiling=plan.vae_tiling,
+                               max_memory=args.max_memory)
