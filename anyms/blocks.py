@@ -51,7 +51,7 @@ import re
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 __all__ = ["PRESETS", "BlockWeights", "check_blocks", "resolve_blocks", "layer_weight", "model_blocks",
-           "preset_blocks"]
+           "preset_blocks", "blocks_entry"]
 
 PRESETS = ("all", "style", "layout", "style_and_layout")
 
@@ -96,6 +96,19 @@ def check_blocks(value, name: str) -> Union[None, str, Tuple[Tuple[str, float], 
             raise ValueError(f"{name}[{block!r}] must be a finite number (the block's weight), got {weight!r}")
         out[block] = float(weight)
     return tuple(sorted(out.items()))
+
+
+def blocks_entry(value):
+    """A checked selection as a layout file writes it (JSON): None for every block (``"all"``
+    too: the key is left out), a preset's name, a list of names, or ``{name: weight}``."""
+    check_blocks(value, "blocks")
+    if value is None or value == "all":
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        return {str(k): float(v) for k, v in value.items()}
+    return [str(v) for v in value]
 
 
 def _covers(block: str, layer: str) -> bool:

@@ -11,10 +11,12 @@ from . import console
 from .errors import GenerationError, UsageError
 from .loading import Run, default_size
 from .preflight import MAX_STEPS
+from .blocks import check_blocks
 from .timing import check_schedule, check_window
 
 __all__ = ["Job", "check_job", "read_layout_file", "layout_from_dict", "output_paths", "check_outputs",
            "generate_image", "image_record", "save_job", "write_pictures", "warn_unreached", "memory_report",
+           "check_blocks_on_model", "parse_blocks",
            "LAYOUT_SCHEMA", "JOBS_SCHEMA"]
 
 MODES = ("overwrite", "sum")
@@ -27,10 +29,11 @@ layout file (--layout FILE.json); image paths are relative to the file:
     "prompt": "a dog and a cat on a sofa",    optional; the PROMPT argument wins
     "mode": "overwrite",                      optional; --mode wins
     "priority": "order",                      optional; --priority wins
+    "blocks": "all",                          optional; --blocks wins
     "subjects": [                             required, at least one
       {"image": "dog.png", "box": [0.05, 0.3, 0.5, 0.95], "scale": 1.0, "label": "dog"},
       {"image": "cat.png", "mask": "cat_mask.png",
-       "start": 0.0, "end": 0.6, "schedule": "linear_down"}
+       "start": 0.0, "end": 0.6, "schedule": "linear_down", "blocks": "style"}
     ]
   }
 Each subject needs "box" or "mask" (or both: the mask is the region, the box only
@@ -46,11 +49,15 @@ are fractions of the denoising steps: step i of N acts when start <= i/N and
 (default "constant"; "linear_up", "linear_down", "ease_in", "ease_out") shapes the
 scale over that window, with p the step's progress in it: 1, p, 1 - p, p^2,
 1 - (1 - p)^2. Outside its window (or at scale 0) a subject is absent: the subject
-under it takes its tokens. No other keys are allowed.
+under it takes its tokens. "blocks" (a subject's, else the top level's; default "all")
+picks the model blocks its image acts on: a preset ("all", "style", "layout",
+"style_and_layout"; FLUX: "all" only), a list of block names ["up_blocks.0.attentions.1"]
+or an object {"block name": weight}; elsewhere the subject is absent. No other keys
+are allowed.
 """
 
-LAYOUT_KEYS = {"prompt", "mode", "priority", "subjects"}
-SUBJECT_KEYS = {"image", "box", "mask", "scale", "label", "start", "end", "schedule"}
+LAYOUT_KEYS = {"prompt", "mode", "priority", "subjects", "blocks"}
+SUBJECT_KEYS = {"image", "box", "mask", "scale", "label", "start", "end", "schedule", "blocks"}
 
 JOBS_SCHEMA = """\
 jobs file (--jobs FILE.jsonl): one JSON object a line (blank lines are skipped), each a
@@ -88,6 +95,7 @@ class Job:
     height: Optional[int] = None
     width: Optional[int] = None
     negative_prompt: Optional[str] = None
+    blocks: Any = None              # the blocks of subjects without their own (anyms.blocks); None: all
     out: str = "anyms.png"
     where: str = ""                 # "" on the command line, "--jobs FILE:LINE" for a job
     index: int = 0
@@ -134,6 +142,10 @@ def layout_from_dict(data, what: str, folder: str, extra_keys=(), extra_subject_
     for key in ("prompt", "mode", "priority"):
         if key in data and data[key] is not None and not isinstance(data[key], str):
             raise UsageError(f"{what}: \"{key}\" must be a string")
+    try:
+        check_blocks(data.get("blocks"), '"blocks"')
+    except ValueError as e:
+        raise UsageError(f"{what}: {e}") from None
     items = data.get("subjects")
     if not isinstance(items, list) or not items:
         raise UsageError(f"{what}: \"subjects\" must be a non-empty list")
@@ -168,15 +180,32 @@ def layout_from_dict(data, what: str, folder: str, extra_keys=(), extra_subject_
         try:      # a JSON number only: a string "0.5" is refused as check_window refuses it
             start, end = check_window(item.get("start", 0.0), item.get("end", 1.0), f"subjects[{i}]")
             schedule = check_schedule(item.get("schedule", "constant"), f"subjects[{i}].schedule")
+            check_blocks(item.get("blocks"), f"subjects[{i}].blocks")
         except ValueError as e:
             raise UsageError(f"{what}: {e}") from None
         subjects.append(Subject(os.path.join(folder, item["image"]), None if box is None else tuple(box),
                                 float(scale), label, mask=None if mask is None else os.path.join(folder, mask),
-                                start=start, end=end, schedule=schedule))
+                                start=start, end=end, schedule=schedule, blocks=item.get("blocks")))
     out = {"prompt": data.get("prompt"), "mode": data.get("mode"), "priority": data.get("priority"),
-           "subjects": subjects}
+           "subjects": subjects, "blocks": data.get("blocks")}
     out.update({key: data[key] for key in extra_keys if key in data})
     return out
+
+
+def parse_blocks(text: str):
+    """``--blocks``: a preset name, or block names (dotted) separated by commas -> a preset or a list.
+    A bare word is a preset's name: an unknown one is refused here, before any model loads."""
+    from .blocks import PRESETS
+
+    if text in PRESETS or ("." not in text and "," not in text):
+        value = text
+    else:
+        value = [name.strip() for name in text.split(",")]
+    try:
+        check_blocks(value, "--blocks")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return value
 
 
 def _integer(value, name: str, low: int, high: Optional[int] = None) -> int:
@@ -230,8 +259,12 @@ def check_job(job: Job, arch: str = "sdxl") -> Job:
                 raise UsageError(f"{job.name(key)} must be a multiple of 16 for FLUX (it packs the latent 2x2), "
                                  f"got {value}")
     try:
+        check_blocks(job.blocks, job.name("blocks"))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:
         # reads the images and masks, checks boxes, masks, mode and priority, and the masks' size
-        job.plan = prepare_subjects(job.subjects, job.mode, job.priority)
+        job.plan = prepare_subjects(job.subjects, job.mode, job.priority, job.blocks)
         job.height, job.width = job.plan.image_size(job.height, job.width, 16 if flux else 8)
         job.hashes = subject_hashes(job.subjects)     # the record's, whatever happens to the files later
     except (ValueError, TypeError) as e:
@@ -285,6 +318,27 @@ def _routing_grids(pipe, layout):
     return cross_attention_grids(pipe.unet, layout.latent_hw)
 
 
+def check_blocks_on_model(pipe, job: Job) -> None:
+    """The job's block names and presets against the loaded model (:func:`anyms.blocks.resolve_blocks`):
+    a name with no IP-Adapter layer there, or a preset the model has no blocks for, is a UsageError
+    naming ``subjects[i].blocks`` (or ``--blocks`` / the job's ``"blocks"``). Names only: no model work."""
+    from .blocks import resolve_blocks
+    from .branches import adapter_layers
+
+    layers = adapter_layers(pipe)
+    if job.blocks is not None and any(s.blocks is None for s in job.subjects):
+        try:
+            resolve_blocks(job.blocks, layers, job.name("blocks"))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    for i, subject in enumerate(job.subjects):
+        if subject.blocks is not None:
+            try:
+                resolve_blocks(subject.blocks, layers, f"subjects[{i}].blocks")
+            except ValueError as e:
+                raise job.error(str(e)) from None
+
+
 def warn_unreached(pipe, job: Job, warn=None) -> List[str]:
     """Warn, one line per subject, where a subject gets no token at some level; returns the lines."""
     from .preflight import unreached_message, unreached_subjects
@@ -321,6 +375,7 @@ def generate_image(pipe, job: Job, run: Run):
     import torch
 
     call = dict(subjects=job.subjects, anyms_mode=job.mode, anyms_priority=job.priority,
+                anyms_blocks=job.blocks,
                 negative_prompt=job.negative_prompt, height=job.height, width=job.width,
                 num_inference_steps=job.steps, generator=torch.Generator("cpu").manual_seed(job.seed))
     if job.guidance is not None:
@@ -344,7 +399,7 @@ def image_record(pipe, job: Job, run: Run, image=None) -> dict:
         guidance = getattr(pipe, "guidance_scale", None)     # the pipeline's default, as it ran
     record = build_record(
         prompt=job.prompt, negative_prompt=job.negative_prompt, subjects=job.subjects, mode=job.mode,
-        priority=job.priority, seed=job.seed, steps=job.steps, guidance=guidance,
+        priority=job.priority, blocks=job.blocks, seed=job.seed, steps=job.steps, guidance=guidance,
         height=image.height if image is not None else job.height,
         width=image.width if image is not None else job.width,
         model=run.model_record(), folder=os.path.dirname(os.path.abspath(job.out)),
