@@ -159,17 +159,22 @@ def preset_blocks(preset: str, layers: Sequence[str]) -> List[str]:
         ups = sorted(i for kind, i in attentions if kind == "up")
         if not ups:
             raise ValueError(f"the preset {preset!r} needs a U-Net decoder block with attentions (up_blocks.N), "
-                             f"and this model has none: give block names")
+                             f"and this model has none: give block names{_example(layers)}")
         n = sorted(attentions[("up", ups[0])])
         out.append(f"up_blocks.{ups[0]}.attentions.{n[len(n) // 2]}")
     if preset in ("layout", "style_and_layout"):
         downs = sorted(i for kind, i in attentions if kind == "down")
         if not downs:
             raise ValueError(f"the preset {preset!r} needs a U-Net encoder block with attentions (down_blocks.N), "
-                             f"and this model has none: give block names")
+                             f"and this model has none: give block names{_example(layers)}")
         n = sorted(attentions[("down", downs[-1])])
         out.append(f"down_blocks.{downs[-1]}.attentions.{n[-1]}")
     return out
+
+
+def _example(layers) -> str:
+    blocks = model_blocks(layers)
+    return f" (its blocks: {blocks[0]} ... {blocks[-1]})" if blocks else ""
 
 
 def resolve_blocks(value, layers: Sequence[str], name: str) -> BlockWeights:
