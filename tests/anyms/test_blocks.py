@@ -290,3 +290,161 @@ def test_changing_scales_do_not_recompile_with_blocks(subject_images):
     assert layout.subject_scale("cpu", layers[1]).tolist()[1] == 0.0
     assert layout.subject_scale("cpu", layers[0]).tolist()[1] == pytest.approx(
         layout.subject_scale("cpu").tolist()[1] * 0.5)
+
+
+# ------------------------------------------------------------------ layout file, CLI, jobs, record
+TINY = ["--model", "tiny", "--height", "64", "--width", "64", "--steps", "2", "--device", "cpu", "--no-pictures"]
+
+
+def no_loading(*args, **kwargs):
+    raise AssertionError("a model was loaded before the input was checked")
+
+
+BAD_FILE = [({"blocks": "styel"}, r"subjects\[1\]\.blocks must be a preset"),
+            ({"blocks": []}, r"subjects\[1\]\.blocks is empty"),
+            ({"blocks": {"up_blocks.0": True}}, r"subjects\[1\]\.blocks\['up_blocks.0'\] must be a finite number")]
+
+
+@pytest.mark.parametrize("bad,message", BAD_FILE, ids=[str(b) for b, _ in BAD_FILE])
+@pytest.mark.parametrize("source", ["--layout", "--jobs"])
+def test_bad_blocks_in_a_file_are_one_line_exit_2_before_loading(tmp_path, subject_images, capsys, monkeypatch,
+                                                                 bad, message, source):
+    import json
+    import re
+
+    from anyms import cli, loading
+
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
+    subject_images[0].save(tmp_path / "s.png")
+    good = {"image": "s.png", "box": list(LOW)}
+    job = {"prompt": "a", "subjects": [good, {**good, "box": list(HIGH), **bad}]}
+    if source == "--layout":
+        (tmp_path / "layout.json").write_text(json.dumps(job))
+        argv = ["--layout", str(tmp_path / "layout.json"), "--out", str(tmp_path / "x.png")]
+        where = r"--layout .*layout\.json.*: "
+    else:
+        (tmp_path / "jobs.jsonl").write_text(json.dumps({"prompt": "a", "subjects": [good]}) + "\n" + json.dumps(job))
+        argv = ["--jobs", str(tmp_path / "jobs.jsonl"), "--out-dir", str(tmp_path / "out")]
+        where = r"--jobs .*jobs\.jsonl:2: "
+    code = cli.main(["generate", *argv, "--model", "tiny", "--steps", "2", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and re.search(where + message, err), err
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option,message", [
+    ("styel", r"--blocks must be a preset .* 'styel' is not a preset"),
+    ("up blocks.0", r"--blocks: 'up blocks.0' is not a block name"),
+    ("up_blocks.0,", r"--blocks: '' is not a block name")])
+def test_bad_blocks_option_is_one_line_exit_2_before_loading(tmp_path, subject_images, capsys, monkeypatch,
+                                                             option, message):
+    import re
+
+    from anyms import cli, loading
+
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
+    subject_images[0].save(tmp_path / "s.png")
+    code = cli.main(["generate", "a", "--subject", f"{tmp_path / 's.png'}:0,0,1,1", "--blocks", option,
+                     *TINY, "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and re.search(message, err), err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_block_the_model_lacks_is_exit_2_after_loading_with_nothing_written(tmp_path, subject_images, capsys):
+    import json
+
+    from anyms import cli
+
+    subject_images[0].save(tmp_path / "s.png")
+    good = {"image": "s.png", "box": list(LOW)}
+    (tmp_path / "layout.json").write_text(json.dumps({"prompt": "a", "subjects": [
+        good, {**good, "blocks": ["up_blocks.0", "up_blocks.7"]}]}))
+    code = cli.main(["generate", "--layout", str(tmp_path / "layout.json"), *TINY, "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "subjects[1].blocks: the model has no IP-Adapter layer in block 'up_blocks.7'" in err, err
+    assert not (tmp_path / "x.png").exists()
+    code = cli.main(["generate", "--layout", str(tmp_path / "layout.json"), *TINY, "--blocks", "down_blocks.0",
+                     "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--blocks: the model has no IP-Adapter layer in block 'down_blocks.0'" in err, err
+    # --jobs: every job's blocks are checked once the model is loaded, before any image is made
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"prompt": "a", "subjects": [good]}) + "\n"
+                                         + json.dumps({"prompt": "a", "subjects": [good], "blocks": ["mid_block.x"]}))
+    code = cli.main(["generate", "--jobs", str(tmp_path / "jobs.jsonl"), *TINY, "--out-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "jobs.jsonl:2: \"blocks\": the model has no IP-Adapter layer in block 'mid_block.x'" in err, err
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_blocks_are_recorded_and_from_makes_the_same_image(tmp_path, subject_images, capsys):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from anyms import cli
+
+    subject_images[0].save(tmp_path / "a.png")
+    subject_images[1].save(tmp_path / "b.png")
+    layout = {"prompt": "a cat and a dog", "blocks": "style", "subjects": [
+        {"image": "a.png", "box": list(LOW)},
+        {"image": "b.png", "box": list(HIGH), "blocks": {"up_blocks.0": 0.5, "down_blocks.2": 1.0}}]}
+    (tmp_path / "layout.json").write_text(json.dumps(layout))
+    out, again, plain = tmp_path / "blocks.png", tmp_path / "again.png", tmp_path / "plain.png"
+    assert cli.main(["generate", "--layout", str(tmp_path / "layout.json"), *TINY, "--out", str(out)]) == 0
+    record = json.loads(Image.open(out).text["anyms"])
+    assert record["layout"]["blocks"] == "style"
+    assert "blocks" not in record["layout"]["subjects"][0]
+    assert record["layout"]["subjects"][1]["blocks"] == {"up_blocks.0": 0.5, "down_blocks.2": 1.0}
+    assert cli.main(["generate", "--from", str(out), "--device", "cpu", "--no-pictures", "--out", str(again)]) == 0
+    assert json.loads(Image.open(again).text["anyms"])["layout"] == record["layout"]
+    np.testing.assert_array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
+    # --blocks wins over the file's top level ("all": the first subject acts everywhere)
+    assert cli.main(["generate", "--layout", str(tmp_path / "layout.json"), *TINY, "--blocks", "all",
+                     "--out", str(plain)]) == 0
+    capsys.readouterr()
+    assert "blocks" not in json.loads(Image.open(plain).text["anyms"])["layout"]
+    assert np.abs(np.asarray(Image.open(plain), dtype=int) - np.asarray(Image.open(out))).max() > 0
+
+
+def test_a_jobs_line_with_blocks_resumes_and_a_changed_selection_is_not_done(tmp_path, subject_images, capsys):
+    import json
+
+    from anyms import cli
+
+    subject_images[0].save(tmp_path / "a.png")
+    job = {"prompt": "two", "out": "x.png", "subjects": [{"image": "a.png", "box": list(LOW), "blocks": "layout"}]}
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps(job) + "\n")
+    argv = ["generate", "--jobs", str(jobs), *TINY, "--out-dir", str(tmp_path / "out")]
+    assert cli.main(argv) == 0
+    assert cli.main(argv) == 0
+    lines = (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["status"] == "skipped"
+    job["subjects"][0]["blocks"] = "style"
+    jobs.write_text(json.dumps(job) + "\n")
+    assert cli.main(argv) == 2
+    assert "made from something else (layout" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"blocks": "wobble"}, r'"layout.subjects\[0\].blocks" must be a preset'),
+    ({"blocks": []}, r'"layout.subjects\[0\].blocks" is empty')])
+def test_the_record_schema_checks_the_blocks(tmp_path, subject_images, bad, message):
+    from anyms.metadata import build_record, check_record
+
+    subject_images[0].save(tmp_path / "s.png")
+    record = build_record(prompt="a", negative_prompt=None, subjects=[Subject(str(tmp_path / "s.png"), LOW)],
+                          mode="overwrite", priority="order", seed=0, steps=2, guidance=None, height=64, width=64,
+                          model={"arch": "sdxl", "model": "tiny", "ip_adapter": None, "image_encoder": None,
+                                 "dtype": "float32"}, folder=str(tmp_path), device="cpu", blocks="all")
+    check_record(record, "--from 'x.png'")
+    assert "blocks" not in record["layout"] and "blocks" not in record["layout"]["subjects"][0]
+    record["layout"]["subjects"][0].update(bad)
+    with pytest.raises(ValueError, match=r"^--from 'x.png': its record's " + message):
+        check_record(record, "--from 'x.png'")
+    record["layout"]["subjects"][0].pop("blocks")
+    record["layout"]["blocks"] = 7
+    with pytest.raises(ValueError, match=r'^--from \'x.png\': its record\'s "layout.blocks" must be a preset'):
+        check_record(record, "--from 'x.png'")
