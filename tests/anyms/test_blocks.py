@@ -65,7 +65,8 @@ SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5: diffusers' UNet2DConditionM
 def test_presets_are_instantstyle_blocks_on_sdxl_and_the_same_rule_on_sd15():
     sdxl = _cross_attention_layers(SDXL_UNET)
     assert len(sdxl) == 70
-    # diffusers' InstantStyle recipe: style {"up": {"block_0": [0.0, 1.0, 0.0]}}, layout {"down": {"block_2": [0.0, 1.0]}}
+    # diffusers' InstantStyle recipe: style {"up": {"block_0": [0.0, 1.0, 0.0]}},
+    # layout {"down": {"block_2": [0.0, 1.0]}}
     assert preset_blocks("style", sdxl) == ["up_blocks.0.attentions.1"]
     assert preset_blocks("layout", sdxl) == ["down_blocks.2.attentions.1"]
     assert preset_blocks("style_and_layout", sdxl) == ["up_blocks.0.attentions.1", "down_blocks.2.attentions.1"]
@@ -90,8 +91,9 @@ def test_presets_of_the_toy_world_and_flux(pipe):
     flux = adapter_layers(tiny_flux_pipeline(AnyMSFluxPipeline))
     assert model_blocks(flux) == ["transformer_blocks.0", "transformer_blocks.1"]     # double-stream only
     for preset in ("style", "layout"):
-        with pytest.raises(ValueError, match=r"^subjects\[0\]\.blocks: the preset .* and this model has none: give "
-                                             r"block names \(its blocks: transformer_blocks\.0 \.\.\. transformer_blocks\.1\)"):
+        with pytest.raises(ValueError, match=r"^subjects\[0\]\.blocks: the preset .* and this model has none: "
+                                             r"give block names \(its blocks: transformer_blocks\.0 \.\.\. "
+                                             r"transformer_blocks\.1\)"):
             resolve_blocks(preset, flux, "subjects[0].blocks")
     assert resolve_blocks("all", flux, "x") is None
 
@@ -252,7 +254,8 @@ def test_an_unselected_subject_is_absent_from_that_layers_routing(pipe, subject_
 def test_changing_scales_do_not_recompile_with_blocks(subject_images):
     """The op compiled (fullgraph) for two layers of different groups over a timed layout: the
     schedules' new values each step reuse the graph (the group's scale tensors are rewritten in place)."""
-    layers = ["up_blocks.0.attentions.0.transformer_blocks.0.attn2", "down_blocks.1.attentions.0.transformer_blocks.0.attn2"]
+    layers = ["up_blocks.0.attentions.0.transformer_blocks.0.attn2",
+              "down_blocks.1.attentions.0.transformer_blocks.0.attn2"]
     layout = Layout([list(LOW), list(HIGH)], (6, 10), scales=[0.7, 0.8], schedules=["linear_up", "ease_out"],
                     blocks=[None, {"up_blocks": 0.5}])
     layout.prepare("cpu", levels=1).bind_layers(layers)
@@ -373,7 +376,8 @@ def test_a_block_the_model_lacks_is_exit_2_after_loading_with_nothing_written(tm
                                          + json.dumps({"prompt": "a", "subjects": [good], "blocks": ["mid_block.x"]}))
     code = cli.main(["generate", "--jobs", str(tmp_path / "jobs.jsonl"), *TINY, "--out-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert code == 2 and "jobs.jsonl:2: \"blocks\": the model has no IP-Adapter layer in block 'mid_block.x'" in err, err
+    assert code == 2 and "jobs.jsonl:2: \"blocks\": the model has no IP-Adapter layer in block 'mid_block.x'" in err, \
+        err
     assert not list((tmp_path / "out").glob("*.png"))
 
 
@@ -448,3 +452,34 @@ def test_the_record_schema_checks_the_blocks(tmp_path, subject_images, bad, mess
     record["layout"]["blocks"] = 7
     with pytest.raises(ValueError, match=r'^--from \'x.png\': its record\'s "layout.blocks" must be a preset'):
         check_record(record, "--from 'x.png'")
+
+
+# ------------------------------------------------------------------ FLUX
+def test_flux_blocks_equal_diffusers_with_per_block_scales(subject_images):
+    """FLUX: a full-image subject on transformer_blocks.0 only == FluxPipeline with the IP-Adapter's
+    scale 0 at transformer_blocks.1 (set by hand: FLUX's set_ip_adapter_scale takes no dict);
+    every block at weight 0 == scale 0, exactly."""
+    from diffusers import FluxPipeline
+
+    from anyms.flux import AnyMSFluxPipeline
+    from anyms.tiny_flux import tiny_flux_pipeline
+
+    ours, theirs = tiny_flux_pipeline(AnyMSFluxPipeline, seed=0), tiny_flux_pipeline(FluxPipeline, seed=0)
+    size = dict(height=128, width=128)
+    img = subject_images[0]
+    everywhere = run(theirs, ip_adapter_image=img, **size)
+    theirs.transformer.attn_processors["transformer_blocks.1.attn.processor"].scale = [0.0]
+    try:
+        want = run(theirs, ip_adapter_image=img, **size)
+    finally:
+        theirs.set_ip_adapter_scale(1.0)
+    got = run(ours, subjects=[Subject(img, FULL, blocks=["transformer_blocks.0"])], **size)
+    # float32 CPU, the fused op against diffusers' SDPA (test_flux.py's bound)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+    assert (want - everywhere).abs().max() > 1e-3
+    a, b = subject_images[:2]
+    absent = run(ours, subjects=[Subject(a, LOW), Subject(b, HIGH, scale=0.0)], **size)
+    nowhere = run(ours, subjects=[Subject(a, LOW), Subject(b, HIGH, blocks={"transformer_blocks": 0.0})], **size)
+    assert torch.equal(nowhere, absent)
+    with pytest.raises(ValueError, match=r"^anyms_blocks: the preset 'layout' needs a U-Net encoder block"):
+        run(ours, subjects=[Subject(a, LOW)], anyms_blocks="layout", **size)
