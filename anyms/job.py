@@ -300,7 +300,7 @@ def check_outputs(paths, overwrite: bool, what: str = "--out") -> None:
 
 def job_layout(pipe, job: Job, height: int, width: int):
     """The :class:`~anyms.Layout` the pipeline will build for ``job`` at ``height x width``."""
-    plan = job.plan
+    plan = job.plan.resolve_blocks(pipe)
     if getattr(pipe, "unet", None) is None:           # FLUX
         from .flux import flux_layout
 

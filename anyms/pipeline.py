@@ -124,6 +124,10 @@ class Subject:
         return _load_image(self.image, name)
 
 
+def _every_block(blocks) -> bool:
+    return blocks is None or (isinstance(blocks, str) and blocks == "all")
+
+
 def _load_image(image, name: str) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB")
@@ -214,7 +218,13 @@ class AnyMSPlan:
                     masks=masks if any(m is not None for m in masks) else None,
                     windows=[(s.start, s.end) for s in self.subjects],
                     schedules=[s.schedule for s in self.subjects])
-        if self.resolved_blocks is not None and any(b is not None for b in self.resolved_blocks):
+        if self.resolved_blocks is None:      # never run a selection as "every block" silently
+            given = [i for i, s in zip(self.order, self.subjects) if not _every_block(s.blocks)]
+            if given or not _every_block(self.blocks):
+                name = f"subjects[{given[0]}].blocks" if given else "anyms_blocks"
+                raise ValueError(f"{name} selects blocks, which need the model's layer names: call "
+                                 f"plan.resolve_blocks(model) before making the layout")
+        elif any(b is not None for b in self.resolved_blocks):
             args["blocks"] = list(self.resolved_blocks)
         return args
 

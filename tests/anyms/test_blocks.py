@@ -483,3 +483,17 @@ def test_flux_blocks_equal_diffusers_with_per_block_scales(subject_images):
     assert torch.equal(nowhere, absent)
     with pytest.raises(ValueError, match=r"^anyms_blocks: the preset 'layout' needs a U-Net encoder block"):
         run(ours, subjects=[Subject(a, LOW)], anyms_blocks="layout", **size)
+
+
+def test_a_plan_with_blocks_makes_no_layout_before_they_are_resolved(pipe, subject_images):
+    """A caller that builds the layout without resolving the names (e.g. tiled upscaling, which
+    does not take blocks) gets an error naming the subject, not a layout acting on every block."""
+    a, b = subject_images[:2]
+    plan = prepare_subjects([Subject(a, LOW), Subject(b, HIGH, blocks="style")])
+    with pytest.raises(ValueError, match=r"^subjects\[1\]\.blocks selects blocks, which need the model's layer"):
+        plan.make_layout((8, 8))
+    with pytest.raises(ValueError, match=r"^anyms_blocks selects blocks"):
+        prepare_subjects([Subject(a, LOW)], blocks=["up_blocks"]).make_layout((8, 8))
+    assert prepare_subjects([Subject(a, LOW, blocks="all")]).make_layout((8, 8)).has_blocks is False
+    layout = plan.resolve_blocks(pipe).make_layout((8, 8))
+    assert layout.blocks == (None, (("up_blocks.0.attentions.1", 1.0),))
