@@ -156,7 +156,9 @@ def attention_modules(model) -> Iterator[torch.nn.Module]:
 
 
 def named_attention_modules(model) -> Iterator[Tuple[str, torch.nn.Module]]:
-    """``(name, module)`` of every attention module of the model that carries a processor."""
+    """``(name, module)`` of every attention module of the model that carries a processor, named as
+    in the model (``down_blocks.2.attentions.1.transformer_blocks.0.attn2``, also under torch.compile)."""
+    model = getattr(model, "_orig_mod", model)              # torch.compile's wrapper: the module it wraps
     for name, module in model.named_modules():
         if hasattr(module, "get_processor") and hasattr(module, "set_processor") and hasattr(module, "processor"):
             yield name, module
@@ -167,7 +169,6 @@ def adapter_layers(pipe_or_unet) -> List[str]:
     layers a subject's ``blocks`` choose among (``up_blocks.0.attentions.1.transformer_blocks.0.attn2``,
     FLUX's ``transformer_blocks.7.attn``)."""
     model = _model_of(pipe_or_unet)
-    model = getattr(model, "_orig_mod", model)              # torch.compile's wrapper: the module it wraps
     return [name for name, module in named_attention_modules(model)
             if isinstance(module.processor, AnyMSBranches) or type(module.processor) in _ANYMS_FOR]
 
@@ -180,13 +181,17 @@ def apply_anyms(pipe_or_unet, layout: Optional[Layout] = None):
     AnyMS subclass sharing its ``to_k_ip``/``to_v_ip`` modules and scale; the original
     object is kept for :func:`remove_anyms`. Idempotent: processors that are already
     AnyMS stay as they are. Every AnyMS processor's layout is set to ``layout`` (None:
-    they behave like plain IP-Adapter until :func:`set_anyms_layout`).
+    they behave like plain IP-Adapter until :func:`set_anyms_layout`), and its
+    ``layer_name`` to its attention module's name (what a layout's ``blocks`` select).
 
     Returns the U-Net (or transformer). Raises ``ValueError`` if no IP-Adapter is loaded,
     ``TypeError`` for an argument of the wrong type.
     """
     model = _model_of(pipe_or_unet)
     check_layout(layout)
+    layers = adapter_layers(model)
+    if layout is not None and layers:     # its block names checked before any processor takes it
+        layout.bind_layers(layers)
     found = False
     unknown = set()
     for name, module in named_attention_modules(model):
@@ -212,8 +217,6 @@ def apply_anyms(pipe_or_unet, layout: Optional[Layout] = None):
         )
     for cls in set(_ANYMS_FOR.values()):
         cls._anyms_applied(model)
-    if layout is not None:
-        layout.bind_layers(adapter_layers(model))
     return model
 
 

@@ -497,3 +497,26 @@ def test_a_plan_with_blocks_makes_no_layout_before_they_are_resolved(pipe, subje
     assert prepare_subjects([Subject(a, LOW, blocks="all")]).make_layout((8, 8)).has_blocks is False
     layout = plan.resolve_blocks(pipe).make_layout((8, 8))
     assert layout.blocks == (None, (("up_blocks.0.attentions.1", 1.0),))
+
+
+@pytest.mark.slow
+def test_a_compiled_unet_with_blocks_is_the_eager_call_and_compiles_once_per_active_set(pipe, subject_images):
+    """torch.compile(pipe.unet, fullgraph=True): the processors are named as in the eager U-Net (the
+    wrapper's "_orig_mod." prefix is not part of a layer's name), a schedule changing every step with
+    a subject on some blocks reuses the graph, and the result is the eager one (aot_eager)."""
+    a, b = subject_images[:2]
+    subjects = [Subject(a, LOW, schedule="linear_down"), Subject(b, HIGH, scale=0.8, blocks={"up_blocks.0": 0.5})]
+    want = run(pipe, subjects=subjects, num_inference_steps=4)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager_unet = pipe.unet
+    pipe.unet = torch.compile(eager_unet, fullgraph=True, backend="aot_eager")
+    try:
+        assert adapter_layers(pipe) == adapter_layers(eager_unet)
+        got = run(pipe, subjects=subjects, num_inference_steps=4)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        pipe.unet = eager_unet
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert graphs == 1          # one active set per group at every step: one graph
