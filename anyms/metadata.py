@@ -18,8 +18,8 @@ chunk (iTXt) named ``anyms`` holding a JSON record::
      "device": "cuda"}
 
 ``layout`` is a layout file (``anyms generate --help``; a subject's ``start``, ``end`` and
-``schedule`` are written only when not the defaults, 0, 1 and constant; ``blocks``, the layout's
-and a subject's, only when given and not ``"all"``) whose paths are relative to
+``schedule`` are written only when not the defaults, 0, 1 and constant; ``blocks``, a subject's
+when given, the layout's when given and not ``"all"``) whose paths are relative to
 the image's folder, plus each file's SHA-256, so ``anyms generate --from image.png``
 can make the image again and say when a subject or mask file has changed since.
 ``guidance`` is null where the pipeline's default was used. ``device`` is for the
@@ -126,9 +126,9 @@ def subject_entry(subject, folder: str, hashes: Optional[Dict[str, str]] = None)
         entry["end"] = float(subject.end)
     if subject.schedule != "constant":
         entry["schedule"] = subject.schedule
-    blocks = blocks_entry(getattr(subject, "blocks", None))
-    if blocks is not None:
-        entry["blocks"] = blocks
+    blocks = getattr(subject, "blocks", None)
+    if blocks is not None:          # "all" too: it overrides the layout's "blocks" for this subject
+        entry["blocks"] = blocks_entry(blocks) or "all"
     return entry
 
 

@@ -393,7 +393,8 @@ def test_blocks_are_recorded_and_from_makes_the_same_image(tmp_path, subject_ima
     subject_images[1].save(tmp_path / "b.png")
     layout = {"prompt": "a cat and a dog", "blocks": "style", "subjects": [
         {"image": "a.png", "box": list(LOW)},
-        {"image": "b.png", "box": list(HIGH), "blocks": {"up_blocks.0": 0.5, "down_blocks.2": 1.0}}]}
+        {"image": "b.png", "box": list(HIGH), "blocks": {"up_blocks.0": 0.5, "down_blocks.2": 1.0}},
+        {"image": "a.png", "box": [0.2, 0.2, 0.5, 0.5], "scale": 0.5, "blocks": "all"}]}   # "all" wins over "style"
     (tmp_path / "layout.json").write_text(json.dumps(layout))
     out, again, plain = tmp_path / "blocks.png", tmp_path / "again.png", tmp_path / "plain.png"
     assert cli.main(["generate", "--layout", str(tmp_path / "layout.json"), *TINY, "--out", str(out)]) == 0
@@ -401,6 +402,7 @@ def test_blocks_are_recorded_and_from_makes_the_same_image(tmp_path, subject_ima
     assert record["layout"]["blocks"] == "style"
     assert "blocks" not in record["layout"]["subjects"][0]
     assert record["layout"]["subjects"][1]["blocks"] == {"up_blocks.0": 0.5, "down_blocks.2": 1.0}
+    assert record["layout"]["subjects"][2]["blocks"] == "all"
     assert cli.main(["generate", "--from", str(out), "--device", "cpu", "--no-pictures", "--out", str(again)]) == 0
     assert json.loads(Image.open(again).text["anyms"])["layout"] == record["layout"]
     np.testing.assert_array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
