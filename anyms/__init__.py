@@ -25,6 +25,7 @@ _EXPORTS = {
     "remove_anyms": "branches",
     "set_anyms_layout": "branches",
     "anyms_attention": "branches",
+    "adapter_layers": "branches",
     "Layout": "layout",
     "Subject": "pipeline",
     "AnyMSStableDiffusionXLPipeline": "pipeline",
@@ -75,7 +76,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never run
     from .layout import Layout
     from .flux import AnyMSFluxAttnProcessor, AnyMSFluxPipeline, flux_layout
     from .pipeline import AnyMSStableDiffusionPipeline, AnyMSStableDiffusionXLPipeline, Subject
-    from .branches import anyms_attention, apply_anyms, remove_anyms, set_anyms_layout
+    from .branches import adapter_layers, anyms_attention, apply_anyms, remove_anyms, set_anyms_layout
     from .processor import AnyMSAttnProcessor
     from .upscale import tiled_upscale
     from .visualize import draw_layout, subject_maps

@@ -27,7 +27,7 @@ import anyms_kernels
 
 from .layout import Layout
 
-__all__ = ["AnyMSBranches", "apply_anyms", "remove_anyms", "set_anyms_layout", "anyms_attention"]
+__all__ = ["AnyMSBranches", "apply_anyms", "remove_anyms", "set_anyms_layout", "anyms_attention", "adapter_layers"]
 
 # diffusers IP-Adapter processor class -> the AnyMS processor class that replaces it
 _ANYMS_FOR: Dict[type, type] = {}
@@ -53,6 +53,9 @@ class AnyMSBranches:
 
     layout: Optional[Layout]
     backend: str
+    # the attention module's name in the model (``up_blocks.0.attentions.1.transformer_blocks.0.attn2``),
+    # set by apply_anyms: which of the layout's subjects act here (Layout(blocks=...))
+    layer_name: Optional[str] = None
 
     def __init_subclass__(cls, replaces: Optional[type] = None, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -103,7 +106,8 @@ class AnyMSBranches:
         )
 
     def _subject_scale(self, layout: Layout, device) -> torch.Tensor:
-        """lambda_s = (layout.scales[s] at this step) * self.scale[0], cached (eagerly) while neither changes."""
+        """lambda_s = (layout.scales[s] at this step and layer) * self.scale[0], cached (eagerly) while
+        neither changes."""
         ip_scale = self.scale[0]
         if isinstance(ip_scale, (list, tuple)):
             if len(ip_scale) != layout.num_subjects:
@@ -119,13 +123,13 @@ class AnyMSBranches:
             # traced, the product is part of the graph and reads the layout's scale tensor, whose
             # values set_step rewrites in place: no cache (reading or writing one would guard on
             # the step and retrace at the next one)
-            return layout.subject_scale(device) * factor.to(device)
+            return layout.subject_scale(device, self.layer_name) * factor.to(device)
         cache = self._scale_cache
         if (cache is not None and cache[0] is layout and cache[1] == device and cache[2] == key
-                and cache[3] == layout.version):
+                and cache[3] == layout.version and cache[5] == self.layer_name):
             return cache[4]
-        scale = layout.subject_scale(device) * factor.to(device)
-        self._scale_cache = (layout, device, key, layout.version, scale)
+        scale = layout.subject_scale(device, self.layer_name) * factor.to(device)
+        self._scale_cache = (layout, device, key, layout.version, scale, self.layer_name)
         return scale
 
 
@@ -147,9 +151,26 @@ def _model_of(pipe_or_unet):
 
 def attention_modules(model) -> Iterator[torch.nn.Module]:
     """Every attention module of the model that carries a processor (as ``model.attn_processors`` sees)."""
-    for module in model.modules():
+    for _, module in named_attention_modules(model):
+        yield module
+
+
+def named_attention_modules(model) -> Iterator[Tuple[str, torch.nn.Module]]:
+    """``(name, module)`` of every attention module of the model that carries a processor, named as
+    in the model (``down_blocks.2.attentions.1.transformer_blocks.0.attn2``, also under torch.compile)."""
+    model = getattr(model, "_orig_mod", model)              # torch.compile's wrapper: the module it wraps
+    for name, module in model.named_modules():
         if hasattr(module, "get_processor") and hasattr(module, "set_processor") and hasattr(module, "processor"):
-            yield module
+            yield name, module
+
+
+def adapter_layers(pipe_or_unet) -> List[str]:
+    """The names of the attention modules whose processor is an IP-Adapter's (or AnyMS's): the
+    layers a subject's ``blocks`` choose among (``up_blocks.0.attentions.1.transformer_blocks.0.attn2``,
+    FLUX's ``transformer_blocks.7.attn``)."""
+    model = _model_of(pipe_or_unet)
+    return [name for name, module in named_attention_modules(model)
+            if isinstance(module.processor, AnyMSBranches) or type(module.processor) in _ANYMS_FOR]
 
 
 def apply_anyms(pipe_or_unet, layout: Optional[Layout] = None):
@@ -160,22 +181,28 @@ def apply_anyms(pipe_or_unet, layout: Optional[Layout] = None):
     AnyMS subclass sharing its ``to_k_ip``/``to_v_ip`` modules and scale; the original
     object is kept for :func:`remove_anyms`. Idempotent: processors that are already
     AnyMS stay as they are. Every AnyMS processor's layout is set to ``layout`` (None:
-    they behave like plain IP-Adapter until :func:`set_anyms_layout`).
+    they behave like plain IP-Adapter until :func:`set_anyms_layout`), and its
+    ``layer_name`` to its attention module's name (what a layout's ``blocks`` select).
 
     Returns the U-Net (or transformer). Raises ``ValueError`` if no IP-Adapter is loaded,
     ``TypeError`` for an argument of the wrong type.
     """
     model = _model_of(pipe_or_unet)
     check_layout(layout)
+    layers = adapter_layers(model)
+    if layout is not None and layers:     # its block names checked before any processor takes it
+        layout.bind_layers(layers)
     found = False
     unknown = set()
-    for module in attention_modules(model):
+    for name, module in named_attention_modules(model):
         proc = module.processor
         if isinstance(proc, AnyMSBranches):
             proc.layout = layout
+            proc.layer_name = name
             found = True
         elif type(proc) in _ANYMS_FOR:
             module.set_processor(_ANYMS_FOR[type(proc)].from_ip_adapter_processor(proc, layout))
+            module.processor.layer_name = name
             found = True
         elif type(proc).__name__ in _DEFINED_IN:
             unknown.add(type(proc).__name__)
@@ -200,6 +227,8 @@ def set_anyms_layout(pipe_or_unet, layout: Optional[Layout]):
     procs = [m.processor for m in attention_modules(model) if isinstance(m.processor, AnyMSBranches)]
     if not procs:
         raise ValueError("pipe_or_unet has no AnyMS processors: call apply_anyms(pipe_or_unet) first")
+    if layout is not None:        # before any processor takes it: a layout naming no layer changes nothing
+        layout.bind_layers([p.layer_name for p in procs if p.layer_name is not None])
     for proc in procs:
         proc.layout = layout
     return model

@@ -41,7 +41,8 @@ from .console import emit, one_line
 from .demo import cmd_demo
 from .errors import GenerationError, LoadError, UsageError
 from .job import (
-    DEFAULT_STEPS, JOBS_SCHEMA, LAYOUT_SCHEMA, MODES, PRIORITIES, Job, check_job, check_outputs, generate_image,
+    DEFAULT_STEPS, JOBS_SCHEMA, LAYOUT_SCHEMA, MODES, PRIORITIES, Job, check_blocks_on_model, check_job,
+    check_outputs, generate_image, parse_blocks,
     layout_from_dict, memory_report, output_paths, read_layout_file, save_job, warn_unreached,
 )
 from .loading import (
@@ -226,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=DTYPES, default=None, help="auto (default): float16 on CUDA, float32 elsewhere")
     gen.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     gen.add_argument("--mode", choices=MODES, default=None, help="overwrite (AnyMS, default) or sum (Eq. 7)")
+    gen.add_argument("--blocks", default=None, metavar="PRESET",
+                     help="the model blocks every subject's image acts on (a subject's own \"blocks\" in --layout "
+                          "wins): all (default), style, layout or style_and_layout (anyms.blocks; FLUX: all), "
+                          "or dotted block names, comma-separated (up_blocks.0.attentions.1,down_blocks.2)")
     gen.add_argument("--priority", choices=PRIORITIES, default=None,
                      help="who is on top where boxes overlap: order (later on top, default) or smaller_on_top")
     gen.add_argument("--vae-tiling", action="store_true", help="decode the latent in tiles (large images)")
@@ -291,6 +296,7 @@ def _job_from_args(args) -> Job:
                   "subjects": [parse_subject(spec, i) for i, spec in enumerate(args.subject)]}
     return Job(prompt=args.prompt if args.prompt is not None else layout["prompt"],
                subjects=layout["subjects"], mode=args.mode or layout["mode"] or "overwrite",
+               blocks=parse_blocks(args.blocks) if args.blocks is not None else layout.get("blocks"),
                priority=args.priority or layout["priority"] or "order",
                seed=args.seed if args.seed is not None else 0,
                steps=args.steps if args.steps is not None else DEFAULT_STEPS, guidance=args.guidance,
@@ -364,6 +370,8 @@ def cmd_generate(args) -> int:
     # 2. The model, and what this generation will take.
     with threads_for(run):
         pipe = load_for_run(args, run)
+        with _naming_the_record(args):
+            check_blocks_on_model(pipe, job)
         height, width = job.height or default_size(pipe)[0], job.width or default_size(pipe)[1]
         memory_report(pipe, run, height, width, cfg=job.guidance is None or job.guidance > 1)
         warn_unreached(pipe, job)

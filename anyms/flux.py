@@ -69,16 +69,16 @@ def flux_latent_hw(height: int, width: int, vae_scale_factor: int = 8) -> Tuple[
 
 
 def flux_layout(boxes=None, height: int = 1024, width: int = 1024, scales=1.0, mode: str = "overwrite",
-                masks=None, vae_scale_factor: int = 8, windows=None, schedules=None) -> Layout:
+                masks=None, vae_scale_factor: int = 8, windows=None, schedules=None, blocks=None) -> Layout:
     """A :class:`~anyms.Layout` for a FLUX generation of ``height x width`` pixels.
 
     Its token grid is ``(height // 16) x (width // 16)``, the transformer's image tokens.
-    ``boxes``, ``scales``, ``mode``, ``masks``, ``windows`` and ``schedules`` are
+    ``boxes``, ``scales``, ``mode``, ``masks``, ``windows``, ``schedules`` and ``blocks`` are
     :class:`~anyms.Layout`'s; masks are at the image's resolution (``height x width``, a
     multiple of 16 on each side).
     """
     return Layout(boxes, flux_latent_hw(height, width, vae_scale_factor), scales=scales, mode=mode, masks=masks,
-                  patch=FLUX_PATCH, windows=windows, schedules=schedules)
+                  patch=FLUX_PATCH, windows=windows, schedules=schedules, blocks=blocks)
 
 
 # ---------------------------------------------------------------------- processor
@@ -247,7 +247,7 @@ class AnyMSFluxAttnProcessor(AnyMSBranches, FluxIPAdapterAttnProcessor, replaces
         k_subj, v_subj = k_subj.permute(0, 3, 1, 2, 4), v_subj.permute(0, 3, 1, 2, 4)   # [B, H, S, T, D] views
         if k_subj.dtype != ip_query.dtype:        # e.g. an image projection kept in float32
             k_subj, v_subj = k_subj.to(ip_query.dtype), v_subj.to(ip_query.dtype)
-        grid, routing = layout.routing(num_tokens, ip_query.device)
+        grid, routing = layout.routing(num_tokens, ip_query.device, self.layer_name)
         out = self._attend(layout, grid, routing, ip_query.transpose(1, 2), None, None, k_subj, v_subj)
         # [B, H, N, D], laid out like ip_query: [B, N, H, D]
         return out.transpose(1, 2).reshape(batch_size, num_tokens, heads * head_dim)
@@ -298,7 +298,8 @@ class AnyMSFluxPipeline(FluxPipeline):
     anyms_last_plan: Optional[AnyMSPlan] = None
 
     def __call__(self, prompt=None, *args, subjects: Optional[Sequence[Subject]] = None,
-                 anyms_mode: Optional[str] = None, anyms_priority: Optional[str] = None, **kwargs):
+                 anyms_mode: Optional[str] = None, anyms_priority: Optional[str] = None, anyms_blocks=None,
+                 **kwargs):
         """FluxPipeline's call, plus AnyMS's arguments.
 
         Args:
@@ -308,6 +309,9 @@ class AnyMSFluxPipeline(FluxPipeline):
                 each side; ``height`` and ``width`` default to it.
             anyms_mode: ``"overwrite"`` (AnyMS, the default) or ``"sum"``.
             anyms_priority: ``"order"`` (the default) or ``"smaller_on_top"``.
+            anyms_blocks: the double-stream blocks every subject without its own ``blocks``
+                acts on: ``"all"`` (the default) or names / weights of ``transformer_blocks.N``
+                (:mod:`anyms.blocks`; FLUX has no style / layout presets).
             negative_ip_adapter_image: with ``true_cfg_scale > 1`` and a negative prompt
                 (diffusers' true CFG), the image each region takes in the unconditional
                 pass: one image for every subject, or a list of S. Default, as diffusers: a
@@ -332,12 +336,13 @@ class AnyMSFluxPipeline(FluxPipeline):
         """
         with _one_call_at_a_time(self, with_subjects=subjects is not None):
             return self._anyms_call(prompt, *args, subjects=subjects, anyms_mode=anyms_mode,
-                                    anyms_priority=anyms_priority, **kwargs)
+                                    anyms_priority=anyms_priority, anyms_blocks=anyms_blocks, **kwargs)
 
-    def _anyms_call(self, prompt, *args, subjects, anyms_mode, anyms_priority, **kwargs):
+    def _anyms_call(self, prompt, *args, subjects, anyms_mode, anyms_priority, anyms_blocks=None, **kwargs):
         parent_call = super().__call__
         if subjects is None:
-            for name, value in (("anyms_mode", anyms_mode), ("anyms_priority", anyms_priority)):
+            for name, value in (("anyms_mode", anyms_mode), ("anyms_priority", anyms_priority),
+                                ("anyms_blocks", anyms_blocks)):
                 if value is not None:
                     raise ValueError(f"{name} was given without subjects; give subjects=[anyms.Subject(...)]")
             return parent_call(prompt, *args, **kwargs)
@@ -350,7 +355,7 @@ class AnyMSFluxPipeline(FluxPipeline):
         if arguments.get("negative_ip_adapter_image_embeds") is not None:
             raise ValueError("negative_ip_adapter_image_embeds cannot be given with subjects: give "
                              "negative_ip_adapter_image (one image, or one per subject) instead")
-        plan = prepare_subjects(subjects, anyms_mode or "overwrite", anyms_priority or "order")
+        plan = prepare_subjects(subjects, anyms_mode or "overwrite", anyms_priority or "order", anyms_blocks)
         negatives = _negative_images(arguments.get("negative_ip_adapter_image"), plan)
         own = plan.negative_image_names()
         if own and negatives is not None:
@@ -360,6 +365,7 @@ class AnyMSFluxPipeline(FluxPipeline):
             black = _black_image()
             negatives = [black if s.negative_image is None else s.negative_image for s in plan.subjects]
         self._anyms_check_adapter()
+        plan.resolve_blocks(self.transformer)
         if plan.mask_hw is not None:       # the masks fix the image size (checked before any model work)
             arguments["height"], arguments["width"] = plan.image_size(
                 arguments.get("height"), arguments.get("width"), FLUX_PATCH * self.vae_scale_factor)

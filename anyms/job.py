@@ -11,10 +11,12 @@ from . import console
 from .errors import GenerationError, UsageError
 from .loading import Run, default_size
 from .preflight import MAX_STEPS
+from .blocks import check_blocks
 from .timing import check_schedule, check_window
 
 __all__ = ["Job", "check_job", "read_layout_file", "layout_from_dict", "output_paths", "check_outputs",
            "generate_image", "image_record", "save_job", "write_pictures", "warn_unreached", "memory_report",
+           "check_blocks_on_model", "parse_blocks",
            "LAYOUT_SCHEMA", "JOBS_SCHEMA"]
 
 MODES = ("overwrite", "sum")
@@ -27,10 +29,11 @@ layout file (--layout FILE.json); image paths are relative to the file:
     "prompt": "a dog and a cat on a sofa",    optional; the PROMPT argument wins
     "mode": "overwrite",                      optional; --mode wins
     "priority": "order",                      optional; --priority wins
+    "blocks": "all",                          optional; --blocks wins
     "subjects": [                             required, at least one
       {"image": "dog.png", "box": [0.05, 0.3, 0.5, 0.95], "scale": 1.0, "label": "dog"},
       {"image": "cat.png", "mask": "cat_mask.png",
-       "start": 0.0, "end": 0.6, "schedule": "linear_down", "negative_image": "blur.png"}
+       "start": 0.0, "end": 0.6, "schedule": "linear_down", "negative_image": "blur.png", "blocks": "style"}
     ]
   }
 Each subject needs "box" or "mask" (or both: the mask is the region, the box only
@@ -50,11 +53,14 @@ under it takes its tokens. "negative_image" (a path) is what the subject's branc
 sees in classifier-free guidance's unconditional pass instead of diffusers' default,
 so guidance pushes its region away from that image; it needs guidance (--guidance
 above 1, SD and SDXL only: FLUX runs here without CFG) and is refused otherwise.
-No other keys are allowed.
+"blocks" (a subject's, else the top level's; default "all") picks the model blocks
+its image acts on: a preset ("all", "style", "layout", "style_and_layout"; FLUX:
+"all" only), a list of block names ["up_blocks.0.attentions.1"] or an object
+{"block name": weight}; elsewhere the subject is absent. No other keys are allowed.
 """
 
-LAYOUT_KEYS = {"prompt", "mode", "priority", "subjects"}
-SUBJECT_KEYS = {"image", "box", "mask", "scale", "label", "start", "end", "schedule", "negative_image"}
+LAYOUT_KEYS = {"prompt", "mode", "priority", "subjects", "blocks"}
+SUBJECT_KEYS = {"image", "box", "mask", "scale", "label", "start", "end", "schedule", "negative_image", "blocks"}
 
 JOBS_SCHEMA = """\
 jobs file (--jobs FILE.jsonl): one JSON object a line (blank lines are skipped), each a
@@ -92,6 +98,7 @@ class Job:
     height: Optional[int] = None
     width: Optional[int] = None
     negative_prompt: Optional[str] = None
+    blocks: Any = None              # the blocks of subjects without their own (anyms.blocks); None: all
     out: str = "anyms.png"
     where: str = ""                 # "" on the command line, "--jobs FILE:LINE" for a job
     index: int = 0
@@ -138,6 +145,10 @@ def layout_from_dict(data, what: str, folder: str, extra_keys=(), extra_subject_
     for key in ("prompt", "mode", "priority"):
         if key in data and data[key] is not None and not isinstance(data[key], str):
             raise UsageError(f"{what}: \"{key}\" must be a string")
+    try:
+        check_blocks(data.get("blocks"), '"blocks"')
+    except ValueError as e:
+        raise UsageError(f"{what}: {e}") from None
     items = data.get("subjects")
     if not isinstance(items, list) or not items:
         raise UsageError(f"{what}: \"subjects\" must be a non-empty list")
@@ -175,16 +186,33 @@ def layout_from_dict(data, what: str, folder: str, extra_keys=(), extra_subject_
         try:      # a JSON number only: a string "0.5" is refused as check_window refuses it
             start, end = check_window(item.get("start", 0.0), item.get("end", 1.0), f"subjects[{i}]")
             schedule = check_schedule(item.get("schedule", "constant"), f"subjects[{i}].schedule")
+            check_blocks(item.get("blocks"), f"subjects[{i}].blocks")
         except ValueError as e:
             raise UsageError(f"{what}: {e}") from None
         subjects.append(Subject(os.path.join(folder, item["image"]), None if box is None else tuple(box),
                                 float(scale), label, mask=None if mask is None else os.path.join(folder, mask),
-                                start=start, end=end, schedule=schedule,
+                                start=start, end=end, schedule=schedule, blocks=item.get("blocks"),
                                 negative_image=None if negative is None else os.path.join(folder, negative)))
     out = {"prompt": data.get("prompt"), "mode": data.get("mode"), "priority": data.get("priority"),
-           "subjects": subjects}
+           "subjects": subjects, "blocks": data.get("blocks")}
     out.update({key: data[key] for key in extra_keys if key in data})
     return out
+
+
+def parse_blocks(text: str):
+    """``--blocks``: a preset name, or block names (dotted) separated by commas -> a preset or a list.
+    A bare word is a preset's name: an unknown one is refused here, before any model loads."""
+    from .blocks import PRESETS
+
+    if text in PRESETS or ("." not in text and "," not in text):
+        value = text
+    else:
+        value = [name.strip() for name in text.split(",")]
+    try:
+        check_blocks(value, "--blocks")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return value
 
 
 def _integer(value, name: str, low: int, high: Optional[int] = None) -> int:
@@ -238,8 +266,12 @@ def check_job(job: Job, arch: str = "sdxl") -> Job:
                 raise UsageError(f"{job.name(key)} must be a multiple of 16 for FLUX (it packs the latent 2x2), "
                                  f"got {value}")
     try:
+        check_blocks(job.blocks, job.name("blocks"))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:
         # reads the images and masks, checks boxes, masks, mode and priority, and the masks' size
-        job.plan = prepare_subjects(job.subjects, job.mode, job.priority)
+        job.plan = prepare_subjects(job.subjects, job.mode, job.priority, job.blocks)
         job.height, job.width = job.plan.image_size(job.height, job.width, 16 if flux else 8)
         # None: the pipeline's default guidance, above 1 for SD and SDXL
         if flux:
@@ -280,7 +312,7 @@ def check_outputs(paths, overwrite: bool, what: str = "--out") -> None:
 
 def job_layout(pipe, job: Job, height: int, width: int):
     """The :class:`~anyms.Layout` the pipeline will build for ``job`` at ``height x width``."""
-    plan = job.plan
+    plan = job.plan.resolve_blocks(pipe)
     if getattr(pipe, "unet", None) is None:           # FLUX
         from .flux import flux_layout
 
@@ -296,6 +328,27 @@ def _routing_grids(pipe, layout):
     if layout.token_grid is not None:    # a transformer (FLUX): one grid, every double-stream block
         return {layout.token_grid: pipe.transformer.config.num_layers}
     return cross_attention_grids(pipe.unet, layout.latent_hw)
+
+
+def check_blocks_on_model(pipe, job: Job) -> None:
+    """The job's block names and presets against the loaded model (:func:`anyms.blocks.resolve_blocks`):
+    a name with no IP-Adapter layer there, or a preset the model has no blocks for, is a UsageError
+    naming ``subjects[i].blocks`` (or ``--blocks`` / the job's ``"blocks"``). Names only: no model work."""
+    from .blocks import resolve_blocks
+    from .branches import adapter_layers
+
+    layers = adapter_layers(pipe)
+    if job.blocks is not None and any(s.blocks is None for s in job.subjects):
+        try:
+            resolve_blocks(job.blocks, layers, job.name("blocks"))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    for i, subject in enumerate(job.subjects):
+        if subject.blocks is not None:
+            try:
+                resolve_blocks(subject.blocks, layers, f"subjects[{i}].blocks")
+            except ValueError as e:
+                raise job.error(str(e)) from None
 
 
 def warn_unreached(pipe, job: Job, warn=None) -> List[str]:
@@ -334,6 +387,7 @@ def generate_image(pipe, job: Job, run: Run):
     import torch
 
     call = dict(subjects=job.subjects, anyms_mode=job.mode, anyms_priority=job.priority,
+                anyms_blocks=job.blocks,
                 negative_prompt=job.negative_prompt, height=job.height, width=job.width,
                 num_inference_steps=job.steps, generator=torch.Generator("cpu").manual_seed(job.seed))
     if job.guidance is not None:
@@ -357,7 +411,7 @@ def image_record(pipe, job: Job, run: Run, image=None) -> dict:
         guidance = getattr(pipe, "guidance_scale", None)     # the pipeline's default, as it ran
     record = build_record(
         prompt=job.prompt, negative_prompt=job.negative_prompt, subjects=job.subjects, mode=job.mode,
-        priority=job.priority, seed=job.seed, steps=job.steps, guidance=guidance,
+        priority=job.priority, blocks=job.blocks, seed=job.seed, steps=job.steps, guidance=guidance,
         height=image.height if image is not None else job.height,
         width=image.width if image is not None else job.width,
         model=run.model_record(), folder=os.path.dirname(os.path.abspath(job.out)),

@@ -43,8 +43,8 @@ from . import console
 from .console import emit, one_line
 from .errors import GenerationError, UsageError
 from .job import (
-    DEFAULT_STEPS, JOB_KEYS, Job, check_job, check_outputs, generate_image, image_record, layout_from_dict,
-    memory_report, save_job, warn_unreached,
+    DEFAULT_STEPS, JOB_KEYS, Job, check_blocks_on_model, check_job, check_outputs, generate_image, image_record,
+    layout_from_dict, memory_report, parse_blocks, save_job, warn_unreached,
 )
 from .budget import plan_memory
 from .loading import default_size, load_for_run, run_from_args, threads_for
@@ -189,6 +189,7 @@ def read_jobs(path: str, args) -> Tuple[List[Job], str]:
         jobs.append(Job(
             prompt=layout["prompt"] if layout["prompt"] is not None else args.prompt,
             subjects=layout["subjects"], mode=layout["mode"] or args.mode or "overwrite",
+            blocks=layout["blocks"] if layout.get("blocks") is not None else _blocks_option(args),
             priority=layout["priority"] or args.priority or "order", seed=seed,
             steps=pick("steps", "steps", DEFAULT_STEPS), guidance=pick("guidance", "guidance"),
             height=pick("height", "height"), width=pick("width", "width"),
@@ -196,6 +197,11 @@ def read_jobs(path: str, args) -> Tuple[List[Job], str]:
     if not jobs:
         raise UsageError(f"{what} holds no jobs (one JSON object a line)")
     return jobs, out_dir
+
+
+def _blocks_option(args):
+    """``--blocks`` (parsed), the default of the jobs without their own \"blocks\"."""
+    return None if getattr(args, "blocks", None) is None else parse_blocks(args.blocks)
 
 
 def _expected(job: Job, run) -> dict:
@@ -382,6 +388,8 @@ def _run_holding_the_lock(args, procs: Processes, jobs: List[Job], out_dir: str,
     # 3. The model, once per process; then every process starts together (all have sorted the jobs).
     with threads_for(run):
         pipe = load_for_run(args, run, log=log)
+        for job in jobs:                        # block names against the model, before any image is made
+            check_blocks_on_model(pipe, job)
         # the jobs that looked done, checked again against the model's defaults
         late = [(job, why) for job in done for why in [_unlike(job, run, pipe)] if why]
         if late and not run.overwrite:

@@ -25,6 +25,13 @@ routing is built once per (grid, device, set of active subjects) and kept, and t
 subject scales live in one tensor per device whose values :meth:`Layout.set_step`
 rewrites in place (a compiled U-Net reads the same tensor at every step: no recompile
 when only the scales change; a new set of active subjects is a new routing).
+
+Blocks. Each subject may act only at some attention layers of the model, with a weight
+per block (:mod:`anyms.blocks`). The layers that share one vector of subject weights
+form a *group*; group 0 is every subject at weight 1 (the layers of a layout without
+blocks, and the only group then). A subject at weight 0 in a group is absent from that
+group's routing, so a routing is still built once per (grid, device, set of active
+subjects), and each group has its one scale tensor per device, rewritten in place.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ from anyms_kernels.regions import (
 )
 from anyms_kernels.routing import Routing, build_routing
 
+from .blocks import BlockWeights, check_blocks, layer_weight
 from .timing import check_schedule, check_window, step_weight
 
 __all__ = ["Layout", "load_mask"]
@@ -110,6 +118,12 @@ class Layout:
             fractions of the denoising steps in ``[0, 1]`` with ``start <= end``.
         schedules: None (constant), a schedule name for every subject, or S names, from
             :data:`anyms.timing.SCHEDULES`.
+        blocks: None (every subject acts at every layer), or S entries, each None or
+            ``"all"`` (every layer), a list of block names or a dict ``{block name: weight}``
+            (:mod:`anyms.blocks`; presets other than ``"all"`` depend on the model: turn them
+            into names with :func:`anyms.blocks.resolve_blocks`). A layer's name is the
+            attention module's (``up_blocks.0.attentions.1.transformer_blocks.0.attn2``);
+            the processors :func:`anyms.apply_anyms` installs know theirs.
 
     A layout with windows or schedules other than the defaults is *timed*: whoever runs
     the steps calls :meth:`set_step` before each one (the pipelines do; with your own
@@ -127,7 +141,7 @@ class Layout:
     """
 
     def __init__(self, boxes=None, latent_hw: Optional[Grid] = None, scales=1.0, mode: str = "overwrite",
-                 masks=None, patch: Optional[int] = None, windows=None, schedules=None):
+                 masks=None, patch: Optional[int] = None, windows=None, schedules=None, blocks=None):
         self.latent_hw = check_grid(latent_hw, "latent_hw")
         self.mode = check_mode(mode)
         self.patch = _check_patch(patch, self.latent_hw)
@@ -170,7 +184,13 @@ class Layout:
         self._coverage: Dict[Grid, torch.Tensor] = {}
         self._routing: Dict[Tuple[Grid, torch.device, Tuple[bool, ...]], Routing] = {}
         self._token_boxes: Dict[Tuple[Grid, torch.device], torch.Tensor] = {}
-        self._scale_cache: Dict[torch.device, torch.Tensor] = {}
+        self._scale_cache: Dict[torch.device, torch.Tensor] = {}     # group 0's scales
+        self.blocks: Tuple[BlockWeights, ...] = _blocks_argument(blocks, num)
+        # group g: its subject weights and active set; layer name -> group; (device, g > 0) -> scales
+        self._group_weights: List[Tuple[float, ...]] = [(1.0,) * num]
+        self._group_active: List[Tuple[bool, ...]] = [self.active]
+        self._layer_groups: Dict[str, int] = {}
+        self._group_scales: Dict[Tuple[torch.device, int], torch.Tensor] = {}
         self._prepared: List[Tuple[Grid, torch.device]] = []
         self.version = 0            # bumped by every set_step that changes the scales
 
@@ -218,8 +238,59 @@ class Layout:
                 self._coverage[grid] = _coverage(self.boxes, self.masks, grid)
         return self._coverage[grid]
 
-    def routing(self, num_tokens: int, device) -> Tuple[Grid, Routing]:
-        """``(grid, Routing)`` of the layer with ``num_tokens`` tokens, on ``device``.
+    @property
+    def has_blocks(self) -> bool:
+        """Whether some subject acts at some layers only (or with a weight other than 1)."""
+        return any(b is not None for b in self.blocks)
+
+    def layer_group(self, layer: Optional[str]) -> int:
+        """The group of the attention layer named ``layer`` (0 for every layer without blocks);
+        computed once per name (:meth:`bind_layers` does it before the loop)."""
+        if not self.has_blocks:
+            return 0
+        group = self._layer_groups.get(layer) if layer is not None else None
+        if group is None:
+            if layer is None:
+                raise ValueError("this Layout selects blocks per subject, and the attention processor has no layer "
+                                 "name: install the processors with anyms.apply_anyms (which names each)")
+            group = self._add_layer(layer)
+        return group
+
+    def _add_layer(self, layer: str) -> int:
+        weights = tuple(layer_weight(b, layer) for b in self.blocks)
+        if weights not in self._group_weights:
+            self._group_weights.append(weights)
+            self._group_active.append(self._active_in(weights))
+            for grid, device in self._prepared:      # built before the loop, as set_step does
+                if not self._awaiting_step:
+                    self.routing_at(grid, device, len(self._group_weights) - 1)
+        group = self._group_weights.index(weights)
+        self._layer_groups[layer] = group
+        for device in {d for _, d in self._prepared}:  # its scales too: a compiled forward only reads
+            self.subject_scale(device, layer)
+        return group
+
+    def bind_layers(self, layers) -> "Layout":
+        """Compute the group of every layer name in ``layers`` now (and, on the grids
+        :meth:`prepare` built, their routing), so that a forward only looks them up. Raises
+        ValueError naming ``blocks[s]`` when a subject's block names cover none of ``layers``.
+        Returns self."""
+        layers = list(layers)
+        if self.has_blocks:
+            for s, blocks in enumerate(self.blocks):
+                for block, _ in blocks or ():
+                    if not any(layer == block or layer.startswith(block + ".") for layer in layers):
+                        raise ValueError(f"blocks[{s}]: the model has no AnyMS layer in block {block!r}")
+            for layer in layers:
+                self.layer_group(layer)
+        return self
+
+    def _active_in(self, weights: Tuple[float, ...]) -> Tuple[bool, ...]:
+        return tuple(a and w != 0 for a, w in zip(self.active, weights))
+
+    def routing(self, num_tokens: int, device, layer: Optional[str] = None) -> Tuple[Grid, Routing]:
+        """``(grid, Routing)`` of the layer with ``num_tokens`` tokens, on ``device``, for the
+        attention layer named ``layer`` (which subjects act there: see ``blocks``).
 
         Built once per grid and device and kept on this Layout (not process-wide), from
         :meth:`coverage` in this layout's mode: pass it to
@@ -227,24 +298,26 @@ class Layout:
         ordinary tensors even when first built under ``torch.inference_mode()``.
         """
         grid = self.grid_for(num_tokens)
-        return grid, self.routing_at(grid, device)
+        return grid, self.routing_at(grid, device, self.layer_group(layer))
 
-    def routing_at(self, grid: Grid, device) -> Routing:
-        """The :class:`Routing` of ``grid`` on ``device`` for the subjects active now (see
-        :meth:`routing`); an inactive subject covers no token, so in ``overwrite`` mode the
-        subject under it takes them. Built once per (grid, device, active set)."""
+    def routing_at(self, grid: Grid, device, group: int = 0) -> Routing:
+        """The :class:`Routing` of ``grid`` on ``device`` for the subjects active now in layer
+        group ``group`` (see :meth:`routing`); an inactive subject covers no token, so in
+        ``overwrite`` mode the subject under it takes them. Built once per (grid, device,
+        active set)."""
         if self._awaiting_step:
             raise ValueError(
                 "this Layout has windows or schedules, and no step was set: call layout.set_step(i, num_steps) "
                 "before each denoising step (callback_on_step_end=layout.step_callback(...) does it after step 0)")
         grid = check_grid(grid)
-        key = (grid, torch.device(device), self.active)
+        active = self._group_active[group]
+        key = (grid, torch.device(device), active)
         routing = self._routing.get(key)
         if routing is None:
             cover = self.coverage(grid)
             with torch.inference_mode(False), torch.no_grad():
-                if not all(self.active):
-                    cover = cover & torch.tensor(self.active, dtype=torch.bool)[:, None, None]
+                if not all(active):
+                    cover = cover & torch.tensor(active, dtype=torch.bool)[:, None, None]
                 routing = build_routing(cover.to(key[1]), grid, self.mode)
             self._routing[key] = routing
         return routing
@@ -273,11 +346,15 @@ class Layout:
             with torch.inference_mode(False), torch.no_grad():
                 values = self._step_scales()
                 self.active = tuple(bool(v) for v in (values != 0).tolist())
+                self._group_active = [self._active_in(w) for w in self._group_weights]
                 for tensor in self._scale_cache.values():
                     tensor.copy_(values)
+                for (_, group), tensor in self._group_scales.items():
+                    tensor.copy_(self._step_scales(group))
             self.version += 1
         for grid, device in self._prepared:      # looked up when built already
-            self.routing_at(grid, device)
+            for group in range(len(self._group_weights)):
+                self.routing_at(grid, device, group)
         return self
 
     def step_callback(self, callback=None):
@@ -292,9 +369,12 @@ class Layout:
             return out
         return on_step_end
 
-    def _step_scales(self) -> torch.Tensor:
-        """float32 ``[S]``: each subject's scale at the current step."""
-        return self.scales * torch.tensor(self._weights, dtype=torch.float32)
+    def _step_scales(self, group: int = 0) -> torch.Tensor:
+        """float32 ``[S]``: each subject's scale at the current step, in layer group ``group``."""
+        values = self.scales * torch.tensor(self._weights, dtype=torch.float32)
+        if group:
+            values = values * torch.tensor(self._group_weights[group], dtype=torch.float32)
+        return values
 
     def prepare(self, device, levels: int = 1) -> "Layout":
         """Build now, on ``device``, everything the attention layers read; returns self.
@@ -315,8 +395,11 @@ class Layout:
             if (grid, device) not in self._prepared:
                 self._prepared.append((grid, device))
             if not self._awaiting_step:     # a timed layout's routing waits for set_step
-                self.routing_at(grid, device)
+                for group in range(len(self._group_weights)):
+                    self.routing_at(grid, device, group)
             grid = ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
+        for layer in self._layer_groups:
+            self.subject_scale(device, layer)
         self.subject_scale(device)
         return self
 
@@ -336,10 +419,19 @@ class Layout:
                 self._token_boxes[key] = rasterize_boxes(self.boxes, grid).to(device)
         return grid, self._token_boxes[key]
 
-    def subject_scale(self, device) -> torch.Tensor:
-        """float32 ``[S]`` on ``device``: the subjects' scales at the current step. One tensor per
-        device, the same object at every step (:meth:`set_step` rewrites its values)."""
+    def subject_scale(self, device, layer: Optional[str] = None) -> torch.Tensor:
+        """float32 ``[S]`` on ``device``: the subjects' scales at the current step at the attention
+        layer named ``layer`` (times each subject's block weight there). One tensor per device and
+        layer group, the same object at every step (:meth:`set_step` rewrites its values). ``layer``
+        None: every subject at block weight 1."""
         device = torch.device(device)
+        group = 0 if layer is None else self.layer_group(layer)    # None: every subject at weight 1
+        if group:
+            key = (device, group)
+            if key not in self._group_scales:
+                with torch.inference_mode(False):
+                    self._group_scales[key] = self._step_scales(group).to(device)
+            return self._group_scales[key]
         if device not in self._scale_cache:
             with torch.inference_mode(False):
                 self._scale_cache[device] = self._step_scales().to(device)
@@ -364,6 +456,23 @@ def _check_patch(patch, latent_hw: Grid) -> Optional[int]:
         raise ValueError(f"latent_hw {h}x{w} is not a whole number of {patch}x{patch} patches (patch={patch}): "
                          f"both sides must be multiples of {patch}")
     return patch
+
+
+def _blocks_argument(blocks, num: int) -> Tuple[BlockWeights, ...]:
+    if blocks is None:
+        return (None,) * num
+    if not isinstance(blocks, (list, tuple)) or len(blocks) != num:
+        raise ValueError(f"blocks must be None or {num} entries, one per subject, got {blocks!r}")
+    out = []
+    for s, entry in enumerate(blocks):
+        if isinstance(entry, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in entry):
+            entry = dict(entry)                  # already checked: ((name, weight), ...)
+        checked = check_blocks(entry, f"blocks[{s}]")
+        if isinstance(checked, str):
+            raise ValueError(f"blocks[{s}] is the preset {checked!r}, which depends on the model: give its block "
+                             f"names (anyms.blocks.resolve_blocks({checked!r}, layer names) gives them)")
+        out.append(checked)
+    return tuple(out)
 
 
 def _windows_argument(windows, num: int) -> Tuple[Tuple[float, float], ...]:

@@ -9,7 +9,8 @@ chunk (iTXt) named ``anyms`` holding a JSON record::
      "layout": {"mode": "overwrite", "priority": "order", "subjects": [
          {"image": "dog.png", "image_sha256": "...", "box": [0.05, 0.3, 0.5, 0.95], "scale": 1.0},
          {"image": "cat.png", "image_sha256": "...", "mask": "cat_mask.png", "mask_sha256": "...",
-          "scale": 0.8, "label": "cat", "start": 0.0, "end": 0.6, "schedule": "linear_down"}]},
+          "scale": 0.8, "label": "cat", "start": 0.0, "end": 0.6, "schedule": "linear_down",
+          "blocks": "style"}]},
      "seed": 0, "steps": 50, "guidance": 5.0, "height": 1024, "width": 1024,
      "model": {"arch": "sdxl", "model": "stabilityai/stable-diffusion-xl-base-1.0",
                "ip_adapter": "h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors",
@@ -18,7 +19,8 @@ chunk (iTXt) named ``anyms`` holding a JSON record::
 
 ``layout`` is a layout file (``anyms generate --help``; a subject's ``start``, ``end`` and
 ``schedule`` are written only when not the defaults, 0, 1 and constant, its ``negative_image``
-with its ``negative_image_sha256`` only when it has one) whose paths are relative to
+with its ``negative_image_sha256`` only when it has one; ``blocks``, a subject's when given, the
+layout's when given and not ``"all"``) whose paths are relative to
 the image's folder, plus each file's SHA-256, so ``anyms generate --from image.png``
 can make the image again and say when a subject or mask file has changed since.
 ``model.max_memory`` (``--max-memory`` as given) is there only where it was given: ``--from``
@@ -43,6 +45,8 @@ import math
 import os
 from typing import Any, Dict, List, Optional
 
+from .blocks import blocks_entry
+
 __all__ = ["METADATA_KEY", "FORMAT", "file_sha256", "relative_path", "subject_hashes", "subject_entry", "build_record",
            "png_info", "read_record", "check_record", "record_layout", "differences"]
 
@@ -53,9 +57,10 @@ HASH_KEYS = ("image_sha256", "mask_sha256", "negative_image_sha256")
 RECORD_KEYS = {"format", "anyms_version", "versions", "prompt", "negative_prompt", "layout", "seed", "steps",
                "guidance", "height", "width", "model", "device"}
 RECORD_OPTIONAL = {"device"}
-LAYOUT_KEYS = {"mode", "priority", "subjects"}
+LAYOUT_KEYS = {"mode", "priority", "subjects", "blocks"}
+LAYOUT_OPTIONAL = {"blocks"}
 SUBJECT_KEYS = {"image", "image_sha256", "box", "mask", "mask_sha256", "scale", "label", "start", "end", "schedule",
-                "negative_image", "negative_image_sha256"}
+                "negative_image", "negative_image_sha256", "blocks"}
 MODEL_KEYS = {"arch", "model", "ip_adapter", "image_encoder", "dtype", "max_memory"}
 MODEL_OPTIONAL = {"max_memory"}         # --max-memory as given, where it was
 
@@ -130,6 +135,9 @@ def subject_entry(subject, folder: str, hashes: Optional[Dict[str, str]] = None)
     if subject.negative_image is not None:
         entry["negative_image"] = relative_path(subject.negative_image, folder)
         entry["negative_image_sha256"] = hashes["negative_image_sha256"]
+    blocks = getattr(subject, "blocks", None)
+    if blocks is not None:          # "all" too: it overrides the layout's "blocks" for this subject
+        entry["blocks"] = blocks_entry(blocks) or "all"
     return entry
 
 
@@ -148,10 +156,10 @@ def versions() -> Dict[str, str]:
 def build_record(*, prompt: str, negative_prompt: Optional[str], subjects, mode: str, priority: str, seed: int,
                  steps: int, guidance: Optional[float], height: Optional[int], width: Optional[int],
                  model: Dict[str, Any], folder: str, device: Optional[str] = None,
-                 hashes: Optional[List[Dict[str, str]]] = None) -> Dict[str, Any]:
+                 hashes: Optional[List[Dict[str, str]]] = None, blocks=None) -> Dict[str, Any]:
     """The record of one generation (see the module docstring); subject paths relative to ``folder``;
     ``hashes``: the subjects' files' SHA-256 taken when they were read (:func:`subject_hashes`),
-    else read now."""
+    else read now; ``blocks``: the layout's default blocks (written when given and not "all")."""
     from . import __version__
 
     record = {
@@ -172,6 +180,8 @@ def build_record(*, prompt: str, negative_prompt: Optional[str], subjects, mode:
     }
     if device is not None:
         record["device"] = device
+    if blocks_entry(blocks) is not None:
+        record["layout"]["blocks"] = blocks_entry(blocks)
     return record
 
 
@@ -241,6 +251,7 @@ def check_record(record: Dict[str, Any], where: str) -> None:
     from .loading import ARCHS, DTYPES, TINY_MODEL, TOY_MODEL
     from .pipeline import PRIORITIES, _check_box, _check_scale
     from .preflight import MAX_STEPS, check_image_size
+    from .blocks import check_blocks
     from .timing import SCHEDULES, check_window
 
     def fail(key: str, must: str, value) -> None:
@@ -296,7 +307,9 @@ def check_record(record: Dict[str, Any], where: str) -> None:
         text(version, f"versions.{name}" if plain else f"versions[{name!r}]")    # a key of any characters
     text(record["prompt"], "prompt")
     text(record["negative_prompt"], "negative_prompt", optional=True, empty=True)
-    layout = obj(record["layout"], "layout", LAYOUT_KEYS)
+    layout = obj(record["layout"], "layout", LAYOUT_KEYS, LAYOUT_OPTIONAL)
+    if "blocks" in layout:
+        checked(check_blocks, layout["blocks"], "layout.blocks")
     choice(layout["mode"], "layout.mode", MODES)
     choice(layout["priority"], "layout.priority", PRIORITIES)
     subjects = layout["subjects"]
@@ -337,6 +350,8 @@ def check_record(record: Dict[str, Any], where: str) -> None:
         if "negative_image" in subject or "negative_image_sha256" in subject:
             text(subject.get("negative_image"), f"{key}.negative_image")
             sha256(subject.get("negative_image_sha256"), f"{key}.negative_image_sha256")
+        if "blocks" in subject:
+            checked(check_blocks, subject["blocks"], f"{key}.blocks")
     integer(record["seed"], "seed", 0, 2 ** 64 - 1)
     integer(record["steps"], "steps", 1, MAX_STEPS)
     guidance = record["guidance"]

@@ -48,7 +48,8 @@ from anyms_kernels.regions import MODES, check_normalized_boxes, mask_bbox
 from .auto_pipeline import register_auto_pipelines
 from .layout import Layout, load_mask
 from .images import read_image
-from .branches import anyms_attention, set_anyms_layout
+from .blocks import check_blocks, resolve_blocks
+from .branches import adapter_layers, anyms_attention, set_anyms_layout
 from .processor import AnyMSAttnProcessor  # noqa: F401  the U-Net's AnyMS processor, which anyms_attention installs
 from .timing import check_schedule, check_window
 
@@ -98,6 +99,11 @@ class Subject:
             it. It needs a call that runs that pass: ``guidance_scale > 1`` on SD / SDXL,
             true CFG (``true_cfg_scale > 1`` and a negative prompt) on FLUX; a call without
             one refuses it (it could have no effect).
+        blocks: (keyword only) which blocks of the model the subject's image acts on (the
+            InstantStyle idea, :mod:`anyms.blocks`): a preset (``"all"``, ``"style"``,
+            ``"layout"``, ``"style_and_layout"``), a list of block names
+            (``["up_blocks.0.attentions.1"]``) or a dict ``{block name: weight}``. Default
+            None: the call's ``anyms_blocks``, else every block.
 
     At a step where its scale is 0 (outside its window, or ``scale=0``) a subject is absent:
     in ``overwrite`` mode the subject under it takes its tokens, as if it had not been given.
@@ -114,6 +120,7 @@ class Subject:
     end: float = field(default=1.0, kw_only=True)
     schedule: str = field(default="constant", kw_only=True)
     negative_image: Any = field(default=None, kw_only=True)
+    blocks: Any = field(default=None, kw_only=True)
 
     @property
     def timed(self) -> bool:
@@ -123,6 +130,10 @@ class Subject:
     def load_image(self, name: str = "image") -> Image.Image:
         """The image as an RGB PIL image; raises ValueError/TypeError naming ``name``."""
         return _load_image(self.image, name)
+
+
+def _every_block(blocks) -> bool:
+    return blocks is None or (isinstance(blocks, str) and blocks == "all")
 
 
 def _load_image(image, name: str) -> Image.Image:
@@ -194,6 +205,9 @@ class AnyMSPlan:
     order: List[int]
     mode: str
     layout: Optional[Layout] = None
+    blocks: Any = None              # the call's anyms_blocks (checked), for subjects without their own
+    # each subject's blocks resolved on the model (resolve_blocks); None: every block
+    resolved_blocks: Optional[List[Any]] = None
 
     @property
     def labels(self) -> List[str]:
@@ -208,10 +222,39 @@ class AnyMSPlan:
         """The :class:`Layout` arguments of these subjects, but the grid: scales, mode, masks,
         windows and schedules."""
         masks = [s.mask for s in self.subjects]
-        return dict(scales=[s.scale for s in self.subjects], mode=self.mode,
+        args = dict(scales=[s.scale for s in self.subjects], mode=self.mode,
                     masks=masks if any(m is not None for m in masks) else None,
                     windows=[(s.start, s.end) for s in self.subjects],
                     schedules=[s.schedule for s in self.subjects])
+        if self.resolved_blocks is None:      # never run a selection as "every block" silently
+            given = [i for i, s in zip(self.order, self.subjects) if not _every_block(s.blocks)]
+            if given or not _every_block(self.blocks):
+                name = f"subjects[{given[0]}].blocks" if given else "anyms_blocks"
+                raise ValueError(f"{name} selects blocks, which need the model's layer names: call "
+                                 f"plan.resolve_blocks(model) before making the layout")
+        elif any(b is not None for b in self.resolved_blocks):
+            args["blocks"] = list(self.resolved_blocks)
+        return args
+
+    def resolve_blocks(self, model) -> "AnyMSPlan":
+        """Turn every subject's blocks (or the call's ``anyms_blocks``) into block names of
+        ``model`` (a pipeline, U-Net or transformer with IP-Adapter processors); ValueError naming
+        ``subjects[i].blocks`` (``anyms_blocks`` for the call's) when a name or preset has no block
+        there. No model work: names only. Returns self."""
+        layers = adapter_layers(model)
+        resolved, done = [], {}
+        for i, subject in zip(self.order, self.subjects):
+            own = subject.blocks is not None
+            spec = subject.blocks if own else self.blocks
+            if own or "call" not in done:
+                value = resolve_blocks(spec, layers, f"subjects[{i}].blocks" if own else "anyms_blocks")
+                if not own:
+                    done["call"] = value
+            else:
+                value = done["call"]
+            resolved.append(value)
+        self.resolved_blocks = resolved
+        return self
 
     @property
     def mask_hw(self) -> Optional[Tuple[int, int]]:
@@ -265,7 +308,7 @@ class AnyMSPlan:
                              f"call runs none ({why}): leave the negative image out, or turn guidance on")
 
 
-def prepare_subjects(subjects, mode: str = "overwrite", priority: str = "order") -> AnyMSPlan:
+def prepare_subjects(subjects, mode: str = "overwrite", priority: str = "order", blocks=None) -> AnyMSPlan:
     """Check the subjects, read their images and sort them by priority. No model work.
 
     Raises ValueError/TypeError naming the argument: ``subjects`` not a non-empty list
@@ -274,8 +317,11 @@ def prepare_subjects(subjects, mode: str = "overwrite", priority: str = "order")
     is empty, holds NaN, has another dtype than bool or real numbers, or another size
     than the other subjects' masks (:func:`anyms.layout.load_mask`); a scale that is
     not a finite number; a ``start`` / ``end`` that is not a number in ``[0, 1]``, or a
-    ``start`` after its ``end``; an unknown ``schedule``; an image or a negative image that
-    cannot be read; an unknown ``anyms_mode`` or ``anyms_priority``.
+    ``start`` after its ``end``; an unknown ``schedule``; a ``blocks`` (the subject's, or
+    ``blocks``, the call's ``anyms_blocks``) that is no preset, block list or dict
+    (:func:`anyms.blocks.check_blocks`: the names are checked against the model by
+    :meth:`AnyMSPlan.resolve_blocks`); an image or a negative image that cannot be read; an
+    unknown ``anyms_mode`` or ``anyms_priority``.
 
     The checked subjects hold RGB PIL images, bool ``[H, W]`` mask tensors, and a box
     for each subject (a masked subject without one gets its mask's bounding box).
@@ -289,6 +335,7 @@ def prepare_subjects(subjects, mode: str = "overwrite", priority: str = "order")
         raise TypeError(f"subjects must be a list of anyms.Subject, got {type(subjects).__name__}")
     if len(subjects) == 0:
         raise ValueError("subjects is empty: give at least one anyms.Subject, or leave subjects out")
+    check_blocks(blocks, "anyms_blocks")
     checked, images = [], []
     mask_hw, mask_from = None, None
     for i, subject in enumerate(subjects):
@@ -308,6 +355,7 @@ def prepare_subjects(subjects, mode: str = "overwrite", priority: str = "order")
         scale = _check_scale(subject.scale, f"{name}.scale")
         start, end = check_window(subject.start, subject.end, name)
         schedule = check_schedule(subject.schedule, f"{name}.schedule")
+        check_blocks(subject.blocks, f"{name}.blocks")
         images.append(subject.load_image(f"{name}.image"))
         negative = None if subject.negative_image is None else _load_image(subject.negative_image,
                                                                           f"{name}.negative_image")
@@ -316,7 +364,7 @@ def prepare_subjects(subjects, mode: str = "overwrite", priority: str = "order")
             is_path = isinstance(subject.image, (str, os.PathLike))
             label = os.path.splitext(os.path.basename(os.fspath(subject.image)))[0] if is_path else f"subject {i}"
         checked.append(Subject(images[-1], box, scale, label, mask=mask, start=start, end=end, schedule=schedule,
-                               negative_image=negative))
+                               negative_image=negative, blocks=subject.blocks))
     order = list(range(len(checked)))
     if priority == "smaller_on_top":
         # Largest region first (bottom), smallest last (top); equal areas keep the given order.
@@ -326,7 +374,7 @@ def prepare_subjects(subjects, mode: str = "overwrite", priority: str = "order")
             x0, y0, x1, y1 = checked[i].box
             return (x1 - x0) * (y1 - y0)
         order.sort(key=lambda i: -area(i))
-    return AnyMSPlan([checked[i] for i in order], [images[i] for i in order], order, mode)
+    return AnyMSPlan([checked[i] for i in order], [images[i] for i in order], order, mode, blocks=blocks)
 
 
 class AnyMSPipelineMixin:
@@ -376,7 +424,7 @@ class AnyMSPipelineMixin:
                              "load the adapter with its image_encoder_folder, or pass image_encoder=")
 
     def _anyms_call(self, args: tuple, kwargs: dict, subjects: Optional[Sequence[Subject]],
-                    anyms_mode: Optional[str], anyms_priority: Optional[str]):
+                    anyms_mode: Optional[str], anyms_priority: Optional[str], anyms_blocks=None):
         """The parent pipeline's call, plus AnyMS's arguments:
 
         Args:
@@ -388,6 +436,9 @@ class AnyMSPipelineMixin:
                 (the paper's Eq. 7: overlapping subjects add up).
             anyms_priority: ``"order"`` (the default: the list's order, later on top) or
                 ``"smaller_on_top"`` (smaller regions on top of larger ones).
+            anyms_blocks: the blocks every subject without its own ``blocks`` acts on: a
+                preset, a list of block names or a dict of weights (:mod:`anyms.blocks`;
+                default: every block).
             everything else: as the parent pipeline. ``ip_adapter_image`` and
                 ``ip_adapter_image_embeds`` cannot be given together with ``subjects``.
                 With timed subjects (``start``, ``end``, ``schedule``) the pipeline sets each
@@ -409,7 +460,8 @@ class AnyMSPipelineMixin:
         with _one_call_at_a_time(self, with_subjects=subjects is not None):
             parent_call = super().__call__
             if subjects is None:
-                for name, value in (("anyms_mode", anyms_mode), ("anyms_priority", anyms_priority)):
+                for name, value in (("anyms_mode", anyms_mode), ("anyms_priority", anyms_priority),
+                                    ("anyms_blocks", anyms_blocks)):
                     if value is not None:
                         raise ValueError(f"{name} was given without subjects; give subjects=[anyms.Subject(...)]")
                 return parent_call(*args, **kwargs)
@@ -418,8 +470,9 @@ class AnyMSPipelineMixin:
                 if bound.arguments.get(name) is not None:
                     raise ValueError(f"give either subjects or {name}, not both: the subjects' images are the "
                                      f"IP-Adapter images")
-            plan = prepare_subjects(subjects, anyms_mode or "overwrite", anyms_priority or "order")
+            plan = prepare_subjects(subjects, anyms_mode or "overwrite", anyms_priority or "order", anyms_blocks)
             self._anyms_check_adapter()
+            plan.resolve_blocks(self.unet)
             call_kwargs = dict(bound.arguments)
             call_kwargs.update(call_kwargs.pop("kwargs", {}))
             # the parent's rule for classifier-free guidance (its do_classifier_free_guidance)
@@ -578,7 +631,7 @@ def chain_step_callback(pipe, plan: AnyMSPlan, arguments: dict) -> None:
 
 
 _ANYMS_PARAMETERS = (("subjects", Optional[Sequence[Subject]]), ("anyms_mode", Optional[str]),
-                     ("anyms_priority", Optional[str]))
+                     ("anyms_priority", Optional[str]), ("anyms_blocks", Any))
 
 
 def _parent_pipeline(cls) -> type:
@@ -607,8 +660,8 @@ def _call_with_parent_signature(cls):
     anyms = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
              for name, annotation in _ANYMS_PARAMETERS]
 
-    def __call__(self, *args, subjects=None, anyms_mode=None, anyms_priority=None, **kwargs):
-        return self._anyms_call(args, kwargs, subjects, anyms_mode, anyms_priority)
+    def __call__(self, *args, subjects=None, anyms_mode=None, anyms_priority=None, anyms_blocks=None, **kwargs):
+        return self._anyms_call(args, kwargs, subjects, anyms_mode, anyms_priority, anyms_blocks=anyms_blocks)
 
     __call__.__signature__ = signature.replace(parameters=params + anyms + var_keyword)
     __call__.__doc__ = AnyMSPipelineMixin._anyms_call.__doc__

@@ -198,7 +198,7 @@ class AnyMSAttnProcessor(AnyMSBranches, IPAdapterAttnProcessor2_0, metaclass=_Eq
             k_subj, v_subj = k_subj.to(q.dtype), v_subj.to(q.dtype)
 
         # The layout's routing on this grid, built on the first call and kept by the layout.
-        grid, routing = layout.routing(num_queries, q.device)
+        grid, routing = layout.routing(num_queries, q.device, self.layer_name)
         if input_ndim == 4 and grid != (height, width):
             raise ValueError(
                 f"the layout's latent_hw {layout.latent_hw} gives a {grid[0]}x{grid[1]} grid for this layer, "

@@ -11,6 +11,8 @@
 - ``layout.json``: a layout file (``anyms generate --layout``): a box and a mask.
 - ``timed_layout.json``: the same subjects, timed: the dog acts in the first 60% of the
   steps, fading out; the cat from 20% of the steps on, easing in.
+- ``blocks_layout.json``: the same subjects, each on some blocks of the model only: the dog
+  everywhere but at a weaker weight in the encoder, the cat in the "style" preset's block.
 - ``jobs.jsonl``: three jobs for ``anyms generate --jobs``, each with its own output name.
 
 Only Pillow is needed. The PNG bytes may differ between zlib versions; the pixels and the
@@ -42,6 +44,14 @@ TIMED_LAYOUT = {
         {"image": "dog.png", "box": [0.05, 0.3, 0.5, 0.95], "label": "dog", "end": 0.6, "schedule": "linear_down"},
         {"image": "cat.png", "mask": "cat_mask.png", "scale": 0.8, "label": "cat", "start": 0.2,
          "schedule": "ease_in"},
+    ],
+}
+BLOCKS_LAYOUT = {
+    "prompt": "a dog and a cat on a sofa",
+    "subjects": [
+        {"image": "dog.png", "box": [0.05, 0.3, 0.5, 0.95], "label": "dog",
+         "blocks": {"down_blocks": 0.5, "mid_block": 1.0, "up_blocks": 1.0}},
+        {"image": "cat.png", "mask": "cat_mask.png", "scale": 0.8, "label": "cat", "blocks": "style"},
     ],
 }
 
@@ -107,6 +117,7 @@ def files() -> dict:
         "dog_mask.png": _mask("dog"), "cat_mask.png": _mask("cat"),
         "layout.json": json.dumps(LAYOUT, indent=2) + "\n",
         "timed_layout.json": json.dumps(TIMED_LAYOUT, indent=2) + "\n",
+        "blocks_layout.json": json.dumps(BLOCKS_LAYOUT, indent=2) + "\n",
         "jobs.jsonl": "".join(json.dumps(job) + "\n" for job in JOBS),
     }
 

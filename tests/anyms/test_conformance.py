@@ -68,7 +68,7 @@ def test_call_signature_is_the_parents_plus_anyms_keywords(kind):
     assert [(p.name, p.kind, p.default) for p in mine[:len(theirs) - 1]] == \
            [(p.name, p.kind, p.default) for p in theirs[:-1]]
     assert [(p.name, p.kind, p.default) for p in mine[len(theirs) - 1:-1]] == \
-           [(n, inspect.Parameter.KEYWORD_ONLY, None) for n in ("subjects", "anyms_mode", "anyms_priority")]
+           [(n, inspect.Parameter.KEYWORD_ONLY, None) for n in ("subjects", "anyms_mode", "anyms_priority", "anyms_blocks")]
     assert theirs[-1].kind is mine[-1].kind is inspect.Parameter.VAR_KEYWORD
     # PipelineTesterMixin.test_pipeline_call_signature, IPAdapterTesterMixin.test_pipeline_signature
     names = {p.name for p in mine} - {"self", "kwargs"}
