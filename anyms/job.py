@@ -256,8 +256,8 @@ def merge_upscale(base, over, where: str = ""):
         given = next(names[key] for key in values)
         raise UsageError(f"{where + ': ' if where else ''}{given} goes with --upscale 2|4 (or \"upscale\" in the "
                          f"layout)")
-    _upscale_checked(values, names)
-    return values, names
+    checked = _upscale_checked(values, names)      # the strength's default filled in: known without a model
+    return {key: value for key, value in checked.items() if value is not None}, names
 
 
 def upscale_geometry_before_loading(run: Run):
@@ -268,6 +268,8 @@ def upscale_geometry_before_loading(run: Run):
     from .upscale_args import ARCH_GEOMETRY, UNetGeometry, geometry_of_folder
 
     model = run.sources["model"]
+    if run.arch not in ARCH_GEOMETRY:                # FLUX: no U-Net (refused by check_job)
+        return None
     if model == TINY_MODEL:
         from .tiny import TINY_IMAGE_SIZE, TINY_UNET_BLOCKS, TINY_VAE_BLOCKS
 
@@ -288,7 +290,7 @@ def check_upscale(job: Job, geometry) -> Optional[dict]:
     if job.upscale is None:
         return None
     names = job.upscale_names or UPSCALE_OPTIONS
-    resolved = _upscale_checked(job.upscale, names, job.steps, job.name("steps"), geometry)
+    resolved = _upscale_checked(job.upscale, names, job.steps, '"steps"' if job.where else "--steps", geometry)
     if geometry is not None:
         scale = resolved["scale"]
         for key in ("height", "width"):

@@ -124,8 +124,8 @@ def check_upscale_options(scale, tile=None, overlap=None, strength=DEFAULT_STREN
     if overlap is not None:
         overlap = _check_int(overlap, _name(names, "overlap"))
         if overlap < 0 or (unit is not None and overlap % unit):
-            raise ValueError(f"{_name(names, 'overlap')} must be a multiple of {unit or 1} pixel{'s' * (unit != 1)}, "
-                             f"at least 0, got {overlap}")
+            multiple = "" if unit is None else f"a multiple of {unit} pixels, "
+            raise ValueError(f"{_name(names, 'overlap')} must be {multiple}at least 0, got {overlap}")
         if tile is not None and overlap >= tile:
             raise ValueError(f"{_name(names, 'overlap')} must be smaller than the tile ({tile} pixels), got {overlap}")
     return int(scale), tile, overlap, float(strength)
