@@ -481,10 +481,15 @@ def upscale_image(pipe, image, job: Job):
 
     up = job.upscale
     extra = {} if job.guidance is None else {"guidance_scale": job.guidance}
-    return tiled_upscale(pipe, image, job.prompt, subjects=job.subjects, scale=up["scale"], tile=up["tile"],
-                         overlap=up["overlap"], strength=up["strength"], num_inference_steps=job.steps,
-                         seed=job.seed, anyms_mode=job.mode, anyms_priority=job.priority,
-                         negative_prompt=job.negative_prompt, **extra).images[0]
+    bar = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(**{**bar, "desc": "upscaling"})     # the img2img pass takes the pipe's bar
+    try:
+        return tiled_upscale(pipe, image, job.prompt, subjects=job.subjects, scale=up["scale"], tile=up["tile"],
+                             overlap=up["overlap"], strength=up["strength"], num_inference_steps=job.steps,
+                             seed=job.seed, anyms_mode=job.mode, anyms_priority=job.priority,
+                             negative_prompt=job.negative_prompt, **extra).images[0]
+    finally:
+        pipe.set_progress_bar_config(**bar)
 
 
 def image_record(pipe, job: Job, run: Run, image=None) -> dict:

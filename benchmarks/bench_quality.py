@@ -228,7 +228,8 @@ def upscale_run(args, pipe, layouts, classifier, clean, encoder, world_folder, t
 
     machine = machine_name("cpu")
     commit = git_commit()
-    stem = os.path.join(args.out_dir, f"quality_upscale{args.upscale}{'_quick' if args.quick else ''}_"
+    strength = "" if args.upscale_strength == 0.3 else f"_s{args.upscale_strength:g}"
+    stem = os.path.join(args.out_dir, f"quality_upscale{args.upscale}{strength}{'_quick' if args.quick else ''}_"
                                       f"{_slug(machine)}_{commit}")
     os.makedirs(args.out_dir, exist_ok=True)
     fields = ["mode", "scale", "kind", "layout", "seed", "subject", "colour", "shape_name", "owner", "presence",
