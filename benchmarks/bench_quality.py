@@ -23,8 +23,9 @@ touches; its clean accuracy is reported), similarity to the reference (cosine in
 image encoder); per image: leakage (palette-coloured pixels outside every box).
 
 ``--upscale 2|4``: another run. Each layout is generated in overwrite mode at the world's size
-(64 px), then upscaled by :func:`anyms.tiled_upscale` (tiles of the native 64 px of the output,
-overlap 16 px, ``--upscale-strength``, the same steps and seed) twice: with the layout's subjects
+(64 px), then upscaled by :func:`anyms.tiled_upscale` (tiles of ``--upscale-tile`` px of the
+output, default the native 64, overlapping by a quarter of it, ``--upscale-strength``, the same steps
+and seed) twice: with the layout's subjects
 (each routed to its region in every tile) and, as the control, with the same subjects at scale 0
 (their branches add nothing: the prompt alone re-draws the tiles). The metrics are taken on the
 native image (before) and on each upscaled image averaged back to 64 px (after: Pillow's box
@@ -71,6 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--upscale", type=int, choices=(2, 4), default=None,
                    help="measure a tiled upscale instead of the modes (see above)")
     p.add_argument("--upscale-strength", type=float, default=0.3, help="the upscale's img2img strength (default 0.3)")
+    p.add_argument("--upscale-tile", type=int, default=None,
+                   help="the tile's side in pixels of the output (default the world's 64; overlap a quarter of it)")
     args = p.parse_args(argv)
     if args.quick:
         args.layouts, args.seeds, args.steps, args.scales = 2, [0], 8, [1.0, 2.0]
@@ -196,7 +199,8 @@ def upscale_run(args, pipe, layouts, classifier, clean, encoder, world_folder, t
     from anyms.toy import world
 
     size = world.IMAGE_SIZE
-    tile, overlap = size, size // 4
+    tile = args.upscale_tile or size
+    overlap = tile // 4
     rows, samples = [], []
 
     def measure(variant, image, li, layout, seed):
@@ -229,6 +233,7 @@ def upscale_run(args, pipe, layouts, classifier, clean, encoder, world_folder, t
     machine = machine_name("cpu")
     commit = git_commit()
     strength = "" if args.upscale_strength == 0.3 else f"_s{args.upscale_strength:g}"
+    strength += "" if tile == size else f"_t{tile}"
     stem = os.path.join(args.out_dir, f"quality_upscale{args.upscale}{strength}{'_quick' if args.quick else ''}_"
                                       f"{_slug(machine)}_{commit}")
     os.makedirs(args.out_dir, exist_ok=True)
