@@ -85,6 +85,28 @@ def test_upscale_makes_an_image_twice_the_size_and_from_makes_it_again_bit_for_b
     assert np.abs(pixels(other).astype(int) - pixels(out)).max() > 0
 
 
+def test_the_commands_upscale_is_tiled_upscale_of_its_native_image(folder, capsys):
+    """The command's image is ``anyms.tiled_upscale`` of the image it generated, with the job's prompt,
+    subjects, steps and seed. With one tile over the output (as here) that is diffusers' img2img
+    pass with the image's layout, bit for bit (test_upscale.py's
+    test_one_tile_over_the_image_equals_the_untiled_img2img_pass)."""
+    import anyms
+    from anyms.tiny import tiny_pipeline
+
+    (folder / "plain.json").write_text(json.dumps(layout()))
+    native, up = folder / "native.png", folder / "up.png"
+    argv = ["--layout", str(folder / "plain.json"), *TINY, "--no-pictures"]
+    assert run([*argv, "--out", str(native)], capsys)[0] == 0
+    one_tile = ["--upscale", "2", "--upscale-tile", "128", "--upscale-overlap", "0", "--upscale-strength", "0.5"]
+    assert run([*argv, *one_tile, "--out", str(up)], capsys)[0] == 0
+    pipe = tiny_pipeline(anyms.AnyMSStableDiffusionXLPipeline, kind="sdxl", seed=0)
+    subjects = [anyms.Subject(str(folder / f"s{i}.png"), tuple(box)) for i, box in enumerate(BOXES)]
+    want = anyms.tiled_upscale(pipe, Image.open(native).convert("RGB"), "a cat and a dog", subjects=subjects,
+                               scale=2, tile=128, overlap=0, strength=0.5, num_inference_steps=4, seed=0).images[0]
+    assert len(pipe.anyms_last_upscale.tiles) == 1
+    np.testing.assert_array_equal(pixels(up), np.asarray(want))
+
+
 def test_the_defaults_of_the_model_are_recorded(folder, capsys):
     """Without --upscale-tile / -overlap / -strength the record holds what ran: the tiny SDXL's
     native side (128 px), a quarter of it, 0.3."""
