@@ -43,7 +43,8 @@ from .errors import GenerationError, LoadError, UsageError
 from .job import (
     DEFAULT_STEPS, JOBS_SCHEMA, LAYOUT_SCHEMA, MODES, PRIORITIES, Job, check_blocks_on_model, check_job,
     check_outputs, generate_image, parse_blocks,
-    layout_from_dict, memory_report, output_paths, read_layout_file, save_job, warn_unreached,
+    layout_from_dict, memory_report, merge_upscale, output_paths, read_layout_file, save_job, upscale_from_args,
+    upscale_from_dict, upscale_geometry_before_loading, warn_unreached,
 )
 from .loading import (
     ARCHS, DEFAULT_IP_ADAPTER, DEFAULT_FLUX_MODEL, DEFAULT_MODEL, DTYPES, TINY_MODEL, TOY_MODEL, default_size, load_for_run,
@@ -233,6 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "or dotted block names, comma-separated (up_blocks.0.attentions.1,down_blocks.2)")
     gen.add_argument("--priority", choices=PRIORITIES, default=None,
                      help="who is on top where boxes overlap: order (later on top, default) or smaller_on_top")
+    gen.add_argument("--upscale", type=int, default=None, metavar="2|4",
+                     help="after generating, upscale the image 2 or 4 times with an img2img pass over overlapping "
+                          "tiles, each subject acting in its region only in every tile (SDXL, SD 1.5; the output "
+                          "is the upscaled image)")
+    gen.add_argument("--upscale-tile", type=int, default=None, metavar="PIXELS",
+                     help="the tile's side in pixels of the output (default: the model's native side, 1024 for "
+                          "SDXL; a multiple of the U-Net's unit: 32 for SDXL, 64 for SD 1.5)")
+    gen.add_argument("--upscale-overlap", type=int, default=None, metavar="PIXELS",
+                     help="pixels neighbouring tiles share (default a quarter of the tile; a multiple of the unit, "
+                          "smaller than the tile)")
+    gen.add_argument("--upscale-strength", type=float, default=None, metavar="S",
+                     help="how far the upscaled image is noised again, in (0, 1] (default 0.3)")
     gen.add_argument("--vae-tiling", action="store_true", help="decode the latent in tiles (large images)")
     gen.add_argument("--offload", choices=("none", "model", "sequential"), default=None,
                      help="CPU offload for limited GPU memory: model (whole models) or sequential (layers) "
@@ -278,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _job_from_args(args) -> Job:
     """The one image of the command line: from --subject, --layout or --from."""
     record = None
+    upscale = None                      # the layout's or the record's "upscale": (values, names)
     if args.from_image:
         from .metadata import read_record, record_layout
 
@@ -289,11 +303,14 @@ def _job_from_args(args) -> Job:
                                   os.path.dirname(os.path.abspath(args.from_image)))
         _check_record_files(record, layout["subjects"], args.from_image)
         _record_defaults(args, record)
+        upscale = upscale_from_dict(record.get("upscale"), f"--from {args.from_image!r}")
     elif args.layout:
         layout = read_layout_file(args.layout)
+        upscale = layout.get("upscale")
     else:
         layout = {"prompt": None, "mode": None, "priority": None,
                   "subjects": [parse_subject(spec, i) for i, spec in enumerate(args.subject)]}
+    upscale = merge_upscale(upscale, upscale_from_args(args))          # the options win
     return Job(prompt=args.prompt if args.prompt is not None else layout["prompt"],
                subjects=layout["subjects"], mode=args.mode or layout["mode"] or "overwrite",
                blocks=parse_blocks(args.blocks) if args.blocks is not None else layout.get("blocks"),
@@ -301,7 +318,7 @@ def _job_from_args(args) -> Job:
                seed=args.seed if args.seed is not None else 0,
                steps=args.steps if args.steps is not None else DEFAULT_STEPS, guidance=args.guidance,
                height=args.height, width=args.width, negative_prompt=args.negative_prompt,
-               out=args.out or "anyms.png")
+               out=args.out or "anyms.png", upscale=upscale and upscale[0], upscale_names=upscale and upscale[1])
 
 
 def _record_defaults(args, record: dict) -> None:
@@ -361,7 +378,7 @@ def cmd_generate(args) -> int:
     job = _job_from_args(args)
     with _naming_the_record(args):
         run = run_from_args(args)
-        check_job(job, run.arch)
+        check_job(job, run.arch, upscale_geometry_before_loading(run))
     paths = output_paths(job.out, run.pictures)
     check_outputs(paths, run.overwrite)
     if args.max_memory is not None:             # reads configs only: refuses before any weights load
@@ -383,8 +400,9 @@ def cmd_generate(args) -> int:
         seconds = time.perf_counter() - t0
     save_job(pipe, image, job, run, paths)
     n = len(job.subjects)
+    upscaled = f", upscaled {job.upscale['scale']}x" if job.upscale else ""
     print(f"generated {image.width}x{image.height} in {seconds:.1f} s ({job.mode} mode, {n} subject{'s' * (n != 1)}, "
-          f"seed {job.seed})")
+          f"seed {job.seed}{upscaled})")
     for label, path in zip(("image:  ", "layout: ", "routing:"), paths):
         if path:
             print(f"{label} {os.path.abspath(path)}")

@@ -17,6 +17,8 @@ from .timing import check_schedule, check_window
 __all__ = ["Job", "check_job", "read_layout_file", "layout_from_dict", "output_paths", "check_outputs",
            "generate_image", "image_record", "save_job", "write_pictures", "warn_unreached", "memory_report",
            "check_blocks_on_model", "parse_blocks",
+           "upscale_from_dict", "upscale_from_args", "merge_upscale", "check_upscale", "upscale_geometry_before_loading",
+           "upscale_image",
            "LAYOUT_SCHEMA", "JOBS_SCHEMA"]
 
 MODES = ("overwrite", "sum")
@@ -30,6 +32,8 @@ layout file (--layout FILE.json); image paths are relative to the file:
     "mode": "overwrite",                      optional; --mode wins
     "priority": "order",                      optional; --priority wins
     "blocks": "all",                          optional; --blocks wins
+    "upscale": {"scale": 2, "tile": 1024, "overlap": 256, "strength": 0.3},
+                                              optional; the --upscale options win
     "subjects": [                             required, at least one
       {"image": "dog.png", "box": [0.05, 0.3, 0.5, 0.95], "scale": 1.0, "label": "dog"},
       {"image": "cat.png", "mask": "cat_mask.png",
@@ -56,10 +60,15 @@ above 1, SD and SDXL only: FLUX runs here without CFG) and is refused otherwise.
 "blocks" (a subject's, else the top level's; default "all") picks the model blocks
 its image acts on: a preset ("all", "style", "layout", "style_and_layout"; FLUX:
 "all" only), a list of block names ["up_blocks.0.attentions.1"] or an object
-{"block name": weight}; elsewhere the subject is absent. No other keys are allowed.
+{"block name": weight}; elsewhere the subject is absent. "upscale" (optional) makes the
+image at its size, then upscales it ("scale" 2 or 4 times, required) with an img2img
+pass over overlapping tiles in which every subject acts in its region only: "tile" and
+"overlap" are pixels of the output (defaults: the model's native side and a quarter of
+it, multiples of the U-Net's unit), "strength" in (0, 1] how far the tiles are noised
+again (default 0.3); null: no upscale. No other keys are allowed.
 """
 
-LAYOUT_KEYS = {"prompt", "mode", "priority", "subjects", "blocks"}
+LAYOUT_KEYS = {"prompt", "mode", "priority", "subjects", "blocks", "upscale"}
 SUBJECT_KEYS = {"image", "box", "mask", "scale", "label", "start", "end", "schedule", "negative_image", "blocks"}
 
 JOBS_SCHEMA = """\
@@ -70,6 +79,7 @@ layout file's object (above; paths relative to the jobs file), with optionally:
   "seed": 7                   default: --seed (0) + the job's index (0-based, blank lines
                               not counted), so a job's image never depends on the process
   "negative_prompt", "steps", "guidance", "height", "width"   default: the options'
+  "upscale": {...}            default: the --upscale options (its keys win); null: none
 The model and its options (--model, --dtype, ...) are the command line's, for every job.
 A job whose image exists and records this very job (a PNG's anyms record) is done and
 skipped, so a stopped run resumes; an existing image made from anything else is refused
@@ -104,6 +114,8 @@ class Job:
     index: int = 0
     plan: Any = None                # the checked subjects (check_job)
     hashes: Any = None              # the SHA-256 of the subjects' files, taken as check_job read them
+    upscale: Optional[dict] = None  # {"scale", "tile", "overlap", "strength"} (None: the model's default), or none
+    upscale_names: Optional[dict] = None    # how errors name each of those (where it came from)
 
     def name(self, key: str) -> str:
         """How errors name ``key``: ``--steps`` on the command line, ``--jobs f.jsonl:3: "steps"`` in a job."""
@@ -195,6 +207,8 @@ def layout_from_dict(data, what: str, folder: str, extra_keys=(), extra_subject_
                                 negative_image=None if negative is None else os.path.join(folder, negative)))
     out = {"prompt": data.get("prompt"), "mode": data.get("mode"), "priority": data.get("priority"),
            "subjects": subjects, "blocks": data.get("blocks")}
+    if "upscale" in data:
+        out["upscale"] = upscale_from_dict(data["upscale"], what)
     out.update({key: data[key] for key in extra_keys if key in data})
     return out
 
@@ -215,6 +229,116 @@ def parse_blocks(text: str):
     return value
 
 
+# ------------------------------------------------------------------ upscaling
+# the command line's name of each upscale option (the layout file's and the record's: "upscale.KEY")
+UPSCALE_OPTIONS = {"scale": "--upscale", "tile": "--upscale-tile", "overlap": "--upscale-overlap",
+                   "strength": "--upscale-strength"}
+
+
+def _upscale_checked(values: dict, names: dict, steps=None, steps_name: str = "--steps", geometry=None) -> dict:
+    """``values`` (the options given) checked by :func:`anyms.upscale_args.check_upscale_options`,
+    errors naming each option by ``names``; returns all four, the defaults the geometry gives
+    filled in (None where it is not known)."""
+    from .upscale_args import DEFAULT_STRENGTH, check_upscale_options
+
+    try:
+        scale, tile, overlap, strength = check_upscale_options(
+            values["scale"], values.get("tile"), values.get("overlap"), values.get("strength", DEFAULT_STRENGTH),
+            steps, geometry=geometry, names={**names, "num_inference_steps": steps_name})
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return {"scale": scale, "tile": tile, "overlap": overlap, "strength": strength}
+
+
+def upscale_from_dict(value, what: str):
+    """A layout file's (or a jobs line's, or a record's) ``"upscale"`` -> ``(values, names)``: the
+    options it gives and how errors name them (``WHAT: upscale.tile``); None for null."""
+    from .upscale_args import OPTIONS
+
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise UsageError(f"{what}: upscale must be an object {{\"scale\": 2 or 4, \"tile\", \"overlap\", "
+                         f"\"strength\"}} or null, got {value!r}")
+    unknown = sorted(set(value) - set(OPTIONS))
+    if unknown:
+        raise UsageError(f"{what}: upscale: unknown key(s) {unknown}; allowed: {list(OPTIONS)}")
+    if "scale" not in value:
+        raise UsageError(f"{what}: upscale.scale is required (2 or 4)")
+    names = {key: f"{what}: upscale.{key}" for key in OPTIONS}
+    values = {key: value[key] for key in OPTIONS if value.get(key) is not None}
+    _upscale_checked(values, names)
+    return values, names
+
+
+def upscale_from_args(args):
+    """The --upscale options given on the command line -> ``(values, names)``, or None."""
+    values = {key: getattr(args, "upscale" if key == "scale" else f"upscale_{key}", None) for key in UPSCALE_OPTIONS}
+    values = {key: value for key, value in values.items() if value is not None}
+    return (values, dict(UPSCALE_OPTIONS)) if values else None
+
+
+def merge_upscale(base, over, where: str = ""):
+    """``over``'s options over ``base``'s (each ``(values, names)`` or None) -> ``(values, names)``
+    or None, checked without a model. Options without ``"scale"`` anywhere are refused."""
+    if base is None and over is None:
+        return None
+    values, names = {}, dict(UPSCALE_OPTIONS)
+    for part in (base, over):
+        if part is not None:
+            values.update(part[0])
+            names.update({key: part[1][key] for key in part[1] if key in part[0] or key not in values})
+    if "scale" not in values:
+        given = next(names[key] for key in values)
+        raise UsageError(f"{where + ': ' if where else ''}{given} goes with --upscale 2|4 (or \"upscale\" in the "
+                         f"layout)")
+    checked = _upscale_checked(values, names)      # the strength's default filled in: known without a model
+    return {key: value for key, value in checked.items() if value is not None}, names
+
+
+def upscale_geometry_before_loading(run: Run):
+    """The U-Net geometry of the run's model, read without loading it: the tiny model's, a local
+    folder's configs, else the standard one of its family (every SDXL or SD 1.5 checkpoint shares
+    its family's U-Net and VAE shapes); None where not known. The loaded model is checked again."""
+    from .loading import TINY_MODEL
+    from .upscale_args import ARCH_GEOMETRY, UNetGeometry, geometry_of_folder
+
+    model = run.sources["model"]
+    if run.arch not in ARCH_GEOMETRY:                # FLUX: no U-Net (refused by check_job)
+        return None
+    if model == TINY_MODEL:
+        from .tiny import TINY_IMAGE_SIZE, TINY_UNET_BLOCKS, TINY_VAE_BLOCKS
+
+        factor = 2 ** (len(TINY_VAE_BLOCKS) - 1)
+        return UNetGeometry(factor, len(TINY_UNET_BLOCKS[run.arch]), TINY_IMAGE_SIZE // factor)
+    if isinstance(model, str) and os.path.isdir(model):
+        return geometry_of_folder(model)
+    return ARCH_GEOMETRY.get(run.arch)
+
+
+def check_upscale(job: Job, geometry) -> Optional[dict]:
+    """``job``'s upscale options checked against a U-Net ``geometry`` (None: the rules that need
+    none) and its steps, and with a geometry the output's sides (the job's size, else the
+    model's native one, times the scale). Returns the options, the defaults the geometry gives
+    filled in."""
+    from .preflight import check_image_size
+
+    if job.upscale is None:
+        return None
+    names = job.upscale_names or UPSCALE_OPTIONS
+    resolved = _upscale_checked(job.upscale, names, job.steps, '"steps"' if job.where else "--steps", geometry)
+    if geometry is not None:
+        scale = resolved["scale"]
+        for key in ("height", "width"):
+            side = getattr(job, key) or geometry.native
+            try:
+                check_image_size(side * scale, f"{names['scale']} {scale}: the output's {key}", geometry.unit)
+            except ValueError as e:
+                raise UsageError(f"{e} (the {key} {side} times {scale}; a multiple of {geometry.unit}, the U-Net's "
+                                 f"unit)") from None
+    return resolved
+
+
 def _integer(value, name: str, low: int, high: Optional[int] = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise UsageError(f"{name} must be an integer, got {value!r}")
@@ -224,9 +348,11 @@ def _integer(value, name: str, low: int, high: Optional[int] = None) -> int:
     return value
 
 
-def check_job(job: Job, arch: str = "sdxl") -> Job:
+def check_job(job: Job, arch: str = "sdxl", upscale_geometry=None) -> Job:
     """Check everything about ``job`` that needs no model (reads its images and masks); fills
-    ``job.plan`` and, with masks, ``job.height``/``job.width``. Raises UsageError naming the argument."""
+    ``job.plan`` and, with masks, ``job.height``/``job.width``. Raises UsageError naming the argument.
+    ``upscale_geometry``: the model's U-Net geometry where known before loading
+    (:func:`upscale_geometry_before_loading`), for the upscale options' rules that need it."""
     import math as _math
 
     from .metadata import subject_hashes
@@ -259,6 +385,11 @@ def check_job(job: Job, arch: str = "sdxl") -> Job:
         except ValueError as e:
             raise UsageError(str(e)) from None
     flux = arch == "flux"
+    if job.upscale is not None:
+        if flux:
+            raise UsageError(f"{(job.upscale_names or UPSCALE_OPTIONS)['scale']}: tiled upscaling runs a U-Net "
+                             f"(SDXL, SD 1.5); FLUX is not supported")
+        check_upscale(job, None)
     if flux:
         for key in ("height", "width"):
             value = getattr(job, key)
@@ -281,6 +412,8 @@ def check_job(job: Job, arch: str = "sdxl") -> Job:
         job.hashes = subject_hashes(job.subjects)     # the record's, whatever happens to the files later
     except (ValueError, TypeError) as e:
         raise job.error(str(e)) from None
+    if job.upscale is not None and upscale_geometry is not None:
+        check_upscale(job, upscale_geometry)
     return job
 
 
@@ -392,13 +525,38 @@ def generate_image(pipe, job: Job, run: Run):
                 num_inference_steps=job.steps, generator=torch.Generator("cpu").manual_seed(job.seed))
     if job.guidance is not None:
         call["guidance_scale"] = job.guidance
+    if job.upscale is not None:         # the defaults of the loaded model, checked before it generates
+        from .upscale_args import geometry_of_pipe
+
+        job.upscale = check_upscale(job, geometry_of_pipe(pipe))
     try:
-        return pipe(job.prompt, **call).images[0]
+        image = pipe(job.prompt, **call).images[0]
+        if job.upscale is not None:
+            image = upscale_image(pipe, image, job)
+        return image
     except torch.OutOfMemoryError:
         raise GenerationError(
             f"{job.where + ': ' if job.where else ''}out of memory on {run.device} making "
             f"{job.width or 'default'}x{job.height or 'default'}: try --vae-tiling, --offload model or a smaller "
             f"size") from None
+
+
+def upscale_image(pipe, image, job: Job):
+    """``image`` (the job's native-size generation) upscaled by the job's resolved options: the
+    tiled img2img pass with the job's subjects, prompt, steps, guidance and seed."""
+    from .upscale import tiled_upscale
+
+    up = job.upscale
+    extra = {} if job.guidance is None else {"guidance_scale": job.guidance}
+    bar = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(**{**bar, "desc": "upscaling"})     # the img2img pass takes the pipe's bar
+    try:
+        return tiled_upscale(pipe, image, job.prompt, subjects=job.subjects, scale=up["scale"], tile=up["tile"],
+                             overlap=up["overlap"], strength=up["strength"], num_inference_steps=job.steps,
+                             seed=job.seed, anyms_mode=job.mode, anyms_priority=job.priority,
+                             negative_prompt=job.negative_prompt, **extra).images[0]
+    finally:
+        pipe.set_progress_bar_config(**bar)
 
 
 def image_record(pipe, job: Job, run: Run, image=None) -> dict:
@@ -409,13 +567,18 @@ def image_record(pipe, job: Job, run: Run, image=None) -> dict:
     guidance = job.guidance
     if image is not None and guidance is None:
         guidance = getattr(pipe, "guidance_scale", None)     # the pipeline's default, as it ran
+    upscale = None
+    if job.upscale is not None:         # the options as they ran (before: None where the model's default)
+        upscale = {key: job.upscale.get(key) for key in UPSCALE_OPTIONS}
+    scale = upscale["scale"] if upscale is not None else 1
     record = build_record(
         prompt=job.prompt, negative_prompt=job.negative_prompt, subjects=job.subjects, mode=job.mode,
         priority=job.priority, blocks=job.blocks, seed=job.seed, steps=job.steps, guidance=guidance,
-        height=image.height if image is not None else job.height,
-        width=image.width if image is not None else job.width,
+        # the size generated (an upscaled image's is its size over the scale)
+        height=image.height // scale if image is not None else job.height,
+        width=image.width // scale if image is not None else job.width,
         model=run.model_record(), folder=os.path.dirname(os.path.abspath(job.out)),
-        device=str(run.device) if image is not None else None, hashes=job.hashes)
+        device=str(run.device) if image is not None else None, hashes=job.hashes, upscale=upscale)
     return record
 
 

@@ -44,7 +44,8 @@ from .console import emit, one_line
 from .errors import GenerationError, UsageError
 from .job import (
     DEFAULT_STEPS, JOB_KEYS, Job, check_blocks_on_model, check_job, check_outputs, generate_image, image_record,
-    layout_from_dict, memory_report, parse_blocks, save_job, warn_unreached,
+    layout_from_dict, memory_report, merge_upscale, parse_blocks, save_job, upscale_from_args,
+    upscale_geometry_before_loading, warn_unreached,
 )
 from .budget import plan_memory
 from .loading import default_size, load_for_run, run_from_args, threads_for
@@ -179,6 +180,9 @@ def read_jobs(path: str, args) -> Tuple[List[Job], str]:
                                  f"job needs files of its own")
             outs[key] = line_no
         seed = layout.get("seed", (args.seed or 0) + index)
+        # the line's "upscale" keys over the --upscale options; "upscale": null, none
+        upscale = None if "upscale" in layout and layout["upscale"] is None else \
+            merge_upscale(upscale_from_args(args), layout.get("upscale"), where)
 
         def pick(key, option, default=None):
             if key in layout:
@@ -193,7 +197,8 @@ def read_jobs(path: str, args) -> Tuple[List[Job], str]:
             priority=layout["priority"] or args.priority or "order", seed=seed,
             steps=pick("steps", "steps", DEFAULT_STEPS), guidance=pick("guidance", "guidance"),
             height=pick("height", "height"), width=pick("width", "width"),
-            negative_prompt=pick("negative_prompt", "negative_prompt"), out=out, where=where, index=index))
+            negative_prompt=pick("negative_prompt", "negative_prompt"), out=out, where=where, index=index,
+            upscale=upscale and upscale[0], upscale_names=upscale and upscale[1]))
     if not jobs:
         raise UsageError(f"{what} holds no jobs (one JSON object a line)")
     return jobs, out_dir
@@ -233,6 +238,12 @@ def _unlike(job: Job, run, pipe) -> Optional[str]:
     want = {"height": job.height or height, "width": job.width or width,
             "guidance": job.guidance if job.guidance is not None else _default_guidance(pipe)}
     diff = [key for key, value in want.items() if value is not None and record.get(key) != value]
+    if job.upscale is not None:         # an unset tile or overlap: the model's default
+        from .job import check_upscale
+        from .upscale_args import geometry_of_pipe
+
+        if record.get("upscale") != check_upscale(job, geometry_of_pipe(pipe)):
+            diff.append("upscale")
     if not diff:
         return None
     return (f"{job.out!r} exists but was made from something else ({', '.join(diff)} "
@@ -257,6 +268,8 @@ def sort_jobs(jobs: List[Job], run) -> Tuple[List[Job], List[Job], List[Tuple[Jo
         diff = differences(record, _expected(job, run))
         if record.get("negative_prompt") != job.negative_prompt and "negative_prompt" not in diff:
             diff.append("negative_prompt")      # unset means none, not "any"
+        if ("upscale" in record) != (job.upscale is not None) and "upscale" not in diff:
+            diff.append("upscale")              # upscaled or not is part of what made it
         if diff:
             conflicts.append((job, f"{job.out!r} exists but was made from something else ({', '.join(diff[:4])} "
                                    f"differ{'s' if len(diff) == 1 else ''})"))
@@ -333,8 +346,9 @@ def run_jobs(args) -> int:
     # 1. Every job, checked before any model loads.
     jobs, out_dir = read_jobs(args.jobs, args)
     run = run_from_args(args, device=procs.device)
+    geometry = upscale_geometry_before_loading(run)
     for job in jobs:
-        check_job(job, run.arch)
+        check_job(job, run.arch, geometry)
         job.plan = None                          # re-read when it runs: thousands of jobs' images stay on disk
     check_outputs([os.path.join(out_dir, MANIFEST)], overwrite=True, what="--out-dir")
     log = _info_main(procs)

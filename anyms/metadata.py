@@ -15,7 +15,8 @@ chunk (iTXt) named ``anyms`` holding a JSON record::
      "model": {"arch": "sdxl", "model": "stabilityai/stable-diffusion-xl-base-1.0",
                "ip_adapter": "h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors",
                "image_encoder": null, "dtype": "float16", "max_memory": "8GB"},
-     "device": "cuda"}
+     "device": "cuda",
+     "upscale": {"scale": 2, "tile": 1024, "overlap": 256, "strength": 0.3}}
 
 ``layout`` is a layout file (``anyms generate --help``; a subject's ``start``, ``end`` and
 ``schedule`` are written only when not the defaults, 0, 1 and constant, its ``negative_image``
@@ -24,8 +25,10 @@ layout's when given and not ``"all"``) whose paths are relative to
 the image's folder, plus each file's SHA-256, so ``anyms generate --from image.png``
 can make the image again and say when a subject or mask file has changed since.
 ``model.max_memory`` (``--max-memory`` as given) is there only where it was given: ``--from``
-plans again within it (the ``dtype`` it chose is kept). ``guidance`` is null where the
-pipeline's default was used. ``device`` is for the
+plans again within it (the ``dtype`` it chose is kept). ``upscale`` is there only for an image
+upscaled after its generation (``anyms generate --upscale``): its options as they ran; ``height``
+and ``width`` are then the size generated, the image's size over the scale. ``guidance`` is null
+where the pipeline's default was used. ``device`` is for the
 record only (``--from`` uses the machine's). Also written: ``Software``.
 
 :func:`read_record` checks a record against this schema (:func:`check_record`): every
@@ -55,14 +58,15 @@ FORMAT = 1
 HASH_KEYS = ("image_sha256", "mask_sha256", "negative_image_sha256")
 # The schema of format 1: the keys of each object, and which of them are required.
 RECORD_KEYS = {"format", "anyms_version", "versions", "prompt", "negative_prompt", "layout", "seed", "steps",
-               "guidance", "height", "width", "model", "device"}
-RECORD_OPTIONAL = {"device"}
+               "guidance", "height", "width", "model", "device", "upscale"}
+RECORD_OPTIONAL = {"device", "upscale"}
 LAYOUT_KEYS = {"mode", "priority", "subjects", "blocks"}
 LAYOUT_OPTIONAL = {"blocks"}
 SUBJECT_KEYS = {"image", "image_sha256", "box", "mask", "mask_sha256", "scale", "label", "start", "end", "schedule",
                 "negative_image", "negative_image_sha256", "blocks"}
 MODEL_KEYS = {"arch", "model", "ip_adapter", "image_encoder", "dtype", "max_memory"}
 MODEL_OPTIONAL = {"max_memory"}         # --max-memory as given, where it was
+UPSCALE_KEYS = {"scale", "tile", "overlap", "strength"}
 
 
 def file_sha256(path: str) -> str:
@@ -156,10 +160,13 @@ def versions() -> Dict[str, str]:
 def build_record(*, prompt: str, negative_prompt: Optional[str], subjects, mode: str, priority: str, seed: int,
                  steps: int, guidance: Optional[float], height: Optional[int], width: Optional[int],
                  model: Dict[str, Any], folder: str, device: Optional[str] = None,
-                 hashes: Optional[List[Dict[str, str]]] = None, blocks=None) -> Dict[str, Any]:
+                 hashes: Optional[List[Dict[str, str]]] = None, blocks=None,
+                 upscale: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The record of one generation (see the module docstring); subject paths relative to ``folder``;
     ``hashes``: the subjects' files' SHA-256 taken when they were read (:func:`subject_hashes`),
-    else read now; ``blocks``: the layout's default blocks (written when given and not "all")."""
+    else read now; ``blocks``: the layout's default blocks (written when given and not "all");
+    ``upscale``: the tiled upscale's options (``scale``, ``tile``, ``overlap``, ``strength``),
+    written only for an upscaled image."""
     from . import __version__
 
     record = {
@@ -182,6 +189,8 @@ def build_record(*, prompt: str, negative_prompt: Optional[str], subjects, mode:
         record["device"] = device
     if blocks_entry(blocks) is not None:
         record["layout"]["blocks"] = blocks_entry(blocks)
+    if upscale is not None:
+        record["upscale"] = dict(upscale)
     return record
 
 
@@ -381,6 +390,19 @@ def check_record(record: Dict[str, Any], where: str) -> None:
             fail("model.max_memory", SIZE_FORMS, model["max_memory"])
     if "device" in record:
         text(record["device"], "device")
+    if "upscale" in record:
+        from .upscale_args import check_upscale_options
+
+        upscale = obj(record["upscale"], "upscale", UPSCALE_KEYS)
+        for key in ("tile", "overlap"):     # the record holds them as they ran
+            if upscale[key] is None:
+                fail(f"upscale.{key}", "an integer (pixels of the output)", upscale[key])
+        try:
+            check_upscale_options(upscale["scale"], upscale["tile"], upscale["overlap"], upscale["strength"],
+                                  record["steps"], names={**{key: f"its record's \"upscale.{key}\"" for key in
+                                                             UPSCALE_KEYS}, "num_inference_steps": "\"steps\""})
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 
 
 def record_layout(record: Dict[str, Any]) -> Dict[str, Any]:

@@ -52,6 +52,9 @@ __all__ = [
 
 # The default image side of the tiny pipelines (latent side 16, the VAE scales by 8).
 TINY_IMAGE_SIZE = 128
+# the tiny VAE's and U-Nets' channels per level (their level counts are what anyms.upscale_args reads)
+TINY_VAE_BLOCKS = (16, 16, 32, 32)
+TINY_UNET_BLOCKS = {"sdxl": (32, 64, 128), "sd15": (40, 80)}
 _TEXT_HIDDEN = 32          # hidden size of each tiny CLIP text encoder
 _TEXT_PROJECTION = 32      # projection dim of the second SDXL text encoder (pooled embeds)
 _VISION_IMAGE_SIZE = 32    # the tiny CLIP image encoder's input side
@@ -181,7 +184,7 @@ def _tiny_vae(seed: int, sample_size: int = TINY_IMAGE_SIZE, **config):
         return AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=4,
             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8,
+            block_out_channels=TINY_VAE_BLOCKS, layers_per_block=1, norm_num_groups=8,
             sample_size=sample_size, **config,
         ).eval()
 
@@ -193,7 +196,7 @@ def tiny_sdxl_unet(seed: int = 0):
     with _seeded(seed):
         return UNet2DConditionModel(
             sample_size=TINY_IMAGE_SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(32, 64, 128),
+            block_out_channels=TINY_UNET_BLOCKS["sdxl"],
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
             # diffusers reads attention_head_dim as the number of heads here (as SDXL's
@@ -212,7 +215,7 @@ def tiny_sd15_unet(seed: int = 0):
     with _seeded(seed):
         return UNet2DConditionModel(
             sample_size=TINY_IMAGE_SIZE // 8, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(40, 80),
+            block_out_channels=TINY_UNET_BLOCKS["sd15"],
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             attention_head_dim=1, cross_attention_dim=_TEXT_HIDDEN, norm_num_groups=8,

@@ -57,10 +57,10 @@ import torch
 from .branches import anyms_attention, set_anyms_layout
 from .layout import Layout, load_mask
 from .pipeline import AnyMSPipelineMixin, Subject, _load_image, _one_call_at_a_time, prepare_subjects
+from .upscale_args import DEFAULT_STRENGTH, SCALES, check_upscale_options, geometry_of_pipe
 
 __all__ = ["SCALES", "TILE_EVENT", "Tile", "UpscalePlan", "unet_unit", "plan_tiles", "tile_layout", "tiled_upscale"]
 
-SCALES = (2, 4)
 TILE_EVENT = "anyms.upscale.tile"   # the profiler's name for one tile's U-Net forward
 
 
@@ -95,7 +95,7 @@ class UpscalePlan:
 
 def unet_unit(pipe) -> int:
     """The pixel multiple a U-Net of ``pipe`` takes: the VAE's scale factor times its downsampling."""
-    return int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    return geometry_of_pipe(pipe).unit
 
 
 def _positions(length: int, tile: int, overlap: int, unit: int) -> List[int]:
@@ -138,49 +138,26 @@ def tile_layout(layout: Layout, tile: Tile) -> Tuple[List[int], Layout]:
 
 
 # ------------------------------------------------------------------ checks
-def _check_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an int (pixels of the output), got {value!r}")
-    return int(value)
-
-
 def check_upscale_args(pipe, image, scale, tile, overlap, strength, num_inference_steps=1,
                        seed=None) -> Tuple[Any, int, int, int, float]:
     """Check everything but the subjects, before any model work; return ``(image, unit, tile,
-    overlap, strength)`` with the defaults applied. Each error is one line naming the argument."""
+    overlap, strength)`` with the defaults applied. Each error is one line naming the argument.
+    The options' rules are :func:`anyms.upscale_args.check_upscale_options`' (the command line's too)."""
     if not isinstance(pipe, AnyMSPipelineMixin) or getattr(pipe, "unet", None) is None:
         raise TypeError(f"pipe must be an AnyMS SDXL or SD 1.5 pipeline (tiled upscaling runs a U-Net; FLUX is not "
                         f"supported), got {type(pipe).__name__}")
-    if isinstance(scale, bool) or scale not in SCALES:
-        raise ValueError(f"scale must be 2 or 4, got {scale!r}")
-    if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
-        raise ValueError(f"strength must be a number in (0, 1] (how far the tiles are noised again), got {strength!r}")
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, numbers.Integral) \
-            or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
-    if int(num_inference_steps * strength) < 1:
-        raise ValueError(f"strength {strength} x num_inference_steps {num_inference_steps} runs no step: raise "
-                         f"num_inference_steps to at least {math.ceil(1 / strength)}")
+    geometry = geometry_of_pipe(pipe)
+    scale, tile, overlap, strength = check_upscale_options(scale, tile, overlap, strength, num_inference_steps,
+                                                           geometry=geometry)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
         raise ValueError(f"seed must be an int or None, got {seed!r}")
     image = _load_image(image, "image")
-    unit = unet_unit(pipe)
+    unit = geometry.unit
     out_h, out_w = image.height * scale, image.width * scale
     if out_h % unit or out_w % unit:
         raise ValueError(f"image is {image.width}x{image.height} pixels (width x height): at scale {scale} the output "
                          f"{out_w}x{out_h} must have sides that are multiples of {unit} (this U-Net's unit)")
-    native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-    tile = _check_int(native if tile is None else tile, "tile")
-    if tile < unit or tile % unit:
-        raise ValueError(f"tile must be a multiple of {unit} pixels, at least {unit} (one cell of the U-Net's coarsest "
-                         f"level: the VAE's factor {pipe.vae_scale_factor} x the U-Net's downsampling "
-                         f"{unit // pipe.vae_scale_factor}), got {tile}")
-    overlap = _check_int(tile // 4 // unit * unit if overlap is None else overlap, "overlap")
-    if overlap < 0 or overlap % unit:
-        raise ValueError(f"overlap must be a multiple of {unit} pixels, at least 0, got {overlap}")
-    if overlap >= tile:
-        raise ValueError(f"overlap must be smaller than tile ({tile} pixels), got {overlap}")
-    return image, unit, tile, overlap, float(strength)
+    return image, unit, tile, overlap, strength
 
 
 def _subjects_at_scale(subjects: Sequence[Subject], image_hw, scale: int) -> List[Subject]:
@@ -284,7 +261,7 @@ class _TiledForward:
 
 
 def tiled_upscale(pipe, image, prompt=None, *, subjects: Sequence[Subject], scale: int = 2,
-                  tile: Optional[int] = None, overlap: Optional[int] = None, strength: float = 0.3,
+                  tile: Optional[int] = None, overlap: Optional[int] = None, strength: float = DEFAULT_STRENGTH,
                   num_inference_steps: int = 30, seed: Optional[int] = None, anyms_mode: str = "overwrite",
                   anyms_priority: str = "order", **kwargs):
     """Upscale ``image`` by ``scale`` with an img2img pass over overlapping tiles, keeping every subject.

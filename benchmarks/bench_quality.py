@@ -3,6 +3,7 @@
     python benchmarks/bench_quality.py                 # the full run (about 15-30 min on 2 busy cores)
     python benchmarks/bench_quality.py --quick         # a smoke run (a minute or two)
     python benchmarks/bench_quality.py --world runs/toy/world   # another trained world
+    python benchmarks/bench_quality.py --upscale 4 --layouts 3  # do subjects keep their boxes after a tiled upscale?
 
 Random layouts of 2-4 subjects of distinct colours, in three sets (``disjoint`` boxes,
 ``partial`` overlaps of 5-30% of the smaller box, ``large_overlap``: a box covering 40-70% of
@@ -20,6 +21,16 @@ region's dominant colour is its subject's), presence (the subject's colour cover
 its region), shape (a classifier trained on the generator names the shape; boxes no other box
 touches; its clean accuracy is reported), similarity to the reference (cosine in the world's
 image encoder); per image: leakage (palette-coloured pixels outside every box).
+
+``--upscale 2|4``: another run. Each layout is generated in overwrite mode at the world's size
+(64 px), then upscaled by :func:`anyms.tiled_upscale` (tiles of ``--upscale-tile`` px of the
+output, default the native 64, overlapping by a quarter of it, ``--upscale-strength``, the same steps
+and seed) twice: with the layout's subjects
+(each routed to its region in every tile) and, as the control, with the same subjects at scale 0
+(their branches add nothing: the prompt alone re-draws the tiles). The metrics are taken on the
+native image (before) and on each upscaled image averaged back to 64 px (after: Pillow's box
+filter, an exact mean of each scale x scale block), since the metrics' regions and colour classes
+are the world's 64 px ones.
 
 Writes to --out-dir (default benchmarks/results): quality_<machine>_<commit>.csv (one row per
 box), ..._summary.csv (mean per mode and set), ..._summary.txt (the table and conditions),
@@ -58,6 +69,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     p.add_argument("--quick", action="store_true", help="2 layouts per set, 1 seed, 8 steps, scales 1 and 2")
+    p.add_argument("--upscale", type=int, choices=(2, 4), default=None,
+                   help="measure a tiled upscale instead of the modes (see above)")
+    p.add_argument("--upscale-strength", type=float, default=0.3, help="the upscale's img2img strength (default 0.3)")
+    p.add_argument("--upscale-tile", type=int, default=None,
+                   help="the tile's side in pixels of the output (default the world's 64; overlap a quarter of it)")
     args = p.parse_args(argv)
     if args.quick:
         args.layouts, args.seeds, args.steps, args.scales = 2, [0], 8, [1.0, 2.0]
@@ -97,6 +113,8 @@ def main(argv=None) -> int:
     encoder = ev.image_encoder_fn(pipe)
     rng = np.random.default_rng([0, 21])
     layouts = [lay for kind in ev.LAYOUT_KINDS for lay in ev.sample_layouts(rng, args.layouts, kind)]
+    if args.upscale:
+        return upscale_run(args, pipe, layouts, classifier, clean, encoder, world, t_start)
 
     rows, images = [], {}       # rows: one per box; images[(mode, scale, layout index)] = first seed's image
 
@@ -166,6 +184,123 @@ def main(argv=None) -> int:
     _bars(table, stem + "_bars.png", ev.MODES)
     print(f"wrote {stem}.csv, _summary.csv, _summary.txt, _grid.png, _bars.png")
     return 0
+
+
+UPSCALE_VARIANTS = ("before", "upscaled", "upscaled_text_only")
+
+
+def upscale_run(args, pipe, layouts, classifier, clean, encoder, world_folder, t_start) -> int:
+    """The --upscale run (module docstring): the metrics before and after the tiled upscale."""
+    from PIL import Image
+
+    import anyms
+    from anyms.toy import reference
+    from anyms.toy import evaluate as ev
+    from anyms.toy import world
+
+    size = world.IMAGE_SIZE
+    tile = args.upscale_tile or size
+    overlap = tile // 4
+    rows, samples = [], []
+
+    def measure(variant, image, li, layout, seed):
+        for r in ev.box_metrics(image, layout, classifier, encoder):
+            r.update(mode=variant, scale=args.upscale, kind=layout.kind, layout=li, seed=seed,
+                     shape="" if r["shape"] is None else int(r["shape"]), owner=int(r["owner"]),
+                     present=int(r["present"]))
+            r["presence"] = r.pop("present")
+            rows.append(r)
+
+    for li, layout in enumerate(layouts):
+        natives = ev.generate(pipe, layout, "overwrite", seeds=args.seeds, steps=args.steps, guidance=args.guidance)
+        refs = [reference(s.colour, s.shape) for s in layout.subjects]
+        for seed, native in zip(args.seeds, natives):
+            measure("before", native, li, layout, seed)
+            row = [native]
+            for variant, subject_scale in (("upscaled", 1.0), ("upscaled_text_only", 0.0)):
+                subjects = [anyms.Subject(r, box=s.box, scale=subject_scale) for r, s in zip(refs, layout.subjects)]
+                big = anyms.tiled_upscale(pipe, Image.fromarray(native), layout.prompt, subjects=subjects,
+                                          scale=args.upscale, tile=tile, overlap=overlap,
+                                          strength=args.upscale_strength, num_inference_steps=args.steps,
+                                          guidance_scale=args.guidance, seed=seed).images[0]
+                assert big.size == (size * args.upscale, size * args.upscale)
+                measure(variant, np.asarray(big.resize((size, size), Image.BOX)), li, layout, seed)
+                row.append(np.asarray(big))
+            if seed == args.seeds[0]:
+                samples.append((li, row))
+        print(f"layout {li + 1}/{len(layouts)} ({layout.kind}) done, {time.time() - t_start:.0f} s", flush=True)
+
+    machine = machine_name("cpu")
+    commit = git_commit()
+    strength = "" if args.upscale_strength == 0.3 else f"_s{args.upscale_strength:g}"
+    strength += "" if tile == size else f"_t{tile}"
+    stem = os.path.join(args.out_dir, f"quality_upscale{args.upscale}{strength}{'_quick' if args.quick else ''}_"
+                                      f"{_slug(machine)}_{commit}")
+    os.makedirs(args.out_dir, exist_ok=True)
+    fields = ["mode", "scale", "kind", "layout", "seed", "subject", "colour", "shape_name", "owner", "presence",
+              "shape", "similarity", "leakage", "region_pixels"]
+    with open(stem + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    table = []
+    for variant in UPSCALE_VARIANTS:
+        for kinds, label in ((ev.LAYOUT_KINDS, "all"),) + tuple(((k,), k) for k in ev.LAYOUT_KINDS):
+            sel = [r for r in rows if r["mode"] == variant and r["kind"] in kinds]
+            per_image = {(r["layout"], r["seed"]): r for r in sel}
+            table.append(dict(variant=variant, set=label, **summarize(sel, list(per_image.values()))))
+    # how often a box's owner verdict is the same before and after (the same native image)
+    before = {(r["layout"], r["seed"], r["subject"]): r["owner"] for r in rows if r["mode"] == "before"}
+    kept = {v: float(np.mean([r["owner"] == before[(r["layout"], r["seed"], r["subject"])]
+                              for r in rows if r["mode"] == v])) for v in UPSCALE_VARIANTS[1:]}
+    elapsed = time.time() - t_start
+    lines = [f"toy-world layout quality after a {args.upscale}x tiled upscale: {world_folder}",
+             f"machine {machine}, torch threads {args.threads}, commit {commit}, {args.steps} steps, guidance "
+             f"{args.guidance}, seeds {args.seeds}, {args.layouts} layouts per set, upscale strength "
+             f"{args.upscale_strength}, tile {tile} px, overlap {overlap} px (of the output), {elapsed / 60:.1f} min",
+             f"shape classifier accuracy on clean generator data: {clean:.3f} (chance 0.25)",
+             "after: the upscaled image averaged back to the world's 64 px (box filter)",
+             "", "| image | set | boxes | " + " | ".join(METRICS) + " |",
+             "|---|---|---|" + "---|" * len(METRICS)]
+    for t in table:
+        lines.append(f"| {t['variant']} | {t['set']} | {t['boxes']} | " + " | ".join(f"{t[m]:.3f}" for m in METRICS)
+                     + " |")
+    lines += ["", "owner verdict unchanged from before (per box): "
+              + ", ".join(f"{v} {kept[v]:.3f}" for v in kept)]
+    text = "\n".join(lines)
+    with open(stem + "_summary.txt", "w") as f:
+        f.write(text + "\n")
+    print(text)
+    _upscale_grid(samples, layouts, stem + "_grid.png", args.upscale)
+    print(f"wrote {stem}.csv, _summary.txt, _grid.png")
+    return 0
+
+
+def _upscale_grid(samples, layouts, path, scale, per_kind: int = 2):
+    """One row per layout (``per_kind`` of each set): before (nearest-neighbour), upscaled, text-only control."""
+    from PIL import Image, ImageDraw
+
+    from anyms.toy import evaluate as ev
+    from anyms.toy import world
+
+    picked = []
+    for kind in ev.LAYOUT_KINDS:
+        picked += [s for s in samples if layouts[s[0]].kind == kind][:per_kind]
+    side = world.IMAGE_SIZE * scale
+    pad, head = 4, 14
+    canvas = Image.new("RGB", (3 * (side + pad) + pad, len(picked) * (side + pad) + pad + head), "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, name in enumerate(UPSCALE_VARIANTS):
+        draw.text((pad + c * (side + pad), 1), name, fill="black")
+    for r, (li, row) in enumerate(picked):
+        for c, im in enumerate(row):
+            im = Image.fromarray(im).resize((side, side), Image.NEAREST)
+            d = ImageDraw.Draw(im)
+            for s in layouts[li].subjects:
+                x0, y0, x1, y1 = (v * side for v in s.box)
+                d.rectangle([x0, y0, x1 - 1, y1 - 1], outline=world.PALETTE[s.colour], width=1)
+            canvas.paste(im, (pad + c * (side + pad), head + pad + r * (side + pad)))
+    canvas.save(path)
 
 
 def _grid(images, layouts, path, pipe, per_kind: int = 2, zoom: int = 3):
