@@ -519,10 +519,10 @@ def test_subject_embedding_cache_serves_flux_with_the_same_bits(pipes, subject_i
     key = next(k for k in cache._entries if k[0] == image_key(b))
     assert len(cache._entries[key]) == 1
     assert torch.equal(cache._entries[key][0], ours.encode_image([b], "cpu", 1))
-    # num_images_per_prompt repeats each image's row, as FLUX's encode_image does
+    # num_images_per_prompt repeats each image's row, as FLUX's encode_image does (each image alone)
+    alone = torch.cat([ours.encode_image([a], "cpu", 2), ours.encode_image([b], "cpu", 2)])
     with cache.attached(ours):
-        assert torch.equal(ours.encode_image([a, b], "cpu", 2),
-                           torch.cat([ours.encode_image([a], "cpu", 2), ours.encode_image([b], "cpu", 2)]))
+        assert torch.equal(ours.encode_image([a, b], "cpu", 2), alone)
 
 
 # ------------------------------------------------------------------ the tiny adapter
