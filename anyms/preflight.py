@@ -163,7 +163,11 @@ def flux_step_bytes(config, image_tokens: int, text_tokens: int, size: int) -> i
 
     - a single-stream block: over the N + L joint tokens, its MLP branch (4C, computed before the
       attention), the residual, the norm's output, the projections and rotated copies in flight
-      and the previous block's output: ``4 + 7`` values, plus the rotary temporaries;
+      and the previous block's output: ``4 + 7`` values, plus the rotary temporaries; at its output
+      projection (the peak in float32, traced on a narrower model), the MLP branch and its
+      concatenation with the attention's output (4 + 5), the attention's output before and after
+      its projection, the residual, the norm, the projection, its gated copy and the previous
+      block's output: ``2 * 4 + 7`` values;
     - a double-stream block's attention: the joint q, k, v (3) and a rotated copy (1) over N + L,
       and per stream the norm's output, a projection and a rotated copy (3 more per image token,
       5 per text token), plus the rotary temporaries;
@@ -180,6 +184,7 @@ def flux_step_bytes(config, image_tokens: int, text_tokens: int, size: int) -> i
     peaks = []
     if config.num_single_layers:
         peaks.append(size * (FLUX_MLP_RATIO + 7) * width * (n + l) + rotary)
+        peaks.append(size * (2 * FLUX_MLP_RATIO + 7) * width * (n + l))
     if config.num_layers:
         peaks.append(size * width * (7 * n + 9 * l) + rotary)
         peaks.append(size * width * (13 * n + 3 * l))

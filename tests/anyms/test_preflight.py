@@ -197,11 +197,11 @@ def _flux_transformer(dtype, heads=4):
                                   axes_dims_rope=(16, 56, 56)).to(dtype).eval()
 
 
-@pytest.mark.parametrize("dtype, low, high", [(torch.bfloat16, 0.95, 1.03), (torch.float32, 0.88, 1.0)])
-def test_the_flux_step_term_matches_the_allocator_peak_of_a_step(dtype, low, high):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_flux_step_term_matches_the_allocator_peak_of_a_step(dtype):
     """One transformer step, batch 1, image and text tokens in three proportions: the peak is a
-    block's joint attention at a rotary embedding; the term is within 3% of it in bf16 (the dtype it
-    was counted in; measured 0.97-1.00), and 7% low in float32 (measured 0.935: a tensor more live)."""
+    block's joint attention at a rotary embedding in bf16, a single-stream block's output projection
+    in float32; the term is within 5% of it (measured 0.97-1.00 in bf16, 0.999 in float32)."""
     from anyms.preflight import flux_step_bytes
 
     transformer = _flux_transformer(dtype)
@@ -219,13 +219,13 @@ def test_the_flux_step_term_matches_the_allocator_peak_of_a_step(dtype, low, hig
             transformer(**kwargs)
             measured = cpu_alloc_peak(lambda: transformer(**kwargs))
         estimated = flux_step_bytes(transformer.config, side * side, text, size)
-        assert low < estimated / measured < high, (dtype, side, text, estimated, measured)
+        assert 0.95 < estimated / measured < 1.03, (dtype, side, text, estimated, measured)
 
 
 def test_the_flux_estimate_counts_a_whole_generation(subject_images):
     """The tiny FLUX pipeline (float32), one step with two subjects: every component's weights, the
-    activations against the allocator's peak of the call (measured 0.67 at 128^2, where the tiny T5's
-    unfused attention holds six score-sized tensors; 1.32 untiled and 0.89 tiled at 256^2), and the
+    activations against the allocator's peak of the call (measured 0.72 at 128^2, where the tiny T5's
+    unfused attention holds six score-sized tensors; 1.32 untiled and 0.95 tiled at 256^2), and the
     options: no CFG batch (true CFG runs its passes one after the other), offload, tiling, dtype."""
     from anyms import Subject
     from anyms.flux import AnyMSFluxPipeline
