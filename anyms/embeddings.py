@@ -15,9 +15,11 @@ the image encoder once, alone, and every later call reuses its embedding:
 Each image is encoded on its own (batch 1), so its embedding does not depend on which
 other images a call holds: a job's result is the same whatever ran before it, in
 this process or another. The wrapper is an attribute of that one pipeline object,
-removed on exit; the class is not patched. Pipelines whose ``encode_image`` is not
+removed on exit; the class is not patched. Two forms of ``encode_image`` are served:
 the SD / SDXL one (``encode_image(image, device, num_images_per_prompt,
-output_hidden_states)`` returning ``(embeds, negative_embeds)``) are left alone.
+output_hidden_states)`` returning ``(embeds, negative_embeds)``) and FLUX's
+(``encode_image(image, device, num_images_per_prompt)`` returning the embeddings alone);
+pipelines with any other are left alone.
 """
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ def image_key(image) -> Optional[str]:
 
 
 class SubjectEmbeddingCache:
-    """Per-image IP-Adapter embeddings (and their unconditional twins), least recently used first out.
+    """Per-image IP-Adapter embeddings (and, for SD / SDXL, their unconditional twins), least recently
+    used first out.
 
     Args:
         max_bytes: the most the cached tensors may hold (on their device); the least
@@ -71,27 +74,46 @@ class SubjectEmbeddingCache:
         self._bytes = 0
 
     @staticmethod
-    def supports(pipe) -> bool:
-        """Whether ``pipe``'s ``encode_image`` is the SD / SDXL one this cache wraps."""
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    def form(pipe) -> Optional[str]:
+        """``"unet"`` where ``pipe``'s ``encode_image`` is the SD / SDXL one, ``"flux"`` where it
+        is FLUX's, None otherwise (a pipeline this cache leaves alone)."""
+        from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
         from .pipeline import AnyMSPipelineMixin
 
         method = getattr(type(pipe), "encode_image", None)
-        return method is not None and method in (StableDiffusionPipeline.encode_image,
-                                                 StableDiffusionXLPipeline.encode_image,
-                                                 AnyMSPipelineMixin.encode_image)
+        if method is None:
+            return None
+        if method in (StableDiffusionPipeline.encode_image, StableDiffusionXLPipeline.encode_image,
+                      AnyMSPipelineMixin.encode_image):
+            return "unet"
+        if method is FluxPipeline.encode_image:
+            return "flux"
+        return None
+
+    @classmethod
+    def supports(cls, pipe) -> bool:
+        """Whether ``pipe``'s ``encode_image`` is one this cache wraps (see :meth:`form`)."""
+        return cls.form(pipe) is not None
 
     @contextlib.contextmanager
     def attached(self, pipe):
         """Serve ``pipe.encode_image`` from this cache inside the block (a no-op for other pipelines)."""
-        if not self.supports(pipe) or "encode_image" in vars(pipe):
+        form = self.form(pipe)
+        if form is None or "encode_image" in vars(pipe):
             yield self
             return
         original = pipe.encode_image            # the bound method
 
-        def encode_image(image, device, num_images_per_prompt, output_hidden_states=None):
-            return self._encode(original, pipe, image, device, num_images_per_prompt, output_hidden_states)
+        if form == "flux":
+            def encode_image(image, device, num_images_per_prompt):
+                # FLUX's encoder gives the embeddings alone: one tensor per entry, no unconditional twin
+                def one(images, dev, num, _hidden):
+                    return (original(images, dev, num),)
+                return self._encode(one, pipe, image, device, num_images_per_prompt, None)[0]
+        else:
+            def encode_image(image, device, num_images_per_prompt, output_hidden_states=None):
+                return self._encode(original, pipe, image, device, num_images_per_prompt, output_hidden_states)
 
         pipe.encode_image = encode_image
         try:
@@ -107,7 +129,7 @@ class SubjectEmbeddingCache:
         if not items or any(k is None for k in keys):    # tensors, arrays: not ours to key
             return original(images, device, num_images_per_prompt, output_hidden_states)
         dtype = next(pipe.image_encoder.parameters()).dtype
-        conds, unconds = [], []
+        parts = []
         for image, key in zip(items, keys):
             full_key = (key, bool(output_hidden_states), str(torch.device(device)), str(dtype))
             entry = self._entries.get(full_key)
@@ -120,11 +142,9 @@ class SubjectEmbeddingCache:
             else:
                 self.hits += 1
                 self._entries.move_to_end(full_key)
-            conds.append(entry[0])
-            unconds.append(entry[1])
-        cond = torch.cat(conds).repeat_interleave(num_images_per_prompt, dim=0)
-        uncond = torch.cat(unconds).repeat_interleave(num_images_per_prompt, dim=0)
-        return cond, uncond
+            parts.append(entry)
+        # each tensor of the entries (embeddings, and their unconditional twins where the form has them)
+        return tuple(torch.cat(column).repeat_interleave(num_images_per_prompt, dim=0) for column in zip(*parts))
 
     def _put(self, key, entry) -> None:
         size = sum(t.numel() * t.element_size() for t in entry)

@@ -501,8 +501,6 @@ def memory_report(pipe, run: Run, height: int, width: int, cfg: bool, log=None, 
     """Print the estimated peak memory of one image; warn if it is above what the device has free."""
     from .preflight import GIB, device_memory, estimate_peak_memory
 
-    if getattr(pipe, "unet", None) is None:          # the estimate models U-Nets (SD, SDXL) only
-        return None
     est = estimate_peak_memory(pipe, height, width, cfg=cfg, offload=run.offload, vae_tiling=run.vae_tiling,
                                dtype=run.dtype)
     (log or console.info)(f"estimated peak memory, {width}x{height} on {run.device}: {est.describe()}")

@@ -4,7 +4,8 @@
   or a side above ``MAX_SIDE``), naming the argument.
 - :func:`estimate_peak_memory` estimates the device's peak memory of one generation
   from the loaded pipeline's configs, the size and the options (CFG, offload, VAE
-  tiling). It is a model, not a measurement: see its docstring for what it counts.
+  tiling), for the U-Net pipelines (SD 1.5, SDXL) and FLUX. It is a model, not a
+  measurement: see its docstring for what it counts.
 - :func:`fit_memory` picks, in a fixed order, the first plan (dtype, offload, VAE tiling)
   whose estimate fits a budget, within the options the caller fixed, or says the smallest
   budget that would fit. Both read only configs and parameter shapes: they work on a pipeline
@@ -25,6 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .images import MAX_SIDE
 
 __all__ = ["MAX_SIDE", "MAX_STEPS", "check_image_size", "MemoryEstimate", "estimate_peak_memory", "MemoryPlan",
+           "flux_step_bytes", "t5_encode_bytes",
            "fit_memory", "MemoryBudgetError", "OFFLOADS", "device_memory",
            "unreached_subjects", "unreached_message"]
 
@@ -49,18 +51,25 @@ def check_image_size(value: Optional[int], name: str, multiple: int = 8) -> None
 @dataclass
 class MemoryEstimate:
     """Bytes: ``weights`` resident on the device at the peak, ``unet`` the activations of one
-    U-Net step, ``decode`` those of the VAE decode, ``total`` the estimated peak."""
+    denoising step (the U-Net's, or FLUX's transformer's), ``decode`` those of the VAE decode,
+    ``encode`` those of the text encoders (counted for FLUX: T5 over 512 tokens; 0 for the
+    U-Nets, whose CLIP encoders over 77 tokens hold a few MB), ``total`` the estimated peak."""
 
     weights: int
     unet: int
     decode: int
     total: int
+    encode: int = 0
+    denoiser: str = "U-Net"
 
     def describe(self) -> str:
         def g(x):
             return f"{x / GIB:.2f}" if x >= 0.01 * GIB else f"{x / GIB:.3f}"
-        return (f"{g(self.total)} GiB (weights {g(self.weights)} + the larger of a U-Net step {g(self.unet)} "
-                f"and the VAE decode {g(self.decode)})")
+        if self.denoiser == "U-Net":
+            return (f"{g(self.total)} GiB (weights {g(self.weights)} + the larger of a U-Net step {g(self.unet)} "
+                    f"and the VAE decode {g(self.decode)})")
+        return (f"{g(self.total)} GiB (weights {g(self.weights)} + the largest of a {self.denoiser} step "
+                f"{g(self.unet)}, the text encoders {g(self.encode)} and the VAE decode {g(self.decode)})")
 
 
 def _module_bytes(module, dtype_size: Optional[int] = None) -> int:
@@ -145,6 +154,62 @@ def vae_decode_elements(config, image_hw: Tuple[int, int]) -> int:
     return int(peak + 2 * 3 * pixels)                              # + the decoded image
 
 
+# FLUX: FluxPipeline's default max_sequence_length (T5 tokens), the single-stream blocks' MLP ratio,
+# and the bytes of apply_rotary_emb's float32 temporaries per element of one projection (x * cos,
+# x_rotated * sin and their sum, or x_rotated's float copy in their place: three live at its peak).
+FLUX_TEXT_TOKENS = 512
+FLUX_MLP_RATIO = 4
+_ROTARY_BYTES = 12
+
+
+def flux_step_bytes(config, image_tokens: int, text_tokens: int, size: int) -> int:
+    """Activation bytes of one FLUX transformer step, batch 1 (see :func:`estimate_peak_memory`).
+
+    ``size``: bytes per element. The peak is inside a block's joint attention, at the rotary
+    embedding of a projection (three float32 temporaries of the joint tokens live). Counted from a
+    torch.profiler trace of FLUX.1's width in bf16 (the live tensors at the allocator's peak), per
+    channel of the width C:
+
+    - a single-stream block: over the N + L joint tokens, its MLP branch (4C, computed before the
+      attention), the residual, the norm's output, the projections and rotated copies in flight
+      and the previous block's output: ``4 + 7`` values, plus the rotary temporaries; at its output
+      projection (the peak in float32, traced on a narrower model), the MLP branch and its
+      concatenation with the attention's output (4 + 5), the attention's output before and after
+      its projection, the residual, the norm, the projection, its gated copy and the previous
+      block's output: ``2 * 4 + 7`` values;
+    - a double-stream block's attention: the joint q, k, v (3) and a rotated copy (1) over N + L,
+      and per stream the norm's output, a projection and a rotated copy (3 more per image token,
+      5 per text token), plus the rotary temporaries;
+    - a double-stream block's feed-forward (image stream: input, residual, norm, IP term, the 4C
+      projection and its activation, about 13 per image token; the text stream about 3 per text
+      token): below the attention in bf16, counted for 4-byte dtypes.
+
+    The IP-Adapter branch (S subjects' 4 tokens, projected) and the rotary tables are small beside
+    these; the rotary tables (cos and sin, float32, N + L by the head dim) are added.
+    """
+    width = config.num_attention_heads * config.attention_head_dim
+    n, l = int(image_tokens), int(text_tokens)
+    rotary = _ROTARY_BYTES * width * (n + l)
+    peaks = []
+    if config.num_single_layers:
+        peaks.append(size * (FLUX_MLP_RATIO + 7) * width * (n + l) + rotary)
+        peaks.append(size * (2 * FLUX_MLP_RATIO + 7) * width * (n + l))
+    if config.num_layers:
+        peaks.append(size * width * (7 * n + 9 * l) + rotary)
+        peaks.append(size * width * (13 * n + 3 * l))
+    tables = 2 * 4 * (n + l) * config.attention_head_dim
+    return int(max(peaks, default=0) + tables)
+
+
+def t5_encode_bytes(config, tokens: int, size: int) -> int:
+    """Activation bytes of T5's encoder over ``tokens`` tokens, batch 1: its relative position bias
+    (heads x tokens x tokens, and the mask made of it, both live through every layer) and, per
+    token, a layer's widest point (the gated feed-forward's three d_ff tensors and two of d_model;
+    at the attention, about nine of d_model: the same within 5% for T5-XXL)."""
+    return int(size * (2 * config.num_heads * tokens * tokens
+                       + (2 * config.d_model + 3 * config.d_ff) * tokens))
+
+
 def estimate_peak_memory(pipe, height: int, width: int, *, cfg: bool = True, offload: str = "none",
                          vae_tiling: bool = False, dtype=None, attention_values: float = 0,
                          conditioning_bytes: int = 0) -> MemoryEstimate:
@@ -152,39 +217,60 @@ def estimate_peak_memory(pipe, height: int, width: int, *, cfg: bool = True, off
 
     Counts: the weights on the device (every component; with ``offload="model"`` the
     largest component at a time; with ``"sequential"`` the largest layer), plus the
-    larger of two activation peaks. A U-Net step: its skip connections and its largest
-    transient (a transformer block at the finest attention level, 18 values per token and
-    channel; a resnet, 9), times the batch (2 with CFG). The VAE decode: its largest
-    resnet or upsampler at full resolution (with tiling, at the tile's size) and the
-    decoded image, in float32 where the VAE upcasts float16 (``force_upcast``). It
-    assumes fused attention (no token x token score matrix), what PyTorch's SDPA runs on
-    CUDA and CPU; the IP-Adapter branches and the text and image encoders' activations
-    are small beside these. Weights count in ``dtype`` where it is given (the pipeline would be
-    cast to it). ``attention_values``: values per token and channel a cross-attention layer holds
-    at its peak, for processors that hold more than the feed-forward's 21 (the masked sum of
+    largest of the activation peaks, each phase with the weights it has on the device.
+
+    U-Net pipelines (SD 1.5, SDXL). A U-Net step: its skip connections and its largest
+    transient (a transformer block at the finest attention level, 21 values per token and
+    channel; a resnet, 9), times the batch (2 with CFG). The text and image encoders'
+    activations are small beside these and not counted.
+
+    FLUX (a pipeline with a ``transformer`` and no ``unet``). A transformer step on batch 1
+    (FLUX.1-dev is guidance-distilled; true CFG runs the unconditional pass after the
+    conditional one, not beside it, so ``cfg`` changes nothing): the peak inside a block's
+    joint attention over the text (512 T5 tokens) and image tokens (:func:`flux_step_bytes`).
+    The text encoders: T5's encoder over 512 tokens (:func:`t5_encode_bytes`); CLIP's over
+    77 tokens and the IP-Adapter's image encoder hold a few MB and are not counted.
+
+    Both: the VAE decode, its largest resnet or upsampler at full resolution (with tiling,
+    at the tile's size) and the decoded image, in float32 where an SD / SDXL pipeline upcasts
+    a float16 VAE (``force_upcast``; FluxPipeline decodes in the VAE's dtype). It assumes
+    fused attention (no token x token score matrix), what PyTorch's SDPA runs on CUDA and
+    CPU. Weights count in ``dtype`` where it is given (the pipeline would be cast to it).
+    ``attention_values``: values per token and channel a U-Net cross-attention layer holds at
+    its peak, for processors that hold more than the feed-forward's 21 (the masked sum of
     diffusers' IP-Adapter holds fewer; benchmarks/bench_memory.py --fits); ``conditioning_bytes``:
-    bytes held on the device through the U-Net steps beside the activations (diffusers' IP-Adapter
-    masks). Only configs, parameter shapes and dtypes are read: a pipeline of meta-device modules
-    (anyms.budget) is estimated as the loaded one. Checked against the CPU allocator's peak on the full-size SD 1.5 and SDXL
-    architectures in bf16 (benchmarks/bench_memory.py, docs/memory.md: within 15%) and on the
-    tiny models (tests/anyms/test_preflight.py).
+    bytes held on the device through the U-Net steps beside the activations (diffusers'
+    IP-Adapter masks). Only configs, parameter shapes and dtypes are read: a pipeline of
+    meta-device modules (anyms.budget) is estimated as the loaded one.
+    Checked against the CPU allocator's peak on the full-size SD 1.5 and SDXL architectures
+    and FLUX.1's width with fewer blocks, in bf16 (benchmarks/bench_memory.py,
+    docs/memory.md: within 15%), and on the tiny models (tests/anyms/test_preflight.py).
     """
     import torch
 
-    unet, vae = pipe.unet, pipe.vae
+    vae = pipe.vae
+    denoiser, den_key, flux = _denoiser(pipe)
     explicit_dtype = dtype is not None
-    dtype = dtype or unet.dtype
+    dtype = dtype or denoiser.dtype
     size = torch.empty((), dtype=dtype).element_size()
     components = {name: getattr(pipe, name, None) for name in
-                  ("unet", "vae", "text_encoder", "text_encoder_2", "image_encoder")}
+                  (den_key, "vae", "text_encoder", "text_encoder_2", "image_encoder")}
     # weights in ``dtype`` where it is given (the pipeline would be cast to it), else as they are
     comp_bytes = {k: _module_bytes(m, size if explicit_dtype else None) for k, m in components.items() if m is not None}
-    upcast = bool(getattr(vae.config, "force_upcast", False)) and dtype == torch.float16
+    upcast = not flux and bool(getattr(vae.config, "force_upcast", False)) and dtype == torch.float16
     vae_size = 4 if upcast else size
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    latent = (math.ceil(height / factor), math.ceil(width / factor))
-    unet_act = (2 if cfg else 1) * size * unet_step_elements(unet.config, latent, attention_values) \
-        + int(conditioning_bytes)
+    if flux:
+        # FluxPipeline rounds the image down to whole 2x2 patches of the latent (anyms.flux.flux_latent_hw)
+        latent = (2 * (height // (2 * factor)), 2 * (width // (2 * factor)))
+        height, width = latent[0] * factor, latent[1] * factor           # FluxPipeline's rounding down
+        step_act = flux_step_bytes(denoiser.config, (latent[0] // 2) * (latent[1] // 2), FLUX_TEXT_TOKENS, size)
+        t5 = components.get("text_encoder_2")
+        encode_act = t5_encode_bytes(t5.config, FLUX_TEXT_TOKENS, size) if t5 is not None else 0
+    else:
+        step_act = (2 if cfg else 1) * size * unet_step_elements(denoiser.config, latent, attention_values) \
+            + int(conditioning_bytes)
+        encode_act = 0
     decode_hw = (height, width)
     tile = int(getattr(vae, "tile_sample_min_size", 0) or vae.config.sample_size)
     # diffusers decodes in tiles only when the latent is larger than one tile
@@ -195,17 +281,32 @@ def estimate_peak_memory(pipe, height: int, width: int, *, cfg: bool = True, off
     if tiled:
         decode_act += 2 * 3 * height * width * vae_size           # the tiles kept, and the blended image
     vae_weights_decoding = _module_bytes(vae, 4) if upcast else comp_bytes.get("vae", 0)
+    encoder = "text_encoder_2" if flux else "text_encoder"
     if offload == "model":
         weights = max(comp_bytes.values())
-        total = max(comp_bytes.get("unet", 0) + unet_act, vae_weights_decoding + decode_act)
+        total = max(comp_bytes.get(den_key, 0) + step_act, vae_weights_decoding + decode_act,
+                    comp_bytes.get(encoder, 0) + encode_act)
     elif offload == "sequential":
         weights = max(_largest_leaf_bytes(m, size if explicit_dtype else None) for m in components.values()
                       if m is not None)
-        total = weights + max(unet_act, decode_act)
+        total = weights + max(step_act, decode_act, encode_act)
     else:
         weights = sum(comp_bytes.values())
-        total = max(weights + unet_act, weights - comp_bytes.get("vae", 0) + vae_weights_decoding + decode_act)
-    return MemoryEstimate(int(weights), int(unet_act), int(decode_act), int(total))
+        total = max(weights + step_act, weights - comp_bytes.get("vae", 0) + vae_weights_decoding + decode_act,
+                    weights + encode_act)
+    return MemoryEstimate(int(weights), int(step_act), int(decode_act), int(total), int(encode_act),
+                          "transformer" if flux else "U-Net")
+
+
+def _denoiser(pipe):
+    """``(module, attribute name, is FLUX)``: the pipeline's U-Net, or its FLUX transformer."""
+    unet = getattr(pipe, "unet", None)
+    if unet is not None:
+        return unet, "unet", False
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None:
+        raise ValueError("pipe must have a .unet (SD 1.5, SDXL) or a .transformer (FLUX) to estimate its memory")
+    return transformer, "transformer", True
 
 
 @dataclass
@@ -277,7 +378,7 @@ def fit_memory(pipe, height: int, width: int, budget_bytes, *, cfg: bool = True,
     half = half_dtype or torch.float16
     if torch.empty((), dtype=half).element_size() != 2:
         raise ValueError(f"half_dtype must be a 2-byte floating dtype (float16, bfloat16), got {half_dtype}")
-    start = dtype or pipe.unet.dtype
+    start = dtype or _denoiser(pipe)[0].dtype
     if dtype is None and torch.empty((), dtype=start).element_size() > 2:
         half_steps = [(start, "none", False), (half, "none", False)]
     else:

@@ -24,8 +24,22 @@ larger of those two. Estimated: estimate_peak_memory on a pipeline of these two 
 (offload "none", cfg=True). Each row gives both totals, their ratio, and the activation terms
 side by side (estimate.unet vs the step's peak, estimate.decode vs the decode's peak).
 
-FLUX (12 B parameters: 24 GB in bf16 for its transformer alone) does not fit in this machine's
-memory at full size and is not measured here.
+FLUX (``--models flux``): FLUX.1-dev's transformer is 12 B parameters (24 GB in bf16 for it
+alone), and its T5-XXL encoder 4.8 B, more than this machine's memory. What runs is FLUX.1-dev's
+architecture at its full width with fewer blocks: the transformer (width 3072 = 24 heads of 128,
+joint attention dim 4096, pooled 768, guidance embedding, rotary axes 16/56/56) with
+``--flux-blocks D S`` double- and single-stream blocks (default 2 and 4; FLUX.1 has 19 and 38),
+XLabs-format IP-Adapter layers (a 4-token projection of 768-d image embeddings, ``to_k_ip`` /
+``to_v_ip`` in every double block) converted by anyms.apply_anyms for the 5 subjects; T5-XXL's
+encoder (d_model 4096, 64 heads, d_ff 10240, gated GELU) with ``--t5-layers`` layers (default 2
+of 24); CLIP ViT-L/14's text encoder and image encoder and FLUX.1's VAE (16 latent channels, no
+quant convs) whole. All built from the published configs with random weights. Measured, each as
+above: the encoders (T5 over 512 tokens, CLIP text over 77, the image encoder on one 224^2
+image: the largest of the three peaks), ONE transformer step on batch 1 (FLUX.1-dev is
+guidance-distilled), the VAE decode untiled and tiled; the measured peak is the weights + the
+step's inputs + the largest of those. Estimated: estimate_peak_memory on a pipeline of the same
+five components. The activation peaks do not depend on the number of blocks (one block's
+transients; the blocks run one after another), the weights are counted on both sides.
 
 Rows go to benchmarks/results/memory_<cpu>_<commit>.csv (appended, one per measurement as it
 ends); progress to --log (default: anyms_bench_memory.log in the temporary folder). --reestimate CSV
@@ -62,7 +76,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from _env import git_commit, machine_name  # noqa: E402
 from bench_pipeline import (FIVE_BOXES, IP_TOKENS, QUICK_UNET_CONFIG, QUICK_VAE_CONFIG,  # noqa: E402
-                            SDXL_UNET_CONFIG, SDXL_VAE_CONFIG, _tensor_bytes, build_unet, build_vae,
+                            SDXL_UNET_CONFIG, SDXL_VAE_CONFIG, _randomise, _tensor_bytes, build_unet, build_vae,
                             cpu_alloc_peak, install_ip_adapter, versions)
 
 # runwayml/stable-diffusion-v1-5, unet/config.json (the keys that differ from diffusers' defaults).
@@ -84,7 +98,40 @@ SD15_VAE_CONFIG = dict(SDXL_VAE_CONFIG, sample_size=512, scaling_factor=0.18215,
 QUICK_SD15_UNET_CONFIG = dict(SD15_UNET_CONFIG, block_out_channels=[32, 64, 64, 64], attention_head_dim=2,
                               layers_per_block=1, norm_num_groups=8, cross_attention_dim=64)
 
-MODELS = {"sdxl": (SDXL_UNET_CONFIG, SDXL_VAE_CONFIG), "sd15": (SD15_UNET_CONFIG, SD15_VAE_CONFIG)}
+# black-forest-labs/FLUX.1-dev: transformer/config.json (num_layers 19, num_single_layers 38: the
+# block counts are --flux-blocks here), vae/config.json; google/t5-v1_1-xxl (text_encoder_2: the
+# encoder, num_layers 24: --t5-layers here); openai/clip-vit-large-patch14 (text_encoder, and the
+# image encoder of XLabs-AI/flux-ip-adapter).
+FLUX_TRANSFORMER_CONFIG = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                               attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                               pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+FLUX_VAE_CONFIG = dict(SDXL_VAE_CONFIG, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
+                       use_quant_conv=False, use_post_quant_conv=False)
+T5_XXL_CONFIG = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                     relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                     feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, is_encoder_decoder=False)
+CLIP_L_TEXT_CONFIG = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                          num_attention_heads=12, max_position_embeddings=77, projection_dim=768,
+                          hidden_act="quick_gelu")
+CLIP_L_VISION_CONFIG = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                            image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+FLUX_IP_TOKENS = 4         # XLabs-AI/flux-ip-adapter
+# --quick: the same structures at tiny widths (head dim 128, as FLUX's rotary axes need)
+QUICK_FLUX = dict(transformer=dict(FLUX_TRANSFORMER_CONFIG, num_attention_heads=2, joint_attention_dim=64,
+                                   pooled_projection_dim=32),
+                  t5=dict(T5_XXL_CONFIG, d_model=64, d_kv=16, d_ff=128, num_heads=4),
+                  clip=dict(CLIP_L_TEXT_CONFIG, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, projection_dim=32),
+                  vision=dict(CLIP_L_VISION_CONFIG, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, projection_dim=32),
+                  vae=dict(QUICK_VAE_CONFIG, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
+                           use_quant_conv=False, use_post_quant_conv=False))
+FULL_FLUX = dict(transformer=FLUX_TRANSFORMER_CONFIG, t5=T5_XXL_CONFIG, clip=CLIP_L_TEXT_CONFIG,
+                 vision=CLIP_L_VISION_CONFIG, vae=FLUX_VAE_CONFIG)
+FLUX_TEXT_TOKENS = 512     # FluxPipeline's max_sequence_length
+
+MODELS = {"sdxl": (SDXL_UNET_CONFIG, SDXL_VAE_CONFIG), "sd15": (SD15_UNET_CONFIG, SD15_VAE_CONFIG),
+          "flux": None}
 QUICK_MODELS = {"sdxl": (QUICK_UNET_CONFIG, QUICK_VAE_CONFIG), "sd15": (QUICK_SD15_UNET_CONFIG, QUICK_VAE_CONFIG)}
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 BATCH = 2
@@ -92,7 +139,8 @@ GIB = 1024 ** 3
 FIELDS = ["model", "size", "vae_tiling", "dtype", "threads", "measured_bytes", "estimated_bytes", "ratio",
           "weights_bytes", "estimated_weights_bytes", "inputs_bytes", "step_peak_bytes", "estimated_unet_bytes",
           "decode_peak_bytes", "estimated_decode_bytes", "step_s", "decode_s", "method", "text_encoders",
-          "cpu", "torch", "diffusers", "commit", "date"]
+          "cpu", "torch", "diffusers", "commit", "date", "architecture", "encode_peak_bytes",
+          "estimated_encode_bytes"]
 
 
 def step_inputs(unet, size: int, dtype: torch.dtype, seed: int = 2) -> dict:
@@ -159,6 +207,147 @@ def measure_one(model: str, size: int, dtype_name: str, threads: int, quick: boo
             diffusers=v["diffusers"], commit=git_commit(), date=_dt.datetime.utcnow().isoformat(timespec="seconds")))
     return rows
 
+def _allocate(module, dtype):
+    """``module`` (built on the meta device) allocated on the CPU in ``dtype``, uninitialised, but for
+    CLIP's ``position_ids`` buffers (indices, which to_empty leaves as garbage)."""
+    module = module.to(dtype).to_empty(device="cpu").eval().requires_grad_(False)
+    for name, buf in module.named_buffers():
+        if name.endswith("position_ids"):
+            buf.copy_(torch.arange(buf.shape[-1]).expand_as(buf))
+    return module
+
+
+def _materialise(module, dtype, seed: int):
+    module = _allocate(module, dtype)
+    _randomise(module, seed)
+    return module
+
+
+def flux_components(dtype: torch.dtype, quick: bool, blocks=(2, 4), t5_layers: int = 2, materialise=True):
+    """FLUX.1-dev's five components at full width (``quick``: tiny widths) with ``blocks`` (double,
+    single) transformer blocks and ``t5_layers`` T5 layers, random weights (``materialise=False``:
+    allocated, never written, for --reestimate); the transformer carries a random XLabs-format
+    IP-Adapter. Returns a namespace with the pipeline's attribute names."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = QUICK_FLUX if quick else FULL_FLUX
+    tcfg = dict(cfg["transformer"], num_layers=blocks[0], num_single_layers=blocks[1])
+    width = tcfg["num_attention_heads"] * tcfg["attention_head_dim"]
+    vision = CLIPVisionConfig(**cfg["vision"])
+    with torch.device("meta"):
+        parts = dict(transformer=FluxTransformer2DModel(**tcfg), vae=AutoencoderKL(**cfg["vae"]),
+                     text_encoder=CLIPTextModel(CLIPTextConfig(**cfg["clip"])),
+                     text_encoder_2=T5EncoderModel(T5Config(**dict(cfg["t5"], num_layers=t5_layers))),
+                     image_encoder=CLIPVisionModelWithProjection(vision))
+        proj = MultiIPAdapterImageProjection([ImageProjection(image_embed_dim=vision.projection_dim,
+                                                              cross_attention_dim=tcfg["joint_attention_dim"],
+                                                              num_image_text_embeds=FLUX_IP_TOKENS)])
+        ip = {name: FluxIPAdapterAttnProcessor(width, tcfg["joint_attention_dim"], num_tokens=(FLUX_IP_TOKENS,),
+                                               scale=1.0)
+              for name in parts["transformer"].attn_processors if name.startswith("transformer_blocks.")}
+    build = _materialise if materialise else (lambda m, d, seed: _allocate(m, d))
+    out = {name: build(m, dtype, seed) for seed, (name, m) in enumerate(parts.items())}
+    transformer = out["transformer"]
+    # as FluxPipeline.load_ip_adapter lays it out: the projection, and one processor per double block
+    transformer.encoder_hid_proj = build(proj, dtype, 7)
+    transformer.register_to_config(encoder_hid_dim_type="ip_image_proj")
+    procs = dict(transformer.attn_processors)
+    procs.update({name: build(p, dtype, 8 + i) for i, (name, p) in enumerate(ip.items())})
+    transformer.set_attn_processor(procs)
+    return types.SimpleNamespace(**out)
+
+
+def flux_step_inputs(transformer, size: int, dtype: torch.dtype, seed: int = 2) -> dict:
+    """One step's inputs, batch 1, as FluxPipeline hands them to the transformer: packed latents,
+    512 T5 tokens, the pooled CLIP embedding, the ids, the guidance, 5 subjects' image embeddings."""
+    cfg = transformer.config
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
+    h = w = size // 16
+    img_ids = torch.zeros(h, w, 3)
+    img_ids[..., 1] = torch.arange(h)[:, None]
+    img_ids[..., 2] = torch.arange(w)[None, :]
+    image_dim = transformer.encoder_hid_proj.image_projection_layers[0].image_embeds.in_features
+    return dict(hidden_states=rnd(1, h * w, cfg.in_channels), encoder_hidden_states=rnd(1, FLUX_TEXT_TOKENS,
+                                                                                          cfg.joint_attention_dim),
+                pooled_projections=rnd(1, cfg.pooled_projection_dim), timestep=torch.tensor([0.5], dtype=dtype),
+                guidance=torch.tensor([3.5], dtype=dtype), img_ids=img_ids.reshape(-1, 3).to(dtype),
+                txt_ids=torch.zeros(FLUX_TEXT_TOKENS, 3, dtype=dtype),
+                joint_attention_kwargs={"ip_adapter_image_embeds": [rnd(1, len(FIVE_BOXES), image_dim)]})
+
+
+def measure_flux(size: int, dtype_name: str, threads: int, quick: bool, blocks, t5_layers: int) -> list:
+    """FLUX at ``size``: the encoders, one transformer step, the decode untiled and tiled. CSV rows."""
+    from anyms.flux import flux_layout
+    from anyms.preflight import estimate_peak_memory
+    from anyms.processor import apply_anyms
+
+    torch.set_num_threads(threads)
+    dtype = DTYPES[dtype_name]
+    pipe = flux_components(dtype, quick, blocks, t5_layers)
+    transformer, vae = pipe.transformer, pipe.vae
+    layout = flux_layout(FIVE_BOXES, size, size)
+    layout.prepare(torch.device("cpu"))
+    apply_anyms(transformer, layout)
+    modules = [transformer, vae, pipe.text_encoder, pipe.text_encoder_2, pipe.image_encoder]
+    weights = _tensor_bytes([t for m in modules for t in list(m.parameters()) + list(m.buffers())])
+    g = torch.Generator().manual_seed(5)
+    t5_ids = torch.randint(0, pipe.text_encoder_2.config.vocab_size, (1, FLUX_TEXT_TOKENS), generator=g)
+    clip_ids = torch.randint(0, pipe.text_encoder.config.vocab_size, (1, 77), generator=g)
+    pixels = torch.randn(1, 3, pipe.image_encoder.config.image_size, pipe.image_encoder.config.image_size,
+                         generator=g).to(dtype)
+    gc.collect()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        encode_peak = max(cpu_alloc_peak(lambda: pipe.text_encoder_2(t5_ids)[0])[0],
+                          cpu_alloc_peak(lambda: pipe.text_encoder(clip_ids, output_hidden_states=False))[0],
+                          cpu_alloc_peak(lambda: pipe.image_encoder(pixels).image_embeds)[0])
+    encode_s = time.perf_counter() - t0
+    kwargs = flux_step_inputs(transformer, size, dtype)
+    inputs = _tensor_bytes([t for k, v in kwargs.items() if k != "joint_attention_kwargs"
+                            for t in ([v] if torch.is_tensor(v) else [])]
+                           + kwargs["joint_attention_kwargs"]["ip_adapter_image_embeds"])
+    gc.collect()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        step_peak, out = cpu_alloc_peak(lambda: transformer(**kwargs).sample)
+    step_s = time.perf_counter() - t0
+    # FluxPipeline's unpacking and scaling, then the decode of the 16-channel latent
+    h = w = size // 16
+    latents = out.view(1, h, w, -1, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(1, -1, 2 * h, 2 * w)
+    latents = (latents / vae.config.scaling_factor + vae.config.shift_factor).contiguous()
+    del out
+    rows = []
+    architecture = (f"FLUX.1-dev {'tiny widths' if quick else 'full width'}, {blocks[0]}+{blocks[1]} blocks, "
+                    f"T5 {t5_layers} layers")
+    for tiled in (False, True):
+        (vae.enable_tiling if tiled else vae.disable_tiling)()
+        gc.collect()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            decode_peak, image = cpu_alloc_peak(lambda: vae.decode(latents).sample)
+        decode_s = time.perf_counter() - t0
+        del image
+        est = estimate_peak_memory(pipe, size, size, vae_tiling=tiled)
+        measured = weights + inputs + max(step_peak, decode_peak, encode_peak)
+        v = versions()
+        rows.append(dict(
+            model="flux" + ("-quick" if quick else ""), size=size, vae_tiling=tiled, dtype=dtype_name,
+            threads=threads, measured_bytes=measured, estimated_bytes=est.total,
+            ratio=round(est.total / measured, 4), weights_bytes=weights, estimated_weights_bytes=est.weights,
+            inputs_bytes=inputs, step_peak_bytes=step_peak, estimated_unet_bytes=est.unet,
+            decode_peak_bytes=decode_peak, estimated_decode_bytes=est.decode, step_s=round(step_s, 2),
+            decode_s=round(decode_s, 2), method="weights+inputs + torch.profiler CPU allocator peak",
+            text_encoders=f"T5 {t5_layers} layers over {FLUX_TEXT_TOKENS} tokens, CLIP text, image encoder: "
+                          f"{encode_s:.1f} s", cpu=machine_name("cpu"), torch=v["torch"],
+            diffusers=v["diffusers"], commit=git_commit(), date=_dt.datetime.utcnow().isoformat(timespec="seconds"),
+            architecture=architecture, encode_peak_bytes=encode_peak, estimated_encode_bytes=est.encode))
+    return rows
+
 
 def reestimate(path: str) -> None:
     """Recompute the estimated columns of a results CSV with this tree's estimate_peak_memory (a
@@ -172,7 +361,11 @@ def reestimate(path: str) -> None:
         rows = list(csv.DictReader(f))
     pipes = {}
     for r in rows:
-        key = (r["model"], r["dtype"])
+        key = (r["model"], r["dtype"], r.get("architecture"))
+        if key not in pipes and r["model"].startswith("flux"):
+            found = re.search(r"(\d+)\+(\d+) blocks, T5 (\d+) layers", r["architecture"])
+            pipes[key] = flux_components(DTYPES[r["dtype"]], r["model"].endswith("-quick"),
+                                         (int(found[1]), int(found[2])), int(found[3]), materialise=False)
         if key not in pipes:
             model, quick = r["model"].removesuffix("-quick"), r["model"].endswith("-quick")
             unet_config, vae_config = (QUICK_MODELS if quick else MODELS)[model]
@@ -187,6 +380,8 @@ def reestimate(path: str) -> None:
         r.update(estimated_bytes=est.total, ratio=round(est.total / int(r["measured_bytes"]), 4),
                  estimated_weights_bytes=est.weights, estimated_unet_bytes=est.unet,
                  estimated_decode_bytes=est.decode, estimate_commit=git_commit())
+        if r.get("estimated_encode_bytes"):
+            r["estimated_encode_bytes"] = est.encode
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS + ["estimate_commit"])
         w.writeheader()
@@ -198,14 +393,20 @@ def table(path: str) -> str:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     g = lambda x: f"{int(x) / GIB:.3f}"  # noqa: E731
+    encoders = any(r.get("encode_peak_bytes") for r in rows)     # FLUX rows: the text encoders' term too
+    step = "transformer step" if all(r["model"].startswith("flux") for r in rows) else "U-Net step"
     lines = ["| model | size | VAE tiling | measured GiB | estimated GiB | est / measured "
-             "| U-Net step: measured / est GiB | decode: measured / est GiB | weights GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| {step}: measured / est GiB | decode: measured / est GiB |"
+             + (" encoders: measured / est GiB |" if encoders else "") + " weights GiB |",
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if encoders else "")]
     for r in rows:
         lines.append(f"| {r['model']} | {r['size']}^2 | {'on' if r['vae_tiling'] == 'True' else 'off'} | "
                      f"{g(r['measured_bytes'])} | {g(r['estimated_bytes'])} | {float(r['ratio']):.3f} | "
                      f"{g(r['step_peak_bytes'])} / {g(r['estimated_unet_bytes'])} | "
-                     f"{g(r['decode_peak_bytes'])} / {g(r['estimated_decode_bytes'])} | {g(r['weights_bytes'])} |")
+                     f"{g(r['decode_peak_bytes'])} / {g(r['estimated_decode_bytes'])} | "
+                     + (f"{g(r['encode_peak_bytes'] or 0)} / {g(r['estimated_encode_bytes'] or 0)} | " if encoders
+                        else "")
+                     + f"{g(r['weights_bytes'])} |")
     return "\n".join(lines)
 
 
@@ -359,6 +560,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", nargs="+", type=int, default=[512, 768, 1024])
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--flux-blocks", nargs=2, type=int, default=[2, 4], metavar=("DOUBLE", "SINGLE"),
+                    help="FLUX: the transformer's double- and single-stream blocks (FLUX.1: 19 38)")
+    ap.add_argument("--t5-layers", type=int, default=2, help="FLUX: T5-XXL encoder layers (FLUX.1: 24)")
     ap.add_argument("--quick", action="store_true", help="tiny models of the same structure (smoke run)")
     ap.add_argument("--out", default=None, help="CSV (default benchmarks/results/memory_<cpu>_<commit>.csv)")
     ap.add_argument("--log", default=os.path.join(tempfile.gettempdir(), "anyms_bench_memory.log"))
@@ -392,7 +596,11 @@ def main(argv=None) -> int:
         args.sizes = [64, 128]
     if args.one:
         model, size = args.one.split(":")
-        print(json.dumps(measure_one(model, int(size), args.dtype, args.threads, args.quick)))
+        if model == "flux":
+            rows = measure_flux(int(size), args.dtype, args.threads, args.quick, args.flux_blocks, args.t5_layers)
+        else:
+            rows = measure_one(model, int(size), args.dtype, args.threads, args.quick)
+        print(json.dumps(rows))
         return 0
     cpu = re.sub(r"[^A-Za-z0-9]+", "-", machine_name("cpu")).strip("-")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
@@ -402,7 +610,8 @@ def main(argv=None) -> int:
         for size in sorted(args.sizes):
             _log(args.log, f"start {model} {size}^2 {args.dtype} threads={args.threads}")
             cmd = [sys.executable, os.path.abspath(__file__), "--one", f"{model}:{size}", "--dtype", args.dtype,
-                   "--threads", str(args.threads)] + (["--quick"] if args.quick else [])
+                   "--threads", str(args.threads), "--flux-blocks", *map(str, args.flux_blocks),
+                   "--t5-layers", str(args.t5_layers)] + (["--quick"] if args.quick else [])
             env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode:

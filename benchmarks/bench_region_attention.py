@@ -3,6 +3,7 @@
     python benchmarks/bench_region_attention.py                    # CPU sweep, fp32
     python benchmarks/bench_region_attention.py --quick            # tiny smoke run (CI)
     python benchmarks/bench_region_attention.py --device cuda      # GPU sweep, fp16 + bf16
+    python benchmarks/bench_region_attention.py --active-of 8 --threads 1   # k of S=8 subjects active
 
 Peers (each one a function of the same q / keys / values / layout):
 
@@ -37,6 +38,15 @@ Layouts: token boxes that cover the same 75% of the grid (the top three quarters
 whatever S is, so "flat in S" compares equal work: ``disjoint`` tiles that region
 with S boxes; ``overlap`` grows each tile by half its size on every side (clamped
 to the region), so most tokens lie in 2 to 4 boxes.
+
+``--active-of S`` times only ``ours`` at the reference shape (64x64, B=2, H=10, D=64, L=77,
+T=16, the ``disjoint`` layout, ``overwrite``, fp32 on CPU) with S subjects of which k =
+``--active`` (default 0 1 2 4 8) are active: the first k in priority order; the others are
+absent from the routing (``active_routing``: they cover no token, as ``anyms.Layout`` routes a
+subject whose scale is 0 at a step), their keys and values still passed. The k's are timed
+interleaved in one run, so their ratios share the machine's load; each is checked first
+against the float64 reference over its k active subjects alone, with NaN in the inactive
+subjects' keys and values (a subject skipped is never read).
 
 Memory: the peak of memory allocated during one call above what was allocated
 before it (so the output counts). CUDA: ``torch.cuda.max_memory_allocated``. CPU:
@@ -806,6 +816,120 @@ def plot(rows, path: str, device: str) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------- k of S subjects active
+ACTIVE_COUNTS = (0, 1, 2, 4, 8)
+
+
+def active_routing(tok: torch.Tensor, grid: Tuple[int, int], mode: str, active: int) -> "ak.Routing":
+    """The routing of token boxes ``tok`` ``[S, 4]`` with only the first ``active`` subjects
+    active: the others cover no token, as ``anyms.Layout`` routes a subject whose scale is 0 at a
+    step (outside its window, scale 0, block not selected). In overwrite mode the tokens of an
+    inactive subject go to the active one under it, if any, else to the text branch alone."""
+    from anyms_kernels.routing import region_cover
+
+    cover = region_cover(tok.cpu(), grid)[0].clone()         # bool [S, N]
+    cover[active:] = False
+    return ak.build_routing(cover.view(-1, *grid).to(tok.device), grid, mode)
+
+
+def active_case(S: int, dtype: torch.dtype, device: str, T: int = 16, batch: int = 2, heads: int = 10) -> Case:
+    """The reference shape (docs/kernel.md) with S subjects of the disjoint layout."""
+    return Case((64, 64), S, T, "disjoint", dtype, device, B=batch, H=heads)
+
+
+def check_active(case: Case, x: dict, active: int) -> float:
+    """Max |op - float64 reference over the first ``active`` subjects alone|, with NaN in the other
+    subjects' keys and values: finite and small only if the op never reads them."""
+    k_subj, v_subj = x["k_subj"].clone(), x["v_subj"].clone()
+    k_subj[:, :, active:] = float("nan")
+    v_subj[:, :, active:] = float("nan")
+    backend = "triton" if str(case.device).startswith("cuda") else "torch"
+    out = ak.region_cross_attention(x["q"], x["k_text"], x["v_text"], k_subj, v_subj,
+                                    active_routing(x["tok"], case.grid, "overwrite", active), case.grid,
+                                    mode="overwrite", subject_scale=SUBJECT_SCALE, backend=backend)
+    d = {k: x[k].detach().to(torch.float64) for k in ("q", "k_text", "v_text", "k_subj", "v_subj")}
+    if active:
+        ref = ak.region_cross_attention(d["q"], d["k_text"], d["v_text"], d["k_subj"][:, :, :active],
+                                        d["v_subj"][:, :, :active], x["tok_cpu"][:active], case.grid,
+                                        mode="overwrite", subject_scale=SUBJECT_SCALE, backend="reference")
+    else:
+        ref = F.scaled_dot_product_attention(d["q"], d["k_text"], d["v_text"])
+    return float((out.detach().to(torch.float64) - ref).abs().max())
+
+
+def run_active(args) -> int:
+    """``--active-of S``: the op at the reference shape with k of S subjects active, in one run."""
+    S = args.active_of
+    counts = sorted(set(args.active or [k for k in ACTIVE_COUNTS if k <= S]))
+    if not counts or counts[0] < 0 or counts[-1] > S:
+        raise SystemExit(f"--active: every k must be in [0, {S}], got {args.active}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    dtype = getattr(torch, (args.dtypes or ["float32" if device == "cpu" else "float16"])[0])
+    case = active_case(S, dtype, device, batch=args.batch, heads=args.heads or 10)
+    x = make_inputs(case)
+    load0 = _loadavg()
+    machine = machine_name(device)
+    meta = dict(machine=machine, device=device, torch=torch.__version__, commit=git_commit(),
+                date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), threads=torch.get_num_threads())
+    errors = {k: check_active(case, x, k) for k in counts}
+    bad = {k: e for k, e in errors.items() if not e <= CHECK_TOL[dtype]}
+    if bad:
+        raise SystemExit(f"k of S check failed (max |op - reference| by k): {bad}")
+    backend = "triton" if device.startswith("cuda") else "torch"
+    fns = {}
+    covered = {}
+    for k in counts:
+        routing = active_routing(x["tok"], case.grid, "overwrite", k)      # built once, not timed
+        covered[k] = int((routing.owner >= 0).sum())
+        fns[k] = functools.partial(ak.region_cross_attention, x["q"], x["k_text"], x["v_text"], x["k_subj"],
+                                   x["v_subj"], routing, case.grid, mode="overwrite", subject_scale=SUBJECT_SCALE,
+                                   backend=backend)
+    if device == "cpu":
+        runs = time_cpu_interleaved(fns, args.reps, args.budget)
+        times = {k: statistics.median(v) * 1e3 for k, v in runs.items()}
+        # other jobs only ever slow a call down: each k's fastest call is its least disturbed one
+        fastest = {k: min(v) * 1e3 for k, v in runs.items()}
+    else:
+        timed = {k: time_flushed(fn) for k, fn in fns.items()}
+        times, fastest = {k: t[0] for k, t in timed.items()}, {k: t[1] for k, t in timed.items()}
+    t0, tS = times[counts[0]], times[counts[-1]]
+    f0, fS = fastest[counts[0]], fastest[counts[-1]]
+    lines = [f"{machine} | {device} | torch {meta['torch']} | commit {meta['commit']} | {meta['date']} | threads "
+             f"{meta['threads']} | load average {load0} at start, {_loadavg()} at end",
+             f"ours ({backend}), overwrite, disjoint, {case.grid[0]}x{case.grid[1]} B={case.B} H={case.H} D={case.D} "
+             f"L={case.L} T={case.T} {str(dtype).replace('torch.', '')}: k of S={S} subjects active",
+             "  k  covered tokens  median ms  / k=%d  (t_k - t_%d) / (t_%d - t_%d)  min ms  / k=%d  same of minima  k / %d"
+             % (counts[-1], counts[0], counts[-1], counts[0], counts[-1], counts[-1])]
+    rows = []
+    for k in counts:
+        part = (times[k] - t0) / (tS - t0) if tS != t0 else float("nan")
+        part_min = (fastest[k] - f0) / (fS - f0) if fS != f0 else float("nan")
+        lines.append(f"{k:3d}  {covered[k]:14d}  {times[k]:9.3f}  {times[k] / tS:5.2f}  {part:25.2f}  "
+                     f"{fastest[k]:6.3f}  {fastest[k] / fS:5.2f}  {part_min:14.2f}  {k / counts[-1]:5.2f}")
+        rows.append(dict(meta, grid=f"{case.grid[0]}x{case.grid[1]}", B=case.B, H=case.H, D=case.D, L=case.L, T=case.T,
+                         S=S, active=k, covered_tokens=covered[k], dtype=str(dtype).replace("torch.", ""),
+                         median_ms=round(times[k], 4), over_all_active=round(times[k] / tS, 4),
+                         subject_part=round(part, 4), min_ms=round(fastest[k], 4),
+                         min_over_all_active=round(fastest[k] / fS, 4), subject_part_of_minima=round(part_min, 4),
+                         runs=len(runs[k]) if device == "cpu" else None, check_max_abs_err=errors[k], load_start=load0,
+                         load_end=_loadavg()))
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    stem = "_".join(p for p in ["region_attention_active", device, _slug(machine),
+                                meta["commit"].replace("-dirty", "d"), args.tag] if p)
+    with open(os.path.join(args.out, stem + ".csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with open(os.path.join(args.out, stem + "_summary.txt"), "w") as f:
+        f.write(text + "\n")
+    print(f"wrote {os.path.join(args.out, stem)}.csv")
+    return 0
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -833,6 +957,11 @@ def parse_args(argv=None):
     p.add_argument("--no-check", action="store_true", help="skip the pre-timing checks against the reference")
     p.add_argument("--no-cpu-skip", action="store_true", help="CPU: also run 128^2 with S > 5")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--active-of", type=int, metavar="S",
+                   help="time only ours at the reference shape with k of S subjects active (see --active)")
+    p.add_argument("--active", type=int, nargs="+", metavar="K",
+                   help=f"with --active-of: the active counts k (default {' '.join(map(str, ACTIVE_COUNTS))}, "
+                        f"those <= S)")
     p.add_argument("--plot-from", metavar="CSV", help="only draw the PNG (and print the targets) of a CSV "
                    "written by an earlier run, e.g. one that came back from the GPU machine")
     p.add_argument("--out", default=DEFAULT_OUT, help="folder for the CSV, PNG and summary")
@@ -842,6 +971,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.active_of is not None:
+        return run_active(args)
     if args.plot_from:
         with open(args.plot_from, newline="") as f:
             rows = list(csv.DictReader(f))

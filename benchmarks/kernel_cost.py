@@ -687,6 +687,7 @@ class Case:
     D: int = 64
     L: int = 77          # text keys; 0: no text branch (FLUX's IP path, k_text=None)
     dtype: str = "float16"
+    active: Optional[int] = None   # subjects active (the first ones, in priority order); None: all S
 
     @property
     def N(self) -> int:
@@ -746,14 +747,31 @@ def _torch_dtype(name: str):
     return getattr(torch, name)
 
 
-def layout_boxes(layout: str, S: int, grid: Tuple[int, int]):
-    """The benchmark's layouts (benchmarks/bench_region_attention.py), not a copy of them."""
+def _bench():
+    """benchmarks/bench_region_attention.py: its layouts and its k-of-S routing, not copies of them."""
     sys.path.insert(0, HERE)
     try:
         import bench_region_attention as bra
     finally:
         sys.path.remove(HERE)
-    return bra.LAYOUTS[layout](S, grid)
+    return bra
+
+
+def layout_boxes(layout: str, S: int, grid: Tuple[int, int]):
+    """The benchmark's layouts (benchmarks/bench_region_attention.py), not a copy of them."""
+    return _bench().LAYOUTS[layout](S, grid)
+
+
+def case_routing(case: Case):
+    """The routing the op gets for ``case``: its layout's boxes, and with ``case.active`` only the
+    first ``active`` subjects in it (the others cover no token, as anyms.Layout routes a subject
+    inactive at a step)."""
+    import torch
+    from anyms_kernels.routing import build_routing
+    tok = torch.tensor(layout_boxes(case.layout, case.S, case.grid), dtype=torch.int32)
+    if case.active is None:
+        return build_routing(tok, case.grid, case.mode)
+    return _bench().active_routing(tok, case.grid, case.mode, case.active)
 
 
 def rowmajor_acting(boxes, grid, mode: str, block_m: int) -> List[int]:
@@ -823,6 +841,8 @@ class Gen1(Generation):
         ]
 
     def tile_params(self, case, comp):
+        if case.active is not None:
+            raise SystemExit("the first kernel visits every subject on every tile: it has no active set")
         boxes = layout_boxes(case.layout, case.S, case.grid)
         hist = Counter(rowmajor_acting(boxes, case.grid, case.mode, comp.block_m))
         return [({"acting": a, "visited": case.S}, n) for a, n in sorted(hist.items())]
@@ -918,12 +938,11 @@ class Gen2(Generation):
     def acting_counts(self, case, block_m) -> List[int]:
         boxes = layout_boxes(case.layout, case.S, case.grid)
         if self.acting_fn:
+            if case.active is not None:
+                raise SystemExit("--acting gives counts for every subject active: it cannot go with --active-of")
             mod, fn = self.acting_fn.split(":")
             return [int(x) for x in getattr(importlib.import_module(mod), fn)(boxes, case.grid, case.mode, block_m)]
-        import torch
-        from anyms_kernels.routing import build_routing
-        routing = build_routing(torch.tensor(boxes, dtype=torch.int32), case.grid, case.mode)
-        return [int(x) for x in routing.tiles(block_m)[0].reshape(-1).tolist()]
+        return [int(x) for x in case_routing(case).tiles(block_m)[0].reshape(-1).tolist()]
 
     def trips(self, case, comp, p):
         rt = self._mod()
@@ -1121,7 +1140,8 @@ def _run_case_on(gen, case, comp, an, res, verbose, meta, ctrl, dev) -> List[dic
         bound = max(t, key=t.get)
         rows.append(dict(
             meta, generation=gen.name, device=dev.name, arch=f"sm_{case.arch}", mode=case.mode, layout=case.layout,
-            S=case.S, T=case.T, L=case.L, grid=f"{case.grid[0]}x{case.grid[1]}", B=case.B, H=case.H, D=case.D,
+            S=case.S, active=case.S if case.active is None else case.active, T=case.T, L=case.L,
+            grid=f"{case.grid[0]}x{case.grid[1]}", B=case.B, H=case.H, D=case.D,
             dtype=case.dtype, block_m=comp.block_m, num_warps=warps, registers=res["registers"],
             spill_bytes=res["spill_bytes"], shared_bytes=comp.shared, programs_per_sm=progs, programs_limit=limit,
             programs=programs, tiles_per_program=round(tiles_per_program, 3),
@@ -1177,6 +1197,32 @@ def flux_cases(archs=(90, 80), quick=False, modes=("overwrite", "sum"),
             for S in ((5,) if quick else (2, 5, 10)) for T in ((4,) if quick else (4, 16))]
 
 
+ACTIVE_COUNTS = (0, 1, 2, 4, 8)
+
+
+def active_cases(archs=(90, 80), S: int = 8, counts=ACTIVE_COUNTS) -> List[Case]:
+    """The reference shape (64x64, fp16, D=64, B=2, H=10, L=77, T=16, disjoint, overwrite) with S
+    subjects of which the first k are active, for each k in ``counts``."""
+    return [Case(arch, "overwrite", "disjoint", S, 16, active=k) for arch in archs for k in counts]
+
+
+def active_table(rows: List[dict]) -> List[str]:
+    """Per device: each k's acting subjects per tile and predicted time, over all S active and over
+    none, beside k / S."""
+    lines = []
+    for dev in dict.fromkeys(r["device"] for r in rows):
+        mine = sorted((r for r in rows if r["device"] == dev), key=lambda r: r["active"])
+        t0, tS, S = mine[0]["predicted_us"], mine[-1]["predicted_us"], mine[-1]["S"]
+        lines.append(f"{dev} ({mine[0]['arch']}): k of S={S} active, 64x64 fp16 D=64 B=2 H=10 L=77 T=16 disjoint "
+                     f"overwrite")
+        lines.append("    k  acting/tile  predicted us  / k=S  (t_k - t_0) / (t_S - t_0)  k / S")
+        for r in mine:
+            part = (r["predicted_us"] - t0) / (tS - t0) if tS != t0 else float("nan")
+            lines.append(f"  {r['active']:3d}  {r['acting_per_tile']:11.4f}  {r['predicted_us']:12.3f}  "
+                         f"{r['predicted_us'] / tS:5.2f}  {part:25.2f}  {r['active'] / S:5.2f}")
+    return lines
+
+
 def git_commit(tree: str) -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], cwd=tree, capture_output=True, text=True,
@@ -1207,6 +1253,10 @@ def main(argv=None):
                                                    "acting-subject counts (default: the routing's acting_per_tile)")
     ap.add_argument("--dump", default=None, help="write each cubin's annotated SASS into this folder")
     ap.add_argument("--verbose", action="store_true", help="print the loop / if matches and assumed branches")
+    ap.add_argument("--active-of", type=int, metavar="S", default=None,
+                    help="the reference shape with k of S subjects active (the others absent from the routing), "
+                         f"k in --active (default {' '.join(map(str, ACTIVE_COUNTS))}, those <= S)")
+    ap.add_argument("--active", type=int, nargs="+", metavar="K", default=None)
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("unset TRITON_INTERPRET: the interpreter cannot compile for a GPU (env -u TRITON_INTERPRET ...)")
@@ -1232,7 +1282,14 @@ def main(argv=None):
     seen: set = set()
     archs = tuple(int(a) for a in args.archs.split(","))
     make_cases = {"flux": flux_cases, "levels": sdxl_level_cases}.get(args.shape, reference_cases)
-    for case in make_cases(archs, args.quick, args.modes.split(","), args.layouts.split(",")):
+    if args.active_of is not None:
+        counts = sorted(set(args.active or [k for k in ACTIVE_COUNTS if k <= args.active_of]))
+        if not counts or counts[0] < 0 or counts[-1] > args.active_of:
+            sys.exit(f"--active: every k must be in [0, {args.active_of}], got {args.active}")
+        cases = active_cases(archs, args.active_of, counts)
+    else:
+        cases = make_cases(archs, args.quick, args.modes.split(","), args.layouts.split(","))
+    for case in cases:
         key = gen.compile_key(case)
         if key not in cache:
             comp = gen.compile(case)
@@ -1251,7 +1308,7 @@ def main(argv=None):
         comp, an, res, ctrl = cache[key]
         for r in run_case(gen, case, comp, an, res, args.verbose and key not in seen, meta, ctrl):
             rows.append(r)
-            print(f"{r['device']:4s} {r['arch']} {r['mode']:9s} {r['layout']:8s} S={r['S']:<2} T={r['T']:<2} "
+            print(f"{r['device']:4s} {r['arch']} {r['mode']:9s} {r['layout']:8s} S={r['S']:<2} k={r['active']:<2} T={r['T']:<2} "
                   f"regs={r['registers']} progs/SM={r['programs_per_sm']} A/tile={r['acting_per_tile']:<6} "
                   f"fixed={r['fixed_per_warp']:<6} text={r['text_per_warp']:<6} subj={r['per_subject_per_warp']:<5} "
                   f"act={r['per_acting_per_warp']:<6} instr/warp={r['instr_per_warp']:<7} "
@@ -1259,12 +1316,16 @@ def main(argv=None):
                   f"waits[{r['waits_cycles']}] -> {r['predicted_us']} us {r['ratio']}x floor", flush=True)
         seen.add(key)
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"kernel_cost_{args.tag or gen.name}.csv")
+    default_tag = gen.name if args.active_of is None else f"{gen.name}_active_of_{args.active_of}"
+    path = os.path.join(args.out, f"kernel_cost_{args.tag or default_tag}.csv")
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     print("wrote", os.path.relpath(path))
+    if args.active_of is not None:
+        print("\n".join(active_table(rows)))
+        return
     ref = [r for r in rows if r["device"] == "H100" and r["mode"] == "overwrite" and r["S"] == 5
            and r["grid"] == "64x64" and r["H"] == 10]
     # Flat in S (same covered area): overwrite S=32 over S=2 <= 1.1x; sum with overlapping boxes <= 1.3x.

@@ -243,3 +243,62 @@ def test_the_gpu_sweep_times_every_launch_configuration_of_the_table():
     for name, maker in bench.config_peers(bench.Case(**{**tiny.__dict__, "device": "cuda"})).items():
         out = maker(tiny, x)()
         assert (out.double() - ref).abs().max() < 1e-4, name
+
+
+# ------------------------------------------------------------------ k of S subjects active
+def _bench_module():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_region_attention as bench
+    finally:
+        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    return bench
+
+
+def test_the_routing_with_k_active_lists_and_reads_only_those_k_subjects():
+    """k of S=8 subjects active (the others absent from the routing, as anyms.Layout routes a subject
+    inactive at a step): every tile lists only active subjects, every active one is listed, the op
+    reads nothing of the others (NaN in their keys and values stays out of the output, which is the
+    float64 reference over the k alone), and the cost model's per-tile acting counts, read from
+    that routing, grow with k."""
+    import torch
+
+    bench = _bench_module()
+    case = bench.Case((16, 16), 8, 4, "disjoint", torch.float32, "cpu", B=1, H=2, D=16, L=7)
+    x = bench.make_inputs(case)
+    acting = []
+    for k in bench.ACTIVE_COUNTS:
+        routing = bench.active_routing(x["tok"], case.grid, "overwrite", k)
+        for block_m in (16, 64):
+            count, subjects = routing.tiles(block_m)
+            listed = {int(s) for i in range(count.shape[1]) for s in subjects[0, i, :int(count[0, i])]}
+            assert listed == set(range(k)), (k, block_m, listed)
+        assert int(routing.owner.max()) < k if k else bool((routing.owner == -1).all())
+        assert bench.check_active(case, x, k) < 1e-5, k
+        model_case = kc.Case(90, "overwrite", "disjoint", 8, 16, active=k)
+        acting.append(sum(kc.GENERATIONS["gen3"].acting_counts(model_case, 64)))
+    assert acting[0] == 0 and all(a < b for a, b in zip(acting, acting[1:])), acting
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_the_cost_models_prediction_grows_with_the_active_subjects(tmp_path):
+    """--active-of 8 at the reference shape (sm_90): the predicted time rises with k, strictly, and
+    the acting subjects per tile are k times one subject's (each covers the same number of tiles)."""
+    import triton
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not all(os.path.exists(os.path.join(bin_dir, t)) for t in ("nvdisasm", "cuobjdump")):
+        pytest.skip("the triton package ships no nvdisasm / cuobjdump")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    r = subprocess.run([sys.executable, SCRIPT, "--active-of", "8", "--archs", "90", "--out", str(tmp_path),
+                        "--tag", "test"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "k of S=8 active" in r.stdout
+    rows = list(csv.DictReader(open(tmp_path / "kernel_cost_test.csv")))
+    for device in ("H100", "H200"):
+        mine = sorted((row for row in rows if row["device"] == device), key=lambda row: int(row["active"]))
+        assert [int(row["active"]) for row in mine] == [0, 1, 2, 4, 8]
+        times = [float(row["predicted_us"]) for row in mine]
+        assert all(a < b for a, b in zip(times, times[1:])), (device, times)
+        acting = [float(row["acting_per_tile"]) for row in mine]
+        assert acting[0] == 0 and acting == pytest.approx([k * acting[1] for k in (0, 1, 2, 4, 8)], rel=1e-3)

@@ -263,6 +263,13 @@ def test_the_memory_estimate_is_printed(images, capsys, tmp_path):
     assert re.search(r"estimated peak memory, 64x64 on cpu: [\d.]+ GiB \(weights [\d.]+ \+ the larger of a U-Net "
                      r"step [\d.]+ and the VAE decode [\d.]+\)", stdout), stdout
     assert "1 subject," in stdout                 # not "1 subjects"
+    # FLUX: the transformer's step and the text encoders counted too
+    code, stdout, _ = run(["generate", "a", "--subject", f"{images[0]}:0,0,1,1", "--model", "tiny", "--arch", "flux",
+                           "--height", "64", "--width", "64", "--steps", "1", "--device", "cpu",
+                           "--out", str(tmp_path / "f.png")], capsys)
+    assert code == 0
+    assert re.search(r"estimated peak memory, 64x64 on cpu: [\d.]+ GiB \(weights [\d.]+ \+ the largest of a "
+                     r"transformer step [\d.]+, the text encoders [\d.]+ and the VAE decode [\d.]+\)", stdout), stdout
 
 
 def test_an_out_of_memory_generation_is_one_line(images, capsys, tmp_path, monkeypatch):

@@ -486,6 +486,45 @@ def test_each_subject_image_is_encoded_once_per_call(pipes, subject_images_flux)
         handle.remove()
 
 
+def test_subject_embedding_cache_serves_flux_with_the_same_bits(pipes, subject_images_flux):
+    """The --jobs cache wraps FLUX's encode_image (one tensor, no unconditional twin): each distinct
+    image is encoded once, alone, and every call gives the latents of the plain call, bit for bit
+    (the same operations: each image through the encoder alone, batch 1, on both sides)."""
+    from anyms.embeddings import SubjectEmbeddingCache, image_key
+
+    ours, _ = pipes
+    a, b, c = subject_images_flux[:3]
+    layouts = [[a, b], [b, c], [a, c], [c, a]]
+
+    def call(images, **kwargs):
+        return run(ours, subjects=[Subject(images[0], LEFT), Subject(images[1], RIGHT, 0.7)], **kwargs)
+
+    true_cfg = dict(negative_prompt="x", true_cfg_scale=2.0)
+    plain = [call(images) for images in layouts] + [call(layouts[0], **true_cfg)]
+    seen = []
+    handle = ours.image_encoder.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    cache = SubjectEmbeddingCache()
+    assert cache.form(ours) == "flux" and cache.form(FluxPipeline(**tiny_flux_components(0))) == "flux"
+    try:
+        with cache.attached(ours):
+            cached = [call(images) for images in layouts] + [call(layouts[0], **true_cfg)]
+    finally:
+        handle.remove()
+    assert "encode_image" not in vars(ours)            # the pipeline is left as it was
+    # 3 distinct images, each encoded once alone; the black negative image (an array, not keyed)
+    # goes to the encoder every true-CFG call
+    assert seen == [1, 1, 1, 1] and (cache.misses, cache.hits, len(cache)) == (3, 7, 3)
+    for p, q in zip(plain, cached):
+        assert torch.equal(p, q)
+    key = next(k for k in cache._entries if k[0] == image_key(b))
+    assert len(cache._entries[key]) == 1
+    assert torch.equal(cache._entries[key][0], ours.encode_image([b], "cpu", 1))
+    # num_images_per_prompt repeats each image's row, as FLUX's encode_image does (each image alone)
+    alone = torch.cat([ours.encode_image([a], "cpu", 2), ours.encode_image([b], "cpu", 2)])
+    with cache.attached(ours):
+        assert torch.equal(ours.encode_image([a, b], "cpu", 2), alone)
+
+
 # ------------------------------------------------------------------ the tiny adapter
 def test_xlabs_adapter_is_what_load_ip_adapter_installs(tmp_path):
     from safetensors import safe_open

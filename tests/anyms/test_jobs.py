@@ -102,6 +102,33 @@ def test_a_job_image_is_the_single_generate_image(folder, capsys):
     np.testing.assert_array_equal(pixels(folder / "out" / "00000.png"), pixels(single))
 
 
+def test_a_flux_job_image_is_the_single_generate_image_and_the_pipeline_call(folder, capsys):
+    """FLUX through --jobs (subject embeddings cached: two jobs share an image), through one anyms
+    generate and through pipe(): the same pixels (each subject image encoded alone everywhere)."""
+    import torch
+
+    from anyms import Subject
+    from anyms.flux import AnyMSFluxPipeline
+    from anyms.tiny_flux import tiny_flux_pipeline
+
+    flux = ["--model", "tiny", "--arch", "flux", "--height", "64", "--width", "96", "--steps", "2", "--device", "cpu"]
+    two = three_jobs()[0]
+    jobs = write_jobs(folder / "jobs.jsonl", [two, dict(two, prompt="the same things", seed=5)])
+    assert cli.main(["generate", "--jobs", jobs, *flux, "--out-dir", str(folder / "out")]) == 0
+    assert "subject embeddings: 2 encoded, 2 reused" in capsys.readouterr().out
+    single = folder / "single.png"
+    assert cli.main(["generate", "two things", "--subject", f"{folder / 's0.png'}:0,0,0.6,1",
+                     "--subject", f"{folder / 's1.png'}:0.4,0,1,1:0.8", *flux, "--seed", "0", "--no-pictures",
+                     "--out", str(single)]) == 0
+    job_image = pixels(folder / "out" / "00000.png")
+    np.testing.assert_array_equal(job_image, pixels(single))
+    pipe = tiny_flux_pipeline(AnyMSFluxPipeline, seed=0)
+    subjects = [Subject(str(folder / "s0.png"), (0, 0, 0.6, 1)), Subject(str(folder / "s1.png"), (0.4, 0, 1, 1), 0.8)]
+    image = pipe("two things", subjects=subjects, height=64, width=96, num_inference_steps=2,
+                 generator=torch.Generator("cpu").manual_seed(0)).images[0]
+    np.testing.assert_array_equal(job_image, np.asarray(image))
+
+
 def _bad_jobs(folder):
     good = three_jobs()[0]
     return [
