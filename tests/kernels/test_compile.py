@@ -53,7 +53,7 @@ def test_fake_tensor_keeps_layout():
         kt = torch.empty(2, 3, 5, 64)
         ks = torch.empty(2, 3, 1, 4, 64)
         out = torch.ops.anyms_kernels.region_cross_attention(
-            q, kt, kt, ks, ks, torch.zeros(2, 1, 4, dtype=torch.int32), torch.ones(2, 1), None,
+            q, kt, kt, ks, ks, torch.zeros(2, 1, 4, dtype=torch.int32), torch.ones(2, 1), None, None, None,
             4, 4, "overwrite", 0.125, "torch", True, [])
         assert out.shape == q.shape and out.stride() == q.stride()
 
