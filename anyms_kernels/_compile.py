@@ -110,6 +110,7 @@ def compile_kernel(head_dim: int, dtype: torch.dtype, config, *, arch: int = 90,
         PREFETCH_TEXT=rt.prefetch_text(head_dim, dtype), SUBJ_LEN=subject_tokens,
         BLOCK_T=rt.subject_block(subject_tokens), OVERWRITE=overwrite, HAS_TEXT_MASK=has_text_mask,
         HAS_TEXT_SUBJECTS=text_subjects, HAS_SUBJ_TOKENS=subject_counts,
+        SUBJ_LOOP_STAGES=rt.subject_loop_stages(head_dim, subject_counts),
         VEC=vec or 16 // torch.empty((), dtype=dtype).element_size(),
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
     )

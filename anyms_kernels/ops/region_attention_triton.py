@@ -247,6 +247,7 @@ if HAS_TRITON:
         OVERWRITE: tl.constexpr,     # True: a token takes its owner; False: all covering subjects add
         HAS_TEXT_SUBJECTS: tl.constexpr,  # text-kind subjects replace the global text where they cover a token
         HAS_SUBJ_TOKENS: tl.constexpr,    # subjects have their own key counts (else all SUBJ_LEN)
+        SUBJ_LOOP_STAGES: tl.constexpr,   # pipelining stages of the online subject loop (None: the launch's)
         HAS_TEXT_MASK: tl.constexpr,
         VEC: tl.constexpr,           # every row offset is a multiple of VEC elements (16-byte accesses)
         DOT_PRECISION: tl.constexpr, # "ieee" for float32 inputs, "tf32" otherwise (ignored for 16-bit)
@@ -403,11 +404,9 @@ if HAS_TRITON:
                                                 stride_vsd, offs_d, d_ok, TEXT_MASK, 0, False, BLOCK_T)
                         out = _subject_branch(out, q, k, v, t_ok, weight, qk_scale, MASK_T, DOT_PRECISION)
                     else:
-                        # (a loop of n_s / BLOCK_T trips, known only at run time, is not software-
-                        # pipelined: its stages would spill)
                         z = _attend_online(q, ks_ptr, vs_ptr, stride_kst, stride_ksd, stride_vst, stride_vsd, n_s,
                                            TEXT_MASK, 0, qk_scale, offs_d, d_ok, False, BLOCK_M, BLOCK_T, BLOCK_D,
-                                           DOT_PRECISION, 1 if HAS_SUBJ_TOKENS else None)
+                                           DOT_PRECISION, SUBJ_LOOP_STAGES)
                         out += weight[:, None] * z
 
             o_rows = tl.multiple_of(o_base + tok * stride_on, VEC)
@@ -549,6 +548,13 @@ def subject_block(num_subject_tokens: int) -> int:
     return ONLINE_T
 
 
+def subject_loop_stages(head_dim: int, counts: bool) -> Optional[int]:
+    """Software-pipelining stages of the online subject loop (T > ONE_BLOCK_SUBJECT). With per-subject
+    counts its trip count is known only at run time: pipelined, heads up to 64 wide spill (float32,
+    sm_90); not pipelined, wider heads do. None: the launch's num_stages, as without counts."""
+    return 1 if counts and block_d(head_dim) <= 64 else None
+
+
 def vector_width(dtype: torch.dtype, *tensors_and_strides) -> int:
     """Elements per 16-byte access that every base pointer and row stride allows (1 if none)."""
     vec = 16 // torch.empty((), dtype=dtype).element_size()
@@ -646,7 +652,7 @@ def _launch(q, k_text, v_text, k_subj, v_subj, routing: Routing, scales, text_ma
         HAS_TEXT=has_text, TEXT_LEN=L, TEXT_A=text_a, TEXT_B=text_b, ONLINE_L=online_text_block(D), PREFETCH_TEXT=prefetch_text(D, q.dtype),
         SUBJ_LEN=max(T, 1), BLOCK_T=subject_block(max(T, 1)),
         OVERWRITE=(routing.mode == "overwrite"), HAS_TEXT_SUBJECTS=has_kinds, HAS_SUBJ_TOKENS=has_counts,
-        HAS_TEXT_MASK=has_mask, VEC=vec,
+        SUBJ_LOOP_STAGES=subject_loop_stages(D, has_counts), HAS_TEXT_MASK=has_mask, VEC=vec,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -64,7 +64,8 @@ def test_fake_tensor_keeps_layout():
                            "report leans on compiler entry points checked against the CPU machines' triton")
 def test_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     """Every configuration the heuristic picks, for A100 (sm_80) and H100 (sm_90), fp16/bf16/fp32,
-    every supported head dim, both modes: it compiles, and ptxas reports no spills.
+    every supported head dim, both modes, and the variants for text-kind subjects with per-subject
+    token counts: it compiles, and ptxas reports no spills.
     Runs in a fresh process: the kernel must not be defined under TRITON_INTERPRET."""
     report = tmp_path / "compile_report.json"
     code = (
@@ -78,6 +79,11 @@ def test_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
         "        rows.append(asdict(resource_usage(D, dtype, cfg, arch=arch, overwrite=overwrite)))\n"
         "    if D == 64 and dtype != torch.float32:  # long subject sequences (T = 257): the online path\n"
         "        rows.append(asdict(resource_usage(D, dtype, cfg, arch=arch, subject_tokens=257)))\n"
+        "    if D in (64, 128):  # text-kind subjects and per-subject token counts (SDXL's and FLUX's heads):\n"
+        "        # image subjects of 4 and 16 tokens (T = 16), and beside 77-token regional prompts\n"
+        "        for T, overwrite in ((16, True), (77, False)):\n"
+        "            rows.append(asdict(resource_usage(D, dtype, cfg, arch=arch, overwrite=overwrite,\n"
+        "                                              subject_tokens=T, text_subjects=True, subject_counts=True)))\n"
         f"json.dump(rows, open({str(report)!r}, 'w'))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -88,10 +94,11 @@ def test_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     rows = json.loads(report.read_text())
     table = "\n".join(
         f"sm_{x['arch']} {x['dtype']:>4} D={x['head_dim']:<3} {'ow ' if x['overwrite'] else 'sum'} T{x['block_t']} "
+        f"{'kinds+counts ' if x['text_subjects'] else ''}"
         f"BLOCK_M={x['block_m']:<3} warps={x['num_warps']} regs={x['registers']:<3} stack={x['stack_bytes']} "
         f"spill={x['spill_stores']}/{x['spill_loads']} smem={x['shared_bytes']}" for x in rows)
     print("\n" + table)
-    assert len(rows) == 2 * 3 * len(ak.TRITON_HEAD_DIMS) + 2 * 3 + 2 * 2
+    assert len(rows) == 2 * 3 * len(ak.TRITON_HEAD_DIMS) + 2 * 3 + 2 * 2 + 2 * 3 * 2 * 2
     spilled = [x for x in rows if x["stack_bytes"] > 0 or x["spill_stores"] > 0 or x["spill_loads"] > 0]
     assert not spilled, "register spills:\n" + table
     assert all(x["spill_stores"] == 0 for x in rows), "ptxas -v could not be read for some configurations"
