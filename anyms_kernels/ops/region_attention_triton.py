@@ -10,7 +10,9 @@ tile: prefetches the next tile's query rows, the indices of the tile after it an
 pass (no online rescale for L <= 128); runs only the subjects its tile's list names, each in
 one key block, accumulating ``P @ V`` straight into the output accumulator with
 ``lambda_s / l`` and the token's acts-or-not folded into ``P``; writes the tile once, in q's
-layout. Every tile runs the same operations whichever program runs it, so the output does
+layout. With text-kind subjects (HAS_TEXT_SUBJECTS) the tile's text owners zero the global text
+branch where a text-kind subject acts instead; with per-subject counts (HAS_SUBJ_TOKENS) each
+subject reads and attends to its own keys only. Every tile runs the same operations whichever program runs it, so the output does
 not depend on G. Nothing in it depends on S.
 """
 from __future__ import annotations
