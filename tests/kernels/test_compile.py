@@ -111,13 +111,18 @@ def test_registered_op_equals_public_function_in_eager():
     boxes = ak.rasterize_boxes([[0, 0, 0.6, 0.6], [0.4, 0.4, 1, 1]], grid)
     public = ak.region_cross_attention(q, kt, vt, ks, vs, boxes, grid, subject_scale=0.5, backend="torch")
     registered = torch.ops.anyms_kernels.region_cross_attention(
-        q, kt, vt, ks, vs, boxes.expand(2, 2, 4), torch.full((2, 2), 0.5), None, 5, 6, "overwrite", 0.125,
-        "torch", False, [])
+        q, kt, vt, ks, vs, boxes.expand(2, 2, 4), torch.full((2, 2), 0.5), None, None, None, 5, 6, "overwrite",
+        0.125, "torch", False, [])
     torch.testing.assert_close(registered, public, atol=0, rtol=0)
+    counts = torch.tensor([4, 0])
+    with pytest.raises(ValueError, match=r"^subject_tokens\[1\] is 0"):   # likewise the token counts
+        torch.ops.anyms_kernels.region_cross_attention(
+            q, kt, vt, ks, vs, boxes.expand(2, 2, 4), torch.full((2, 2), 0.5), None, None, counts, 5, 6,
+            "overwrite", 0.125, "torch", False, [])
     with pytest.raises(ValueError, match="boxes"):   # not checked by the caller: the op checks
         torch.ops.anyms_kernels.region_cross_attention(
             q, kt, vt, ks, vs, torch.tensor([[[0, 0, 9, 9]] * 2] * 2, dtype=torch.int32), torch.ones(2, 2),
-            None, 5, 6, "overwrite", 0.125, "torch", False, [])
+            None, None, None, 5, 6, "overwrite", 0.125, "torch", False, [])
 
 
 # ------------------------------------------------------- the same contract compiled and eager
@@ -173,6 +178,10 @@ def _bad_call(case):
         "routing of another grid": dict(boxes=ak.build_routing(ak.rasterize_boxes([[0, 0, .5, .5]] * 2, (5, 4)),
                                                                (5, 4))),
         "box list with a bool": dict(boxes=[[0, 0, 2, 2], [True, 1, 5, 4]]),
+        "token count tensor out of range": dict(subject_tokens=torch.tensor([4, 0])),
+        "token count list out of range": dict(subject_tokens=[4, 5]),
+        "kinds not bools": dict(replaces_text=[True, 0]),
+        "kinds beside a routing": dict(boxes=ak.build_routing(boxes, (4, 5)), replaces_text=[True, False]),
     }
     override = dict(test_inputs.BAD[case][0]) if case in test_inputs.BAD else extra[case]
     args = dict(q=q, k_text=kt, v_text=vt, k_subj=ks, v_subj=vs, boxes=boxes, grid=(4, 5))
@@ -186,7 +195,9 @@ def _bad_cases():
     from tests.kernels import test_inputs
 
     return sorted(test_inputs.BAD) + ["q requires grad", "subject_scale requires grad", "triton float64",
-                                      "routing of another grid", "box list with a bool"]
+                                      "routing of another grid", "box list with a bool",
+                                      "token count tensor out of range", "token count list out of range",
+                                      "kinds not bools", "kinds beside a routing"]
 
 
 def _op(*args, **kwargs):
