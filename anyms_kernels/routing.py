@@ -212,7 +212,7 @@ def _sort_tokens(cover: torch.Tensor, mode: str, replaces_text: Optional[torch.T
         owner = ranked.amax(1) - 1                                                  # last covering image subject
         # Tokens grouped by (image owner, text owner); without text-kind subjects the key is the
         # owner itself, so the order is the one a routing without kinds has.
-        key = owner if text_owner is None else (owner + 1) * (S + 1) + text_owner
+        key = owner if text_owner is None else (owner.long() + 1) * (S + 1) + text_owner   # int64: S**2 may pass 2**31
         order = torch.argsort(key, dim=-1, stable=True)
         return (order.to(torch.int32), torch.gather(owner, 1, order),
                 None if text_owner is None else torch.gather(text_owner, 1, order).contiguous(), None)
