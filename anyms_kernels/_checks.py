@@ -23,7 +23,8 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .regions import Grid, check_grid, check_mode, check_token_boxes, refuse_non_real
+from .regions import (Grid, check_grid, check_mode, check_replaces_text, check_subject_tokens, check_token_boxes,
+                      refuse_non_real)
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 _LOG2E = 1.4426950408889634
@@ -39,6 +40,8 @@ class Checked:
                                  # (batch stride 0 when shared), or a Routing
     subject_scale: torch.Tensor  # float32 [B, S] on q's device (float64 for float64 q; strides 0 when broadcast)
     softmax_scale: float
+    replaces_text: Optional[torch.Tensor] = None   # bool [S] on q's device; None: every subject an image branch
+    subject_tokens: Optional[torch.Tensor] = None  # int [S] on q's device; None: every subject all T keys
 
 
 # ------------------------------------------------------------- refusals that survive tracing
@@ -85,7 +88,7 @@ def _shape(t) -> str:
 
 
 def check_arguments(q, k_text, v_text, k_subj, v_subj, regions, grid, mode, subject_scale,
-                    text_mask, softmax_scale, backend) -> Checked:
+                    text_mask, softmax_scale, backend, replaces_text=None, subject_tokens=None) -> Checked:
     check_mode(mode)
     check_backend(backend)
     grid = check_grid(grid)
@@ -134,6 +137,19 @@ def check_arguments(q, k_text, v_text, k_subj, v_subj, regions, grid, mode, subj
         raise ValueError("k_subj must hold at least one token per subject (T >= 1)")
 
     regions = _check_regions(regions, B, S, grid, mode, q.device)
+    if isinstance(regions, torch.Tensor):
+        kinds = check_replaces_text(replaces_text, S, q.device)
+        # values: lists here, tensors in check_values (a tensor's read is a device sync)
+        counts, _ = check_subject_tokens(subject_tokens, S, T, q.device, read_values=False)
+    else:                               # a Routing carries its subjects' kinds and counts
+        for name, given in (("replaces_text", replaces_text), ("subject_tokens", subject_tokens)):
+            if given is not None:
+                raise ValueError(f"{name} is given with a Routing: pass it to build_routing, whose Routing "
+                                 "carries the subjects' kinds and token counts")
+        if regions.max_subject_tokens is not None and regions.max_subject_tokens > T:
+            raise ValueError(f"regions is a Routing with subject_tokens up to {regions.max_subject_tokens} but "
+                             f"k_subj has T={int(T)} tokens per subject")
+        kinds, counts = regions.replaces_text, regions.subject_tokens
     # float32 feeds the kernel; a float64 oracle keeps float64 scales.
     scale_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scales = _check_subject_scale(subject_scale, B, S, q.device, scale_dtype)
@@ -159,7 +175,7 @@ def check_arguments(q, k_text, v_text, k_subj, v_subj, regions, grid, mode, subj
     # finite float32, or every logit is infinite.
     if not math.isfinite(float(torch.tensor(softmax_scale * _LOG2E, dtype=torch.float32))):
         raise ValueError(f"softmax_scale={softmax_scale} overflows float32, in which the kernels scale the logits")
-    return Checked(grid, regions, scales, softmax_scale)
+    return Checked(grid, regions, scales, softmax_scale, kinds, counts)
 
 
 def _check_regions(regions, B, S, grid, mode, device):
@@ -268,6 +284,10 @@ def _check_scale_values(scale, grid):
         raise ValueError("subject_scale holds NaN or inf, or values that overflow float32 (the kernels' units)")
 
 
+def _check_count_values(counts, what):
+    check_subject_tokens(counts, counts.shape[0], what[1])
+
+
 def _check_mask_values(text_mask, grid):
     keeps = text_mask.any(dim=1)
     if not keeps.all():
@@ -299,7 +319,8 @@ def _check_once(t: torch.Tensor, what: tuple, check: Callable) -> None:
     _CHECKED_ON_DEVICE[key] = (weakref.ref(t, lambda _ref: _CHECKED_ON_DEVICE.pop(key, None)), t._version, what)
 
 
-def check_values(q, grid: Grid, regions, subject_scale, text_mask: Optional[torch.Tensor]) -> None:
+def check_values(q, grid: Grid, regions, subject_scale, text_mask: Optional[torch.Tensor], subject_tokens=None,
+                 max_tokens: int = 0) -> None:
     """The checks that read tensor values (see the module docstring).
 
     Pass the tensors as the caller gave them (not per-call views of them), so that a
@@ -316,3 +337,5 @@ def check_values(q, grid: Grid, regions, subject_scale, text_mask: Optional[torc
         _check_once(subject_scale, ("float64",) if q.dtype == torch.float64 else (), _check_scale_values)
     if text_mask is not None:
         _check_once(text_mask, (), _check_mask_values)
+    if isinstance(subject_tokens, torch.Tensor):     # a sequence was read by check_arguments
+        _check_once(subject_tokens, ("tokens", int(max_tokens)), _check_count_values)

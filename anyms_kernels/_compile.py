@@ -25,13 +25,14 @@ from ._triton import HAS_TRITON, TRITON_VERSION, triton, triton_unavailable_reas
 _TL_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # Runtime scalars of the kernel; every other UPPER-case parameter is a constexpr.
 _SCALAR_ARGS = ("H", "N")
-_POINTERS = {"ORDER": "*i32", "OWNER": "*i32", "COVER": "*u8", "TILE_COUNT": "*i32", "TILE_SUBJECTS": "*i32",
-             "SCALES": "*fp32", "TEXT_MASK": "*i8"}
+_POINTERS = {"ORDER": "*i32", "OWNER": "*i32", "TEXT_OWNER": "*i32", "COVER": "*u8", "TILE_COUNT": "*i32",
+             "TILE_SUBJECTS": "*i32", "SCALES": "*fp32", "SUBJ_TOKENS": "*i32", "TEXT_MASK": "*i8"}
 # What Triton's JIT specialises on a real launch with diffusers-shaped inputs: unit
 # strides become constants, and pointers and row strides are multiples of 16 bytes
 # / elements. The report must describe the code that actually runs.
 _UNIT_STRIDES = ("stride_qd", "stride_ktd", "stride_vtd", "stride_ksd", "stride_vsd", "stride_od", "stride_ml")
-_DIV16 = ("Q", "KT", "VT", "KS", "VS", "OUT", "ORDER", "OWNER", "COVER", "TILE_COUNT", "TILE_SUBJECTS",
+_DIV16 = ("Q", "KT", "VT", "KS", "VS", "OUT", "ORDER", "OWNER", "TEXT_OWNER", "COVER", "TILE_COUNT", "TILE_SUBJECTS",
+          "SUBJ_TOKENS",
           "stride_qb", "stride_qn", "stride_ktb", "stride_ktl", "stride_vtb", "stride_vtl", "stride_ksb",
           "stride_kss", "stride_kst", "stride_vsb", "stride_vss", "stride_vst", "stride_ob", "stride_on",
           "stride_rb", "stride_cb", "stride_cs", "N")
@@ -53,6 +54,8 @@ class ResourceUsage:
     spill_stores: int      # bytes, from ptxas -v (-1 when ptxas could not be run)
     spill_loads: int
     shared_bytes: int      # Triton's shared-memory allocation for one program
+    text_subjects: bool = False   # compiled for text-kind subjects (HAS_TEXT_SUBJECTS)
+    subject_counts: bool = False  # compiled for per-subject token counts (HAS_SUBJ_TOKENS)
 
     @property
     def spills(self) -> bool:
@@ -68,11 +71,13 @@ def _nvidia_tool(name: str) -> str:
 
 def compile_kernel(head_dim: int, dtype: torch.dtype, config, *, arch: int = 90, overwrite: bool = True,
                    has_text_mask: bool = False, text_len: int = 77, subject_tokens: int = 16, vec: int = None,
-                   has_text: bool = True):
+                   has_text: bool = True, text_subjects: bool = False, subject_counts: bool = False):
     """Compile ``_region_attention_fwd`` for ``sm_<arch>`` without a GPU; returns the CompiledKernel.
 
     ``vec``: the alignment hint the launcher would pass (default: 16 bytes, what
-    diffusers' layouts give for the supported head dims)."""
+    diffusers' layouts give for the supported head dims). ``subject_tokens``: T, the longest
+    subject; ``text_subjects`` / ``subject_counts``: compile the variants for text-kind subjects
+    and for per-subject token counts."""
     reason = triton_unavailable_reason()
     if reason:
         raise RuntimeError(reason)
@@ -104,6 +109,8 @@ def compile_kernel(head_dim: int, dtype: torch.dtype, config, *, arch: int = 90,
         TEXT_A=text_a, TEXT_B=text_b, ONLINE_L=rt.online_text_block(head_dim),
         PREFETCH_TEXT=rt.prefetch_text(head_dim, dtype), SUBJ_LEN=subject_tokens,
         BLOCK_T=rt.subject_block(subject_tokens), OVERWRITE=overwrite, HAS_TEXT_MASK=has_text_mask,
+        HAS_TEXT_SUBJECTS=text_subjects, HAS_SUBJ_TOKENS=subject_counts,
+        SUBJ_LOOP_STAGES=rt.subject_loop_stages(head_dim, subject_counts),
         VEC=vec or 16 // torch.empty((), dtype=dtype).element_size(),
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
     )
@@ -136,10 +143,11 @@ def _ptxas_spills(ptx: str, arch: int):
 
 
 def resource_usage(head_dim: int, dtype: torch.dtype, config, *, arch: int = 90, overwrite: bool = True,
-                   text_len: int = 77, subject_tokens: int = 16) -> ResourceUsage:
+                   text_len: int = 77, subject_tokens: int = 16, text_subjects: bool = False,
+                   subject_counts: bool = False) -> ResourceUsage:
     """Registers, stack, spills and shared memory of one configuration, read from its cubin."""
     ck = compile_kernel(head_dim, dtype, config, arch=arch, overwrite=overwrite, text_len=text_len,
-                        subject_tokens=subject_tokens)
+                        subject_tokens=subject_tokens, text_subjects=text_subjects, subject_counts=subject_counts)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
@@ -153,6 +161,7 @@ def resource_usage(head_dim: int, dtype: torch.dtype, config, *, arch: int = 90,
         block_m=config.block_m, text_len=text_len, block_t=subject_tokens, num_warps=config.num_warps,
         num_stages=config.num_stages, registers=int(fields["REG"]), stack_bytes=int(fields["STACK"]),
         spill_stores=stores, spill_loads=loads, shared_bytes=int(ck.metadata.shared),
+        text_subjects=text_subjects, subject_counts=subject_counts,
     )
 
 

@@ -347,3 +347,66 @@ def boxes_cover(boxes: torch.Tensor, grid: Grid) -> torch.Tensor:
     rows = (ys >= b[..., 1, :]) & (ys < b[..., 3, :])                      # [..., S, h]
     cols = (xs >= b[..., 0, :]) & (xs < b[..., 2, :])                      # [..., S, w]
     return (rows[..., :, None] & cols[..., None, :]).flatten(-2)
+
+
+# ------------------------------------------------------------------ branch kinds and token counts
+def check_replaces_text(replaces_text, num_subjects: int, device=None):
+    """``replaces_text``: None (every subject is an image branch) or S bools (a sequence or a bool
+    tensor [S]), True where the subject is a text branch that replaces the global text in its
+    region. Returns None or a bool tensor [S] on ``device``; raises naming the argument."""
+    if replaces_text is None:
+        return None
+    if isinstance(replaces_text, torch.Tensor):
+        if replaces_text.dtype != torch.bool:
+            raise TypeError(f"replaces_text must be bools (a sequence or a bool tensor [S]), got {replaces_text.dtype}")
+        flags = replaces_text
+    else:
+        if isinstance(replaces_text, (str, bytes)) or not isinstance(replaces_text, Sequence):
+            raise TypeError(f"replaces_text must be a sequence of S bools or a bool tensor [S], "
+                            f"got {type(replaces_text).__name__}")
+        for i, x in enumerate(replaces_text):
+            if not isinstance(x, bool):
+                raise TypeError(f"replaces_text[{i}] must be a bool, got {x!r}")
+        flags = torch.tensor(list(replaces_text), dtype=torch.bool).reshape(-1)
+    if flags.dim() != 1 or flags.shape[0] != num_subjects:
+        raise ValueError(f"replaces_text must hold one bool per subject (S={int(num_subjects)}), "
+                         f"got shape {tuple(int(d) for d in flags.shape)}")
+    return flags.to(device) if device is not None else flags
+
+
+def check_subject_tokens(subject_tokens, num_subjects: int, max_tokens=None, device=None, read_values=True):
+    """``subject_tokens``: None (every subject has all T keys) or S ints (a sequence or an integer
+    tensor [S]), the keys of each subject that count; keys past a subject's count are padding,
+    never attended. Each must be in ``1..max_tokens`` (T; unchecked above when None). Returns
+    ``(None or int32 tensor [S] on device, the largest count or None)``; ``read_values=False``
+    (a CUDA-graph capture) skips reading a tensor's values. Raises naming the argument."""
+    if subject_tokens is None:
+        return None, None
+    limit = "1..T" if max_tokens is None else f"1..T={int(max_tokens)}"
+    if isinstance(subject_tokens, torch.Tensor):
+        if subject_tokens.is_floating_point() or subject_tokens.dtype in (torch.bool, torch.complex64,
+                                                                          torch.complex128):
+            raise TypeError(f"subject_tokens must be integers (a sequence or an integer tensor [S]), "
+                            f"got {subject_tokens.dtype}")
+        counts = subject_tokens
+        values = counts.reshape(-1).tolist() if read_values and counts.dim() == 1 else None
+    else:
+        if isinstance(subject_tokens, (str, bytes)) or not isinstance(subject_tokens, Sequence):
+            raise TypeError(f"subject_tokens must be a sequence of S ints or an integer tensor [S], "
+                            f"got {type(subject_tokens).__name__}")
+        for i, n in enumerate(subject_tokens):
+            if isinstance(n, bool) or not isinstance(n, int):
+                raise TypeError(f"subject_tokens[{i}] must be an int in {limit}, got {n!r}")
+        values = list(subject_tokens)
+        counts = torch.tensor(values, dtype=torch.int64).reshape(-1)
+    if counts.dim() != 1 or counts.shape[0] != num_subjects:
+        raise ValueError(f"subject_tokens must hold one count per subject (S={int(num_subjects)}), "
+                         f"got shape {tuple(int(d) for d in counts.shape)}")
+    if values is not None:
+        for i, n in enumerate(values):
+            if n < 1 or (max_tokens is not None and n > max_tokens):
+                raise ValueError(f"subject_tokens[{i}] is {n}: each subject's token count must be in {limit}")
+    # int32 once the values are known to fit; int64 until then, so that no value wraps before it is read
+    counts = counts.to(device=device if device is not None else counts.device,
+                       dtype=torch.int32 if values is not None else torch.int64)
+    return counts, (max(values) if values else None)

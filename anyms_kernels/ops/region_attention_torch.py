@@ -1,8 +1,8 @@
 """The PyTorch backend of region cross-attention: exact on any device, no dense masks.
 
-One SDPA for the text branch over all tokens, then, per subject that acts on some
-token (the routing's work list), SDPA over only those tokens in bounded slabs, added
-in place. It reads the routing on the host once per Routing (one device sync on a
+One SDPA for the text branch over all tokens (zeroed where text-kind subjects replace
+it), then, per subject that acts on some token (the routing's work list), attention over
+only those tokens and only the subject's own keys, in bounded slabs, added in place. It reads the routing on the host once per Routing (one device sync on a
 GPU), so it is the fast path on CPUs only.
 """
 from __future__ import annotations
@@ -55,15 +55,21 @@ def region_attention_torch(q, k_text, v_text, k_subj, v_subj, routing: Routing, 
     if k_subj.shape[2] == 0 or B == 0 or q.shape[2] == 0:
         return out
     chunk = _chunk_tokens(q.shape[2])
-    per_row = routing.subject_tokens()
+    per_row = routing.work_list()
+    replaced = routing.replaced_text_tokens()
+    counts = routing.host_token_counts()
     batch_slices = [slice(0, B)] if routing.batch == 1 else [slice(b, b + 1) for b in range(B)]
     for r, bs in enumerate(batch_slices):
         q_rows, dim = _layout.token_major(q[bs])
         out_rows, out_dim = _layout.token_major(out[bs])
+        if replaced[r] is not None and replaced[r].numel():
+            # Text-kind subjects act there in place of the global text branch.
+            out_rows.index_fill_(out_dim, replaced[r].to(q.device), 0)
         for s, tokens in per_row[r]:
+            n = k_subj.shape[3] if counts is None else counts[s]       # the subject's own keys only
             # lambda_s * softmax(q K^T) V == softmax(q K^T) (lambda_s V): scale the T values, not the output.
             lam = scales[bs, s].to(q.dtype).view(-1, 1, 1, 1)
-            k_s_t, v_s = k_subj[bs, :, s].transpose(-1, -2), v_subj[bs, :, s] * lam
+            k_s_t, v_s = k_subj[bs, :, s, :n].transpose(-1, -2), v_subj[bs, :, s, :n] * lam
             tokens = tokens.to(q.device)
             for idx in tokens.split(chunk):
                 q_s = q_rows.index_select(dim, idx)

@@ -10,7 +10,9 @@ tile: prefetches the next tile's query rows, the indices of the tile after it an
 pass (no online rescale for L <= 128); runs only the subjects its tile's list names, each in
 one key block, accumulating ``P @ V`` straight into the output accumulator with
 ``lambda_s / l`` and the token's acts-or-not folded into ``P``; writes the tile once, in q's
-layout. Every tile runs the same operations whichever program runs it, so the output does
+layout. With text-kind subjects (HAS_TEXT_SUBJECTS) the tile's text owners zero the global text
+branch where a text-kind subject acts instead; with per-subject counts (HAS_SUBJ_TOKENS) each
+subject reads and attends to its own keys only. Every tile runs the same operations whichever program runs it, so the output does
 not depend on G. Nothing in it depends on S.
 """
 from __future__ import annotations
@@ -144,12 +146,13 @@ if HAS_TRITON:
         HAS_KEY_MASK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
+        LOOP_STAGES: tl.constexpr = None,   # software-pipelining stages of the loop; None: the launch's
     ):
         """softmax(q K^T) V with an online softmax over key blocks: for long branches only."""
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start in range(0, n_keys, BLOCK_N):
+        for start in tl.range(0, n_keys, BLOCK_N, num_stages=LOOP_STAGES):
             k, v, n_ok = _load_keys(K, V, start, n_keys, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, d_ok,
                                     KEY_MASK, stride_mask, HAS_KEY_MASK, BLOCK_N)
             s = tl.dot(q, k, input_precision=DOT_PRECISION)
@@ -164,11 +167,12 @@ if HAS_TRITON:
         return acc * (1.0 / tl.where(l_i == 0.0, 1.0, l_i))[:, None]
 
     @triton.jit
-    def _tile_routing(TILE_COUNT, TILE_SUBJECTS, OWNER, b, tile, n_tiles, pos, m_ok, route,
-                      stride_tcb, stride_tsb, stride_tst, OVERWRITE: tl.constexpr):
-        """A tile's acting-subject count, the first subject on its list and (overwrite) its tokens'
-        owners; count 0 for a tile past the last. Every list entry is a subject index (the list
-        is a permutation of 0..S-1), so the first one may be read before the count arrives."""
+    def _tile_routing(TILE_COUNT, TILE_SUBJECTS, OWNER, TEXT_OWNER, b, tile, n_tiles, pos, m_ok, route,
+                      stride_tcb, stride_tsb, stride_tst, OVERWRITE: tl.constexpr, HAS_TEXT_SUBJECTS: tl.constexpr):
+        """A tile's acting-subject count, the first subject on its list, (overwrite) its tokens'
+        image owners and (text-kind subjects) their text owners, -1 where the global text acts;
+        count 0 for a tile past the last. Every list entry is a subject index (the list is a
+        permutation of 0..S-1), so the first one may be read before the count arrives."""
         live = tile < n_tiles
         count = tl.load(TILE_COUNT + b * stride_tcb + tile, mask=live, other=0)
         first = tl.load(TILE_SUBJECTS + b * stride_tsb + tile * stride_tst, mask=live, other=0)
@@ -176,13 +180,19 @@ if HAS_TRITON:
             owner = tl.load(OWNER + route + pos, mask=m_ok, other=-1)
         else:
             owner = pos * 0 - 1
-        return count, first, owner
+        if HAS_TEXT_SUBJECTS:
+            text_owner = tl.load(TEXT_OWNER + route + pos, mask=m_ok, other=-1)
+        else:
+            text_owner = pos * 0 - 1
+        return count, first, owner, text_owner
 
     @triton.jit
-    def _subject_weight(s, owner, COVER, SCALES, b, pos, m_ok, stride_cb, stride_cs, stride_sb, stride_ss,
-                        OVERWRITE: tl.constexpr):
+    def _subject_weight(s, owner, text_owner, COVER, SCALES, b, pos, m_ok, stride_cb, stride_cs, stride_sb,
+                        stride_ss, OVERWRITE: tl.constexpr, HAS_TEXT_SUBJECTS: tl.constexpr):
         """[BLOCK_M]: lambda_s where subject s acts on the token, else 0."""
-        if OVERWRITE:
+        if OVERWRITE and HAS_TEXT_SUBJECTS:
+            acts = (owner == s) | (text_owner == s)      # its kind's owner: the image or the text one
+        elif OVERWRITE:
             acts = owner == s
         else:
             acts = tl.load(COVER + b * stride_cb + s * stride_cs + pos, mask=m_ok, other=0) != 0
@@ -201,11 +211,14 @@ if HAS_TRITON:
         Q, KT, VT, KS, VS,      # q [B,H,N,D]; text k/v [B,H,L,D]; subject k/v [B,H,S,T,D]
         OUT,                    # [B,H,N,D] output, any strides
         ORDER,                  # int32 [Br,N] tokens in routing order: tile i = ORDER[i*BLOCK_M : (i+1)*BLOCK_M]
-        OWNER,                  # int32 [Br,N] acting subject per sorted position (overwrite), -1 = none
+        OWNER,                  # int32 [Br,N] acting image-kind subject per sorted position (overwrite), -1 = none
+        TEXT_OWNER,             # int32 [Br,N] last covering text-kind subject per sorted position, -1 = the
+                                # global text acts (read if HAS_TEXT_SUBJECTS)
         COVER,                  # uint8 [Br,S,N] coverage per sorted position (sum)
         TILE_COUNT,             # int32 [Br,n_tiles] subjects acting on each tile
         TILE_SUBJECTS,          # int32 [Br,n_tiles,S] their indices, ascending
         SCALES,                 # float32 [B,S] subject scales (lambda_s)
+        SUBJ_TOKENS,            # int32 [S] keys of each subject, 1..T (read if HAS_SUBJ_TOKENS)
         TEXT_MASK,              # int8 [B,L] key-padding mask (nonzero = attend), read if HAS_TEXT_MASK
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_ktb, stride_kth, stride_ktl, stride_ktd,
@@ -234,6 +247,9 @@ if HAS_TRITON:
         SUBJ_LEN: tl.constexpr,      # T
         BLOCK_T: tl.constexpr,       # subject keys per block (one block when T <= BLOCK_T)
         OVERWRITE: tl.constexpr,     # True: a token takes its owner; False: all covering subjects add
+        HAS_TEXT_SUBJECTS: tl.constexpr,  # text-kind subjects replace the global text where they cover a token
+        HAS_SUBJ_TOKENS: tl.constexpr,    # subjects have their own key counts (else all SUBJ_LEN)
+        SUBJ_LOOP_STAGES: tl.constexpr,   # pipelining stages of the online subject loop (None: the launch's)
         HAS_TEXT_MASK: tl.constexpr,
         VEC: tl.constexpr,           # every row offset is a multiple of VEC elements (16-byte accesses)
         DOT_PRECISION: tl.constexpr, # "ieee" for float32 inputs, "tf32" otherwise (ignored for 16-bit)
@@ -246,6 +262,7 @@ if HAS_TRITON:
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
         rows = tl.arange(0, BLOCK_M)
+        MASK_T: tl.constexpr = SUBJ_LEN < BLOCK_T or HAS_SUBJ_TOKENS   # a subject's block may hold padding keys
         route = b * stride_rb
         q_base = b * stride_qb + h * stride_qh
         o_base = b * stride_ob + h * stride_oh
@@ -277,13 +294,17 @@ if HAS_TRITON:
         # needs to combine it with a tensor mask.)
         if PREFETCH_TEXT and SUBJ_LEN <= BLOCK_T:
             pos0 = first * BLOCK_M + rows
-            count, s0, owner = _tile_routing(TILE_COUNT, TILE_SUBJECTS, OWNER, b, first, n_tiles, pos0, pos0 < N,
-                                             route, stride_tcb, stride_tsb, stride_tst, OVERWRITE)
-            w0 = _subject_weight(s0, owner, COVER, SCALES, b, pos0, (pos0 < N) & (pos0 * 0 + count > 0), stride_cb, stride_cs,
-                                 stride_sb, stride_ss, OVERWRITE)
+            count, s0, owner, text_owner = _tile_routing(TILE_COUNT, TILE_SUBJECTS, OWNER, TEXT_OWNER, b, first,
+                                                         n_tiles, pos0, pos0 < N, route, stride_tcb, stride_tsb,
+                                                         stride_tst, OVERWRITE, HAS_TEXT_SUBJECTS)
+            w0 = _subject_weight(s0, owner, text_owner, COVER, SCALES, b, pos0, (pos0 < N) & (pos0 * 0 + count > 0),
+                                 stride_cb, stride_cs, stride_sb, stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
+            n0 = SUBJ_LEN
+            if HAS_SUBJ_TOKENS:
+                n0 = tl.load(SUBJ_TOKENS + s0)
             k0, v0, ok0 = _load_keys(KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s0 * stride_kss, VEC),
                                      VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s0 * stride_vss, VEC),
-                                     0, tl.where(count > 0, SUBJ_LEN, 0), stride_kst, stride_ksd, stride_vst,
+                                     0, tl.where(count > 0, n0, 0), stride_kst, stride_ksd, stride_vst,
                                      stride_vsd, offs_d, d_ok, TEXT_MASK, 0, False, BLOCK_T)
             s1 = tl.load(TILE_SUBJECTS + b * stride_tsb + first * stride_tst + 1, mask=count > 1, other=0)
 
@@ -302,35 +323,45 @@ if HAS_TRITON:
             subjects = TILE_SUBJECTS + b * stride_tsb + tile * stride_tst
             if PREFETCH_TEXT and SUBJ_LEN <= BLOCK_T:
                 # The next tile's routing heads, arriving during this tile's text branch.
-                count_n, s0_n, owner_n = _tile_routing(TILE_COUNT, TILE_SUBJECTS, OWNER, b, tile + step, n_tiles,
-                                                       pos_next, pos_next < N, route, stride_tcb, stride_tsb,
-                                                       stride_tst, OVERWRITE)
+                count_n, s0_n, owner_n, text_owner_n = _tile_routing(
+                    TILE_COUNT, TILE_SUBJECTS, OWNER, TEXT_OWNER, b, tile + step, n_tiles, pos_next, pos_next < N,
+                    route, stride_tcb, stride_tsb, stride_tst, OVERWRITE, HAS_TEXT_SUBJECTS)
             else:
                 # This tile's routing, issued before the text branch so it arrives during it.
-                count, s0, owner = _tile_routing(TILE_COUNT, TILE_SUBJECTS, OWNER, b, tile, n_tiles, pos, m_ok,
-                                                 route, stride_tcb, stride_tsb, stride_tst, OVERWRITE)
+                count, s0, owner, text_owner = _tile_routing(TILE_COUNT, TILE_SUBJECTS, OWNER, TEXT_OWNER, b, tile,
+                                                             n_tiles, pos, m_ok, route, stride_tcb, stride_tsb,
+                                                             stride_tst, OVERWRITE, HAS_TEXT_SUBJECTS)
 
-            # Level 1: the text branch, never masked by the layout (none on FLUX's IP path).
-            if not HAS_TEXT:
-                out = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-            elif TEXT_A > 0:
-                out = _text_branch(q, ka, va, ok_a, kb, vb, ok_b, qk_scale,
-                                   HAS_TEXT_MASK or TEXT_LEN < TEXT_A, TEXT_B > 0, DOT_PRECISION)
-            else:
-                out = _attend_online(q, KT + kt_base, VT + vt_base, stride_ktl, stride_ktd, stride_vtl, stride_vtd,
-                                     TEXT_LEN, mask_row, stride_ml, qk_scale, offs_d, d_ok, HAS_TEXT_MASK,
-                                     BLOCK_M, ONLINE_L, BLOCK_D, DOT_PRECISION)
+            # Level 1: the global text branch, never masked by the layout (none on FLUX's IP path).
+            # With text-kind subjects it acts only on the tokens no text-kind region covers, and a
+            # tile that such regions cover entirely skips it.
+            out = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            if HAS_TEXT:
+                keep = text_owner < 0
+                if TEXT_A > 0:
+                    out = _text_branch(q, ka, va, ok_a, kb, vb, ok_b, qk_scale,
+                                       HAS_TEXT_MASK or TEXT_LEN < TEXT_A, TEXT_B > 0, DOT_PRECISION)
+                else:
+                    out = _attend_online(q, KT + kt_base, VT + vt_base, stride_ktl, stride_ktd, stride_vtl,
+                                         stride_vtd, TEXT_LEN, mask_row, stride_ml, qk_scale, offs_d, d_ok,
+                                         HAS_TEXT_MASK, BLOCK_M, ONLINE_L, BLOCK_D, DOT_PRECISION)
+                if HAS_TEXT_SUBJECTS:
+                    out = tl.where(keep[:, None], out, 0.0)
 
             # Level 2: only the subjects on this tile's list (usually one, often none).
             if PREFETCH_TEXT and SUBJ_LEN <= BLOCK_T:
                 # The next tile's first subject: its weights and keys, in flight during this
                 # tile's subjects and store.
-                w0_n = _subject_weight(s0_n, owner_n, COVER, SCALES, b, pos_next, (pos_next < N) & (pos_next * 0 + count_n > 0),
-                                       stride_cb, stride_cs, stride_sb, stride_ss, OVERWRITE)
+                w0_n = _subject_weight(s0_n, owner_n, text_owner_n, COVER, SCALES, b, pos_next,
+                                       (pos_next < N) & (pos_next * 0 + count_n > 0), stride_cb, stride_cs, stride_sb,
+                                       stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
+                n0_n = SUBJ_LEN
+                if HAS_SUBJ_TOKENS:
+                    n0_n = tl.load(SUBJ_TOKENS + s0_n)
                 k0_n, v0_n, ok0_n = _load_keys(
                     KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s0_n * stride_kss, VEC),
                     VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s0_n * stride_vss, VEC),
-                    0, tl.where(count_n > 0, SUBJ_LEN, 0), stride_kst, stride_ksd, stride_vst, stride_vsd, offs_d,
+                    0, tl.where(count_n > 0, n0_n, 0), stride_kst, stride_ksd, stride_vst, stride_vsd, offs_d,
                     d_ok, TEXT_MASK, 0, False, BLOCK_T)
                 # ... and the index of its second, which the tile's count (arrived by now) guards.
                 s1_n = tl.load(TILE_SUBJECTS + b * stride_tsb + (tile + step) * stride_tst + 1, mask=count_n > 1,
@@ -343,32 +374,41 @@ if HAS_TRITON:
                     # Unconditional (masked off past the tile's last subject): under an ``if`` the
                     # compiler would wait for these loads where the branches merge, before subject j.
                     more = j + 1 < count
-                    w_n = _subject_weight(s_next, owner, COVER, SCALES, b, pos, m_ok & (pos * 0 + j + 1 < count),
-                                          stride_cb, stride_cs, stride_sb, stride_ss, OVERWRITE)
+                    w_n = _subject_weight(s_next, owner, text_owner, COVER, SCALES, b, pos,
+                                          m_ok & (pos * 0 + j + 1 < count), stride_cb, stride_cs, stride_sb,
+                                          stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
+                    n_n = SUBJ_LEN
+                    if HAS_SUBJ_TOKENS:
+                        n_n = tl.load(SUBJ_TOKENS + s_next)
                     k_n, v_n, ok_n = _load_keys(
                         KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s_next * stride_kss, VEC),
                         VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s_next * stride_vss, VEC),
-                        0, tl.where(more, SUBJ_LEN, 0), stride_kst, stride_ksd, stride_vst, stride_vsd, offs_d,
+                        0, tl.where(more, n_n, 0), stride_kst, stride_ksd, stride_vst, stride_vsd, offs_d,
                         d_ok, TEXT_MASK, 0, False, BLOCK_T)
                     s_after = tl.load(subjects + j + 2, mask=j + 2 < count, other=0)
-                    out = _subject_branch(out, q, k, v, t_ok, weight, qk_scale, SUBJ_LEN < BLOCK_T, DOT_PRECISION)
+                    out = _subject_branch(out, q, k, v, t_ok, weight, qk_scale, MASK_T, DOT_PRECISION)
                     weight, k, v, t_ok, s_next = w_n, k_n, v_n, ok_n, s_after
             else:
                 for j in range(0, count):
                     s = tl.load(subjects + j)
-                    weight = _subject_weight(s, owner, COVER, SCALES, b, pos, m_ok, stride_cb, stride_cs,
-                                             stride_sb, stride_ss, OVERWRITE)
+                    weight = _subject_weight(s, owner, text_owner, COVER, SCALES, b, pos, m_ok, stride_cb, stride_cs,
+                                             stride_sb, stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
                     ks_ptr = KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s * stride_kss, VEC)
                     vs_ptr = VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s * stride_vss, VEC)
+                    # A subject runs its own n_s keys only: one block of BLOCK_T when T fits it, else
+                    # an online softmax over ceil(n_s / BLOCK_T) blocks, so a subject with few keys
+                    # beside a long one runs one block.
+                    n_s = SUBJ_LEN
+                    if HAS_SUBJ_TOKENS:
+                        n_s = tl.load(SUBJ_TOKENS + s)
                     if SUBJ_LEN <= BLOCK_T:
-                        k, v, t_ok = _load_keys(ks_ptr, vs_ptr, 0, SUBJ_LEN, stride_kst, stride_ksd, stride_vst,
+                        k, v, t_ok = _load_keys(ks_ptr, vs_ptr, 0, n_s, stride_kst, stride_ksd, stride_vst,
                                                 stride_vsd, offs_d, d_ok, TEXT_MASK, 0, False, BLOCK_T)
-                        out = _subject_branch(out, q, k, v, t_ok, weight, qk_scale, SUBJ_LEN < BLOCK_T,
-                                              DOT_PRECISION)
+                        out = _subject_branch(out, q, k, v, t_ok, weight, qk_scale, MASK_T, DOT_PRECISION)
                     else:
-                        z = _attend_online(q, ks_ptr, vs_ptr, stride_kst, stride_ksd, stride_vst, stride_vsd, SUBJ_LEN,
+                        z = _attend_online(q, ks_ptr, vs_ptr, stride_kst, stride_ksd, stride_vst, stride_vsd, n_s,
                                            TEXT_MASK, 0, qk_scale, offs_d, d_ok, False, BLOCK_M, BLOCK_T, BLOCK_D,
-                                           DOT_PRECISION)
+                                           DOT_PRECISION, SUBJ_LOOP_STAGES)
                         out += weight[:, None] * z
 
             o_rows = tl.multiple_of(o_base + tok * stride_on, VEC)
@@ -378,6 +418,7 @@ if HAS_TRITON:
                 q = q_next
             if PREFETCH_TEXT and SUBJ_LEN <= BLOCK_T:
                 count, owner, w0, k0, v0, ok0, s1 = count_n, owner_n, w0_n, k0_n, v0_n, ok0_n, s1_n
+                text_owner = text_owner_n
             tok = tok_next
             tok_next = tok_after
 
@@ -509,6 +550,13 @@ def subject_block(num_subject_tokens: int) -> int:
     return ONLINE_T
 
 
+def subject_loop_stages(head_dim: int, counts: bool) -> Optional[int]:
+    """Software-pipelining stages of the online subject loop (T > ONE_BLOCK_SUBJECT). With per-subject
+    counts its trip count is known only at run time: pipelined, heads up to 64 wide spill (float32,
+    sm_90); not pipelined, wider heads do. None: the launch's num_stages, as without counts."""
+    return 1 if counts and block_d(head_dim) <= 64 else None
+
+
 def vector_width(dtype: torch.dtype, *tensors_and_strides) -> int:
     """Elements per 16-byte access that every base pointer and row stride allows (1 if none)."""
     vec = 16 // torch.empty((), dtype=dtype).element_size()
@@ -581,6 +629,10 @@ def _launch(q, k_text, v_text, k_subj, v_subj, routing: Routing, scales, text_ma
     mask = text_mask.view(torch.int8) if has_mask else routing.order   # likewise when unused
     mask_strides = mask.stride() if has_mask else (0, 0)
     order, owner = routing.order, routing.owner
+    has_kinds = routing.text_owner is not None
+    text_owner = routing.text_owner if has_kinds else owner          # any pointer will do when unused
+    has_counts = routing.subject_tokens is not None and S > 0
+    counts = routing.subject_tokens.to(torch.int32) if has_counts else order   # likewise
     shared = order.shape[0] == 1
     text_a, text_b = text_blocks(L, D)
     vec = vector_width(q.dtype, q, k_text, v_text, k_subj, v_subj, out,  # (k_text is q when there is no text)
@@ -588,7 +640,8 @@ def _launch(q, k_text, v_text, k_subj, v_subj, routing: Routing, scales, text_ma
                        *k_subj.stride()[:4], *v_subj.stride()[:4])
     n_tiles = count.shape[1]
     args = (
-        q, k_text, v_text, k_subj, v_subj, out, order, owner, cover, count, subjects, scales, mask,
+        q, k_text, v_text, k_subj, v_subj, out, order, owner, text_owner, cover, count, subjects, scales, counts,
+        mask,
         *q.stride(), *k_text.stride(), *v_text.stride(), *k_subj.stride(), *v_subj.stride(), *out.stride(),
         0 if shared else order.stride(0),
         0 if shared else cover.stride(0), cover.stride(1),
@@ -600,7 +653,8 @@ def _launch(q, k_text, v_text, k_subj, v_subj, routing: Routing, scales, text_ma
         HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=cfg.block_m,
         HAS_TEXT=has_text, TEXT_LEN=L, TEXT_A=text_a, TEXT_B=text_b, ONLINE_L=online_text_block(D), PREFETCH_TEXT=prefetch_text(D, q.dtype),
         SUBJ_LEN=max(T, 1), BLOCK_T=subject_block(max(T, 1)),
-        OVERWRITE=(routing.mode == "overwrite"), HAS_TEXT_MASK=has_mask, VEC=vec,
+        OVERWRITE=(routing.mode == "overwrite"), HAS_TEXT_SUBJECTS=has_kinds, HAS_SUBJ_TOKENS=has_counts,
+        SUBJ_LOOP_STAGES=subject_loop_stages(D, has_counts), HAS_TEXT_MASK=has_mask, VEC=vec,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

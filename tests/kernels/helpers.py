@@ -48,7 +48,7 @@ def make_inputs(B=2, H=2, grid=(13, 21), D=64, L=77, S=3, T=4, dtype=torch.float
 
 
 def reference(q, k_text, v_text, k_subj, v_subj, boxes, grid, *, mode="overwrite", subject_scale=1.0,
-              text_mask=None, softmax_scale=None, dtype=torch.float64):
+              text_mask=None, softmax_scale=None, dtype=torch.float64, replaces_text=None, subject_tokens=None):
     """The reference in ``dtype`` (float64: the oracle), with the op's argument forms."""
     B, S = q.shape[0], k_subj.shape[2]
     boxes = torch.as_tensor(boxes)
@@ -58,10 +58,10 @@ def reference(q, k_text, v_text, k_subj, v_subj, boxes, grid, *, mode="overwrite
         boxes = boxes.to(torch.int64)
         boxes = boxes.expand(B, S, 4) if boxes.dim() == 2 else boxes
     scale = torch.as_tensor(subject_scale, dtype=dtype).expand(B, S) if S else torch.zeros(B, 0, dtype=dtype)
-    c = lambda t: t.to(dtype)  # noqa: E731
+    c = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     return region_cross_attention_reference(
         c(q), c(k_text), c(v_text), c(k_subj), c(v_subj), boxes, grid, mode=mode, subject_scale=scale.cpu(),
-        text_mask=text_mask, softmax_scale=softmax_scale)
+        text_mask=text_mask, softmax_scale=softmax_scale, replaces_text=replaces_text, subject_tokens=subject_tokens)
 
 
 def mismatch_report(actual, expected, atol, rtol) -> str:

@@ -53,7 +53,7 @@ def test_fake_tensor_keeps_layout():
         kt = torch.empty(2, 3, 5, 64)
         ks = torch.empty(2, 3, 1, 4, 64)
         out = torch.ops.anyms_kernels.region_cross_attention(
-            q, kt, kt, ks, ks, torch.zeros(2, 1, 4, dtype=torch.int32), torch.ones(2, 1), None,
+            q, kt, kt, ks, ks, torch.zeros(2, 1, 4, dtype=torch.int32), torch.ones(2, 1), None, None, None,
             4, 4, "overwrite", 0.125, "torch", True, [])
         assert out.shape == q.shape and out.stride() == q.stride()
 
@@ -64,7 +64,8 @@ def test_fake_tensor_keeps_layout():
                            "report leans on compiler entry points checked against the CPU machines' triton")
 def test_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     """Every configuration the heuristic picks, for A100 (sm_80) and H100 (sm_90), fp16/bf16/fp32,
-    every supported head dim, both modes: it compiles, and ptxas reports no spills.
+    every supported head dim, both modes, and the variants for text-kind subjects with per-subject
+    token counts: it compiles, and ptxas reports no spills.
     Runs in a fresh process: the kernel must not be defined under TRITON_INTERPRET."""
     report = tmp_path / "compile_report.json"
     code = (
@@ -78,6 +79,11 @@ def test_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
         "        rows.append(asdict(resource_usage(D, dtype, cfg, arch=arch, overwrite=overwrite)))\n"
         "    if D == 64 and dtype != torch.float32:  # long subject sequences (T = 257): the online path\n"
         "        rows.append(asdict(resource_usage(D, dtype, cfg, arch=arch, subject_tokens=257)))\n"
+        "    if D in (64, 128):  # text-kind subjects and per-subject token counts (SDXL's and FLUX's heads):\n"
+        "        # image subjects of 4 and 16 tokens (T = 16), and beside 77-token regional prompts\n"
+        "        for T, overwrite in ((16, True), (77, False)):\n"
+        "            rows.append(asdict(resource_usage(D, dtype, cfg, arch=arch, overwrite=overwrite,\n"
+        "                                              subject_tokens=T, text_subjects=True, subject_counts=True)))\n"
         f"json.dump(rows, open({str(report)!r}, 'w'))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -88,10 +94,11 @@ def test_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     rows = json.loads(report.read_text())
     table = "\n".join(
         f"sm_{x['arch']} {x['dtype']:>4} D={x['head_dim']:<3} {'ow ' if x['overwrite'] else 'sum'} T{x['block_t']} "
+        f"{'kinds+counts ' if x['text_subjects'] else ''}"
         f"BLOCK_M={x['block_m']:<3} warps={x['num_warps']} regs={x['registers']:<3} stack={x['stack_bytes']} "
         f"spill={x['spill_stores']}/{x['spill_loads']} smem={x['shared_bytes']}" for x in rows)
     print("\n" + table)
-    assert len(rows) == 2 * 3 * len(ak.TRITON_HEAD_DIMS) + 2 * 3 + 2 * 2
+    assert len(rows) == 2 * 3 * len(ak.TRITON_HEAD_DIMS) + 2 * 3 + 2 * 2 + 2 * 3 * 2 * 2
     spilled = [x for x in rows if x["stack_bytes"] > 0 or x["spill_stores"] > 0 or x["spill_loads"] > 0]
     assert not spilled, "register spills:\n" + table
     assert all(x["spill_stores"] == 0 for x in rows), "ptxas -v could not be read for some configurations"
@@ -104,13 +111,18 @@ def test_registered_op_equals_public_function_in_eager():
     boxes = ak.rasterize_boxes([[0, 0, 0.6, 0.6], [0.4, 0.4, 1, 1]], grid)
     public = ak.region_cross_attention(q, kt, vt, ks, vs, boxes, grid, subject_scale=0.5, backend="torch")
     registered = torch.ops.anyms_kernels.region_cross_attention(
-        q, kt, vt, ks, vs, boxes.expand(2, 2, 4), torch.full((2, 2), 0.5), None, 5, 6, "overwrite", 0.125,
-        "torch", False, [])
+        q, kt, vt, ks, vs, boxes.expand(2, 2, 4), torch.full((2, 2), 0.5), None, None, None, 5, 6, "overwrite",
+        0.125, "torch", False, [])
     torch.testing.assert_close(registered, public, atol=0, rtol=0)
+    counts = torch.tensor([4, 0])
+    with pytest.raises(ValueError, match=r"^subject_tokens\[1\] is 0"):   # likewise the token counts
+        torch.ops.anyms_kernels.region_cross_attention(
+            q, kt, vt, ks, vs, boxes.expand(2, 2, 4), torch.full((2, 2), 0.5), None, None, counts, 5, 6,
+            "overwrite", 0.125, "torch", False, [])
     with pytest.raises(ValueError, match="boxes"):   # not checked by the caller: the op checks
         torch.ops.anyms_kernels.region_cross_attention(
             q, kt, vt, ks, vs, torch.tensor([[[0, 0, 9, 9]] * 2] * 2, dtype=torch.int32), torch.ones(2, 2),
-            None, 5, 6, "overwrite", 0.125, "torch", False, [])
+            None, None, None, 5, 6, "overwrite", 0.125, "torch", False, [])
 
 
 # ------------------------------------------------------- the same contract compiled and eager
@@ -166,6 +178,10 @@ def _bad_call(case):
         "routing of another grid": dict(boxes=ak.build_routing(ak.rasterize_boxes([[0, 0, .5, .5]] * 2, (5, 4)),
                                                                (5, 4))),
         "box list with a bool": dict(boxes=[[0, 0, 2, 2], [True, 1, 5, 4]]),
+        "token count tensor out of range": dict(subject_tokens=torch.tensor([4, 0])),
+        "token count list out of range": dict(subject_tokens=[4, 5]),
+        "kinds not bools": dict(replaces_text=[True, 0]),
+        "kinds beside a routing": dict(boxes=ak.build_routing(boxes, (4, 5)), replaces_text=[True, False]),
     }
     override = dict(test_inputs.BAD[case][0]) if case in test_inputs.BAD else extra[case]
     args = dict(q=q, k_text=kt, v_text=vt, k_subj=ks, v_subj=vs, boxes=boxes, grid=(4, 5))
@@ -179,7 +195,9 @@ def _bad_cases():
     from tests.kernels import test_inputs
 
     return sorted(test_inputs.BAD) + ["q requires grad", "subject_scale requires grad", "triton float64",
-                                      "routing of another grid", "box list with a bool"]
+                                      "routing of another grid", "box list with a bool",
+                                      "token count tensor out of range", "token count list out of range",
+                                      "kinds not bools", "kinds beside a routing"]
 
 
 def _op(*args, **kwargs):

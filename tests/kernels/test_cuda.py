@@ -125,3 +125,54 @@ def test_flushed_timer_times_each_call_after_an_l2_flush():
     assert 0 < mn <= med
     med_ms, _, calls, timer = bench.time_cuda(lambda: y.copy_(x), "flush")
     assert calls == 50 and timer == "events-L2-flushed" and med_ms > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("mode", ["overwrite", "sum"])
+@pytest.mark.parametrize("D, H", [(64, 10), (128, 4)])
+def test_regional_prompts_and_mixed_adapters_at_real_sizes(dtype, mode, D, H):
+    """Image subjects of 4 and 16 tokens beside two 77-token regional prompts (text-kind), one op
+    call at SDXL's 64x64 level (and FLUX's head dim), against the float64 reference."""
+    grid = (64, 64)
+    boxes = ak.rasterize_boxes(LAYOUTS["five"], grid)
+    kinds, counts = [False, True, False, True, False], [4, 77, 16, 60, 4]
+    q, kt, vt, ks, vs = make_inputs(2, H, grid, D, 77, 5, 77, dtype, "cuda")
+    routing = ak.build_routing(boxes.cuda(), grid, mode, replaces_text=kinds, subject_tokens=counts)
+    scale = torch.tensor([0.8, 1.0, 1.2, 0.5, 1.0])
+    out = ak.region_cross_attention(q, kt, vt, ks, vs, routing, grid, mode=mode, subject_scale=scale.cuda())
+    args = (q, kt, vt, ks, vs, boxes, grid)
+    kw = dict(mode=mode, subject_scale=scale, replaces_text=kinds, subject_tokens=counts)
+    assert_matches_reference(out, args, reference(*args, **kw), dtype=dtype,
+                             ref_same_dtype=reference(*args, **kw, dtype=dtype))
+
+
+def test_default_kinds_and_counts_change_nothing_on_gpu():
+    """Counts of T and all-image kinds: the kernel's other variant, the same output (the text
+    branch and each subject run the same operations in both)."""
+    grid = (64, 64)
+    boxes = ak.rasterize_boxes(LAYOUTS["five"], grid).cuda()
+    q, kt, vt, ks, vs = make_inputs(2, 10, grid, 64, 77, 5, 16, torch.float16, "cuda")
+    plain = ak.region_cross_attention(q, kt, vt, ks, vs, boxes, grid)
+    both = ak.region_cross_attention(q, kt, vt, ks, vs, boxes, grid, replaces_text=[False] * 5,
+                                     subject_tokens=[16] * 5)
+    torch.testing.assert_close(both, plain, atol=1e-3, rtol=1e-3)
+
+
+def test_cuda_graph_capture_with_kinds_and_counts():
+    grid = (32, 32)
+    q, kt, vt, ks, vs = make_inputs(2, 20, grid, 64, 77, 3, 77, torch.float16, "cuda")
+    routing = ak.build_routing(ak.rasterize_boxes(LAYOUTS["partial_overlap"], grid).cuda(), grid,
+                               replaces_text=[True, False, False], subject_tokens=[77, 4, 16])
+    run = lambda: ak.region_cross_attention(q, kt, vt, ks, vs, routing, grid)  # noqa: E731
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    q.normal_()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, run(), atol=0, rtol=0)

@@ -166,7 +166,7 @@ def test_routing_built_under_inference_mode_serves_grad_mode():
     with torch.inference_mode():
         routing = ak.build_routing(boxes, grid)
         routing.tiles(64)
-        routing.subject_tokens()
+        routing.work_list()
     for t in (routing.cover, routing.order, routing.owner, *routing.tiles(64)):
         assert not t.is_inference()
     q, kt, vt, ks, vs = make_inputs(1, 2, grid, 64, 77, 3, 4)
@@ -446,5 +446,5 @@ def test_routing_from_its_parts_is_the_same_routing(mode):
         assert a is b
     for block_m in (16, 24, 128):
         assert all(torch.equal(x, y) for x, y in zip(again.tiles(block_m), r.tiles(block_m)))
-    work = [[(s, idx.tolist()) for s, idx in routing.subject_tokens()[0]] for routing in (again, r)]
+    work = [[(s, idx.tolist()) for s, idx in routing.work_list()[0]] for routing in (again, r)]
     assert work[0] == work[1]
