@@ -268,6 +268,7 @@ def estimate_peak_memory(pipe, height: int, width: int, *, cfg: bool = True, off
         t5 = components.get("text_encoder_2")
         encode_act = t5_encode_bytes(t5.config, FLUX_TEXT_TOKENS, size) if t5 is not None else 0
     else:
+        latent = (math.ceil(height / factor), math.ceil(width / factor))
         step_act = (2 if cfg else 1) * size * unet_step_elements(denoiser.config, latent, attention_values) \
             + int(conditioning_bytes)
         encode_act = 0
