@@ -150,3 +150,13 @@ def header_only_png():
         return str(path)
 
     return make
+
+
+@pytest.fixture
+def images(tmp_path, subject_images):
+    """Two subject images saved as PNG files in ``tmp_path``: their paths, for the CLI tests."""
+    paths = []
+    for i, img in enumerate(subject_images[:2]):
+        paths.append(str(tmp_path / f"subject{i}.png"))
+        img.save(paths[-1])
+    return paths

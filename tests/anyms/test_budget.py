@@ -22,15 +22,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = ["--model", "tiny", "--height", "64", "--width", "64", "--steps", "1", "--device", "cpu", "--no-pictures"]
 
 
-@pytest.fixture
-def images(tmp_path, subject_images):
-    paths = []
-    for i, img in enumerate(subject_images[:2]):
-        paths.append(str(tmp_path / f"subject{i}.png"))
-        img.save(paths[-1])
-    return paths
-
-
 def run(argv, capsys):
     try:
         code = cli.main(argv)

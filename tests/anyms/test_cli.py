@@ -16,15 +16,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SIZE = ["--height", "64", "--width", "64"]
 
 
-@pytest.fixture
-def images(tmp_path, subject_images):
-    paths = []
-    for i, img in enumerate(subject_images[:2]):
-        paths.append(str(tmp_path / f"subject{i}.png"))
-        img.save(paths[-1])
-    return paths
-
-
 def generate_args(model, ip_weight, *extra):
     return ["generate", "--model", model, "--ip-adapter", ip_weight, *SIZE, "--steps", "2",
             "--device", "cpu", "--seed", "3", *extra]

@@ -22,15 +22,6 @@ TINY = ["--model", "tiny", "--height", "64", "--width", "64", "--steps", "2", "-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture
-def images(tmp_path, subject_images):
-    paths = []
-    for i, img in enumerate(subject_images[:2]):
-        paths.append(str(tmp_path / f"subject{i}.png"))
-        img.save(paths[-1])
-    return paths
-
-
 def run(argv, capsys):
     code = cli.main(argv)
     captured = capsys.readouterr()
