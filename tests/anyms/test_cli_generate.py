@@ -236,6 +236,35 @@ def test_subjects_that_vanish_at_a_level_are_named(tmp_path, subject_images, cap
         assert any(int(a) == s and f"{h}x{w}" in where for a, _, where in named), (s, err)
 
 
+def test_the_warnings_count_only_what_acts_blocks_and_windows(tmp_path, subject_images, capsys):
+    """Two subjects over the whole image. On top, one whose window holds no step: it is named as
+    never acting, and the one under it, which owns every token at every step, is not warned about.
+    On top, one whose blocks select the 4x4 level only (the tiny U-Net's ``down_blocks.1`` and
+    ``up_blocks.1``): the one under it vanishes at the 4x4 level and not at the 2x2 one, where the
+    top one is absent; with ``down_blocks.1`` only, the one under it keeps the 4x4 level's other
+    layers and is not warned about at all."""
+    for i, name in enumerate(("under", "top")):
+        subject_images[i].save(tmp_path / f"{name}.png")
+    under, top = f"{tmp_path / 'under.png'}:0,0,1,1", f"{tmp_path / 'top.png'}:0,0,1,1"
+    code, _, err = run(["generate", "two", "--subject", under, "--subject", top + ":end=0", *TINY,
+                        "--out", str(tmp_path / "never.png")], capsys)
+    assert code == 0, err
+    assert "warning: subject 'top' (subjects[1]) never acts: its window [0, 0) holds none of the 2 steps" in err
+    assert "gets no token" not in err
+    assert (tmp_path / "never.routing.png").is_file()
+    for blocks, expected in ((["down_blocks.1", "up_blocks.1"], [("under", "4x4 (3 layers)")]),
+                             (["down_blocks.1"], [])):
+        layout = {"prompt": "two", "subjects": [{"image": "under.png", "box": [0, 0, 1, 1]},
+                                                {"image": "top.png", "box": [0, 0, 1, 1], "blocks": blocks}]}
+        (tmp_path / "blocks.json").write_text(json.dumps(layout))
+        out = tmp_path / f"blocks-{len(blocks)}.png"
+        code, _, err = run(["generate", "--layout", str(tmp_path / "blocks.json"), *TINY, "--out", str(out)], capsys)
+        assert code == 0, err
+        named = re.findall(r"warning: subject '(\w+)' \(subjects\[\d\]\) gets no token at the ([^:]*) level", err)
+        assert named == expected, err
+        assert "never acts" not in err
+
+
 def test_absurd_sizes_and_steps_are_refused_before_loading(images, capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(loading, "_load_pipeline", no_loading)
     for extra, message in ((["--height", "100000"], "--height 100000 is above the largest side accepted, 16384"),
