@@ -572,7 +572,7 @@ def upscale_image(pipe, image, job: Job):
         return tiled_upscale(pipe, image, job.prompt, subjects=job.subjects, scale=up["scale"], tile=up["tile"],
                              overlap=up["overlap"], strength=up["strength"], num_inference_steps=job.steps,
                              seed=job.seed, anyms_mode=job.mode, anyms_priority=job.priority,
-                             negative_prompt=job.negative_prompt, **extra).images[0]
+                             anyms_blocks=job.blocks, negative_prompt=job.negative_prompt, **extra).images[0]
     finally:
         pipe.set_progress_bar_config(**bar)
 
