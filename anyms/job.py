@@ -11,6 +11,7 @@ from . import console
 from .errors import GenerationError, UsageError
 from .loading import Run, default_size
 from .preflight import MAX_STEPS
+from .priority import PRIORITIES
 from .blocks import check_blocks
 from .timing import check_schedule, check_window
 
@@ -22,7 +23,6 @@ __all__ = ["Job", "check_job", "read_layout_file", "layout_from_dict", "output_p
            "LAYOUT_SCHEMA", "JOBS_SCHEMA"]
 
 MODES = ("overwrite", "sum")
-PRIORITIES = ("order", "smaller_on_top")
 DEFAULT_STEPS = 50
 
 LAYOUT_SCHEMA = """\

@@ -50,6 +50,7 @@ from .layout import Layout, load_mask
 from .images import read_image
 from .blocks import check_blocks, resolve_blocks
 from .branches import adapter_layers, anyms_attention, set_anyms_layout
+from .priority import PRIORITIES
 from .processor import AnyMSAttnProcessor  # noqa: F401  the U-Net's AnyMS processor, which anyms_attention installs
 from .timing import check_schedule, check_window
 
@@ -61,8 +62,6 @@ __all__ = [
     "AnyMSStableDiffusionXLPipeline",
     "AnyMSStableDiffusionPipeline",
 ]
-
-PRIORITIES = ("order", "smaller_on_top")
 
 
 @dataclass
