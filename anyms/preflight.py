@@ -235,8 +235,9 @@ def estimate_peak_memory(pipe, height: int, width: int, *, cfg: bool = True, off
     77 tokens and the IP-Adapter's image encoder hold a few MB and are not counted.
 
     Both: the VAE decode, its largest resnet or upsampler at full resolution (with tiling,
-    at the tile's size) and the decoded image, in float32 where an SD / SDXL pipeline upcasts
-    a float16 VAE (``force_upcast``; FluxPipeline decodes in the VAE's dtype). It assumes
+    at the tile's size) and the decoded image, in float32 where an SDXL pipeline upcasts a
+    float16 VAE (``force_upcast``; StableDiffusionPipeline and FluxPipeline decode in the VAE's
+    dtype). It assumes
     fused attention (no token x token score matrix), what PyTorch's SDPA runs on CUDA and
     CPU. Weights count in ``dtype`` where it is given (the pipeline would be cast to it).
     ``attention_values``: values per token and channel a U-Net cross-attention layer holds at
@@ -260,7 +261,7 @@ def estimate_peak_memory(pipe, height: int, width: int, *, cfg: bool = True, off
                   (den_key, "vae", "text_encoder", "text_encoder_2", "image_encoder")}
     # weights in ``dtype`` where it is given (the pipeline would be cast to it), else as they are
     comp_bytes = {k: _module_bytes(m, size if explicit_dtype else None) for k, m in components.items() if m is not None}
-    upcast = not flux and bool(getattr(vae.config, "force_upcast", False)) and dtype == torch.float16
+    upcast = _upcasts_vae(pipe, flux) and bool(getattr(vae.config, "force_upcast", False)) and dtype == torch.float16
     vae_size = 4 if upcast else size
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if flux:
@@ -300,6 +301,15 @@ def estimate_peak_memory(pipe, height: int, width: int, *, cfg: bool = True, off
                     weights + encode_act)
     return MemoryEstimate(int(weights), int(step_act), int(decode_act), int(total), int(encode_act),
                           "transformer" if flux else "U-Net")
+
+
+def _upcasts_vae(pipe, flux: bool) -> bool:
+    """Whether the pipeline decodes a float16 VAE whose config says ``force_upcast`` in float32:
+    diffusers' SDXL pipelines do (``needs_upcasting`` in StableDiffusionXLPipeline and its img2img);
+    StableDiffusionPipeline (SD 1.5) and FluxPipeline decode in the VAE's dtype whatever the config
+    says. The SDXL family is the U-Net pipelines with a second text encoder (the refiner has only
+    that one); a meta-device skeleton (anyms.budget) is told apart the same way."""
+    return not flux and getattr(pipe, "text_encoder_2", None) is not None
 
 
 def _denoiser(pipe):
