@@ -200,6 +200,33 @@ def test_atomic_save_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["x-1.png", "x.png"]
 
 
+def test_one_image_holds_its_folders_lock_as_jobs_do(images, tmp_path, capsys, monkeypatch):
+    """Another run writing in the folder (its lock held): ``--out`` there refuses at once, one line
+    naming the holder, exit 2, before the model loads, nothing written; once it is free the image is
+    made, a temporary file a stopped writer of these names left is removed, and the lock is let go."""
+    from anyms.lock import LOCK_NAME, FolderLock
+
+    out = tmp_path / "o"
+    out.mkdir()
+    argv = ["generate", "a", "--subject", f"{images[0]}:0,0,1,1", *TINY, "--out", str(out / "a.png")]
+    other = FolderLock(str(out), "launch 10.0.0.1:29500").acquire()
+    try:
+        monkeypatch.setattr(loading, "_load_pipeline", no_loading)
+        code, _, err = run(argv, capsys)
+        assert code == 2 and err.count("\n") == 1, err
+        assert re.search(r"--out: the output folder .* is in use by another run \(PID \d+ on .*, launch 10.0.0.1:29500, "
+                         r"in \.anyms\.lock\); one run writes in a folder at a time: wait for it, or give another "
+                         r"--out folder", err), err
+        assert sorted(os.listdir(out)) == [LOCK_NAME]
+    finally:
+        other.release()
+        monkeypatch.undo()
+    (out / ".a.png.0123abcd.tmp").write_bytes(b"half an image")      # a stopped writer's leftover
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == ["a.layout.png", "a.png", "a.routing.png"]
+
+
 # ------------------------------------------------------------------ warnings, sizes, memory
 def test_subjects_that_vanish_at_a_level_are_named(tmp_path, subject_images, capsys):
     """Eight overlapping subjects: those whose every cell at a coarse grid lies under later
