@@ -16,7 +16,7 @@ from .blocks import check_blocks
 from .timing import check_schedule, check_window
 
 __all__ = ["Job", "check_job", "read_layout_file", "layout_from_dict", "output_paths", "check_outputs",
-           "generate_image", "image_record", "save_job", "write_pictures", "warn_unreached", "memory_report",
+           "apply_run_defaults", "generate_image", "image_record", "save_job", "write_pictures", "warn_unreached", "memory_report",
            "check_blocks_on_model", "parse_blocks",
            "upscale_from_dict", "upscale_from_args", "merge_upscale", "check_upscale", "upscale_geometry_before_loading",
            "upscale_image",
@@ -414,6 +414,14 @@ def check_job(job: Job, arch: str = "sdxl", upscale_geometry=None) -> Job:
         raise job.error(str(e)) from None
     if job.upscale is not None and upscale_geometry is not None:
         check_upscale(job, upscale_geometry)
+    return job
+
+
+def apply_run_defaults(job: Job, run: Run) -> Job:
+    """The model's own defaults where ``job`` leaves an option unset (:attr:`Run.default_guidance`),
+    before the job is checked; returns ``job``."""
+    if job.guidance is None:
+        job.guidance = run.default_guidance
     return job
 
 
