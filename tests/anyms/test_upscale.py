@@ -1,6 +1,7 @@
 """anyms.upscale: tiled img2img upscaling whose every tile is routed by the regions cropped to it."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -305,8 +306,6 @@ def test_the_function_is_anyms_tiled_upscale():
 
 # ------------------------------------------------------------------ every field of a subject holds in the tiles
 def test_a_masked_subject_keeps_every_field_but_its_mask_at_the_output_size(subject_images):
-    import dataclasses
-
     from anyms.upscale import _subjects_at_scale
 
     mask = np.zeros((8, 8), dtype=bool)
@@ -331,8 +330,8 @@ def test_one_tile_with_timing_blocks_and_a_negative_image_equals_the_untiled_pas
     pipe = _pipe("sdxl")
     image, side = _image(64), 128
     box, masked = _subjects(subject_images, 64)
-    subjects = [dataclasses_replace(box, blocks="style", negative_image=subject_images[2]),
-                dataclasses_replace(masked, end=0.5, schedule="linear_down")]
+    subjects = [dataclasses.replace(box, blocks="style", negative_image=subject_images[2]),
+                dataclasses.replace(masked, end=0.5, schedule="linear_down")]
     common = dict(strength=0.6, num_inference_steps=4, output_type="np", guidance_scale=5.0)
     ours = tiled_upscale(pipe, image, "a cat", subjects=subjects, scale=2, tile=side, overlap=0, seed=3,
                          **common).images
@@ -342,8 +341,8 @@ def test_one_tile_with_timing_blocks_and_a_negative_image_equals_the_untiled_pas
     assert tile_layout.blocks == upscale.layout.blocks and tile_layout.blocks[0] is not None
     assert tile_layout.step == (1, 2)                   # the pass's 2 steps (4 at strength 0.6), each one set
 
-    plan = prepare_subjects([dataclasses_replace(subjects[0]),
-                             dataclasses_replace(subjects[1], mask=np.kron(masked.mask, np.ones((2, 2))))])
+    plan = prepare_subjects([dataclasses.replace(subjects[0]),
+                             dataclasses.replace(subjects[1], mask=np.kron(masked.mask, np.ones((2, 2))))])
     plan.resolve_blocks(pipe.unet)
     layout = plan.make_layout((side // 8, side // 8))
     embeds = [pipe.encode_image([img], "cpu", 1, False) for img in plan.images]
@@ -362,9 +361,3 @@ def test_one_tile_with_timing_blocks_and_a_negative_image_equals_the_untiled_pas
     with pytest.raises(ValueError, match=r"subjects\[0\]\.negative_image acts only in classifier-free guidance"):
         tiled_upscale(pipe, image, "a cat", subjects=subjects, scale=2, tile=side, overlap=0, seed=3,
                       **{**common, "guidance_scale": 1.0})
-
-
-def dataclasses_replace(subject, **changes):
-    import dataclasses
-
-    return dataclasses.replace(subject, **changes)
