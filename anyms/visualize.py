@@ -444,7 +444,8 @@ def routing_figure(layout, grids, *, labels: Optional[Sequence[str]] = None, ima
                       interpolation="nearest")
             if row.acts[s]:
                 share = float(acted[s].float().mean()) * 100
-                ax.set_title(f"{labels[s]} x{float(layout.scales[s]):g}\n{share:.0f}% of tokens", fontsize=8)
+                some_step = " at some step" if row.varies else ""
+                ax.set_title(f"{labels[s]} x{float(layout.scales[s]):g}\n{share:.0f}% of tokens{some_step}", fontsize=8)
             else:
                 ax.set_title(f"{labels[s]}: acts not here\n({row.why_not[s]})", fontsize=7)
         for ax in axes[r]:

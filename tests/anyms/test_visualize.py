@@ -181,6 +181,8 @@ def test_the_picture_shows_a_subject_whose_window_holds_no_step_as_inactive():
     # a subject active in half the steps: its panel is where it acts then; the one under it gets
     # its tokens in the other half, and the composite is marked as the moment when both act
     layout = Layout([FULL, [0.0, 0.0, 0.5, 1.0]], (8, 8), windows=[(0.0, 1.0), (0.0, 0.5)])
+    titles = [t for _, _, _, t in _panels(routing_figure(layout, [(4, 4)], labels=["under", "half"], num_steps=4), 3)]
+    assert titles == [["under x1\n100% of tokens at some step", "half x1\n50% of tokens at some step"]]
     row, = routing_rows(layout, [(4, 4)], num_steps=4)
     assert row.acts == (True, True) and row.varies
     assert row.masks[0].all() and row.masks[1][:, :2].all() and not row.masks[1][:, 2:].any()
