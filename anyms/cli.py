@@ -41,7 +41,8 @@ from .console import emit, one_line
 from .demo import cmd_demo
 from .errors import GenerationError, LoadError, UsageError
 from .job import (
-    DEFAULT_STEPS, JOBS_SCHEMA, LAYOUT_SCHEMA, MODES, PRIORITIES, Job, check_blocks_on_model, check_job,
+    DEFAULT_STEPS, JOBS_SCHEMA, LAYOUT_SCHEMA, MODES, PRIORITIES, Job, apply_run_defaults, check_blocks_on_model,
+    check_job,
     check_outputs, generate_image, parse_blocks,
     layout_from_dict, memory_report, merge_upscale, output_paths, read_layout_file, save_job, upscale_from_args,
     upscale_from_dict, upscale_geometry_before_loading, warn_unreached,
@@ -52,6 +53,7 @@ from .loading import (
 )
 from .budget import plan_memory, size_argument
 from .preflight import MAX_SIDE, MAX_STEPS
+from .toy import DEFAULT_GUIDANCE as TOY_GUIDANCE
 
 __all__ = ["main", "parse_subject", "build_parser"]
 SUBJECT_FORMS = "PATH:x0,y0,x1,y1[:scale] or PATH:mask=MASK.png[:scale], each with an optional last field " \
@@ -221,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"image width (multiple of 8, at most {MAX_SIDE}; default: the model's)")
     gen.add_argument("--steps", type=int, default=None, help=f"denoising steps (default 50, at most {MAX_STEPS})")
     gen.add_argument("--guidance", type=float, default=None,
-                     help="classifier-free guidance scale (default: the pipeline's, 5.0 for SDXL; <= 1 turns CFG off)")
+                     help=f"classifier-free guidance scale (default: the model's, {TOY_GUIDANCE:g} for --model "
+                          f"{TOY_MODEL}, else the pipeline's: 5.0 for SDXL, 7.5 for SD 1.5; <= 1 turns CFG off)")
     gen.add_argument("--seed", type=int, default=None,
                      help="the generator's seed (default 0; with --jobs, a job's \"seed\", else this + the job's "
                           "index)")
@@ -378,12 +381,40 @@ def cmd_generate(args) -> int:
     job = _job_from_args(args)
     with _naming_the_record(args):
         run = run_from_args(args)
-        check_job(job, run.arch, upscale_geometry_before_loading(run))
+        check_job(apply_run_defaults(job, run), run.arch, upscale_geometry_before_loading(run))
     paths = output_paths(job.out, run.pictures)
-    check_outputs(paths, run.overwrite)
-    if args.max_memory is not None:             # reads configs only: refuses before any weights load
-        run = plan_memory(args, run, [job])
+    check_outputs(paths, run.overwrite)         # makes the folder, which holds the lock
+    # One writer per folder, as --jobs: held from before the model loads until the files are written.
+    with _folder_lock(paths):
+        check_outputs(paths, run.overwrite)     # again, now that no other run writes there
+        if args.max_memory is not None:         # reads configs only: refuses before any weights load
+            run = plan_memory(args, run, [job])
+        return _generate_one(args, job, run, paths)
 
+
+@contextlib.contextmanager
+def _folder_lock(paths):
+    """Hold the lock of the folder ``paths`` are written in (anyms.lock: one run writes in a folder at
+    a time; a --jobs run there, or another image's, refuses, naming the holder). While it is taken,
+    the temporary files a stopped writer of these paths left are removed."""
+    from .lock import FolderBusy, FolderLock, launch_name
+    from .outputs import remove_stale_temporaries
+
+    folder = os.path.dirname(os.path.abspath(paths[0]))
+    lock = FolderLock(folder, launch_name(1), prepare=lambda: remove_stale_temporaries([p for p in paths if p]),
+                      option="--out")
+    try:
+        lock.acquire()
+    except FolderBusy as e:
+        raise UsageError(f"--out: {e}") from None
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def _generate_one(args, job, run, paths) -> int:
+    """Steps 2 and 3 of one image (the input and outputs checked, the folder held)."""
     # 2. The model, and what this generation will take.
     with threads_for(run):
         pipe = load_for_run(args, run)

@@ -11,18 +11,18 @@ from . import console
 from .errors import GenerationError, UsageError
 from .loading import Run, default_size
 from .preflight import MAX_STEPS
+from .priority import PRIORITIES
 from .blocks import check_blocks
 from .timing import check_schedule, check_window
 
 __all__ = ["Job", "check_job", "read_layout_file", "layout_from_dict", "output_paths", "check_outputs",
-           "generate_image", "image_record", "save_job", "write_pictures", "warn_unreached", "memory_report",
+           "apply_run_defaults", "generate_image", "image_record", "save_job", "write_pictures", "warn_unreached", "memory_report",
            "check_blocks_on_model", "parse_blocks",
            "upscale_from_dict", "upscale_from_args", "merge_upscale", "check_upscale", "upscale_geometry_before_loading",
            "upscale_image",
            "LAYOUT_SCHEMA", "JOBS_SCHEMA"]
 
 MODES = ("overwrite", "sum")
-PRIORITIES = ("order", "smaller_on_top")
 DEFAULT_STEPS = 50
 
 LAYOUT_SCHEMA = """\
@@ -417,6 +417,14 @@ def check_job(job: Job, arch: str = "sdxl", upscale_geometry=None) -> Job:
     return job
 
 
+def apply_run_defaults(job: Job, run: Run) -> Job:
+    """The model's own defaults where ``job`` leaves an option unset (:attr:`Run.default_guidance`),
+    before the job is checked; returns ``job``."""
+    if job.guidance is None:
+        job.guidance = run.default_guidance
+    return job
+
+
 def output_paths(out: str, pictures: bool = True):
     """``(image, layout picture, routing picture)`` paths for ``--out`` (pictures None without ``pictures``)."""
     stem, ext = os.path.splitext(out)
@@ -455,12 +463,28 @@ def job_layout(pipe, job: Job, height: int, width: int):
 
 
 def _routing_grids(pipe, layout):
-    """``{grid: layers}`` of the layers AnyMS acts on, for ``layout`` (U-Net levels, or FLUX's one grid)."""
-    from .visualize import cross_attention_grids
+    """``{grid: [layer names]}`` of the layers AnyMS acts on, for ``layout`` (U-Net levels, or
+    FLUX's one grid): the names say which subjects' blocks select each layer."""
+    from .visualize import cross_attention_layers
 
-    if layout.token_grid is not None:    # a transformer (FLUX): one grid, every double-stream block
-        return {layout.token_grid: pipe.transformer.config.num_layers}
-    return cross_attention_grids(pipe.unet, layout.latent_hw)
+    if layout.token_grid is not None:    # a transformer (FLUX): one grid, the IP-Adapter's double-stream blocks
+        from .branches import adapter_layers
+
+        return {layout.token_grid: adapter_layers(pipe)}
+    return cross_attention_layers(pipe.unet, layout.latent_hw)
+
+
+def _loop_steps(pipe, steps: int) -> int:
+    """The length of the denoising loop of ``steps`` inference steps, ``pipe.num_timesteps`` once
+    it runs (a window's steps are counted on it): the scheduler's timesteps for ``steps`` (PNDM
+    runs one more), on a copy; FLUX's loop has ``steps``."""
+    import copy
+
+    if getattr(pipe, "unet", None) is None:
+        return steps
+    scheduler = copy.deepcopy(pipe.scheduler)
+    scheduler.set_timesteps(steps, device="cpu")
+    return len(scheduler.timesteps)
 
 
 def check_blocks_on_model(pipe, job: Job) -> None:
@@ -485,13 +509,17 @@ def check_blocks_on_model(pipe, job: Job) -> None:
 
 
 def warn_unreached(pipe, job: Job, warn=None) -> List[str]:
-    """Warn, one line per subject, where a subject gets no token at some level; returns the lines."""
-    from .preflight import unreached_message, unreached_subjects
+    """Warn, one line per subject, where a subject acts nowhere (scale 0, a window holding no step,
+    blocks selecting no layer) or gets no token at some level; returns the lines."""
+    from .preflight import idle_subjects, unreached_message, unreached_subjects
 
     height, width = job.height or default_size(pipe)[0], job.width or default_size(pipe)[1]
     layout = job_layout(pipe, job, height, width)
     names = [f"subjects[{i}]" for i in job.plan.order]
-    lines = unreached_message(unreached_subjects(layout, _routing_grids(pipe, layout)), job.plan.labels, names)
+    grids = _routing_grids(pipe, layout)
+    steps = _loop_steps(pipe, job.steps) if layout.timed else None
+    lines = unreached_message(unreached_subjects(layout, grids, steps), job.plan.labels, names,
+                              idle=idle_subjects(layout, grids, steps))
     for line in lines:
         (warn or console.warn)(f"{job.where}: {line}" if job.where else line)
     return lines
@@ -552,7 +580,7 @@ def upscale_image(pipe, image, job: Job):
         return tiled_upscale(pipe, image, job.prompt, subjects=job.subjects, scale=up["scale"], tile=up["tile"],
                              overlap=up["overlap"], strength=up["strength"], num_inference_steps=job.steps,
                              seed=job.seed, anyms_mode=job.mode, anyms_priority=job.priority,
-                             negative_prompt=job.negative_prompt, **extra).images[0]
+                             anyms_blocks=job.blocks, negative_prompt=job.negative_prompt, **extra).images[0]
     finally:
         pipe.set_progress_bar_config(**bar)
 

@@ -43,7 +43,7 @@ from . import console
 from .console import emit, one_line
 from .errors import GenerationError, UsageError
 from .job import (
-    DEFAULT_STEPS, JOB_KEYS, Job, check_blocks_on_model, check_job, check_outputs, generate_image, image_record,
+    DEFAULT_STEPS, JOB_KEYS, Job, apply_run_defaults, check_blocks_on_model, check_job, check_outputs, generate_image, image_record,
     layout_from_dict, memory_report, merge_upscale, parse_blocks, save_job, upscale_from_args,
     upscale_geometry_before_loading, warn_unreached,
 )
@@ -348,7 +348,7 @@ def run_jobs(args) -> int:
     run = run_from_args(args, device=procs.device)
     geometry = upscale_geometry_before_loading(run)
     for job in jobs:
-        check_job(job, run.arch, geometry)
+        check_job(apply_run_defaults(job, run), run.arch, geometry)
         job.plan = None                          # re-read when it runs: thousands of jobs' images stay on disk
     check_outputs([os.path.join(out_dir, MANIFEST)], overwrite=True, what="--out-dir")
     log = _info_main(procs)

@@ -256,8 +256,19 @@ class Layout:
             group = self._add_layer(layer)
         return group
 
+    def block_weights(self, layer: str) -> Tuple[float, ...]:
+        """Each subject's block weight at the attention layer named ``layer`` (1 without blocks;
+        0 where the subject's blocks leave the layer out: it is absent from that layer's routing)."""
+        return tuple(layer_weight(b, layer) for b in self.blocks)
+
+    def step_weights(self, step: int, num_steps: int) -> List[float]:
+        """Each subject's timing weight at step ``step`` of ``num_steps`` (0 outside its window,
+        its schedule's weight inside: :func:`anyms.timing.step_weight`)."""
+        return [step_weight(step, num_steps, start, end, schedule)
+                for (start, end), schedule in zip(self.windows, self.schedules)]
+
     def _add_layer(self, layer: str) -> int:
-        weights = tuple(layer_weight(b, layer) for b in self.blocks)
+        weights = self.block_weights(layer)
         if weights not in self._group_weights:
             self._group_weights.append(weights)
             self._group_active.append(self._active_in(weights))
@@ -314,13 +325,22 @@ class Layout:
         key = (grid, torch.device(device), active)
         routing = self._routing.get(key)
         if routing is None:
-            cover = self.coverage(grid)
+            cover = self.active_coverage(grid, active)
             with torch.inference_mode(False), torch.no_grad():
-                if not all(active):
-                    cover = cover & torch.tensor(active, dtype=torch.bool)[:, None, None]
                 routing = build_routing(cover.to(key[1]), grid, self.mode)
             self._routing[key] = routing
         return routing
+
+    def active_coverage(self, grid: Grid, active: Sequence[bool]) -> torch.Tensor:
+        """bool ``[S, h, w]`` on the CPU: :meth:`coverage` with the subjects not in ``active`` (one
+        bool per subject) covering no token, what the routing of that active set is built from."""
+        cover = self.coverage(grid)
+        if len(active) != self.num_subjects:
+            raise ValueError(f"active must hold {self.num_subjects} bools (one per subject), got {len(active)}")
+        if all(active):
+            return cover
+        with torch.inference_mode(False), torch.no_grad():
+            return cover & torch.tensor(tuple(bool(a) for a in active), dtype=torch.bool)[:, None, None]
 
     def set_step(self, step: int, num_steps: int) -> "Layout":
         """Make step ``step`` of ``num_steps`` (0-based, as ``callback_on_step_end`` counts) the current one.
@@ -337,8 +357,7 @@ class Layout:
         if num_steps < 1 or not 0 <= step < num_steps:
             raise ValueError(f"step must be in [0, num_steps) with num_steps >= 1, got step={step}, "
                              f"num_steps={num_steps}")
-        weights = [step_weight(step, num_steps, start, end, schedule)
-                   for (start, end), schedule in zip(self.windows, self.schedules)]
+        weights = self.step_weights(step, num_steps)
         self.step = (step, num_steps)
         self._awaiting_step = False
         if weights != self._weights:

@@ -57,6 +57,12 @@ class Run:
     def arch(self) -> str:
         return self.sources["arch"]
 
+    @property
+    def default_guidance(self) -> Optional[float]:
+        """The model's own guidance where a job gives none (the toy world's, ``anyms.toy.DEFAULT_GUIDANCE``),
+        or None: the pipeline's default."""
+        return self.sources.get("guidance")
+
     def model_record(self) -> dict:
         """The ``"model"`` entry of an image's record."""
         record = dict(self.sources["spec"], dtype=str(self.dtype).replace("torch.", ""))
@@ -157,7 +163,7 @@ def _why_the_hub_cannot_be_reached() -> Optional[str]:
 
 def _toy_sources(args) -> dict:
     """The shipped toy world: an SD 1.5-style folder and its IP-Adapter, loaded like any local model."""
-    from .toy import WEIGHTS_DIR
+    from .toy import DEFAULT_GUIDANCE, WEIGHTS_DIR
     from .toy.models import IP_SUBFOLDER, IP_WEIGHT_NAME
 
     for option in ("ip_adapter", "image_encoder"):
@@ -167,7 +173,8 @@ def _toy_sources(args) -> dict:
     if args.arch not in (None, "sd15"):
         raise UsageError(f"--arch {args.arch}: --model {TOY_MODEL} is an SD 1.5-style pipeline; drop --arch")
     return {"model": WEIGHTS_DIR, "ip_adapter": (WEIGHTS_DIR, IP_SUBFOLDER, IP_WEIGHT_NAME), "image_encoder": None,
-            "arch": "sd15", "spec": {"arch": "sd15", "model": TOY_MODEL, "ip_adapter": None, "image_encoder": None}}
+            "arch": "sd15", "spec": {"arch": "sd15", "model": TOY_MODEL, "ip_adapter": None, "image_encoder": None},
+            "guidance": DEFAULT_GUIDANCE}
 
 
 def _resolve_sources(args) -> dict:

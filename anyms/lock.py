@@ -1,4 +1,4 @@
-"""One writer per output folder: the lock of ``anyms generate --jobs``.
+"""One writer per output folder: the lock of ``anyms generate`` (``--jobs``, and one image's ``--out``).
 
 A run holds ``DIR/.anyms.lock`` for as long as it writes in ``DIR``. The file names the holder
 (its PID, host and launch); the lock itself is an advisory ``flock`` on it, which the system
@@ -53,8 +53,9 @@ class FolderLock:
     """``with FolderLock(folder, launch, prepare=...):`` holds ``folder`` for this run (see the module)."""
 
     def __init__(self, folder: str, launch: str, prepare: Optional[Callable[[], None]] = None,
-                 shared: bool = False):
+                 shared: bool = False, option: str = "--out-dir"):
         self.folder = folder
+        self.option = option            # what the refusal tells the user to change
         self.path = os.path.join(folder, LOCK_NAME)
         self.launch = launch
         self.prepare = prepare
@@ -166,7 +167,8 @@ class FolderLock:
         if launch.startswith("launch "):
             who += f", {launch}"
         return (f"the output folder {self.folder!r} is in use by another run ({who}, in {LOCK_NAME}); one run "
-                f"writes in a folder at a time: wait for it, or give another --out-dir")
+                f"writes in a folder at a time: wait for it, or give another {self.option}"
+                + (" folder" if self.option == "--out" else ""))
 
     # ----------------------------------------------------------------- letting go
     def release(self, wait: float = 0.0) -> None:

@@ -258,7 +258,8 @@ def check_record(record: Dict[str, Any], where: str) -> None:
     from anyms_kernels.regions import MODES
 
     from .loading import ARCHS, DTYPES, TINY_MODEL, TOY_MODEL
-    from .pipeline import PRIORITIES, _check_box, _check_scale
+    from .pipeline import _check_box, _check_scale
+    from .priority import PRIORITIES
     from .preflight import MAX_STEPS, check_image_size
     from .blocks import check_blocks
     from .timing import SCHEDULES, check_window

@@ -50,6 +50,7 @@ from .layout import Layout, load_mask
 from .images import read_image
 from .blocks import check_blocks, resolve_blocks
 from .branches import adapter_layers, anyms_attention, set_anyms_layout
+from .priority import PRIORITIES
 from .processor import AnyMSAttnProcessor  # noqa: F401  the U-Net's AnyMS processor, which anyms_attention installs
 from .timing import check_schedule, check_window
 
@@ -61,8 +62,6 @@ __all__ = [
     "AnyMSStableDiffusionXLPipeline",
     "AnyMSStableDiffusionPipeline",
 ]
-
-PRIORITIES = ("order", "smaller_on_top")
 
 
 @dataclass
@@ -611,9 +610,10 @@ def start_steps(pipe, plan: AnyMSPlan) -> None:
         plan.layout.set_step(0, pipe.num_timesteps)
 
 
-def chain_step_callback(pipe, plan: AnyMSPlan, arguments: dict) -> None:
+def chain_step_callback(pipe, plan: AnyMSPlan, arguments: dict, set_step=None) -> None:
     """Put, in a timed call's ``arguments``, a ``callback_on_step_end`` that calls the user's
-    (which sees the scales of the step that ran) and then sets the next step on the layout."""
+    (which sees the scales of the step that ran) and then sets the next step on the layout
+    (``set_step(step, num_steps)`` in its place: a call with several layouts, the tiles')."""
     from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
     user = arguments.get("callback_on_step_end")
@@ -624,7 +624,7 @@ def chain_step_callback(pipe, plan: AnyMSPlan, arguments: dict) -> None:
     def on_step_end(p, i, t, tensors):
         out = tensors if user is None else user(p, i, t, tensors)
         if i + 1 < p.num_timesteps:
-            plan.layout.set_step(i + 1, p.num_timesteps)
+            (set_step or plan.layout.set_step)(i + 1, p.num_timesteps)
         return out
 
     arguments["callback_on_step_end"] = on_step_end

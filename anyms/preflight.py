@@ -12,7 +12,10 @@
   built on the meta device (``anyms.budget``, before any weights load).
 - :func:`unreached_subjects` lists the (subject, grid) pairs where a subject owns no
   token: in ``overwrite`` mode a subject whose cells are all covered by subjects on top
-  of it vanishes at that U-Net level (the coarser the grid, the likelier).
+  of it vanishes at that U-Net level (the coarser the grid, the likelier), counting only
+  the layers its blocks select and the subjects active at the steps it acts;
+  :func:`idle_subjects` those that act nowhere (scale 0, a window holding no step, blocks
+  selecting no layer).
 
 No diffusers import here, and torch only inside the functions (the CLI imports this module).
 """
@@ -28,7 +31,7 @@ from .images import MAX_SIDE
 __all__ = ["MAX_SIDE", "MAX_STEPS", "check_image_size", "MemoryEstimate", "estimate_peak_memory", "MemoryPlan",
            "flux_step_bytes", "t5_encode_bytes",
            "fit_memory", "MemoryBudgetError", "OFFLOADS", "device_memory",
-           "unreached_subjects", "unreached_message"]
+           "unreached_subjects", "idle_subjects", "unreached_message"]
 
 # The SD-family schedulers are trained on 1000 timesteps; more steps than that repeat timesteps.
 MAX_STEPS = 1000
@@ -232,8 +235,9 @@ def estimate_peak_memory(pipe, height: int, width: int, *, cfg: bool = True, off
     77 tokens and the IP-Adapter's image encoder hold a few MB and are not counted.
 
     Both: the VAE decode, its largest resnet or upsampler at full resolution (with tiling,
-    at the tile's size) and the decoded image, in float32 where an SD / SDXL pipeline upcasts
-    a float16 VAE (``force_upcast``; FluxPipeline decodes in the VAE's dtype). It assumes
+    at the tile's size) and the decoded image, in float32 where an SDXL pipeline upcasts a
+    float16 VAE (``force_upcast``; StableDiffusionPipeline and FluxPipeline decode in the VAE's
+    dtype). It assumes
     fused attention (no token x token score matrix), what PyTorch's SDPA runs on CUDA and
     CPU. Weights count in ``dtype`` where it is given (the pipeline would be cast to it).
     ``attention_values``: values per token and channel a U-Net cross-attention layer holds at
@@ -257,7 +261,7 @@ def estimate_peak_memory(pipe, height: int, width: int, *, cfg: bool = True, off
                   (den_key, "vae", "text_encoder", "text_encoder_2", "image_encoder")}
     # weights in ``dtype`` where it is given (the pipeline would be cast to it), else as they are
     comp_bytes = {k: _module_bytes(m, size if explicit_dtype else None) for k, m in components.items() if m is not None}
-    upcast = not flux and bool(getattr(vae.config, "force_upcast", False)) and dtype == torch.float16
+    upcast = _upcasts_vae(pipe, flux) and bool(getattr(vae.config, "force_upcast", False)) and dtype == torch.float16
     vae_size = 4 if upcast else size
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if flux:
@@ -297,6 +301,15 @@ def estimate_peak_memory(pipe, height: int, width: int, *, cfg: bool = True, off
                     weights + encode_act)
     return MemoryEstimate(int(weights), int(step_act), int(decode_act), int(total), int(encode_act),
                           "transformer" if flux else "U-Net")
+
+
+def _upcasts_vae(pipe, flux: bool) -> bool:
+    """Whether the pipeline decodes a float16 VAE whose config says ``force_upcast`` in float32:
+    diffusers' SDXL pipelines do (``needs_upcasting`` in StableDiffusionXLPipeline and its img2img);
+    StableDiffusionPipeline (SD 1.5) and FluxPipeline decode in the VAE's dtype whatever the config
+    says. The SDXL family is the U-Net pipelines with a second text encoder (the refiner has only
+    that one); a meta-device skeleton (anyms.budget) is told apart the same way."""
+    return not flux and getattr(pipe, "text_encoder_2", None) is not None
 
 
 def _denoiser(pipe):
@@ -438,36 +451,68 @@ def device_memory(device) -> Optional[Tuple[int, int]]:
 
 
 # ------------------------------------------------------------------ subjects
-def unreached_subjects(layout, grids) -> List[Tuple[int, Tuple[int, int], Optional[int]]]:
-    """``(subject, grid, layers)`` for every grid where a subject's branch acts on no token.
+def unreached_subjects(layout, grids, num_steps: Optional[int] = None
+                       ) -> List[Tuple[int, Tuple[int, int], Optional[int]]]:
+    """``(subject, grid, layers)`` for every grid where a subject acts and yet its branch gets no
+    token: at every layer of that grid its blocks select and every step its window holds, the
+    subjects active on top of it then cover every cell of its region.
 
-    ``layout`` is an :class:`anyms.Layout`; ``grids`` ``(h, w)`` pairs or the dict
-    :func:`anyms.visualize.cross_attention_grids` returns (grid -> number of layers).
-    Subjects are in the layout's (priority) order. Only ``overwrite`` mode can lose a
-    subject: a region always meets at least one cell of a grid.
+    ``layout`` is an :class:`anyms.Layout`; ``grids`` ``(h, w)`` pairs or the dicts
+    :func:`anyms.visualize.cross_attention_grids` (grid -> number of layers) or
+    :func:`anyms.visualize.cross_attention_layers` (grid -> layer names: needed when subjects
+    select blocks) return; ``num_steps`` the denoising loop's length for a timed layout
+    (:func:`anyms.visualize.routing_rows`). ``layers`` counts the grid's layers where the
+    subject acts. A grid where a subject does not act at all (its blocks leave it out) is not
+    listed, nor is a subject that acts nowhere (:func:`idle_subjects`). Subjects are in the
+    layout's (priority) order. Only ``overwrite`` mode can lose a subject: a region always
+    meets at least one cell of a grid.
     """
-    from .visualize import subject_masks
+    from .visualize import routing_rows
 
-    counts = dict(grids) if isinstance(grids, dict) else {tuple(g): None for g in grids}
+    by_grid: Dict[Tuple[int, int], List] = {}
+    for row in routing_rows(layout, grids, num_steps):
+        by_grid.setdefault(row.grid, []).append(row)
     out = []
-    for grid, layers in counts.items():
-        acted = subject_masks(layout, grid) != 0
+    for grid, rows in by_grid.items():
         for s in range(layout.num_subjects):
-            if not bool(acted[s].any()):
-                out.append((s, tuple(grid), layers))
+            acting = [row for row in rows if row.acts[s]]
+            if acting and not any(bool(row.masks[s].any()) for row in acting):
+                layers = None if any(row.layers is None for row in acting) else sum(row.layers for row in acting)
+                out.append((s, grid, layers))
     return out
 
 
-def unreached_message(unreached, labels: Sequence[str], names: Optional[Sequence[str]] = None) -> List[str]:
-    """One line per subject that vanishes somewhere: its label, its name and the grids."""
+def idle_subjects(layout, grids, num_steps: Optional[int] = None) -> List[Tuple[int, str]]:
+    """``(subject, why)`` for every subject that acts at no layer of ``grids`` at any step: a
+    scale of 0, a window that holds no step, or blocks that select none of the layers
+    (arguments as :func:`unreached_subjects`)."""
+    from .visualize import routing_rows
+
+    rows = routing_rows(layout, grids, num_steps)
+    out = []
+    for s in range(layout.num_subjects):
+        if not any(row.acts[s] for row in rows):
+            why = rows[0].why_not[s]
+            if why == "its blocks leave these layers out":
+                why = "its blocks select none of the model's cross-attention layers (or weigh them all 0)"
+            out.append((s, why))
+    return out
+
+
+def unreached_message(unreached, labels: Sequence[str], names: Optional[Sequence[str]] = None,
+                      idle: Sequence[Tuple[int, str]] = ()) -> List[str]:
+    """One line per subject that acts nowhere (``idle``, :func:`idle_subjects`) or vanishes at
+    some level (``unreached``, :func:`unreached_subjects`): its label, its name and why or where."""
+    def named(s):
+        return f"subject {labels[s]!r}" + (f" ({names[s]})" if names else "")
+
+    lines = [f"{named(s)} never acts: {why}" for s, why in idle]
     by_subject: Dict[int, List[str]] = {}
     for s, (h, w), layers in unreached:
-        by_subject.setdefault(s, []).append(f"{h}x{w}" + (f" ({layers} layers)" if layers else ""))
-    lines = []
+        by_subject.setdefault(s, []).append(f"{h}x{w}" + (f" ({layers} layer{'s' * (layers != 1)})" if layers else ""))
     for s, where in by_subject.items():
-        name = f" ({names[s]})" if names else ""
-        lines.append(f"subject {labels[s]!r}{name} gets no token at the {', '.join(where)} level"
+        lines.append(f"{named(s)} gets no token at the {', '.join(where)} level"
                      f"{'s' if len(where) > 1 else ''}: the subjects on top of it cover every cell of its region "
-                     f"there, so its image acts only at the finer levels (enlarge its region, move it on top, or "
-                     f"use --mode sum)")
+                     f"there whenever it acts, so its image does not act at that level (enlarge its region, move "
+                     f"it on top, or use --mode sum)")
     return lines

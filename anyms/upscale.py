@@ -28,7 +28,9 @@ one-tile pass equal, bit for bit, to the untiled img2img pass.
 Routing per tile. The call builds the image's :class:`~anyms.Layout` once (on the output's
 latent grid) and, for each tile, a layout of its own: every subject's coverage of the latent
 grid (its box or mask, by the layout's covering rule) cropped to the tile, routed as a mask
-at the latent's size. Tiles start on multiples of the U-Net's coarsest cell
+at the latent's size, with the subject's scale, window, schedule and blocks (a timed layout's
+steps are the img2img loop's, set on every tile's layout after each step). Tiles start on
+multiples of the U-Net's coarsest cell
 (``2 ** (levels - 1)`` latent cells), so the tile's cells at every U-Net level are the image's
 cells and its routing is the image's routing cropped, at every level. A subject whose region
 misses a tile is inactive there: it is left out of that tile's layout and its image
@@ -46,6 +48,7 @@ are multiples of the U-Net's unit, the VAE's scale factor times the U-Net's down
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import numbers
@@ -56,7 +59,8 @@ import torch
 
 from .branches import anyms_attention, set_anyms_layout
 from .layout import Layout, load_mask
-from .pipeline import AnyMSPipelineMixin, Subject, _load_image, _one_call_at_a_time, prepare_subjects
+from .pipeline import (AnyMSPipelineMixin, Subject, _load_image, _one_call_at_a_time, chain_step_callback,
+                       prepare_subjects)
 from .upscale_args import DEFAULT_STRENGTH, SCALES, check_upscale_options, geometry_of_pipe
 
 __all__ = ["SCALES", "TILE_EVENT", "Tile", "UpscalePlan", "unet_unit", "plan_tiles", "tile_layout", "tiled_upscale"]
@@ -92,6 +96,12 @@ class UpscalePlan:
     active: List[List[int]] = field(default_factory=list)
     tile_layouts: List[Layout] = field(default_factory=list)
 
+    def set_step(self, step: int, num_steps: int) -> None:
+        """Make step ``step`` of the img2img loop's ``num_steps`` the current one on the image's
+        layout and every tile's (a timed layout's windows count the steps of the pass that runs)."""
+        for layout in (self.layout, *self.tile_layouts):
+            layout.set_step(step, num_steps)
+
 
 def unet_unit(pipe) -> int:
     """The pixel multiple a U-Net of ``pipe`` takes: the VAE's scale factor times its downsampling."""
@@ -123,7 +133,8 @@ def plan_tiles(size: Tuple[int, int], tile: int, overlap: int, unit: int, factor
 def tile_layout(layout: Layout, tile: Tile) -> Tuple[List[int], Layout]:
     """``(active, layout)`` of one tile: the subjects whose coverage of the latent meets the
     tile (indices in ``layout``'s order) and a layout of the tile's size routing each by its
-    coverage cropped to the tile (a latent-sized mask), with its scale and the image's mode.
+    coverage cropped to the tile (a latent-sized mask), with the image's mode and, per subject,
+    everything else the image's layout holds for it: its scale, window, schedule and blocks.
 
     A tile that no region meets has no active subject; its layout then holds subject 0 over
     the whole tile at scale 0, whose branch adds exactly zero (the U-Net's image projection
@@ -134,7 +145,9 @@ def tile_layout(layout: Layout, tile: Tile) -> Tuple[List[int], Layout]:
         return [], Layout(None, tile.hw, scales=[0.0], mode=layout.mode,
                           masks=[torch.ones(tile.hw, dtype=torch.bool)])
     return active, Layout(None, tile.hw, scales=layout.scales[active].tolist(), mode=layout.mode,
-                          masks=[cover[s].clone() for s in active])
+                          masks=[cover[s].clone() for s in active], windows=[layout.windows[s] for s in active],
+                          schedules=[layout.schedules[s] for s in active],
+                          blocks=[layout.blocks[s] for s in active] if layout.has_blocks else None)
 
 
 # ------------------------------------------------------------------ checks
@@ -178,22 +191,27 @@ def _subjects_at_scale(subjects: Sequence[Subject], image_hw, scale: int) -> Lis
         elif hw != big:
             raise ValueError(f"subjects[{i}].mask is {hw[0]}x{hw[1]} pixels (height x width): give it at the input "
                              f"image's size {image_hw[0]}x{image_hw[1]} or the output's {big[0]}x{big[1]}")
-        out.append(Subject(s.image, s.box, s.scale, s.label, mask=mask))
+        out.append(dataclasses.replace(s, mask=mask))    # every other field as given
     return out
 
 
 # ------------------------------------------------------------------ the call
-def _subject_embeds(pipe, images, device, cfg: bool) -> List[torch.Tensor]:
-    """One adapter's embeddings of the S subject images, each image encoded alone (as the
-    AnyMS pipelines do), laid out as diffusers' ``ip_adapter_image_embeds``: ``[2 or 1, S, ...]``."""
+def _subject_embeds(pipe, subjects: Sequence[Subject], device, cfg: bool) -> List[torch.Tensor]:
+    """One adapter's embeddings of the S (checked) subjects' images, each image encoded alone (as
+    the AnyMS pipelines do), laid out as diffusers' ``ip_adapter_image_embeds``: ``[2 or 1, S, ...]``.
+    With ``cfg``, a subject's negative image takes its place in the unconditional half, embedded
+    as the pipelines embed it (``prepare_ip_adapter_image_embeds``: the conditional embedding of
+    that image, encoded alone)."""
     from diffusers.models.embeddings import ImageProjection
 
     hidden = not isinstance(pipe.unet.encoder_hid_proj.image_projection_layers[0], ImageProjection)
-    parts = [pipe.encode_image([img], device, 1, hidden) for img in images]
+    parts = [pipe.encode_image([s.image], device, 1, hidden) for s in subjects]
     cond = torch.cat([c for c, _ in parts])[None]
     if not cfg:
         return [cond]
-    return [torch.cat([torch.cat([u for _, u in parts])[None], cond])]
+    uncond = [u if s.negative_image is None else pipe.encode_image([s.negative_image], device, 1, hidden)[0]
+              for s, (_, u) in zip(subjects, parts)]
+    return [torch.cat([torch.cat(uncond)[None], cond])]
 
 
 def _feather(n: int, ramp_start: int, ramp_end: int, device) -> torch.Tensor:
@@ -227,11 +245,17 @@ class _TiledForward:
     the replaced ``forward``: accelerate's offload hooks, which wrap ``forward`` itself, still
     run per tile; a tile's layout matches its latent by construction."""
 
-    def __init__(self, unet, forward, plan: UpscalePlan, weights: List[torch.Tensor]):
+    def __init__(self, unet, forward, plan: UpscalePlan, weights: List[torch.Tensor], img2img=None):
         self.unet, self.forward, self.plan, self.weights = unet, forward, plan, weights
+        self.img2img = img2img
+        self.started = False
 
     def __call__(self, sample, *args, **kwargs):
         plan = self.plan
+        if not self.started:
+            self.started = True
+            if plan.layout.timed:     # the loop's length is set by now (the first evaluation is step 0's)
+                plan.set_step(0, self.img2img.num_timesteps)
         if tuple(sample.shape[-2:]) != plan.layout.latent_hw:
             raise RuntimeError(f"the U-Net got a {tuple(sample.shape[-2:])} latent during a tiled upscale of "
                                f"{plan.layout.latent_hw}")
@@ -263,7 +287,7 @@ class _TiledForward:
 def tiled_upscale(pipe, image, prompt=None, *, subjects: Sequence[Subject], scale: int = 2,
                   tile: Optional[int] = None, overlap: Optional[int] = None, strength: float = DEFAULT_STRENGTH,
                   num_inference_steps: int = 30, seed: Optional[int] = None, anyms_mode: str = "overwrite",
-                  anyms_priority: str = "order", **kwargs):
+                  anyms_priority: str = "order", anyms_blocks=None, **kwargs):
     """Upscale ``image`` by ``scale`` with an img2img pass over overlapping tiles, keeping every subject.
 
     Args:
@@ -273,6 +297,9 @@ def tiled_upscale(pipe, image, prompt=None, *, subjects: Sequence[Subject], scal
         prompt: as the pipelines' (``negative_prompt``, ``guidance_scale``... go in ``kwargs``).
         subjects: the subjects of the generation: boxes are normalised, so the same boxes hold;
             masks at the input image's size (repeated ``scale`` times, exactly) or the output's.
+            Every other field holds in every tile: scale, ``start`` / ``end`` / ``schedule``
+            (fractions of the steps this pass runs, as in any call), ``negative_image`` (with
+            guidance; refused without, as the pipelines refuse it) and ``blocks``.
         scale: 2 or 4.
         tile: the tile's side in pixels of the output (default: the U-Net's native size, 1024 for
             SDXL); a multiple of the U-Net's unit (:func:`unet_unit`), clipped to the image.
@@ -281,7 +308,7 @@ def tiled_upscale(pipe, image, prompt=None, *, subjects: Sequence[Subject], scal
         strength: in (0, 1], how far the upscaled image is noised again (img2img's).
         num_inference_steps: img2img's (``strength`` of them run).
         seed: the seed of a CPU generator (None: unseeded); or give ``generator`` (not both).
-        anyms_mode, anyms_priority: as the pipelines'.
+        anyms_mode, anyms_priority, anyms_blocks: as the pipelines'.
         kwargs: the rest of the img2img pipeline's arguments.
 
     Returns the img2img pipeline's output (``.images``). ``pipe.anyms_last_upscale`` holds the
@@ -304,8 +331,9 @@ def tiled_upscale(pipe, image, prompt=None, *, subjects: Sequence[Subject], scal
         raise ValueError("give seed or generator, not both")
     size = (image.height * scale, image.width * scale)
     plan_subjects = prepare_subjects(_subjects_at_scale(subjects, (image.height, image.width), scale),
-                                     anyms_mode, anyms_priority)
+                                     anyms_mode, anyms_priority, anyms_blocks)
     pipe._anyms_check_adapter()
+    plan_subjects.resolve_blocks(pipe.unet)
     factor = int(pipe.vae_scale_factor)
     levels = len(pipe.unet.config.block_out_channels)
     plan = UpscalePlan(size, tile, overlap, plan_tiles(size, tile, overlap, unit, factor))
@@ -324,8 +352,13 @@ def tiled_upscale(pipe, image, prompt=None, *, subjects: Sequence[Subject], scal
         img2img = AutoPipelineForImage2Image.from_pipe(pipe)
         img2img.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
         guidance = inspect.signature(img2img.__call__).parameters["guidance_scale"].default
-        cfg = kwargs.get("guidance_scale", guidance) > 1 and pipe.unet.config.time_cond_proj_dim is None
-        embeds = _subject_embeds(pipe, plan_subjects.images, device, cfg)
+        distilled = pipe.unet.config.time_cond_proj_dim is not None
+        cfg = kwargs.get("guidance_scale", guidance) > 1 and not distilled
+        plan_subjects.require_guidance(cfg, "a guidance-distilled U-Net" if distilled else
+                                       f"guidance_scale {kwargs.get('guidance_scale', guidance):g} <= 1")
+        embeds = _subject_embeds(pipe, plan_subjects.subjects, device, cfg)
+        if plan.layout.timed:        # step 0 at the first U-Net evaluation, each next one after a step
+            chain_step_callback(img2img, plan_subjects, kwargs, set_step=plan.set_step)
         if seed is not None:
             kwargs.setdefault("generator", torch.Generator(device="cpu").manual_seed(int(seed)))
         big = image.resize((size[1], size[0]), Image.LANCZOS)
@@ -334,7 +367,7 @@ def tiled_upscale(pipe, image, prompt=None, *, subjects: Sequence[Subject], scal
         had_forward = "forward" in vars(unet)
         forward = unet.forward
         with anyms_attention(pipe, plan.layout):
-            unet.forward = _TiledForward(unet, forward, plan, weights)
+            unet.forward = _TiledForward(unet, forward, plan, weights, img2img)
             try:
                 return img2img(prompt, image=big, strength=strength, num_inference_steps=num_inference_steps,
                                ip_adapter_image_embeds=embeds, **kwargs)

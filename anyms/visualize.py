@@ -7,7 +7,10 @@
   layout's routing is built from, with :func:`anyms_kernels.rasterize_boxes` and
   :func:`anyms_kernels.rasterize_masks`) and applies the mode's rule, so the pictures
   cannot drift from the attention that ran.
-- :func:`cross_attention_grids` lists the grids a U-Net's cross-attention layers see.
+- :func:`cross_attention_grids` lists the grids a U-Net's cross-attention layers see
+  (:func:`cross_attention_layers`: the layers' names by grid).
+- :func:`routing_rows` says, per grid and per set of layers where the same subjects act
+  (a subject's ``blocks`` select layers; its window may hold no step), where each acts.
 - :func:`subject_maps` renders the masks of every grid as one PNG-ready figure: the
   routing (which branch acts where, read from the layout), not measured attention.
 
@@ -17,6 +20,7 @@ names, and the subjects through their ``image``/``box``/``mask``/``scale``/``lab
 from __future__ import annotations
 
 import colorsys
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -27,8 +31,8 @@ from anyms_kernels.regions import Grid, check_grid, mask_bbox, rasterize_boxes
 
 from .layout import load_mask
 
-__all__ = ["draw_layout", "mask_outline", "subject_masks", "cross_attention_grids", "subject_maps", "routing_figure",
-           "subject_colors"]
+__all__ = ["draw_layout", "mask_outline", "subject_masks", "cross_attention_grids", "cross_attention_layers",
+           "subject_maps", "routing_figure", "routing_rows", "RoutingRow", "idle_reasons", "subject_colors"]
 
 
 def subject_colors(num: int) -> List[Tuple[int, int, int]]:
@@ -155,25 +159,31 @@ def mask_outline(mask, size: Tuple[int, int], width: int) -> Image.Image:
     return Image.fromarray(band.astype(np.uint8) * 255)
 
 
-def subject_masks(layout, grid: Grid) -> torch.Tensor:
+def subject_masks(layout, grid: Grid, active: Optional[Sequence[bool]] = None) -> torch.Tensor:
     """Where each subject's branch acted on one layer grid, weighted by its scale.
 
     Args:
         layout: an :class:`anyms.Layout` (regions in ascending priority, scales, mode).
         grid: ``(h, w)`` of a cross-attention layer.
+        active: one bool per subject, the subjects that act (default: those whose scale is
+            not 0). An inactive subject covers no token, as in the layout's routing
+            (:meth:`anyms.Layout.active_coverage`): in ``overwrite`` mode the subject under it
+            takes its tokens.
 
     Returns:
         float32 ``[S, h, w]``: ``lambda_s`` where subject ``s``'s image attention was
         added, 0 elsewhere. A subject's region covers the tokens whose cells its box
         or mask meets (:meth:`anyms.Layout.coverage`). ``overwrite``: the tokens whose
-        last covering region is ``s``'s (disjoint; tokens no region covers get no image
-        attention). ``sum``: every token of ``s``'s region, overlaps included.
+        last covering active region is ``s``'s (disjoint; tokens no region covers get no
+        image attention). ``sum``: every token of ``s``'s region, overlaps included.
     """
     h, w = check_grid(grid)
     num = layout.num_subjects
     if num == 0:
         return torch.zeros(0, h, w)
-    acted = layout.coverage((h, w))
+    if active is None:
+        active = tuple(bool(v) for v in (layout.scales != 0).tolist())
+    acted = layout.active_coverage((h, w), active)
     if layout.mode == "overwrite":
         # The last covering subject owns the token, as the routing ranks them.
         rank = torch.arange(1, num + 1).reshape(num, 1, 1)
@@ -182,18 +192,140 @@ def subject_masks(layout, grid: Grid) -> torch.Tensor:
     return acted.to(torch.float32) * layout.scales.reshape(num, 1, 1)
 
 
-def cross_attention_grids(unet, latent_hw: Grid) -> Dict[Grid, int]:
-    """The grids of a U-Net's cross-attention (``attn2``) layers: ``{(h, w): layer count}``.
+@dataclass(frozen=True)
+class RoutingRow:
+    """The layers of one grid at which the same subjects act (one row of the routing picture).
 
-    Reads the processor names (``down_blocks.i...``, ``mid_block...``, ``up_blocks.j...``):
-    down block ``i`` runs at level ``i``, the mid block at the last level, up block ``j``
-    at level ``levels - 1 - j``; each level halves the latent, odd sizes rounding up
-    (a stride-2 convolution), as :func:`anyms_kernels.layer_grid` assumes. Sorted
-    from the finest grid to the coarsest.
+    ``layers``: how many layers of ``grid`` these are (None: not known), of ``grid_layers``.
+    ``acts[s]``: subject ``s`` acts at these layers at some step (its blocks select them, its
+    scale is not 0 and its window holds a step). ``masks``: float32 ``[S, h, w]``, ``lambda_s``
+    where ``s``'s branch acts at some step (with windows: the union over the steps, each step
+    routed with the subjects active then). ``together``: bool ``[S, h, w]``, where each acts
+    when every subject of ``acts`` does (the composite panel; ``varies``: some subject of
+    ``acts`` sits out some steps, so that moment may not occur). ``why_not[s]``: why a subject
+    that does not act here does not (``""`` for one that acts).
     """
+
+    grid: Grid
+    layers: Optional[int]
+    grid_layers: Optional[int]
+    acts: Tuple[bool, ...]
+    masks: torch.Tensor
+    together: torch.Tensor
+    varies: bool
+    why_not: Tuple[str, ...]
+
+
+def idle_reasons(layout, num_steps: Optional[int] = None) -> Tuple[str, ...]:
+    """Per subject, why it acts at no step at all (``""`` where it acts at some step): a scale
+    of 0, or a window that holds none of the ``num_steps`` steps (:mod:`anyms.timing`)."""
+    states = _step_states(layout, num_steps)
+    out = []
+    for s in range(layout.num_subjects):
+        start, end = layout.windows[s]
+        if float(layout.scales[s]) == 0:
+            out.append("its scale is 0")
+        elif not any(state[s] for state in states):
+            out.append(f"its window [{start:g}, {end:g}) holds none of the {_num_steps(layout, num_steps)} steps")
+        else:
+            out.append("")
+    return tuple(out)
+
+
+def _num_steps(layout, num_steps: Optional[int]) -> int:
+    if num_steps is not None:
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        return num_steps
+    if layout.step is not None:             # a layout a call ran: its loop's length
+        return layout.step[1]
+    raise ValueError("num_steps: this layout has windows or schedules, so where a subject acts depends on the "
+                     "number of denoising steps: give num_steps (a layout a pipeline ran knows it)")
+
+
+def _step_states(layout, num_steps: Optional[int]) -> List[Tuple[bool, ...]]:
+    """The distinct sets of subjects (one bool each) that the windows let act, over the steps."""
+    num = layout.num_subjects
+    if not layout.timed:
+        return [(True,) * num]
+    n = _num_steps(layout, num_steps)
+    states: List[Tuple[bool, ...]] = []
+    for step in range(n):
+        state = tuple(w != 0 for w in layout.step_weights(step, n))
+        if state not in states:
+            states.append(state)
+    return states
+
+
+def routing_rows(layout, grids, num_steps: Optional[int] = None) -> List[RoutingRow]:
+    """Where each subject's branch acts, per grid and per set of layers with the same subjects.
+
+    Args:
+        layout: the :class:`anyms.Layout` the generation used.
+        grids: ``(h, w)`` pairs, ``{grid: layer count}`` (what :func:`cross_attention_grids`
+            returns), or ``{grid: [layer names]}`` (:func:`cross_attention_layers`). A layout
+            whose subjects select blocks needs the names: a subject acts at a layer only where
+            its blocks select it (:meth:`anyms.Layout.block_weights`).
+        num_steps: the denoising loop's length, for a layout with windows or schedules
+            (default: the one the layout last ran, ``layout.step``).
+
+    Returns:
+        :class:`RoutingRow` s, grid by grid in the given order; a grid whose layers select
+        different subjects gets one row per distinct set, in the order its layers come.
+
+    Raises:
+        ValueError: ``grids`` empty, or layer counts for a layout with blocks; a timed layout
+            and no ``num_steps``.
+    """
+    if isinstance(grids, dict):
+        items = [(check_grid(g), v) for g, v in grids.items()]
+    else:
+        items = [(check_grid(g), None) for g in grids]
+    if not items:
+        raise ValueError("grids is empty: give at least one (h, w)")
+    num = layout.num_subjects
+    states = _step_states(layout, num_steps)
+    idle = idle_reasons(layout, num_steps)
+    scaled = tuple(bool(v) for v in (layout.scales != 0).tolist())
+    rows = []
+    for grid, layers in items:
+        if isinstance(layers, (list, tuple)):
+            groups: Dict[Tuple[bool, ...], int] = {}
+            for name in layers:
+                selected = tuple(w != 0 for w in layout.block_weights(name))
+                groups[selected] = groups.get(selected, 0) + 1
+            total = len(layers)
+        else:
+            if layout.has_blocks:
+                raise ValueError("grids: this layout's subjects select blocks, so which act depends on the layer: "
+                                 "give {grid: [layer names]} (cross_attention_layers(unet, latent_hw))")
+            total = layers
+            groups = {(True,) * num: layers}
+        for selected, count in groups.items():
+            base = tuple(a and b for a, b in zip(scaled, selected))
+            union = torch.zeros(num, *grid, dtype=torch.bool)
+            acts = [False] * num
+            for state in states:
+                active = tuple(a and t for a, t in zip(base, state))
+                if any(active):
+                    union |= subject_masks(layout, grid, active) != 0
+                acts = [a or b for a, b in zip(acts, active)]
+            acts = tuple(acts)
+            why = tuple("" if acts[s] else (idle[s] or "its blocks leave these layers out") for s in range(num))
+            together = subject_masks(layout, grid, acts) != 0 if num else torch.zeros(0, *grid, dtype=torch.bool)
+            varies = any(any(a and not t for a, t in zip(acts, state)) for state in states)
+            rows.append(RoutingRow(grid, count, total, acts, union.to(torch.float32) *
+                                   layout.scales.reshape(num, 1, 1), together, varies, why))
+    return rows
+
+
+def cross_attention_layers(unet, latent_hw: Grid) -> Dict[Grid, List[str]]:
+    """The cross-attention (``attn2``) layers of a U-Net by grid: ``{(h, w): [layer names]}``,
+    the attention modules' names (``up_blocks.0.attentions.1.transformer_blocks.0.attn2``, what
+    a subject's ``blocks`` select). The grids as :func:`cross_attention_grids` places them."""
     h, w = check_grid(latent_hw, "latent_hw")
     levels = len(unet.config.down_block_types)
-    counts: Dict[int, int] = {}
+    by_level: Dict[int, List[str]] = {}
     for name in unet.attn_processors:
         if ".attn2." not in name:
             continue
@@ -206,92 +338,117 @@ def cross_attention_grids(unet, latent_hw: Grid) -> Dict[Grid, int]:
             level = levels - 1
         else:
             raise ValueError(f"cannot place the cross-attention layer {name!r} on a U-Net level")
-        counts[level] = counts.get(level, 0) + 1
-    grids: Dict[Grid, int] = {}
-    for level in sorted(counts):
+        by_level.setdefault(level, []).append(name[:-len(".processor")] if name.endswith(".processor") else name)
+    grids: Dict[Grid, List[str]] = {}
+    for level in sorted(by_level):
         gh, gw = h, w
         for _ in range(level):
             gh, gw = -(-gh // 2), -(-gw // 2)
-        grids[(gh, gw)] = grids.get((gh, gw), 0) + counts[level]
+        grids.setdefault((gh, gw), []).extend(by_level[level])
     return grids
 
 
+def cross_attention_grids(unet, latent_hw: Grid) -> Dict[Grid, int]:
+    """The grids of a U-Net's cross-attention (``attn2``) layers: ``{(h, w): layer count}``.
+
+    Reads the processor names (``down_blocks.i...``, ``mid_block...``, ``up_blocks.j...``):
+    down block ``i`` runs at level ``i``, the mid block at the last level, up block ``j``
+    at level ``levels - 1 - j``; each level halves the latent, odd sizes rounding up
+    (a stride-2 convolution), as :func:`anyms_kernels.layer_grid` assumes. Sorted
+    from the finest grid to the coarsest.
+    """
+    return {grid: len(names) for grid, names in cross_attention_layers(unet, latent_hw).items()}
+
+
 def subject_maps(layout, grids, *, labels: Optional[Sequence[str]] = None, image: Optional[Image.Image] = None,
-                 dpi: int = 100) -> Image.Image:
+                 dpi: int = 100, num_steps: Optional[int] = None) -> Image.Image:
     """One figure of where every subject's branch acted at every grid.
 
-    Rows are grids (fine to coarse), columns the routing of the whole layout (each
-    token coloured by the subject it went to; in ``sum`` mode, how many subjects
-    added up there) followed by one panel per subject (its :func:`subject_masks`).
-    With ``image``, the output is shown faintly under each panel.
+    Rows are grids (fine to coarse; a grid whose layers select different subjects, by their
+    ``blocks``, has a row per set of layers, :func:`routing_rows`), columns the routing of the
+    whole layout (each token coloured by the subject it went to; in ``sum`` mode, how many
+    subjects added up there) followed by one panel per subject (where its branch acts at some
+    step). A subject that does not act at a row's layers (its blocks leave them out, its window
+    holds no step, its scale is 0) has an empty panel saying why. With ``image``, the output is
+    shown faintly under each panel.
 
     Args:
         layout: the :class:`anyms.Layout` the generation used (its boxes in priority order).
-        grids: ``(h, w)`` pairs, or the dict :func:`cross_attention_grids` returns
-            (its layer counts go into the row titles).
+        grids: ``(h, w)`` pairs, the dict :func:`cross_attention_grids` returns (its layer
+            counts go into the row titles), or :func:`cross_attention_layers`' (needed when
+            subjects select blocks).
         labels: one per subject, in the layout's order (default ``"subject i"``).
         image: the generated image, as a faint background.
+        num_steps: the denoising loop's length for a layout with windows (default: the one
+            the layout last ran).
 
     Returns:
         an RGB PIL image (save it as PNG).
     """
-    fig = routing_figure(layout, grids, labels=labels, image=image, dpi=dpi)
+    fig = routing_figure(layout, grids, labels=labels, image=image, dpi=dpi, num_steps=num_steps)
     return Image.frombuffer("RGBA", fig.canvas.get_width_height(), fig.canvas.buffer_rgba()).convert("RGB")
 
 
 def routing_figure(layout, grids, *, labels: Optional[Sequence[str]] = None, image: Optional[Image.Image] = None,
-                   dpi: int = 100):
+                   dpi: int = 100, num_steps: Optional[int] = None):
     """The matplotlib figure :func:`subject_maps` renders (same arguments), drawn."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
 
-    counts = dict(grids) if isinstance(grids, dict) else {check_grid(g): None for g in grids}
-    if not counts:
-        raise ValueError("grids is empty: give at least one (h, w)")
     num = layout.num_subjects
     if labels is not None and len(labels) != num:
         raise ValueError(f"labels has {len(labels)} entries for {num} subjects")
+    rows = routing_rows(layout, grids, num_steps)
     labels = list(labels) if labels is not None else [f"subject {s}" for s in range(num)]
     colors = [tuple(c / 255 for c in rgb) for rgb in subject_colors(num)]
     hh, ww = layout.latent_hw
     aspect = ww / hh
     cols = num + 1
-    fig = Figure(figsize=(2.2 * cols * max(aspect, 0.5), 2.6 * len(counts)), dpi=dpi, layout="constrained")
+    fig = Figure(figsize=(2.2 * cols * max(aspect, 0.5), 2.6 * len(rows)), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(len(counts), cols, squeeze=False)
+    axes = fig.subplots(len(rows), cols, squeeze=False)
     background = image.convert("L") if image is not None else None
-    for row, (grid, n_layers) in enumerate(counts.items()):
-        h, w = check_grid(grid)
-        masks = subject_masks(layout, (h, w))
-        acted = masks != 0
+    for r, row in enumerate(rows):
+        h, w = row.grid
+        acted = row.masks != 0
         extent = (0, w, h, 0)
-        title = f"{h}x{w}" + (f" ({n_layers} layers)" if n_layers else "")
-        ax = axes[row][0]
+        if row.layers is None:
+            title = f"{h}x{w}"
+        elif row.layers == row.grid_layers:
+            title = f"{h}x{w} ({row.layers} layer{'s' * (row.layers != 1)})"
+        else:
+            title = f"{h}x{w} ({row.layers} of {row.grid_layers} layers)"
+        when = ", when all act" if row.varies else ""
+        ax = axes[r][0]
         if background is not None:
             ax.imshow(background, cmap="gray", extent=extent, alpha=0.35)
         if layout.mode == "overwrite":
             # token -> subject index + 1, 0 where only the text branch acted
-            owner = (acted * torch.arange(1, num + 1).reshape(num, 1, 1)).amax(0) if num else torch.zeros(h, w)
+            owner = (row.together * torch.arange(1, num + 1).reshape(num, 1, 1)).amax(0) if num else torch.zeros(h, w)
             cmap = ListedColormap([(0, 0, 0, 0)] + [c + (0.85,) for c in colors])
             ax.imshow(owner.numpy(), cmap=cmap, vmin=-0.5, vmax=num + 0.5, extent=extent, interpolation="nearest")
-            ax.set_title(f"{title}\nrouting (overwrite)", fontsize=8)
+            ax.set_title(f"{title}\nrouting (overwrite{when})", fontsize=8)
         else:
-            count = acted.sum(0) if num else torch.zeros(h, w)
+            count = row.together.sum(0) if num else torch.zeros(h, w)
             im = ax.imshow(count.numpy(), cmap="magma", vmin=0, vmax=max(1, num), extent=extent,
                            interpolation="nearest", alpha=0.85)
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-            ax.set_title(f"{title}\nsubjects added (sum)", fontsize=8)
+            ax.set_title(f"{title}\nsubjects added (sum{when})", fontsize=8)
         for s in range(num):
-            ax = axes[row][s + 1]
+            ax = axes[r][s + 1]
             if background is not None:
                 ax.imshow(background, cmap="gray", extent=extent, alpha=0.35)
             cmap = ListedColormap([(0, 0, 0, 0), colors[s] + (0.85,)])
             ax.imshow(acted[s].numpy().astype("float32"), cmap=cmap, vmin=0, vmax=1, extent=extent,
                       interpolation="nearest")
-            share = float(acted[s].float().mean()) * 100
-            ax.set_title(f"{labels[s]} x{float(layout.scales[s]):g}\n{share:.0f}% of tokens", fontsize=8)
-        for ax in axes[row]:
+            if row.acts[s]:
+                share = float(acted[s].float().mean()) * 100
+                some_step = " at some step" if row.varies else ""
+                ax.set_title(f"{labels[s]} x{float(layout.scales[s]):g}\n{share:.0f}% of tokens{some_step}", fontsize=8)
+            else:
+                ax.set_title(f"{labels[s]}: acts not here\n({row.why_not[s]})", fontsize=7)
+        for ax in axes[r]:
             ax.set_xlim(0, w)
             ax.set_ylim(h, 0)
             ax.set_xticks([])

@@ -48,6 +48,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from anyms.toy import DEFAULT_GUIDANCE  # noqa: E402  (torch-free: the world's defaults and paths)
 from benchmarks._env import git_commit, machine_name  # noqa: E402
 
 METRICS = ("owner", "presence", "shape", "leakage", "similarity")
@@ -63,7 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--layouts", type=int, default=8, help="layouts per set (default 8)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds per layout (default 0 1 2)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=5.0)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                   help=f"default {DEFAULT_GUIDANCE:g}: the toy world's own (anyms.toy.DEFAULT_GUIDANCE)")
     p.add_argument("--scales", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0],
                    help="the overwrite subject-scale sweep (on the disjoint and partial sets)")
     p.add_argument("--threads", type=int, default=1)

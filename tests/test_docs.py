@@ -57,6 +57,16 @@ def test_the_readme_has_offline_blocks_for_every_quickstart_level():
         assert name in codes, name
 
 
+def test_the_readme_runs_an_example_of_every_control():
+    """Each control a subject or a run has appears in an offline block of the README (which
+    test_offline_blocks_run_as_written runs): timing, schedules, blocks (pipeline and command
+    line), negative images, --max-memory and upscaling (the function and the option)."""
+    codes = " ".join(code for _, _, code in offline_blocks("README.md"))
+    for control in ("start=", "end=", "schedule=", "blocks=", "--blocks", "negative_image=", "--max-memory",
+                    "tiled_upscale(", "--upscale", "examples/timed_layout.json", "examples/blocks_layout.json"):
+        assert control in codes, control
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("doc", [d for d in DOCS if offline_blocks(d)])
 def test_offline_blocks_run_as_written(doc, tmp_path, monkeypatch, capsys):

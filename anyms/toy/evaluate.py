@@ -26,7 +26,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from . import world
+from . import DEFAULT_GUIDANCE, world
 
 __all__ = ["LayoutSubject", "ToyLayout", "MODES", "LAYOUT_KINDS", "sample_layouts", "generate",
            "colour_map", "box_metrics", "train_shape_classifier", "ShapeClassifier"]
@@ -116,7 +116,7 @@ def _box_mask(box, size: int = world.IMAGE_SIZE) -> np.ndarray:
 
 
 def generate(pipe, layout: ToyLayout, mode: str = "overwrite", seeds: Sequence[int] = (0,), steps: int = 20,
-             guidance: float = 5.0, scale: float = 1.0) -> List[np.ndarray]:
+             guidance: float = DEFAULT_GUIDANCE, scale: float = 1.0) -> List[np.ndarray]:
     """One image per seed (uint8 arrays) of ``layout`` in ``mode`` (see :data:`MODES`).
 
     ``overwrite`` / ``sum``: the AnyMS pipeline with subjects. ``diffusers_masks``: diffusers'
@@ -306,7 +306,7 @@ def image_encoder_fn(pipe):
 
 
 def summarize_layouts(world_folder=None, layouts: int = 10, seeds=(0, 1), steps: int = 20, mode: str = "overwrite",
-                      guidance: float = 5.0, seed: int = 0, pipe=None) -> Dict[str, float]:
+                      guidance: float = DEFAULT_GUIDANCE, seed: int = 0, pipe=None) -> Dict[str, float]:
     """Mean owner / presence / shape / leakage / similarity of ``mode`` over random layouts of every kind."""
     from . import toy_pipeline
 

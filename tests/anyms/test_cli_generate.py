@@ -200,6 +200,33 @@ def test_atomic_save_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["x-1.png", "x.png"]
 
 
+def test_one_image_holds_its_folders_lock_as_jobs_do(images, tmp_path, capsys, monkeypatch):
+    """Another run writing in the folder (its lock held): ``--out`` there refuses at once, one line
+    naming the holder, exit 2, before the model loads, nothing written; once it is free the image is
+    made, a temporary file a stopped writer of these names left is removed, and the lock is let go."""
+    from anyms.lock import LOCK_NAME, FolderLock
+
+    out = tmp_path / "o"
+    out.mkdir()
+    argv = ["generate", "a", "--subject", f"{images[0]}:0,0,1,1", *TINY, "--out", str(out / "a.png")]
+    other = FolderLock(str(out), "launch 10.0.0.1:29500").acquire()
+    try:
+        monkeypatch.setattr(loading, "_load_pipeline", no_loading)
+        code, _, err = run(argv, capsys)
+        assert code == 2 and err.count("\n") == 1, err
+        assert re.search(r"--out: the output folder .* is in use by another run \(PID \d+ on .*, launch 10.0.0.1:29500, "
+                         r"in \.anyms\.lock\); one run writes in a folder at a time: wait for it, or give another "
+                         r"--out folder", err), err
+        assert sorted(os.listdir(out)) == [LOCK_NAME]
+    finally:
+        other.release()
+        monkeypatch.undo()
+    (out / ".a.png.0123abcd.tmp").write_bytes(b"half an image")      # a stopped writer's leftover
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == ["a.layout.png", "a.png", "a.routing.png"]
+
+
 # ------------------------------------------------------------------ warnings, sizes, memory
 def test_subjects_that_vanish_at_a_level_are_named(tmp_path, subject_images, capsys):
     """Eight overlapping subjects: those whose every cell at a coarse grid lies under later
@@ -234,6 +261,35 @@ def test_subjects_that_vanish_at_a_level_are_named(tmp_path, subject_images, cap
     assert {int(a) for a, b, _ in named} == {s for s, _ in expected} and all(a == b for a, b, _ in named)
     for s, (h, w) in expected:
         assert any(int(a) == s and f"{h}x{w}" in where for a, _, where in named), (s, err)
+
+
+def test_the_warnings_count_only_what_acts_blocks_and_windows(tmp_path, subject_images, capsys):
+    """Two subjects over the whole image. On top, one whose window holds no step: it is named as
+    never acting, and the one under it, which owns every token at every step, is not warned about.
+    On top, one whose blocks select the 4x4 level only (the tiny U-Net's ``down_blocks.1`` and
+    ``up_blocks.1``): the one under it vanishes at the 4x4 level and not at the 2x2 one, where the
+    top one is absent; with ``down_blocks.1`` only, the one under it keeps the 4x4 level's other
+    layers and is not warned about at all."""
+    for i, name in enumerate(("under", "top")):
+        subject_images[i].save(tmp_path / f"{name}.png")
+    under, top = f"{tmp_path / 'under.png'}:0,0,1,1", f"{tmp_path / 'top.png'}:0,0,1,1"
+    code, _, err = run(["generate", "two", "--subject", under, "--subject", top + ":end=0", *TINY,
+                        "--out", str(tmp_path / "never.png")], capsys)
+    assert code == 0, err
+    assert "warning: subject 'top' (subjects[1]) never acts: its window [0, 0) holds none of the 2 steps" in err
+    assert "gets no token" not in err
+    assert (tmp_path / "never.routing.png").is_file()
+    for blocks, expected in ((["down_blocks.1", "up_blocks.1"], [("under", "4x4 (3 layers)")]),
+                             (["down_blocks.1"], [])):
+        layout = {"prompt": "two", "subjects": [{"image": "under.png", "box": [0, 0, 1, 1]},
+                                                {"image": "top.png", "box": [0, 0, 1, 1], "blocks": blocks}]}
+        (tmp_path / "blocks.json").write_text(json.dumps(layout))
+        out = tmp_path / f"blocks-{len(blocks)}.png"
+        code, _, err = run(["generate", "--layout", str(tmp_path / "blocks.json"), *TINY, "--out", str(out)], capsys)
+        assert code == 0, err
+        named = re.findall(r"warning: subject '(\w+)' \(subjects\[\d\]\) gets no token at the ([^:]*) level", err)
+        assert named == expected, err
+        assert "never acts" not in err
 
 
 def test_absurd_sizes_and_steps_are_refused_before_loading(images, capsys, monkeypatch, tmp_path):

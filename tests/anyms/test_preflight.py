@@ -265,3 +265,18 @@ def test_the_flux_estimate_counts_a_whole_generation(subject_images):
     assert (plan.dtype, plan.offload, plan.vae_tiling) == (torch.float32, "none", False)
     plan = fit_memory(pipe, 1024, 1024, est.total - 1)
     assert plan.dtype == torch.float16 and plan.estimate.total < est.total
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd15"])
+def test_only_sdxl_counts_a_float32_decode_for_a_float16_vae(kind):
+    """diffusers' StableDiffusionXLPipeline decodes a float16 VAE whose config says force_upcast in
+    float32; StableDiffusionPipeline decodes in the VAE's dtype whatever its config says. Both
+    tiny VAEs say force_upcast, so only the SDXL estimate's float16 decode costs float32's."""
+    from anyms.pipeline import AnyMSStableDiffusionPipeline, AnyMSStableDiffusionXLPipeline
+    from anyms.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline(AnyMSStableDiffusionXLPipeline if kind == "sdxl" else AnyMSStableDiffusionPipeline, kind=kind)
+    assert pipe.vae.config.force_upcast
+    half = estimate_peak_memory(pipe, 256, 256, dtype=torch.float16)
+    full = estimate_peak_memory(pipe, 256, 256, dtype=torch.float32)
+    assert half.decode == (full.decode if kind == "sdxl" else full.decode // 2), (half, full)

@@ -93,3 +93,15 @@ def test_the_graph_sees_function_level_and_relative_imports():
 def test_no_import_cycles_in_the_package():
     found = cycles(import_graph())
     assert found == [], f"import cycles among anyms/ modules: {found}"
+
+
+def test_the_priorities_are_defined_in_one_module():
+    """``PRIORITIES`` is assigned in anyms/priority.py only; the others import that tuple."""
+    from anyms import job, pipeline, priority
+
+    defined = sorted(m for m, p in ((m, PACKAGE / f"{m.split('.')[-1]}.py") for m in import_graph() if m != "anyms")
+                     if any(isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "PRIORITIES"
+                                                                 for t in node.targets)
+                            for node in ast.walk(ast.parse(p.read_text(encoding="utf-8")))))
+    assert defined == ["anyms.priority"]
+    assert job.PRIORITIES is pipeline.PRIORITIES is priority.PRIORITIES

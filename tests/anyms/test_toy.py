@@ -273,3 +273,31 @@ def test_block_selection_on_the_toy_world(toy):
     assert layout_in > none_in + 0.03, report             # the image still acts (0.069)
     assert layout_out > all_out + 0.04, report            # placement not held (0.091)
     assert low_out < all_out + 0.04 and low_in > none_in + 0.05, report   # the 8x8 path holds both
+
+
+def test_the_toy_worlds_guidance_is_one_value_for_the_command_the_demo_and_the_benchmark(tmp_path, capsys):
+    """``anyms generate --model toy`` without --guidance runs the toy world's own default (the demo's
+    and the quality benchmark's), not diffusers' SD default of 7.5; --guidance still wins."""
+    import inspect
+    import sys
+
+    from PIL import Image
+
+    from anyms import cli
+    from anyms.toy import DEFAULT_GUIDANCE
+
+    reference("red", "circle").save(tmp_path / "red.png")
+    base = ["generate", "red circle", "--model", "toy", "--subject", f"{tmp_path / 'red.png'}:0.1,0.1,0.6,0.6",
+            "--steps", "1", "--no-pictures"]
+    for extra, expected in (([], DEFAULT_GUIDANCE), (["--guidance", "3"], 3.0)):
+        out = tmp_path / f"g{len(extra)}.png"
+        assert cli.main([*base, *extra, "--out", str(out)]) == 0, capsys.readouterr().err
+        assert json.loads(Image.open(out).text["anyms"])["guidance"] == expected
+    assert inspect.signature(ev.generate).parameters["guidance"].default == DEFAULT_GUIDANCE
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    try:
+        from benchmarks.bench_quality import parse_args
+    finally:
+        sys.path.pop(0)
+    assert parse_args([]).guidance == DEFAULT_GUIDANCE
+    assert DEFAULT_GUIDANCE != 7.5        # what diffusers' SD 1.5 pipeline would run

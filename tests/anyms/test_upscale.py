@@ -1,6 +1,7 @@
 """anyms.upscale: tiled img2img upscaling whose every tile is routed by the regions cropped to it."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -301,3 +302,62 @@ def test_the_function_is_anyms_tiled_upscale():
     import anyms.upscale
 
     assert anyms.tiled_upscale is anyms.upscale.tiled_upscale and "tiled_upscale" in anyms.__all__
+
+
+# ------------------------------------------------------------------ every field of a subject holds in the tiles
+def test_a_masked_subject_keeps_every_field_but_its_mask_at_the_output_size(subject_images):
+    from anyms.upscale import _subjects_at_scale
+
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[2:5, 1:4] = True
+    given = anyms.Subject(subject_images[0], box=(0.1, 0.2, 0.5, 0.6), scale=0.7, label="x", mask=mask, start=0.25,
+                          end=0.75, schedule="ease_in", negative_image=subject_images[1], blocks="style")
+    (out,) = _subjects_at_scale([given], (8, 8), 2)
+    for f in dataclasses.fields(anyms.Subject):          # a field added later is checked too
+        if f.name != "mask":
+            assert getattr(out, f.name) is getattr(given, f.name), f.name
+    assert torch.equal(torch.as_tensor(out.mask), torch.from_numpy(np.kron(mask, np.ones((2, 2), dtype=bool))))
+
+
+def test_one_tile_with_timing_blocks_and_a_negative_image_equals_the_untiled_pass(subject_images):
+    """A masked subject acting in the first half of the pass's steps, a boxed one on the decoder's
+    style block only, a negative image: one tile over the output is diffusers' img2img with the
+    image's layout (set step by step) and the negative image's embedding in the unconditional half."""
+    from diffusers import AutoPipelineForImage2Image
+
+    from anyms.pipeline import prepare_subjects
+
+    pipe = _pipe("sdxl")
+    image, side = _image(64), 128
+    box, masked = _subjects(subject_images, 64)
+    subjects = [dataclasses.replace(box, blocks="style", negative_image=subject_images[2]),
+                dataclasses.replace(masked, end=0.5, schedule="linear_down")]
+    common = dict(strength=0.6, num_inference_steps=4, output_type="np", guidance_scale=5.0)
+    ours = tiled_upscale(pipe, image, "a cat", subjects=subjects, scale=2, tile=side, overlap=0, seed=3,
+                         **common).images
+    upscale = pipe.anyms_last_upscale
+    (tile_layout,) = upscale.tile_layouts
+    assert tile_layout.windows == ((0.0, 1.0), (0.0, 0.5)) and tile_layout.schedules == ("constant", "linear_down")
+    assert tile_layout.blocks == upscale.layout.blocks and tile_layout.blocks[0] is not None
+    assert tile_layout.step == (1, 2)                   # the pass's 2 steps (4 at strength 0.6), each one set
+
+    plan = prepare_subjects([dataclasses.replace(subjects[0]),
+                             dataclasses.replace(subjects[1], mask=np.kron(masked.mask, np.ones((2, 2))))])
+    plan.resolve_blocks(pipe.unet)
+    layout = plan.make_layout((side // 8, side // 8))
+    embeds = [pipe.encode_image([img], "cpu", 1, False) for img in plan.images]
+    cond = torch.cat([c for c, _ in embeds])[None]
+    negative = pipe.encode_image([plan.subjects[0].negative_image], "cpu", 1, False)[0]
+    uncond = torch.cat([negative, embeds[1][1]])[None]
+    img2img = AutoPipelineForImage2Image.from_pipe(pipe)
+    layout.set_step(0, 2)
+    with anyms.anyms_attention(pipe, layout):
+        theirs = img2img("a cat", image=image.resize((side, side), Image.LANCZOS),
+                         ip_adapter_image_embeds=[torch.cat([uncond, cond])], callback_on_step_end=layout.step_callback(),
+                         generator=torch.Generator().manual_seed(3), **common).images
+    assert img2img.num_timesteps == 2
+    np.testing.assert_array_equal(ours, theirs)
+    # the negative image is refused where there is no unconditional pass, naming it
+    with pytest.raises(ValueError, match=r"subjects\[0\]\.negative_image acts only in classifier-free guidance"):
+        tiled_upscale(pipe, image, "a cat", subjects=subjects, scale=2, tile=side, overlap=0, seed=3,
+                      **{**common, "guidance_scale": 1.0})

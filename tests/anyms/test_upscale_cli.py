@@ -283,3 +283,27 @@ def test_a_record_with_a_bad_upscale_is_refused_before_loading(folder, capsys, m
     code, _, err = run(["--from", str(bad), "--device", "cpu", "--out", str(folder / "y.png")], capsys)
     assert code == 2 and err.count("\n") == 1 and re.search(r"--from '.*bad\.png': " + message, err), err
     assert not (folder / "y.png").exists()
+
+
+def test_the_upscale_pass_runs_the_blocks_option_the_generation_ran(folder, capsys, monkeypatch):
+    """``--blocks style`` holds in the tiled pass too: every tile's layout selects the style block."""
+    import anyms.upscale
+
+    seen = []
+    original = anyms.upscale.tiled_upscale
+
+    def recording(pipe, *args, **kwargs):
+        out = original(pipe, *args, **kwargs)
+        plan = pipe.anyms_last_upscale
+        seen.append((kwargs.get("anyms_blocks"), [lay.blocks for a, lay in zip(plan.active, plan.tile_layouts) if a]))
+        return out
+
+    monkeypatch.setattr(anyms.upscale, "tiled_upscale", recording)
+    subjects = [f"--subject={folder / f's{i}.png'}:{','.join(map(str, box))}" for i, box in enumerate(BOXES)]
+    code, _, err = run(["a cat and a dog", *subjects, *TINY, *OPTIONS, "--blocks", "style",
+                        "--out", str(folder / "style.png")], capsys)
+    assert code == 0, err
+    (blocks, tiles), = seen
+    assert blocks == "style"
+    style = (("up_blocks.0.attentions.1", 1.0),)          # the tiny SDXL U-Net's style block
+    assert tiles and all(all(b == style for b in layout_blocks) for layout_blocks in tiles)

@@ -122,3 +122,76 @@ def test_the_routing_title_fits_the_picture_and_keeps_every_word(num, latent_hw,
     # the picture is what subject_maps returns
     picture = subject_maps(layout, [latent_hw])
     assert picture.mode == "RGB" and picture.width > 0
+
+
+# ------------------------------------------------------------------ what acts: blocks and windows
+FULL = [0.0, 0.0, 1.0, 1.0]
+DOWN1 = "down_blocks.1.attentions.0.transformer_blocks.0.attn2"       # the tiny SDXL U-Net's 4x4 layers
+UP1 = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+MID = "mid_block.attentions.0.transformer_blocks.0.attn2"              # ... and one of its 2x2 ones
+TINY_LAYERS = {(4, 4): [DOWN1, UP1], (2, 2): [MID]}
+
+
+def _panels(fig, cols):
+    """Per row of an overwrite-mode routing figure of ``cols - 1`` subjects: (row title, composite
+    image, [subject images], [subject titles])."""
+    axes = fig.axes
+    rows = []
+    for i in range(0, len(axes), cols):
+        arrays = [np.asarray(ax.get_images()[-1].get_array()) for ax in axes[i:i + cols]]
+        rows.append((axes[i].get_title(), arrays[0], arrays[1:], [ax.get_title() for ax in axes[i + 1:i + cols]]))
+    return rows
+
+
+def test_the_picture_shows_a_subject_only_at_the_layers_its_blocks_select():
+    """The subject on top selects one block of the 4x4 level: there it owns every token at that
+    block's layer, and elsewhere (the 4x4 level's other layer, the 2x2 level) the subject under it
+    does, as the routing of those layers has it."""
+    from anyms.visualize import routing_figure, routing_rows
+
+    layout = Layout([FULL, FULL], (8, 8), blocks=[None, ["down_blocks.1"]])
+    rows = routing_rows(layout, TINY_LAYERS)
+    assert [(r.grid, r.layers, r.grid_layers, r.acts) for r in rows] == [
+        ((4, 4), 1, 2, (True, True)), ((4, 4), 1, 2, (True, False)), ((2, 2), 1, 1, (True, False))]
+    for row, owner in zip(rows, (1, 0, 0)):
+        assert row.together[owner].all() and not row.together[1 - owner].any()
+        assert row.masks[owner].all() and not row.masks[1 - owner].any()
+    assert rows[2].why_not == ("", "its blocks leave these layers out")
+    fig = routing_figure(layout, TINY_LAYERS, labels=["under", "top"])
+    panels = _panels(fig, 3)
+    assert [p[0].split("\n")[0] for p in panels] == ["4x4 (1 of 2 layers)", "4x4 (1 of 2 layers)", "2x2 (1 layer)"]
+    for (_, composite, subjects, titles), owner in zip(panels, (2, 1, 1)):    # owner: subject index + 1
+        assert (composite == owner).all()
+        assert subjects[owner - 1].all() and not subjects[2 - owner].any()
+    assert panels[2][3][1] == "top: acts not here\n(its blocks leave these layers out)"
+    # layer counts cannot say which layers a subject's blocks select: refused, not drawn as if all
+    with pytest.raises(ValueError, match=r"grids: this layout's subjects select blocks"):
+        routing_rows(layout, {(4, 4): 2, (2, 2): 1})
+
+
+def test_the_picture_shows_a_subject_whose_window_holds_no_step_as_inactive():
+    from anyms.visualize import routing_figure, routing_rows
+
+    layout = Layout([FULL, [0.0, 0.0, 0.5, 1.0]], (8, 8), windows=[(0.0, 1.0), (0.0, 0.0)])
+    layout.set_step(3, 4)                     # as a 4-step call leaves it
+    fig = routing_figure(layout, {(4, 4): 2}, labels=["under", "never"])
+    (title, composite, subjects, titles), = _panels(fig, 3)
+    assert (composite == 1).all() and subjects[0].all() and not subjects[1].any()
+    assert titles[1] == "never: acts not here\n(its window [0, 0) holds none of the 4 steps)"
+    # a subject active in half the steps: its panel is where it acts then; the one under it gets
+    # its tokens in the other half, and the composite is marked as the moment when both act
+    layout = Layout([FULL, [0.0, 0.0, 0.5, 1.0]], (8, 8), windows=[(0.0, 1.0), (0.0, 0.5)])
+    titles = [t for _, _, _, t in _panels(routing_figure(layout, [(4, 4)], labels=["under", "half"], num_steps=4), 3)]
+    assert titles == [["under x1\n100% of tokens at some step", "half x1\n50% of tokens at some step"]]
+    row, = routing_rows(layout, [(4, 4)], num_steps=4)
+    assert row.acts == (True, True) and row.varies
+    assert row.masks[0].all() and row.masks[1][:, :2].all() and not row.masks[1][:, 2:].any()
+    assert row.together[0][:, 2:].all() and not row.together[0][:, :2].any()
+    with pytest.raises(ValueError, match="num_steps: this layout has windows"):
+        routing_rows(layout, [(4, 4)])
+
+
+def test_a_subject_of_scale_zero_leaves_its_tokens_to_the_one_under_it():
+    layout = Layout([FULL, FULL], (8, 8), scales=[1.0, 0.0])
+    masks = subject_masks(layout, (4, 4))
+    assert (masks[0] == 1).all() and (masks[1] == 0).all()

@@ -334,3 +334,30 @@ def test_a_compiled_call_takes_the_prebuilt_routing_and_a_new_layout_does_not_re
     for out, routing in ((first, routings[0]), (second, routings[1]), (again, routings[0])):
         torch.testing.assert_close(out, op(q, routing), atol=0, rtol=0)
     assert not torch.equal(first, second)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_the_committed_compile_report_has_every_column_and_the_heuristics_choices():
+    """benchmarks/results/compile_report_triton<version>.csv is what benchmarks/compile_report.py
+    writes now: the columns of ResourceUsage (and heuristic_choice), one heuristic row per arch,
+    dtype and supported head dim, each with the configuration the heuristic picks today."""
+    import csv
+    from dataclasses import fields
+
+    from anyms_kernels._compile import _TL_DTYPES as names, ResourceUsage
+    from anyms_kernels._triton import TRITON_VERSION
+    from anyms_kernels.ops.region_attention import TRITON_DTYPES, TRITON_HEAD_DIMS, config_candidates
+
+    path = os.path.join(ROOT, "benchmarks", "results", f"compile_report_triton{'.'.join(map(str, TRITON_VERSION))}.csv")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header, rows = reader.fieldnames, list(reader)
+    assert header == [f.name for f in fields(ResourceUsage)] + ["heuristic_choice"]
+    chosen = {(r["arch"], r["dtype"], int(r["head_dim"])): r for r in rows if r["heuristic_choice"] == "True"}
+    expected = {(arch, names[dtype], d) for arch in ("80", "90") for dtype in TRITON_DTYPES for d in TRITON_HEAD_DIMS}
+    assert set(chosen) == expected
+    for (arch, dtype, d), row in chosen.items():
+        cfg = config_candidates(d, next(t for t, n in names.items() if n == dtype))[0]
+        assert (int(row["block_m"]), int(row["num_warps"]), int(row["num_stages"])) == \
+            (cfg.block_m, cfg.num_warps, cfg.num_stages), (arch, dtype, d)
+        assert int(row["stack_bytes"]) == int(row["spill_stores"]) == int(row["spill_loads"]) == 0
