@@ -529,7 +529,7 @@ class AnyMSPipelineMixin:
             plan = prepare_subjects(subjects, anyms_mode or "overwrite", anyms_priority or "order", anyms_blocks)
             self._anyms_check_adapter()
             plan.resolve_blocks(self.unet)
-            check_prompt_lengths(plan, prompt_tokenizers(self))
+            check_prompt_lengths(subjects, prompt_tokenizers(self))
             call_kwargs = dict(bound.arguments)
             call_kwargs.update(call_kwargs.pop("kwargs", {}))
             # the parent's rule for classifier-free guidance (its do_classifier_free_guidance)

@@ -60,16 +60,18 @@ def prompt_tokenizers(pipe) -> list:
     return [t for t in (getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_2", None)) if t is not None]
 
 
-def check_prompt_lengths(plan, tokenizers: Sequence) -> None:
-    """Each regional prompt of ``plan`` fits every tokenizer: at most its ``model_max_length``
-    tokens with the start and end tokens (77 for CLIP). diffusers cuts a longer global prompt
-    with a warning; a regional prompt cut short would miss words silently, so it is refused.
-    ValueError naming ``subjects[i].prompt``. Tokenizers only: no model work."""
-    for i, subject in zip(plan.order, plan.subjects):
-        if subject.prompt is None:
+def check_prompt_lengths(subjects: Sequence, tokenizers: Sequence) -> None:
+    """Each regional prompt of ``subjects`` (the user's list, whose indices the errors name) fits
+    every tokenizer: at most its ``model_max_length`` tokens with the start and end tokens (77 for
+    CLIP). diffusers cuts a longer global prompt with a warning; a regional prompt cut short would
+    miss words silently, so it is refused. ValueError naming ``subjects[i].prompt``. Tokenizers
+    only: no model work."""
+    for i, subject in enumerate(subjects):
+        prompt = getattr(subject, "prompt", None)
+        if not isinstance(prompt, str):
             continue
         for tokenizer in tokenizers:
-            count = len(tokenizer(subject.prompt).input_ids)
+            count = len(tokenizer(prompt).input_ids)
             limit = tokenizer.model_max_length
             if count > limit:
                 raise ValueError(f"subjects[{i}].prompt is {count} tokens long with its start and end tokens, above "

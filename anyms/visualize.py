@@ -41,7 +41,7 @@ def subject_colors(num: int) -> List[Tuple[int, int, int]]:
 
 
 def _label(subject, index: int) -> str:
-    label = getattr(subject, "label", None)
+    label = getattr(subject, "label", None) or getattr(subject, "prompt", None)     # a text-only region: its prompt
     return str(label) if label else f"subject {index}"
 
 
@@ -164,22 +164,34 @@ def subject_masks(layout, grid: Grid) -> torch.Tensor:
 
     Returns:
         float32 ``[S, h, w]``: ``lambda_s`` where subject ``s``'s image attention was
-        added, 0 elsewhere. A subject's region covers the tokens whose cells its box
-        or mask meets (:meth:`anyms.Layout.coverage`). ``overwrite``: the tokens whose
-        last covering region is ``s``'s (disjoint; tokens no region covers get no image
-        attention). ``sum``: every token of ``s``'s region, overlaps included.
+        added, 1 where only its regional prompt acted (it replaced the prompt's text), 0
+        elsewhere. A subject's region covers the tokens whose cells its box or mask meets
+        (:meth:`anyms.Layout.coverage`). ``overwrite``: the tokens whose last covering
+        region of the same kind (images among images, prompts among prompts, as the routing
+        ranks them) is ``s``'s; ``sum``: every token of ``s``'s region, overlaps included.
     """
     h, w = check_grid(grid)
     num = layout.num_subjects
     if num == 0:
         return torch.zeros(0, h, w)
-    acted = layout.coverage((h, w))
-    if layout.mode == "overwrite":
-        # The last covering subject owns the token, as the routing ranks them.
-        rank = torch.arange(1, num + 1).reshape(num, 1, 1)
-        owner = (acted * rank).amax(0) - 1
-        acted = owner[None] == torch.arange(num).reshape(num, 1, 1)
-    return acted.to(torch.float32) * layout.scales.reshape(num, 1, 1)
+    cover = layout.coverage((h, w))
+    kinds = getattr(layout, "kinds", ("image",) * num)
+
+    def acting(members):
+        acted = cover & torch.tensor(members, dtype=torch.bool).reshape(num, 1, 1)
+        if layout.mode == "overwrite":
+            # The last covering subject of the kind owns the token, as the routing ranks them.
+            rank = torch.arange(1, num + 1).reshape(num, 1, 1)
+            owner = (acted * rank).amax(0) - 1
+            acted = owner[None] == torch.arange(num).reshape(num, 1, 1)
+        return acted
+
+    image = acting([k != "prompt" for k in kinds])
+    values = image.to(torch.float32) * layout.scales.reshape(num, 1, 1)
+    if any(k != "image" for k in kinds):
+        prompt = acting([k != "image" for k in kinds])
+        values = torch.where(prompt & ~image, torch.ones(()), values)
+    return values
 
 
 def cross_attention_grids(unet, latent_hw: Grid) -> Dict[Grid, int]:
@@ -290,17 +302,25 @@ def routing_figure(layout, grids, *, labels: Optional[Sequence[str]] = None, ima
             ax.imshow(acted[s].numpy().astype("float32"), cmap=cmap, vmin=0, vmax=1, extent=extent,
                       interpolation="nearest")
             share = float(acted[s].float().mean()) * 100
-            ax.set_title(f"{labels[s]} x{float(layout.scales[s]):g}\n{share:.0f}% of tokens", fontsize=8)
+            kind = getattr(layout, "kinds", ("image",) * num)[s]
+            what = "prompt" if kind == "prompt" else f"x{float(layout.scales[s]):g}" + (" + prompt" if kind == "both"
+                                                                                          else "")
+            ax.set_title(f"{_short_label(labels[s])} {what}\n{share:.0f}% of tokens", fontsize=8)
         for ax in axes[row]:
             ax.set_xlim(0, w)
             ax.set_ylim(h, 0)
             ax.set_xticks([])
             ax.set_yticks([])
     rule = "later subjects on top" if layout.mode == "overwrite" else "overlapping subjects add up"
-    _fitted_title(fig, f"routing: where each subject's image branch acts, from the layout ({layout.mode} mode: "
-                       f"{rule}); not measured attention", fontsize=9)
+    _fitted_title(fig, f"routing: where each subject's image branch (or regional prompt, in place of the prompt's "
+                       f"text) acts, from the layout ({layout.mode} mode: {rule}); not measured attention", fontsize=9)
     fig.canvas.draw()
     return fig
+
+
+def _short_label(label: str, chars: int = 28) -> str:
+    """A label (a regional prompt may be long) cut to ``chars`` characters for a panel's title."""
+    return label if len(label) <= chars else label[:chars - 1] + "\u2026"
 
 
 def _fitted_title(fig, text: str, fontsize: float):

@@ -4,6 +4,8 @@ Tiny random pipelines (anyms.tiny) for the equivalences, single diffusers Attent
 processor, the float64 reference op for the routing, and the trained toy world for the effect."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -29,7 +31,8 @@ RIGHT = (0.4, 0.0, 1.0, 1.0)
 GRID = (13, 21)
 # The regional prompt's text branch runs the op's subject path (its own softmax and matmul order),
 # the global prompt's the text path: the same attention to rounding. Measured on the tiny SD 1.5
-# pipeline, 3 steps, fp32: below 2e-6 on the latents; the tolerance leaves room for other CPUs.
+# pipeline, 3 steps, fp32, Intel Xeon, 1 thread: at most 1.4e-5 on the latents with guidance (1.4e-6
+# without); the tolerance leaves room for other CPUs.
 PIPELINE_TOL = dict(atol=1e-4, rtol=1e-4)
 LAYER_TOL = dict(atol=2e-5, rtol=2e-5)
 
@@ -254,3 +257,111 @@ def test_flux_refuses_regional_prompts():
     pipe = tiny_flux_pipeline(AnyMSFluxPipeline)
     with pytest.raises(ValueError, match=r"subjects\[0\]\.prompt: .*FLUX"):
         pipe("a cat", subjects=[Subject(prompt="a dog", box=FULL)], num_inference_steps=1)
+
+
+# ------------------------------------------------------------------------ the command line
+TINY = ["--model", "tiny", "--height", "64", "--width", "64", "--steps", "2", "--device", "cpu"]
+
+
+def _cli(argv, capsys):
+    from anyms import cli
+
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _no_loading(*args, **kwargs):
+    raise AssertionError("a model was loaded before the input was checked")
+
+
+def test_region_record_and_from_regenerate_bit_for_bit(images, tmp_path, capsys):
+    """--region beside --subject: the PNG record holds the prompt (no image keys), and --from makes
+    the same bytes of pixels from the record alone."""
+    import json
+
+    from PIL import Image
+
+    out = tmp_path / "a.png"
+    code, _, err = _cli(["generate", "a cat and a dog", "--subject", f"{images[0]}:0,0,0.6,1",
+                         "--region", "a red dog@0.4,0,1,1:end=0.5", *TINY, "--out", str(out)], capsys)
+    assert code == 0, err
+    record = json.loads(Image.open(out).text["anyms"])
+    assert record["layout"]["subjects"][1] == {"prompt": "a red dog", "box": [0.4, 0.0, 1.0, 1.0], "scale": 1.0,
+                                               "end": 0.5}
+    again = tmp_path / "again.png"
+    code, _, err = _cli(["generate", "--from", str(out), "--device", "cpu", "--out", str(again)], capsys)
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
+    assert json.loads(Image.open(again).text["anyms"])["layout"]["subjects"][1]["prompt"] == "a red dog"
+    # the region acted: without it the image differs
+    plain = tmp_path / "plain.png"
+    assert _cli(["generate", "a cat and a dog", "--subject", f"{images[0]}:0,0,0.6,1", *TINY,
+                 "--out", str(plain)], capsys)[0] == 0
+    assert np.abs(np.asarray(Image.open(plain)).astype(int) - np.asarray(Image.open(out))).max() > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--region", "a dog"], r"--region\[0\] 'a dog': expected TEXT@x0,y0,x1,y1"),
+    (["--region", "a dog@0,0,1"], r"--region\[0\] 'a dog@0,0,1': the box must be 4 numbers"),
+    (["--region", "a dog@0,0,1,1:schedule=ease_in"], r"--region\[0\] .*has no schedule"),
+    (["--region", "a dog@0,0,1,1:start=0.7,end=0.2"], r"--region\[0\]"),
+    (["--region", "@0,0,1,1"], r"--region\[0\] '@0,0,1,1': expected"),
+    (["--region", "a dog@0,0,1,1", "--layout", "x.json"], r"--region goes with --subject or alone, not with --layout"),
+    (["--region", "a dog@0,0,1.5,1"], r"subjects\[0\]\.box"),
+    (["--region", "a dog@0,0,1,1", "--arch", "flux", "--model", "tiny"], r"subjects\[0\]\.prompt: .*FLUX"),
+    (["--region", "a dog@0,0,1,1", "--upscale", "2"], r"subjects\[0\]\.prompt: --upscale: tiled upscaling"),
+])
+def test_bad_regions_are_one_line_before_loading(argv, message, capsys, monkeypatch):
+    from anyms import cli, loading
+
+    monkeypatch.setattr(cli, "load_for_run", _no_loading)
+    monkeypatch.setattr(loading, "_load_pipeline", _no_loading)
+    code, _, err = _cli(["generate", "a cat", *argv, "--device", "cpu"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+
+
+def test_a_long_region_prompt_is_refused_after_loading_before_denoising(capsys, monkeypatch, tmp_path):
+    from anyms import job as job_module
+
+    monkeypatch.setattr(job_module, "generate_image", _no_loading)
+    long = " ".join(["dog"] * 80)
+    code, _, err = _cli(["generate", "a cat", "--region", f"a cat@0,0,1,1", "--region", f"{long}@0,0,0.5,0.5",
+                         *TINY, "--out", str(tmp_path / "x.png")], capsys)
+    assert code == 2, err
+    assert re.search(r"subjects\[1\]\.prompt is 82 tokens long", err), err
+
+
+@pytest.mark.parametrize("subject, message", [
+    ({"box": [0, 0, 1, 1]}, r"jobs\.jsonl:2: subjects\[0\]: missing \"image\" or \"prompt\""),
+    ({"prompt": "", "box": [0, 0, 1, 1]}, r"jobs\.jsonl:2: subjects\[0\]\.prompt must be a non-empty string"),
+    ({"prompt": 7, "box": [0, 0, 1, 1]}, r"jobs\.jsonl:2: subjects\[0\]\.prompt must be a non-empty string"),
+    ({"prompt": "a dog", "box": [0, 0, 1, 1], "scale": 2}, r"jobs\.jsonl:2: subjects\[0\]\.scale is the image"),
+    ({"prompt": " ".join(["dog"] * 80), "box": [0, 0, 1, 1]}, r"jobs\.jsonl:2: subjects\[0\]\.prompt is 82 tokens"),
+])
+def test_bad_prompt_lines_in_jobs_name_the_line_and_the_key(subject, message, tmp_path, capsys, monkeypatch):
+    import json
+
+    from anyms import jobs as jobs_module
+
+    monkeypatch.setattr(jobs_module, "generate_image", _no_loading)
+    lines = [{"prompt": "a cat", "subjects": [{"prompt": "a dog", "box": [0, 0, 0.5, 1]}]},
+             {"prompt": "a cat", "subjects": [subject]}]
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    code, _, err = _cli(["generate", "--jobs", str(path), *TINY, "--out-dir", str(tmp_path / "out")], capsys)
+    assert code == 2, err
+    assert re.search(r"--jobs .*" + message, err), err
+
+
+def test_a_layout_file_with_a_text_only_subject_runs(images, tmp_path, capsys):
+    import json
+
+    layout = {"prompt": "a cat", "subjects": [{"image": images[0], "box": [0, 0, 0.5, 1]},
+                                              {"prompt": "a dog", "box": [0.5, 0, 1, 1], "label": "dog"}]}
+    path = tmp_path / "layout.json"
+    path.write_text(json.dumps(layout))
+    code, stdout, err = _cli(["generate", "--layout", str(path), *TINY, "--out", str(tmp_path / "l.png")], capsys)
+    assert code == 0, err
+    assert (tmp_path / "l.routing.png").is_file() and (tmp_path / "l.layout.png").is_file()
