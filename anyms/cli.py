@@ -34,7 +34,7 @@ import math
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from . import _EXTRAS, console
 from .console import emit, one_line
@@ -191,8 +191,19 @@ def _parse_region(spec: str, full: str, index: Optional[int]):
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors on one line (``anyms generate: error: ...``), exit status 2."""
 
+    # option destinations of which one at least must be given (argparse's groups cannot say "--subject
+    # and/or --region, or one of the others"); None: no such rule
+    one_required: Optional[Tuple[str, ...]] = None
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if self.one_required and not any(getattr(namespace, dest, None) for dest in self.one_required):
+            options = " ".join(f"--{dest.replace('_image', '').replace('_', '-')}" for dest in self.one_required)
+            self.error(f"one of the arguments {options} is required")
+        return namespace, extras
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog=LAYOUT_SCHEMA + "\n" + JOBS_SCHEMA, formatter_class=argparse.RawDescriptionHelpFormatter)
     gen.add_argument("prompt", nargs="?", help="the text prompt (or \"prompt\" in --layout)")
     gen.add_argument("--negative-prompt", default=None)
-    src = gen.add_mutually_exclusive_group()      # one of them, or --region alone (cmd_generate checks)
+    src = gen.add_mutually_exclusive_group()      # one of them, or --region alone (one_required)
+    gen.one_required = ("subject", "region", "layout", "from_image", "jobs")
     src.add_argument("--subject", action="append",
                      metavar="PATH:x0,y0,x1,y1[:scale][:TIMING]|PATH:mask=MASK.png[:scale][:TIMING]",
                      help="a subject image and its region: a normalised box, or a mask image of the output's "
@@ -403,8 +415,6 @@ def _naming_the_record(args):
 def cmd_generate(args) -> int:
     sources = [option for option, given in (("--subject", args.subject), ("--layout", args.layout),
                                             ("--from", args.from_image), ("--jobs", args.jobs)) if given]
-    if not sources and not args.region:
-        raise UsageError("one of the arguments --subject --region --layout --from --jobs is required")
     if args.region and sources and sources[0] != "--subject":
         raise UsageError(f"--region goes with --subject or alone, not with {sources[0]} (in a layout file, give a "
                          f"subject a \"prompt\")")

@@ -312,8 +312,10 @@ def routing_figure(layout, grids, *, labels: Optional[Sequence[str]] = None, ima
             ax.set_xticks([])
             ax.set_yticks([])
     rule = "later subjects on top" if layout.mode == "overwrite" else "overlapping subjects add up"
-    _fitted_title(fig, f"routing: where each subject's image branch (or regional prompt, in place of the prompt's "
-                       f"text) acts, from the layout ({layout.mode} mode: {rule}); not measured attention", fontsize=9)
+    branch = "image branch (or regional prompt, in place of the prompt's text)" if getattr(layout, "has_prompts", False) \
+        else "image branch"
+    _fitted_title(fig, f"routing: where each subject's {branch} acts, from the layout ({layout.mode} mode: "
+                       f"{rule}); not measured attention", fontsize=9)
     fig.canvas.draw()
     return fig
 

@@ -365,3 +365,42 @@ def test_a_layout_file_with_a_text_only_subject_runs(images, tmp_path, capsys):
     code, stdout, err = _cli(["generate", "--layout", str(path), *TINY, "--out", str(tmp_path / "l.png")], capsys)
     assert code == 0, err
     assert (tmp_path / "l.routing.png").is_file() and (tmp_path / "l.layout.png").is_file()
+
+
+def test_tiled_upscale_refuses_regional_prompts(sd15, subject_images):
+    from anyms.upscale import tiled_upscale
+
+    image = subject_images[0].resize((64, 64))
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[:, :32] = True
+    for subject in (Subject(prompt="a dog", box=LEFT), Subject(prompt="a dog", mask=mask)):
+        with pytest.raises(ValueError, match=r"subjects\[0\]\.prompt: tiled upscaling does not take regional"):
+            tiled_upscale(sd15, image, "a cat", subjects=[subject], scale=2, num_inference_steps=4)
+
+
+def test_a_negative_image_is_read_in_the_images_order_beside_text_only_regions(sd15, subject_images):
+    """The unconditional half's negative image goes to the right image when a text-only region comes
+    first: the layout equals the one without that region when the region never acts."""
+    a, b = subject_images[:2]
+    imaged = Subject(a, RIGHT, negative_image=b)
+    never = latents(sd15, "a cat", [Subject(prompt="a dog", box=LEFT, end=0.0), imaged])
+    without = latents(sd15, "a cat", [imaged])
+    torch.testing.assert_close(never, without, **PIPELINE_TOL)
+
+
+def test_the_routing_picture_follows_the_kinds_and_labels_prompts():
+    from anyms.visualize import draw_layout, subject_maps, subject_masks
+    from PIL import Image
+
+    layout = Layout([[0.0, 0.0, 0.6, 1.0], [0.4, 0.0, 1.0, 1.0]], (8, 8), scales=[0.5, 1.0],
+                    kinds=["image", "prompt"])
+    masks = subject_masks(layout, (8, 8))
+    # the prompt routes apart from the image: the image keeps its whole box under it (overwrite)
+    assert masks[0].eq(0.5).sum() == layout.coverage((8, 8))[0].sum()
+    assert masks[1].eq(1.0).sum() == layout.coverage((8, 8))[1].sum()
+    plan = prepare_subjects([Subject(prompt="a red dog", box=(0.4, 0.0, 1.0, 1.0))])
+    assert plan.labels == ["a red dog"]
+    picture = draw_layout(Image.new("RGB", (64, 64), "grey"), plan.subjects)
+    assert picture.size == (64, 64)
+    pytest.importorskip("matplotlib")
+    assert subject_maps(layout, [(8, 8)], labels=["dog image", "a red dog"]).size[0] > 0
