@@ -225,7 +225,8 @@ def _check_scale(scale, name: str) -> float:
 class AnyMSPlan:
     """A checked set of subjects, in priority order (ascending: the last one is on top).
 
-    ``order[i]`` is the index in the user's list of the i-th subject here.
+    ``order[i]`` is the index in the user's list of the i-th subject here. ``images`` are the
+    subjects' images in that order, for the subjects that have one (the IP-Adapter's images).
     ``layout`` is set once the pipeline knows the latent size (``None`` before).
     """
 
@@ -506,7 +507,8 @@ class AnyMSPipelineMixin:
             :func:`prepare_subjects`), and also when no single IP-Adapter with its image
             encoder is loaded, ``ip_adapter_image``/``ip_adapter_image_embeds`` is
             given with ``subjects``, or a mask's size is not the image's (naming
-            ``subjects[i].mask``), or a subject has a negative image and the call runs no
+            ``subjects[i].mask``), a regional prompt is empty, not a string or longer than the
+            tokenizer's limit (naming ``subjects[i].prompt``), or a subject has a negative image and the call runs no
             classifier-free guidance (``guidance_scale <= 1``, naming
             ``subjects[i].negative_image``). The parent's own checks (height and width divisible
             by 8, ...) run next, still before any model work.

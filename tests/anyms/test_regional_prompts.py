@@ -143,7 +143,9 @@ def test_outside_every_text_region_a_layer_is_its_output_without_prompts():
     ref = _run(attn, proc, Layout([boxes[0], boxes[2]], (26, 42)), x, text, images)
     text_cover = rasterize_boxes(torch.tensor([boxes[1], boxes[2]], dtype=torch.float64), GRID)
     inside = torch.stack([box_cover(b, GRID) for b in text_cover.tolist()]).any(0)
-    torch.testing.assert_close(out[:, ~inside], ref[:, ~inside], atol=0, rtol=0)
+    # the same text branch and image branches; the images' 4 keys are read out of keys padded to 77
+    # (another stride): equal bit for bit on the machine measured, 1e-6 for other CPUs' kernels
+    torch.testing.assert_close(out[:, ~inside], ref[:, ~inside], atol=1e-6, rtol=1e-6)
     assert (out[:, inside] - ref[:, inside]).abs().amax(-1).min() > 1e-4      # every token inside changes
     assert without.num_branches == 3 and layout.num_branches == 4
 
