@@ -41,8 +41,8 @@ from .console import emit, one_line
 from .demo import cmd_demo
 from .errors import GenerationError, LoadError, UsageError
 from .job import (
-    DEFAULT_STEPS, JOBS_SCHEMA, LAYOUT_SCHEMA, MODES, PRIORITIES, Job, check_blocks_on_model, check_job, check_prompts_on_model,
-    check_outputs, generate_image, parse_blocks,
+    DEFAULT_STEPS, JOBS_SCHEMA, LAYOUT_SCHEMA, MODES, PRIORITIES, Job, check_blocks_on_model, check_job,
+    check_outputs, check_prompts_on_model, generate_image, parse_blocks,
     layout_from_dict, memory_report, merge_upscale, output_paths, read_layout_file, save_job, upscale_from_args,
     upscale_from_dict, upscale_geometry_before_loading, warn_unreached,
 )
