@@ -6,7 +6,9 @@ diffusers IP-Adapter processor, keeps its ``to_k_ip`` / ``to_v_ip`` and scale, a
 :class:`~anyms.Layout`. This module owns what both do with it, so neither imports the other:
 
 - :class:`AnyMSBranches`, the base they share: the layout they carry, the subject scales
-  ``lambda_s``, the checks of the subject images against the layout, and the one call of
+  ``lambda_s``, the checks of the subject images against the layout, the image branches and
+  the regional prompts' text branches joined into one set of keys and values
+  (:meth:`AnyMSBranches._branches`), and the one call of
   ``anyms_kernels.region_cross_attention`` per layer, with the layout's routing;
 - installing them: :func:`apply_anyms`, :func:`set_anyms_layout`, :func:`remove_anyms`,
   :func:`anyms_attention`. Each AnyMS processor class names the diffusers class it
@@ -88,11 +90,47 @@ class AnyMSBranches:
 
     @staticmethod
     def _check_subject_count(num_images: int, layout: Layout) -> None:
-        if num_images != layout.num_subjects:
+        if num_images != layout.num_image_subjects:
+            what = "regions (boxes or masks)" if not layout.has_prompts else "subjects with an image"
             raise ValueError(
                 f"the IP-Adapter image embeddings hold S={num_images} images per prompt but the layout has "
-                f"{layout.num_subjects} regions (boxes or masks): give exactly one subject image per region"
+                f"{layout.num_image_subjects} {what}: give exactly one subject image per such region"
             )
+
+    @staticmethod
+    def _branches(layout: Layout, k_image, v_image, to_k, to_v, heads: int, batch: int, dtype, states=None):
+        """``(k_subj, v_subj, tokens)``: the keys and values ``[B, H, branches, T, D]`` the op takes,
+        the image branches' (``k_image`` ``[B, H, S, T_i, D]``, or None for a layout without images)
+        then the regional prompts' (the layout's prompt states through this layer's ``to_k`` /
+        ``to_v``), zero-padded to the longer of the two token counts, and ``tokens``
+        ``(T_i, T_p)`` for :meth:`Layout.routing` (None without regional prompts: the image
+        branches' tensors are returned as they are). ``states``: the layout's prompt states as this
+        layer sees them (None: ``layout.prompt_states``)."""
+        if not layout.has_prompts:
+            return k_image, v_image, None
+        states = layout.prompt_states if states is None else states
+        if states is None:
+            raise ValueError("the layout has regional prompts but no prompt states: call "
+                             "layout.set_prompt_states([B, P, L, C]) before the forward (the pipelines do)")
+        if states.shape[0] != batch:
+            raise ValueError(
+                f"the regional prompt states have batch {states.shape[0]} but the hidden states have {batch}; "
+                "with classifier-free guidance both must hold the unconditional and conditional halves")
+        num_prompts, prompt_tokens = states.shape[1], states.shape[2]
+        k_prompt = to_k(states).unflatten(-1, (heads, -1)).permute(0, 3, 1, 2, 4).to(dtype)
+        v_prompt = to_v(states).unflatten(-1, (heads, -1)).permute(0, 3, 1, 2, 4).to(dtype)
+        if k_image is None or k_image.shape[2] == 0:
+            return k_prompt, v_prompt, (prompt_tokens, prompt_tokens)
+        image_tokens = k_image.shape[3]
+        longest = max(image_tokens, prompt_tokens)
+        shape = (batch, heads, k_image.shape[2] + num_prompts, longest, k_image.shape[-1])
+        k_subj = k_image.new_zeros(shape)
+        v_subj = v_image.new_zeros(shape)
+        k_subj[:, :, :k_image.shape[2], :image_tokens] = k_image
+        v_subj[:, :, :k_image.shape[2], :image_tokens] = v_image
+        k_subj[:, :, k_image.shape[2]:, :prompt_tokens] = k_prompt
+        v_subj[:, :, k_image.shape[2]:, :prompt_tokens] = v_prompt
+        return k_subj, v_subj, (image_tokens, prompt_tokens)
 
     def _attend(self, layout: Layout, grid, routing, q, k_text, v_text, k_subj, v_subj,
                 text_mask=None) -> torch.Tensor:
@@ -106,19 +144,23 @@ class AnyMSBranches:
         )
 
     def _subject_scale(self, layout: Layout, device) -> torch.Tensor:
-        """lambda_s = (layout.scales[s] at this step and layer) * self.scale[0], cached (eagerly) while
-        neither changes."""
+        """lambda_s = (layout.scales[s] at this step and layer) * self.scale[0] for an image branch,
+        the layout's (1 or 0) for a regional prompt's (the adapter's scale is the images'); cached
+        (eagerly) while neither changes."""
         ip_scale = self.scale[0]
         if isinstance(ip_scale, (list, tuple)):
-            if len(ip_scale) != layout.num_subjects:
+            if len(ip_scale) != layout.num_image_subjects:
                 raise ValueError(
                     f"the IP-Adapter scale has {len(ip_scale)} per-image values but the layout has "
-                    f"{layout.num_subjects} subjects (set_ip_adapter_scale)"
+                    f"{layout.num_image_subjects} subjects with an image (set_ip_adapter_scale)"
                 )
             key = tuple(float(s) for s in ip_scale)
         else:
             key = float(ip_scale)
         factor = torch.tensor(key, dtype=torch.float32)
+        if layout.has_prompts:
+            factor = torch.cat([factor.expand(layout.num_image_subjects),
+                                torch.ones(len(layout.prompt_subjects), dtype=torch.float32)])
         if torch.compiler.is_compiling():
             # traced, the product is part of the graph and reads the layout's scale tensor, whose
             # values set_step rewrites in place: no cache (reading or writing one would guard on

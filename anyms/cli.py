@@ -34,7 +34,7 @@ import math
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from . import _EXTRAS, console
 from .console import emit, one_line
@@ -42,8 +42,7 @@ from .demo import cmd_demo
 from .errors import GenerationError, LoadError, UsageError
 from .job import (
     DEFAULT_STEPS, JOBS_SCHEMA, LAYOUT_SCHEMA, MODES, PRIORITIES, Job, apply_run_defaults, check_blocks_on_model,
-    check_job,
-    check_outputs, generate_image, parse_blocks,
+    check_job, check_outputs, check_prompts_on_model, generate_image, parse_blocks,
     layout_from_dict, memory_report, merge_upscale, output_paths, read_layout_file, save_job, upscale_from_args,
     upscale_from_dict, upscale_geometry_before_loading, warn_unreached,
 )
@@ -55,11 +54,12 @@ from .budget import plan_memory, size_argument
 from .preflight import MAX_SIDE, MAX_STEPS
 from .toy import DEFAULT_GUIDANCE as TOY_GUIDANCE
 
-__all__ = ["main", "parse_subject", "build_parser"]
+__all__ = ["main", "parse_subject", "parse_region", "build_parser"]
 SUBJECT_FORMS = "PATH:x0,y0,x1,y1[:scale] or PATH:mask=MASK.png[:scale], each with an optional last field " \
                 "start=S,end=E,schedule=NAME"
 # the last field: the subject's window and schedule, the layout file's keys (any of them)
 TIMING_KEYS = ("start", "end", "schedule")
+REGION_FORMS = "TEXT@x0,y0,x1,y1 or TEXT@mask=MASK.png, each with an optional last field start=S,end=E"
 
 
 # --------------------------------------------------------------------- parsing
@@ -81,7 +81,7 @@ def _number(text: str, what: str) -> float:
     return value
 
 
-def _split_timing(spec: str, index: Optional[int]):
+def _split_timing(spec: str, index: Optional[int], option: str = "--subject"):
     """``(spec without its timing field, {"start", "end", "schedule"})``: the last ``:``-field is the
     timing when it reads ``word=...`` (``start=0.2,end=0.8,schedule=ease_in``, any of the three,
     in any order); errors name ``--subject[i].KEY``."""
@@ -93,7 +93,7 @@ def _split_timing(spec: str, index: Optional[int]):
     first = tail.split(",")[0].partition("=")
     if not sep or not first[1] or first[0] == "mask" or not re.fullmatch(r"[A-Za-z_]+", first[0]):
         return spec, {}
-    name = "--subject" if index is None else f"--subject[{index}]"
+    name = option if index is None else f"{option}[{index}]"
     values = {}
     for item in tail.split(","):
         key, eq, value = item.partition("=")
@@ -126,6 +126,35 @@ def parse_subject(spec: str, index: Optional[int] = None):
 
     region, timing = _split_timing(spec, index)
     return dataclasses.replace(_parse_region(region, spec, index), **timing)
+
+
+def parse_region(spec: str, index: Optional[int] = None):
+    """``TEXT@x0,y0,x1,y1[:TIMING]`` or ``TEXT@mask=MASK[:TIMING]`` -> a text-only
+    :class:`anyms.Subject` (a regional prompt; the mask not read yet). ``TIMING`` is
+    ``start=S,end=E`` (a regional prompt has no scale nor schedule). ``index``: the region's
+    place among the ``--region`` options, for the errors; the subjects' checks name it by its
+    place among the subjects, after every ``--subject`` (``subjects[2].prompt``). The region is
+    split at the last ``@``, so the text may hold any character, ``@`` too."""
+    from .pipeline import Subject
+
+    name = "--region" if index is None else f"--region[{index}]"
+    text, at, where = spec.rpartition("@")
+    if not at or not text or not where:
+        raise UsageError(f"{name} {spec!r}: expected {REGION_FORMS}")
+    where, timing = _split_timing(where, index, "--region")
+    if timing.get("schedule", "constant") != "constant":
+        raise UsageError(f"{name} {spec!r}: a regional prompt has no schedule (it replaces the text at weight 1); "
+                         f"the timing field is start=S,end=E")
+    if where.startswith("mask="):
+        mask = where[len("mask="):]
+        if not mask:
+            raise UsageError(f"{name} {spec!r}: expected {REGION_FORMS}")
+        return Subject(None, None, mask=mask, prompt=text, **timing)
+    fields = where.split(",")
+    if len(fields) != 4:
+        raise UsageError(f"{name} {spec!r}: the box must be 4 numbers x0,y0,x1,y1, got {where!r}")
+    box = tuple(_number(f, f"{name} {spec!r}: box") for f in fields)
+    return Subject(None, box, prompt=text, **timing)
 
 
 def _parse_region(spec: str, full: str, index: Optional[int]):
@@ -163,8 +192,19 @@ def _parse_region(spec: str, full: str, index: Optional[int]):
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors on one line (``anyms generate: error: ...``), exit status 2."""
 
+    # option destinations of which one at least must be given (argparse's groups cannot say "--subject
+    # and/or --region, or one of the others"); None: no such rule
+    one_required: Optional[Tuple[str, ...]] = None
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if self.one_required and not any(getattr(namespace, dest, None) for dest in self.one_required):
+            options = " ".join(f"--{dest.replace('_image', '').replace('_', '-')}" for dest in self.one_required)
+            self.error(f"one of the arguments {options} is required")
+        return namespace, extras
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
                          epilog=LAYOUT_SCHEMA + "\n" + JOBS_SCHEMA, formatter_class=argparse.RawDescriptionHelpFormatter)
     gen.add_argument("prompt", nargs="?", help="the text prompt (or \"prompt\" in --layout)")
     gen.add_argument("--negative-prompt", default=None)
-    src = gen.add_mutually_exclusive_group(required=True)
+    src = gen.add_mutually_exclusive_group()      # one of them, or --region alone (one_required)
+    gen.one_required = ("subject", "region", "layout", "from_image", "jobs")
     src.add_argument("--subject", action="append",
                      metavar="PATH:x0,y0,x1,y1[:scale][:TIMING]|PATH:mask=MASK.png[:scale][:TIMING]",
                      help="a subject image and its region: a normalised box, or a mask image of the output's "
@@ -194,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "TIMING, optional: start=S,end=E,schedule=NAME (any of them; the layout file's "
                           "\"start\", \"end\", \"schedule\"), e.g. dog.png:0,0,0.5,1:0.8:end=0.6,schedule=ease_out. "
                           "Repeat; later ones on top")
+    gen.add_argument("--region", action="append", metavar="TEXT@x0,y0,x1,y1[:TIMING]|TEXT@mask=MASK.png[:TIMING]",
+                     help="a regional prompt (SD 1.5, SDXL): inside the box or mask its TEXT replaces the prompt's "
+                          "text; TIMING, optional: start=S,end=E. Alone or beside --subject (a subject with an image "
+                          "and a prompt: \"prompt\" in --layout). Repeat; later ones on top of earlier ones")
     src.add_argument("--layout", metavar="FILE.json", help="a layout file (schema below)")
     src.add_argument("--from", dest="from_image", metavar="IMAGE.png",
                      help="make again the image a PNG from anyms generate records (its prompt, layout, seed, steps, "
@@ -311,8 +356,9 @@ def _job_from_args(args) -> Job:
         layout = read_layout_file(args.layout)
         upscale = layout.get("upscale")
     else:
-        layout = {"prompt": None, "mode": None, "priority": None,
-                  "subjects": [parse_subject(spec, i) for i, spec in enumerate(args.subject)]}
+        subjects = [parse_subject(spec, i) for i, spec in enumerate(args.subject or ())]
+        subjects += [parse_region(spec, j) for j, spec in enumerate(args.region or ())]
+        layout = {"prompt": None, "mode": None, "priority": None, "subjects": subjects}
     upscale = merge_upscale(upscale, upscale_from_args(args))          # the options win
     return Job(prompt=args.prompt if args.prompt is not None else layout["prompt"],
                subjects=layout["subjects"], mode=args.mode or layout["mode"] or "overwrite",
@@ -369,6 +415,11 @@ def _naming_the_record(args):
 
 
 def cmd_generate(args) -> int:
+    sources = [option for option, given in (("--subject", args.subject), ("--layout", args.layout),
+                                            ("--from", args.from_image), ("--jobs", args.jobs)) if given]
+    if args.region and sources and sources[0] != "--subject":
+        raise UsageError(f"--region goes with --subject or alone, not with {sources[0]} (in a layout file, give a "
+                         f"subject a \"prompt\")")
     if args.jobs:
         from .jobs import run_jobs
 
@@ -420,6 +471,7 @@ def _generate_one(args, job, run, paths) -> int:
         pipe = load_for_run(args, run)
         with _naming_the_record(args):
             check_blocks_on_model(pipe, job)
+            check_prompts_on_model(pipe, job)
         height, width = job.height or default_size(pipe)[0], job.width or default_size(pipe)[1]
         memory_report(pipe, run, height, width, cfg=job.guidance is None or job.guidance > 1)
         warn_unreached(pipe, job)

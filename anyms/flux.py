@@ -82,6 +82,12 @@ def flux_layout(boxes=None, height: int = 1024, width: int = 1024, scales=1.0, m
 
 
 # ---------------------------------------------------------------------- processor
+# FLUX's text acts in its joint attention, which the AnyMS processor leaves as it is (it adds the routed
+# IP-Adapter term): a regional prompt would need the joint attention's text tokens split by region.
+FLUX_NO_PROMPTS = ("regional prompts act on SD 1.5 and SDXL's cross-attention; FLUX's text is in its joint "
+                   "attention, which AnyMS does not route: leave prompt out on FLUX")
+
+
 class AnyMSFluxAttnProcessor(AnyMSBranches, FluxIPAdapterAttnProcessor, replaces=FluxIPAdapterAttnProcessor):
     r"""FLUX IP-Adapter processor whose image branch is confined to each subject's region.
 
@@ -240,6 +246,8 @@ class AnyMSFluxAttnProcessor(AnyMSBranches, FluxIPAdapterAttnProcessor, replaces
 
     def _ip_term(self, attn, ip_query, images, layout: Layout) -> torch.Tensor:
         """``[B, N, H * D]``: each image token's own subjects, in one fused call without a text branch."""
+        if layout.has_prompts:
+            raise ValueError(f"this layout has regional prompts: {FLUX_NO_PROMPTS}")
         batch_size, num_tokens, heads, head_dim = ip_query.shape
         num_subjects, tokens_per_image = images.shape[1], images.shape[2]
         k_subj = self.to_k_ip[0](images).view(batch_size, num_subjects, tokens_per_image, heads, head_dim)
@@ -356,6 +364,7 @@ class AnyMSFluxPipeline(FluxPipeline):
             raise ValueError("negative_ip_adapter_image_embeds cannot be given with subjects: give "
                              "negative_ip_adapter_image (one image, or one per subject) instead")
         plan = prepare_subjects(subjects, anyms_mode or "overwrite", anyms_priority or "order", anyms_blocks)
+        plan.refuse_prompts(FLUX_NO_PROMPTS)
         negatives = _negative_images(arguments.get("negative_ip_adapter_image"), plan)
         own = plan.negative_image_names()
         if own and negatives is not None:

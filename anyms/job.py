@@ -16,8 +16,8 @@ from .blocks import check_blocks
 from .timing import check_schedule, check_window
 
 __all__ = ["Job", "check_job", "read_layout_file", "layout_from_dict", "output_paths", "check_outputs",
-           "apply_run_defaults", "generate_image", "image_record", "save_job", "write_pictures", "warn_unreached", "memory_report",
-           "check_blocks_on_model", "parse_blocks",
+           "apply_run_defaults", "generate_image", "image_record", "save_job", "write_pictures", "warn_unreached",
+           "memory_report", "check_blocks_on_model", "check_prompts_on_model", "parse_blocks",
            "upscale_from_dict", "upscale_from_args", "merge_upscale", "check_upscale", "upscale_geometry_before_loading",
            "upscale_image",
            "LAYOUT_SCHEMA", "JOBS_SCHEMA"]
@@ -37,10 +37,11 @@ layout file (--layout FILE.json); image paths are relative to the file:
     "subjects": [                             required, at least one
       {"image": "dog.png", "box": [0.05, 0.3, 0.5, 0.95], "scale": 1.0, "label": "dog"},
       {"image": "cat.png", "mask": "cat_mask.png",
-       "start": 0.0, "end": 0.6, "schedule": "linear_down", "negative_image": "blur.png", "blocks": "style"}
+       "start": 0.0, "end": 0.6, "schedule": "linear_down", "negative_image": "blur.png", "blocks": "style"},
+      {"prompt": "a red woollen blanket", "box": [0.0, 0.7, 1.0, 1.0], "end": 0.8}
     ]
   }
-Each subject needs "box" or "mask" (or both: the mask is the region, the box only
+Each subject needs "image" or "prompt" (or both), and "box" or "mask" (or both: the mask is the region, the box only
 places the label in the layout picture). "box" is [x0, y0, x1, y1] normalised to
 the image (x right, y down, x1 > x0, y1 > y0). "mask" is an image file (PNG: any
 nonzero pixel is inside) of the generated image's size; without --height/--width
@@ -60,7 +61,14 @@ above 1, SD and SDXL only: FLUX runs here without CFG) and is refused otherwise.
 "blocks" (a subject's, else the top level's; default "all") picks the model blocks
 its image acts on: a preset ("all", "style", "layout", "style_and_layout"; FLUX:
 "all" only), a list of block names ["up_blocks.0.attentions.1"] or an object
-{"block name": weight}; elsewhere the subject is absent. "upscale" (optional) makes the
+{"block name": weight}; elsewhere the subject is absent. "prompt" (SD 1.5 and SDXL) is a
+regional prompt: inside the region its text replaces the prompt's text in every
+cross-attention layer (overwrite: the last region with a prompt; sum: each adds), within
+"start".."end", at weight 1; "scale", "schedule", "blocks" and "negative_image" are the
+image's (a subject with a prompt and no image leaves them out). At most 77 CLIP tokens,
+counted with the model's tokenizer once it is loaded, before any denoising. Guidance's
+unconditional pass sees the negative prompt there; on SDXL the pooled text embedding stays
+the prompt's. Not with "upscale". "upscale" (optional) makes the
 image at its size, then upscales it ("scale" 2 or 4 times, required) with an img2img
 pass over overlapping tiles in which every subject acts in its region only: "tile" and
 "overlap" are pixels of the output (defaults: the model's native side and a quarter of
@@ -69,7 +77,8 @@ again (default 0.3); null: no upscale. No other keys are allowed.
 """
 
 LAYOUT_KEYS = {"prompt", "mode", "priority", "subjects", "blocks", "upscale"}
-SUBJECT_KEYS = {"image", "box", "mask", "scale", "label", "start", "end", "schedule", "negative_image", "blocks"}
+SUBJECT_KEYS = {"image", "box", "mask", "scale", "label", "start", "end", "schedule", "negative_image", "blocks",
+                "prompt"}
 
 JOBS_SCHEMA = """\
 jobs file (--jobs FILE.jsonl): one JSON object a line (blank lines are skipped), each a
@@ -169,16 +178,19 @@ def layout_from_dict(data, what: str, folder: str, extra_keys=(), extra_subject_
     for i, item in enumerate(items):
         where = f"{what}: subjects[{i}]"
         if not isinstance(item, dict):
-            raise UsageError(f"{where} must be an object with \"image\" and \"box\" or \"mask\"")
+            raise UsageError(f"{where} must be an object with \"image\" or \"prompt\", and \"box\" or \"mask\"")
         unknown = sorted(set(item) - subject_keys)
         if unknown:
             raise UsageError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(SUBJECT_KEYS)}")
-        if "image" not in item:
-            raise UsageError(f"{where}: missing \"image\"")
+        if "image" not in item and "prompt" not in item:
+            raise UsageError(f"{where}: missing \"image\" or \"prompt\" (give one, or both)")
         if "box" not in item and "mask" not in item:
             raise UsageError(f"{where}: missing \"box\" or \"mask\" (give one, or both)")
-        if not isinstance(item["image"], str):
+        if "image" in item and not isinstance(item["image"], str):
             raise UsageError(f"{where}.image must be a path string")
+        prompt = item.get("prompt")
+        if "prompt" in item and (not isinstance(prompt, str) or not prompt.strip()):
+            raise UsageError(f"{where}.prompt must be a non-empty string (a regional prompt), got {prompt!r}")
         box = item.get("box")
         if box is not None and (not isinstance(box, list) or len(box) != 4 or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
@@ -201,10 +213,12 @@ def layout_from_dict(data, what: str, folder: str, extra_keys=(), extra_subject_
             check_blocks(item.get("blocks"), f"subjects[{i}].blocks")
         except ValueError as e:
             raise UsageError(f"{what}: {e}") from None
-        subjects.append(Subject(os.path.join(folder, item["image"]), None if box is None else tuple(box),
+        image = os.path.join(folder, item["image"]) if "image" in item else None
+        subjects.append(Subject(image, None if box is None else tuple(box),
                                 float(scale), label, mask=None if mask is None else os.path.join(folder, mask),
                                 start=start, end=end, schedule=schedule, blocks=item.get("blocks"),
-                                negative_image=None if negative is None else os.path.join(folder, negative)))
+                                negative_image=None if negative is None else os.path.join(folder, negative),
+                                prompt=prompt))
     out = {"prompt": data.get("prompt"), "mode": data.get("mode"), "priority": data.get("priority"),
            "subjects": subjects, "blocks": data.get("blocks")}
     if "upscale" in data:
@@ -406,7 +420,13 @@ def check_job(job: Job, arch: str = "sdxl", upscale_geometry=None) -> Job:
         job.height, job.width = job.plan.image_size(job.height, job.width, 16 if flux else 8)
         # None: the pipeline's default guidance, above 1 for SD and SDXL
         if flux:
+            from .flux import FLUX_NO_PROMPTS
+
+            job.plan.refuse_prompts(FLUX_NO_PROMPTS)
             job.plan.require_guidance(False, "FLUX runs here without classifier-free guidance")
+        if job.upscale is not None:
+            job.plan.refuse_prompts(f"{(job.upscale_names or UPSCALE_OPTIONS)['scale']}: tiled upscaling does not "
+                                    f"take regional prompts; leave out the upscale or the prompt")
         elif job.guidance is not None:
             job.plan.require_guidance(job.guidance > 1, f"guidance {job.guidance:g} <= 1")
         job.hashes = subject_hashes(job.subjects)     # the record's, whatever happens to the files later
@@ -506,6 +526,18 @@ def check_blocks_on_model(pipe, job: Job) -> None:
                 resolve_blocks(subject.blocks, layers, f"subjects[{i}].blocks")
             except ValueError as e:
                 raise job.error(str(e)) from None
+
+
+def check_prompts_on_model(pipe, job: Job) -> None:
+    """Each regional prompt of ``job`` against the loaded pipeline's tokenizers (at most 77 CLIP
+    tokens): a UsageError naming ``subjects[i].prompt``, after loading and before any denoising
+    (the tokenizer loads with the model). Tokenizers only: no model work."""
+    from .regional_prompts import check_prompt_lengths, prompt_tokenizers
+
+    try:
+        check_prompt_lengths(job.subjects, prompt_tokenizers(pipe))
+    except ValueError as e:
+        raise job.error(str(e)) from None
 
 
 def warn_unreached(pipe, job: Job, warn=None) -> List[str]:

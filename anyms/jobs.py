@@ -43,8 +43,9 @@ from . import console
 from .console import emit, one_line
 from .errors import GenerationError, UsageError
 from .job import (
-    DEFAULT_STEPS, JOB_KEYS, Job, apply_run_defaults, check_blocks_on_model, check_job, check_outputs, generate_image, image_record,
-    layout_from_dict, memory_report, merge_upscale, parse_blocks, save_job, upscale_from_args,
+    DEFAULT_STEPS, JOB_KEYS, Job, apply_run_defaults, check_blocks_on_model, check_job, check_outputs,
+    check_prompts_on_model, generate_image, image_record, layout_from_dict, memory_report, merge_upscale, parse_blocks,
+    save_job, upscale_from_args,
     upscale_geometry_before_loading, warn_unreached,
 )
 from .budget import plan_memory
@@ -402,8 +403,9 @@ def _run_holding_the_lock(args, procs: Processes, jobs: List[Job], out_dir: str,
     # 3. The model, once per process; then every process starts together (all have sorted the jobs).
     with threads_for(run):
         pipe = load_for_run(args, run, log=log)
-        for job in jobs:                        # block names against the model, before any image is made
+        for job in jobs:                        # block names and prompt lengths against the model, before any image
             check_blocks_on_model(pipe, job)
+            check_prompts_on_model(pipe, job)
         # the jobs that looked done, checked again against the model's defaults
         late = [(job, why) for job in done for why in [_unlike(job, run, pipe)] if why]
         if late and not run.overwrite:

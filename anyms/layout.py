@@ -26,6 +26,14 @@ subject scales live in one tensor per device whose values :meth:`Layout.set_step
 rewrites in place (a compiled U-Net reads the same tensor at every step: no recompile
 when only the scales change; a new set of active subjects is a new routing).
 
+Kinds. A subject carries an image (its IP-Adapter image branch, the default), a regional
+prompt (a text branch that replaces the global prompt's text branch in its region) or both
+(``kinds``). The op's branches are the image branches, in priority order, then the prompt
+branches, in priority order: the two kinds route apart (:func:`anyms_kernels.region_cross_attention`),
+so their relative order changes nothing. A prompt branch acts at weight 1 (it replaces the
+text) at every layer, within its subject's window; its subject's scale, schedule and blocks
+are the image branch's. The prompts' text states are the call's: :meth:`set_prompt_states`.
+
 Blocks. Each subject may act only at some attention layers of the model, with a weight
 per block (:mod:`anyms.blocks`). The layers that share one vector of subject weights
 form a *group*; group 0 is every subject at weight 1 (the layers of a layout without
@@ -48,9 +56,12 @@ from anyms_kernels.regions import (
 from anyms_kernels.routing import Routing, build_routing
 
 from .blocks import BlockWeights, check_blocks, layer_weight
-from .timing import check_schedule, check_window, step_weight
+from .timing import check_schedule, check_window, step_acts, step_weight
 
-__all__ = ["Layout", "load_mask"]
+__all__ = ["Layout", "load_mask", "KINDS"]
+
+# what a subject carries: its image (an IP-Adapter branch), a regional prompt (a text branch), or both
+KINDS = ("image", "prompt", "both")
 
 
 def load_mask(mask, name: str = "mask") -> torch.Tensor:
@@ -124,6 +135,11 @@ class Layout:
             into names with :func:`anyms.blocks.resolve_blocks`). A layer's name is the
             attention module's (``up_blocks.0.attentions.1.transformer_blocks.0.attn2``);
             the processors :func:`anyms.apply_anyms` installs know theirs.
+        kinds: None (every subject carries an image), or S entries of :data:`KINDS`:
+            ``"image"``, ``"prompt"`` (a regional prompt: a text branch that replaces the
+            global prompt's text branch in the region, at weight 1, within the subject's window;
+            ``scales``, ``schedules`` and ``blocks`` are the image branch's and do not touch it)
+            or ``"both"``. The prompts' text states: :meth:`set_prompt_states`.
 
     A layout with windows or schedules other than the defaults is *timed*: whoever runs
     the steps calls :meth:`set_step` before each one (the pipelines do; with your own
@@ -141,7 +157,8 @@ class Layout:
     """
 
     def __init__(self, boxes=None, latent_hw: Optional[Grid] = None, scales=1.0, mode: str = "overwrite",
-                 masks=None, patch: Optional[int] = None, windows=None, schedules=None, blocks=None):
+                 masks=None, patch: Optional[int] = None, windows=None, schedules=None, blocks=None,
+                 kinds=None):
         self.latent_hw = check_grid(latent_hw, "latent_hw")
         self.mode = check_mode(mode)
         self.patch = _check_patch(patch, self.latent_hw)
@@ -176,13 +193,24 @@ class Layout:
         self.windows: Tuple[Tuple[float, float], ...] = _windows_argument(windows, num)
         self.schedules: Tuple[str, ...] = _schedules_argument(schedules, num)
         self.timed = any(w != (0.0, 1.0) for w in self.windows) or any(s != "constant" for s in self.schedules)
+        self.kinds: Tuple[str, ...] = _kinds_argument(kinds, num)
+        # the op's branches: the image branches' subjects, then the prompt branches' (priority order each)
+        self.image_subjects = tuple(s for s, k in enumerate(self.kinds) if k != "prompt")
+        self.prompt_subjects = tuple(s for s, k in enumerate(self.kinds) if k != "image")
+        self._prompt_weights: List[float] = [1.0] * num        # 1 inside the subject's window, else 0
+        # the call's regional prompt states [B, P, L, C] (set_prompt_states); the image and prompt token
+        # counts the routing is prepared for (prepare)
+        self.prompt_states: Optional[torch.Tensor] = None
+        self._tokens: Optional[Tuple[int, int]] = None
         # The current step: None before set_step (an untimed layout acts the same at every step).
         self.step: Optional[Tuple[int, int]] = None
         self._awaiting_step = self.timed       # a bool that forwards read (never the changing step)
         self._weights: List[float] = [1.0] * num
-        self.active: Tuple[bool, ...] = tuple(bool(v) for v in (self.scales != 0).tolist())
+        # per branch (image branches, then prompt branches): whether it acts now
+        self.active: Tuple[bool, ...] = tuple(bool(v) for v in (self._step_scales() != 0).tolist())
         self._coverage: Dict[Grid, torch.Tensor] = {}
         self._routing: Dict[Tuple[Grid, torch.device, Tuple[bool, ...]], Routing] = {}
+        self._counted_routing: Dict[Tuple[int, ...], Dict[Tuple[Grid, torch.device, Tuple[bool, ...]], Routing]] = {}
         self._token_boxes: Dict[Tuple[Grid, torch.device], torch.Tensor] = {}
         self._scale_cache: Dict[torch.device, torch.Tensor] = {}     # group 0's scales
         self.blocks: Tuple[BlockWeights, ...] = _blocks_argument(blocks, num)
@@ -197,6 +225,43 @@ class Layout:
     @property
     def num_subjects(self) -> int:
         return self.boxes.shape[0]
+
+    @property
+    def has_prompts(self) -> bool:
+        """Whether some subject carries a regional prompt (a text branch)."""
+        return bool(self.prompt_subjects)
+
+    @property
+    def num_image_subjects(self) -> int:
+        """The subjects with an image: how many images the IP-Adapter embeddings must hold."""
+        return len(self.image_subjects)
+
+    @property
+    def num_branches(self) -> int:
+        """The op's branches: one per image, then one per regional prompt."""
+        return len(self.image_subjects) + len(self.prompt_subjects)
+
+    def set_prompt_states(self, states: Optional[torch.Tensor]) -> "Layout":
+        """Set the text states ``[B, P, L, C]`` of the ``P`` regional prompts (subjects of kind
+        ``"prompt"`` or ``"both"``, in priority order) for the batch the model runs, e.g. with
+        classifier-free guidance the unconditional rows first, as the pipeline's prompt
+        embeddings; each attention layer turns them into keys and values with its own
+        ``to_k`` / ``to_v``. None clears them. Returns self."""
+        if states is not None:
+            if not isinstance(states, torch.Tensor) or states.dim() != 4:
+                raise ValueError(f"the regional prompt states must be a [B, P, L, C] tensor, got "
+                                 f"{type(states).__name__ if not isinstance(states, torch.Tensor) else tuple(states.shape)}")
+            if states.shape[1] != len(self.prompt_subjects):
+                raise ValueError(f"the regional prompt states hold P={states.shape[1]} prompts but the layout has "
+                                 f"{len(self.prompt_subjects)} subjects with a prompt")
+        self.prompt_states = states
+        return self
+
+    def branch_tokens(self, image_tokens: int, prompt_tokens: int) -> Optional[Tuple[int, ...]]:
+        """The op's ``subject_tokens`` for images of ``image_tokens`` tokens and prompts of
+        ``prompt_tokens``: None when every branch has the same count (no padding to skip)."""
+        counts = (image_tokens,) * len(self.image_subjects) + (prompt_tokens,) * len(self.prompt_subjects)
+        return None if len(set(counts)) <= 1 else counts
 
     @property
     def has_masks(self) -> bool:
@@ -274,7 +339,7 @@ class Layout:
             self._group_active.append(self._active_in(weights))
             for grid, device in self._prepared:      # built before the loop, as set_step does
                 if not self._awaiting_step:
-                    self.routing_at(grid, device, len(self._group_weights) - 1)
+                    self.routing_at(grid, device, len(self._group_weights) - 1, self._tokens)
         group = self._group_weights.index(weights)
         self._layer_groups[layer] = group
         for device in {d for _, d in self._prepared}:  # its scales too: a compiled forward only reads
@@ -297,9 +362,12 @@ class Layout:
         return self
 
     def _active_in(self, weights: Tuple[float, ...]) -> Tuple[bool, ...]:
-        return tuple(a and w != 0 for a, w in zip(self.active, weights))
+        # block weights are the image branches' (a prompt branch acts at every layer)
+        branch_weights = [weights[s] for s in self.image_subjects] + [1.0] * len(self.prompt_subjects)
+        return tuple(a and w != 0 for a, w in zip(self.active, branch_weights))
 
-    def routing(self, num_tokens: int, device, layer: Optional[str] = None) -> Tuple[Grid, Routing]:
+    def routing(self, num_tokens: int, device, layer: Optional[str] = None,
+                tokens: Optional[Tuple[int, int]] = None) -> Tuple[Grid, Routing]:
         """``(grid, Routing)`` of the layer with ``num_tokens`` tokens, on ``device``, for the
         attention layer named ``layer`` (which subjects act there: see ``blocks``).
 
@@ -307,33 +375,46 @@ class Layout:
         :meth:`coverage` in this layout's mode: pass it to
         ``anyms_kernels.region_cross_attention`` as its regions. Its tensors are
         ordinary tensors even when first built under ``torch.inference_mode()``.
+        ``tokens``: with regional prompts, ``(image tokens, prompt tokens)`` of the branches
+        the layer hands the op (their counts travel in the routing, :meth:`branch_tokens`).
         """
         grid = self.grid_for(num_tokens)
-        return grid, self.routing_at(grid, device, self.layer_group(layer))
+        return grid, self.routing_at(grid, device, self.layer_group(layer), tokens)
 
-    def routing_at(self, grid: Grid, device, group: int = 0) -> Routing:
-        """The :class:`Routing` of ``grid`` on ``device`` for the subjects active now in layer
-        group ``group`` (see :meth:`routing`); an inactive subject covers no token, so in
-        ``overwrite`` mode the subject under it takes them. Built once per (grid, device,
-        active set)."""
+    def routing_at(self, grid: Grid, device, group: int = 0, tokens: Optional[Tuple[int, int]] = None) -> Routing:
+        """The :class:`Routing` of ``grid`` on ``device`` for the branches active now in layer
+        group ``group`` (see :meth:`routing`); an inactive branch covers no token, so in
+        ``overwrite`` mode the branch of its kind under it takes them (the global text, for a
+        prompt). Built once per (grid, device, active set, token counts)."""
         if self._awaiting_step:
             raise ValueError(
                 "this Layout has windows or schedules, and no step was set: call layout.set_step(i, num_steps) "
                 "before each denoising step (callback_on_step_end=layout.step_callback(...) does it after step 0)")
         grid = check_grid(grid)
         active = self._group_active[group]
+        counts = None if tokens is None or not self.has_prompts else self.branch_tokens(*tokens)
+        # a routing carries its branches' token counts: one table per counts (None: all T)
+        table = self._routing if counts is None else self._counted_routing.setdefault(counts, {})
         key = (grid, torch.device(device), active)
-        routing = self._routing.get(key)
+        routing = table.get(key)
         if routing is None:
-            cover = self.active_coverage(grid, active)
+            cover = self.coverage(grid)
             with torch.inference_mode(False), torch.no_grad():
-                routing = build_routing(cover.to(key[1]), grid, self.mode)
-            self._routing[key] = routing
+                kinds = None
+                if self.has_prompts:        # one region per branch: the images', then the prompts'
+                    cover = cover[list(self.image_subjects + self.prompt_subjects)]
+                    kinds = [False] * len(self.image_subjects) + [True] * len(self.prompt_subjects)
+                if not all(active):
+                    cover = cover & torch.tensor(active, dtype=torch.bool)[:, None, None]
+                routing = build_routing(cover.to(key[1]), grid, self.mode, replaces_text=kinds,
+                                        subject_tokens=None if counts is None else list(counts))
+            table[key] = routing
         return routing
 
     def active_coverage(self, grid: Grid, active: Sequence[bool]) -> torch.Tensor:
         """bool ``[S, h, w]`` on the CPU: :meth:`coverage` with the subjects not in ``active`` (one
-        bool per subject) covering no token, what the routing of that active set is built from."""
+        bool per subject) covering no token: where each subject of that active set can act (the
+        routing orders the same regions by branch, images then prompts)."""
         cover = self.coverage(grid)
         if len(active) != self.num_subjects:
             raise ValueError(f"active must hold {self.num_subjects} bools (one per subject), got {len(active)}")
@@ -358,10 +439,11 @@ class Layout:
             raise ValueError(f"step must be in [0, num_steps) with num_steps >= 1, got step={step}, "
                              f"num_steps={num_steps}")
         weights = self.step_weights(step, num_steps)
+        prompt_weights = [float(step_acts(step, num_steps, start, end)) for start, end in self.windows]
         self.step = (step, num_steps)
         self._awaiting_step = False
-        if weights != self._weights:
-            self._weights = weights
+        if weights != self._weights or prompt_weights != self._prompt_weights:
+            self._weights, self._prompt_weights = weights, prompt_weights
             with torch.inference_mode(False), torch.no_grad():
                 values = self._step_scales()
                 self.active = tuple(bool(v) for v in (values != 0).tolist())
@@ -373,7 +455,7 @@ class Layout:
             self.version += 1
         for grid, device in self._prepared:      # looked up when built already
             for group in range(len(self._group_weights)):
-                self.routing_at(grid, device, group)
+                self.routing_at(grid, device, group, self._tokens)
         return self
 
     def step_callback(self, callback=None):
@@ -389,13 +471,18 @@ class Layout:
         return on_step_end
 
     def _step_scales(self, group: int = 0) -> torch.Tensor:
-        """float32 ``[S]``: each subject's scale at the current step, in layer group ``group``."""
+        """float32 ``[branches]``: each branch's scale at the current step, in layer group ``group``:
+        the image branches' (their subject's scale, schedule and block weight), then the prompt
+        branches' (1 inside the subject's window, 0 outside)."""
         values = self.scales * torch.tensor(self._weights, dtype=torch.float32)
         if group:
             values = values * torch.tensor(self._group_weights[group], dtype=torch.float32)
-        return values
+        if not self.has_prompts:
+            return values
+        prompts = torch.tensor([self._prompt_weights[s] for s in self.prompt_subjects], dtype=torch.float32)
+        return torch.cat([values[list(self.image_subjects)], prompts])
 
-    def prepare(self, device, levels: int = 1) -> "Layout":
+    def prepare(self, device, levels: int = 1, tokens: Optional[Tuple[int, int]] = None) -> "Layout":
         """Build now, on ``device``, everything the attention layers read; returns self.
 
         That is the :class:`Routing` of every grid the model's layers have (with
@@ -405,17 +492,21 @@ class Layout:
         checks and no writes to this Layout, so a ``torch.compile(fullgraph=True)``
         forward has no data-dependent branch and reads tensors only. Without it each is
         built on first use (eagerly). The pipelines call it when a call's layout is made.
+        ``tokens``: with regional prompts, the ``(image tokens, prompt tokens)`` the layers will
+        hand the op (see :meth:`routing`); other counts are built on first use.
         """
         if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
             raise ValueError(f"levels must be a positive int (the U-Net's resolutions), got {levels!r}")
         device = torch.empty(0, device=device).device      # "cuda" -> "cuda:0": the key a forward looks up
+        if tokens is not None:
+            self._tokens = (int(tokens[0]), int(tokens[1]))
         grid = self.token_grid or self.latent_hw
         for _ in range(1 if self.patch is not None else levels):
             if (grid, device) not in self._prepared:
                 self._prepared.append((grid, device))
             if not self._awaiting_step:     # a timed layout's routing waits for set_step
                 for group in range(len(self._group_weights)):
-                    self.routing_at(grid, device, group)
+                    self.routing_at(grid, device, group, self._tokens)
             grid = ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
         for layer in self._layer_groups:
             self.subject_scale(device, layer)
@@ -439,8 +530,9 @@ class Layout:
         return grid, self._token_boxes[key]
 
     def subject_scale(self, device, layer: Optional[str] = None) -> torch.Tensor:
-        """float32 ``[S]`` on ``device``: the subjects' scales at the current step at the attention
-        layer named ``layer`` (times each subject's block weight there). One tensor per device and
+        """float32 ``[branches]`` on ``device`` (``[S]`` without regional prompts): the branches'
+        scales at the current step at the attention layer named ``layer`` (times each image
+        subject's block weight there). One tensor per device and
         layer group, the same object at every step (:meth:`set_step` rewrites its values). ``layer``
         None: every subject at block weight 1."""
         device = torch.device(device)
@@ -460,6 +552,7 @@ class Layout:
         masked = sum(m is not None for m in self.masks)
         extra = f", masks={masked} at {self.image_hw[0]}x{self.image_hw[1]}" if masked else ""
         extra += f", patch={self.patch}" if self.patch is not None else ""
+        extra += f", prompts={len(self.prompt_subjects)}" if self.has_prompts else ""
         return f"Layout(S={self.num_subjects}, latent_hw={self.latent_hw}, mode={self.mode!r}{extra})"
 
 
@@ -492,6 +585,17 @@ def _blocks_argument(blocks, num: int) -> Tuple[BlockWeights, ...]:
                              f"names (anyms.blocks.resolve_blocks({checked!r}, layer names) gives them)")
         out.append(checked)
     return tuple(out)
+
+
+def _kinds_argument(kinds, num: int) -> Tuple[str, ...]:
+    if kinds is None:
+        return ("image",) * num
+    if not isinstance(kinds, (list, tuple)) or len(kinds) != num:
+        raise ValueError(f"kinds must be None or {num} entries, one per subject, got {kinds!r}")
+    for s, kind in enumerate(kinds):
+        if kind not in KINDS:
+            raise ValueError(f"kinds[{s}] must be one of {KINDS}, got {kind!r}")
+    return tuple(kinds)
 
 
 def _windows_argument(windows, num: int) -> Tuple[Tuple[float, float], ...]:

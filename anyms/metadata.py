@@ -10,7 +10,8 @@ chunk (iTXt) named ``anyms`` holding a JSON record::
          {"image": "dog.png", "image_sha256": "...", "box": [0.05, 0.3, 0.5, 0.95], "scale": 1.0},
          {"image": "cat.png", "image_sha256": "...", "mask": "cat_mask.png", "mask_sha256": "...",
           "scale": 0.8, "label": "cat", "start": 0.0, "end": 0.6, "schedule": "linear_down",
-          "blocks": "style"}]},
+          "blocks": "style"},
+         {"prompt": "a red woollen blanket", "box": [0.0, 0.7, 1.0, 1.0], "scale": 1.0}]},
      "seed": 0, "steps": 50, "guidance": 5.0, "height": 1024, "width": 1024,
      "model": {"arch": "sdxl", "model": "stabilityai/stable-diffusion-xl-base-1.0",
                "ip_adapter": "h94/IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors",
@@ -20,7 +21,8 @@ chunk (iTXt) named ``anyms`` holding a JSON record::
 
 ``layout`` is a layout file (``anyms generate --help``; a subject's ``start``, ``end`` and
 ``schedule`` are written only when not the defaults, 0, 1 and constant, its ``negative_image``
-with its ``negative_image_sha256`` only when it has one; ``blocks``, a subject's when given, the
+with its ``negative_image_sha256`` only when it has one; ``image`` and ``image_sha256`` only for a
+subject with an image, ``prompt`` (its regional prompt) only for one with a prompt; ``blocks``, a subject's when given, the
 layout's when given and not ``"all"``) whose paths are relative to
 the image's folder, plus each file's SHA-256, so ``anyms generate --from image.png``
 can make the image again and say when a subject or mask file has changed since.
@@ -63,7 +65,7 @@ RECORD_OPTIONAL = {"device", "upscale"}
 LAYOUT_KEYS = {"mode", "priority", "subjects", "blocks"}
 LAYOUT_OPTIONAL = {"blocks"}
 SUBJECT_KEYS = {"image", "image_sha256", "box", "mask", "mask_sha256", "scale", "label", "start", "end", "schedule",
-                "negative_image", "negative_image_sha256", "blocks"}
+                "negative_image", "negative_image_sha256", "blocks", "prompt"}
 MODEL_KEYS = {"arch", "model", "ip_adapter", "image_encoder", "dtype", "max_memory"}
 MODEL_OPTIONAL = {"max_memory"}         # --max-memory as given, where it was
 UPSCALE_KEYS = {"scale", "tile", "overlap", "strength"}
@@ -120,7 +122,11 @@ def subject_entry(subject, folder: str, hashes: Optional[Dict[str, str]] = None)
     else read now."""
     if hashes is None:
         hashes = subject_hashes([subject])[0]
-    entry: Dict[str, Any] = {"image": relative_path(subject.image, folder), "image_sha256": hashes["image_sha256"]}
+    entry: Dict[str, Any] = {}
+    if subject.image is not None:
+        entry.update(image=relative_path(subject.image, folder), image_sha256=hashes["image_sha256"])
+    if getattr(subject, "prompt", None) is not None:
+        entry["prompt"] = subject.prompt
     if subject.box is not None:
         entry["box"] = [float(v) for v in subject.box]
     if subject.mask is not None:
@@ -327,9 +333,14 @@ def check_record(record: Dict[str, Any], where: str) -> None:
         fail("layout.subjects", "a non-empty list", subjects)
     for i, subject in enumerate(subjects):
         key = f"layout.subjects[{i}]"
-        obj(subject, key, SUBJECT_KEYS, SUBJECT_KEYS - {"image", "image_sha256"})
-        text(subject["image"], f"{key}.image")
-        sha256(subject["image_sha256"], f"{key}.image_sha256")
+        obj(subject, key, SUBJECT_KEYS, SUBJECT_KEYS)
+        if "image" in subject or "image_sha256" in subject:
+            text(subject.get("image"), f"{key}.image")
+            sha256(subject.get("image_sha256"), f"{key}.image_sha256")
+        elif "prompt" not in subject:
+            raise ValueError(f"{where}: its record's \"{key}\" has neither an \"image\" nor a \"prompt\"")
+        if "prompt" in subject:
+            text(subject["prompt"], f"{key}.prompt")
         if "box" not in subject and "mask" not in subject:
             raise ValueError(f"{where}: its record's \"{key}\" has neither a \"box\" nor a \"mask\"")
         if "box" in subject:

@@ -52,6 +52,8 @@ from .blocks import check_blocks, resolve_blocks
 from .branches import adapter_layers, anyms_attention, set_anyms_layout
 from .priority import PRIORITIES
 from .processor import AnyMSAttnProcessor  # noqa: F401  the U-Net's AnyMS processor, which anyms_attention installs
+from .regional_prompts import (check_prompt_lengths, check_regional_prompt, encode_regional_prompts,
+                               placeholder_image_embeds, prompt_tokenizers)
 from .timing import check_schedule, check_window
 
 __all__ = [
@@ -66,11 +68,13 @@ __all__ = [
 
 @dataclass
 class Subject:
-    """One subject: its reference image, its region (a box or a mask) and its scale.
+    """One subject: its reference image and/or its regional prompt, its region (a box or a mask)
+    and its scale.
 
     Args:
         image: a PIL image, a path to an image file, or an ``H x W`` / ``H x W x C``
-            array (uint8, or floats in ``[0, 1]``; C = 1, 3 or 4).
+            array (uint8, or floats in ``[0, 1]``; C = 1, 3 or 4). None for a text-only
+            region (a subject with a ``prompt`` and no image).
         box: ``(x0, y0, x1, y1)`` normalised to ``[0, 1]`` of the output image, x to
             the right, y down; ``x1 > x0`` and ``y1 > y0``. Optional with a mask: it is
             then only where the pictures put the label (default: the mask's bounding box).
@@ -103,14 +107,31 @@ class Subject:
             ``"layout"``, ``"style_and_layout"``), a list of block names
             (``["up_blocks.0.attentions.1"]``) or a dict ``{block name: weight}``. Default
             None: the call's ``anyms_blocks``, else every block.
+        prompt: (keyword only) a regional prompt (SD 1.5 and SDXL): inside the subject's region
+            its text replaces the global prompt's in every cross-attention layer, in the same
+            routing rule as images (``overwrite``: the last covering region with a prompt;
+            ``sum``: every covering one adds); the global prompt acts exactly where no region
+            with a prompt is. It changes only the cross-attention keys and values there: on
+            SDXL the prompt goes through both text encoders and their hidden states are
+            concatenated, as diffusers does for the global prompt, while the pooled text
+            embedding and ``add_time_ids`` stay the global prompt's. In classifier-free
+            guidance's unconditional pass the region sees the global negative prompt (so with
+            ``overwrite``, or regions with prompts that do not overlap, that pass is the one
+            without regional prompts). At most the tokenizer's length (77 tokens for CLIP).
+            The prompt acts within the subject's window (``start``, ``end``), at weight 1 (it
+            replaces the text); ``scale``, ``schedule``, ``blocks`` and ``negative_image`` are the
+            image's, so a subject with a prompt and no image must leave them at their defaults.
+            A subject with both acts twice in its region: its image branch adds, its text
+            branch replaces the global text.
 
     At a step where its scale is 0 (outside its window, or ``scale=0``) a subject is absent:
     in ``overwrite`` mode the subject under it takes its tokens, as if it had not been given.
 
-    Give a box, a mask or both (the mask is the region); a subject with neither is an error.
+    Give a box, a mask or both (the mask is the region); a subject with neither is an error,
+    as is a subject with neither an image nor a prompt.
     """
 
-    image: Any
+    image: Any = None
     box: Optional[Tuple[float, float, float, float]] = None
     scale: float = 1.0
     label: Optional[str] = None
@@ -120,6 +141,14 @@ class Subject:
     schedule: str = field(default="constant", kw_only=True)
     negative_image: Any = field(default=None, kw_only=True)
     blocks: Any = field(default=None, kw_only=True)
+    prompt: Optional[str] = field(default=None, kw_only=True)
+
+    @property
+    def kind(self) -> str:
+        """``"image"``, ``"prompt"`` (a text-only region) or ``"both"`` (:data:`anyms.layout.KINDS`)."""
+        if self.prompt is None:
+            return "image"
+        return "prompt" if self.image is None else "both"
 
     @property
     def timed(self) -> bool:
@@ -195,7 +224,8 @@ def _check_scale(scale, name: str) -> float:
 class AnyMSPlan:
     """A checked set of subjects, in priority order (ascending: the last one is on top).
 
-    ``order[i]`` is the index in the user's list of the i-th subject here.
+    ``order[i]`` is the index in the user's list of the i-th subject here. ``images`` are the
+    subjects' images in that order, for the subjects that have one (the IP-Adapter's images).
     ``layout`` is set once the pipeline knows the latent size (``None`` before).
     """
 
@@ -213,6 +243,17 @@ class AnyMSPlan:
         return [s.label for s in self.subjects]
 
     @property
+    def prompts(self) -> List[str]:
+        """The regional prompts, in priority order (the layout's prompt branches)."""
+        return [s.prompt for s in self.subjects if s.prompt is not None]
+
+    def refuse_prompts(self, why: str) -> None:
+        """ValueError naming the first ``subjects[i].prompt`` given, saying ``why`` it cannot act."""
+        given = sorted(i for i, s in zip(self.order, self.subjects) if s.prompt is not None)
+        if given:
+            raise ValueError(f"subjects[{given[0]}].prompt: {why}")
+
+    @property
     def timed(self) -> bool:
         """Whether any subject has a window or a schedule (the pipeline then sets each step)."""
         return any(s.timed for s in self.subjects)
@@ -225,6 +266,8 @@ class AnyMSPlan:
                     masks=masks if any(m is not None for m in masks) else None,
                     windows=[(s.start, s.end) for s in self.subjects],
                     schedules=[s.schedule for s in self.subjects])
+        if self.prompts:
+            args["kinds"] = [s.kind for s in self.subjects]
         if self.resolved_blocks is None:      # never run a selection as "every block" silently
             given = [i for i, s in zip(self.order, self.subjects) if not _every_block(s.blocks)]
             if given or not _every_block(self.blocks):
@@ -343,6 +386,9 @@ def prepare_subjects(subjects, mode: str = "overwrite", priority: str = "order",
             raise TypeError(f"{name} must be an anyms.Subject, got {type(subject).__name__}")
         if subject.box is None and subject.mask is None:
             raise ValueError(f"{name} has neither a box nor a mask: give box=(x0, y0, x1, y1) or mask=...")
+        if subject.image is None and subject.prompt is None:
+            raise ValueError(f"{name} has neither an image nor a prompt: give image=... (a reference image), "
+                             f"prompt=\"...\" (a regional prompt), or both")
         mask = None if subject.mask is None else load_mask(subject.mask, f"{name}.mask")
         if mask is not None:
             if mask_hw is None:
@@ -355,15 +401,18 @@ def prepare_subjects(subjects, mode: str = "overwrite", priority: str = "order",
         start, end = check_window(subject.start, subject.end, name)
         schedule = check_schedule(subject.schedule, f"{name}.schedule")
         check_blocks(subject.blocks, f"{name}.blocks")
-        images.append(subject.load_image(f"{name}.image"))
+        if subject.prompt is not None:
+            check_regional_prompt(subject, name, scale, schedule)
+        images.append(None if subject.image is None else subject.load_image(f"{name}.image"))
         negative = None if subject.negative_image is None else _load_image(subject.negative_image,
                                                                           f"{name}.negative_image")
         label = subject.label
         if not label:
             is_path = isinstance(subject.image, (str, os.PathLike))
-            label = os.path.splitext(os.path.basename(os.fspath(subject.image)))[0] if is_path else f"subject {i}"
+            label = os.path.splitext(os.path.basename(os.fspath(subject.image)))[0] if is_path else \
+                subject.prompt if subject.image is None else f"subject {i}"
         checked.append(Subject(images[-1], box, scale, label, mask=mask, start=start, end=end, schedule=schedule,
-                               negative_image=negative, blocks=subject.blocks))
+                               negative_image=negative, blocks=subject.blocks, prompt=subject.prompt))
     order = list(range(len(checked)))
     if priority == "smaller_on_top":
         # Largest region first (bottom), smallest last (top); equal areas keep the given order.
@@ -373,7 +422,8 @@ def prepare_subjects(subjects, mode: str = "overwrite", priority: str = "order",
             x0, y0, x1, y1 = checked[i].box
             return (x1 - x0) * (y1 - y0)
         order.sort(key=lambda i: -area(i))
-    return AnyMSPlan([checked[i] for i in order], [images[i] for i in order], order, mode, blocks=blocks)
+    return AnyMSPlan([checked[i] for i in order], [images[i] for i in order if images[i] is not None], order, mode,
+                     blocks=blocks)
 
 
 class AnyMSPipelineMixin:
@@ -422,6 +472,13 @@ class AnyMSPipelineMixin:
             raise ValueError("subjects need the IP-Adapter's image encoder, and the pipeline has none: "
                              "load the adapter with its image_encoder_folder, or pass image_encoder=")
 
+    def _anyms_image_tokens(self) -> int:
+        """The tokens per image of the loaded IP-Adapter (4, or 16 for the "plus" ones)."""
+        for proc in self.unet.attn_processors.values():
+            if isinstance(proc, IPAdapterAttnProcessor2_0):
+                return int(proc.num_tokens[0])
+        raise ValueError("no IP-Adapter attention processor in the U-Net")
+
     def _anyms_call(self, args: tuple, kwargs: dict, subjects: Optional[Sequence[Subject]],
                     anyms_mode: Optional[str], anyms_priority: Optional[str], anyms_blocks=None):
         """The parent pipeline's call, plus AnyMS's arguments:
@@ -449,7 +506,8 @@ class AnyMSPipelineMixin:
             :func:`prepare_subjects`), and also when no single IP-Adapter with its image
             encoder is loaded, ``ip_adapter_image``/``ip_adapter_image_embeds`` is
             given with ``subjects``, or a mask's size is not the image's (naming
-            ``subjects[i].mask``), or a subject has a negative image and the call runs no
+            ``subjects[i].mask``), a regional prompt is empty, not a string or longer than the
+            tokenizer's limit (naming ``subjects[i].prompt``), or a subject has a negative image and the call runs no
             classifier-free guidance (``guidance_scale <= 1``, naming
             ``subjects[i].negative_image``). The parent's own checks (height and width divisible
             by 8, ...) run next, still before any model work.
@@ -472,6 +530,7 @@ class AnyMSPipelineMixin:
             plan = prepare_subjects(subjects, anyms_mode or "overwrite", anyms_priority or "order", anyms_blocks)
             self._anyms_check_adapter()
             plan.resolve_blocks(self.unet)
+            check_prompt_lengths(subjects, prompt_tokenizers(self))
             call_kwargs = dict(bound.arguments)
             call_kwargs.update(call_kwargs.pop("kwargs", {}))
             # the parent's rule for classifier-free guidance (its do_classifier_free_guidance)
@@ -525,9 +584,12 @@ class AnyMSPipelineMixin:
         embedding for the 4-token adapters, the encoder's penultimate hidden states for the
         "plus" ones.
         """
+        plan = self._anyms_pending
+        if plan is not None and not plan.images:       # regional prompts only
+            return placeholder_image_embeds(self.unet, num_images_per_prompt * (2 if do_classifier_free_guidance
+                                                                                 else 1), device)
         embeds = super().prepare_ip_adapter_image_embeds(ip_adapter_image, ip_adapter_image_embeds, device,
                                                          num_images_per_prompt, do_classifier_free_guidance)
-        plan = self._anyms_pending
         if plan is None or not do_classifier_free_guidance or not plan.negative_image_names():
             return embeds
         from diffusers.models.embeddings import ImageProjection
@@ -536,11 +598,28 @@ class AnyMSPipelineMixin:
         hidden = not isinstance(self.unet.encoder_hid_proj.image_projection_layers[0], ImageProjection)
         negative, positive = both.chunk(2)
         negative = negative.clone()
-        for s, subject in enumerate(plan.subjects):
+        for s, subject in enumerate(s for s in plan.subjects if s.image is not None):   # the images' order
             if subject.negative_image is not None:
                 embedding, _ = self.encode_image([subject.negative_image], device, 1, hidden)
                 negative[:, s] = embedding[0].to(negative.dtype)
         return [torch.cat([negative, positive])]
+
+    def encode_prompt(self, *args, **kwargs):
+        """The parent's; during an AnyMS call with regional prompts it also encodes them
+        (:func:`anyms.regional_prompts.encode_regional_prompts`: the parent's own encoder on each
+        prompt, the global negative prompt in the unconditional half) and sets their states on
+        the call's layout. The parent's outputs are returned unchanged (on SDXL the pooled
+        embedding and the time ids stay the global prompt's)."""
+        out = super().encode_prompt(*args, **kwargs)
+        plan = self._anyms_pending
+        if plan is not None and plan.prompts and plan.layout is not None:
+            arguments = inspect.signature(super().encode_prompt).bind(*args, **kwargs)
+            arguments.apply_defaults()
+            arguments = arguments.arguments
+            plan.layout.set_prompt_states(encode_regional_prompts(
+                super().encode_prompt, plan.prompts, arguments, out[0], out[1],
+                bool(arguments["do_classifier_free_guidance"])))
+        return out
 
     def progress_bar(self, iterable=None, total=None):
         """The parent's; during an AnyMS call with timed subjects it first sets step 0 (see
@@ -564,7 +643,11 @@ class AnyMSPipelineMixin:
             sizes = inspect.signature(super().check_inputs).bind(*args, **kwargs).arguments
             height, width = int(sizes["height"]), int(sizes["width"])
             layout = plan.make_layout((height // self.vae_scale_factor, width // self.vae_scale_factor))
-            plan.layout = layout.prepare(self._execution_device, levels=len(self.unet.config.block_out_channels))
+            tokens = None
+            if plan.prompts:        # the token counts the layers will hand the op (its routing carries them)
+                tokens = (self._anyms_image_tokens(), prompt_tokenizers(self)[0].model_max_length)
+            plan.layout = layout.prepare(self._execution_device, levels=len(self.unet.config.block_out_channels),
+                                         tokens=tokens)
             set_anyms_layout(self, plan.layout)
             self.anyms_last_plan = plan
 

@@ -85,8 +85,16 @@ class AnyMSAttnProcessor(AnyMSBranches, IPAdapterAttnProcessor2_0, metaclass=_Eq
     as the parent's SDPA calls use. Text key masks (``attention_mask``) apply to the text
     branch only, as in the parent.
 
+    Regional prompts (subjects of kind ``"prompt"`` / ``"both"`` in the layout): each adds a
+    text-kind branch, keys ``attn.to_k`` / values ``attn.to_v`` of its text states
+    (:meth:`Layout.set_prompt_states`), which replaces ``attn(Q, K_text, V_text)`` where it acts
+    (same routing rule per kind), in the same op call as the image branches. A layout whose
+    subjects all have no image reads no image tokens (the pipelines then pass a placeholder
+    embedding, which the U-Net's IP-Adapter input needs).
+
     Raises (with a layout): ``ValueError`` when the number of images per prompt differs
-    from the layout's subjects, when ``ip_adapter_masks`` is also passed, when more than one
+    from the layout's subjects with an image, when regional prompt states are missing or of
+    another batch, when ``ip_adapter_masks`` is also passed, when more than one
     IP-Adapter is loaded, when the image embeddings are missing, or when
     ``attention_mask`` is not a key-padding mask the fused op can express.
     """
@@ -191,14 +199,23 @@ class AnyMSAttnProcessor(AnyMSBranches, IPAdapterAttnProcessor2_0, metaclass=_Eq
                 f"ip_hidden_states[0] has batch {images.shape[0]} but the hidden states have {batch_size}; "
                 "with classifier-free guidance both must hold the unconditional and conditional halves"
             )
-        self._check_subject_count(images.shape[1], layout)
-        k_subj = rearrange(self.to_k_ip[0](images), "b s t (h d) -> b h s t d", h=heads)
-        v_subj = rearrange(self.to_v_ip[0](images), "b s t (h d) -> b h s t d", h=heads)
-        if k_subj.dtype != q.dtype:               # e.g. image projection kept in float32
-            k_subj, v_subj = k_subj.to(q.dtype), v_subj.to(q.dtype)
+        if layout.num_image_subjects or not layout.has_prompts:
+            self._check_subject_count(images.shape[1], layout)
+            k_subj = rearrange(self.to_k_ip[0](images), "b s t (h d) -> b h s t d", h=heads)
+            v_subj = rearrange(self.to_v_ip[0](images), "b s t (h d) -> b h s t d", h=heads)
+            if k_subj.dtype != q.dtype:               # e.g. image projection kept in float32
+                k_subj, v_subj = k_subj.to(q.dtype), v_subj.to(q.dtype)
+        else:       # regional prompts only: the pipelines pass a placeholder image the U-Net needs
+            k_subj = v_subj = None
+        prompt_states = layout.prompt_states
+        if prompt_states is not None and attn.norm_cross:     # as the global prompt's states
+            prompt_states = attn.norm_encoder_hidden_states(prompt_states.flatten(0, 1)).unflatten(
+                0, prompt_states.shape[:2])
+        k_subj, v_subj, tokens = self._branches(layout, k_subj, v_subj, attn.to_k, attn.to_v, heads,
+                                                batch_size, q.dtype, prompt_states)
 
         # The layout's routing on this grid, built on the first call and kept by the layout.
-        grid, routing = layout.routing(num_queries, q.device, self.layer_name)
+        grid, routing = layout.routing(num_queries, q.device, self.layer_name, tokens)
         if input_ndim == 4 and grid != (height, width):
             raise ValueError(
                 f"the layout's latent_hw {layout.latent_hw} gives a {grid[0]}x{grid[1]} grid for this layer, "

@@ -191,7 +191,7 @@ def _subjects_at_scale(subjects: Sequence[Subject], image_hw, scale: int) -> Lis
         elif hw != big:
             raise ValueError(f"subjects[{i}].mask is {hw[0]}x{hw[1]} pixels (height x width): give it at the input "
                              f"image's size {image_hw[0]}x{image_hw[1]} or the output's {big[0]}x{big[1]}")
-        out.append(dataclasses.replace(s, mask=mask))    # every other field as given
+        out.append(dataclasses.replace(s, mask=mask))    # every other field as given (a prompt: refused after)
     return out
 
 
@@ -332,6 +332,8 @@ def tiled_upscale(pipe, image, prompt=None, *, subjects: Sequence[Subject], scal
     size = (image.height * scale, image.width * scale)
     plan_subjects = prepare_subjects(_subjects_at_scale(subjects, (image.height, image.width), scale),
                                      anyms_mode, anyms_priority, anyms_blocks)
+    plan_subjects.refuse_prompts("tiled upscaling does not take regional prompts (each tile's layout routes "
+                                 "images only); leave the prompt out")
     pipe._anyms_check_adapter()
     plan_subjects.resolve_blocks(pipe.unet)
     factor = int(pipe.vae_scale_factor)

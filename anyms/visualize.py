@@ -45,7 +45,7 @@ def subject_colors(num: int) -> List[Tuple[int, int, int]]:
 
 
 def _label(subject, index: int) -> str:
-    label = getattr(subject, "label", None)
+    label = getattr(subject, "label", None) or getattr(subject, "prompt", None)     # a text-only region: its prompt
     return str(label) if label else f"subject {index}"
 
 
@@ -172,10 +172,11 @@ def subject_masks(layout, grid: Grid, active: Optional[Sequence[bool]] = None) -
 
     Returns:
         float32 ``[S, h, w]``: ``lambda_s`` where subject ``s``'s image attention was
-        added, 0 elsewhere. A subject's region covers the tokens whose cells its box
-        or mask meets (:meth:`anyms.Layout.coverage`). ``overwrite``: the tokens whose
-        last covering active region is ``s``'s (disjoint; tokens no region covers get no
-        image attention). ``sum``: every token of ``s``'s region, overlaps included.
+        added, 1 where only its regional prompt acted (it replaced the prompt's text), 0
+        elsewhere. A subject's region covers the tokens whose cells its box or mask meets
+        (:meth:`anyms.Layout.coverage`). ``overwrite``: the tokens whose last covering active
+        region of the same kind (images among images, prompts among prompts, as the routing
+        ranks them) is ``s``'s; ``sum``: every token of ``s``'s region, overlaps included.
     """
     h, w = check_grid(grid)
     num = layout.num_subjects
@@ -183,13 +184,24 @@ def subject_masks(layout, grid: Grid, active: Optional[Sequence[bool]] = None) -
         return torch.zeros(0, h, w)
     if active is None:
         active = tuple(bool(v) for v in (layout.scales != 0).tolist())
-    acted = layout.active_coverage((h, w), active)
-    if layout.mode == "overwrite":
-        # The last covering subject owns the token, as the routing ranks them.
-        rank = torch.arange(1, num + 1).reshape(num, 1, 1)
-        owner = (acted * rank).amax(0) - 1
-        acted = owner[None] == torch.arange(num).reshape(num, 1, 1)
-    return acted.to(torch.float32) * layout.scales.reshape(num, 1, 1)
+    cover = layout.active_coverage((h, w), active)
+    kinds = getattr(layout, "kinds", ("image",) * num)
+
+    def acting(members):
+        acted = cover & torch.tensor(members, dtype=torch.bool).reshape(num, 1, 1)
+        if layout.mode == "overwrite":
+            # The last covering subject of the kind owns the token, as the routing ranks them.
+            rank = torch.arange(1, num + 1).reshape(num, 1, 1)
+            owner = (acted * rank).amax(0) - 1
+            acted = owner[None] == torch.arange(num).reshape(num, 1, 1)
+        return acted
+
+    image = acting([k != "prompt" for k in kinds])
+    values = image.to(torch.float32) * layout.scales.reshape(num, 1, 1)
+    if any(k != "image" for k in kinds):
+        prompt = acting([k != "image" for k in kinds])
+        values = torch.where(prompt & ~image, torch.ones(()), values)
+    return values
 
 
 @dataclass(frozen=True)
@@ -442,22 +454,32 @@ def routing_figure(layout, grids, *, labels: Optional[Sequence[str]] = None, ima
             cmap = ListedColormap([(0, 0, 0, 0), colors[s] + (0.85,)])
             ax.imshow(acted[s].numpy().astype("float32"), cmap=cmap, vmin=0, vmax=1, extent=extent,
                       interpolation="nearest")
+            kind = getattr(layout, "kinds", ("image",) * num)[s]
+            what = "prompt" if kind == "prompt" else f"x{float(layout.scales[s]):g}" + (" + prompt" if kind == "both"
+                                                                                          else "")
             if row.acts[s]:
                 share = float(acted[s].float().mean()) * 100
                 some_step = " at some step" if row.varies else ""
-                ax.set_title(f"{labels[s]} x{float(layout.scales[s]):g}\n{share:.0f}% of tokens{some_step}", fontsize=8)
+                ax.set_title(f"{_short_label(labels[s])} {what}\n{share:.0f}% of tokens{some_step}", fontsize=8)
             else:
-                ax.set_title(f"{labels[s]}: acts not here\n({row.why_not[s]})", fontsize=7)
+                ax.set_title(f"{_short_label(labels[s])}: acts not here\n({row.why_not[s]})", fontsize=7)
         for ax in axes[r]:
             ax.set_xlim(0, w)
             ax.set_ylim(h, 0)
             ax.set_xticks([])
             ax.set_yticks([])
     rule = "later subjects on top" if layout.mode == "overwrite" else "overlapping subjects add up"
-    _fitted_title(fig, f"routing: where each subject's image branch acts, from the layout ({layout.mode} mode: "
+    branch = "image branch (or regional prompt, in place of the prompt's text)" if getattr(layout, "has_prompts", False) \
+        else "image branch"
+    _fitted_title(fig, f"routing: where each subject's {branch} acts, from the layout ({layout.mode} mode: "
                        f"{rule}); not measured attention", fontsize=9)
     fig.canvas.draw()
     return fig
+
+
+def _short_label(label: str, chars: int = 28) -> str:
+    """A label (a regional prompt may be long) cut to ``chars`` characters for a panel's title."""
+    return label if len(label) <= chars else label[:chars - 1] + "\u2026"
 
 
 def _fitted_title(fig, text: str, fontsize: float):

@@ -13,6 +13,8 @@
   steps, fading out; the cat from 20% of the steps on, easing in.
 - ``blocks_layout.json``: the same subjects, each on some blocks of the model only: the dog
   everywhere but at a weaker weight in the encoder, the cat in the "style" preset's block.
+- ``regional_layout.json``: regional prompts: the cat's region with its own prompt beside its
+  image, and a text-only region (a blanket along the bottom, in the first 80% of the steps).
 - ``jobs.jsonl``: three jobs for ``anyms generate --jobs``, each with its own output name.
 
 Only Pillow is needed. The PNG bytes may differ between zlib versions; the pixels and the
@@ -52,6 +54,14 @@ BLOCKS_LAYOUT = {
         {"image": "dog.png", "box": [0.05, 0.3, 0.5, 0.95], "label": "dog",
          "blocks": {"down_blocks": 0.5, "mid_block": 1.0, "up_blocks": 1.0}},
         {"image": "cat.png", "mask": "cat_mask.png", "scale": 0.8, "label": "cat", "blocks": "style"},
+    ],
+}
+REGIONAL_LAYOUT = {
+    "prompt": "a dog and a cat on a sofa",
+    "subjects": [
+        {"image": "dog.png", "box": [0.05, 0.3, 0.5, 0.95], "label": "dog"},
+        {"image": "cat.png", "mask": "cat_mask.png", "scale": 0.8, "label": "cat", "prompt": "a ginger cat, sleeping"},
+        {"prompt": "a red woollen blanket", "box": [0.0, 0.75, 1.0, 1.0], "end": 0.8},
     ],
 }
 
@@ -118,6 +128,7 @@ def files() -> dict:
         "layout.json": json.dumps(LAYOUT, indent=2) + "\n",
         "timed_layout.json": json.dumps(TIMED_LAYOUT, indent=2) + "\n",
         "blocks_layout.json": json.dumps(BLOCKS_LAYOUT, indent=2) + "\n",
+        "regional_layout.json": json.dumps(REGIONAL_LAYOUT, indent=2) + "\n",
         "jobs.jsonl": "".join(json.dumps(job) + "\n" for job in JOBS),
     }
 
