@@ -48,7 +48,7 @@ from .job import (
     upscale_from_dict, upscale_geometry_before_loading, warn_unreached,
 )
 from .loading import (
-    ARCHS, DEFAULT_IP_ADAPTER, DEFAULT_FLUX_MODEL, DEFAULT_MODEL, DTYPES, TINY_MODEL, TOY_MODEL, default_size, load_for_run,
+    ARCHS, DEFAULT_IP_ADAPTER, DEFAULT_FLUX_MODEL, DEFAULT_MODEL, DTYPES, TINY_MODEL, TOY_MODEL, load_for_run,
     run_from_args, threads_for,
 )
 from .budget import plan_memory, size_argument
@@ -420,8 +420,7 @@ def _generate_one(args, job, run, paths) -> int:
         pipe = load_for_run(args, run)
         with _naming_the_record(args):
             check_blocks_on_model(pipe, job)
-        height, width = job.height or default_size(pipe)[0], job.width or default_size(pipe)[1]
-        memory_report(pipe, run, height, width, cfg=job.guidance is None or job.guidance > 1)
+        memory_report(pipe, run, [job])
         warn_unreached(pipe, job)
 
         # 3. Generation, with diffusers' progress bar.

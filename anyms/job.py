@@ -17,6 +17,7 @@ from .timing import check_schedule, check_window
 
 __all__ = ["Job", "check_job", "read_layout_file", "layout_from_dict", "output_paths", "check_outputs",
            "apply_run_defaults", "generate_image", "image_record", "save_job", "write_pictures", "warn_unreached", "memory_report",
+           "memory_images",
            "check_blocks_on_model", "parse_blocks",
            "upscale_from_dict", "upscale_from_args", "merge_upscale", "check_upscale", "upscale_geometry_before_loading",
            "upscale_image",
@@ -525,17 +526,43 @@ def warn_unreached(pipe, job: Job, warn=None) -> List[str]:
     return lines
 
 
-def memory_report(pipe, run: Run, height: int, width: int, cfg: bool, log=None, warn=None):
-    """Print the estimated peak memory of one image; warn if it is above what the device has free."""
+def memory_images(pipe, jobs) -> List[tuple]:
+    """The distinct images of ``jobs`` as the memory estimate takes them: ``(height, width, cfg,
+    upscale)``, the size with ``pipe``'s default filled in, CFG where the guidance is above 1,
+    ``upscale`` the job's ``(scale, tile, overlap)`` with the model's defaults (or None). ``pipe``
+    may be the meta-device skeleton (anyms.budget) or the loaded pipeline."""
+    out = []
+    for job in jobs:
+        height, width = job.height or default_size(pipe)[0], job.width or default_size(pipe)[1]
+        up = None
+        if job.upscale is not None and getattr(pipe, "unet", None) is not None:
+            from .upscale_args import geometry_of_pipe
+
+            resolved = check_upscale(job, geometry_of_pipe(pipe))
+            up = (resolved["scale"], resolved["tile"], resolved["overlap"])
+        image = (height, width, job.guidance is None or job.guidance > 1, up)
+        if image not in out:
+            out.append(image)
+    return out
+
+
+def memory_report(pipe, run: Run, jobs, log=None, warn=None):
+    """Print the estimated peak memory of the largest of ``jobs``' images (its upscale pass
+    included); warn if it is above what the device has free."""
     from .preflight import GIB, device_memory, estimate_peak_memory
 
-    est = estimate_peak_memory(pipe, height, width, cfg=cfg, offload=run.offload, vae_tiling=run.vae_tiling,
-                               dtype=run.dtype)
-    (log or console.info)(f"estimated peak memory, {width}x{height} on {run.device}: {est.describe()}")
+    images = memory_images(pipe, jobs)
+    est, (height, width, _, up) = max(
+        ((estimate_peak_memory(pipe, h, w, cfg=cfg, offload=run.offload, vae_tiling=run.vae_tiling, dtype=run.dtype,
+                               upscale=up), (h, w, cfg, up)) for h, w, cfg, up in images), key=lambda p: p[0].total)
+    what = f"{width}x{height}" + (f" upscaled {up[0]}x" if up else "")
+    largest = ", the largest job" if len(images) > 1 else ""
+    (log or console.info)(f"estimated peak memory, {what} on {run.device}{largest}: {est.describe()}")
     memory = device_memory(run.device)
     if memory is not None and est.total > memory[0]:
         hints = [h for h, on in (("--vae-tiling", not run.vae_tiling), ("--offload model", run.offload == "none"
-                                 and run.device.type == "cuda"), ("a smaller size", True)) if on]
+                                 and run.device.type == "cuda"), ("a smaller size", True),
+                                 ("a smaller --upscale-tile", up is not None)) if on]
         (warn or console.warn)(f"the estimate is above the {memory[0] / GIB:.1f} GiB free on {run.device}: "
                                f"expect to run out of memory ({', '.join(hints)} need less)")
     return est

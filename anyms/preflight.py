@@ -448,6 +448,7 @@ class MemoryPlan:
     offload: str
     vae_tiling: bool
     estimate: MemoryEstimate
+    image: Optional[tuple] = None      # (height, width, cfg, upscale) of the image the estimate is of
 
     def options(self) -> str:
         dtype = str(self.dtype).replace("torch.", "")
@@ -470,9 +471,9 @@ class MemoryBudgetError(ValueError):
         self.smallest = smallest
 
 
-def fit_memory(pipe, height: int, width: int, budget_bytes, *, cfg: bool = True,
+def fit_memory(pipe, height: int, width: int, budget_bytes, *, cfg: bool = True, upscale=None,
                half_dtype=None, dtype=None, offloads: Sequence[str] = OFFLOADS,
-               vae_tiling: Optional[bool] = None) -> MemoryPlan:
+               vae_tiling: Optional[bool] = None, images: Sequence[tuple] = ()) -> MemoryPlan:
     """The first plan, in a fixed order, whose estimated peak (:func:`estimate_peak_memory`) is
     within ``budget_bytes``; each step keeps the ones before it:
 
@@ -488,6 +489,11 @@ def fit_memory(pipe, height: int, width: int, budget_bytes, *, cfg: bool = True,
     ``vae_tiling`` (True or False in every step). Attention slicing is not a step: the estimate
     assumes fused attention (no token x token scores), where slicing saves nothing.
 
+    ``upscale``: the tiled upscale pass that follows the generation, ``(scale, tile, overlap)``
+    (:func:`estimate_peak_memory`): the plan must fit both passes. ``images``: more images the one
+    plan must fit, as ``(height, width, cfg, upscale)`` (a run of several); a plan's estimate is
+    then that of the image with the largest peak, and ``plan.image`` says which.
+
     ``pipe`` needs only its components' configs and parameters' shapes and dtypes: a pipeline
     built on the meta device (anyms.budget) is estimated as the loaded one would be.
 
@@ -501,8 +507,11 @@ def fit_memory(pipe, height: int, width: int, budget_bytes, *, cfg: bool = True,
     if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float)) or not budget_bytes > 0 \
             or math.isinf(budget_bytes):
         raise ValueError(f"budget_bytes must be a positive number of bytes, got {budget_bytes!r}")
-    check_image_size(height, "height")
-    check_image_size(width, "width")
+    everything = [(height, width, cfg, upscale)] + [tuple(image) for image in images]
+    for i, image in enumerate(everything):
+        where = "" if i == 0 else f"images[{i - 1}]: "
+        check_image_size(image[0], f"{where}height")
+        check_image_size(image[1], f"{where}width")
     offloads = tuple(offloads)
     if not offloads or any(o not in OFFLOADS for o in offloads):
         raise ValueError(f"offloads must be a non-empty sequence of {list(OFFLOADS)}, got {offloads!r}")
@@ -526,15 +535,18 @@ def fit_memory(pipe, height: int, width: int, budget_bytes, *, cfg: bool = True,
             plans.append((d, offload, tiled))
     tried = []
     for d, offload, tiled in plans:
-        est = estimate_peak_memory(pipe, height, width, cfg=cfg, offload=offload, vae_tiling=tiled, dtype=d)
-        plan = MemoryPlan(d, offload, tiled, est)
+        est, image = max(((estimate_peak_memory(pipe, h, w, cfg=c, offload=offload, vae_tiling=tiled, dtype=d,
+                                                upscale=up), (h, w, c, up)) for h, w, c, up in everything),
+                         key=lambda pair: pair[0].total)
+        plan = MemoryPlan(d, offload, tiled, est, image)
         if est.total <= budget_bytes:
             return plan
         tried.append(plan)
     smallest = min(tried, key=lambda p: p.estimate.total)
+    h, w, _, up = smallest.image
+    what = f"{h}x{w} generation" + (f" upscaled {up[0]}x" if up else "")
     raise MemoryBudgetError(f"budget_bytes {budget_bytes / GIB:.2f} GiB is below the smallest estimated peak of a "
-                            f"{height}x{width} generation, {smallest.estimate.total / GIB:.2f} GiB "
-                            f"({smallest.options()})", smallest)
+                            f"{what}, {smallest.estimate.total / GIB:.2f} GiB ({smallest.options()})", smallest)
 
 
 def device_memory(device) -> Optional[Tuple[int, int]]:
