@@ -43,7 +43,7 @@ from .errors import GenerationError, LoadError, UsageError
 from .job import (
     DEFAULT_STEPS, JOBS_SCHEMA, LAYOUT_SCHEMA, MODES, PRIORITIES, Job, apply_run_defaults, check_blocks_on_model,
     check_job,
-    check_outputs, generate_image, parse_blocks,
+    check_outputs, folder_lock, generate_image, parse_blocks,
     layout_from_dict, memory_report, merge_upscale, output_paths, read_layout_file, save_job, upscale_from_args,
     upscale_from_dict, upscale_geometry_before_loading, warn_unreached,
 )
@@ -385,32 +385,11 @@ def cmd_generate(args) -> int:
     paths = output_paths(job.out, run.pictures)
     check_outputs(paths, run.overwrite)         # makes the folder, which holds the lock
     # One writer per folder, as --jobs: held from before the model loads until the files are written.
-    with _folder_lock(paths):
+    with folder_lock(paths):
         check_outputs(paths, run.overwrite)     # again, now that no other run writes there
         if args.max_memory is not None:         # reads configs only: refuses before any weights load
             run = plan_memory(args, run, [job])
         return _generate_one(args, job, run, paths)
-
-
-@contextlib.contextmanager
-def _folder_lock(paths):
-    """Hold the lock of the folder ``paths`` are written in (anyms.lock: one run writes in a folder at
-    a time; a --jobs run there, or another image's, refuses, naming the holder). While it is taken,
-    the temporary files a stopped writer of these paths left are removed."""
-    from .lock import FolderBusy, FolderLock, launch_name
-    from .outputs import remove_stale_temporaries
-
-    folder = os.path.dirname(os.path.abspath(paths[0]))
-    lock = FolderLock(folder, launch_name(1), prepare=lambda: remove_stale_temporaries([p for p in paths if p]),
-                      option="--out")
-    try:
-        lock.acquire()
-    except FolderBusy as e:
-        raise UsageError(f"--out: {e}") from None
-    try:
-        yield lock
-    finally:
-        lock.release()
 
 
 def _generate_one(args, job, run, paths) -> int:

@@ -2,6 +2,7 @@
 jobs file's line, made and saved. ``anyms generate`` makes one job, ``--jobs`` many (anyms.jobs)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from .timing import check_schedule, check_window
 
 __all__ = ["Job", "check_job", "read_layout_file", "layout_from_dict", "output_paths", "check_outputs",
            "apply_run_defaults", "generate_image", "image_record", "save_job", "write_pictures", "warn_unreached", "memory_report",
-           "memory_images",
+           "memory_images", "folder_lock",
            "check_blocks_on_model", "parse_blocks",
            "upscale_from_dict", "upscale_from_args", "merge_upscale", "check_upscale", "upscale_geometry_before_loading",
            "upscale_image",
@@ -450,6 +451,28 @@ def check_outputs(paths, overwrite: bool, what: str = "--out") -> None:
         taken = existing(paths)
         if taken is not None:
             raise UsageError(f"{what}: {taken!r} exists; give --overwrite to replace it, or another {what}")
+
+
+@contextlib.contextmanager
+def folder_lock(paths, option: str = "--out"):
+    """Hold the lock of the folder ``paths`` are written in (anyms.lock: one run writes in a folder at
+    a time; a --jobs run there, another image's or a demo's, refuses, naming the holder; the
+    refusal names ``option``). While it is taken, the temporary files a stopped writer of these
+    paths left are removed. The folder must exist (:func:`check_outputs` makes it)."""
+    from .lock import FolderBusy, FolderLock, launch_name
+    from .outputs import remove_stale_temporaries
+
+    paths = [p for p in paths if p]
+    folder = os.path.dirname(os.path.abspath(paths[0]))
+    lock = FolderLock(folder, launch_name(1), prepare=lambda: remove_stale_temporaries(paths), option=option)
+    try:
+        lock.acquire()
+    except FolderBusy as e:
+        raise UsageError(f"{option}: {e}") from None
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 def job_layout(pipe, job: Job, height: int, width: int):
