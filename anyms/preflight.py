@@ -31,7 +31,7 @@ from .images import MAX_SIDE
 
 __all__ = ["MAX_SIDE", "MAX_STEPS", "check_image_size", "MemoryEstimate", "UpscaleEstimate", "estimate_peak_memory",
            "MemoryPlan",
-           "flux_step_bytes", "t5_encode_bytes",
+           "flux_step_bytes", "t5_encode_bytes", "vae_encode_bytes",
            "fit_memory", "MemoryBudgetError", "OFFLOADS", "device_memory",
            "unreached_subjects", "idle_subjects", "unreached_message"]
 
@@ -379,9 +379,7 @@ def estimate_peak_memory(pipe, height: int, width: int, *, cfg: bool = True, off
     # force_upcast, whatever the dtype; SD 1.5's in the VAE's dtype
     encode_upcast = _upcasts_vae(pipe, flux) and bool(getattr(vae.config, "force_upcast", False))
     encode_size = 4 if encode_upcast else size
-    # the input in the encode's dtype is live whole beside a tile's encode, with the tiles' moments
-    up_encode = encode_size * _vae_elements(vae_encode_elements, vae.config, out, tile, vae_tiling,
-                                            3 + 4 * vae.config.latent_channels / factor ** 2) + image_bytes
+    up_encode = vae_encode_bytes(vae, out, vae_tiling, encode_size) + image_bytes
     up_decode = vae_size * _vae_elements(vae_decode_elements, vae.config, out, tile, vae_tiling, 6) + image_bytes \
         + size * channels * cells
     vae_weights_encoding = _module_bytes(vae, 4) if encode_upcast else comp_bytes.get("vae", 0)
@@ -391,6 +389,16 @@ def estimate_peak_memory(pipe, height: int, width: int, *, cfg: bool = True, off
     up = UpscaleEstimate(int(scale), out, (tile_latent[0] * factor, tile_latent[1] * factor), int(tile_step),
                          int(buffers), int(up_encode), int(up_decode), int(up_total))
     return dataclasses.replace(est, total=max(est.total, up.total), upscale=up, generation=est.total)
+
+
+def vae_encode_bytes(vae, image_hw: Tuple[int, int], vae_tiling: bool, size: int) -> int:
+    """Activation bytes of ``vae.encode`` of one image of ``image_hw`` pixels in a ``size``-byte dtype,
+    the image included: whole, or where diffusers tiles it (tiling on and a side above the VAE's
+    tile), one tile's encode beside the whole image and the tiles' moments (kept, then blended)."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    tile = int(getattr(vae, "tile_sample_min_size", 0) or vae.config.sample_size)
+    return int(size * _vae_elements(vae_encode_elements, vae.config, image_hw, tile, vae_tiling,
+                                    3 + 4 * vae.config.latent_channels / factor ** 2))
 
 
 def _vae_elements(elements, config, image_hw: Tuple[int, int], tile: int, vae_tiling: bool, kept: float) -> float:
