@@ -106,9 +106,9 @@ class UpscaleEstimate:
     total: int
 
     def describe(self) -> str:
-        return (f"the {self.scale}x upscale pass's {_gib(self.total)} to {self.size[1]}x{self.size[0]} (the largest "
-                f"of a {self.tile[1]}x{self.tile[0]} tile's U-Net step {_gib(self.step)} with the output's buffers "
-                f"{_gib(self.buffers)}, the VAE encode {_gib(self.encode)} and decode {_gib(self.decode)})")
+        return (f"the {self.scale}x upscale pass's {_gib(self.total)} (to {self.size[1]}x{self.size[0]}: weights + the "
+                f"largest of a {self.tile[1]}x{self.tile[0]} tile's U-Net step {_gib(self.step)} with the output's "
+                f"buffers {_gib(self.buffers)}, the VAE encode {_gib(self.encode)} and decode {_gib(self.decode)})")
 
 
 def _module_bytes(module, dtype_size: Optional[int] = None) -> int:
