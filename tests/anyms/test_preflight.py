@@ -360,3 +360,14 @@ def test_the_upscale_pass_counts_only_when_asked_and_sets_the_peak_where_larger(
     # the pass's VAE phases follow VAE tiling; its tile step does not
     tiled = estimate_peak_memory(pipe, 128, 128, vae_tiling=True, upscale=(4, 128, 64)).upscale
     assert tiled.decode < up.decode and tiled.encode < up.encode and tiled.step == up.step
+
+
+def test_an_upscale_pass_is_refused_for_flux():
+    """The tiled upscale pass runs a U-Net: FLUX's estimate with one is an error naming upscale."""
+    from anyms.flux import AnyMSFluxPipeline
+    from anyms.tiny_flux import tiny_flux_pipeline
+
+    pipe = tiny_flux_pipeline(AnyMSFluxPipeline, seed=0)
+    estimate_peak_memory(pipe, 64, 64)
+    with pytest.raises(ValueError, match=r"^upscale: the tiled upscale pass runs a U-Net \(SD 1.5, SDXL\), not FLUX$"):
+        estimate_peak_memory(pipe, 64, 64, upscale=(2, 64, 0))
