@@ -239,6 +239,20 @@ def _size_up(size: int) -> str:
     return f"{math.ceil(size / GIB * 10) / 10:.1f}GiB"
 
 
+def _image_words(plan, article: bool = True) -> str:
+    """The image a plan's estimate is of: ``a 1024x1024 generation`` (``1024x1024``), and where its
+    upscale pass sets the peak, ``... generation whose --upscale 2 pass to 2048x2048 sets the peak``."""
+    height, width, _, upscale = plan.image
+    text = f"a {width}x{height} generation" if article else f"{width}x{height}"
+    up = plan.estimate.upscale
+    if upscale is None or up is None:
+        return text
+    if up.total >= plan.estimate.generation:
+        return f"{text} {'whose' if article else 'with its'} --upscale {up.scale} pass to {up.size[1]}x{up.size[0]}" \
+               f"{' sets the peak' if article else ''}"
+    return f"{text} (and its --upscale {up.scale} pass)"
+
+
 def plan_memory(args, run, jobs: Sequence, log=None):
     """The run with the plan of ``args.max_memory`` applied (dtype, offload, VAE tiling, and the
     budget for the record), for the largest of ``jobs``' images (one plan for the whole run: its
@@ -247,7 +261,7 @@ def plan_memory(args, run, jobs: Sequence, log=None):
     import torch
 
     from . import console
-    from .loading import default_size
+    from .job import memory_images
     from .preflight import OFFLOADS, MemoryBudgetError, fit_memory
 
     budget = parse_size(args.max_memory)
@@ -259,10 +273,8 @@ def plan_memory(args, run, jobs: Sequence, log=None):
         for what, repo, filename in run.sources["needs"]:
             hub.require(what, repo, filename)
     skeleton = skeleton_pipeline(run.sources, run.dtype, offline=hub is not None and hub.known_offline())
-    height0, width0 = default_size(skeleton)
-    sizes = [(job.height or height0, job.width or width0) for job in jobs]
-    height, width = max(sizes, key=lambda hw: hw[0] * hw[1])
-    cfg = any(job.guidance is None or job.guidance > 1 for job in jobs)
+    images = memory_images(skeleton, jobs)          # each distinct image, its upscale pass included
+    (height, width, cfg, upscale), more = images[0], images[1:]
     # the options given on the command line are constraints
     fixed = []
     dtype = None
@@ -278,19 +290,22 @@ def plan_memory(args, run, jobs: Sequence, log=None):
         fixed.append("--vae-tiling")
     half = torch.float16 if run.device.type == "cuda" else torch.bfloat16
     try:
-        plan = fit_memory(skeleton, height, width, budget, cfg=cfg, half_dtype=half, dtype=dtype,
-                          offloads=offloads, vae_tiling=True if args.vae_tiling else None)
+        plan = fit_memory(skeleton, height, width, budget, cfg=cfg, upscale=upscale, half_dtype=half, dtype=dtype,
+                          offloads=offloads, vae_tiling=True if args.vae_tiling else None, images=more)
     except MemoryBudgetError as e:
         least = e.smallest
         within = f" within {', '.join(fixed)}" if fixed else ""
         weights = (f"; the weights alone take {least.estimate.weights / GIB:.2f} GiB on the device even so"
                    if budget < least.estimate.weights else "")
-        raise UsageError(f"--max-memory {args.max_memory}: a {width}x{height} generation on {run.device} needs an "
-                         f"estimated {least.estimate.total / GIB:.2f} GiB at the least ({least.options()}{within})"
-                         f"{weights}; give --max-memory {_size_up(least.estimate.total)} or more, or a smaller size"
+        smaller = "a smaller size"
+        if least.estimate.upscale is not None and least.estimate.upscale.total >= least.estimate.generation:
+            smaller = "a smaller size, --upscale or --upscale-tile"
+        raise UsageError(f"--max-memory {args.max_memory}: {_image_words(least)} on {run.device} needs an estimated "
+                         f"{least.estimate.total / GIB:.2f} GiB at the least ({least.options()}{within})"
+                         f"{weights}; give --max-memory {_size_up(least.estimate.total)} or more, or {smaller}"
                          ) from None
     (log or console.info)(f"--max-memory {args.max_memory}: {plan.options()} (estimated peak "
-                          f"{plan.estimate.total / GIB:.2f} GiB for {width}x{height}"
-                          f"{', the largest job' if len(jobs) > 1 else ''})")
+                          f"{plan.estimate.total / GIB:.2f} GiB for {_image_words(plan, article=False)}"
+                          f"{', the largest job' if len(images) > 1 else ''})")
     return dataclasses.replace(run, dtype=plan.dtype, offload=plan.offload, vae_tiling=plan.vae_tiling,
                                max_memory=args.max_memory)

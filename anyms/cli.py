@@ -42,12 +42,12 @@ from .demo import cmd_demo
 from .errors import GenerationError, LoadError, UsageError
 from .job import (
     DEFAULT_STEPS, JOBS_SCHEMA, LAYOUT_SCHEMA, MODES, PRIORITIES, Job, apply_run_defaults, check_blocks_on_model,
-    check_job, check_outputs, check_prompts_on_model, generate_image, parse_blocks,
+    check_job, check_outputs, check_prompts_on_model, folder_lock, generate_image, parse_blocks,
     layout_from_dict, memory_report, merge_upscale, output_paths, read_layout_file, save_job, upscale_from_args,
     upscale_from_dict, upscale_geometry_before_loading, warn_unreached,
 )
 from .loading import (
-    ARCHS, DEFAULT_IP_ADAPTER, DEFAULT_FLUX_MODEL, DEFAULT_MODEL, DTYPES, TINY_MODEL, TOY_MODEL, default_size, load_for_run,
+    ARCHS, DEFAULT_IP_ADAPTER, DEFAULT_FLUX_MODEL, DEFAULT_MODEL, DTYPES, TINY_MODEL, TOY_MODEL, load_for_run,
     run_from_args, threads_for,
 )
 from .budget import plan_memory, size_argument
@@ -436,32 +436,11 @@ def cmd_generate(args) -> int:
     paths = output_paths(job.out, run.pictures)
     check_outputs(paths, run.overwrite)         # makes the folder, which holds the lock
     # One writer per folder, as --jobs: held from before the model loads until the files are written.
-    with _folder_lock(paths):
+    with folder_lock(paths):
         check_outputs(paths, run.overwrite)     # again, now that no other run writes there
         if args.max_memory is not None:         # reads configs only: refuses before any weights load
             run = plan_memory(args, run, [job])
         return _generate_one(args, job, run, paths)
-
-
-@contextlib.contextmanager
-def _folder_lock(paths):
-    """Hold the lock of the folder ``paths`` are written in (anyms.lock: one run writes in a folder at
-    a time; a --jobs run there, or another image's, refuses, naming the holder). While it is taken,
-    the temporary files a stopped writer of these paths left are removed."""
-    from .lock import FolderBusy, FolderLock, launch_name
-    from .outputs import remove_stale_temporaries
-
-    folder = os.path.dirname(os.path.abspath(paths[0]))
-    lock = FolderLock(folder, launch_name(1), prepare=lambda: remove_stale_temporaries([p for p in paths if p]),
-                      option="--out")
-    try:
-        lock.acquire()
-    except FolderBusy as e:
-        raise UsageError(f"--out: {e}") from None
-    try:
-        yield lock
-    finally:
-        lock.release()
 
 
 def _generate_one(args, job, run, paths) -> int:
@@ -472,8 +451,7 @@ def _generate_one(args, job, run, paths) -> int:
         with _naming_the_record(args):
             check_blocks_on_model(pipe, job)
             check_prompts_on_model(pipe, job)
-        height, width = job.height or default_size(pipe)[0], job.width or default_size(pipe)[1]
-        memory_report(pipe, run, height, width, cfg=job.guidance is None or job.guidance > 1)
+        memory_report(pipe, run, [job])
         warn_unreached(pipe, job)
 
         # 3. Generation, with diffusers' progress bar.

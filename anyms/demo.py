@@ -2,11 +2,12 @@
 model built in code with random weights (``--model tiny`` or ``--arch``)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
 from .errors import UsageError
-from .job import check_outputs, write_pictures
+from .job import check_outputs, folder_lock, write_pictures
 
 __all__ = ["cmd_demo", "demo_subject_images", "triangle_mask", "check_demo_args", "demo_outputs"]
 
@@ -56,15 +57,16 @@ def _demo(args) -> int:
     arch = getattr(args, "arch", None)
     if model == "toy" and arch is not None:
         raise UsageError(f"--arch {arch}: the toy world is one model; --arch picks the --model tiny shape")
-    if model == "toy" or (model is None and arch is None):
-        args.steps = 20 if args.steps is None else args.steps
-        args.size = 64 if args.size is None else args.size
-        check_demo_args(args, flux=False)
-        return _toy_demo(args)
-    args.arch = arch or "sdxl"
-    args.steps = 8 if args.steps is None else args.steps
-    args.size = 256 if args.size is None else args.size
-    return _tiny_demo(args)
+    with contextlib.ExitStack() as held:        # the output folder's lock, once taken, until the files are written
+        if model == "toy" or (model is None and arch is None):
+            args.steps = 20 if args.steps is None else args.steps
+            args.size = 64 if args.size is None else args.size
+            check_demo_args(args, flux=False)
+            return _toy_demo(args, held)
+        args.arch = arch or "sdxl"
+        args.steps = 8 if args.steps is None else args.steps
+        args.size = 256 if args.size is None else args.size
+        return _tiny_demo(args, held)
 
 
 def check_demo_args(args, flux: bool) -> None:
@@ -76,18 +78,22 @@ def check_demo_args(args, flux: bool) -> None:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
 
 
-def demo_outputs(out_dir: str, subject_names, mask_name: str, overwrite: bool):
+def demo_outputs(out_dir: str, subject_names, mask_name: str, overwrite: bool, held: contextlib.ExitStack):
     """The demo's files (image, layout and routing pictures; subject and mask paths), checked like
     generate's before any model is built: the folder made and proven writable, nothing replaced
-    without --overwrite."""
+    without --overwrite. The folder's lock (one writer per folder, as ``anyms generate``'s) is
+    taken into ``held`` and checked again under it: the caller holds it until its files are written."""
     subject_paths = [os.path.join(out_dir, f"subject_{name}.png") for name in subject_names]
     mask_path = os.path.join(out_dir, f"mask_{mask_name}.png")
     paths = tuple(os.path.join(out_dir, name) for name in ("image.png", "layout.png", "routing.png"))
-    check_outputs([*paths, *subject_paths, mask_path], overwrite, what="--out-dir")
+    every = [*paths, *subject_paths, mask_path]
+    check_outputs(every, overwrite, what="--out-dir")          # makes the folder, which holds the lock
+    held.enter_context(folder_lock(every, "--out-dir"))
+    check_outputs(every, overwrite, what="--out-dir")          # again, now that no other run writes there
     return paths, subject_paths, mask_path
 
 
-def _tiny_demo(args) -> int:
+def _tiny_demo(args, held: contextlib.ExitStack) -> int:
     import torch
 
     from .outputs import OutputError, atomic_save
@@ -100,7 +106,7 @@ def _tiny_demo(args) -> int:
     overwrite = getattr(args, "overwrite", False)
     drawn = demo_subject_images()
     paths, subject_paths, mask_path = demo_outputs(out_dir, [label.replace(" ", "_") for label, _ in drawn],
-                                                   drawn[2][0].replace(" ", "_"), overwrite)
+                                                   drawn[2][0].replace(" ", "_"), overwrite, held)
     print(f"anyms demo: a tiny {'FLUX.1' if flux else 'SDXL'}-shaped model built in code, with RANDOM weights "
           f"(nothing is downloaded).")
     print("The image is therefore noise-like: the demo shows that the whole AnyMS pipeline runs, and what the")
@@ -152,7 +158,7 @@ TOY_DEMO_SUBJECTS = (("red", "circle", (0.04, 0.06, 0.48, 0.5)),
 _TOY_TRIANGLE = ((0.5, 0.5), (0.8, 0.97), (0.2, 0.97))   # the green triangle's region: a triangular mask
 
 
-def _toy_demo(args) -> int:
+def _toy_demo(args, held: contextlib.ExitStack) -> int:
     """Write image.png, layout.png, routing.png and the subject references into ``args.out_dir``,
     replacing nothing without ``args.overwrite`` (checked before the model loads)."""
     import torch
@@ -164,7 +170,7 @@ def _toy_demo(args) -> int:
     overwrite = getattr(args, "overwrite", False)
     mask_name = next(f"{c}_{s}" for c, s, box in TOY_DEMO_SUBJECTS if box is None)
     paths, subject_paths, mask_path = demo_outputs(args.out_dir, [f"{c}_{s}" for c, s, _ in TOY_DEMO_SUBJECTS],
-                                                   mask_name, overwrite)
+                                                   mask_name, overwrite, held)
     print("anyms demo: the toy world, a small model trained here on coloured shapes on grey (shipped with anyms, "
           "nothing is downloaded).")
     print("Each subject is a reference image (the shape centred on grey); AnyMS puts it in its box or mask.")

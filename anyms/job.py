@@ -2,6 +2,7 @@
 jobs file's line, made and saved. ``anyms generate`` makes one job, ``--jobs`` many (anyms.jobs)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -17,7 +18,8 @@ from .timing import check_schedule, check_window
 
 __all__ = ["Job", "check_job", "read_layout_file", "layout_from_dict", "output_paths", "check_outputs",
            "apply_run_defaults", "generate_image", "image_record", "save_job", "write_pictures", "warn_unreached",
-           "memory_report", "check_blocks_on_model", "check_prompts_on_model", "parse_blocks",
+           "memory_report", "memory_images", "folder_lock", "check_blocks_on_model", "check_prompts_on_model",
+           "parse_blocks",
            "upscale_from_dict", "upscale_from_args", "merge_upscale", "check_upscale", "upscale_geometry_before_loading",
            "upscale_image",
            "LAYOUT_SCHEMA", "JOBS_SCHEMA"]
@@ -471,6 +473,28 @@ def check_outputs(paths, overwrite: bool, what: str = "--out") -> None:
             raise UsageError(f"{what}: {taken!r} exists; give --overwrite to replace it, or another {what}")
 
 
+@contextlib.contextmanager
+def folder_lock(paths, option: str = "--out"):
+    """Hold the lock of the folder ``paths`` are written in (anyms.lock: one run writes in a folder at
+    a time; a --jobs run there, another image's or a demo's, refuses, naming the holder; the
+    refusal names ``option``). While it is taken, the temporary files a stopped writer of these
+    paths left are removed. The folder must exist (:func:`check_outputs` makes it)."""
+    from .lock import FolderBusy, FolderLock, launch_name
+    from .outputs import remove_stale_temporaries
+
+    paths = [p for p in paths if p]
+    folder = os.path.dirname(os.path.abspath(paths[0]))
+    lock = FolderLock(folder, launch_name(1), prepare=lambda: remove_stale_temporaries(paths), option=option)
+    try:
+        lock.acquire()
+    except FolderBusy as e:
+        raise UsageError(f"{option}: {e}") from None
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
 def job_layout(pipe, job: Job, height: int, width: int):
     """The :class:`~anyms.Layout` the pipeline will build for ``job`` at ``height x width``."""
     plan = job.plan.resolve_blocks(pipe)
@@ -557,17 +581,43 @@ def warn_unreached(pipe, job: Job, warn=None) -> List[str]:
     return lines
 
 
-def memory_report(pipe, run: Run, height: int, width: int, cfg: bool, log=None, warn=None):
-    """Print the estimated peak memory of one image; warn if it is above what the device has free."""
+def memory_images(pipe, jobs) -> List[tuple]:
+    """The distinct images of ``jobs`` as the memory estimate takes them: ``(height, width, cfg,
+    upscale)``, the size with ``pipe``'s default filled in, CFG where the guidance is above 1,
+    ``upscale`` the job's ``(scale, tile, overlap)`` with the model's defaults (or None). ``pipe``
+    may be the meta-device skeleton (anyms.budget) or the loaded pipeline."""
+    out = []
+    for job in jobs:
+        height, width = job.height or default_size(pipe)[0], job.width or default_size(pipe)[1]
+        up = None
+        if job.upscale is not None and getattr(pipe, "unet", None) is not None:
+            from .upscale_args import geometry_of_pipe
+
+            resolved = check_upscale(job, geometry_of_pipe(pipe))
+            up = (resolved["scale"], resolved["tile"], resolved["overlap"])
+        image = (height, width, job.guidance is None or job.guidance > 1, up)
+        if image not in out:
+            out.append(image)
+    return out
+
+
+def memory_report(pipe, run: Run, jobs, log=None, warn=None):
+    """Print the estimated peak memory of the largest of ``jobs``' images (its upscale pass
+    included); warn if it is above what the device has free."""
     from .preflight import GIB, device_memory, estimate_peak_memory
 
-    est = estimate_peak_memory(pipe, height, width, cfg=cfg, offload=run.offload, vae_tiling=run.vae_tiling,
-                               dtype=run.dtype)
-    (log or console.info)(f"estimated peak memory, {width}x{height} on {run.device}: {est.describe()}")
+    images = memory_images(pipe, jobs)
+    est, (height, width, _, up) = max(
+        ((estimate_peak_memory(pipe, h, w, cfg=cfg, offload=run.offload, vae_tiling=run.vae_tiling, dtype=run.dtype,
+                               upscale=up), (h, w, cfg, up)) for h, w, cfg, up in images), key=lambda p: p[0].total)
+    what = f"{width}x{height}" + (f" upscaled {up[0]}x" if up else "")
+    largest = ", the largest job" if len(images) > 1 else ""
+    (log or console.info)(f"estimated peak memory, {what} on {run.device}{largest}: {est.describe()}")
     memory = device_memory(run.device)
     if memory is not None and est.total > memory[0]:
         hints = [h for h, on in (("--vae-tiling", not run.vae_tiling), ("--offload model", run.offload == "none"
-                                 and run.device.type == "cuda"), ("a smaller size", True)) if on]
+                                 and run.device.type == "cuda"), ("a smaller size", True),
+                                 ("a smaller --upscale-tile", up is not None)) if on]
         (warn or console.warn)(f"the estimate is above the {memory[0] / GIB:.1f} GiB free on {run.device}: "
                                f"expect to run out of memory ({', '.join(hints)} need less)")
     return est

@@ -418,9 +418,7 @@ def _run_holding_the_lock(args, procs: Processes, jobs: List[Job], out_dir: str,
         mine = pending[procs.rank::procs.world]
         procs.connect()
         if procs.main and pending:
-            sizes = [(j.height or default_size(pipe)[0], j.width or default_size(pipe)[1]) for j in pending]
-            h, w = max(sizes, key=lambda hw: hw[0] * hw[1])
-            memory_report(pipe, run, h, w, cfg=any(j.guidance is None or j.guidance > 1 for j in pending), log=log)
+            memory_report(pipe, run, pending, log=log)
         procs.barrier()
         log(f"jobs: {len(jobs)} in {args.jobs}; {len(done)} done before, {len(pending)} to make"
             + (f", split across {procs.world} processes (this one makes {len(mine)})"

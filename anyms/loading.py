@@ -293,7 +293,7 @@ def _load_pipeline(args, run: Run):
 
     from .pipeline import AnyMSStableDiffusionPipeline, AnyMSStableDiffusionXLPipeline
 
-    sources, device, dtype = run.sources, run.device, run.dtype
+    sources, dtype = run.sources, run.dtype
     arch = sources.get("arch", args.arch or "sdxl")
     if arch == "flux":
         from .flux import AnyMSFluxPipeline as cls

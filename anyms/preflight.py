@@ -21,6 +21,7 @@ No diffusers import here, and torch only inside the functions (the CLI imports t
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -28,8 +29,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .images import MAX_SIDE
 
-__all__ = ["MAX_SIDE", "MAX_STEPS", "check_image_size", "MemoryEstimate", "estimate_peak_memory", "MemoryPlan",
-           "flux_step_bytes", "t5_encode_bytes",
+__all__ = ["MAX_SIDE", "MAX_STEPS", "check_image_size", "MemoryEstimate", "UpscaleEstimate", "estimate_peak_memory",
+           "MemoryPlan",
+           "flux_step_bytes", "t5_encode_bytes", "vae_encode_bytes",
            "fit_memory", "MemoryBudgetError", "OFFLOADS", "device_memory",
            "unreached_subjects", "idle_subjects", "unreached_message"]
 
@@ -64,15 +66,49 @@ class MemoryEstimate:
     total: int
     encode: int = 0
     denoiser: str = "U-Net"
+    upscale: Optional["UpscaleEstimate"] = None
+    generation: Optional[int] = None
 
     def describe(self) -> str:
-        def g(x):
-            return f"{x / GIB:.2f}" if x >= 0.01 * GIB else f"{x / GIB:.3f}"
         if self.denoiser == "U-Net":
-            return (f"{g(self.total)} GiB (weights {g(self.weights)} + the larger of a U-Net step {g(self.unet)} "
-                    f"and the VAE decode {g(self.decode)})")
-        return (f"{g(self.total)} GiB (weights {g(self.weights)} + the largest of a {self.denoiser} step "
-                f"{g(self.unet)}, the text encoders {g(self.encode)} and the VAE decode {g(self.decode)})")
+            text = (f"weights {_gib(self.weights)} + the larger of a U-Net step {_gib(self.unet)} "
+                    f"and the VAE decode {_gib(self.decode)}")
+        else:
+            text = (f"weights {_gib(self.weights)} + the largest of a {self.denoiser} step "
+                    f"{_gib(self.unet)}, the text encoders {_gib(self.encode)} and the VAE decode {_gib(self.decode)}")
+        if self.upscale is None:
+            return f"{_gib(self.total)} GiB ({text})"
+        return (f"{_gib(self.total)} GiB, the larger of the generation's {_gib(self.generation)} ({text}) and "
+                f"{self.upscale.describe()}")
+
+
+def _gib(x) -> str:
+    return f"{x / GIB:.2f}" if x >= 0.01 * GIB else f"{x / GIB:.3f}"
+
+
+@dataclass
+class UpscaleEstimate:
+    """Bytes of the tiled upscale pass (:func:`anyms.tiled_upscale`, an img2img pass at ``scale``
+    times the generation's size): ``size`` the output's (height, width) pixels, ``tile`` the
+    largest tile's; ``step`` the activations of one U-Net step on a tile; ``buffers`` what the pass
+    holds at the output's size through its steps (the latents, the blend's float32 sums and
+    weights, the upscaled input image in float32); ``encode`` the VAE encode of the upscaled input
+    and ``decode`` the VAE decode of the output (each one tile's where the VAE tiles), with the
+    input image; ``total`` the pass's peak with the weights on the device."""
+
+    scale: int
+    size: Tuple[int, int]
+    tile: Tuple[int, int]
+    step: int
+    buffers: int
+    encode: int
+    decode: int
+    total: int
+
+    def describe(self) -> str:
+        return (f"the {self.scale}x upscale pass's {_gib(self.total)} (to {self.size[1]}x{self.size[0]}: weights + the "
+                f"largest of a {self.tile[1]}x{self.tile[0]} tile's U-Net step {_gib(self.step)} with the output's "
+                f"buffers {_gib(self.buffers)}, the VAE encode {_gib(self.encode)} and decode {_gib(self.decode)})")
 
 
 def _module_bytes(module, dtype_size: Optional[int] = None) -> int:
@@ -157,6 +193,28 @@ def vae_decode_elements(config, image_hw: Tuple[int, int]) -> int:
     return int(peak + 2 * 3 * pixels)                              # + the decoded image
 
 
+def vae_encode_elements(config, image_hw: Tuple[int, int]) -> int:
+    """Activation elements of encoding one image of ``image_hw`` pixels, the image included (see
+    :func:`estimate_upscale_memory`). A resnet as in :func:`vae_decode_elements`; from a block's
+    second resnet on, the block's input (held by the encoder's loop) is live beside it: measured
+    (the CPU allocator's peak, SDXL's VAE structure narrower, bf16), the peak is the finest level's
+    second resnet, ``6 c`` per pixel (``5 c`` with one resnet a block)."""
+    channels = list(config.block_out_channels)
+    layers = _as_list(config.layers_per_block, len(channels))
+    pixels = image_hw[0] * image_hw[1]
+    peak = 0
+    c_in = channels[0]                                             # conv_in's output
+    for i, c_out in enumerate(channels):
+        p = pixels / 4 ** i
+        peak = max(peak, max(3 * c_in + c_out, c_in + 4 * c_out) * p)
+        if layers[i] > 1:
+            peak = max(peak, (c_in + 5 * c_out) * p)
+        if i < len(channels) - 1:
+            peak = max(peak, (c_in + 2 * c_out + c_out / 4) * p)  # the downsampler: input, padded copy, output
+        c_in = c_out
+    return int(peak + 3 * pixels)                                  # + the image
+
+
 # FLUX: FluxPipeline's default max_sequence_length (T5 tokens), the single-stream blocks' MLP ratio,
 # and the bytes of apply_rotary_emb's float32 temporaries per element of one projection (x * cos,
 # x_rotated * sin and their sum, or x_rotated's float copy in their place: three live at its peak).
@@ -215,7 +273,8 @@ def t5_encode_bytes(config, tokens: int, size: int) -> int:
 
 def estimate_peak_memory(pipe, height: int, width: int, *, cfg: bool = True, offload: str = "none",
                          vae_tiling: bool = False, dtype=None, attention_values: float = 0,
-                         conditioning_bytes: int = 0) -> MemoryEstimate:
+                         conditioning_bytes: int = 0,
+                         upscale: Optional[Tuple[int, int, int]] = None) -> MemoryEstimate:
     """An estimate of the peak device memory of one generation (one image).
 
     Counts: the weights on the device (every component; with ``offload="model"`` the
@@ -249,6 +308,16 @@ def estimate_peak_memory(pipe, height: int, width: int, *, cfg: bool = True, off
     Checked against the CPU allocator's peak on the full-size SD 1.5 and SDXL architectures
     and FLUX.1's width with fewer blocks, in bf16 (benchmarks/bench_memory.py,
     docs/memory.md: within 15%), and on the tiny models (tests/anyms/test_preflight.py).
+
+    ``upscale``: ``(scale, tile, overlap)`` (pixels of the output, the defaults resolved:
+    :func:`anyms.upscale_args.check_upscale_options`) adds the tiled upscale pass that follows the
+    generation (:func:`anyms.tiled_upscale`, U-Net pipelines): ``.upscale`` holds its
+    :class:`UpscaleEstimate` and ``total`` is the larger of the two passes' peaks. The pass has the
+    same weights and offload; its phases: a U-Net step on one tile (the same term at the tile's
+    size) beside what the pass holds at the output's size, the VAE encode of the upscaled input
+    (:func:`vae_encode_elements`; in float32 where an SDXL pipeline's VAE says ``force_upcast``,
+    whatever the dtype), and the VAE decode of the output, each with the upscaled input in float32
+    the call holds (on CUDA that tensor stays in host memory: the estimate counts it anyway).
     """
     import torch
 
@@ -276,31 +345,87 @@ def estimate_peak_memory(pipe, height: int, width: int, *, cfg: bool = True, off
         step_act = (2 if cfg else 1) * size * unet_step_elements(denoiser.config, latent, attention_values) \
             + int(conditioning_bytes)
         encode_act = 0
-    decode_hw = (height, width)
     tile = int(getattr(vae, "tile_sample_min_size", 0) or vae.config.sample_size)
-    # diffusers decodes in tiles only when the latent is larger than one tile
-    tiled = vae_tiling and (latent[0] > tile // factor or latent[1] > tile // factor)
-    if tiled:
-        decode_hw = (min(height, tile), min(width, tile))
-    decode_act = vae_size * vae_decode_elements(vae.config, decode_hw)
-    if tiled:
-        decode_act += 2 * 3 * height * width * vae_size           # the tiles kept, and the blended image
+    decode_act = vae_size * _vae_elements(vae_decode_elements, vae.config, (height, width), tile, vae_tiling, 6)
     vae_weights_decoding = _module_bytes(vae, 4) if upcast else comp_bytes.get("vae", 0)
     encoder = "text_encoder_2" if flux else "text_encoder"
+    weights, total = _peak(offload, comp_bytes, den_key, components, size if explicit_dtype else None,
+                           (den_key, step_act), ("vae", decode_act, vae_weights_decoding), (encoder, encode_act))
+    est = MemoryEstimate(int(weights), int(step_act), int(decode_act), int(total), int(encode_act),
+                         "transformer" if flux else "U-Net")
+    if upscale is None:
+        return est
+    if flux:
+        raise ValueError("upscale: the tiled upscale pass runs a U-Net (SD 1.5, SDXL), not FLUX")
+    scale, up_tile, overlap = upscale
+    out = (height * scale, width * scale)
+    cells = (out[0] // factor) * (out[1] // factor)
+    from .upscale import plan_tiles              # pure geometry (torch is imported by now)
+
+    unit = factor * 2 ** (len(denoiser.config.block_out_channels) - 1)
+    tiles = plan_tiles(out, up_tile, overlap, unit, factor)
+    tile_latent = tiles[0].hw                    # every tile has the same size
+    batch = 2 if cfg else 1
+    tile_step = batch * size * unet_step_elements(denoiser.config, tile_latent, attention_values) \
+        + int(conditioning_bytes)
+    channels = denoiser.config.in_channels
+    image_bytes = 3 * 4 * out[0] * out[1]        # the upscaled input, preprocessed in float32, held by the call
+    # through the steps, per latent cell: the latents, the CFG batch and its scaled copy (the
+    # pipeline's dtype), the blend's sum of the batch's predictions and its weight sum (float32);
+    # and each tile's float32 weights
+    buffers = (channels * (1 + 2 * batch) * size + 4 * (channels * batch + 1)) * cells \
+        + 4 * sum(t.hw[0] * t.hw[1] for t in tiles) + image_bytes
+    # SDXL's img2img encodes in float32 with the VAE cast to float32 where its config says
+    # force_upcast, whatever the dtype; SD 1.5's in the VAE's dtype
+    encode_upcast = _upcasts_vae(pipe, flux) and bool(getattr(vae.config, "force_upcast", False))
+    encode_size = 4 if encode_upcast else size
+    up_encode = vae_encode_bytes(vae, out, vae_tiling, encode_size) + image_bytes
+    up_decode = vae_size * _vae_elements(vae_decode_elements, vae.config, out, tile, vae_tiling, 6) + image_bytes \
+        + size * channels * cells
+    vae_weights_encoding = _module_bytes(vae, 4) if encode_upcast else comp_bytes.get("vae", 0)
+    up_weights, up_total = _peak(offload, comp_bytes, den_key, components, size if explicit_dtype else None,
+                                 (den_key, tile_step + buffers), ("vae", up_decode, vae_weights_decoding),
+                                 ("vae", up_encode, vae_weights_encoding))
+    up = UpscaleEstimate(int(scale), out, (tile_latent[0] * factor, tile_latent[1] * factor), int(tile_step),
+                         int(buffers), int(up_encode), int(up_decode), int(up_total))
+    return dataclasses.replace(est, total=max(est.total, up.total), upscale=up, generation=est.total)
+
+
+def vae_encode_bytes(vae, image_hw: Tuple[int, int], vae_tiling: bool, size: int) -> int:
+    """Activation bytes of ``vae.encode`` of one image of ``image_hw`` pixels in a ``size``-byte dtype,
+    the image included: whole, or where diffusers tiles it (tiling on and a side above the VAE's
+    tile), one tile's encode beside the whole image and the tiles' moments (kept, then blended)."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    tile = int(getattr(vae, "tile_sample_min_size", 0) or vae.config.sample_size)
+    return int(size * _vae_elements(vae_encode_elements, vae.config, image_hw, tile, vae_tiling,
+                                    3 + 4 * vae.config.latent_channels / factor ** 2))
+
+
+def _vae_elements(elements, config, image_hw: Tuple[int, int], tile: int, vae_tiling: bool, kept: float) -> float:
+    """``elements(config, hw)`` of the whole image, or, where diffusers tiles it (tiling on and the
+    image larger than one ``tile`` of pixels), of one tile plus ``kept`` values per pixel of the
+    image (the tiles' results kept and blended)."""
+    height, width = image_hw
+    if vae_tiling and (height > tile or width > tile):
+        return elements(config, (min(height, tile), min(width, tile))) + kept * height * width
+    return elements(config, image_hw)
+
+
+def _peak(offload: str, comp_bytes: Dict[str, int], den_key: str, components, dtype_size, *phases) -> Tuple[int, int]:
+    """``(weights, peak)`` of phases ``(component, activations[, its weights while it runs])``, each
+    with the weights ``offload`` keeps on the device: all of them (``"none"``; a component's own
+    weights as given, e.g. a VAE cast to float32), its component alone (``"model"``), the largest
+    layer (``"sequential"``)."""
+    def own(phase):
+        return phase[2] if len(phase) > 2 else comp_bytes.get(phase[0], 0)
+
     if offload == "model":
-        weights = max(comp_bytes.values())
-        total = max(comp_bytes.get(den_key, 0) + step_act, vae_weights_decoding + decode_act,
-                    comp_bytes.get(encoder, 0) + encode_act)
-    elif offload == "sequential":
-        weights = max(_largest_leaf_bytes(m, size if explicit_dtype else None) for m in components.values()
-                      if m is not None)
-        total = weights + max(step_act, decode_act, encode_act)
-    else:
-        weights = sum(comp_bytes.values())
-        total = max(weights + step_act, weights - comp_bytes.get("vae", 0) + vae_weights_decoding + decode_act,
-                    weights + encode_act)
-    return MemoryEstimate(int(weights), int(step_act), int(decode_act), int(total), int(encode_act),
-                          "transformer" if flux else "U-Net")
+        return max(comp_bytes.values()), max(own(p) + p[1] for p in phases)
+    if offload == "sequential":
+        weights = max(_largest_leaf_bytes(m, dtype_size) for m in components.values() if m is not None)
+        return weights, weights + max(p[1] for p in phases)
+    weights = sum(comp_bytes.values())
+    return weights, max(weights - comp_bytes.get(p[0], 0) + own(p) + p[1] for p in phases)
 
 
 def _upcasts_vae(pipe, flux: bool) -> bool:
@@ -331,6 +456,7 @@ class MemoryPlan:
     offload: str
     vae_tiling: bool
     estimate: MemoryEstimate
+    image: Optional[tuple] = None      # (height, width, cfg, upscale) of the image the estimate is of
 
     def options(self) -> str:
         dtype = str(self.dtype).replace("torch.", "")
@@ -353,9 +479,9 @@ class MemoryBudgetError(ValueError):
         self.smallest = smallest
 
 
-def fit_memory(pipe, height: int, width: int, budget_bytes, *, cfg: bool = True,
+def fit_memory(pipe, height: int, width: int, budget_bytes, *, cfg: bool = True, upscale=None,
                half_dtype=None, dtype=None, offloads: Sequence[str] = OFFLOADS,
-               vae_tiling: Optional[bool] = None) -> MemoryPlan:
+               vae_tiling: Optional[bool] = None, images: Sequence[tuple] = ()) -> MemoryPlan:
     """The first plan, in a fixed order, whose estimated peak (:func:`estimate_peak_memory`) is
     within ``budget_bytes``; each step keeps the ones before it:
 
@@ -371,6 +497,11 @@ def fit_memory(pipe, height: int, width: int, budget_bytes, *, cfg: bool = True,
     ``vae_tiling`` (True or False in every step). Attention slicing is not a step: the estimate
     assumes fused attention (no token x token scores), where slicing saves nothing.
 
+    ``upscale``: the tiled upscale pass that follows the generation, ``(scale, tile, overlap)``
+    (:func:`estimate_peak_memory`): the plan must fit both passes. ``images``: more images the one
+    plan must fit, as ``(height, width, cfg, upscale)`` (a run of several); a plan's estimate is
+    then that of the image with the largest peak, and ``plan.image`` says which.
+
     ``pipe`` needs only its components' configs and parameters' shapes and dtypes: a pipeline
     built on the meta device (anyms.budget) is estimated as the loaded one would be.
 
@@ -384,8 +515,11 @@ def fit_memory(pipe, height: int, width: int, budget_bytes, *, cfg: bool = True,
     if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, float)) or not budget_bytes > 0 \
             or math.isinf(budget_bytes):
         raise ValueError(f"budget_bytes must be a positive number of bytes, got {budget_bytes!r}")
-    check_image_size(height, "height")
-    check_image_size(width, "width")
+    everything = [(height, width, cfg, upscale)] + [tuple(image) for image in images]
+    for i, image in enumerate(everything):
+        where = "" if i == 0 else f"images[{i - 1}]: "
+        check_image_size(image[0], f"{where}height")
+        check_image_size(image[1], f"{where}width")
     offloads = tuple(offloads)
     if not offloads or any(o not in OFFLOADS for o in offloads):
         raise ValueError(f"offloads must be a non-empty sequence of {list(OFFLOADS)}, got {offloads!r}")
@@ -409,15 +543,18 @@ def fit_memory(pipe, height: int, width: int, budget_bytes, *, cfg: bool = True,
             plans.append((d, offload, tiled))
     tried = []
     for d, offload, tiled in plans:
-        est = estimate_peak_memory(pipe, height, width, cfg=cfg, offload=offload, vae_tiling=tiled, dtype=d)
-        plan = MemoryPlan(d, offload, tiled, est)
+        est, image = max(((estimate_peak_memory(pipe, h, w, cfg=c, offload=offload, vae_tiling=tiled, dtype=d,
+                                                upscale=up), (h, w, c, up)) for h, w, c, up in everything),
+                         key=lambda pair: pair[0].total)
+        plan = MemoryPlan(d, offload, tiled, est, image)
         if est.total <= budget_bytes:
             return plan
         tried.append(plan)
     smallest = min(tried, key=lambda p: p.estimate.total)
+    h, w, _, up = smallest.image
+    what = f"{h}x{w} generation" + (f" upscaled {up[0]}x" if up else "")
     raise MemoryBudgetError(f"budget_bytes {budget_bytes / GIB:.2f} GiB is below the smallest estimated peak of a "
-                            f"{height}x{width} generation, {smallest.estimate.total / GIB:.2f} GiB "
-                            f"({smallest.options()})", smallest)
+                            f"{what}, {smallest.estimate.total / GIB:.2f} GiB ({smallest.options()})", smallest)
 
 
 def device_memory(device) -> Optional[Tuple[int, int]]:

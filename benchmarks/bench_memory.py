@@ -207,6 +207,31 @@ def measure_one(model: str, size: int, dtype_name: str, threads: int, quick: boo
             diffusers=v["diffusers"], commit=git_commit(), date=_dt.datetime.utcnow().isoformat(timespec="seconds")))
     return rows
 
+def measure_vae_encode(sizes, dtype_name: str, threads: int, quick: bool) -> list:
+    """The VAE encode of one image (SD 1.5's VAE: SDXL's structure, 512 px tiles), untiled and tiled,
+    per size: the CPU allocator's peak of ``vae.encode`` (the image made inside the measured call)
+    against :func:`anyms.preflight.vae_encode_bytes`, the upscale pass's encode term."""
+    from anyms.preflight import vae_encode_bytes
+
+    torch.set_num_threads(threads)
+    dtype = DTYPES[dtype_name]
+    vae = build_vae(QUICK_VAE_CONFIG if quick else SD15_VAE_CONFIG, "cpu", dtype)
+    rows = []
+    for size in sizes:
+        for tiled in (False, True):
+            (vae.enable_tiling if tiled else vae.disable_tiling)()
+            gc.collect()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                peak, _ = cpu_alloc_peak(lambda: vae.encode(torch.randn(1, 3, size, size).to(dtype)).latent_dist.mean)
+            est = vae_encode_bytes(vae, (size, size), tiled, torch.empty((), dtype=dtype).element_size())
+            rows.append(dict(size=size, vae_tiling=tiled, dtype=dtype_name, threads=threads, measured_bytes=peak,
+                             estimated_bytes=est, ratio=round(est / peak, 4), seconds=round(time.perf_counter() - t0, 1),
+                             cpu=machine_name("cpu"), commit=git_commit()))
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def _allocate(module, dtype):
     """``module`` (built on the meta device) allocated on the CPU in ``dtype``, uninitialised, but for
     CLIP's ``position_ids`` buffers (indices, which to_empty leaves as garbage)."""
@@ -573,8 +598,14 @@ def main(argv=None) -> int:
                          "estimate, SDXL fp16, plain IP-Adapter / diffusers' masked IP-Adapter / AnyMS, offload "
                          "none / model, VAE tiling off / on; CSV (default benchmarks/results/fits_sdxl_fp16.csv), "
                          "then Markdown tables")
+    ap.add_argument("--vae-encode", action="store_true",
+                    help="measure only the VAE encode (the upscale pass's encode term) at --sizes, untiled and "
+                         "tiled, against its estimate; prints one JSON row per measurement")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)   # MODEL:SIZE, the subprocess's job
     args = ap.parse_args(argv)
+    if args.vae_encode:
+        measure_vae_encode(args.sizes, args.dtype, args.threads, args.quick)
+        return 0
     if args.fits is not None:
         out = args.fits or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fits_sdxl_fp16.csv")
         rows = fits(out)

@@ -173,7 +173,7 @@ def main(argv=None) -> int:
              f"machine {machine}, torch threads {args.threads}, commit {commit}, {args.steps} steps, guidance "
              f"{args.guidance}, seeds {args.seeds}, {args.layouts} layouts per set, {elapsed / 60:.1f} min",
              f"shape classifier accuracy on clean generator data: {clean:.3f} (chance 0.25)",
-             "", f"| mode | scale | set | boxes | " + " | ".join(METRICS) + " |",
+             "", "| mode | scale | set | boxes | " + " | ".join(METRICS) + " |",
              "|---|---|---|---|" + "---|" * len(METRICS)]
     for t in table:
         lines.append(f"| {t['mode']} | {t['scale']:g} | {t['set']} | {t['boxes']} | "

@@ -20,7 +20,7 @@ from all of them count as neither). A subject's *region* is the part of its box 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np

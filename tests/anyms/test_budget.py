@@ -161,8 +161,9 @@ def _run_of(argv, device="cpu"):
 
 
 class _Job:
-    def __init__(self, height, width, guidance=None):
-        self.height, self.width, self.guidance = height, width, guidance
+    def __init__(self, height, width, guidance=None, upscale=None, steps=4):
+        self.height, self.width, self.guidance, self.upscale, self.steps = height, width, guidance, upscale, steps
+        self.upscale_names, self.where = None, ""
 
 
 def test_a_large_budget_keeps_the_pipeline_as_it_is(capsys):
@@ -218,6 +219,58 @@ def test_too_small_is_refused_before_loading_with_a_budget_that_fits(toy_or_tiny
     assert re.search(rf"--max-memory {match.group(4)}: bfloat16, no offload, VAE tiling (on|off) \(estimated peak",
                      out), out
     assert record(tmp_path / "a.png")["model"]["max_memory"] == match.group(4)
+
+
+def test_fit_memory_fits_the_upscale_pass_and_every_image(monkeypatch):
+    """With an upscale pass the plan must fit it too: a budget the generation alone fits as it is
+    takes a later plan (or is refused naming the pass) where the pass needs more; with more
+    images, the plan's estimate is the largest's."""
+    loads_nothing(monkeypatch)
+    skeleton = skeleton_pipeline({"model": "tiny", "arch": "sdxl"}, torch.float32)
+    bf16 = dict(half_dtype=torch.bfloat16, offloads=("none",))
+    up = (4, 128, 32)
+    gen = estimate_peak_memory(skeleton, 256, 256).total
+    assert estimate_peak_memory(skeleton, 256, 256, upscale=up).total > gen
+    as_is = fit_memory(skeleton, 256, 256, gen, **bf16)
+    assert (as_is.dtype, as_is.vae_tiling, as_is.estimate.upscale) == (torch.float32, False, None)
+    tiled = estimate_peak_memory(skeleton, 256, 256, upscale=up, dtype=torch.bfloat16, vae_tiling=True).total
+    plan = fit_memory(skeleton, 256, 256, tiled, upscale=up, **bf16)
+    assert (plan.dtype, plan.vae_tiling) == (torch.bfloat16, True) and plan.estimate.total == tiled
+    assert plan.image == (256, 256, True, up) and plan.estimate.upscale.size == (1024, 1024)
+    with pytest.raises(ValueError, match=rf"of a 256x256 generation upscaled 4x, {tiled / GIB:.2f} GiB"):
+        fit_memory(skeleton, 256, 256, tiled - 1, upscale=up, **bf16)
+    # several images: the one whose estimate is the largest decides, whichever comes first
+    plan = fit_memory(skeleton, 512, 512, tiled, cfg=False, images=[(256, 256, True, up)], **bf16)
+    assert plan.image == (256, 256, True, up) and plan.estimate.total == tiled
+    with pytest.raises(ValueError, match=r"images\[0\]: height must be a positive multiple of 8"):
+        fit_memory(skeleton, 256, 256, tiled, images=[(100, 256, True, None)])
+
+
+def test_a_budget_the_upscale_pass_cannot_fit_is_refused_naming_it(monkeypatch):
+    loads_nothing(monkeypatch)
+    args, run_ = _run_of(["--model", "tiny", "--max-memory", "1GB"])
+    skeleton = skeleton_pipeline(run_.sources, torch.float32)
+    job = _Job(256, 256, upscale={"scale": 4, "tile": 128, "overlap": 32})
+    least = estimate_peak_memory(skeleton, 256, 256, upscale=(4, 128, 32), dtype=torch.bfloat16, vae_tiling=True)
+    budget = least.total - 1
+    assert least.generation <= budget
+    args.max_memory = f"{budget}B"                            # the generation alone fits
+    plan_memory(args, run_, [_Job(256, 256)])
+    with pytest.raises(UsageError) as refused:
+        plan_memory(args, run_, [job])
+    message = str(refused.value)
+    assert re.match(rf"--max-memory {budget}B: a 256x256 generation whose --upscale 4 pass to 1024x1024 sets the peak "
+                    r"on cpu needs an estimated .* GiB at the least \(bfloat16, no offload, VAE tiling on\); give "
+                    r"--max-memory \S+ or more, or a smaller size, --upscale or --upscale-tile$", message), message
+    # the budget it names fits both passes
+    args.max_memory = re.search(r"give --max-memory (\S+)", message).group(1)
+    planned = plan_memory(args, run_, [job])
+    assert (planned.dtype, planned.vae_tiling) == (torch.bfloat16, True)
+    # the model's default tile (its native side) where none is given
+    default = _Job(256, 256, upscale={"scale": 2})
+    est = estimate_peak_memory(skeleton, 256, 256, upscale=(2, 128, 32), dtype=torch.bfloat16, vae_tiling=True)
+    args.max_memory = f"{est.total}B"
+    assert plan_memory(args, run_, [default]).vae_tiling
 
 
 @pytest.fixture(params=[("toy", 64), ("tiny", 64)])

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -337,3 +338,36 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     assert cli.main(["generate", "x", "--model", "tiny", "--layout", "layout.json"]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("anyms generate: error: interrupted"), err
+
+
+@pytest.mark.parametrize("model", sorted(DEMO_FILES))
+def test_demo_holds_its_folders_lock_as_generate_does(tmp_path, capsys, monkeypatch, model):
+    """Another run writing in --out-dir (its lock held): the demo refuses at once, one line naming the
+    holder and --out-dir, exit 2, before any model is built, nothing written; once the folder is free
+    the demo writes its files, a temporary file a stopped writer of them left is removed, and the
+    lock is let go."""
+    from anyms.lock import LOCK_NAME, FolderLock
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    demo = ["demo", "--model", model, "--out-dir", str(out), "--steps", "1", "--size", "64"]
+    other = FolderLock(str(out), "launch 10.0.0.1:29500").acquire()
+    try:
+        with monkeypatch.context() as m:
+            def fail(*args, **kwargs):
+                raise AssertionError("a model was built")
+
+            m.setattr("anyms.tiny.tiny_pipeline", fail)
+            m.setattr("anyms.toy.toy_pipeline", fail)
+            assert cli.main(demo) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.search(
+            r"--out-dir: the output folder .* is in use by another run \(PID \d+ on .*, launch 10.0.0.1:29500, in "
+            r"\.anyms\.lock\); one run writes in a folder at a time: wait for it, or give another --out-dir$",
+            err.strip()), err
+        assert sorted(os.listdir(out)) == [LOCK_NAME]
+    finally:
+        other.release()
+    (out / ".image.png.0123abcd.tmp").write_bytes(b"half an image")      # a stopped writer's leftover
+    assert cli.main(demo) == 0
+    assert sorted(os.listdir(out)) == sorted(DEMO_FILES[model])

@@ -307,3 +307,39 @@ def test_the_upscale_pass_runs_the_blocks_option_the_generation_ran(folder, caps
     assert blocks == "style"
     style = (("up_blocks.0.attentions.1", 1.0),)          # the tiny SDXL U-Net's style block
     assert tiles and all(all(b == style for b in layout_blocks) for layout_blocks in tiles)
+
+
+# ------------------------------------------------------------------ --max-memory
+def test_max_memory_plans_for_the_upscale_pass_and_refuses_a_budget_it_cannot_fit(folder, capsys, monkeypatch):
+    """--max-memory with --upscale: the plan fits the upscale pass too; a budget the pass cannot fit
+    (in any plan the CPU allows) is one line, exit 2, naming --upscale and the smallest budget that
+    fits, before any weights load and with nothing written; that budget then makes the image, and
+    the estimate line names the pass."""
+    import torch
+
+    from anyms.budget import skeleton_pipeline
+    from anyms.preflight import estimate_peak_memory
+    from tests.anyms.test_budget import loads_nothing
+
+    skeleton = skeleton_pipeline({"model": "tiny", "arch": "sdxl"}, torch.float32)
+    least = estimate_peak_memory(skeleton, 64, 64, upscale=(2, 64, 32), dtype=torch.bfloat16, vae_tiling=True)
+    assert least.upscale.total > least.generation
+    capsys.readouterr()                        # the library's lines while building the skeleton above
+    subjects = [f"--subject={folder / f's{i}.png'}:{','.join(map(str, box))}" for i, box in enumerate(BOXES)]
+    out = folder / "up.png"
+    argv = ["a cat and a dog", *subjects, *TINY, *OPTIONS, "--out", str(out)]
+    with monkeypatch.context() as m:
+        loads_nothing(m)
+        code, _, err = run([*argv, "--max-memory", f"{least.total - 1}B"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    match = re.search(r"a 64x64 generation whose --upscale 2 pass to 128x128 sets the peak on cpu needs an estimated "
+                      r".* \(bfloat16, no offload, VAE tiling o(?:n|ff)\); give --max-memory (\S+) or more, or a smaller "
+                      r"size, --upscale or --upscale-tile$", err.strip())
+    assert match, err
+    assert not out.exists() and not list(folder.glob("*.tmp*"))
+    code, stdout, err = run([*argv, "--max-memory", match.group(1)], capsys)
+    assert code == 0, err
+    assert re.search(rf"--max-memory {match.group(1)}: bfloat16, no offload, VAE tiling o(n|ff) \(estimated peak "
+                     r".* for 64x64 with its --upscale 2 pass to 128x128\)", stdout), stdout
+    assert "the 2x upscale pass's" in stdout + err and "to 128x128" in stdout + err, stdout + err
+    assert Image.open(out).size == (128, 128)
