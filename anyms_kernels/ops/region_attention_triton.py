@@ -517,8 +517,8 @@ class KernelConfig:
 
 # The launcher gives each SM as many programs as can be resident on it at once (read from
 # the compiled kernel's registers and shared memory), so the launch is one wave; each program
-# runs ceil(tiles / programs) tiles of its (batch, head), and its prefetch of the next tile
-# hides the query gather (benchmarks/kernel_cost.py models this).
+# runs a run of consecutive tiles (split_tiles), and its prefetch of the next tile hides the
+# query gather (benchmarks/kernel_cost.py models this).
 INTERPRETER_SLOTS = 8      # under TRITON_INTERPRET: a small pretend GPU, so programs run several tiles
 _RESIDENT: dict = {}       # (device, launch constants) -> resident programs per SM
 
