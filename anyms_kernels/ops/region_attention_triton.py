@@ -341,7 +341,10 @@ if HAS_TRITON:
 
         # Wide or float32 heads run one segment: their runs stay within one (batch, head)
         # (``split_tiles``; the launcher refuses others), as a loop nest would make them spill.
-        bh_end = (g_end - 1) // n_tiles + 1 if PREFETCH_TEXT else bh_first + 1
+        if PREFETCH_TEXT:
+            bh_end = (g_end - 1) // n_tiles + 1
+        else:
+            bh_end = bh_first + 1
         for bh in tl.range(bh_first, bh_end, num_stages=1):
             # A segment: this program's tiles of one (batch, head), whose text keys are staged
             # once for them (they do not depend on the routing).
