@@ -1022,7 +1022,72 @@ class Gen3(Gen2):
         return {"per_subject": 0.0, "per_acting": p["acting"] * p["tiles_per_program"]}
 
 
-GENERATIONS: Dict[str, Generation] = {"gen3": Gen3(), "gen2": Gen2(), "gen1": Gen1()}
+class Gen4(Gen3):
+    """The fourth kernel: a program runs ``tiles_per_program`` tiles of all (batch, head)s' tiles
+    in a row, so the wave's programs run the same number of tiles whatever the number of heads.
+    Its tiles of one (batch, head) are a segment (``for bh``), which stages that one's text keys;
+    the tile loop (``for g``) runs inside it, the prefetch of the next tile's query rows, indices
+    and routing crossing from one segment into the next."""
+    name = "gen4"
+
+    def detect(self) -> bool:
+        try:
+            rt = self._mod()
+        except ImportError:
+            return False
+        return hasattr(rt, "tiles_per_program") and hasattr(rt, "_following")
+
+    def _split(self, case, tiles_per_bh) -> Tuple[int, int]:
+        """What the launcher picks: (tiles a program runs, programs per (batch, head) or 0)."""
+        dev, rt = self.device or DEVICES[case.arch][0], self._mod()
+        return rt.split_tiles(tiles_per_bh, case.B * case.H, dev.sms * (self.resident or 1),
+                              rt.prefetch_text(case.D, _torch_dtype(case.dtype)))
+
+    def programs(self, case, comp, tiles_per_bh):
+        per, per_head = self._split(case, tiles_per_bh)
+        return per_head * case.B * case.H if per_head else math.ceil(tiles_per_bh * case.B * case.H / per)
+
+    def tiles_per_program(self, case, comp, tiles_per_bh) -> float:
+        return self._split(case, tiles_per_bh)[0]
+
+    def segments(self, case, tiles_per_bh) -> Tuple[int, int]:
+        """(the most segments a program runs, segments of all programs together)."""
+        per, per_head = self._split(case, tiles_per_bh)
+        if per_head:
+            return 1, per_head * case.B * case.H
+        total = tiles_per_bh * case.B * case.H
+        counts = [(min(total, g + per) - 1) // tiles_per_bh - g // tiles_per_bh + 1 for g in range(0, total, per)]
+        return max(counts), sum(counts)
+
+    def text_stagings(self, case, comp, tiles_per_program):
+        if not case.L:
+            return 0.0
+        n = math.ceil(case.N / comp.block_m)
+        return self.segments(case, n)[1] / self.programs(case, comp, n)
+
+    def constructs(self, case, comp):
+        fwd = "_region_attention_fwd"
+        src = Source(comp.source)
+        subj = (fwd, ("for", 0, "for j"))
+        lo, hi = src.node_range(*subj)
+        out = [Construct("segments", "loop", [(fwd, ("for", 0, "for bh"))], "fixed"),
+               Construct("tiles", "loop", [(fwd, ("for", 0, "for g"))], "fixed", parent="segments"),
+               Construct("subjects", "loop", [subj], "per_acting", parent="tiles")]
+        out += self.helper_calls(src, fwd, (lo, hi), ("_text_branch", "_load_text_keys", "_attend_online"),
+                                 text_parent="tiles")
+        return out
+
+    def trips(self, case, comp, p):
+        trips, runs = super().trips(case, comp, p)
+        # The wave ends with its slowest program: one that runs the most tiles in the most
+        # segments (two when any run crosses into another (batch, head)).
+        worst = self.segments(case, math.ceil(case.N / comp.block_m))[0]
+        trips["segments"] = worst
+        trips["tiles"] = p["tiles_per_program"] / worst
+        return trips, runs
+
+
+GENERATIONS: Dict[str, Generation] = {"gen4": Gen4(), "gen3": Gen3(), "gen2": Gen2(), "gen1": Gen1()}
 
 
 # ----------------------------------------------------------------------------- driver

@@ -130,6 +130,28 @@ def test_hardware_model():
     assert abs(t["issue"] - 5 * 8000 / (4 * 1755)) < 1e-9              # ceil(640 / 132) = 5 tiles per SM
 
 
+def test_the_fourth_kernel_counts_what_the_launcher_splits():
+    """Programs, tiles each and segments (runs of one (batch, head)) as the launcher splits the
+    tiles: 64x64 at 10 heads on an H100 (one program per SM) runs across heads, 5 tiles each,
+    and the wave's slowest program stages text keys twice; 32x32 at 20 heads stays within heads."""
+    from types import SimpleNamespace
+    gen = kc.Gen4()
+    gen.device, gen.resident = kc.H100, 1
+    comp = SimpleNamespace(block_m=128)
+    case = kc.Case(90, "overwrite", "disjoint", 5, 16)                 # 32 tiles of 128 per (batch, head)
+    assert (gen.programs(case, comp, 32), gen.tiles_per_program(case, comp, 32)) == (128, 5)
+    # 640 tiles in runs of 5: the 19 (batch, head) starts at 32 k (k = 1..19) that are not a multiple of 5
+    # fall inside a run, except k = 5, 10, 15 (160, 320, 480 are multiples of 5)
+    assert gen.segments(case, 32) == (2, 128 + 16)
+    assert gen.text_stagings(case, comp, 5.0) == pytest.approx(144 / 128)
+    trips, _ = gen.trips(case, comp, {"acting": 1, "tiles_per_program": 5})
+    assert (trips["segments"], trips["tiles"]) == (2, 2.5)
+    small = kc.Case(90, "overwrite", "disjoint", 5, 16, grid=(32, 32), H=20)   # 8 tiles, 40 (batch, head)s
+    assert (gen.programs(small, comp, 8), gen.tiles_per_program(small, comp, 8)) == (120, 3)
+    assert gen.segments(small, 8) == (1, 120)
+    gen.device = None
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_script_on_this_trees_kernel(tmp_path):
     """One configuration (sm_90, overwrite, disjoint, S=5, T=16), end to end."""

@@ -2,18 +2,21 @@
 
 The query tokens of each (batch, head) are cut into tiles of BLOCK_M tokens consecutive in
 the routing's sorted order (``anyms_kernels.routing``), so a tile is nearly always acted on
-by one subject or none, whatever the number of subjects. A program runs the tiles
-``first, first + G, ...`` of one (batch, head), G programs per (batch, head), as many
-programs in all as the GPU holds at once (one wave). It stages the text keys once, then per
-tile: prefetches the next tile's query rows, the indices of the tile after it and (narrow
-16-bit heads) the next tile's routing and first subject's keys; runs the text branch in one
-pass (no online rescale for L <= 128); runs only the subjects its tile's list names, each in
-one key block, accumulating ``P @ V`` straight into the output accumulator with
-``lambda_s / l`` and the token's acts-or-not folded into ``P``; writes the tile once, in q's
-layout. With text-kind subjects (HAS_TEXT_SUBJECTS) the tile's text owners zero the global text
-branch where a text-kind subject acts instead; with per-subject counts (HAS_SUBJ_TOKENS) each
-subject reads and attends to its own keys only. Every tile runs the same operations whichever program runs it, so the output does
-not depend on G. Nothing in it depends on S.
+by one subject or none, whatever the number of subjects. A program runs a run of consecutive
+tiles, as many programs in all as the GPU holds at once (one wave): G programs per (batch, head)
+each running ceil(tiles / G) of its tiles, or, where that would leave the wave's longest
+programs a tile longer (``split_tiles``), runs of all (batch, head)s' tiles in a row, a run that
+crosses into the next (batch, head) running it as a second segment. Per segment it stages that
+(batch, head)'s text keys once, then per tile: prefetches the next tile's query rows, the
+indices of the tile after it and (narrow 16-bit heads) the next tile's routing and first
+subject's keys, across segments too; runs the text branch in one pass (no online rescale for
+L <= 128); runs only the subjects its tile's list names, each in one key block, accumulating
+``P @ V`` straight into the output accumulator with ``lambda_s / l`` and the token's
+acts-or-not folded into ``P``; writes the tile once, in q's layout. With text-kind subjects
+(HAS_TEXT_SUBJECTS) the tile's text owners zero the global text branch where a text-kind
+subject acts instead; with per-subject counts (HAS_SUBJ_TOKENS) each subject reads and attends
+to its own keys only. Every tile runs the same operations whichever
+program runs it, so the output does not depend on the split. Nothing in it depends on S.
 """
 from __future__ import annotations
 
@@ -200,6 +203,23 @@ if HAS_TRITON:
         return tl.where(acts, lam, 0.0)
 
     @triton.jit
+    def _following(b, h, tile, n_tiles, H):
+        """(batch, head, tile) of the tile after ``tile`` of (b, h) in the run of all (batch,
+        head)s' tiles: the next tile, or the first of the next head, or of the next batch (past
+        the last, batch B: never loaded, see ``_masked``). No division: this runs every tile."""
+        wrap = tile + 1 == n_tiles
+        h2 = tl.where(wrap, h + 1, h)
+        next_b = wrap & (h2 == H)
+        return tl.where(next_b, b + 1, b), tl.where(next_b, 0, h2), tl.where(wrap, 0, tile + 1)
+
+    @triton.jit
+    def _masked(live, b, h, tile, b_here, h_here, n_tiles):
+        """The coordinates a prefetch loads from: (b, h, tile), or for a tile past the program's
+        last, tile n_tiles of (b_here, h_here), whose loads are all masked off (a batch index stays
+        in range: the subject scales are read unmasked)."""
+        return tl.where(live, b, b_here), tl.where(live, h, h_here), tl.where(live, tile, n_tiles)
+
+    @triton.jit
     def _load_query(Q, q_base, tok, ok, stride_qn, stride_qd, offs_d, d_ok, VEC: tl.constexpr):
         """The query rows of one tile's tokens, [BLOCK_M, BLOCK_D] (rows not ok read as 0)."""
         q_rows = tl.multiple_of(q_base + tok * stride_qn, VEC)
@@ -233,7 +253,11 @@ if HAS_TRITON:
         stride_sb, stride_ss,               # SCALES (strides 0 when broadcast)
         stride_mb, stride_ml,               # TEXT_MASK
         H, N,                   # heads, query tokens
-        n_tiles,                # query tiles per (batch, head); this program runs tiles pid, pid + G, ... (G programs)
+        n_tiles,                # query tiles per (batch, head)
+        total_tiles,            # B * H * n_tiles
+        tiles_per_program,      # program p runs tiles p * tiles_per_program ... of all (batch, head)s', in a row
+        programs_per_head,      # 0; or G > 0: program p runs tiles (p % G) * tiles_per_program ... of
+                                # (batch, head) p // G
         qk_scale,               # softmax_scale * log2(e)
         HEAD_DIM: tl.constexpr,      # D
         BLOCK_D: tl.constexpr,       # D rounded up to a power of two
@@ -254,49 +278,56 @@ if HAS_TRITON:
         VEC: tl.constexpr,           # every row offset is a multiple of VEC elements (16-byte accesses)
         DOT_PRECISION: tl.constexpr, # "ieee" for float32 inputs, "tf32" otherwise (ignored for 16-bit)
     ):
-        first = tl.program_id(0)
-        step = tl.num_programs(0)          # programs per (batch, head): each runs tiles first, first + step, ...
-        pid_bh = tl.program_id(1)
-        b = (pid_bh // H).to(tl.int64)   # int64: batch*head offsets overflow int32 at large sizes
-        h = (pid_bh % H).to(tl.int64)
+        # This program's tiles: g_first .. g_end - 1 of all (batch, head)s' tiles in a row
+        # (g = (batch * H + head) * n_tiles + tile), so every program runs the same number of
+        # tiles however the tiles split into heads; a run that crosses into the next (batch,
+        # head) runs it as a second segment, which stages that one's text keys.
+        pid = tl.program_id(0)
+        g_first = pid * tiles_per_program
+        g_end = tl.minimum(g_first + tiles_per_program, total_tiles)
+        if programs_per_head > 0:       # runs within one (batch, head) each: G programs per (batch, head)
+            run_bh = pid // programs_per_head
+            g_first = run_bh * n_tiles + (pid - run_bh * programs_per_head) * tiles_per_program
+            g_end = tl.minimum(g_first + tiles_per_program, run_bh * n_tiles + n_tiles)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < HEAD_DIM
         rows = tl.arange(0, BLOCK_M)
         MASK_T: tl.constexpr = SUBJ_LEN < BLOCK_T or HAS_SUBJ_TOKENS   # a subject's block may hold padding keys
-        route = b * stride_rb
-        q_base = b * stride_qb + h * stride_qh
-        o_base = b * stride_ob + h * stride_oh
+        bh_first = g_first // n_tiles
+        tile0 = g_first - bh_first * n_tiles
+        bi = bh_first // H              # int32 coordinates; int64 offsets (they overflow int32 at large sizes)
+        hi = bh_first - bi * H
+        b = bi.to(tl.int64)
+        h = hi.to(tl.int64)
 
         # The first tile's token indices are issued first (the query gather depends on them), then
-        # the text keys, staged once for every tile this program runs (they do not depend on the
-        # routing), then the first query tile and the second tile's indices.
-        tok = tl.load(ORDER + route + first * BLOCK_M + rows, mask=first * BLOCK_M + rows < N, other=0).to(tl.int64)
-        kt_base = tl.multiple_of(b * stride_ktb + h * stride_kth, VEC)
-        vt_base = tl.multiple_of(b * stride_vtb + h * stride_vth, VEC)
-        mask_row = TEXT_MASK + b * stride_mb
-        # Narrow 16-bit heads (PREFETCH_TEXT) stage the text keys before the first query tile
-        # and prefetch each next tile's query rows; wide or float32 heads would spill holding
-        # both, so they stage the keys and load each tile's query rows when the tile starts.
-        if HAS_TEXT and TEXT_A > 0:
-            ka, va, ok_a, kb, vb, ok_b = _load_text_keys(KT + kt_base, VT + vt_base, TEXT_LEN, stride_ktl, stride_ktd,
-                                                         stride_vtl, stride_vtd, offs_d, d_ok, mask_row, stride_ml,
-                                                         HAS_TEXT_MASK, TEXT_A, TEXT_B)
+        # the first query tile and the second tile's indices; each segment stages its text keys.
+        # Narrow 16-bit heads (PREFETCH_TEXT) prefetch each next tile's query rows; wide or float32
+        # heads would spill holding them beside the text keys, so they load each tile's query rows
+        # when the tile starts.
+        pos0 = tile0 * BLOCK_M + rows
         if PREFETCH_TEXT:
-            q = _load_query(Q, q_base, tok, first * BLOCK_M + rows < N, stride_qn, stride_qd, offs_d, d_ok, VEC)
-        else:
+            tok = tl.load(ORDER + b * stride_rb + pos0, mask=pos0 < N, other=0).to(tl.int64)
+            q = _load_query(Q, b * stride_qb + h * stride_qh, tok, pos0 < N, stride_qn, stride_qd, offs_d, d_ok, VEC)
+            b_n, h_n, tile_n = _following(bi, hi, tile0, n_tiles, H)
+            b_m, h_m, tile_m = _masked(g_first + 1 < g_end, b_n, h_n, tile_n, bi, hi, n_tiles)
+            b_m = b_m.to(tl.int64)
+            h_m = h_m.to(tl.int64)
+            pos_next = tile_m * BLOCK_M + rows
+            tok_next = tl.load(ORDER + b_m * stride_rb + pos_next, mask=pos_next < N, other=0).to(tl.int64)
+        else:       # each segment loads its first tiles' indices (below)
             q = tl.zeros([BLOCK_M, BLOCK_D], Q.dtype.element_ty)
-        pos_next = (first + step) * BLOCK_M + rows
-        tok_next = tl.load(ORDER + route + pos_next, mask=pos_next < N, other=0).to(tl.int64)
+            tok = tl.zeros([BLOCK_M], tl.int64)
+            tok_next = tok
         # Routing one tile ahead (narrow 16-bit heads, one-block subjects): the first tile's
         # count, first listed subject, its weights and keys; later tiles' arrive during the
         # tile before them, so the subject branch never waits on a dependent load chain.
         # (``pos * 0 + count``: the scalar count broadcast to the tile, which the interpreter
         # needs to combine it with a tensor mask.)
         if PREFETCH_TEXT and SUBJ_LEN <= BLOCK_T:
-            pos0 = first * BLOCK_M + rows
-            count, s0, owner, text_owner = _tile_routing(TILE_COUNT, TILE_SUBJECTS, OWNER, TEXT_OWNER, b, first,
-                                                         n_tiles, pos0, pos0 < N, route, stride_tcb, stride_tsb,
-                                                         stride_tst, OVERWRITE, HAS_TEXT_SUBJECTS)
+            count, s0, owner, text_owner = _tile_routing(TILE_COUNT, TILE_SUBJECTS, OWNER, TEXT_OWNER, b, tile0,
+                                                         n_tiles, pos0, pos0 < N, b * stride_rb, stride_tcb,
+                                                         stride_tsb, stride_tst, OVERWRITE, HAS_TEXT_SUBJECTS)
             w0 = _subject_weight(s0, owner, text_owner, COVER, SCALES, b, pos0, (pos0 < N) & (pos0 * 0 + count > 0),
                                  stride_cb, stride_cs, stride_sb, stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
             n0 = SUBJ_LEN
@@ -306,121 +337,169 @@ if HAS_TRITON:
                                      VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s0 * stride_vss, VEC),
                                      0, tl.where(count > 0, n0, 0), stride_kst, stride_ksd, stride_vst,
                                      stride_vsd, offs_d, d_ok, TEXT_MASK, 0, False, BLOCK_T)
-            s1 = tl.load(TILE_SUBJECTS + b * stride_tsb + first * stride_tst + 1, mask=count > 1, other=0)
+            s1 = tl.load(TILE_SUBJECTS + b * stride_tsb + tile0 * stride_tst + 1, mask=count > 1, other=0)
 
-        for tile in tl.range(first, n_tiles, step, num_stages=1):
-            pos = tile * BLOCK_M + rows
-            m_ok = pos < N
-            # Prefetch, in flight while this tile computes: the next tile's query rows (its indices
-            # arrived one tile ago) and the indices of the tile after it.
-            pos_next = pos + step * BLOCK_M
-            if PREFETCH_TEXT:
-                q_next = _load_query(Q, q_base, tok_next, pos_next < N, stride_qn, stride_qd, offs_d, d_ok, VEC)
-            else:
-                q = _load_query(Q, q_base, tok, m_ok, stride_qn, stride_qd, offs_d, d_ok, VEC)
-            pos_after = pos_next + step * BLOCK_M
-            tok_after = tl.load(ORDER + route + pos_after, mask=pos_after < N, other=0).to(tl.int64)
-            subjects = TILE_SUBJECTS + b * stride_tsb + tile * stride_tst
-            if PREFETCH_TEXT and SUBJ_LEN <= BLOCK_T:
-                # The next tile's routing heads, arriving during this tile's text branch.
-                count_n, s0_n, owner_n, text_owner_n = _tile_routing(
-                    TILE_COUNT, TILE_SUBJECTS, OWNER, TEXT_OWNER, b, tile + step, n_tiles, pos_next, pos_next < N,
-                    route, stride_tcb, stride_tsb, stride_tst, OVERWRITE, HAS_TEXT_SUBJECTS)
-            else:
-                # This tile's routing, issued before the text branch so it arrives during it.
-                count, s0, owner, text_owner = _tile_routing(TILE_COUNT, TILE_SUBJECTS, OWNER, TEXT_OWNER, b, tile,
-                                                             n_tiles, pos, m_ok, route, stride_tcb, stride_tsb,
-                                                             stride_tst, OVERWRITE, HAS_TEXT_SUBJECTS)
-
-            # Level 1: the global text branch, never masked by the layout (none on FLUX's IP path).
-            # With text-kind subjects it acts only on the tokens no text-kind region covers, and a
-            # tile that such regions cover entirely skips it.
-            out = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-            if HAS_TEXT:
-                keep = text_owner < 0
-                if TEXT_A > 0:
-                    out = _text_branch(q, ka, va, ok_a, kb, vb, ok_b, qk_scale,
-                                       HAS_TEXT_MASK or TEXT_LEN < TEXT_A, TEXT_B > 0, DOT_PRECISION)
+        # Wide or float32 heads run one segment: their runs stay within one (batch, head)
+        # (``split_tiles``; the launcher refuses others), as a loop nest would make them spill.
+        if PREFETCH_TEXT:
+            bh_end = (g_end - 1) // n_tiles + 1
+        else:
+            bh_end = bh_first + 1
+        for bh in tl.range(bh_first, bh_end, num_stages=1):
+            # A segment: this program's tiles of one (batch, head), whose text keys are staged
+            # once for them (they do not depend on the routing).
+            bi = bh // H
+            hi = bh - bi * H
+            b = bi.to(tl.int64)
+            h = hi.to(tl.int64)
+            route = b * stride_rb
+            q_base = b * stride_qb + h * stride_qh
+            o_base = b * stride_ob + h * stride_oh
+            kt_base = tl.multiple_of(b * stride_ktb + h * stride_kth, VEC)
+            vt_base = tl.multiple_of(b * stride_vtb + h * stride_vth, VEC)
+            mask_row = TEXT_MASK + b * stride_mb
+            if HAS_TEXT and TEXT_A > 0:
+                ka, va, ok_a, kb, vb, ok_b = _load_text_keys(KT + kt_base, VT + vt_base, TEXT_LEN, stride_ktl,
+                                                             stride_ktd, stride_vtl, stride_vtd, offs_d, d_ok, mask_row,
+                                                             stride_ml, HAS_TEXT_MASK, TEXT_A, TEXT_B)
+            seg_lo = tl.maximum(g_first, bh * n_tiles)
+            seg_hi = tl.minimum(g_end, bh * n_tiles + n_tiles)
+            if not PREFETCH_TEXT:
+                # Wide or float32 heads prefetch no further than their segment (the registers to
+                # follow a run into the next (batch, head) would spill): its first two tiles'
+                # indices, loaded here.
+                pos_first = (seg_lo - bh * n_tiles) * BLOCK_M + rows
+                tok = tl.load(ORDER + route + pos_first, mask=pos_first < N, other=0).to(tl.int64)
+                pos_second = tl.where(seg_lo + 1 < seg_hi, pos_first + BLOCK_M, N)
+                tok_next = tl.load(ORDER + route + pos_second, mask=pos_second < N, other=0).to(tl.int64)
+            for g in tl.range(seg_lo, seg_hi, num_stages=1):
+                tile = g - bh * n_tiles
+                pos = tile * BLOCK_M + rows
+                m_ok = pos < N
+                # The next tile (its indices arrived one tile ago) and the one after it; past the
+                # program's last (or, for wide or float32 heads, its segment's), masked off.
+                if PREFETCH_TEXT:
+                    b_n, h_n, tile_n = _following(bi, hi, tile, n_tiles, H)
+                    b_m, h_m, tile_m = _masked(g + 1 < g_end, b_n, h_n, tile_n, bi, hi, n_tiles)
+                    b_m = b_m.to(tl.int64)
+                    h_m = h_m.to(tl.int64)
+                    b_a, h_a, tile_a = _following(b_n, h_n, tile_n, n_tiles, H)
+                    b_a, h_a, tile_a = _masked(g + 2 < g_end, b_a, h_a, tile_a, bi, hi, n_tiles)
                 else:
-                    out = _attend_online(q, KT + kt_base, VT + vt_base, stride_ktl, stride_ktd, stride_vtl,
-                                         stride_vtd, TEXT_LEN, mask_row, stride_ml, qk_scale, offs_d, d_ok,
-                                         HAS_TEXT_MASK, BLOCK_M, ONLINE_L, BLOCK_D, DOT_PRECISION)
-                if HAS_TEXT_SUBJECTS:
-                    out = tl.where(keep[:, None], out, 0.0)
+                    b_m, h_m, tile_m = b, h, tl.where(g + 1 < seg_hi, tile + 1, n_tiles)
+                    b_a, tile_a = bi, tl.where(g + 2 < seg_hi, tile + 2, n_tiles)
+                pos_next = tile_m * BLOCK_M + rows
+                # Prefetch, in flight while this tile computes: the next tile's query rows and the
+                # indices of the tile after it.
+                if PREFETCH_TEXT:
+                    q_next = _load_query(Q, b_m * stride_qb + h_m * stride_qh, tok_next, pos_next < N, stride_qn,
+                                         stride_qd, offs_d, d_ok, VEC)
+                else:
+                    q = _load_query(Q, q_base, tok, m_ok, stride_qn, stride_qd, offs_d, d_ok, VEC)
+                pos_after = tile_a * BLOCK_M + rows
+                tok_after = tl.load(ORDER + b_a.to(tl.int64) * stride_rb + pos_after, mask=pos_after < N,
+                                    other=0).to(tl.int64)
+                subjects = TILE_SUBJECTS + b * stride_tsb + tile * stride_tst
+                if PREFETCH_TEXT and SUBJ_LEN <= BLOCK_T:
+                    # The next tile's routing heads, arriving during this tile's text branch.
+                    count_n, s0_n, owner_n, text_owner_n = _tile_routing(
+                        TILE_COUNT, TILE_SUBJECTS, OWNER, TEXT_OWNER, b_m, tile_m, n_tiles, pos_next, pos_next < N,
+                        b_m * stride_rb, stride_tcb, stride_tsb, stride_tst, OVERWRITE, HAS_TEXT_SUBJECTS)
+                else:
+                    # This tile's routing, issued before the text branch so it arrives during it.
+                    count, s0, owner, text_owner = _tile_routing(TILE_COUNT, TILE_SUBJECTS, OWNER, TEXT_OWNER, b,
+                                                                 tile, n_tiles, pos, m_ok, route, stride_tcb,
+                                                                 stride_tsb, stride_tst, OVERWRITE, HAS_TEXT_SUBJECTS)
 
-            # Level 2: only the subjects on this tile's list (usually one, often none).
-            if PREFETCH_TEXT and SUBJ_LEN <= BLOCK_T:
-                # The next tile's first subject: its weights and keys, in flight during this
-                # tile's subjects and store.
-                w0_n = _subject_weight(s0_n, owner_n, text_owner_n, COVER, SCALES, b, pos_next,
-                                       (pos_next < N) & (pos_next * 0 + count_n > 0), stride_cb, stride_cs, stride_sb,
-                                       stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
-                n0_n = SUBJ_LEN
-                if HAS_SUBJ_TOKENS:
-                    n0_n = tl.load(SUBJ_TOKENS + s0_n)
-                k0_n, v0_n, ok0_n = _load_keys(
-                    KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s0_n * stride_kss, VEC),
-                    VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s0_n * stride_vss, VEC),
-                    0, tl.where(count_n > 0, n0_n, 0), stride_kst, stride_ksd, stride_vst, stride_vsd, offs_d,
-                    d_ok, TEXT_MASK, 0, False, BLOCK_T)
-                # ... and the index of its second, which the tile's count (arrived by now) guards.
-                s1_n = tl.load(TILE_SUBJECTS + b * stride_tsb + (tile + step) * stride_tst + 1, mask=count_n > 1,
-                               other=0)
-                # This tile's subjects, software-pipelined: while subject j computes, the keys and
-                # weights of subject j + 1 (its index arrived one step ago) and the index of
-                # subject j + 2 are in flight. Subject 0 arrived during the tile before.
-                weight, k, v, t_ok, s_next = w0, k0, v0, ok0, s1
-                for j in tl.range(0, count, num_stages=1):
-                    # Unconditional (masked off past the tile's last subject): under an ``if`` the
-                    # compiler would wait for these loads where the branches merge, before subject j.
-                    more = j + 1 < count
-                    w_n = _subject_weight(s_next, owner, text_owner, COVER, SCALES, b, pos,
-                                          m_ok & (pos * 0 + j + 1 < count), stride_cb, stride_cs, stride_sb,
-                                          stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
-                    n_n = SUBJ_LEN
-                    if HAS_SUBJ_TOKENS:
-                        n_n = tl.load(SUBJ_TOKENS + s_next)
-                    k_n, v_n, ok_n = _load_keys(
-                        KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s_next * stride_kss, VEC),
-                        VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s_next * stride_vss, VEC),
-                        0, tl.where(more, n_n, 0), stride_kst, stride_ksd, stride_vst, stride_vsd, offs_d,
-                        d_ok, TEXT_MASK, 0, False, BLOCK_T)
-                    s_after = tl.load(subjects + j + 2, mask=j + 2 < count, other=0)
-                    out = _subject_branch(out, q, k, v, t_ok, weight, qk_scale, MASK_T, DOT_PRECISION)
-                    weight, k, v, t_ok, s_next = w_n, k_n, v_n, ok_n, s_after
-            else:
-                for j in range(0, count):
-                    s = tl.load(subjects + j)
-                    weight = _subject_weight(s, owner, text_owner, COVER, SCALES, b, pos, m_ok, stride_cb, stride_cs,
-                                             stride_sb, stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
-                    ks_ptr = KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s * stride_kss, VEC)
-                    vs_ptr = VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s * stride_vss, VEC)
-                    # A subject runs its own n_s keys only: one block of BLOCK_T when T fits it, else
-                    # an online softmax over ceil(n_s / BLOCK_T) blocks, so a subject with few keys
-                    # beside a long one runs one block.
-                    n_s = SUBJ_LEN
-                    if HAS_SUBJ_TOKENS:
-                        n_s = tl.load(SUBJ_TOKENS + s)
-                    if SUBJ_LEN <= BLOCK_T:
-                        k, v, t_ok = _load_keys(ks_ptr, vs_ptr, 0, n_s, stride_kst, stride_ksd, stride_vst,
-                                                stride_vsd, offs_d, d_ok, TEXT_MASK, 0, False, BLOCK_T)
-                        out = _subject_branch(out, q, k, v, t_ok, weight, qk_scale, MASK_T, DOT_PRECISION)
+                # Level 1: the global text branch, never masked by the layout (none on FLUX's IP path).
+                # With text-kind subjects it acts only on the tokens no text-kind region covers, and a
+                # tile that such regions cover entirely skips it.
+                out = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+                if HAS_TEXT:
+                    keep = text_owner < 0
+                    if TEXT_A > 0:
+                        out = _text_branch(q, ka, va, ok_a, kb, vb, ok_b, qk_scale,
+                                           HAS_TEXT_MASK or TEXT_LEN < TEXT_A, TEXT_B > 0, DOT_PRECISION)
                     else:
-                        z = _attend_online(q, ks_ptr, vs_ptr, stride_kst, stride_ksd, stride_vst, stride_vsd, n_s,
-                                           TEXT_MASK, 0, qk_scale, offs_d, d_ok, False, BLOCK_M, BLOCK_T, BLOCK_D,
-                                           DOT_PRECISION, SUBJ_LOOP_STAGES)
-                        out += weight[:, None] * z
+                        out = _attend_online(q, KT + kt_base, VT + vt_base, stride_ktl, stride_ktd, stride_vtl,
+                                             stride_vtd, TEXT_LEN, mask_row, stride_ml, qk_scale, offs_d, d_ok,
+                                             HAS_TEXT_MASK, BLOCK_M, ONLINE_L, BLOCK_D, DOT_PRECISION)
+                    if HAS_TEXT_SUBJECTS:
+                        out = tl.where(keep[:, None], out, 0.0)
 
-            o_rows = tl.multiple_of(o_base + tok * stride_on, VEC)
-            tl.store(OUT + o_rows[:, None] + offs_d[None, :] * stride_od, out.to(OUT.dtype.element_ty),
-                     mask=m_ok[:, None] & d_ok[None, :])
-            if PREFETCH_TEXT:
-                q = q_next
-            if PREFETCH_TEXT and SUBJ_LEN <= BLOCK_T:
-                count, owner, w0, k0, v0, ok0, s1 = count_n, owner_n, w0_n, k0_n, v0_n, ok0_n, s1_n
-                text_owner = text_owner_n
-            tok = tok_next
-            tok_next = tok_after
+                # Level 2: only the subjects on this tile's list (usually one, often none).
+                if PREFETCH_TEXT and SUBJ_LEN <= BLOCK_T:
+                    # The next tile's first subject: its weights and keys, in flight during this
+                    # tile's subjects and store.
+                    w0_n = _subject_weight(s0_n, owner_n, text_owner_n, COVER, SCALES, b_m, pos_next,
+                                           (pos_next < N) & (pos_next * 0 + count_n > 0), stride_cb, stride_cs,
+                                           stride_sb, stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
+                    n0_n = SUBJ_LEN
+                    if HAS_SUBJ_TOKENS:
+                        n0_n = tl.load(SUBJ_TOKENS + s0_n)
+                    k0_n, v0_n, ok0_n = _load_keys(
+                        KS + tl.multiple_of(b_m * stride_ksb + h_m * stride_ksh + s0_n * stride_kss, VEC),
+                        VS + tl.multiple_of(b_m * stride_vsb + h_m * stride_vsh + s0_n * stride_vss, VEC),
+                        0, tl.where(count_n > 0, n0_n, 0), stride_kst, stride_ksd, stride_vst, stride_vsd, offs_d,
+                        d_ok, TEXT_MASK, 0, False, BLOCK_T)
+                    # ... and the index of its second, which the tile's count (arrived by now) guards.
+                    s1_n = tl.load(TILE_SUBJECTS + b_m * stride_tsb + tile_m * stride_tst + 1, mask=count_n > 1,
+                                   other=0)
+                    # This tile's subjects, software-pipelined: while subject j computes, the keys and
+                    # weights of subject j + 1 (its index arrived one step ago) and the index of
+                    # subject j + 2 are in flight. Subject 0 arrived during the tile before.
+                    weight, k, v, t_ok, s_next = w0, k0, v0, ok0, s1
+                    for j in tl.range(0, count, num_stages=1):
+                        # Unconditional (masked off past the tile's last subject): under an ``if`` the
+                        # compiler would wait for these loads where the branches merge, before subject j.
+                        more = j + 1 < count
+                        w_n = _subject_weight(s_next, owner, text_owner, COVER, SCALES, b, pos,
+                                              m_ok & (pos * 0 + j + 1 < count), stride_cb, stride_cs, stride_sb,
+                                              stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
+                        n_n = SUBJ_LEN
+                        if HAS_SUBJ_TOKENS:
+                            n_n = tl.load(SUBJ_TOKENS + s_next)
+                        k_n, v_n, ok_n = _load_keys(
+                            KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s_next * stride_kss, VEC),
+                            VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s_next * stride_vss, VEC),
+                            0, tl.where(more, n_n, 0), stride_kst, stride_ksd, stride_vst, stride_vsd, offs_d,
+                            d_ok, TEXT_MASK, 0, False, BLOCK_T)
+                        s_after = tl.load(subjects + j + 2, mask=j + 2 < count, other=0)
+                        out = _subject_branch(out, q, k, v, t_ok, weight, qk_scale, MASK_T, DOT_PRECISION)
+                        weight, k, v, t_ok, s_next = w_n, k_n, v_n, ok_n, s_after
+                else:
+                    for j in range(0, count):
+                        s = tl.load(subjects + j)
+                        weight = _subject_weight(s, owner, text_owner, COVER, SCALES, b, pos, m_ok, stride_cb,
+                                                 stride_cs, stride_sb, stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
+                        ks_ptr = KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s * stride_kss, VEC)
+                        vs_ptr = VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s * stride_vss, VEC)
+                        # A subject runs its own n_s keys only: one block of BLOCK_T when T fits it, else
+                        # an online softmax over ceil(n_s / BLOCK_T) blocks, so a subject with few keys
+                        # beside a long one runs one block.
+                        n_s = SUBJ_LEN
+                        if HAS_SUBJ_TOKENS:
+                            n_s = tl.load(SUBJ_TOKENS + s)
+                        if SUBJ_LEN <= BLOCK_T:
+                            k, v, t_ok = _load_keys(ks_ptr, vs_ptr, 0, n_s, stride_kst, stride_ksd, stride_vst,
+                                                    stride_vsd, offs_d, d_ok, TEXT_MASK, 0, False, BLOCK_T)
+                            out = _subject_branch(out, q, k, v, t_ok, weight, qk_scale, MASK_T, DOT_PRECISION)
+                        else:
+                            z = _attend_online(q, ks_ptr, vs_ptr, stride_kst, stride_ksd, stride_vst, stride_vsd, n_s,
+                                               TEXT_MASK, 0, qk_scale, offs_d, d_ok, False, BLOCK_M, BLOCK_T, BLOCK_D,
+                                               DOT_PRECISION, SUBJ_LOOP_STAGES)
+                            out += weight[:, None] * z
+
+                o_rows = tl.multiple_of(o_base + tok * stride_on, VEC)
+                tl.store(OUT + o_rows[:, None] + offs_d[None, :] * stride_od, out.to(OUT.dtype.element_ty),
+                         mask=m_ok[:, None] & d_ok[None, :])
+                if PREFETCH_TEXT:
+                    q = q_next
+                if PREFETCH_TEXT and SUBJ_LEN <= BLOCK_T:
+                    count, owner, w0, k0, v0, ok0, s1 = count_n, owner_n, w0_n, k0_n, v0_n, ok0_n, s1_n
+                    text_owner = text_owner_n
+                tok = tok_next
+                tok_next = tok_after
 
     KERNEL_INTERPRETED = type(_region_attention_fwd).__name__ == "InterpretedFunction"
 else:  # pragma: no cover - exercised where triton is missing
@@ -434,13 +513,15 @@ class KernelConfig:
     block_m: int     # query tokens per tile
     num_warps: int
     num_stages: int
-    programs_per_head: Optional[int] = None   # programs per (batch, head); None: programs_per_head()
+    tiles_per_program: Optional[int] = None   # tiles each program runs; None: split_tiles()
+    programs_per_head: int = 0                # with tiles_per_program: G > 0 programs per (batch, head), or
+                                              # 0: runs of all (batch, head)s' tiles in a row
 
 
 # The launcher gives each SM as many programs as can be resident on it at once (read from
 # the compiled kernel's registers and shared memory), so the launch is one wave; each program
-# runs ceil(tiles / programs) tiles of its (batch, head), and its prefetch of the next tile
-# hides the query gather (benchmarks/kernel_cost.py models this).
+# runs a run of consecutive tiles (split_tiles), and its prefetch of the next tile hides the
+# query gather (benchmarks/kernel_cost.py models this).
 INTERPRETER_SLOTS = 8      # under TRITON_INTERPRET: a small pretend GPU, so programs run several tiles
 _RESIDENT: dict = {}       # (device, launch constants) -> resident programs per SM
 
@@ -483,14 +564,34 @@ def _resident_slots(device: torch.device, compiled, num_warps: int) -> int:
     return props.multi_processor_count * per_sm
 
 
-def programs_per_head(n_tiles: int, heads: int, slots: int) -> int:
-    """Programs per (batch, head), between 1 and n_tiles: at most ``slots`` programs in all
-    (one wave) unless heads alone exceed them, each running the same number of tiles
-    (ceil(n_tiles / programs)) so that no program of the wave runs one more tile than the rest
-    where an even split exists."""
-    g0 = max(1, min(n_tiles, slots // max(1, heads)))
-    per = -(-n_tiles // g0)                   # tiles per program
-    return max(1, -(-n_tiles // per))         # as few programs as give that
+def tiles_per_program(total_tiles: int, slots: int) -> int:
+    """Tiles each program runs, of all (batch, head)s' tiles in a row: as few as keep the
+    programs (ceil(total_tiles / tiles each)) within ``slots``, one wave. A program's run may
+    cross from one (batch, head) into the next, so every program but the last runs the same
+    number of tiles whatever the number of heads."""
+    return max(1, -(-total_tiles // max(1, slots)))
+
+
+# A run that crosses into another (batch, head) runs a second segment, which stages that one's
+# text keys with nothing in flight to hide it: the cost model (benchmarks/kernel_cost.py) finds
+# it worth one tile fewer from runs of 4 tiles (SDXL's 64x64 and 128x128 levels on H100 and
+# A100), not at 3 (the 32x32 level on an A100: 2.54x the floor against 2.27x within heads).
+MIN_CROSSING_RUN = 4
+
+
+def split_tiles(n_tiles: int, heads: int, slots: int, across: bool = True) -> Tuple[int, int]:
+    """(tiles a program runs, programs per (batch, head)) for ``heads`` (batch, head)s of
+    ``n_tiles`` tiles each on ``slots`` resident programs: runs of all tiles in a row (programs
+    per (batch, head) 0, ``tiles_per_program``) where the kernel variant runs them (``across``:
+    ``prefetch_text``) and they are at least MIN_CROSSING_RUN tiles and fewer than runs within
+    one (batch, head) would be; else G > 0 programs per (batch, head), each running
+    ceil(n_tiles / G) of its tiles."""
+    g = max(1, min(n_tiles, slots // max(1, heads)))
+    per = -(-n_tiles // g)
+    run = tiles_per_program(n_tiles * heads, slots)
+    if across and MIN_CROSSING_RUN <= run < per:
+        return run, 0
+    return per, -(-n_tiles // per)
 
 
 def block_d(head_dim: int) -> int:
@@ -501,11 +602,14 @@ def block_d(head_dim: int) -> int:
 # first entry, and autotuning (ANYMS_KERNELS_AUTOTUNE=1, CUDA only) times all of them.
 # Every entry compiles without register spills for sm_80 and sm_90, with at most 128
 # registers a thread where the table says so (two or more programs per SM; tests/kernels/
-# test_compile.py, benchmarks/compile_report.py).
+# test_compile.py, benchmarks/compile_report.py). One table for sm_80 and sm_90: for SDXL's
+# heads (64, 16-bit) the cost model (benchmarks/kernel_cost.py) picks 128-token tiles of 8
+# warps on both (one program per SM, 167 / 242 registers), over 64 x 4 warps (three / two
+# programs per SM), 32 x 4, 64 x 8 and 128 x 4, and over capping registers (spills).
 CONFIGS = {
     # (BLOCK_D, 16-bit operands?) -> candidates, the heuristic's choice first
     (32, True): (KernelConfig(64, 4, 2), KernelConfig(128, 8, 2)),
-    (64, True): (KernelConfig(64, 4, 2), KernelConfig(128, 8, 2), KernelConfig(32, 4, 2)),
+    (64, True): (KernelConfig(128, 8, 2), KernelConfig(64, 4, 2), KernelConfig(32, 4, 2)),
     (128, True): (KernelConfig(64, 8, 2), KernelConfig(32, 4, 2)),
     (256, True): (KernelConfig(32, 8, 2), KernelConfig(16, 4, 2)),
     (32, False): (KernelConfig(32, 4, 2), KernelConfig(16, 4, 2)),
@@ -648,7 +752,8 @@ def _launch(q, k_text, v_text, k_subj, v_subj, routing: Routing, scales, text_ma
         0 if shared else count.stride(0),
         0 if shared else subjects.stride(0), subjects.stride(1),
         *scales.stride(), *mask_strides,
-        H, N, n_tiles, softmax_scale * LOG2E)
+        H, N, n_tiles, B * H * n_tiles)
+    qk_scale = softmax_scale * LOG2E
     consts = dict(
         HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=cfg.block_m,
         HAS_TEXT=has_text, TEXT_LEN=L, TEXT_A=text_a, TEXT_B=text_b, ONLINE_L=online_text_block(D), PREFETCH_TEXT=prefetch_text(D, q.dtype),
@@ -658,18 +763,25 @@ def _launch(q, k_text, v_text, k_subj, v_subj, routing: Routing, scales, text_ma
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    per_head = cfg.programs_per_head
-    if per_head is None:
+    total = B * H * n_tiles
+    per, per_head = cfg.tiles_per_program, cfg.programs_per_head
+    across = prefetch_text(D, q.dtype)
+    if per is not None and not per_head and not across and n_tiles % per:
+        raise ValueError(f"tiles_per_program={per} with programs_per_head=0 makes runs that cross from one "
+                         f"(batch, head) into the next, which only 16-bit heads up to 64 wide run; give "
+                         f"programs_per_head > 0")
+    if per is None:
         if q.is_cuda and not KERNEL_INTERPRETED:
             key = (q.device, q.dtype, vec, tuple(sorted(consts.items())))
             if key not in _RESIDENT:
-                compiled = _region_attention_fwd.warmup(*args, grid=(1, 1), **consts)
+                compiled = _region_attention_fwd.warmup(*args, 2, 0, qk_scale, grid=(1,), **consts)
                 _RESIDENT[key] = _resident_slots(q.device, compiled, cfg.num_warps)
             slots = _RESIDENT[key]
         else:
             slots = INTERPRETER_SLOTS
-        per_head = programs_per_head(n_tiles, B * H, slots)
-    _region_attention_fwd[(max(1, min(n_tiles, per_head)), B * H)](*args, **consts)
+        per, per_head = split_tiles(n_tiles, B * H, slots, across)
+    programs = per_head * B * H if per_head else -(-total // per)
+    _region_attention_fwd[(programs,)](*args, per, per_head, qk_scale, **consts)
 
 
 def pick_config(q, k_text, k_subj, mode, launch=None) -> KernelConfig:

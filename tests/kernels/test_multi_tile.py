@@ -1,7 +1,8 @@
-"""The Triton kernel's programs run several query tiles each (strided over the tiles of
-their (batch, head)), with the next tile's query rows and indices prefetched: every split
-of the tiles into programs gives bit-identical outputs (each tile runs the same operations
-whichever program runs it), equal to the float64 reference within the dtype's tolerance."""
+"""The Triton kernel's programs run several query tiles each (a run of all (batch, head)s'
+tiles in a row, which may cross from one (batch, head) into the next), with the next tile's
+query rows and indices prefetched: every split of the tiles into programs gives bit-identical
+outputs (each tile runs the same operations whichever program runs it), equal to the float64
+reference within the dtype's tolerance."""
 from __future__ import annotations
 
 import pytest
@@ -19,10 +20,11 @@ def _skip_without_triton():
         pytest.skip(reason)
 
 
-def _run(q, kt, vt, ks, vs, tok, grid, mode, dtype, per_head):
+def _run(q, kt, vt, ks, vs, tok, grid, mode, dtype, per, per_head=0):
     routing = build_routing(tok, grid, mode)
     base = rt.config_candidates(q.shape[-1], dtype)[0]
-    cfg = rt.KernelConfig(base.block_m, base.num_warps, base.num_stages, programs_per_head=per_head)
+    cfg = rt.KernelConfig(base.block_m, base.num_warps, base.num_stages, tiles_per_program=per,
+                          programs_per_head=per_head)
     scales = torch.full((q.shape[0], ks.shape[2]), 0.75, dtype=torch.float32)
     return rt.region_attention_triton(q, kt, vt, ks, vs, routing, scales, None, q.shape[-1] ** -0.5, config=cfg)
 
@@ -38,26 +40,53 @@ def test_every_split_of_tiles_into_programs_gives_the_same_output(dtype, mode, h
         kt = vt = None
     tok = ak.rasterize_boxes(torch.tensor(LAYOUTS["partial_overlap"], dtype=torch.float64), grid)
     n_tiles = -(-grid[0] * grid[1] // rt.config_candidates(32, dtype)[0].block_m)
-    outs = {g: _run(q, kt, vt, ks, vs, tok, grid, mode, dtype, g) for g in sorted({1, 2, 3, n_tiles})}
-    first = outs[1]
-    for g, out in outs.items():
-        assert torch.equal(out, first), f"{g} programs per head differ from 1"
+    # Runs within one (batch, head): 2 tiles each (the last one shorter), or all of them. Runs of
+    # all tiles in a row (16-bit heads up to 64 wide): 2 and 4 tiles a program start inside a
+    # (batch, head) and end in the next one (n_tiles is 3 or 5, by the dtype's tile); 6 * n_tiles:
+    # one program for every tile. float32 heads refuse runs that cross.
+    assert n_tiles % 2 and n_tiles % 4
+    splits = [(1, 0), (2, -(-n_tiles // 2)), (n_tiles, 1)]
+    if rt.prefetch_text(q.shape[-1], dtype):
+        splits += [(2, 0), (4, 0), (2 * 3 * n_tiles, 0)]
+    else:
+        with pytest.raises(ValueError, match=r"^tiles_per_program=2 with programs_per_head=0 makes runs that cross"):
+            _run(q, kt, vt, ks, vs, tok, grid, mode, dtype, 2, 0)
+    outs = {split: _run(q, kt, vt, ks, vs, tok, grid, mode, dtype, *split) for split in splits}
+    first = outs[(1, 0)]
+    for split, out in outs.items():
+        assert torch.equal(out, first), f"(tiles a program, programs per head) = {split} differ from one tile each"
     if has_text:        # (text-less calls against the reference: tests/kernels/test_routing.py)
         ref64 = reference(q, kt, vt, ks, vs, tok, grid, mode=mode, subject_scale=0.75)
         same = reference(q, kt, vt, ks, vs, tok, grid, mode=mode, subject_scale=0.75, dtype=dtype)
         assert_matches_reference(first, None, ref64, dtype=dtype, ref_same_dtype=same)
 
 
-def test_programs_per_head_fills_the_gpu_and_covers_every_tile():
-    # SDXL's 32x32 level at 20 heads, B=2, on 132 SMs: 16 tiles of 64 per (batch, head), 40 of them
-    assert rt.programs_per_head(16, 40, 396) == 8           # 396 slots / 40 heads: 9 -> 2 tiles each -> 8 programs
-    # the 64x64 level at 10 heads on 132 SMs x 3: 64 tiles, 20 (batch, head): 19 -> 4 tiles each -> 16
-    assert rt.programs_per_head(64, 20, 396) == 16
-    for n, heads, slots in ((64, 20, 396), (143, 3, 8), (5, 7, 100), (1000, 1, 216)):
-        g = rt.programs_per_head(n, heads, slots)
-        per = -(-n // g)
-        assert 1 <= g <= n and per * g >= n and (g * heads <= slots or g == 1)
-    assert rt.programs_per_head(1, 1, 132) == 1 and rt.programs_per_head(7, 1000, 132) == 1
+def test_tiles_per_program_fills_the_gpu_in_one_wave_and_covers_every_tile():
+    # SDXL's 64x64 level at 10 heads, B=2, on 132 SMs x 1: 32 tiles of 128 per (batch, head), 640
+    # in all: 5 a program, 128 programs (runs per (batch, head) alone would take 6: ceil(32 / 6))
+    assert rt.tiles_per_program(640, 132) == 5
+    assert rt.tiles_per_program(320, 132) == 3                # the 32x32 level at 20 heads
+    for total, slots in ((640, 132), (143, 8), (5, 100), (1000, 216), (7000, 132)):
+        per = rt.tiles_per_program(total, slots)
+        programs = -(-total // per)
+        assert per >= 1 and programs <= slots and programs * per >= total and (programs - 1) * per < total
+    assert rt.tiles_per_program(1, 132) == 1 and rt.tiles_per_program(7, 0) == 7
+
+
+def test_split_tiles_crosses_heads_only_for_runs_of_min_crossing_run_tiles_that_save_one():
+    assert rt.MIN_CROSSING_RUN == 4
+    assert rt.split_tiles(32, 20, 132) == (5, 0)          # 64x64, 10 heads, H100: 5 across, 6 within
+    assert rt.split_tiles(8, 40, 132) == (3, 3)           # 32x32, 20 heads, H100: 3 within as across
+    assert rt.split_tiles(8, 40, 108) == (4, 2)           # 32x32, 20 heads, A100: 3 across is too short
+    assert rt.split_tiles(128, 20, 132) == (20, 0)        # 128x128, 10 heads
+    assert rt.split_tiles(3, 6, 8) == (3, 1)              # the interpreter's small pretend GPU
+    assert rt.split_tiles(32, 20, 132, across=False) == (6, 6)   # wide or float32 heads: within heads
+    for n, heads, slots in ((32, 20, 132), (8, 40, 108), (143, 3, 8), (5, 7, 100), (1000, 1, 216), (7, 1000, 132)):
+        per, g = rt.split_tiles(n, heads, slots)
+        if g:       # G programs per (batch, head) cover its tiles, the last one possibly shorter
+            assert per * g >= n > per * (g - 1) and (g * heads <= slots or g == 1)
+        else:       # runs across heads: one wave, MIN_CROSSING_RUN tiles at least
+            assert per >= rt.MIN_CROSSING_RUN and -(-n * heads // per) <= slots
 
 
 def test_resident_programs_counts_registers_shared_memory_and_threads():
