@@ -74,25 +74,71 @@ class AnyMSBranches:
     def _anyms_removed(cls, model) -> None:
         """Called by :func:`remove_anyms`: undo what :meth:`_anyms_applied` added."""
 
-    def _subject_images(self, ip_hidden_states, layout: Layout) -> torch.Tensor:
-        """The subjects' image tokens ``[B, S, T, C]``: one IP-Adapter holding the layout's S images."""
-        if len(ip_hidden_states) != 1 or len(self.to_k_ip) != 1:
-            raise ValueError(
-                f"AnyMS takes its subjects from one IP-Adapter holding S images, but {len(self.to_k_ip)} "
-                f"IP-Adapters are loaded and {len(ip_hidden_states)} image embeddings were passed"
-            )
-        images = ip_hidden_states[0]
-        if images.dim() == 3:                     # [B, T, C]: one image per prompt
-            images = images.unsqueeze(1)
-        return images
+    def _subject_branches(self, ip_hidden_states, layout: Layout, batch_size: int, heads: int,
+                          dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The subjects' keys and values ``[B, H, S, T, D]`` in the layout's order (in ``dtype``, if given).
 
-    @staticmethod
-    def _check_subject_count(num_images: int, layout: Layout) -> None:
-        if num_images != layout.num_subjects:
-            raise ValueError(
-                f"the IP-Adapter image embeddings hold S={num_images} images per prompt but the layout has "
-                f"{layout.num_subjects} regions (boxes or masks): give exactly one subject image per region"
-            )
+        ``ip_hidden_states[a]`` (``[B, S_a, T_a, C]``, or ``[B, T_a, C]`` for one image) holds the
+        images of the layout's subjects of IP-Adapter ``a`` (:meth:`Layout.adapter_subjects`), which
+        ``to_k_ip[a]`` / ``to_v_ip[a]`` project. Subjects of one adapter: its projections, as they
+        are. Of several: each adapter's projections in its subjects' slots, padded with zeros to
+        the largest token count T (the op reads subject s's first ``layout.subject_tokens[s]``
+        keys only, so the padding is never read). Adapters without subjects are not projected.
+        """
+        loaded = len(self.to_k_ip)
+        if len(ip_hidden_states) != loaded:
+            raise ValueError(f"{loaded} IP-Adapters are loaded but {len(ip_hidden_states)} image embeddings were "
+                             f"passed: give one per adapter")
+        groups = []                               # (adapter, its subjects, its images [B, S_a, T_a, C])
+        for adapter in sorted(set(layout.adapters)) or [0]:      # no subject: adapter 0's (empty) images
+            if adapter >= loaded:
+                s = layout.adapters.index(adapter)
+                raise ValueError(f"the layout's subject {s} uses IP-Adapter {adapter} (adapters[{s}]) but "
+                                 f"{loaded} {'is' if loaded == 1 else 'are'} loaded (0 .. {loaded - 1})")
+            images = ip_hidden_states[adapter]
+            if images.dim() == 3:                 # [B, T, C]: one image per prompt
+                images = images.unsqueeze(1)
+            where = f"ip_hidden_states[{adapter}]"
+            if images.dim() != 4 or images.shape[0] != batch_size:
+                raise ValueError(
+                    f"{where} must be [B, S, T, C] with B = {batch_size} (with classifier-free guidance, the "
+                    f"unconditional and conditional halves), got shape {tuple(images.shape)}")
+            subjects = layout.adapter_subjects(adapter)
+            if images.shape[1] != len(subjects):
+                what = "regions (boxes or masks)" if loaded == 1 else f"subjects of IP-Adapter {adapter}"
+                raise ValueError(
+                    f"the IP-Adapter image embeddings ({where}) hold S={images.shape[1]} images per prompt but the "
+                    f"layout has {len(subjects)} {what}: give exactly one subject image per region")
+            if layout.subject_tokens is not None:
+                for s in subjects:
+                    if layout.subject_tokens[s] != images.shape[2]:
+                        raise ValueError(
+                            f"the layout gives subject {s} {layout.subject_tokens[s]} tokens (subject_tokens[{s}]) "
+                            f"but its IP-Adapter {adapter} has {images.shape[2]}")
+            groups.append((adapter, subjects, images))
+        if len(groups) == 1:                      # one adapter: its images are the subjects, in order
+            adapter, _, images = groups[0]
+            k_subj, v_subj = self.to_k_ip[adapter](images), self.to_v_ip[adapter](images)
+        else:
+            tokens = [g[2].shape[2] for g in groups]
+            if len(set(tokens)) > 1 and layout.subject_tokens is None:
+                raise ValueError(
+                    f"the layout's subjects use IP-Adapters of {sorted(set(tokens))} image tokens: make the Layout "
+                    f"with subject_tokens= (each subject's count), so that each attends to its own tokens only")
+            k_subj = v_subj = None
+            for adapter, subjects, images in groups:
+                k, v = self.to_k_ip[adapter](images), self.to_v_ip[adapter](images)
+                if k_subj is None:
+                    shape = (batch_size, layout.num_subjects, max(tokens), k.shape[-1])
+                    k_subj, v_subj = k.new_zeros(shape), v.new_zeros(shape)
+                k_subj[:, subjects, :k.shape[2]] = k.to(k_subj.dtype)
+                v_subj[:, subjects, :v.shape[2]] = v.to(v_subj.dtype)
+        # [B, S, T, H * D] -> [B, H, S, T, D]: views
+        k_subj = k_subj.unflatten(-1, (heads, -1)).permute(0, 3, 1, 2, 4)
+        v_subj = v_subj.unflatten(-1, (heads, -1)).permute(0, 3, 1, 2, 4)
+        if dtype is not None and k_subj.dtype != dtype:     # e.g. an image projection kept in float32
+            k_subj, v_subj = k_subj.to(dtype), v_subj.to(dtype)
+        return k_subj, v_subj
 
     def _attend(self, layout: Layout, grid, routing, q, k_text, v_text, k_subj, v_subj,
                 text_mask=None) -> torch.Tensor:
@@ -106,18 +152,10 @@ class AnyMSBranches:
         )
 
     def _subject_scale(self, layout: Layout, device) -> torch.Tensor:
-        """lambda_s = (layout.scales[s] at this step and layer) * self.scale[0], cached (eagerly) while
-        neither changes."""
-        ip_scale = self.scale[0]
-        if isinstance(ip_scale, (list, tuple)):
-            if len(ip_scale) != layout.num_subjects:
-                raise ValueError(
-                    f"the IP-Adapter scale has {len(ip_scale)} per-image values but the layout has "
-                    f"{layout.num_subjects} subjects (set_ip_adapter_scale)"
-                )
-            key = tuple(float(s) for s in ip_scale)
-        else:
-            key = float(ip_scale)
+        """lambda_s = (layout.scales[s] at this step and layer) * (the scale of subject s's adapter,
+        ``self.scale[layout.adapters[s]]``, or its entry for that image when the adapter's scale is a
+        list), cached (eagerly) while neither changes."""
+        key = self._adapter_scales(layout)
         factor = torch.tensor(key, dtype=torch.float32)
         if torch.compiler.is_compiling():
             # traced, the product is part of the graph and reads the layout's scale tensor, whose
@@ -131,6 +169,26 @@ class AnyMSBranches:
         scale = layout.subject_scale(device, self.layer_name) * factor.to(device)
         self._scale_cache = (layout, device, key, layout.version, scale, self.layer_name)
         return scale
+
+    def _adapter_scales(self, layout: Layout):
+        """Each subject's IP-Adapter scale (``set_ip_adapter_scale``'s): one float when every subject
+        takes the same single scale, else a tuple of S floats."""
+        used = sorted(set(layout.adapters)) or [0]
+        if len(used) == 1 and not isinstance(self.scale[used[0]], (list, tuple)):
+            return float(self.scale[used[0]])
+        values = []
+        for adapter in used:
+            ip_scale = self.scale[adapter]
+            subjects = layout.adapter_subjects(adapter)
+            if isinstance(ip_scale, (list, tuple)):
+                if len(ip_scale) != len(subjects):
+                    raise ValueError(
+                        f"the IP-Adapter scale of adapter {adapter} has {len(ip_scale)} per-image values but the "
+                        f"layout has {len(subjects)} subjects of it (set_ip_adapter_scale)")
+                values.extend(zip(subjects, (float(v) for v in ip_scale)))
+            else:
+                values.extend((s, float(ip_scale)) for s in subjects)
+        return tuple(v for _, v in sorted(values))
 
 
 # ----------------------------------------------------------------------- install

@@ -199,16 +199,12 @@ class AnyMSFluxAttnProcessor(AnyMSBranches, FluxIPAdapterAttnProcessor, replaces
                 "AnyMS needs the subject images, and this call has no IP-Adapter image embeddings: pass "
                 "subjects=[...] to AnyMSFluxPipeline, or ip_adapter_image=[[img_1, ..., img_S]] to FluxPipeline"
             )
-        images = self._subject_images(ip_hidden_states, layout)
         batch_size = hidden_states.shape[0]
-        if images.dim() != 4 or images.shape[0] != batch_size:
-            raise ValueError(f"ip_hidden_states[0] must be [B, S, T, C] with B = {batch_size}, "
-                             f"got shape {tuple(images.shape)}")
-        self._check_subject_count(images.shape[1], layout)
+        k_subj, v_subj = self._subject_branches(ip_hidden_states, layout, batch_size, attn.heads)
 
         hidden_states, encoder_hidden_states, ip_query = self._joint(attn, hidden_states, encoder_hidden_states,
                                                                      attention_mask, image_rotary_emb)
-        ip_attn_output = self._ip_term(attn, ip_query, images, layout)
+        ip_attn_output = self._ip_term(ip_query, k_subj, v_subj, layout)
         return hidden_states, encoder_hidden_states, ip_attn_output.to(hidden_states.dtype)
 
     def _joint(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb):
@@ -238,13 +234,9 @@ class AnyMSFluxAttnProcessor(AnyMSBranches, FluxIPAdapterAttnProcessor, replaces
         encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         return hidden_states, encoder_hidden_states, ip_query
 
-    def _ip_term(self, attn, ip_query, images, layout: Layout) -> torch.Tensor:
+    def _ip_term(self, ip_query, k_subj, v_subj, layout: Layout) -> torch.Tensor:
         """``[B, N, H * D]``: each image token's own subjects, in one fused call without a text branch."""
         batch_size, num_tokens, heads, head_dim = ip_query.shape
-        num_subjects, tokens_per_image = images.shape[1], images.shape[2]
-        k_subj = self.to_k_ip[0](images).view(batch_size, num_subjects, tokens_per_image, heads, head_dim)
-        v_subj = self.to_v_ip[0](images).view(batch_size, num_subjects, tokens_per_image, heads, head_dim)
-        k_subj, v_subj = k_subj.permute(0, 3, 1, 2, 4), v_subj.permute(0, 3, 1, 2, 4)   # [B, H, S, T, D] views
         if k_subj.dtype != ip_query.dtype:        # e.g. an image projection kept in float32
             k_subj, v_subj = k_subj.to(ip_query.dtype), v_subj.to(ip_query.dtype)
         grid, routing = layout.routing(num_tokens, ip_query.device, self.layer_name)

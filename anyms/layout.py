@@ -141,7 +141,8 @@ class Layout:
     """
 
     def __init__(self, boxes=None, latent_hw: Optional[Grid] = None, scales=1.0, mode: str = "overwrite",
-                 masks=None, patch: Optional[int] = None, windows=None, schedules=None, blocks=None):
+                 masks=None, patch: Optional[int] = None, windows=None, schedules=None, blocks=None,
+                 adapters=None, subject_tokens=None):
         self.latent_hw = check_grid(latent_hw, "latent_hw")
         self.mode = check_mode(mode)
         self.patch = _check_patch(patch, self.latent_hw)
@@ -186,6 +187,12 @@ class Layout:
         self._token_boxes: Dict[Tuple[Grid, torch.device], torch.Tensor] = {}
         self._scale_cache: Dict[torch.device, torch.Tensor] = {}     # group 0's scales
         self.blocks: Tuple[BlockWeights, ...] = _blocks_argument(blocks, num)
+        self.adapters: Tuple[int, ...] = _ints_argument(adapters, num, "adapters", 0, default=0)
+        self.subject_tokens: Optional[Tuple[int, ...]] = (
+            None if subject_tokens is None else _ints_argument(subject_tokens, num, "subject_tokens", 1))
+        # what the routing carries: None when every subject has the same count (the op's T, no padding)
+        self._routing_tokens = (None if self.subject_tokens is None or len(set(self.subject_tokens)) <= 1
+                                else list(self.subject_tokens))
         # group g: its subject weights and active set; layer name -> group; (device, g > 0) -> scales
         self._group_weights: List[Tuple[float, ...]] = [(1.0,) * num]
         self._group_active: List[Tuple[bool, ...]] = [self.active]
@@ -197,6 +204,11 @@ class Layout:
     @property
     def num_subjects(self) -> int:
         return self.boxes.shape[0]
+
+    def adapter_subjects(self, adapter: int) -> List[int]:
+        """The subjects of IP-Adapter ``adapter``, in this layout's order: image ``j`` of that
+        adapter's embeddings is subject ``adapter_subjects(adapter)[j]``."""
+        return [s for s, a in enumerate(self.adapters) if a == adapter]
 
     @property
     def has_masks(self) -> bool:
@@ -318,7 +330,7 @@ class Layout:
             with torch.inference_mode(False), torch.no_grad():
                 if not all(active):
                     cover = cover & torch.tensor(active, dtype=torch.bool)[:, None, None]
-                routing = build_routing(cover.to(key[1]), grid, self.mode)
+                routing = build_routing(cover.to(key[1]), grid, self.mode, subject_tokens=self._routing_tokens)
             self._routing[key] = routing
         return routing
 
@@ -473,6 +485,18 @@ def _blocks_argument(blocks, num: int) -> Tuple[BlockWeights, ...]:
                              f"names (anyms.blocks.resolve_blocks({checked!r}, layer names) gives them)")
         out.append(checked)
     return tuple(out)
+
+
+def _ints_argument(values, num: int, name: str, low: int, default=None) -> Tuple[int, ...]:
+    """``values``: None (``default`` for every subject, when there is one) or ``num`` ints >= ``low``."""
+    if values is None:
+        return (default,) * num
+    if not isinstance(values, (list, tuple)) or len(values) != num:
+        raise ValueError(f"{name} must be None or {num} ints, one per subject, got {values!r}")
+    for s, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}[{s}] must be an int >= {low}, got {value!r}")
+    return tuple(int(v) for v in values)
 
 
 def _windows_argument(windows, num: int) -> Tuple[Tuple[float, float], ...]:
