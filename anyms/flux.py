@@ -356,7 +356,7 @@ class AnyMSFluxPipeline(FluxPipeline):
         if own:        # diffusers' default (a black image) for the subjects without one
             black = _black_image()
             negatives = [black if s.negative_image is None else s.negative_image for s in plan.subjects]
-        self._anyms_check_adapter()
+        self._anyms_check_adapter(plan)
         plan.resolve_blocks(self.transformer)
         if plan.mask_hw is not None:       # the masks fix the image size (checked before any model work)
             arguments["height"], arguments["width"] = plan.image_size(
@@ -383,14 +383,21 @@ class AnyMSFluxPipeline(FluxPipeline):
             finally:
                 self._anyms_pending = None
 
-    def _anyms_check_adapter(self) -> None:
+    def _anyms_check_adapter(self, plan: Optional[AnyMSPlan] = None) -> None:
+        """One loaded IP-Adapter (FLUX's AnyMS pipeline takes every subject from it) and its image
+        encoder; a subject of another adapter is refused, naming ``subjects[i].adapter``."""
         proj = getattr(self.transformer, "encoder_hid_proj", None)
         layers = getattr(proj, "image_projection_layers", None)
         if not layers:
             raise ValueError("subjects need a loaded IP-Adapter: call pipe.load_ip_adapter(...) first")
         if len(layers) != 1:
-            raise ValueError(f"subjects use exactly one IP-Adapter (its images are the subjects), "
-                             f"but {len(layers)} are loaded: unload_ip_adapter() and load one")
+            raise ValueError(f"AnyMSFluxPipeline takes its subjects from one IP-Adapter (several adapters in one "
+                             f"call are for SD and SDXL), but {len(layers)} are loaded: unload_ip_adapter() and "
+                             f"load one")
+        for i, subject in zip(plan.order if plan else (), plan.subjects if plan else ()):
+            if subject.adapter != 0:
+                raise ValueError(f"subjects[{i}].adapter is {subject.adapter}: AnyMSFluxPipeline takes every subject "
+                                 f"from its one IP-Adapter, 0 (several adapters in one call are for SD and SDXL)")
         if getattr(self, "image_encoder", None) is None or getattr(self, "feature_extractor", None) is None:
             raise ValueError("subjects need the IP-Adapter's image encoder and its feature extractor, and the "
                              "pipeline lacks one: load_ip_adapter(..., image_encoder_pretrained_model_name_or_path=...)"

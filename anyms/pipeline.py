@@ -104,6 +104,10 @@ class Subject:
             ``"layout"``, ``"style_and_layout"``), a list of block names
             (``["up_blocks.0.attentions.1"]``) or a dict ``{block name: weight}``. Default
             None: the call's ``anyms_blocks``, else every block.
+        adapter: (keyword only) which loaded IP-Adapter encodes the subject's image and projects
+            it (its ``to_k_ip`` / ``to_v_ip``): an index into the adapters loaded with the list form
+            ``pipe.load_ip_adapter(repo, subfolder=..., weight_name=[w0, w1])``. Default 0. Subjects
+            of different adapters (4-token and 16-token "plus" ones too) act in the same call.
 
     At a step where its scale is 0 (outside its window, or ``scale=0``) a subject is absent:
     in ``overwrite`` mode the subject under it takes its tokens, as if it had not been given.
@@ -121,6 +125,7 @@ class Subject:
     schedule: str = field(default="constant", kw_only=True)
     negative_image: Any = field(default=None, kw_only=True)
     blocks: Any = field(default=None, kw_only=True)
+    adapter: int = field(default=0, kw_only=True)
 
     @property
     def timed(self) -> bool:
@@ -192,6 +197,18 @@ def _check_scale(scale, name: str) -> float:
     return value
 
 
+def _check_adapter_index(adapter, name: str, loaded: Optional[int] = None) -> int:
+    """A subject's IP-Adapter index: an int in ``[0, loaded)`` (``loaded`` None: not known yet, >= 0)."""
+    if isinstance(adapter, bool) or not isinstance(adapter, (int, np.integer)):
+        raise ValueError(f"{name} must be an int, the index of a loaded IP-Adapter, got {adapter!r}")
+    adapter = int(adapter)
+    if adapter < 0 or (loaded is not None and adapter >= loaded):
+        have = "" if loaded is None else (f": {loaded} IP-Adapter{'s are' if loaded != 1 else ' is'} loaded, "
+                                          f"0 .. {loaded - 1}")
+        raise ValueError(f"{name} is {adapter}, no loaded IP-Adapter{have or ' (indices start at 0)'}")
+    return adapter
+
+
 @dataclass
 class AnyMSPlan:
     """A checked set of subjects, in priority order (ascending: the last one is on top).
@@ -208,6 +225,27 @@ class AnyMSPlan:
     blocks: Any = None              # the call's anyms_blocks (checked), for subjects without their own
     # each subject's blocks resolved on the model (resolve_blocks); None: every block
     resolved_blocks: Optional[List[Any]] = None
+    # the image tokens of each loaded IP-Adapter (check_adapters); None: not checked against a model
+    adapter_tokens: Optional[List[int]] = None
+
+    @property
+    def adapters(self) -> List[int]:
+        """Each subject's IP-Adapter index, in plan order."""
+        return [s.adapter for s in self.subjects]
+
+    def adapter_images(self, num_adapters: int) -> List[List[Image.Image]]:
+        """The subjects' images of each of ``num_adapters`` adapters, in plan order (the embeddings'
+        order, :meth:`anyms.Layout.adapter_subjects`)."""
+        return [[im for im, s in zip(self.images, self.subjects) if s.adapter == a] for a in range(num_adapters)]
+
+    def check_adapters(self, adapter_tokens: Sequence[int]) -> "AnyMSPlan":
+        """Check every subject's adapter against the loaded IP-Adapters, whose image tokens are
+        ``adapter_tokens`` (one count per adapter); ValueError naming ``subjects[i].adapter``. No
+        model work. Returns self."""
+        for i, subject in zip(self.order, self.subjects):
+            _check_adapter_index(subject.adapter, f"subjects[{i}].adapter", len(adapter_tokens))
+        self.adapter_tokens = [int(t) for t in adapter_tokens]
+        return self
 
     @property
     def labels(self) -> List[str]:
@@ -226,6 +264,10 @@ class AnyMSPlan:
                     masks=masks if any(m is not None for m in masks) else None,
                     windows=[(s.start, s.end) for s in self.subjects],
                     schedules=[s.schedule for s in self.subjects])
+        if any(self.adapters):
+            args["adapters"] = self.adapters
+        if self.adapter_tokens is not None and len({self.adapter_tokens[a] for a in self.adapters}) > 1:
+            args["subject_tokens"] = [self.adapter_tokens[a] for a in self.adapters]
         if self.resolved_blocks is None:      # never run a selection as "every block" silently
             given = [i for i, s in zip(self.order, self.subjects) if not _every_block(s.blocks)]
             if given or not _every_block(self.blocks):
@@ -320,7 +362,8 @@ def prepare_subjects(subjects, mode: str = "overwrite", priority: str = "order",
     ``start`` after its ``end``; an unknown ``schedule``; a ``blocks`` (the subject's, or
     ``blocks``, the call's ``anyms_blocks``) that is no preset, block list or dict
     (:func:`anyms.blocks.check_blocks`: the names are checked against the model by
-    :meth:`AnyMSPlan.resolve_blocks`); an image or a negative image that cannot be read; an
+    :meth:`AnyMSPlan.resolve_blocks`); an ``adapter`` that is not an int >= 0 (checked against the
+    loaded adapters by :meth:`AnyMSPlan.check_adapters`); an image or a negative image that cannot be read; an
     unknown ``anyms_mode`` or ``anyms_priority``.
 
     The checked subjects hold RGB PIL images, bool ``[H, W]`` mask tensors, and a box
@@ -356,6 +399,7 @@ def prepare_subjects(subjects, mode: str = "overwrite", priority: str = "order",
         start, end = check_window(subject.start, subject.end, name)
         schedule = check_schedule(subject.schedule, f"{name}.schedule")
         check_blocks(subject.blocks, f"{name}.blocks")
+        adapter = _check_adapter_index(subject.adapter, f"{name}.adapter")
         images.append(subject.load_image(f"{name}.image"))
         negative = None if subject.negative_image is None else _load_image(subject.negative_image,
                                                                           f"{name}.negative_image")
@@ -364,7 +408,7 @@ def prepare_subjects(subjects, mode: str = "overwrite", priority: str = "order",
             is_path = isinstance(subject.image, (str, os.PathLike))
             label = os.path.splitext(os.path.basename(os.fspath(subject.image)))[0] if is_path else f"subject {i}"
         checked.append(Subject(images[-1], box, scale, label, mask=mask, start=start, end=end, schedule=schedule,
-                               negative_image=negative, blocks=subject.blocks))
+                               negative_image=negative, blocks=subject.blocks, adapter=adapter))
     order = list(range(len(checked)))
     if priority == "smaller_on_top":
         # Largest region first (bottom), smallest last (top); equal areas keep the given order.
@@ -402,16 +446,16 @@ class AnyMSPipelineMixin:
         if "__call__" not in vars(cls):
             cls.__call__ = _call_with_parent_signature(cls)
 
-    def _anyms_check_adapter(self) -> None:
+    def _anyms_check_adapter(self, plan: Optional[AnyMSPlan] = None) -> None:
+        """A loaded IP-Adapter whose processors hold its weights, and an image encoder for every
+        adapter ``plan``'s subjects use (:meth:`AnyMSPlan.check_adapters`). No model work."""
         unet = self.unet
         proj = getattr(unet, "encoder_hid_proj", None)
         layers = getattr(proj, "image_projection_layers", None)
         if unet.config.encoder_hid_dim_type != "ip_image_proj" or layers is None:
             raise ValueError("subjects need a loaded IP-Adapter: call pipe.load_ip_adapter(...) first")
-        if len(layers) != 1:
-            raise ValueError(f"subjects use exactly one IP-Adapter (its images are the subjects), "
-                             f"but {len(layers)} are loaded: unload_ip_adapter() and load one")
-        if not any(isinstance(p, IPAdapterAttnProcessor2_0) for p in unet.attn_processors.values()):
+        processors = [p for p in unet.attn_processors.values() if isinstance(p, IPAdapterAttnProcessor2_0)]
+        if not processors:
             kinds = sorted({type(p).__name__ for p in unet.attn_processors.values()})
             raise ValueError(
                 f"an IP-Adapter is loaded (its image projection is in unet.encoder_hid_proj), but no attention "
@@ -419,9 +463,113 @@ class AnyMSPipelineMixin:
                 f"after load_ip_adapter (the U-Net's processors are {', '.join(kinds)}; unet.set_attn_processor, "
                 f"set_default_attn_processor and unet.set_attention_slice do). Load the adapter again "
                 f"(pipe.load_ip_adapter(...)); pipe.enable_attention_slicing() keeps it")
-        if getattr(self, "image_encoder", None) is None:
-            raise ValueError("subjects need the IP-Adapter's image encoder, and the pipeline has none: "
-                             "load the adapter with its image_encoder_folder, or pass image_encoder=")
+        used = [0]
+        if plan is not None:
+            plan.check_adapters(list(processors[0].num_tokens))
+            used = sorted(set(plan.adapters))
+        for adapter in used:
+            if self.ip_adapter_image_encoder(adapter)[0] is None:
+                which = "" if len(layers) == 1 else f" {adapter}"
+                raise ValueError(f"subjects need the IP-Adapter{which}'s image encoder, and the pipeline has none: "
+                                 f"load the adapter with its image_encoder_folder, or pass image_encoder= "
+                                 f"(pipe.set_ip_adapter_image_encoder(adapter, encoder) for one adapter)")
+
+    # ------------------------------------------------------------ one image encoder per adapter
+    _anyms_image_encoders: Optional[dict] = None      # adapter -> (image encoder, feature extractor or None)
+
+    def set_ip_adapter_image_encoder(self, adapter: int, image_encoder, feature_extractor=None) -> None:
+        """Give IP-Adapter ``adapter`` (an index into the loaded adapters) an image encoder of its
+        own, e.g. the ViT-H of ``ip-adapter-plus-face_sdxl_vit-h`` beside the ViT-bigG that
+        ``pipe.image_encoder`` holds for ``ip-adapter_sdxl``. Adapters without one use
+        ``pipe.image_encoder``; ``feature_extractor`` None: ``pipe.feature_extractor`` prepares the
+        images. ``image_encoder`` None removes the adapter's own. The encoder follows ``pipe.to()``;
+        it is not part of ``save_pretrained`` (nor of CPU offload: place it yourself). The list form
+        of :meth:`load_ip_adapter` calls this for every adapter whose encoder folder differs from
+        the first's. Raises ValueError for an index that is no loaded adapter."""
+        layers = getattr(getattr(self.unet, "encoder_hid_proj", None), "image_projection_layers", None)
+        loaded = 0 if layers is None else len(layers)
+        _check_adapter_index(adapter, "adapter", loaded)
+        encoders = dict(self._anyms_image_encoders or {})
+        if image_encoder is None:
+            encoders.pop(int(adapter), None)
+        else:
+            encoders[int(adapter)] = (image_encoder, feature_extractor)
+        self._anyms_image_encoders = encoders
+
+    def ip_adapter_image_encoder(self, adapter: int = 0):
+        """``(image encoder, feature extractor)`` of IP-Adapter ``adapter``: its own
+        (:meth:`set_ip_adapter_image_encoder`), else the pipeline's."""
+        encoder, extractor = (self._anyms_image_encoders or {}).get(adapter, (None, None))
+        if encoder is None:
+            return getattr(self, "image_encoder", None), self.feature_extractor
+        return encoder, extractor if extractor is not None else self.feature_extractor
+
+    def load_ip_adapter(self, pretrained_model_name_or_path_or_dict, subfolder, weight_name,
+                        image_encoder_folder="image_encoder", **kwargs):
+        """diffusers' ``load_ip_adapter``, plus ``image_encoder_folder`` as a list, one entry per
+        adapter (as ``weight_name``): adapter 0's is loaded as diffusers loads it (into
+        ``pipe.image_encoder``, when the pipeline has none), and every other adapter whose folder
+        is another gets that encoder of its own (:meth:`set_ip_adapter_image_encoder`); None: the
+        pipeline's. Folders resolve as diffusers' do (a bare name is inside the adapter's subfolder).
+
+            pipe.load_ip_adapter("h94/IP-Adapter", subfolder="sdxl_models",
+                                 weight_name=["ip-adapter_sdxl.safetensors",
+                                              "ip-adapter-plus-face_sdxl_vit-h.safetensors"],
+                                 image_encoder_folder=["image_encoder", "models/image_encoder"])
+
+        Loading replaces the adapters loaded before, and the encoders of their own."""
+        weights = weight_name if isinstance(weight_name, list) else [weight_name]
+        self._anyms_image_encoders = None
+        if not isinstance(image_encoder_folder, (list, tuple)):
+            return super().load_ip_adapter(pretrained_model_name_or_path_or_dict, subfolder, weights
+                                           if isinstance(weight_name, list) else weight_name,
+                                           image_encoder_folder=image_encoder_folder, **kwargs)
+        folders = list(image_encoder_folder)
+        if len(folders) != len(weights):
+            raise ValueError(f"image_encoder_folder has {len(folders)} entries but weight_name {len(weights)}: give "
+                             f"one folder (or None) per adapter")
+        sources = pretrained_model_name_or_path_or_dict
+        sources = list(sources) if isinstance(sources, list) else [sources]
+        sources = sources * len(weights) if len(sources) == 1 else sources
+        subfolders = list(subfolder) if isinstance(subfolder, list) else [subfolder]
+        subfolders = subfolders * len(weights) if len(subfolders) == 1 else subfolders
+        if len(sources) != len(weights) or len(subfolders) != len(weights):
+            raise ValueError("pretrained_model_name_or_path_or_dict, subfolder and weight_name must have the same "
+                             "length")
+
+        def where(i):
+            folder = folders[i]
+            if folder is None or isinstance(sources[i], dict):
+                return None
+            return sources[i], (folder if "/" in folder else "/".join(p for p in (subfolders[i], folder) if p))
+
+        super().load_ip_adapter(sources, subfolders, weights, image_encoder_folder=folders[0], **kwargs)
+        first = where(0)
+        for i in range(1, len(weights)):
+            own = where(i)
+            if own is None or own == first:
+                continue
+            from diffusers.utils import is_transformers_version
+            from transformers import CLIPVisionModelWithProjection
+
+            dtype_kwarg = {"dtype" if is_transformers_version(">=", "4.56.0") else "torch_dtype": self.dtype}
+            options = {k: kwargs[k] for k in ("cache_dir", "local_files_only", "token", "revision") if k in kwargs}
+            encoder = CLIPVisionModelWithProjection.from_pretrained(own[0], subfolder=own[1], **dtype_kwarg,
+                                                                    **options).to(self.device)
+            self.set_ip_adapter_image_encoder(i, encoder)
+
+    def unload_ip_adapter(self):
+        """diffusers' ``unload_ip_adapter``; the adapters' own image encoders go too."""
+        self._anyms_image_encoders = None
+        return super().unload_ip_adapter()
+
+    def to(self, *args, **kwargs):
+        """diffusers' ``to``; the adapters' own image encoders move with the pipeline."""
+        out = super().to(*args, **kwargs)
+        options = {k: v for k, v in kwargs.items() if k in ("device", "dtype")}
+        for encoder, _ in (self._anyms_image_encoders or {}).values():
+            encoder.to(*args, **options)
+        return out
 
     def _anyms_call(self, args: tuple, kwargs: dict, subjects: Optional[Sequence[Subject]],
                     anyms_mode: Optional[str], anyms_priority: Optional[str], anyms_blocks=None):
@@ -471,7 +619,7 @@ class AnyMSPipelineMixin:
                     raise ValueError(f"give either subjects or {name}, not both: the subjects' images are the "
                                      f"IP-Adapter images")
             plan = prepare_subjects(subjects, anyms_mode or "overwrite", anyms_priority or "order", anyms_blocks)
-            self._anyms_check_adapter()
+            self._anyms_check_adapter(plan)
             plan.resolve_blocks(self.unet)
             call_kwargs = dict(bound.arguments)
             call_kwargs.update(call_kwargs.pop("kwargs", {}))
@@ -484,7 +632,9 @@ class AnyMSPipelineMixin:
             if plan.mask_hw is not None:       # the masks fix the image size (checked before any model work)
                 call_kwargs["height"], call_kwargs["width"] = plan.image_size(
                     call_kwargs.get("height"), call_kwargs.get("width"), self.vae_scale_factor)
-            call_kwargs["ip_adapter_image"] = [plan.images]  # one adapter, S images
+            # one entry per loaded adapter (its subjects' images), as the parent checks them;
+            # prepare_ip_adapter_image_embeds encodes them, each with its adapter's encoder
+            call_kwargs["ip_adapter_image"] = plan.adapter_images(len(plan.adapter_tokens))
             if plan.timed:
                 chain_step_callback(self, plan, call_kwargs)
 
@@ -497,9 +647,9 @@ class AnyMSPipelineMixin:
                 finally:
                     self._anyms_pending = None
 
-    def encode_image(self, image, device, num_images_per_prompt, output_hidden_states=None):
-        """The parent's, except that during an AnyMS call each subject image goes through the
-        image encoder alone (batch 1).
+    def encode_image(self, image, device, num_images_per_prompt, output_hidden_states=None, adapter: int = 0):
+        """The parent's, with IP-Adapter ``adapter``'s image encoder (:meth:`ip_adapter_image_encoder`),
+        and during an AnyMS call each subject image goes through the image encoder alone (batch 1).
 
         A batch of S images and S batches of one need not give the same last bits (the
         encoder's matmuls may reduce in another order for another batch size, on some
@@ -508,7 +658,12 @@ class AnyMSPipelineMixin:
         :class:`~anyms.embeddings.SubjectEmbeddingCache` encodes one image at a time) and
         ``--from`` run the same operations and give the same bytes.
         """
-        encode = super().encode_image
+        encoder, extractor = self.ip_adapter_image_encoder(adapter)
+        if encoder is getattr(self, "image_encoder", None) and extractor is self.feature_extractor:
+            encode = super().encode_image
+        else:
+            def encode(images, dev, num, hidden):
+                return _encode_with(encoder, extractor, images, dev, num, hidden)
         if self._anyms_pending is None or not isinstance(image, (list, tuple)) or len(image) <= 1:
             return encode(image, device, num_images_per_prompt, output_hidden_states)
         parts = [encode([one], device, num_images_per_prompt, output_hidden_states) for one in image]
@@ -517,31 +672,49 @@ class AnyMSPipelineMixin:
 
     def prepare_ip_adapter_image_embeds(self, ip_adapter_image, ip_adapter_image_embeds, device,
                                         num_images_per_prompt, do_classifier_free_guidance):
-        """The parent's; during an AnyMS call with guidance, a subject with a negative image has
-        that image's embedding in the unconditional half, in place of the parent's default.
+        """The parent's; during an AnyMS call, each adapter's subjects are encoded with that
+        adapter's encoder (``encode_image(..., adapter=a)``, each image alone), and with guidance a
+        subject with a negative image has that image's embedding in the unconditional half, in
+        place of the parent's default.
 
         The negative image goes through ``encode_image`` alone (batch 1), as the subject images
         do, so ``--jobs``'s embedding cache serves it and every path runs the same operations.
         The embedding is what the conditional pass would take for that image: the image
         embedding for the 4-token adapters, the encoder's penultimate hidden states for the
-        "plus" ones.
+        "plus" ones. An adapter no subject uses gets a placeholder of zeros for one image (the
+        U-Net projects every loaded adapter's embeddings; the AnyMS processors do not read it).
         """
-        embeds = super().prepare_ip_adapter_image_embeds(ip_adapter_image, ip_adapter_image_embeds, device,
-                                                         num_images_per_prompt, do_classifier_free_guidance)
         plan = self._anyms_pending
-        if plan is None or not do_classifier_free_guidance or not plan.negative_image_names():
-            return embeds
+        if plan is None or ip_adapter_image_embeds is not None:
+            return super().prepare_ip_adapter_image_embeds(ip_adapter_image, ip_adapter_image_embeds, device,
+                                                           num_images_per_prompt, do_classifier_free_guidance)
         from diffusers.models.embeddings import ImageProjection
 
-        (both,) = embeds                       # one adapter: [2 * B, S, ...], the unconditional half first
-        hidden = not isinstance(self.unet.encoder_hid_proj.image_projection_layers[0], ImageProjection)
-        negative, positive = both.chunk(2)
-        negative = negative.clone()
-        for s, subject in enumerate(plan.subjects):
-            if subject.negative_image is not None:
-                embedding, _ = self.encode_image([subject.negative_image], device, 1, hidden)
-                negative[:, s] = embedding[0].to(negative.dtype)
-        return [torch.cat([negative, positive])]
+        embeds = []
+        for adapter, layer in enumerate(self.unet.encoder_hid_proj.image_projection_layers):
+            hidden = not isinstance(layer, ImageProjection)
+            subjects = [s for s in plan.subjects if s.adapter == adapter]
+            images = [im for im, s in zip(plan.images, plan.subjects) if s.adapter == adapter]
+            if not images:
+                placeholder = _placeholder_embedding(self.ip_adapter_image_encoder(adapter)[0] or self.image_encoder,
+                                                     hidden, device)
+                embeds.append(torch.cat([placeholder] * (2 if do_classifier_free_guidance else 1))[:, None])
+                continue
+            positive, negative = self.encode_image(images, device, 1, hidden, adapter=adapter)
+            positive, negative = positive[None], negative[None]
+            if do_classifier_free_guidance:
+                if any(s.negative_image is not None for s in subjects):
+                    negative = negative.clone()
+                    for j, subject in enumerate(subjects):
+                        if subject.negative_image is not None:
+                            embedding, _ = self.encode_image([subject.negative_image], device, 1, hidden,
+                                                             adapter=adapter)
+                            negative[:, j] = embedding[0].to(negative.dtype)
+                embeds.append(torch.cat([negative, positive]))
+            else:
+                embeds.append(positive)
+        return super().prepare_ip_adapter_image_embeds(None, embeds, device, num_images_per_prompt,
+                                                       do_classifier_free_guidance)
 
     def progress_bar(self, iterable=None, total=None):
         """The parent's; during an AnyMS call with timed subjects it first sets step 0 (see
@@ -597,6 +770,34 @@ class AnyMSPipelineMixin:
         config = json.loads(super().to_json_string())
         config["_class_name"] = _parent_pipeline(type(self)).__name__
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+def _encode_with(encoder, feature_extractor, image, device, num_images_per_prompt, output_hidden_states):
+    """The SD / SDXL pipelines' ``encode_image`` with another image encoder (an adapter's own):
+    ``(embeds, negative embeds)``, the penultimate hidden states with ``output_hidden_states``."""
+    dtype = next(encoder.parameters()).dtype
+    if not isinstance(image, torch.Tensor):
+        image = feature_extractor(image, return_tensors="pt").pixel_values
+    image = image.to(device=encoder.device, dtype=dtype)
+    if output_hidden_states:
+        positive = encoder(image, output_hidden_states=True).hidden_states[-2]
+        negative = encoder(torch.zeros_like(image), output_hidden_states=True).hidden_states[-2]
+    else:
+        positive = encoder(image).image_embeds
+        negative = torch.zeros_like(positive)
+    return (positive.to(device).repeat_interleave(num_images_per_prompt, dim=0),
+            negative.to(device).repeat_interleave(num_images_per_prompt, dim=0))
+
+
+def _placeholder_embedding(encoder, hidden: bool, device) -> torch.Tensor:
+    """Zeros shaped like one image's embedding from ``encoder`` (``[1, E]``, or ``[1, L, C]`` of its
+    penultimate hidden states), for an adapter no subject of the call uses."""
+    config = encoder.config
+    dtype = next(encoder.parameters()).dtype
+    if hidden:
+        tokens = (config.image_size // config.patch_size) ** 2 + 1       # the patches and the class token
+        return torch.zeros(1, tokens, config.hidden_size, device=device, dtype=dtype)
+    return torch.zeros(1, config.projection_dim, device=device, dtype=dtype)
 
 
 # ---------------------------------------------------------------- the steps of a timed call
