@@ -55,9 +55,9 @@ from .preflight import MAX_SIDE, MAX_STEPS
 
 __all__ = ["main", "parse_subject", "build_parser"]
 SUBJECT_FORMS = "PATH:x0,y0,x1,y1[:scale] or PATH:mask=MASK.png[:scale], each with an optional last field " \
-                "start=S,end=E,schedule=NAME"
-# the last field: the subject's window and schedule, the layout file's keys (any of them)
-TIMING_KEYS = ("start", "end", "schedule")
+                "start=S,end=E,schedule=NAME,adapter=I"
+# the last field: the subject's window, schedule and IP-Adapter, the layout file's keys (any of them)
+TIMING_KEYS = ("start", "end", "schedule", "adapter")
 
 
 # --------------------------------------------------------------------- parsing
@@ -80,9 +80,9 @@ def _number(text: str, what: str) -> float:
 
 
 def _split_timing(spec: str, index: Optional[int]):
-    """``(spec without its timing field, {"start", "end", "schedule"})``: the last ``:``-field is the
-    timing when it reads ``word=...`` (``start=0.2,end=0.8,schedule=ease_in``, any of the three,
-    in any order); errors name ``--subject[i].KEY``."""
+    """``(spec without its last field, {"start", "end", "schedule"[, "adapter"]})``: the last ``:``-field
+    holds them when it reads ``word=...`` (``start=0.2,end=0.8,schedule=ease_in,adapter=1``, any of
+    them, in any order); errors name ``--subject[i].KEY``."""
     import re
 
     from .timing import check_schedule, check_window
@@ -96,23 +96,30 @@ def _split_timing(spec: str, index: Optional[int]):
     for item in tail.split(","):
         key, eq, value = item.partition("=")
         if key not in TIMING_KEYS or not eq:
-            raise UsageError(f"{name} {spec!r}: unknown timing field {item!r}; the timing field is "
-                             f"start=S,end=E,schedule=NAME (any of them)")
+            raise UsageError(f"{name} {spec!r}: unknown timing field {item!r}; the last field is "
+                             f"start=S,end=E,schedule=NAME,adapter=I (any of them)")
         if key in values:
             raise UsageError(f"{name} {spec!r}: {key} is given twice")
+        if key == "adapter":
+            if not re.fullmatch(r"[0-9]+", value.strip()):
+                raise UsageError(f"{name}.adapter must be the index of a loaded IP-Adapter (0, 1, ...: the "
+                                 f"--ip-adapter options in order), got {value!r}")
+            values[key] = int(value)
+            continue
         values[key] = value if key == "schedule" else _number(value, f"{name}.{key}")
     try:
         start, end = check_window(values.get("start", 0.0), values.get("end", 1.0), name)
         schedule = check_schedule(values.get("schedule", "constant"), f"{name}.schedule")
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return head, dict(start=start, end=end, schedule=schedule)
+    extra = {"adapter": values["adapter"]} if "adapter" in values else {}
+    return head, dict(start=start, end=end, schedule=schedule, **extra)
 
 
 def parse_subject(spec: str, index: Optional[int] = None):
     """``PATH:x0,y0,x1,y1[:scale][:TIMING]`` or ``PATH:mask=MASK[:scale][:TIMING]`` ->
     :class:`anyms.Subject` (image and mask paths not read yet). ``TIMING`` is
-    ``start=S,end=E,schedule=NAME`` (any of them: the layout file's keys). ``index``: the
+    ``start=S,end=E,schedule=NAME,adapter=I`` (any of them: the layout file's keys). ``index``: the
     subject's place among the ``--subject`` options, for the errors (``subjects[1].scale``,
     ``--subject[1].end``).
 
@@ -207,14 +214,16 @@ def build_parser() -> argparse.ArgumentParser:
                           f"flux); its model_index.json picks the pipeline. \"{TOY_MODEL}\": the trained toy world "
                           f"(64x64 coloured shapes on grey, offline; see anyms.toy). \"{TINY_MODEL}\": the built-in "
                           f"tiny model with RANDOM weights (offline, noise-like images: to try the command)")
-    gen.add_argument("--ip-adapter", default=None, metavar="SPEC",
+    gen.add_argument("--ip-adapter", action="append", default=None, metavar="SPEC",
                      help="IP-Adapter weights: a local file, or owner/repo/[subfolder/]file on the Hub "
                           f"(default {DEFAULT_IP_ADAPTER}; the 16-token "
                           "h94/IP-Adapter/sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors needs "
-                          "--image-encoder h94/IP-Adapter/models/image_encoder)")
-    gen.add_argument("--image-encoder", default=None, metavar="SPEC",
+                          "--image-encoder h94/IP-Adapter/models/image_encoder). Repeat it to load several "
+                          "(SD, SDXL): a subject's adapter=I (\"adapter\" in a layout) picks the I-th, from 0")
+    gen.add_argument("--image-encoder", action="append", default=None, metavar="SPEC",
                      help="CLIP image encoder: a local folder or owner/repo[/subfolder] (default: the "
-                          "image_encoder folder beside the IP-Adapter weights)")
+                          "image_encoder folder beside the IP-Adapter weights); with several --ip-adapter, "
+                          "one per adapter, in the same order")
     gen.add_argument("--height", type=int, default=None,
                      help=f"image height (multiple of 8, at most {MAX_SIDE}; default: the model's)")
     gen.add_argument("--width", type=int, default=None,
@@ -378,7 +387,7 @@ def cmd_generate(args) -> int:
     job = _job_from_args(args)
     with _naming_the_record(args):
         run = run_from_args(args)
-        check_job(job, run.arch, upscale_geometry_before_loading(run))
+        check_job(job, run.arch, upscale_geometry_before_loading(run), num_adapters=run.num_adapters)
     paths = output_paths(job.out, run.pictures)
     check_outputs(paths, run.overwrite)
     if args.max_memory is not None:             # reads configs only: refuses before any weights load

@@ -6,6 +6,9 @@ that encoding a subject with the wrong encoder fails rather than passing by chan
 """
 from __future__ import annotations
 
+import os
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -373,3 +376,138 @@ def test_flux_refuses_a_second_adapter_by_name(subject_images):
                                          r"its one IP-Adapter"):
         pipe("a cat", subjects=[Subject(subject_images[0], box=FULL), Subject(subject_images[1], box=FULL, adapter=1)],
              num_inference_steps=1, height=64, width=64)
+
+
+# ------------------------------------------------------------------ the command line, the record, --from, --jobs
+@pytest.fixture(scope="module")
+def two_adapters_on_disk(tmp_path_factory):
+    """A tiny SDXL model folder and two adapter files beside their own image encoders: a 4-token
+    one (encoder hidden 32) and a 16-token "plus" one (hidden 48), as load_ip_adapter finds them."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from anyms.tiny import save_tiny_ip_adapter, tiny_image_encoder, tiny_pipeline
+
+    root = tmp_path_factory.mktemp("two-adapters")
+    pipe = tiny_pipeline(StableDiffusionXLPipeline, kind="sdxl", seed=0, with_ip_adapter=False)
+    pipe.save_pretrained(root / "model")
+    plain = save_tiny_ip_adapter(root / "plain", pipe.unet, tiny_image_encoder(4), seed=5)
+    plus = save_tiny_ip_adapter(root / "plus", pipe.unet, tiny_image_encoder(14, 48), plus=True, seed=15)
+    return str(root / "model"), str(root / "plain" / plain), str(root / "plus" / plus)
+
+
+def _cli(argv, capsys):
+    from anyms import cli
+
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _record(path):
+    import json
+
+    from PIL import Image
+
+    return json.loads(Image.open(path).text["anyms"])
+
+
+def test_two_adapters_from_the_command_line_record_and_from_round_trip(two_adapters_on_disk, subject_images,
+                                                                       tmp_path, capsys):
+    from PIL import Image
+
+    model, plain, plus = two_adapters_on_disk
+    for i, img in enumerate(subject_images[:2]):
+        img.save(tmp_path / f"s{i}.png")
+    out = tmp_path / "two.png"
+    code, _, err = _cli(["generate", "a cat and a dog", "--model", model, "--ip-adapter", plain, "--ip-adapter", plus,
+                         "--subject", f"{tmp_path / 's0.png'}:0,0,0.6,1",
+                         "--subject", f"{tmp_path / 's1.png'}:0.4,0,1,1:0.8:adapter=1,end=0.5",
+                         "--height", "64", "--width", "64", "--steps", "2", "--device", "cpu", "--seed", "3",
+                         "--no-pictures", "--out", str(out)], capsys)
+    assert code == 0, err
+    rec = _record(out)
+    assert rec["model"]["ip_adapter"] == [plain, plus] and rec["model"]["image_encoder"] is None
+    subjects = rec["layout"]["subjects"]
+    assert "adapter" not in subjects[0] and subjects[1]["adapter"] == 1 and subjects[1]["end"] == 0.5
+
+    again = tmp_path / "again.png"
+    code, _, err = _cli(["generate", "--from", str(out), "--device", "cpu", "--no-pictures", "--out", str(again)],
+                        capsys)
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
+    assert _record(again)["model"] == rec["model"] and _record(again)["layout"]["subjects"][1]["adapter"] == 1
+
+    # the same subjects through the pipeline API with the same adapters: the same image
+    from anyms.pipeline import AnyMSStableDiffusionXLPipeline
+
+    pipe = AnyMSStableDiffusionXLPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter([os.path.dirname(plain), os.path.dirname(plus)], subfolder="",
+                         weight_name=[os.path.basename(plain), os.path.basename(plus)],
+                         image_encoder_folder=["image_encoder", "image_encoder"])
+    assert pipe.ip_adapter_image_encoder(1)[0].config.hidden_size == 48
+    image = pipe("a cat and a dog", subjects=[
+        Subject(str(tmp_path / "s0.png"), box=(0, 0, 0.6, 1)),
+        Subject(str(tmp_path / "s1.png"), box=(0.4, 0, 1, 1), scale=0.8, adapter=1, end=0.5)],
+        height=64, width=64, num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    assert np.array_equal(np.asarray(image), np.asarray(Image.open(out)))
+
+
+def test_bad_adapters_on_the_command_line_exit_2_before_loading(two_adapters_on_disk, subject_images, tmp_path,
+                                                               capsys, monkeypatch):
+    import json
+
+    from anyms import loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the adapters were checked")
+
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
+    model, plain, plus = two_adapters_on_disk
+    subject_images[0].save(tmp_path / "s0.png")
+    s0 = str(tmp_path / "s0.png")
+    two = ["--model", model, "--ip-adapter", plain, "--ip-adapter", plus, "--device", "cpu", "--steps", "1"]
+    (tmp_path / "layout.json").write_text(json.dumps({"prompt": "a", "subjects": [
+        {"image": "s0.png", "box": [0, 0, 1, 1]}, {"image": "s0.png", "box": [0, 0, 1, 1], "adapter": True}]}))
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"prompt": "a", "subjects": [
+        {"image": "s0.png", "box": [0, 0, 1, 1], "adapter": 2}]}) + "\n")
+    cases = [
+        (["a", "--subject", f"{s0}:0,0,1,1:adapter=2", *two],
+         r"subjects\[0\]\.adapter is 2, no loaded IP-Adapter: 2 IP-Adapters are loaded, 0 \.\. 1"),
+        (["a", "--subject", f"{s0}:0,0,1,1:adapter=1", "--model", "tiny", "--device", "cpu"],
+         r"subjects\[0\]\.adapter is 1, no loaded IP-Adapter: 1 IP-Adapter is loaded"),
+        (["a", "--subject", f"{s0}:0,0,1,1:adapter=-1", *two], r"--subject\[0\]\.adapter must be the index of a "
+                                                               r"loaded IP-Adapter .* got '-1'"),
+        (["a", "--subject", f"{s0}:0,0,1,1:adapter=x", *two], r"--subject\[0\]\.adapter must be the index"),
+        (["--layout", str(tmp_path / "layout.json"), *two], r"subjects\[1\]\.adapter must be the index of a loaded "
+                                                             r"IP-Adapter .* got True"),
+        (["--jobs", str(tmp_path / "jobs.jsonl"), "--out-dir", str(tmp_path / "o"), *two],
+         r"jobs\.jsonl:1: subjects\[0\]\.adapter is 2, no loaded IP-Adapter"),
+        (["a", "--subject", f"{s0}:0,0,1,1", *two, "--image-encoder", str(tmp_path)],
+         r"--image-encoder is given 1 times for 2 --ip-adapter"),
+        (["a", "--subject", f"{s0}:0,0,1,1:adapter=1", *two, "--upscale", "2", "--steps", "8"],
+         r"subjects\[0\]\.adapter is 1: tiled upscaling takes every subject from IP-Adapter 0"),
+    ]
+    for argv, message in cases:
+        code, _, err = _cli(["generate", *argv, "--out", str(tmp_path / "x.png")]
+                            if "--jobs" not in argv else ["generate", *argv], capsys)
+        assert code == 2 and err.count("\n") == 1 and re.search(message, err), (argv, err)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_record_whose_adapter_is_not_loaded_is_refused_by_its_schema():
+    from anyms.metadata import check_record
+
+    model = {"arch": "sdxl", "model": "m", "ip_adapter": ["a.safetensors", "b.safetensors"], "image_encoder": None,
+             "dtype": "float32"}
+    record = {"format": 1, "anyms_version": "0", "versions": {}, "prompt": "a", "negative_prompt": None,
+              "layout": {"mode": "overwrite", "priority": "order", "subjects": [
+                  {"image": "s.png", "image_sha256": "0" * 64, "box": [0, 0, 1, 1], "adapter": 2}]},
+              "seed": 0, "steps": 1, "guidance": None, "height": None, "width": None, "model": model}
+    with pytest.raises(ValueError, match=r"\"layout\.subjects\[0\]\.adapter\" must be an integer in \[0, 1\], got 2"):
+        check_record(record, "--from 'x.png'")
+    record["layout"]["subjects"][0]["adapter"] = 1
+    check_record(record, "--from 'x.png'")
+    model["image_encoder"] = ["e0", "e1", "e2"]
+    with pytest.raises(ValueError, match=r"\"model\.image_encoder\" must be a list with one entry per"):
+        check_record(record, "--from 'x.png'")
