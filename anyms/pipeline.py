@@ -496,6 +496,12 @@ class AnyMSPipelineMixin:
             encoders[int(adapter)] = (image_encoder, feature_extractor)
         self._anyms_image_encoders = encoders
 
+    @property
+    def adapter_image_encoders(self) -> dict:
+        """``{adapter: image encoder}`` of the IP-Adapters with an encoder of their own (the memory
+        estimate counts them beside ``image_encoder``)."""
+        return {a: encoder for a, (encoder, _) in (self._anyms_image_encoders or {}).items()}
+
     def ip_adapter_image_encoder(self, adapter: int = 0):
         """``(image encoder, feature extractor)`` of IP-Adapter ``adapter``: its own
         (:meth:`set_ip_adapter_image_encoder`), else the pipeline's."""

@@ -511,3 +511,30 @@ def test_a_record_whose_adapter_is_not_loaded_is_refused_by_its_schema():
     model["image_encoder"] = ["e0", "e1", "e2"]
     with pytest.raises(ValueError, match=r"\"model\.image_encoder\" must be a list with one entry per"):
         check_record(record, "--from 'x.png'")
+
+
+def test_the_memory_estimate_counts_every_adapter_and_its_own_encoder(two_adapters_on_disk):
+    """The meta-device pipeline of a run with two --ip-adapter (configs and safetensors headers
+    only) estimates as the loaded one, which holds both adapters' layers and adapter 1's encoder."""
+    from anyms import cli, loading
+    from anyms.budget import skeleton_pipeline
+    from anyms.pipeline import AnyMSStableDiffusionXLPipeline
+    from anyms.preflight import _module_bytes, estimate_peak_memory
+
+    model, plain, plus = two_adapters_on_disk
+    args = cli.build_parser().parse_args(["generate", "a", "--subject", "s.png:0,0,1,1", "--model", model,
+                                          "--ip-adapter", plain, "--ip-adapter", plus])
+    sources = loading._resolve_sources(args)
+    loaded = AnyMSStableDiffusionXLPipeline.from_pretrained(model)
+    loaded.load_ip_adapter([os.path.dirname(plain), os.path.dirname(plus)], subfolder="",
+                           weight_name=[os.path.basename(plain), os.path.basename(plus)],
+                           image_encoder_folder=["image_encoder", "image_encoder"])
+    skeleton = skeleton_pipeline(sources, torch.float32)
+    assert set(skeleton.adapter_image_encoders) == {1}
+    for offload in ("none", "model", "sequential"):
+        kw = dict(cfg=True, offload=offload, dtype=torch.float32)
+        assert estimate_peak_memory(skeleton, 64, 64, **kw) == estimate_peak_memory(loaded, 64, 64, **kw), offload
+    with_own = estimate_peak_memory(loaded, 64, 64, cfg=True)
+    encoder = loaded.ip_adapter_image_encoder(1)[0]
+    loaded.set_ip_adapter_image_encoder(1, None)
+    assert with_own.weights - estimate_peak_memory(loaded, 64, 64, cfg=True).weights == _module_bytes(encoder, None) > 0
