@@ -110,8 +110,9 @@ class AnyMSFluxAttnProcessor(AnyMSBranches, FluxIPAdapterAttnProcessor, replaces
     the scale of the processor it replaced, and both always agree.
 
     Raises (with a layout): ``ValueError`` when the image embeddings are missing, hold
-    another number of images than the layout has regions, come from more than one
-    IP-Adapter, or when ``ip_adapter_masks`` is passed.
+    another number of images than the layout has regions (of each adapter: the subject
+    branches are :class:`~anyms.branches.AnyMSBranches`', shared with the U-Net), or when
+    ``ip_adapter_masks`` is passed.
     """
 
     def __init__(self, hidden_size: int, cross_attention_dim: int, num_tokens=(4,), scale=1.0, device=None,

@@ -10,9 +10,9 @@
 A call with ``subjects`` does, in order:
 1. checks every AnyMS argument (subjects, boxes, masks and their size, images, mode,
    priority, the loaded IP-Adapter) without touching a model, naming the bad argument;
-2. runs the parent pipeline with ``ip_adapter_image=[[image_1, ..., image_S]]``
-   (one IP-Adapter, S images, each encoded on its own), after installing the AnyMS
-   processors if they are not installed yet;
+2. runs the parent pipeline with each loaded IP-Adapter's subject images (``Subject.adapter``;
+   each image encoded on its own, by its adapter's image encoder), after installing the
+   AnyMS processors if they are not installed yet;
 3. when the parent checks its inputs (its first step, before any model work), takes
    the height and width it settled on, builds the :class:`~anyms.Layout` on the
    latent grid with the routing of every U-Net level (so that the denoising loop,
@@ -601,8 +601,9 @@ class AnyMSPipelineMixin:
 
         Raises:
             ValueError/TypeError before any model work, naming the argument (see
-            :func:`prepare_subjects`), and also when no single IP-Adapter with its image
-            encoder is loaded, ``ip_adapter_image``/``ip_adapter_image_embeds`` is
+            :func:`prepare_subjects`), and also when no IP-Adapter is loaded, a subject's
+            ``adapter`` is no loaded adapter (naming ``subjects[i].adapter``), an adapter the
+            subjects use has no image encoder, ``ip_adapter_image``/``ip_adapter_image_embeds`` is
             given with ``subjects``, or a mask's size is not the image's (naming
             ``subjects[i].mask``), or a subject has a negative image and the call runs no
             classifier-free guidance (``guidance_scale <= 1``, naming
