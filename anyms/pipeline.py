@@ -564,6 +564,17 @@ class AnyMSPipelineMixin:
                                                                     **options).to(self.device)
             self.set_ip_adapter_image_encoder(i, encoder)
 
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """diffusers' ``from_pipe``; an AnyMS pipeline made from one keeps its adapters' own image
+        encoders (the same modules), as it keeps the adapters (a plain diffusers pipeline has
+        ``image_encoder`` only)."""
+        new = super().from_pipe(pipeline, **kwargs)
+        encoders = getattr(pipeline, "_anyms_image_encoders", None)
+        if encoders and isinstance(new, AnyMSPipelineMixin) and getattr(new, "unet", None) is pipeline.unet:
+            new._anyms_image_encoders = dict(encoders)
+        return new
+
     def unload_ip_adapter(self):
         """diffusers' ``unload_ip_adapter``; the adapters' own image encoders go too."""
         self._anyms_image_encoders = None

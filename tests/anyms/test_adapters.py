@@ -538,3 +538,11 @@ def test_the_memory_estimate_counts_every_adapter_and_its_own_encoder(two_adapte
     encoder = loaded.ip_adapter_image_encoder(1)[0]
     loaded.set_ip_adapter_image_encoder(1, None)
     assert with_own.weights - estimate_peak_memory(loaded, 64, 64, cfg=True).weights == _module_bytes(encoder, None) > 0
+
+
+def test_from_pipe_keeps_the_adapters_own_encoders(two_adapter_pipe):
+    from anyms.pipeline import AnyMSStableDiffusionXLPipeline
+
+    again = AnyMSStableDiffusionXLPipeline.from_pipe(two_adapter_pipe)
+    assert again.ip_adapter_image_encoder(1)[0] is two_adapter_pipe.ip_adapter_image_encoder(1)[0]
+    assert again.ip_adapter_image_encoder(0)[0] is two_adapter_pipe.image_encoder
