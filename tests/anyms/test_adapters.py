@@ -546,3 +546,34 @@ def test_from_pipe_keeps_the_adapters_own_encoders(two_adapter_pipe):
     again = AnyMSStableDiffusionXLPipeline.from_pipe(two_adapter_pipe)
     assert again.ip_adapter_image_encoder(1)[0] is two_adapter_pipe.ip_adapter_image_encoder(1)[0]
     assert again.ip_adapter_image_encoder(0)[0] is two_adapter_pipe.image_encoder
+
+
+def test_jobs_with_two_adapters_make_the_images_generate_makes(two_adapters_on_disk, subject_images, tmp_path,
+                                                               capsys):
+    """--jobs (its embedding cache serving one image to both adapters' encoders) and a single
+    generate make the same bytes; each job's record keeps its subjects' adapters."""
+    import json
+
+    from PIL import Image
+
+    model, plain, plus = two_adapters_on_disk
+    subject_images[0].save(tmp_path / "s0.png")
+    subject_images[1].save(tmp_path / "s1.png")
+    jobs = [{"prompt": "a cat", "seed": 4, "subjects": [{"image": "s0.png", "box": [0, 0, 0.6, 1]},
+                                                        {"image": "s0.png", "box": [0.4, 0, 1, 1], "adapter": 1}]},
+            {"prompt": "a dog", "seed": 4, "subjects": [{"image": "s1.png", "box": [0, 0, 1, 1], "adapter": 1}]}]
+    (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps(j) for j in jobs) + "\n")
+    common = ["--model", model, "--ip-adapter", plain, "--ip-adapter", plus, "--height", "64", "--width", "64",
+              "--steps", "2", "--device", "cpu", "--no-pictures"]
+    code, out, err = _cli(["generate", "--jobs", str(tmp_path / "jobs.jsonl"), "--out-dir", str(tmp_path / "o"),
+                           *common], capsys)
+    assert code == 0, err
+    # s0 once per adapter (two encoders), s1 for adapter 1: three embeddings, none shared across adapters
+    assert "subject embeddings: 3 encoded, 0 reused" in out + err, out + err
+    single = tmp_path / "single.png"
+    code, _, err = _cli(["generate", "a cat", "--seed", "4", "--subject", f"{tmp_path / 's0.png'}:0,0,0.6,1",
+                         "--subject", f"{tmp_path / 's0.png'}:0.4,0,1,1:adapter=1", "--out", str(single), *common],
+                        capsys)
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "00000.png")), np.asarray(Image.open(single)))
+    assert [s.get("adapter", 0) for s in _record(tmp_path / "o" / "00001.png")["layout"]["subjects"]] == [1]
