@@ -69,16 +69,18 @@ def flux_latent_hw(height: int, width: int, vae_scale_factor: int = 8) -> Tuple[
 
 
 def flux_layout(boxes=None, height: int = 1024, width: int = 1024, scales=1.0, mode: str = "overwrite",
-                masks=None, vae_scale_factor: int = 8, windows=None, schedules=None, blocks=None) -> Layout:
+                masks=None, vae_scale_factor: int = 8, windows=None, schedules=None, blocks=None,
+                adapters=None, subject_tokens=None) -> Layout:
     """A :class:`~anyms.Layout` for a FLUX generation of ``height x width`` pixels.
 
     Its token grid is ``(height // 16) x (width // 16)``, the transformer's image tokens.
-    ``boxes``, ``scales``, ``mode``, ``masks``, ``windows``, ``schedules`` and ``blocks`` are
-    :class:`~anyms.Layout`'s; masks are at the image's resolution (``height x width``, a
+    ``boxes``, ``scales``, ``mode``, ``masks``, ``windows``, ``schedules``, ``blocks``, ``adapters``
+    and ``subject_tokens`` are :class:`~anyms.Layout`'s; masks are at the image's resolution (``height x width``, a
     multiple of 16 on each side).
     """
     return Layout(boxes, flux_latent_hw(height, width, vae_scale_factor), scales=scales, mode=mode, masks=masks,
-                  patch=FLUX_PATCH, windows=windows, schedules=schedules, blocks=blocks)
+                  patch=FLUX_PATCH, windows=windows, schedules=schedules, blocks=blocks, adapters=adapters,
+                  subject_tokens=subject_tokens)
 
 
 # ---------------------------------------------------------------------- processor

@@ -190,6 +190,9 @@ class Layout:
         self.adapters: Tuple[int, ...] = _ints_argument(adapters, num, "adapters", 0, default=0)
         self.subject_tokens: Optional[Tuple[int, ...]] = (
             None if subject_tokens is None else _ints_argument(subject_tokens, num, "subject_tokens", 1))
+        self._adapter_subjects: Dict[int, List[int]] = {}
+        for s, a in enumerate(self.adapters):
+            self._adapter_subjects.setdefault(a, []).append(s)
         # what the routing carries: None when every subject has the same count (the op's T, no padding)
         self._routing_tokens = (None if self.subject_tokens is None or len(set(self.subject_tokens)) <= 1
                                 else list(self.subject_tokens))
@@ -207,8 +210,8 @@ class Layout:
 
     def adapter_subjects(self, adapter: int) -> List[int]:
         """The subjects of IP-Adapter ``adapter``, in this layout's order: image ``j`` of that
-        adapter's embeddings is subject ``adapter_subjects(adapter)[j]``."""
-        return [s for s, a in enumerate(self.adapters) if a == adapter]
+        adapter's embeddings is subject ``adapter_subjects(adapter)[j]`` (every layer reads it: kept)."""
+        return self._adapter_subjects.get(adapter, [])
 
     @property
     def has_masks(self) -> bool:
