@@ -577,3 +577,57 @@ def test_jobs_with_two_adapters_make_the_images_generate_makes(two_adapters_on_d
     assert code == 0, err
     assert np.array_equal(np.asarray(Image.open(tmp_path / "o" / "00000.png")), np.asarray(Image.open(single)))
     assert [s.get("adapter", 0) for s in _record(tmp_path / "o" / "00001.png")["layout"]["subjects"]] == [1]
+
+
+# ------------------------------------------------------------------ FLUX's processor shares the branches
+def test_flux_processor_two_adapters_full_images_in_sum_mode_equal_diffusers():
+    """FLUX's AnyMS processor takes its subject branches from the same code as the U-Net's: one
+    full-image subject per adapter (4 and 16 tokens) in sum mode is diffusers' FLUX processor with
+    both adapters; regions confine each adapter's term, and one op call makes the IP term."""
+    from diffusers.models.transformers.transformer_flux import (FluxAttention, FluxIPAdapterAttnProcessor,
+                                                                FluxPosEmbed)
+
+    from anyms.flux import AnyMSFluxAttnProcessor, flux_layout
+
+    heads, head_dim, joint, grid, B, L = 2, 64, 32, (5, 7), 2, 9
+    dim = heads * head_dim
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        attn = FluxAttention(query_dim=dim, added_kv_proj_dim=dim, dim_head=head_dim, heads=heads, out_dim=dim,
+                             context_pre_only=False, bias=True, eps=1e-6)
+        parent = FluxIPAdapterAttnProcessor(hidden_size=dim, cross_attention_dim=joint, num_tokens=(4, 16),
+                                            scale=[0.7, 1.2])
+        for p in list(attn.parameters()) + list(parent.parameters()):
+            torch.nn.init.normal_(p, 0.0, p.shape[-1] ** -0.5 if p.dim() > 1 else 0.3)
+    attn.eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, grid[0] * grid[1], dim, generator=g)
+    text = torch.randn(B, L, dim, generator=g)
+    images = [torch.randn(B, 1, 4, joint, generator=g), torch.randn(B, 1, 16, joint, generator=g)]
+    ids = torch.zeros(grid[0], grid[1], 3)
+    ids[..., 1] += torch.arange(grid[0])[:, None]
+    ids[..., 2] += torch.arange(grid[1])[None, :]
+    rope = FluxPosEmbed(10000, [8, 28, 28])(torch.cat([torch.zeros(L, 3), ids.reshape(-1, 3)]))
+
+    def run(proc, embeds):
+        attn.set_processor(proc)
+        with torch.no_grad():
+            return attn(x, encoder_hidden_states=text, image_rotary_emb=rope, ip_hidden_states=embeds)[2]
+
+    theirs = run(parent, [im[:, 0] for im in images])         # diffusers: [B, T, C] per adapter
+    h, w = 16 * grid[0], 16 * grid[1]
+    full = flux_layout([list(FULL)] * 2, h, w, mode="sum", adapters=[0, 1], subject_tokens=[4, 16])
+    ours = run(AnyMSFluxAttnProcessor.from_ip_adapter_processor(parent, full), images)
+    assert_close(ours, theirs, atol=2e-5, rtol=1e-5, what="FLUX: sum of full-image subjects vs diffusers")
+    # left half adapter 1's subject, right half adapter 0's: each side is that adapter's term alone
+    halves = flux_layout([[0.5, 0, 1, 1], [0, 0, 0.5, 1]], h, w, adapters=[0, 1], subject_tokens=[4, 16])
+    split = run(AnyMSFluxAttnProcessor.from_ip_adapter_processor(parent, halves), images)
+    cover = halves.coverage(grid).flatten(1)
+    for s, a in ((0, 0), (1, 1)):
+        # that adapter's one subject over the whole image (the other adapter passes no image: not read)
+        embeds = [images[a] if i == a else images[i][:, :0] for i in range(2)]
+        term = run(AnyMSFluxAttnProcessor.from_ip_adapter_processor(
+            parent, flux_layout([list(FULL)], h, w, adapters=[a])), embeds)
+        only = cover[s] & ~cover[1 - s]
+        assert only.any()
+        assert_close(split[:, only], term[:, only], atol=2e-5, rtol=1e-5, what=f"FLUX: subject {s} in its half")
