@@ -527,8 +527,7 @@ class AnyMSPipelineMixin:
         weights = weight_name if isinstance(weight_name, list) else [weight_name]
         self._anyms_image_encoders = None
         if not isinstance(image_encoder_folder, (list, tuple)):
-            return super().load_ip_adapter(pretrained_model_name_or_path_or_dict, subfolder, weights
-                                           if isinstance(weight_name, list) else weight_name,
+            return super().load_ip_adapter(pretrained_model_name_or_path_or_dict, subfolder, weight_name,
                                            image_encoder_folder=image_encoder_folder, **kwargs)
         folders = list(image_encoder_folder)
         if len(folders) != len(weights):
