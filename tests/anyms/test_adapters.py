@@ -180,6 +180,53 @@ def test_layer_errors_name_the_adapter():
         Layout(two, GRID, subject_tokens=[4, 0])
 
 
+# ------------------------------------------------------------------ several adapters and regional prompts
+@pytest.mark.parametrize("mode", ["overwrite", "sum"])
+def test_two_adapters_and_regional_prompts_in_one_call_match_the_float64_reference(mode, count_op_calls):
+    """Image subjects of a 16-token and a 4-token adapter, a text-only region and a subject with
+    both: ONE op call with five branches (the images of s0, s2, s3, then the prompts of s1, s3),
+    each with its own token count (16, 4, 16, 77, 77), against the float64 reference."""
+    attn, parent = two_adapter_layer()
+    attn.double()
+    boxes = [[0.0, 0.0, 0.6, 0.7], [0.2, 0.1, 0.8, 0.9], [0.5, 0.4, 1.0, 1.0], [0.1, 0.5, 0.7, 1.0]]
+    kinds, adapters = ["image", "prompt", "image", "both"], [1, 0, 0, 1]
+    x, text, images = layer_inputs(attn, counts=(1, 2))          # adapter 0: s2; adapter 1: s0, s3
+    g = torch.Generator().manual_seed(7)
+    states = torch.randn(x.shape[0], 2, 77, attn.cross_attention_dim, generator=g, dtype=torch.float64)
+    layout = Layout(boxes, GRID, scales=[0.7, 1.0, 1.6, 1.2], mode=mode, kinds=kinds, adapters=adapters,
+                    subject_tokens=[16, 4, 4, 16]).set_prompt_states(states)
+    assert layout.adapter_subjects(0) == [2] and layout.adapter_subjects(1) == [0, 3]   # s1 has no image
+    assert layout.branch_tokens(16, 77) == (16, 4, 16, 77, 77)
+    attn.set_processor(AnyMSAttnProcessor.from_ip_adapter_processor(parent, layout))
+    with torch.no_grad():
+        actual = attn(x, encoder_hidden_states=(text, images))
+    assert len(count_op_calls) == 1 and tuple(count_op_calls[0])[2:4] == (5, 77)   # padded to the prompts' 77
+
+    H, B = attn.heads, x.shape[0]
+    heads = lambda t: t.unflatten(-1, (H, -1)).transpose(1, 2)     # noqa: E731  [B, L, H*D] -> [B, H, L, D]
+    q, kt, vt = heads(linear64(attn.to_q, x)), heads(linear64(attn.to_k, text)), heads(linear64(attn.to_v, text))
+    sources = [(parent.to_k_ip[1], parent.to_v_ip[1], images[1][:, 0]),      # s0's image
+               (parent.to_k_ip[0], parent.to_v_ip[0], images[0][:, 0]),      # s2's
+               (parent.to_k_ip[1], parent.to_v_ip[1], images[1][:, 1]),      # s3's
+               (attn.to_k, attn.to_v, states[:, 0]),                          # s1's prompt
+               (attn.to_k, attn.to_v, states[:, 1])]                          # s3's
+    pad = lambda t: F.pad(t, (0, 0, 0, 77 - t.shape[2]))          # noqa: E731  zeros, never read
+    k = torch.stack([pad(heads(linear64(tk, t))) for tk, _, t in sources], 2)
+    v = torch.stack([pad(heads(linear64(tv, t))) for _, tv, t in sources], 2)
+    counts = [t.shape[1] for _, _, t in sources]
+    assert counts == [16, 4, 16, 77, 77]
+    image_scales = layout.scales[[0, 2, 3]] * torch.tensor([parent.scale[1], parent.scale[0], parent.scale[1]],
+                                                           dtype=torch.float32)      # float32, as kept
+    lambdas = torch.cat([image_scales, torch.ones(2)]).double()
+    regions = rasterize_boxes(torch.tensor(boxes, dtype=torch.float64)[[0, 2, 3, 1, 3]], GRID).expand(B, 5, 4)
+    with torch.no_grad():
+        z = region_cross_attention_reference(q, kt, vt, k, v, regions, GRID, mode=mode,
+                                             subject_scale=lambdas.expand(B, 5), subject_tokens=counts,
+                                             replaces_text=[False, False, False, True, True])
+        expected = linear64(attn.to_out[0], z.transpose(1, 2).flatten(2))
+    assert_close(actual, expected, atol=1e-10, rtol=1e-10, what=f"{mode}: two adapters and prompts vs the reference")
+
+
 # ------------------------------------------------------------------ pipelines
 @pytest.fixture(scope="module")
 def two_adapter_pipe():
@@ -246,6 +293,28 @@ def test_two_adapters_in_one_pipeline_call_one_op_call_per_layer(two_adapter_pip
     # adapter 1's subject changes the image, and a plain 4-token-only call differs
     alone = generate(pipe, [subjects[0], subjects[2]], height=64, width=64)
     assert (both - alone).abs().max() > 1e-4
+
+
+def test_two_adapters_and_a_regional_prompt_in_one_pipeline_call(two_adapter_pipe, subject_images, count_op_calls):
+    """The pipeline: each layer's one op call holds both adapters' images and the prompt
+    (branches 4, 16, 77 tokens); a call with prompts only hands every adapter a placeholder."""
+    from anyms.branches import adapter_layers
+
+    pipe = two_adapter_pipe
+    subjects = [Subject(subject_images[0], box=(0.0, 0.0, 0.6, 1.0)),
+                Subject(subject_images[1], box=(0.4, 0.2, 1.0, 0.8), adapter=1),
+                Subject(prompt="a red woollen blanket", box=(0.0, 0.7, 1.0, 1.0))]
+    with_prompt = generate(pipe, subjects, height=64, width=64)
+    layout = pipe.anyms_last_plan.layout
+    assert layout.kinds == ("image", "image", "prompt") and layout.branch_tokens(16, 77) == (4, 16, 77)
+    calls = len(count_op_calls)
+    assert calls == 2 * len(adapter_layers(pipe))             # two steps, one call per layer each
+    assert all(tuple(shape)[2:4] == (3, 77) for shape in count_op_calls)
+    without = generate(pipe, subjects[:2], height=64, width=64)
+    assert (with_prompt - without).abs().max() > 1e-4
+    only = generate(pipe, subjects[2:], height=64, width=64)  # no image: placeholders for both adapters
+    assert all(tuple(shape)[2:4] == (1, 77) for shape in count_op_calls[2 * calls:])
+    assert torch.isfinite(only).all()
 
 
 def _encode(encoder, extractor, image, hidden):
@@ -493,6 +562,47 @@ def test_bad_adapters_on_the_command_line_exit_2_before_loading(two_adapters_on_
                             if "--jobs" not in argv else ["generate", *argv], capsys)
         assert code == 2 and err.count("\n") == 1 and re.search(message, err), (argv, err)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_two_adapters_and_a_region_record_and_from_round_trip(two_adapters_on_disk, subject_images, tmp_path,
+                                                              capsys):
+    """Both adapters' subjects and a regional prompt from the command line: the record keeps the
+    adapter list, each image subject's adapter and the text-only region (no adapter, no image),
+    and --from makes the same bytes."""
+    from PIL import Image
+
+    model, plain, plus = two_adapters_on_disk
+    for i, img in enumerate(subject_images[:2]):
+        img.save(tmp_path / f"s{i}.png")
+    out = tmp_path / "mixed.png"
+    code, _, err = _cli(["generate", "a cat and a dog", "--model", model, "--ip-adapter", plain, "--ip-adapter", plus,
+                         "--subject", f"{tmp_path / 's0.png'}:0,0,0.6,1",
+                         "--subject", f"{tmp_path / 's1.png'}:0.4,0,1,1:adapter=1",
+                         "--region", "a red woollen blanket@0,0.7,1,1:end=0.5",
+                         "--height", "64", "--width", "64", "--steps", "2", "--device", "cpu", "--seed", "3",
+                         "--no-pictures", "--out", str(out)], capsys)
+    assert code == 0, err
+    rec = _record(out)
+    subjects = rec["layout"]["subjects"]
+    assert rec["model"]["ip_adapter"] == [plain, plus]
+    assert "adapter" not in subjects[0] and subjects[1]["adapter"] == 1
+    assert subjects[2]["prompt"] == "a red woollen blanket" and "adapter" not in subjects[2] \
+        and "image" not in subjects[2] and subjects[2]["end"] == 0.5
+    again = tmp_path / "again.png"
+    code, _, err = _cli(["generate", "--from", str(out), "--device", "cpu", "--no-pictures", "--out", str(again)],
+                        capsys)
+    assert code == 0, err
+    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(out)))
+    assert _record(again)["layout"]["subjects"] == subjects
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--region", "a dog@0,0,1,1:adapter=1"], r"--region\[0\] .*a regional prompt has no adapter"),
+    (["--region", "a dog@0,0,1,1:start=0.1,adapter=1"], r"--region\[0\] .*a regional prompt has no adapter"),
+])
+def test_a_region_takes_no_adapter_on_the_command_line(argv, message, capsys):
+    code, _, err = _cli(["generate", "a cat", "--model", "tiny", "--out", "x.png", *argv], capsys)
+    assert code == 2 and re.search(message, err) and len(err.strip().splitlines()) == 1, err
 
 
 def test_a_record_whose_adapter_is_not_loaded_is_refused_by_its_schema():
