@@ -84,16 +84,17 @@ class AnyMSAttnProcessor(AnyMSBranches, IPAdapterAttnProcessor2_0, metaclass=_Eq
                      ("overwrite", AnyMS), or the sum over every region covering t ("sum")
 
     with ``lambda_s = layout.scales[s] * self.scale[a]`` (so ``set_ip_adapter_scale``
-    keeps working), keys ``K_s = to_k_ip[a](image tokens of s)``, ``a = layout.adapters[s]``. Softmax scale ``1/sqrt(D)``,
-    as the parent's SDPA calls use. Text key masks (``attention_mask``) apply to the text
-    branch only, as in the parent.
+    keeps working), keys ``K_s = to_k_ip[a](image tokens of s)``, ``a = layout.adapters[s]``.
+    Softmax scale ``1/sqrt(D)``, as the parent's SDPA calls use. Text key masks
+    (``attention_mask``) apply to the text branch only, as in the parent.
 
     Regional prompts (subjects of kind ``"prompt"`` / ``"both"`` in the layout): each adds a
     text-kind branch, keys ``attn.to_k`` / values ``attn.to_v`` of its text states
     (:meth:`Layout.set_prompt_states`), which replaces ``attn(Q, K_text, V_text)`` where it acts
-    (same routing rule per kind), in the same op call as the image branches. A layout whose
+    (same routing rule per kind), in the same op call as the image branches of every adapter,
+    each branch with its own token count (:meth:`Layout.branch_tokens`). A layout whose
     subjects all have no image reads no image tokens (the pipelines then pass a placeholder
-    embedding, which the U-Net's IP-Adapter input needs).
+    embedding per adapter, which the U-Net's IP-Adapter input needs).
 
     Raises (with a layout): ``ValueError`` when the number of images per prompt differs
     from the layout's subjects with an image (of each adapter), when regional prompt states are

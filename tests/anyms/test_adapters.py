@@ -480,20 +480,31 @@ def _record(path):
     return json.loads(Image.open(path).text["anyms"])
 
 
+def _generate_with_two_adapters(on_disk, subject_images, tmp_path, capsys, name, subject_args):
+    """``anyms generate`` on the tiny model with both adapters of ``on_disk`` and ``subject_args``
+    (``{s0}`` / ``{s1}``: two subject images written to ``tmp_path``); the image's path."""
+    model, plain, plus = on_disk
+    paths = {}
+    for i, img in enumerate(subject_images[:2]):
+        img.save(tmp_path / f"s{i}.png")
+        paths[f"s{i}"] = str(tmp_path / f"s{i}.png")
+    out = tmp_path / name
+    code, _, err = _cli(["generate", "a cat and a dog", "--model", model, "--ip-adapter", plain, "--ip-adapter", plus,
+                         *(a.format(**paths) for a in subject_args),
+                         "--height", "64", "--width", "64", "--steps", "2", "--device", "cpu", "--seed", "3",
+                         "--no-pictures", "--out", str(out)], capsys)
+    assert code == 0, err
+    return out
+
+
 def test_two_adapters_from_the_command_line_record_and_from_round_trip(two_adapters_on_disk, subject_images,
                                                                        tmp_path, capsys):
     from PIL import Image
 
     model, plain, plus = two_adapters_on_disk
-    for i, img in enumerate(subject_images[:2]):
-        img.save(tmp_path / f"s{i}.png")
-    out = tmp_path / "two.png"
-    code, _, err = _cli(["generate", "a cat and a dog", "--model", model, "--ip-adapter", plain, "--ip-adapter", plus,
-                         "--subject", f"{tmp_path / 's0.png'}:0,0,0.6,1",
-                         "--subject", f"{tmp_path / 's1.png'}:0.4,0,1,1:0.8:adapter=1,end=0.5",
-                         "--height", "64", "--width", "64", "--steps", "2", "--device", "cpu", "--seed", "3",
-                         "--no-pictures", "--out", str(out)], capsys)
-    assert code == 0, err
+    out = _generate_with_two_adapters(two_adapters_on_disk, subject_images, tmp_path, capsys, "two.png",
+                                      ["--subject", "{s0}:0,0,0.6,1",
+                                       "--subject", "{s1}:0.4,0,1,1:0.8:adapter=1,end=0.5"])
     rec = _record(out)
     assert rec["model"]["ip_adapter"] == [plain, plus] and rec["model"]["image_encoder"] is None
     subjects = rec["layout"]["subjects"]
@@ -571,17 +582,10 @@ def test_two_adapters_and_a_region_record_and_from_round_trip(two_adapters_on_di
     and --from makes the same bytes."""
     from PIL import Image
 
-    model, plain, plus = two_adapters_on_disk
-    for i, img in enumerate(subject_images[:2]):
-        img.save(tmp_path / f"s{i}.png")
-    out = tmp_path / "mixed.png"
-    code, _, err = _cli(["generate", "a cat and a dog", "--model", model, "--ip-adapter", plain, "--ip-adapter", plus,
-                         "--subject", f"{tmp_path / 's0.png'}:0,0,0.6,1",
-                         "--subject", f"{tmp_path / 's1.png'}:0.4,0,1,1:adapter=1",
-                         "--region", "a red woollen blanket@0,0.7,1,1:end=0.5",
-                         "--height", "64", "--width", "64", "--steps", "2", "--device", "cpu", "--seed", "3",
-                         "--no-pictures", "--out", str(out)], capsys)
-    assert code == 0, err
+    _, plain, plus = two_adapters_on_disk
+    out = _generate_with_two_adapters(two_adapters_on_disk, subject_images, tmp_path, capsys, "mixed.png",
+                                      ["--subject", "{s0}:0,0,0.6,1", "--subject", "{s1}:0.4,0,1,1:adapter=1",
+                                       "--region", "a red woollen blanket@0,0.7,1,1:end=0.5"])
     rec = _record(out)
     subjects = rec["layout"]["subjects"]
     assert rec["model"]["ip_adapter"] == [plain, plus]
