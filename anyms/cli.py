@@ -144,7 +144,7 @@ def parse_subject(spec: str, index: Optional[int] = None):
 def parse_region(spec: str, index: Optional[int] = None):
     """``TEXT@x0,y0,x1,y1[:TIMING]`` or ``TEXT@mask=MASK[:TIMING]`` -> a text-only
     :class:`anyms.Subject` (a regional prompt; the mask not read yet). ``TIMING`` is
-    ``start=S,end=E`` (a regional prompt has no scale nor schedule). ``index``: the region's
+    ``start=S,end=E`` (a regional prompt has no scale, schedule nor adapter: an image's). ``index``: the region's
     place among the ``--region`` options, for the errors; the subjects' checks name it by its
     place among the subjects, after every ``--subject`` (``subjects[2].prompt``). The region is
     split at the last ``@``, so the text may hold any character, ``@`` too."""
