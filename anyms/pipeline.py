@@ -512,7 +512,8 @@ class AnyMSPipelineMixin:
 
     def _anyms_check_adapter(self, plan: Optional[AnyMSPlan] = None) -> None:
         """A loaded IP-Adapter whose processors hold its weights, and an image encoder for every
-        adapter ``plan``'s subjects use (:meth:`AnyMSPlan.check_adapters`). No model work."""
+        adapter ``plan``'s subject images use (:meth:`AnyMSPlan.check_adapters`; regional prompts
+        need none). No model work."""
         unet = self.unet
         proj = getattr(unet, "encoder_hid_proj", None)
         layers = getattr(proj, "image_projection_layers", None)
@@ -530,7 +531,8 @@ class AnyMSPipelineMixin:
         used = [0]
         if plan is not None:
             plan.check_adapters(list(processors[0].num_tokens))
-            used = sorted(set(plan.adapters))
+            # the adapters whose encoder encodes a subject image (a text-only subject's is none)
+            used = sorted({s.adapter for s in plan.subjects if s.image is not None})
         for adapter in used:
             if self.ip_adapter_image_encoder(adapter)[0] is None:
                 which = "" if len(layers) == 1 else f" {adapter}"

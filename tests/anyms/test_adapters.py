@@ -317,6 +317,22 @@ def test_two_adapters_and_a_regional_prompt_in_one_pipeline_call(two_adapter_pip
     assert torch.isfinite(only).all()
 
 
+def test_only_the_adapters_of_subject_images_need_an_image_encoder(subject_images):
+    """Adapter 0 without any encoder: a call whose images are adapter 1's, with a text-only region
+    (whose subject has no adapter), runs; an image of adapter 0 is refused by name."""
+    from anyms.pipeline import AnyMSStableDiffusionXLPipeline
+    from anyms.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline(AnyMSStableDiffusionXLPipeline, kind="sdxl", plus=[False, True], seed=0)
+    pipe.register_modules(image_encoder=None)
+    assert pipe.ip_adapter_image_encoder(0)[0] is None and pipe.ip_adapter_image_encoder(1)[0] is not None
+    subjects = [Subject(subject_images[1], box=(0.4, 0.2, 1.0, 0.8), adapter=1),
+                Subject(prompt="a red woollen blanket", box=(0.0, 0.7, 1.0, 1.0))]
+    assert torch.isfinite(generate(pipe, subjects, height=64, width=64)).all()
+    with pytest.raises(ValueError, match=r"subjects need the IP-Adapter 0's image encoder"):
+        generate(pipe, [Subject(subject_images[0], box=FULL), *subjects], height=64, width=64)
+
+
 def _encode(encoder, extractor, image, hidden):
     pixels = extractor([image], return_tensors="pt").pixel_values
     with torch.no_grad():
