@@ -76,61 +76,107 @@ class AnyMSBranches:
     def _anyms_removed(cls, model) -> None:
         """Called by :func:`remove_anyms`: undo what :meth:`_anyms_applied` added."""
 
-    def _subject_images(self, ip_hidden_states, layout: Layout) -> torch.Tensor:
-        """The subjects' image tokens ``[B, S, T, C]``: one IP-Adapter holding the layout's S images."""
-        if len(ip_hidden_states) != 1 or len(self.to_k_ip) != 1:
-            raise ValueError(
-                f"AnyMS takes its subjects from one IP-Adapter holding S images, but {len(self.to_k_ip)} "
-                f"IP-Adapters are loaded and {len(ip_hidden_states)} image embeddings were passed"
-            )
-        images = ip_hidden_states[0]
-        if images.dim() == 3:                     # [B, T, C]: one image per prompt
-            images = images.unsqueeze(1)
-        return images
+    def _branches(self, layout: Layout, ip_hidden_states, batch_size: int, heads: int,
+                  dtype: Optional[torch.dtype] = None, to_k=None, to_v=None, prompt_states=None):
+        """``(k_subj, v_subj, tokens)``: the keys and values ``[B, H, branches, T, D]`` the op takes
+        (in ``dtype``, if given) and ``tokens`` = ``(image tokens, prompt tokens)`` for
+        :meth:`Layout.routing` (None where that kind has no branch), which turns them into each
+        branch's count (:meth:`Layout.branch_tokens`).
 
-    @staticmethod
-    def _check_subject_count(num_images: int, layout: Layout) -> None:
-        if num_images != layout.num_image_subjects:
-            what = "regions (boxes or masks)" if not layout.has_prompts else "subjects with an image"
-            raise ValueError(
-                f"the IP-Adapter image embeddings hold S={num_images} images per prompt but the layout has "
-                f"{layout.num_image_subjects} {what}: give exactly one subject image per such region"
-            )
-
-    @staticmethod
-    def _branches(layout: Layout, k_image, v_image, to_k, to_v, heads: int, batch: int, dtype, states=None):
-        """``(k_subj, v_subj, tokens)``: the keys and values ``[B, H, branches, T, D]`` the op takes,
-        the image branches' (``k_image`` ``[B, H, S, T_i, D]``, or None for a layout without images)
-        then the regional prompts' (the layout's prompt states through this layer's ``to_k`` /
-        ``to_v``), zero-padded to the longer of the two token counts, and ``tokens``
-        ``(T_i, T_p)`` for :meth:`Layout.routing` (None without regional prompts: the image
-        branches' tensors are returned as they are). ``states``: the layout's prompt states as this
-        layer sees them (None: ``layout.prompt_states``)."""
-        if not layout.has_prompts:
-            return k_image, v_image, None
-        states = layout.prompt_states if states is None else states
-        if states is None:
-            raise ValueError("the layout has regional prompts but no prompt states: call "
-                             "layout.set_prompt_states([B, P, L, C]) before the forward (the pipelines do)")
-        if states.shape[0] != batch:
-            raise ValueError(
-                f"the regional prompt states have batch {states.shape[0]} but the hidden states have {batch}; "
-                "with classifier-free guidance both must hold the unconditional and conditional halves")
-        num_prompts, prompt_tokens = states.shape[1], states.shape[2]
-        k_prompt = to_k(states).unflatten(-1, (heads, -1)).permute(0, 3, 1, 2, 4).to(dtype)
-        v_prompt = to_v(states).unflatten(-1, (heads, -1)).permute(0, 3, 1, 2, 4).to(dtype)
-        if k_image is None or k_image.shape[2] == 0:
-            return k_prompt, v_prompt, (prompt_tokens, prompt_tokens)
-        image_tokens = k_image.shape[3]
-        longest = max(image_tokens, prompt_tokens)
-        shape = (batch, heads, k_image.shape[2] + num_prompts, longest, k_image.shape[-1])
-        k_subj = k_image.new_zeros(shape)
-        v_subj = v_image.new_zeros(shape)
-        k_subj[:, :, :k_image.shape[2], :image_tokens] = k_image
-        v_subj[:, :, :k_image.shape[2], :image_tokens] = v_image
-        k_subj[:, :, k_image.shape[2]:, :prompt_tokens] = k_prompt
-        v_subj[:, :, k_image.shape[2]:, :prompt_tokens] = v_prompt
+        The branches, in the layout's order (:attr:`Layout.image_subjects`, then
+        :attr:`Layout.prompt_subjects`): each image branch from its subject's IP-Adapter ``a``
+        (``ip_hidden_states[a]``, ``[B, S_a, T_a, C]`` or ``[B, T_a, C]`` for one image, holds the
+        images of :meth:`Layout.adapter_subjects` ``(a)``, projected by ``to_k_ip[a]`` /
+        ``to_v_ip[a]``); each regional prompt's from ``prompt_states`` (``[B, P, L, C]``, the
+        layout's as this layer sees them; None: ``layout.prompt_states``) through the layer's
+        ``to_k`` / ``to_v``. One source of branches: its projections, as they are. Several
+        (adapters of 4 and 16 tokens, prompts of 77): each in its slots, zero-padded to the
+        longest count T; the op reads a branch's first ``count`` keys only (the routing carries
+        the counts when they differ), so the padding is never read. Adapters without subjects
+        are not projected. A layout whose subjects all have prompts only reads no image tokens
+        (the pipelines pass a placeholder embedding the U-Net's IP-Adapter input needs).
+        """
+        parts = []             # (branch slots, keys [B, n, T, H * D], values), one per source
+        image_tokens = prompt_tokens = None
+        if layout.num_image_subjects or not layout.has_prompts:
+            parts = self._image_parts(ip_hidden_states, layout, batch_size)
+            image_tokens = max(k.shape[2] for _, k, _ in parts)
+        if layout.has_prompts:
+            states = layout.prompt_states if prompt_states is None else prompt_states
+            if states is None:
+                raise ValueError("the layout has regional prompts but no prompt states: call "
+                                 "layout.set_prompt_states([B, P, L, C]) before the forward (the pipelines do)")
+            if states.shape[0] != batch_size:
+                raise ValueError(
+                    f"the regional prompt states have batch {states.shape[0]} but the hidden states have "
+                    f"{batch_size}; with classifier-free guidance both must hold the unconditional and "
+                    "conditional halves")
+            first = layout.num_image_subjects
+            parts.append((list(range(first, first + states.shape[1])), to_k(states), to_v(states)))
+            prompt_tokens = states.shape[2]
+        if dtype is not None:             # e.g. an image projection kept in float32
+            parts = [(slots, k.to(dtype), v.to(dtype)) for slots, k, v in parts]
+        if len(parts) == 1:               # one source: its branches are the layout's, in order
+            _, k_subj, v_subj = parts[0]
+        else:
+            longest = max(k.shape[2] for _, k, _ in parts)
+            k0 = parts[0][1]
+            shape = (batch_size, layout.num_branches, longest, k0.shape[-1])
+            k_subj, v_subj = k0.new_zeros(shape), k0.new_zeros(shape)
+            for slots, k, v in parts:
+                k_subj[:, slots, :k.shape[2]] = k.to(k_subj.dtype)
+                v_subj[:, slots, :v.shape[2]] = v.to(v_subj.dtype)
+        # [B, branches, T, H * D] -> [B, H, branches, T, D]: views
+        k_subj = k_subj.unflatten(-1, (heads, -1)).permute(0, 3, 1, 2, 4)
+        v_subj = v_subj.unflatten(-1, (heads, -1)).permute(0, 3, 1, 2, 4)
         return k_subj, v_subj, (image_tokens, prompt_tokens)
+
+    def _image_parts(self, ip_hidden_states, layout: Layout, batch_size: int):
+        """The image branches: per IP-Adapter its subjects' branch slots and its projections
+        ``[B, S_a, T_a, H * D]`` (:meth:`_branches`), after checking the embeddings against the layout."""
+        loaded = len(self.to_k_ip)
+        if len(ip_hidden_states) != loaded:
+            raise ValueError(f"{loaded} IP-Adapters are loaded but {len(ip_hidden_states)} image embeddings were "
+                             f"passed: give one per adapter")
+        parts, counts = [], set()
+        for adapter in layout.used_adapters or (0,):      # no subject: adapter 0's (empty) images
+            if adapter >= loaded:
+                s = layout.adapter_subjects(adapter)[0]
+                raise ValueError(f"the layout's subject {s} uses IP-Adapter {adapter} (adapters[{s}]) but "
+                                 f"{loaded} {'is' if loaded == 1 else 'are'} loaded (0 .. {loaded - 1})")
+            images = ip_hidden_states[adapter]
+            if images.dim() == 3:                 # [B, T, C]: one image per prompt
+                images = images.unsqueeze(1)
+            where = f"ip_hidden_states[{adapter}]"
+            if images.dim() != 4 or images.shape[0] != batch_size:
+                raise ValueError(
+                    f"{where} must be [B, S, T, C] with B = {batch_size} (with classifier-free guidance, the "
+                    f"unconditional and conditional halves), got shape {tuple(images.shape)}")
+            subjects = layout.adapter_subjects(adapter)
+            if images.shape[1] != len(subjects):
+                if loaded > 1:
+                    what = f"subjects of IP-Adapter {adapter}"
+                elif layout.has_prompts:
+                    what = "subjects with an image"
+                else:
+                    what = "regions (boxes or masks)"
+                raise ValueError(
+                    f"the IP-Adapter image embeddings ({where}) hold S={images.shape[1]} images per prompt but the "
+                    f"layout has {len(subjects)} {what}: give exactly one subject image per such region")
+            if layout.subject_tokens is not None:
+                for s in subjects:
+                    if layout.subject_tokens[s] != images.shape[2]:
+                        raise ValueError(
+                            f"the layout gives subject {s} {layout.subject_tokens[s]} tokens (subject_tokens[{s}]) "
+                            f"but its IP-Adapter {adapter} has {images.shape[2]}")
+            counts.add(images.shape[2])
+            slots = [layout.image_subjects.index(s) for s in subjects]
+            parts.append((slots, self.to_k_ip[adapter](images), self.to_v_ip[adapter](images)))
+        if len(counts) > 1 and layout.subject_tokens is None:
+            raise ValueError(
+                f"the layout's subjects use IP-Adapters of {sorted(counts)} image tokens: make the Layout "
+                f"with subject_tokens= (each subject's count), so that each attends to its own tokens only")
+        return parts
 
     def _attend(self, layout: Layout, grid, routing, q, k_text, v_text, k_subj, v_subj,
                 text_mask=None) -> torch.Tensor:
@@ -144,19 +190,11 @@ class AnyMSBranches:
         )
 
     def _subject_scale(self, layout: Layout, device) -> torch.Tensor:
-        """lambda_s = (layout.scales[s] at this step and layer) * self.scale[0] for an image branch,
-        the layout's (1 or 0) for a regional prompt's (the adapter's scale is the images'); cached
-        (eagerly) while neither changes."""
-        ip_scale = self.scale[0]
-        if isinstance(ip_scale, (list, tuple)):
-            if len(ip_scale) != layout.num_image_subjects:
-                raise ValueError(
-                    f"the IP-Adapter scale has {len(ip_scale)} per-image values but the layout has "
-                    f"{layout.num_image_subjects} subjects with an image (set_ip_adapter_scale)"
-                )
-            key = tuple(float(s) for s in ip_scale)
-        else:
-            key = float(ip_scale)
+        """lambda_s per branch: for an image branch (layout.scales[s] at this step and layer) * (the
+        scale of subject s's adapter, ``self.scale[layout.adapters[s]]``, or its entry for that
+        image when the adapter's scale is a list); for a regional prompt's, the layout's (1 or 0:
+        the adapters' scales are the images'). Cached (eagerly) while neither changes."""
+        key = self._adapter_scales(layout)
         factor = torch.tensor(key, dtype=torch.float32)
         if layout.has_prompts:
             factor = torch.cat([factor.expand(layout.num_image_subjects),
@@ -173,6 +211,26 @@ class AnyMSBranches:
         scale = layout.subject_scale(device, self.layer_name) * factor.to(device)
         self._scale_cache = (layout, device, key, layout.version, scale, self.layer_name)
         return scale
+
+    def _adapter_scales(self, layout: Layout):
+        """Each image branch's IP-Adapter scale (``set_ip_adapter_scale``'s): one float when every
+        subject with an image takes the same single scale, else a tuple, one per image branch."""
+        used = layout.used_adapters or (0,)
+        if len(used) == 1 and not isinstance(self.scale[used[0]], (list, tuple)):
+            return float(self.scale[used[0]])
+        values = []
+        for adapter in used:
+            ip_scale = self.scale[adapter]
+            subjects = layout.adapter_subjects(adapter)
+            if isinstance(ip_scale, (list, tuple)):
+                if len(ip_scale) != len(subjects):
+                    raise ValueError(
+                        f"the IP-Adapter scale of adapter {adapter} has {len(ip_scale)} per-image values but the "
+                        f"layout has {len(subjects)} subjects of it (set_ip_adapter_scale)")
+                values.extend(zip(subjects, (float(v) for v in ip_scale)))
+            else:
+                values.extend((s, float(ip_scale)) for s in subjects)
+        return tuple(v for _, v in sorted(values))
 
 
 # ----------------------------------------------------------------------- install

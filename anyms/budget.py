@@ -93,10 +93,11 @@ def _header_shapes(path: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
     return out
 
 
-def _adapter_shapes(sources: dict, offline: bool) -> Optional[Dict[str, Tuple[Tuple[int, ...], str]]]:
-    """The IP-Adapter's tensors from its safetensors header: a local file, the Hugging Face cache,
-    or (online) the Hub's header range. None for a weight file that is not safetensors."""
-    source, subfolder, weight = sources["ip_adapter"]
+def _adapter_shapes(ip: tuple, offline: bool) -> Optional[Dict[str, Tuple[Tuple[int, ...], str]]]:
+    """The tensors of the IP-Adapter ``ip`` (``(source, subfolder, weight)``) from its safetensors
+    header: a local file, the Hugging Face cache, or (online) the Hub's header range. None for a
+    weight file that is not safetensors."""
+    source, subfolder, weight = ip
     if not weight.endswith(".safetensors"):
         return None
     local = os.path.join(source, subfolder, weight)
@@ -176,6 +177,7 @@ def skeleton_pipeline(sources: dict, dtype, offline: bool = False):
     from .loading import TINY_MODEL
 
     parts: Dict[str, object] = {}
+    own: Dict[int, object] = {}            # adapter -> the image encoder of its own (several adapters)
     if sources["model"] == TINY_MODEL:
         from accelerate import init_empty_weights
 
@@ -198,8 +200,10 @@ def skeleton_pipeline(sources: dict, dtype, offline: bool = False):
             entry = index.get(name)
             if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[0] and entry[1]:
                 parts[name] = _meta_component(entry[0], entry[1], model, name, offline)
-        if sources.get("image_encoder"):
-            source, subfolder = sources["image_encoder"]
+        adapters = sources.get("ip_adapters") or [sources["ip_adapter"]]
+        encoders = sources.get("image_encoders") or [sources.get("image_encoder")]
+        if encoders[0]:
+            source, subfolder = encoders[0]
             parts["image_encoder"] = _meta_component("transformers", "CLIPVisionModelWithProjection", source,
                                                      subfolder, offline)
         elif parts.get("image_encoder") is None:
@@ -207,26 +211,48 @@ def skeleton_pipeline(sources: dict, dtype, offline: bool = False):
             source, subfolder, _ = sources["ip_adapter"]
             parts["image_encoder"] = _meta_component("transformers", "CLIPVisionModelWithProjection", source,
                                                      "/".join(p for p in (subfolder, "image_encoder") if p), offline)
-        adapter = _adapter_shapes(sources, offline)
+        # several adapters: each one's tensors, and the encoder of its own where it has another
+        adapter = [_adapter_shapes(ip, offline) for ip in adapters]
+        first = _encoder_source(adapters[0], encoders[0])
+        for i in range(1, len(adapters)):
+            source, subfolder = _encoder_source(adapters[i], encoders[i])
+            if (source, subfolder) != first:
+                own[i] = _meta_component("transformers", "CLIPVisionModelWithProjection", source, subfolder, offline)
     if parts.get("unet") is None or parts.get("vae") is None:
         raise LoadError(f"cannot estimate the model {sources['model']!r} for --max-memory: its model_index.json "
                         f"names no unet or no vae")
-    return skeleton_from_modules(parts, dtype, adapter)
+    return skeleton_from_modules(parts, dtype, adapter, own)
 
 
-def skeleton_from_modules(parts: Dict[str, object], dtype, adapter=None):
+def _encoder_source(ip: tuple, encoder: Optional[tuple]) -> tuple:
+    """``(source, subfolder)`` of an adapter's image encoder: --image-encoder's, else the folder beside
+    its weights (load_ip_adapter's default)."""
+    if encoder:
+        return tuple(encoder)
+    return ip[0], "/".join(p for p in (ip[1], "image_encoder") if p)
+
+
+def skeleton_from_modules(parts: Dict[str, object], dtype, adapter=None, adapter_encoders=None):
     """The pipeline :func:`skeleton_pipeline` returns, from its components (meta-device modules by
     name, ``COMPONENTS``; ``unet`` and ``vae`` required) and the IP-Adapter's tensors (``name ->
-    (shape, dtype)``; default: the 4-token adapter's, laid out on ``unet``), in ``dtype``."""
+    (shape, dtype)``; default: the 4-token adapter's, laid out on ``unet``), in ``dtype``. Several
+    adapters: ``adapter`` a list of one such entry (or None) per adapter, and ``adapter_encoders``
+    ``{adapter: meta-device image encoder}`` of those with an encoder of their own (what the
+    pipeline's ``adapter_image_encoders`` holds)."""
     unet, vae = parts["unet"], parts["vae"]
-    if adapter is None:
-        adapter = _structural_adapter_shapes(unet, parts["image_encoder"])
-    # the adapter's layers belong to the U-Net (its processors and encoder_hid_proj)
-    unet.add_module("ip_adapter", _meta_tensors(adapter))
-    for module in parts.values():
+    adapters = adapter if isinstance(adapter, list) else [adapter]
+    tensors = {}
+    for i, shapes in enumerate(adapters):
+        if shapes is None:
+            shapes = _structural_adapter_shapes(unet, parts["image_encoder"])
+        tensors.update({(f"{i}.{k}" if len(adapters) > 1 else k): v for k, v in shapes.items()})
+    # the adapters' layers belong to the U-Net (its processors and encoder_hid_proj)
+    unet.add_module("ip_adapter", _meta_tensors(tensors))
+    encoders = dict(adapter_encoders or {})
+    for module in list(parts.values()) + list(encoders.values()):
         if module is not None:
             module.to(dtype)
-    return types.SimpleNamespace(**{name: parts.get(name) for name in COMPONENTS},
+    return types.SimpleNamespace(**{name: parts.get(name) for name in COMPONENTS}, adapter_image_encoders=encoders,
                                  vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
                                  default_sample_size=unet.config.sample_size)
 

@@ -56,10 +56,12 @@ from .toy import DEFAULT_GUIDANCE as TOY_GUIDANCE
 
 __all__ = ["main", "parse_subject", "parse_region", "build_parser"]
 SUBJECT_FORMS = "PATH:x0,y0,x1,y1[:scale] or PATH:mask=MASK.png[:scale], each with an optional last field " \
-                "start=S,end=E,schedule=NAME"
-# the last field: the subject's window and schedule, the layout file's keys (any of them)
-TIMING_KEYS = ("start", "end", "schedule")
+                "start=S,end=E,schedule=NAME,adapter=I"
+# the last field: the subject's window, schedule and IP-Adapter, the layout file's keys (any of them)
+TIMING_KEYS = ("start", "end", "schedule", "adapter")
 REGION_FORMS = "TEXT@x0,y0,x1,y1 or TEXT@mask=MASK.png, each with an optional last field start=S,end=E"
+# a regional prompt's: its window only (no scale, schedule nor IP-Adapter: those are an image's)
+REGION_TIMING_KEYS = ("start", "end")
 
 
 # --------------------------------------------------------------------- parsing
@@ -81,10 +83,10 @@ def _number(text: str, what: str) -> float:
     return value
 
 
-def _split_timing(spec: str, index: Optional[int], option: str = "--subject"):
-    """``(spec without its timing field, {"start", "end", "schedule"})``: the last ``:``-field is the
-    timing when it reads ``word=...`` (``start=0.2,end=0.8,schedule=ease_in``, any of the three,
-    in any order); errors name ``--subject[i].KEY``."""
+def _split_timing(spec: str, index: Optional[int], option: str = "--subject", keys=TIMING_KEYS):
+    """``(spec without its last field, {"start", "end", "schedule"[, "adapter"]})``: the last ``:``-field
+    holds them when it reads ``word=...`` (``start=0.2,end=0.8,schedule=ease_in,adapter=1``, any of
+    ``keys``, in any order); errors name ``--subject[i].KEY`` (``option``'s)."""
     import re
 
     from .timing import check_schedule, check_window
@@ -97,24 +99,35 @@ def _split_timing(spec: str, index: Optional[int], option: str = "--subject"):
     values = {}
     for item in tail.split(","):
         key, eq, value = item.partition("=")
-        if key not in TIMING_KEYS or not eq:
-            raise UsageError(f"{name} {spec!r}: unknown timing field {item!r}; the timing field is "
-                             f"start=S,end=E,schedule=NAME (any of them)")
+        if key in TIMING_KEYS and key not in keys and eq:
+            raise UsageError(f"{name} {spec!r}: a regional prompt has no {key} (it replaces the text at weight 1, "
+                             f"and {key} is an image's); the timing field is start=S,end=E")
+        if key not in keys or not eq:
+            forms = {"start": "start=S", "end": "end=E", "schedule": "schedule=NAME", "adapter": "adapter=I"}
+            raise UsageError(f"{name} {spec!r}: unknown timing field {item!r}; the last field is "
+                             f"{','.join(forms[k] for k in keys)} (any of them)")
         if key in values:
             raise UsageError(f"{name} {spec!r}: {key} is given twice")
+        if key == "adapter":
+            if not re.fullmatch(r"[0-9]+", value.strip()):
+                raise UsageError(f"{name}.adapter must be the index of a loaded IP-Adapter (0, 1, ...: the "
+                                 f"--ip-adapter options in order), got {value!r}")
+            values[key] = int(value)
+            continue
         values[key] = value if key == "schedule" else _number(value, f"{name}.{key}")
     try:
         start, end = check_window(values.get("start", 0.0), values.get("end", 1.0), name)
         schedule = check_schedule(values.get("schedule", "constant"), f"{name}.schedule")
     except ValueError as e:
         raise UsageError(str(e)) from None
-    return head, dict(start=start, end=end, schedule=schedule)
+    extra = {"adapter": values["adapter"]} if "adapter" in values else {}
+    return head, dict(start=start, end=end, schedule=schedule, **extra)
 
 
 def parse_subject(spec: str, index: Optional[int] = None):
     """``PATH:x0,y0,x1,y1[:scale][:TIMING]`` or ``PATH:mask=MASK[:scale][:TIMING]`` ->
     :class:`anyms.Subject` (image and mask paths not read yet). ``TIMING`` is
-    ``start=S,end=E,schedule=NAME`` (any of them: the layout file's keys). ``index``: the
+    ``start=S,end=E,schedule=NAME,adapter=I`` (any of them: the layout file's keys). ``index``: the
     subject's place among the ``--subject`` options, for the errors (``subjects[1].scale``,
     ``--subject[1].end``).
 
@@ -131,7 +144,7 @@ def parse_subject(spec: str, index: Optional[int] = None):
 def parse_region(spec: str, index: Optional[int] = None):
     """``TEXT@x0,y0,x1,y1[:TIMING]`` or ``TEXT@mask=MASK[:TIMING]`` -> a text-only
     :class:`anyms.Subject` (a regional prompt; the mask not read yet). ``TIMING`` is
-    ``start=S,end=E`` (a regional prompt has no scale nor schedule). ``index``: the region's
+    ``start=S,end=E`` (a regional prompt has no scale, schedule nor adapter: an image's). ``index``: the region's
     place among the ``--region`` options, for the errors; the subjects' checks name it by its
     place among the subjects, after every ``--subject`` (``subjects[2].prompt``). The region is
     split at the last ``@``, so the text may hold any character, ``@`` too."""
@@ -141,10 +154,8 @@ def parse_region(spec: str, index: Optional[int] = None):
     text, at, where = spec.rpartition("@")
     if not at or not text or not where:
         raise UsageError(f"{name} {spec!r}: expected {REGION_FORMS}")
-    where, timing = _split_timing(where, index, "--region")
-    if timing.get("schedule", "constant") != "constant":
-        raise UsageError(f"{name} {spec!r}: a regional prompt has no schedule (it replaces the text at weight 1); "
-                         f"the timing field is start=S,end=E")
+    where, timing = _split_timing(where, index, "--region", REGION_TIMING_KEYS)
+    timing.pop("schedule", None)    # the default, "constant": a prompt-only subject's
     if where.startswith("mask="):
         mask = where[len("mask="):]
         if not mask:
@@ -254,14 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
                           f"flux); its model_index.json picks the pipeline. \"{TOY_MODEL}\": the trained toy world "
                           f"(64x64 coloured shapes on grey, offline; see anyms.toy). \"{TINY_MODEL}\": the built-in "
                           f"tiny model with RANDOM weights (offline, noise-like images: to try the command)")
-    gen.add_argument("--ip-adapter", default=None, metavar="SPEC",
+    gen.add_argument("--ip-adapter", action="append", default=None, metavar="SPEC",
                      help="IP-Adapter weights: a local file, or owner/repo/[subfolder/]file on the Hub "
                           f"(default {DEFAULT_IP_ADAPTER}; the 16-token "
                           "h94/IP-Adapter/sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors needs "
-                          "--image-encoder h94/IP-Adapter/models/image_encoder)")
-    gen.add_argument("--image-encoder", default=None, metavar="SPEC",
+                          "--image-encoder h94/IP-Adapter/models/image_encoder). Repeat it to load several "
+                          "(SD, SDXL): a subject's adapter=I (\"adapter\" in a layout) picks the I-th, from 0")
+    gen.add_argument("--image-encoder", action="append", default=None, metavar="SPEC",
                      help="CLIP image encoder: a local folder or owner/repo[/subfolder] (default: the "
-                          "image_encoder folder beside the IP-Adapter weights)")
+                          "image_encoder folder beside the IP-Adapter weights); with several --ip-adapter, "
+                          "one per adapter, in the same order")
     gen.add_argument("--height", type=int, default=None,
                      help=f"image height (multiple of 8, at most {MAX_SIDE}; default: the model's)")
     gen.add_argument("--width", type=int, default=None,
@@ -432,7 +445,8 @@ def cmd_generate(args) -> int:
     job = _job_from_args(args)
     with _naming_the_record(args):
         run = run_from_args(args)
-        check_job(apply_run_defaults(job, run), run.arch, upscale_geometry_before_loading(run))
+        check_job(apply_run_defaults(job, run), run.arch, upscale_geometry_before_loading(run),
+                  num_adapters=run.num_adapters)
     paths = output_paths(job.out, run.pictures)
     check_outputs(paths, run.overwrite)         # makes the folder, which holds the lock
     # One writer per folder, as --jobs: held from before the model loads until the files are written.

@@ -17,7 +17,8 @@ other images a call holds: a job's result is the same whatever ran before it, in
 this process or another. The wrapper is an attribute of that one pipeline object,
 removed on exit; the class is not patched. Two forms of ``encode_image`` are served:
 the SD / SDXL one (``encode_image(image, device, num_images_per_prompt,
-output_hidden_states)`` returning ``(embeds, negative_embeds)``) and FLUX's
+output_hidden_states)`` returning ``(embeds, negative_embeds)``; an AnyMS pipeline's takes
+``adapter=``, the IP-Adapter whose image encoder encodes, and the cache keys on it) and FLUX's
 (``encode_image(image, device, num_images_per_prompt)`` returning the embeddings alone);
 pipelines with any other are left alone.
 """
@@ -112,8 +113,13 @@ class SubjectEmbeddingCache:
                     return (original(images, dev, num),)
                 return self._encode(one, pipe, image, device, num_images_per_prompt, None)[0]
         else:
-            def encode_image(image, device, num_images_per_prompt, output_hidden_states=None):
-                return self._encode(original, pipe, image, device, num_images_per_prompt, output_hidden_states)
+            def encode_image(image, device, num_images_per_prompt, output_hidden_states=None, adapter: int = 0):
+                # an AnyMS pipeline encodes each IP-Adapter's subjects with that adapter's encoder
+                def one(images, dev, num, hidden):
+                    if adapter:
+                        return original(images, dev, num, hidden, adapter=adapter)
+                    return original(images, dev, num, hidden)
+                return self._encode(one, pipe, image, device, num_images_per_prompt, output_hidden_states, adapter)
 
         pipe.encode_image = encode_image
         try:
@@ -121,17 +127,20 @@ class SubjectEmbeddingCache:
         finally:
             del pipe.encode_image
 
-    def _encode(self, original, pipe, images, device, num_images_per_prompt, output_hidden_states):
+    def _encode(self, original, pipe, images, device, num_images_per_prompt, output_hidden_states, adapter: int = 0):
         import time
 
         items = images if isinstance(images, (list, tuple)) else [images]
         keys = [image_key(im) for im in items]
         if not items or any(k is None for k in keys):    # tensors, arrays: not ours to key
             return original(images, device, num_images_per_prompt, output_hidden_states)
-        dtype = next(pipe.image_encoder.parameters()).dtype
+        encoder = pipe.ip_adapter_image_encoder(adapter)[0] if hasattr(pipe, "ip_adapter_image_encoder") \
+            else pipe.image_encoder
+        dtype = next(encoder.parameters()).dtype
         parts = []
         for image, key in zip(items, keys):
-            full_key = (key, bool(output_hidden_states), str(torch.device(device)), str(dtype))
+            # the adapter too: adapters may have encoders of their own
+            full_key = (key, int(adapter), bool(output_hidden_states), str(torch.device(device)), str(dtype))
             entry = self._entries.get(full_key)
             if entry is None:
                 self.misses += 1

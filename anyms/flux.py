@@ -69,16 +69,18 @@ def flux_latent_hw(height: int, width: int, vae_scale_factor: int = 8) -> Tuple[
 
 
 def flux_layout(boxes=None, height: int = 1024, width: int = 1024, scales=1.0, mode: str = "overwrite",
-                masks=None, vae_scale_factor: int = 8, windows=None, schedules=None, blocks=None) -> Layout:
+                masks=None, vae_scale_factor: int = 8, windows=None, schedules=None, blocks=None,
+                adapters=None, subject_tokens=None) -> Layout:
     """A :class:`~anyms.Layout` for a FLUX generation of ``height x width`` pixels.
 
     Its token grid is ``(height // 16) x (width // 16)``, the transformer's image tokens.
-    ``boxes``, ``scales``, ``mode``, ``masks``, ``windows``, ``schedules`` and ``blocks`` are
-    :class:`~anyms.Layout`'s; masks are at the image's resolution (``height x width``, a
+    ``boxes``, ``scales``, ``mode``, ``masks``, ``windows``, ``schedules``, ``blocks``, ``adapters``
+    and ``subject_tokens`` are :class:`~anyms.Layout`'s; masks are at the image's resolution (``height x width``, a
     multiple of 16 on each side).
     """
     return Layout(boxes, flux_latent_hw(height, width, vae_scale_factor), scales=scales, mode=mode, masks=masks,
-                  patch=FLUX_PATCH, windows=windows, schedules=schedules, blocks=blocks)
+                  patch=FLUX_PATCH, windows=windows, schedules=schedules, blocks=blocks, adapters=adapters,
+                  subject_tokens=subject_tokens)
 
 
 # ---------------------------------------------------------------------- processor
@@ -116,8 +118,9 @@ class AnyMSFluxAttnProcessor(AnyMSBranches, FluxIPAdapterAttnProcessor, replaces
     the scale of the processor it replaced, and both always agree.
 
     Raises (with a layout): ``ValueError`` when the image embeddings are missing, hold
-    another number of images than the layout has regions, come from more than one
-    IP-Adapter, or when ``ip_adapter_masks`` is passed.
+    another number of images than the layout has regions (of each adapter: the subject
+    branches are :class:`~anyms.branches.AnyMSBranches`', shared with the U-Net), or when
+    ``ip_adapter_masks`` is passed.
     """
 
     def __init__(self, hidden_size: int, cross_attention_dim: int, num_tokens=(4,), scale=1.0, device=None,
@@ -205,16 +208,14 @@ class AnyMSFluxAttnProcessor(AnyMSBranches, FluxIPAdapterAttnProcessor, replaces
                 "AnyMS needs the subject images, and this call has no IP-Adapter image embeddings: pass "
                 "subjects=[...] to AnyMSFluxPipeline, or ip_adapter_image=[[img_1, ..., img_S]] to FluxPipeline"
             )
-        images = self._subject_images(ip_hidden_states, layout)
+        if layout.has_prompts:
+            raise ValueError(f"this layout has regional prompts: {FLUX_NO_PROMPTS}")
         batch_size = hidden_states.shape[0]
-        if images.dim() != 4 or images.shape[0] != batch_size:
-            raise ValueError(f"ip_hidden_states[0] must be [B, S, T, C] with B = {batch_size}, "
-                             f"got shape {tuple(images.shape)}")
-        self._check_subject_count(images.shape[1], layout)
+        k_subj, v_subj, _ = self._branches(layout, ip_hidden_states, batch_size, attn.heads)
 
         hidden_states, encoder_hidden_states, ip_query = self._joint(attn, hidden_states, encoder_hidden_states,
                                                                      attention_mask, image_rotary_emb)
-        ip_attn_output = self._ip_term(attn, ip_query, images, layout)
+        ip_attn_output = self._ip_term(ip_query, k_subj, v_subj, layout)
         return hidden_states, encoder_hidden_states, ip_attn_output.to(hidden_states.dtype)
 
     def _joint(self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb):
@@ -244,15 +245,9 @@ class AnyMSFluxAttnProcessor(AnyMSBranches, FluxIPAdapterAttnProcessor, replaces
         encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
         return hidden_states, encoder_hidden_states, ip_query
 
-    def _ip_term(self, attn, ip_query, images, layout: Layout) -> torch.Tensor:
+    def _ip_term(self, ip_query, k_subj, v_subj, layout: Layout) -> torch.Tensor:
         """``[B, N, H * D]``: each image token's own subjects, in one fused call without a text branch."""
-        if layout.has_prompts:
-            raise ValueError(f"this layout has regional prompts: {FLUX_NO_PROMPTS}")
         batch_size, num_tokens, heads, head_dim = ip_query.shape
-        num_subjects, tokens_per_image = images.shape[1], images.shape[2]
-        k_subj = self.to_k_ip[0](images).view(batch_size, num_subjects, tokens_per_image, heads, head_dim)
-        v_subj = self.to_v_ip[0](images).view(batch_size, num_subjects, tokens_per_image, heads, head_dim)
-        k_subj, v_subj = k_subj.permute(0, 3, 1, 2, 4), v_subj.permute(0, 3, 1, 2, 4)   # [B, H, S, T, D] views
         if k_subj.dtype != ip_query.dtype:        # e.g. an image projection kept in float32
             k_subj, v_subj = k_subj.to(ip_query.dtype), v_subj.to(ip_query.dtype)
         grid, routing = layout.routing(num_tokens, ip_query.device, self.layer_name)
@@ -373,7 +368,7 @@ class AnyMSFluxPipeline(FluxPipeline):
         if own:        # diffusers' default (a black image) for the subjects without one
             black = _black_image()
             negatives = [black if s.negative_image is None else s.negative_image for s in plan.subjects]
-        self._anyms_check_adapter()
+        self._anyms_check_adapter(plan)
         plan.resolve_blocks(self.transformer)
         if plan.mask_hw is not None:       # the masks fix the image size (checked before any model work)
             arguments["height"], arguments["width"] = plan.image_size(
@@ -400,14 +395,21 @@ class AnyMSFluxPipeline(FluxPipeline):
             finally:
                 self._anyms_pending = None
 
-    def _anyms_check_adapter(self) -> None:
+    def _anyms_check_adapter(self, plan: Optional[AnyMSPlan] = None) -> None:
+        """One loaded IP-Adapter (FLUX's AnyMS pipeline takes every subject from it) and its image
+        encoder; a subject of another adapter is refused, naming ``subjects[i].adapter``."""
         proj = getattr(self.transformer, "encoder_hid_proj", None)
         layers = getattr(proj, "image_projection_layers", None)
         if not layers:
             raise ValueError("subjects need a loaded IP-Adapter: call pipe.load_ip_adapter(...) first")
         if len(layers) != 1:
-            raise ValueError(f"subjects use exactly one IP-Adapter (its images are the subjects), "
-                             f"but {len(layers)} are loaded: unload_ip_adapter() and load one")
+            raise ValueError(f"AnyMSFluxPipeline takes its subjects from one IP-Adapter (several adapters in one "
+                             f"call are for SD and SDXL), but {len(layers)} are loaded: unload_ip_adapter() and "
+                             f"load one")
+        for i, subject in zip(plan.order if plan else (), plan.subjects if plan else ()):
+            if subject.adapter != 0:
+                raise ValueError(f"subjects[{i}].adapter is {subject.adapter}: AnyMSFluxPipeline takes every subject "
+                                 f"from its one IP-Adapter, 0 (several adapters in one call are for SD and SDXL)")
         if getattr(self, "image_encoder", None) is None or getattr(self, "feature_extractor", None) is None:
             raise ValueError("subjects need the IP-Adapter's image encoder and its feature extractor, and the "
                              "pipeline lacks one: load_ip_adapter(..., image_encoder_pretrained_model_name_or_path=...)"

@@ -63,11 +63,14 @@ above 1, SD and SDXL only: FLUX runs here without CFG) and is refused otherwise.
 "blocks" (a subject's, else the top level's; default "all") picks the model blocks
 its image acts on: a preset ("all", "style", "layout", "style_and_layout"; FLUX:
 "all" only), a list of block names ["up_blocks.0.attentions.1"] or an object
-{"block name": weight}; elsewhere the subject is absent. "prompt" (SD 1.5 and SDXL) is a
-regional prompt: inside the region its text replaces the prompt's text in every
-cross-attention layer (overwrite: the last region with a prompt; sum: each adds), within
-"start".."end", at weight 1; "scale", "schedule", "blocks" and "negative_image" are the
-image's (a subject with a prompt and no image leaves them out). At most 77 CLIP tokens,
+{"block name": weight}; elsewhere the subject is absent. "adapter" (default 0) is the
+IP-Adapter that encodes and projects the subject's image: the index of an --ip-adapter
+option, in order (several --ip-adapter load several; SD and SDXL; not with "upscale"). "prompt"
+(SD 1.5 and SDXL) is a regional prompt: inside the region its text replaces the prompt's text
+in every cross-attention layer (overwrite: the last region with a prompt; sum: each adds),
+within "start".."end", at weight 1; "scale", "schedule", "blocks", "negative_image" and
+"adapter" are the image's (a subject with a prompt and no image leaves them out). Subjects of
+several adapters and regional prompts act together, in one call. At most 77 CLIP tokens,
 counted with the model's tokenizer once it is loaded, before any denoising. Guidance's
 unconditional pass sees the negative prompt there; on SDXL the pooled text embedding stays
 the prompt's. Not with "upscale". "upscale" (optional) makes the
@@ -80,7 +83,7 @@ again (default 0.3); null: no upscale. No other keys are allowed.
 
 LAYOUT_KEYS = {"prompt", "mode", "priority", "subjects", "blocks", "upscale"}
 SUBJECT_KEYS = {"image", "box", "mask", "scale", "label", "start", "end", "schedule", "negative_image", "blocks",
-                "prompt"}
+                "prompt", "adapter"}
 
 JOBS_SCHEMA = """\
 jobs file (--jobs FILE.jsonl): one JSON object a line (blank lines are skipped), each a
@@ -206,6 +209,10 @@ def layout_from_dict(data, what: str, folder: str, extra_keys=(), extra_subject_
         label = item.get("label")
         if label is not None and not isinstance(label, str):
             raise UsageError(f"{where}.label must be a string")
+        adapter = item.get("adapter", 0)
+        if isinstance(adapter, bool) or not isinstance(adapter, int) or adapter < 0:
+            raise UsageError(f"{where}.adapter must be the index of a loaded IP-Adapter (0, 1, ...: the "
+                             f"--ip-adapter options in order), got {adapter!r}")
         negative = item.get("negative_image")
         if negative is not None and not isinstance(negative, str):
             raise UsageError(f"{where}.negative_image must be a path string (an image file), got {negative!r}")
@@ -220,7 +227,7 @@ def layout_from_dict(data, what: str, folder: str, extra_keys=(), extra_subject_
                                 float(scale), label, mask=None if mask is None else os.path.join(folder, mask),
                                 start=start, end=end, schedule=schedule, blocks=item.get("blocks"),
                                 negative_image=None if negative is None else os.path.join(folder, negative),
-                                prompt=prompt))
+                                prompt=prompt, adapter=adapter))
     out = {"prompt": data.get("prompt"), "mode": data.get("mode"), "priority": data.get("priority"),
            "subjects": subjects, "blocks": data.get("blocks")}
     if "upscale" in data:
@@ -364,11 +371,13 @@ def _integer(value, name: str, low: int, high: Optional[int] = None) -> int:
     return value
 
 
-def check_job(job: Job, arch: str = "sdxl", upscale_geometry=None) -> Job:
+def check_job(job: Job, arch: str = "sdxl", upscale_geometry=None, num_adapters: Optional[int] = None) -> Job:
     """Check everything about ``job`` that needs no model (reads its images and masks); fills
     ``job.plan`` and, with masks, ``job.height``/``job.width``. Raises UsageError naming the argument.
     ``upscale_geometry``: the model's U-Net geometry where known before loading
-    (:func:`upscale_geometry_before_loading`), for the upscale options' rules that need it."""
+    (:func:`upscale_geometry_before_loading`), for the upscale options' rules that need it.
+    ``num_adapters``: the IP-Adapters the run loads (its --ip-adapter options), where known, for
+    the subjects' ``adapter``."""
     import math as _math
 
     from .metadata import subject_hashes
@@ -419,6 +428,7 @@ def check_job(job: Job, arch: str = "sdxl", upscale_geometry=None) -> Job:
     try:
         # reads the images and masks, checks boxes, masks, mode and priority, and the masks' size
         job.plan = prepare_subjects(job.subjects, job.mode, job.priority, job.blocks)
+        check_adapters(job, arch, num_adapters)
         job.height, job.width = job.plan.image_size(job.height, job.width, 16 if flux else 8)
         # None: the pipeline's default guidance, above 1 for SD and SDXL
         if flux:
@@ -445,6 +455,21 @@ def apply_run_defaults(job: Job, run: Run) -> Job:
     if job.guidance is None:
         job.guidance = run.default_guidance
     return job
+
+
+def check_adapters(job: Job, arch: str, num_adapters: Optional[int]) -> None:
+    """Every subject's ``adapter`` names an IP-Adapter the run loads (``num_adapters``, None: not
+    known before loading); FLUX and tiled upscaling take adapter 0 only. ValueError naming
+    ``subjects[i].adapter``."""
+    from .pipeline import _check_adapter_index
+
+    for i, subject in enumerate(job.subjects):
+        name = f"subjects[{i}].adapter"
+        if subject.adapter and arch == "flux":
+            raise ValueError(f"{name} is {subject.adapter}: FLUX takes every subject from its one IP-Adapter, 0")
+        if subject.adapter and job.upscale is not None:
+            raise ValueError(f"{name} is {subject.adapter}: tiled upscaling takes every subject from IP-Adapter 0")
+        _check_adapter_index(subject.adapter, name, num_adapters)
 
 
 def output_paths(out: str, pictures: bool = True):

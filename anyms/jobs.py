@@ -349,7 +349,7 @@ def run_jobs(args) -> int:
     run = run_from_args(args, device=procs.device)
     geometry = upscale_geometry_before_loading(run)
     for job in jobs:
-        check_job(apply_run_defaults(job, run), run.arch, geometry)
+        check_job(apply_run_defaults(job, run), run.arch, geometry, num_adapters=run.num_adapters)
         job.plan = None                          # re-read when it runs: thousands of jobs' images stay on disk
     check_outputs([os.path.join(out_dir, MANIFEST)], overwrite=True, what="--out-dir")
     log = _info_main(procs)
@@ -491,7 +491,7 @@ def _make(pipe, jobs: List[Job], run, cache, rank_file: str, procs: Processes, o
                 entry = {"index": job.index, "line": int(job.where.rsplit(":", 1)[1]), "out": _relative(job.out, out_dir),
                          "seed": job.seed, "process": procs.rank}
                 try:
-                    check_job(job, run.arch)
+                    check_job(job, run.arch, num_adapters=run.num_adapters)
                     warn_unreached(pipe, job, warn=warn)
                     image = generate_image(pipe, job, run)
                     # pictures first, the image last: an image on disk means its job is complete

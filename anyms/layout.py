@@ -140,6 +140,14 @@ class Layout:
             global prompt's text branch in the region, at weight 1, within the subject's window;
             ``scales``, ``schedules`` and ``blocks`` are the image branch's and do not touch it)
             or ``"both"``. The prompts' text states: :meth:`set_prompt_states`.
+        adapters: None (every subject's image is IP-Adapter 0's), or S ints: the IP-Adapter
+            whose projections (``to_k_ip[a]`` / ``to_v_ip[a]``) and scale take subject ``s``'s
+            image. Image ``j`` of adapter ``a``'s embeddings is :meth:`adapter_subjects` ``(a)[j]``.
+            A subject without an image (kind ``"prompt"``) has no adapter: its entry is not read.
+        subject_tokens: None (every image has the token count the layers find), or S ints: the
+            image token count of each subject's adapter (4 for an IP-Adapter, 16 for a Plus one);
+            needed when the subjects' adapters differ in it. Not read for a subject without an
+            image (a prompt branch's count is its text states' length). See :meth:`branch_tokens`.
 
     A layout with windows or schedules other than the defaults is *timed*: whoever runs
     the steps calls :meth:`set_step` before each one (the pipelines do; with your own
@@ -158,7 +166,7 @@ class Layout:
 
     def __init__(self, boxes=None, latent_hw: Optional[Grid] = None, scales=1.0, mode: str = "overwrite",
                  masks=None, patch: Optional[int] = None, windows=None, schedules=None, blocks=None,
-                 kinds=None):
+                 kinds=None, adapters=None, subject_tokens=None):
         self.latent_hw = check_grid(latent_hw, "latent_hw")
         self.mode = check_mode(mode)
         self.patch = _check_patch(patch, self.latent_hw)
@@ -214,6 +222,12 @@ class Layout:
         self._token_boxes: Dict[Tuple[Grid, torch.device], torch.Tensor] = {}
         self._scale_cache: Dict[torch.device, torch.Tensor] = {}     # group 0's scales
         self.blocks: Tuple[BlockWeights, ...] = _blocks_argument(blocks, num)
+        self.adapters: Tuple[int, ...] = _ints_argument(adapters, num, "adapters", 0, default=0)
+        self.subject_tokens: Optional[Tuple[int, ...]] = (
+            None if subject_tokens is None else _ints_argument(subject_tokens, num, "subject_tokens", 1))
+        self._adapter_subjects: Dict[int, List[int]] = {}      # the subjects with an image, per adapter
+        for s in self.image_subjects:
+            self._adapter_subjects.setdefault(self.adapters[s], []).append(s)
         # group g: its subject weights and active set; layer name -> group; (device, g > 0) -> scales
         self._group_weights: List[Tuple[float, ...]] = [(1.0,) * num]
         self._group_active: List[Tuple[bool, ...]] = [self.active]
@@ -225,6 +239,16 @@ class Layout:
     @property
     def num_subjects(self) -> int:
         return self.boxes.shape[0]
+
+    def adapter_subjects(self, adapter: int) -> List[int]:
+        """The subjects with an image of IP-Adapter ``adapter``, in this layout's order: image ``j`` of
+        that adapter's embeddings is subject ``adapter_subjects(adapter)[j]`` (every layer reads it: kept)."""
+        return self._adapter_subjects.get(adapter, [])
+
+    @property
+    def used_adapters(self) -> Tuple[int, ...]:
+        """The IP-Adapters some subject's image uses, ascending."""
+        return tuple(sorted(self._adapter_subjects))
 
     @property
     def has_prompts(self) -> bool:
@@ -257,11 +281,21 @@ class Layout:
         self.prompt_states = states
         return self
 
-    def branch_tokens(self, image_tokens: int, prompt_tokens: int) -> Optional[Tuple[int, ...]]:
-        """The op's ``subject_tokens`` for images of ``image_tokens`` tokens and prompts of
-        ``prompt_tokens``: None when every branch has the same count (no padding to skip)."""
-        counts = (image_tokens,) * len(self.image_subjects) + (prompt_tokens,) * len(self.prompt_subjects)
-        return None if len(set(counts)) <= 1 else counts
+    def branch_tokens(self, image_tokens: Optional[int] = None,
+                      prompt_tokens: Optional[int] = None) -> Optional[Tuple[int, ...]]:
+        """The op's ``subject_tokens``, one count per branch, the one place they are decided: an
+        image branch's is its subject's ``subject_tokens`` entry (its adapter's count), or
+        ``image_tokens`` without ``subject_tokens``; a prompt branch's is ``prompt_tokens`` (its
+        text states' length). None when every branch has the same count (no padding to skip)
+        or when a count is not known (``image_tokens`` / ``prompt_tokens`` None where needed)."""
+        if self.subject_tokens is not None:
+            counts = tuple(self.subject_tokens[s] for s in self.image_subjects)
+        else:
+            counts = (image_tokens,) * len(self.image_subjects)
+        counts += (prompt_tokens,) * len(self.prompt_subjects)
+        if None in counts or len(set(counts)) <= 1:
+            return None
+        return tuple(int(c) for c in counts)
 
     @property
     def has_masks(self) -> bool:
@@ -375,8 +409,9 @@ class Layout:
         :meth:`coverage` in this layout's mode: pass it to
         ``anyms_kernels.region_cross_attention`` as its regions. Its tensors are
         ordinary tensors even when first built under ``torch.inference_mode()``.
-        ``tokens``: with regional prompts, ``(image tokens, prompt tokens)`` of the branches
-        the layer hands the op (their counts travel in the routing, :meth:`branch_tokens`).
+        ``tokens``: ``(image tokens, prompt tokens)`` of the branches the layer hands the op
+        (either None where it has none); each branch's count travels in the routing when
+        they differ (:meth:`branch_tokens`).
         """
         grid = self.grid_for(num_tokens)
         return grid, self.routing_at(grid, device, self.layer_group(layer), tokens)
@@ -392,7 +427,7 @@ class Layout:
                 "before each denoising step (callback_on_step_end=layout.step_callback(...) does it after step 0)")
         grid = check_grid(grid)
         active = self._group_active[group]
-        counts = None if tokens is None or not self.has_prompts else self.branch_tokens(*tokens)
+        counts = self.branch_tokens(*(tokens or (None, None)))
         # a routing carries its branches' token counts: one table per counts (None: all T)
         table = self._routing if counts is None else self._counted_routing.setdefault(counts, {})
         key = (grid, torch.device(device), active)
@@ -492,14 +527,14 @@ class Layout:
         checks and no writes to this Layout, so a ``torch.compile(fullgraph=True)``
         forward has no data-dependent branch and reads tensors only. Without it each is
         built on first use (eagerly). The pipelines call it when a call's layout is made.
-        ``tokens``: with regional prompts, the ``(image tokens, prompt tokens)`` the layers will
-        hand the op (see :meth:`routing`); other counts are built on first use.
+        ``tokens``: the ``(image tokens, prompt tokens)`` the layers will hand the op (see
+        :meth:`routing`; either None where there is none); other counts are built on first use.
         """
         if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
             raise ValueError(f"levels must be a positive int (the U-Net's resolutions), got {levels!r}")
         device = torch.empty(0, device=device).device      # "cuda" -> "cuda:0": the key a forward looks up
         if tokens is not None:
-            self._tokens = (int(tokens[0]), int(tokens[1]))
+            self._tokens = tuple(None if t is None else int(t) for t in tokens)
         grid = self.token_grid or self.latent_hw
         for _ in range(1 if self.patch is not None else levels):
             if (grid, device) not in self._prepared:
@@ -596,6 +631,18 @@ def _kinds_argument(kinds, num: int) -> Tuple[str, ...]:
         if kind not in KINDS:
             raise ValueError(f"kinds[{s}] must be one of {KINDS}, got {kind!r}")
     return tuple(kinds)
+
+
+def _ints_argument(values, num: int, name: str, low: int, default=None) -> Tuple[int, ...]:
+    """``values``: None (``default`` for every subject, when there is one) or ``num`` ints >= ``low``."""
+    if values is None:
+        return (default,) * num
+    if not isinstance(values, (list, tuple)) or len(values) != num:
+        raise ValueError(f"{name} must be None or {num} ints, one per subject, got {values!r}")
+    for s, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}[{s}] must be an int >= {low}, got {value!r}")
+    return tuple(int(v) for v in values)
 
 
 def _windows_argument(windows, num: int) -> Tuple[Tuple[float, float], ...]:

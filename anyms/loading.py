@@ -63,6 +63,11 @@ class Run:
         or None: the pipeline's default."""
         return self.sources.get("guidance")
 
+    @property
+    def num_adapters(self) -> int:
+        """The IP-Adapters the run loads (its --ip-adapter options; the tiny and toy models bring one)."""
+        return len(self.sources.get("ip_adapters") or [None])
+
     def model_record(self) -> dict:
         """The ``"model"`` entry of an image's record."""
         record = dict(self.sources["spec"], dtype=str(self.dtype).replace("torch.", ""))
@@ -199,32 +204,60 @@ def _resolve_sources(args) -> dict:
     # what must be in the cache if the Hub cannot be reached: asked when loading (load_for_run),
     # after the input is checked (an explicit --model's model_index.json is read now, for its arch)
     needs = [] if os.path.isdir(model) else [("the model", model, "model_index.json")]
-    ip_spec = args.ip_adapter or {"sdxl": DEFAULT_IP_ADAPTER, "sd15": DEFAULT_SD15_IP_ADAPTER,
-                                  "flux": DEFAULT_FLUX_IP_ADAPTER}[arch]
-    if os.path.isdir(ip_spec):
-        raise UsageError(f"--ip-adapter {ip_spec!r} is a folder: name the weight file inside it")
-    if os.path.isfile(ip_spec):
-        ip = (os.path.dirname(os.path.abspath(ip_spec)), "", os.path.basename(ip_spec))
-    else:
-        ip = _split_hub_spec(ip_spec, "--ip-adapter", need_file=True)
-        needs.append(("the IP-Adapter", ip[0], "/".join(p for p in ip[1:] if p)))
-    encoder = None
-    if arch == "flux" and not args.image_encoder and not os.path.isdir(os.path.join(ip[0], ip[1], "image_encoder")):
-        needs.append(("the image encoder of FLUX's IP-Adapter", DEFAULT_FLUX_IMAGE_ENCODER, "config.json"))
-    if args.image_encoder:
-        if os.path.isdir(args.image_encoder):
-            encoder = (args.image_encoder, "")
+    ip_specs = _listed(args.ip_adapter) or [{"sdxl": DEFAULT_IP_ADAPTER, "sd15": DEFAULT_SD15_IP_ADAPTER,
+                                             "flux": DEFAULT_FLUX_IP_ADAPTER}[arch]]
+    encoder_specs = _listed(args.image_encoder)
+    if arch == "flux" and len(ip_specs) > 1:
+        raise UsageError(f"--ip-adapter is given {len(ip_specs)} times: FLUX takes one IP-Adapter (several are for "
+                         f"SD and SDXL)")
+    if encoder_specs and len(ip_specs) > 1 and len(encoder_specs) != len(ip_specs):
+        raise UsageError(f"--image-encoder is given {len(encoder_specs)} times for {len(ip_specs)} --ip-adapter: give "
+                         f"one per --ip-adapter, in the same order, or none (each adapter's image_encoder folder "
+                         f"beside its weights)")
+    if len(encoder_specs) > 1 and len(ip_specs) == 1:
+        raise UsageError(f"--image-encoder is given {len(encoder_specs)} times for one --ip-adapter: give one")
+    ips = []
+    for ip_spec in ip_specs:
+        if os.path.isdir(ip_spec):
+            raise UsageError(f"--ip-adapter {ip_spec!r} is a folder: name the weight file inside it")
+        if os.path.isfile(ip_spec):
+            ip = (os.path.dirname(os.path.abspath(ip_spec)), "", os.path.basename(ip_spec))
         else:
-            encoder = _split_hub_spec(args.image_encoder, "--image-encoder", need_file=False)[:2]
+            ip = _split_hub_spec(ip_spec, "--ip-adapter", need_file=True)
+            needs.append(("the IP-Adapter", ip[0], "/".join(p for p in ip[1:] if p)))
+        ips.append(ip)
+    ip = ips[0]
+    if arch == "flux" and not encoder_specs and not os.path.isdir(os.path.join(ip[0], ip[1], "image_encoder")):
+        needs.append(("the image encoder of FLUX's IP-Adapter", DEFAULT_FLUX_IMAGE_ENCODER, "config.json"))
+    encoders = []
+    for encoder_spec in encoder_specs:
+        if os.path.isdir(encoder_spec):
+            encoder = (encoder_spec, "")
+        else:
+            encoder = _split_hub_spec(encoder_spec, "--image-encoder", need_file=False)[:2]
             needs.append(("the image encoder", encoder[0], "/".join(p for p in (encoder[1], "config.json") if p)))
+        encoders.append(encoder)
 
     def spec(value):
         return os.path.abspath(value) if value and os.path.exists(value) else value
 
-    return {"model": model, "ip_adapter": ip, "image_encoder": encoder, "arch": arch,
+    several = len(ips) > 1
+    # "ip_adapter" / "image_encoder": adapter 0's (the pipeline's own encoder); "ip_adapters" /
+    # "image_encoders": every adapter's (an encoder None: the image_encoder folder beside its weights)
+    return {"model": model, "ip_adapter": ip, "image_encoder": encoders[0] if encoders else None, "arch": arch,
+            "ip_adapters": ips, "image_encoders": encoders or [None] * len(ips),
             "hub": hub, "needs": needs,
-            "spec": {"arch": arch, "model": spec(model), "ip_adapter": spec(ip_spec),
-                     "image_encoder": spec(args.image_encoder)}}
+            "spec": {"arch": arch, "model": spec(model),
+                     "ip_adapter": [spec(v) for v in ip_specs] if several else spec(ip_specs[0]),
+                     "image_encoder": ([spec(v) for v in encoder_specs] if several and encoder_specs
+                                       else spec(encoder_specs[0]) if encoder_specs else None)}}
+
+
+def _listed(value) -> list:
+    """A repeatable option's values: None -> [], one string -> [it] (a record's), a list as it is."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _arch_of(args, hub: _Hub) -> str:
@@ -322,6 +355,9 @@ def _load_pipeline(args, run: Run):
         pipe = cls.from_pretrained(sources["model"], **kwargs)
     except load_errors as e:
         raise LoadError(f"cannot load the model {sources['model']!r}: {type(e).__name__}: {e}") from None
+    adapters = sources.get("ip_adapters") or [sources["ip_adapter"]]
+    if len(adapters) > 1:
+        return _place(_load_adapters(pipe, sources, adapters, dtype, offline, load_errors), run)
     source, subfolder, weight = sources["ip_adapter"]
     ip_kwargs = {}
     if arch == "flux" and getattr(pipe, "image_encoder", None) is None:
@@ -336,6 +372,42 @@ def _load_pipeline(args, run: Run):
         raise LoadError(f"cannot load the IP-Adapter {'/'.join(p for p in (source, subfolder, weight) if p)!r}: "
                         f"{type(e).__name__}: {e}") from None
     return _place(pipe, run)
+
+
+def _load_adapters(pipe, sources, adapters, dtype, offline, load_errors):
+    """Several IP-Adapters (SD, SDXL) by the list form of ``load_ip_adapter``: adapter 0's encoder is
+    the pipeline's (--image-encoder, loaded with the model, or the folder beside its weights), and
+    every other adapter gets its own where its --image-encoder, or its folder, is another."""
+    encoders = sources["image_encoders"]
+    given = any(e is not None for e in encoders)
+    folders = [None] * len(adapters) if given else ["image_encoder"] * len(adapters)
+    names = ", ".join(repr("/".join(p for p in a if p)) for a in adapters)
+    try:
+        pipe.load_ip_adapter([a[0] for a in adapters], subfolder=[a[1] for a in adapters],
+                             weight_name=[a[2] for a in adapters], image_encoder_folder=folders, **offline)
+    except load_errors as e:
+        raise LoadError(f"cannot load the IP-Adapters {names}: {type(e).__name__}: {e}") from None
+    if given:
+        from transformers import CLIPVisionModelWithProjection
+
+        for i, (source, subfolder) in enumerate(encoders[1:], start=1):
+            if (source, subfolder) == encoders[0]:
+                continue                      # adapter 0's: the pipeline's own
+            try:
+                encoder = CLIPVisionModelWithProjection.from_pretrained(
+                    source, subfolder=subfolder or None, **_transformers_dtype(dtype), **offline)
+            except load_errors as e:
+                raise LoadError(f"cannot load the image encoder {'/'.join(p for p in (source, subfolder) if p)!r} "
+                                f"of --ip-adapter {i}: {type(e).__name__}: {e}") from None
+            pipe.set_ip_adapter_image_encoder(i, encoder)
+    return pipe
+
+
+def _transformers_dtype(dtype) -> dict:
+    from diffusers.utils import is_transformers_version
+
+    # transformers renamed torch_dtype to dtype in 4.56 (diffusers' loader makes the same choice)
+    return {"dtype" if is_transformers_version(">=", "4.56.0") else "torch_dtype": dtype}
 
 
 def _diffusers_dtype_kwarg() -> str:

@@ -22,10 +22,14 @@ chunk (iTXt) named ``anyms`` holding a JSON record::
 ``layout`` is a layout file (``anyms generate --help``; a subject's ``start``, ``end`` and
 ``schedule`` are written only when not the defaults, 0, 1 and constant, its ``negative_image``
 with its ``negative_image_sha256`` only when it has one; ``image`` and ``image_sha256`` only for a
-subject with an image, ``prompt`` (its regional prompt) only for one with a prompt; ``blocks``, a subject's when given, the
-layout's when given and not ``"all"``) whose paths are relative to
+subject with an image, ``prompt`` (its regional prompt) only for one with a prompt; ``blocks``, a
+subject's when given, the layout's when given and not ``"all"``; ``adapter``, the subject's
+IP-Adapter, only when not 0) whose paths are relative to
 the image's folder, plus each file's SHA-256, so ``anyms generate --from image.png``
 can make the image again and say when a subject or mask file has changed since.
+With several IP-Adapters (``--ip-adapter`` given more than once), ``model.ip_adapter`` is the list of
+them, in order (a subject's ``adapter`` indexes it), and ``model.image_encoder`` null or a list of one
+encoder per adapter.
 ``model.max_memory`` (``--max-memory`` as given) is there only where it was given: ``--from``
 plans again within it (the ``dtype`` it chose is kept). ``upscale`` is there only for an image
 upscaled after its generation (``anyms generate --upscale``): its options as they ran; ``height``
@@ -65,10 +69,18 @@ RECORD_OPTIONAL = {"device", "upscale"}
 LAYOUT_KEYS = {"mode", "priority", "subjects", "blocks"}
 LAYOUT_OPTIONAL = {"blocks"}
 SUBJECT_KEYS = {"image", "image_sha256", "box", "mask", "mask_sha256", "scale", "label", "start", "end", "schedule",
-                "negative_image", "negative_image_sha256", "blocks", "prompt"}
+                "negative_image", "negative_image_sha256", "blocks", "prompt", "adapter"}
 MODEL_KEYS = {"arch", "model", "ip_adapter", "image_encoder", "dtype", "max_memory"}
 MODEL_OPTIONAL = {"max_memory"}         # --max-memory as given, where it was
 UPSCALE_KEYS = {"scale", "tile", "overlap", "strength"}
+
+
+def model_adapters(model) -> Optional[int]:
+    """The number of IP-Adapters a record's ``"model"`` names (a list: several), None where unknown."""
+    if not isinstance(model, dict):
+        return None
+    value = model.get("ip_adapter")
+    return len(value) if isinstance(value, list) else 1
 
 
 def file_sha256(path: str) -> str:
@@ -148,6 +160,8 @@ def subject_entry(subject, folder: str, hashes: Optional[Dict[str, str]] = None)
     blocks = getattr(subject, "blocks", None)
     if blocks is not None:          # "all" too: it overrides the layout's "blocks" for this subject
         entry["blocks"] = blocks_entry(blocks) or "all"
+    if getattr(subject, "adapter", 0):      # adapter 0, the default, is left out: a one-adapter record is as before
+        entry["adapter"] = int(subject.adapter)
     return entry
 
 
@@ -373,6 +387,9 @@ def check_record(record: Dict[str, Any], where: str) -> None:
             sha256(subject.get("negative_image_sha256"), f"{key}.negative_image_sha256")
         if "blocks" in subject:
             checked(check_blocks, subject["blocks"], f"{key}.blocks")
+        if "adapter" in subject:
+            loaded = model_adapters(record.get("model"))
+            integer(subject["adapter"], f"{key}.adapter", 0, (loaded or 1) - 1)
     integer(record["seed"], "seed", 0, 2 ** 64 - 1)
     integer(record["steps"], "steps", 1, MAX_STEPS)
     guidance = record["guidance"]
@@ -389,9 +406,20 @@ def check_record(record: Dict[str, Any], where: str) -> None:
     choice(model["arch"], "model.arch", ARCHS)
     text(model["model"], "model.model")
     for key in ("ip_adapter", "image_encoder"):
-        text(model[key], f"model.{key}", optional=True)
-        if model["model"] in (TINY_MODEL, TOY_MODEL) and model[key] is not None:      # they bring their own
-            fail(f"model.{key}", f"null with the {model['model']} model", model[key])
+        value = model[key]
+        if isinstance(value, list):           # several IP-Adapters: one entry per adapter
+            if len(value) < 2:
+                fail(f"model.{key}", "a string, null, or a list of one entry per IP-Adapter (two or more)", value)
+            for i, entry in enumerate(value):
+                text(entry, f"model.{key}[{i}]", optional=key == "image_encoder")
+        else:
+            text(value, f"model.{key}", optional=True)
+        if model["model"] in (TINY_MODEL, TOY_MODEL) and value is not None:      # they bring their own
+            fail(f"model.{key}", f"null with the {model['model']} model", value)
+    if isinstance(model["image_encoder"], list) and (
+            not isinstance(model["ip_adapter"], list) or len(model["image_encoder"]) != len(model["ip_adapter"])):
+        fail("model.image_encoder", "a list with one entry per \"model.ip_adapter\" (or a string, or null)",
+             model["image_encoder"])
     choice(model["dtype"], "model.dtype", DTYPES)
     if "max_memory" in model:
         from .budget import SIZE_FORMS, parse_size

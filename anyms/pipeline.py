@@ -10,9 +10,9 @@
 A call with ``subjects`` does, in order:
 1. checks every AnyMS argument (subjects, boxes, masks and their size, images, mode,
    priority, the loaded IP-Adapter) without touching a model, naming the bad argument;
-2. runs the parent pipeline with ``ip_adapter_image=[[image_1, ..., image_S]]``
-   (one IP-Adapter, S images, each encoded on its own), after installing the AnyMS
-   processors if they are not installed yet;
+2. runs the parent pipeline with each loaded IP-Adapter's subject images (``Subject.adapter``;
+   each image encoded on its own, by its adapter's image encoder), after installing the
+   AnyMS processors if they are not installed yet;
 3. when the parent checks its inputs (its first step, before any model work), takes
    the height and width it settled on, builds the :class:`~anyms.Layout` on the
    latent grid with the routing of every U-Net level (so that the denoising loop,
@@ -53,7 +53,7 @@ from .branches import adapter_layers, anyms_attention, set_anyms_layout
 from .priority import PRIORITIES
 from .processor import AnyMSAttnProcessor  # noqa: F401  the U-Net's AnyMS processor, which anyms_attention installs
 from .regional_prompts import (check_prompt_lengths, check_regional_prompt, encode_regional_prompts,
-                               placeholder_image_embeds, prompt_tokenizers)
+                               prompt_tokenizers)
 from .timing import check_schedule, check_window
 
 __all__ = [
@@ -123,6 +123,11 @@ class Subject:
             image's, so a subject with a prompt and no image must leave them at their defaults.
             A subject with both acts twice in its region: its image branch adds, its text
             branch replaces the global text.
+        adapter: (keyword only) which loaded IP-Adapter encodes the subject's image and projects
+            it (its ``to_k_ip`` / ``to_v_ip``): an index into the adapters loaded with the list form
+            ``pipe.load_ip_adapter(repo, subfolder=..., weight_name=[w0, w1])``. Default 0. Subjects
+            of different adapters (4-token and 16-token "plus" ones too) act in the same call, with
+            the regional prompts. The image's: a subject without an image leaves it at 0.
 
     At a step where its scale is 0 (outside its window, or ``scale=0``) a subject is absent:
     in ``overwrite`` mode the subject under it takes its tokens, as if it had not been given.
@@ -142,6 +147,7 @@ class Subject:
     negative_image: Any = field(default=None, kw_only=True)
     blocks: Any = field(default=None, kw_only=True)
     prompt: Optional[str] = field(default=None, kw_only=True)
+    adapter: int = field(default=0, kw_only=True)
 
     @property
     def kind(self) -> str:
@@ -220,6 +226,18 @@ def _check_scale(scale, name: str) -> float:
     return value
 
 
+def _check_adapter_index(adapter, name: str, loaded: Optional[int] = None) -> int:
+    """A subject's IP-Adapter index: an int in ``[0, loaded)`` (``loaded`` None: not known yet, >= 0)."""
+    if isinstance(adapter, bool) or not isinstance(adapter, (int, np.integer)):
+        raise ValueError(f"{name} must be an int, the index of a loaded IP-Adapter, got {adapter!r}")
+    adapter = int(adapter)
+    if adapter < 0 or (loaded is not None and adapter >= loaded):
+        have = "" if loaded is None else (f": {loaded} IP-Adapter{'s are' if loaded != 1 else ' is'} loaded, "
+                                          f"0 .. {loaded - 1}")
+        raise ValueError(f"{name} is {adapter}, no loaded IP-Adapter{have or ' (indices start at 0)'}")
+    return adapter
+
+
 @dataclass
 class AnyMSPlan:
     """A checked set of subjects, in priority order (ascending: the last one is on top).
@@ -237,6 +255,37 @@ class AnyMSPlan:
     blocks: Any = None              # the call's anyms_blocks (checked), for subjects without their own
     # each subject's blocks resolved on the model (resolve_blocks); None: every block
     resolved_blocks: Optional[List[Any]] = None
+    # the image tokens of each loaded IP-Adapter (check_adapters); None: not checked against a model
+    adapter_tokens: Optional[List[int]] = None
+
+    @property
+    def adapters(self) -> List[int]:
+        """Each subject's IP-Adapter index, in plan order."""
+        return [s.adapter for s in self.subjects]
+
+    def adapter_images(self, num_adapters: int) -> List[List[Image.Image]]:
+        """The subjects' images of each of ``num_adapters`` adapters, in plan order (the embeddings'
+        order, :meth:`anyms.Layout.adapter_subjects`); subjects without an image have none."""
+        return [[s.image for s in self.subjects if s.image is not None and s.adapter == a]
+                for a in range(num_adapters)]
+
+    def check_adapters(self, adapter_tokens: Sequence[int]) -> "AnyMSPlan":
+        """Check every subject's adapter against the loaded IP-Adapters, whose image tokens are
+        ``adapter_tokens`` (one count per adapter); ValueError naming ``subjects[i].adapter``. No
+        model work. Returns self."""
+        for i, subject in zip(self.order, self.subjects):
+            _check_adapter_index(subject.adapter, f"subjects[{i}].adapter", len(adapter_tokens))
+        self.adapter_tokens = [int(t) for t in adapter_tokens]
+        return self
+
+    @property
+    def image_tokens(self) -> Optional[int]:
+        """The token count the layers pad the image branches to: the largest of the adapters the
+        subjects' images use (each branch's own count is the layout's, :meth:`Layout.branch_tokens`);
+        None without images or before :meth:`check_adapters`."""
+        if self.adapter_tokens is None:
+            return None
+        return max((self.adapter_tokens[s.adapter] for s in self.subjects if s.image is not None), default=None)
 
     @property
     def labels(self) -> List[str]:
@@ -268,6 +317,13 @@ class AnyMSPlan:
                     schedules=[s.schedule for s in self.subjects])
         if self.prompts:
             args["kinds"] = [s.kind for s in self.subjects]
+        if any(self.adapters):
+            args["adapters"] = self.adapters
+        # the image subjects' token counts, when their adapters differ in it (a prompt-only
+        # subject's entry is not read: its count is its text states' length)
+        counts = None if self.adapter_tokens is None else [self.adapter_tokens[a] for a in self.adapters]
+        if counts is not None and len({c for c, s in zip(counts, self.subjects) if s.image is not None}) > 1:
+            args["subject_tokens"] = counts
         if self.resolved_blocks is None:      # never run a selection as "every block" silently
             given = [i for i, s in zip(self.order, self.subjects) if not _every_block(s.blocks)]
             if given or not _every_block(self.blocks):
@@ -362,7 +418,8 @@ def prepare_subjects(subjects, mode: str = "overwrite", priority: str = "order",
     ``start`` after its ``end``; an unknown ``schedule``; a ``blocks`` (the subject's, or
     ``blocks``, the call's ``anyms_blocks``) that is no preset, block list or dict
     (:func:`anyms.blocks.check_blocks`: the names are checked against the model by
-    :meth:`AnyMSPlan.resolve_blocks`); an image or a negative image that cannot be read; an
+    :meth:`AnyMSPlan.resolve_blocks`); an ``adapter`` that is not an int >= 0 (checked against the
+    loaded adapters by :meth:`AnyMSPlan.check_adapters`); an image or a negative image that cannot be read; an
     unknown ``anyms_mode`` or ``anyms_priority``.
 
     The checked subjects hold RGB PIL images, bool ``[H, W]`` mask tensors, and a box
@@ -401,6 +458,7 @@ def prepare_subjects(subjects, mode: str = "overwrite", priority: str = "order",
         start, end = check_window(subject.start, subject.end, name)
         schedule = check_schedule(subject.schedule, f"{name}.schedule")
         check_blocks(subject.blocks, f"{name}.blocks")
+        adapter = _check_adapter_index(subject.adapter, f"{name}.adapter")
         if subject.prompt is not None:
             check_regional_prompt(subject, name, scale, schedule)
         images.append(None if subject.image is None else subject.load_image(f"{name}.image"))
@@ -412,7 +470,8 @@ def prepare_subjects(subjects, mode: str = "overwrite", priority: str = "order",
             label = os.path.splitext(os.path.basename(os.fspath(subject.image)))[0] if is_path else \
                 subject.prompt if subject.image is None else f"subject {i}"
         checked.append(Subject(images[-1], box, scale, label, mask=mask, start=start, end=end, schedule=schedule,
-                               negative_image=negative, blocks=subject.blocks, prompt=subject.prompt))
+                               negative_image=negative, blocks=subject.blocks, prompt=subject.prompt,
+                               adapter=adapter))
     order = list(range(len(checked)))
     if priority == "smaller_on_top":
         # Largest region first (bottom), smallest last (top); equal areas keep the given order.
@@ -451,16 +510,17 @@ class AnyMSPipelineMixin:
         if "__call__" not in vars(cls):
             cls.__call__ = _call_with_parent_signature(cls)
 
-    def _anyms_check_adapter(self) -> None:
+    def _anyms_check_adapter(self, plan: Optional[AnyMSPlan] = None) -> None:
+        """A loaded IP-Adapter whose processors hold its weights, and an image encoder for every
+        adapter ``plan``'s subject images use (:meth:`AnyMSPlan.check_adapters`; regional prompts
+        need none). No model work."""
         unet = self.unet
         proj = getattr(unet, "encoder_hid_proj", None)
         layers = getattr(proj, "image_projection_layers", None)
         if unet.config.encoder_hid_dim_type != "ip_image_proj" or layers is None:
             raise ValueError("subjects need a loaded IP-Adapter: call pipe.load_ip_adapter(...) first")
-        if len(layers) != 1:
-            raise ValueError(f"subjects use exactly one IP-Adapter (its images are the subjects), "
-                             f"but {len(layers)} are loaded: unload_ip_adapter() and load one")
-        if not any(isinstance(p, IPAdapterAttnProcessor2_0) for p in unet.attn_processors.values()):
+        processors = [p for p in unet.attn_processors.values() if isinstance(p, IPAdapterAttnProcessor2_0)]
+        if not processors:
             kinds = sorted({type(p).__name__ for p in unet.attn_processors.values()})
             raise ValueError(
                 f"an IP-Adapter is loaded (its image projection is in unet.encoder_hid_proj), but no attention "
@@ -468,16 +528,130 @@ class AnyMSPipelineMixin:
                 f"after load_ip_adapter (the U-Net's processors are {', '.join(kinds)}; unet.set_attn_processor, "
                 f"set_default_attn_processor and unet.set_attention_slice do). Load the adapter again "
                 f"(pipe.load_ip_adapter(...)); pipe.enable_attention_slicing() keeps it")
-        if getattr(self, "image_encoder", None) is None:
-            raise ValueError("subjects need the IP-Adapter's image encoder, and the pipeline has none: "
-                             "load the adapter with its image_encoder_folder, or pass image_encoder=")
+        used = [0]
+        if plan is not None:
+            plan.check_adapters(list(processors[0].num_tokens))
+            # the adapters whose encoder encodes a subject image (a text-only subject's is none)
+            used = sorted({s.adapter for s in plan.subjects if s.image is not None})
+        for adapter in used:
+            if self.ip_adapter_image_encoder(adapter)[0] is None:
+                which = "" if len(layers) == 1 else f" {adapter}"
+                raise ValueError(f"subjects need the IP-Adapter{which}'s image encoder, and the pipeline has none: "
+                                 f"load the adapter with its image_encoder_folder, or pass image_encoder= "
+                                 f"(pipe.set_ip_adapter_image_encoder(adapter, encoder) for one adapter)")
 
-    def _anyms_image_tokens(self) -> int:
-        """The tokens per image of the loaded IP-Adapter (4, or 16 for the "plus" ones)."""
-        for proc in self.unet.attn_processors.values():
-            if isinstance(proc, IPAdapterAttnProcessor2_0):
-                return int(proc.num_tokens[0])
-        raise ValueError("no IP-Adapter attention processor in the U-Net")
+    # ------------------------------------------------------------ one image encoder per adapter
+    _anyms_image_encoders: Optional[dict] = None      # adapter -> (image encoder, feature extractor or None)
+
+    def set_ip_adapter_image_encoder(self, adapter: int, image_encoder, feature_extractor=None) -> None:
+        """Give IP-Adapter ``adapter`` (an index into the loaded adapters) an image encoder of its
+        own, e.g. the ViT-H of ``ip-adapter-plus-face_sdxl_vit-h`` beside the ViT-bigG that
+        ``pipe.image_encoder`` holds for ``ip-adapter_sdxl``. Adapters without one use
+        ``pipe.image_encoder``; ``feature_extractor`` None: ``pipe.feature_extractor`` prepares the
+        images. ``image_encoder`` None removes the adapter's own. The encoder follows ``pipe.to()``;
+        it is not part of ``save_pretrained`` (nor of CPU offload: place it yourself). The list form
+        of :meth:`load_ip_adapter` calls this for every adapter whose encoder folder differs from
+        the first's. Raises ValueError for an index that is no loaded adapter."""
+        layers = getattr(getattr(self.unet, "encoder_hid_proj", None), "image_projection_layers", None)
+        loaded = 0 if layers is None else len(layers)
+        _check_adapter_index(adapter, "adapter", loaded)
+        encoders = dict(self._anyms_image_encoders or {})
+        if image_encoder is None:
+            encoders.pop(int(adapter), None)
+        else:
+            encoders[int(adapter)] = (image_encoder, feature_extractor)
+        self._anyms_image_encoders = encoders
+
+    @property
+    def adapter_image_encoders(self) -> dict:
+        """``{adapter: image encoder}`` of the IP-Adapters with an encoder of their own (the memory
+        estimate counts them beside ``image_encoder``)."""
+        return {a: encoder for a, (encoder, _) in (self._anyms_image_encoders or {}).items()}
+
+    def ip_adapter_image_encoder(self, adapter: int = 0):
+        """``(image encoder, feature extractor)`` of IP-Adapter ``adapter``: its own
+        (:meth:`set_ip_adapter_image_encoder`), else the pipeline's."""
+        encoder, extractor = (self._anyms_image_encoders or {}).get(adapter, (None, None))
+        if encoder is None:
+            return getattr(self, "image_encoder", None), self.feature_extractor
+        return encoder, extractor if extractor is not None else self.feature_extractor
+
+    def load_ip_adapter(self, pretrained_model_name_or_path_or_dict, subfolder, weight_name,
+                        image_encoder_folder="image_encoder", **kwargs):
+        """diffusers' ``load_ip_adapter``, plus ``image_encoder_folder`` as a list, one entry per
+        adapter (as ``weight_name``): adapter 0's is loaded as diffusers loads it (into
+        ``pipe.image_encoder``, when the pipeline has none), and every other adapter whose folder
+        is another gets that encoder of its own (:meth:`set_ip_adapter_image_encoder`); None: the
+        pipeline's. Folders resolve as diffusers' do (a bare name is inside the adapter's subfolder).
+
+            pipe.load_ip_adapter("h94/IP-Adapter", subfolder="sdxl_models",
+                                 weight_name=["ip-adapter_sdxl.safetensors",
+                                              "ip-adapter-plus-face_sdxl_vit-h.safetensors"],
+                                 image_encoder_folder=["image_encoder", "models/image_encoder"])
+
+        Loading replaces the adapters loaded before, and the encoders of their own."""
+        weights = weight_name if isinstance(weight_name, list) else [weight_name]
+        self._anyms_image_encoders = None
+        if not isinstance(image_encoder_folder, (list, tuple)):
+            return super().load_ip_adapter(pretrained_model_name_or_path_or_dict, subfolder, weight_name,
+                                           image_encoder_folder=image_encoder_folder, **kwargs)
+        folders = list(image_encoder_folder)
+        if len(folders) != len(weights):
+            raise ValueError(f"image_encoder_folder has {len(folders)} entries but weight_name {len(weights)}: give "
+                             f"one folder (or None) per adapter")
+        sources = pretrained_model_name_or_path_or_dict
+        sources = list(sources) if isinstance(sources, list) else [sources]
+        sources = sources * len(weights) if len(sources) == 1 else sources
+        subfolders = list(subfolder) if isinstance(subfolder, list) else [subfolder]
+        subfolders = subfolders * len(weights) if len(subfolders) == 1 else subfolders
+        if len(sources) != len(weights) or len(subfolders) != len(weights):
+            raise ValueError("pretrained_model_name_or_path_or_dict, subfolder and weight_name must have the same "
+                             "length")
+
+        def where(i):
+            folder = folders[i]
+            if folder is None or isinstance(sources[i], dict):
+                return None
+            return sources[i], (folder if "/" in folder else "/".join(p for p in (subfolders[i], folder) if p))
+
+        super().load_ip_adapter(sources, subfolders, weights, image_encoder_folder=folders[0], **kwargs)
+        first = where(0)
+        for i in range(1, len(weights)):
+            own = where(i)
+            if own is None or own == first:
+                continue
+            from diffusers.utils import is_transformers_version
+            from transformers import CLIPVisionModelWithProjection
+
+            dtype_kwarg = {"dtype" if is_transformers_version(">=", "4.56.0") else "torch_dtype": self.dtype}
+            options = {k: kwargs[k] for k in ("cache_dir", "local_files_only", "token", "revision") if k in kwargs}
+            encoder = CLIPVisionModelWithProjection.from_pretrained(own[0], subfolder=own[1], **dtype_kwarg,
+                                                                    **options).to(self.device)
+            self.set_ip_adapter_image_encoder(i, encoder)
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """diffusers' ``from_pipe``; an AnyMS pipeline made from one keeps its adapters' own image
+        encoders (the same modules), as it keeps the adapters (a plain diffusers pipeline has
+        ``image_encoder`` only)."""
+        new = super().from_pipe(pipeline, **kwargs)
+        encoders = getattr(pipeline, "_anyms_image_encoders", None)
+        if encoders and isinstance(new, AnyMSPipelineMixin) and getattr(new, "unet", None) is pipeline.unet:
+            new._anyms_image_encoders = dict(encoders)
+        return new
+
+    def unload_ip_adapter(self):
+        """diffusers' ``unload_ip_adapter``; the adapters' own image encoders go too."""
+        self._anyms_image_encoders = None
+        return super().unload_ip_adapter()
+
+    def to(self, *args, **kwargs):
+        """diffusers' ``to``; the adapters' own image encoders move with the pipeline."""
+        out = super().to(*args, **kwargs)
+        options = {k: v for k, v in kwargs.items() if k in ("device", "dtype")}
+        for encoder, _ in (self._anyms_image_encoders or {}).values():
+            encoder.to(*args, **options)
+        return out
 
     def _anyms_call(self, args: tuple, kwargs: dict, subjects: Optional[Sequence[Subject]],
                     anyms_mode: Optional[str], anyms_priority: Optional[str], anyms_blocks=None):
@@ -503,8 +677,9 @@ class AnyMSPipelineMixin:
 
         Raises:
             ValueError/TypeError before any model work, naming the argument (see
-            :func:`prepare_subjects`), and also when no single IP-Adapter with its image
-            encoder is loaded, ``ip_adapter_image``/``ip_adapter_image_embeds`` is
+            :func:`prepare_subjects`), and also when no IP-Adapter is loaded, a subject's
+            ``adapter`` is no loaded adapter (naming ``subjects[i].adapter``), an adapter the
+            subjects use has no image encoder, ``ip_adapter_image``/``ip_adapter_image_embeds`` is
             given with ``subjects``, or a mask's size is not the image's (naming
             ``subjects[i].mask``), a regional prompt is empty, not a string or longer than the
             tokenizer's limit (naming ``subjects[i].prompt``), or a subject has a negative image and the call runs no
@@ -528,7 +703,7 @@ class AnyMSPipelineMixin:
                     raise ValueError(f"give either subjects or {name}, not both: the subjects' images are the "
                                      f"IP-Adapter images")
             plan = prepare_subjects(subjects, anyms_mode or "overwrite", anyms_priority or "order", anyms_blocks)
-            self._anyms_check_adapter()
+            self._anyms_check_adapter(plan)
             plan.resolve_blocks(self.unet)
             check_prompt_lengths(subjects, prompt_tokenizers(self))
             call_kwargs = dict(bound.arguments)
@@ -542,7 +717,9 @@ class AnyMSPipelineMixin:
             if plan.mask_hw is not None:       # the masks fix the image size (checked before any model work)
                 call_kwargs["height"], call_kwargs["width"] = plan.image_size(
                     call_kwargs.get("height"), call_kwargs.get("width"), self.vae_scale_factor)
-            call_kwargs["ip_adapter_image"] = [plan.images]  # one adapter, S images
+            # one entry per loaded adapter (its subjects' images), as the parent checks them;
+            # prepare_ip_adapter_image_embeds encodes them, each with its adapter's encoder
+            call_kwargs["ip_adapter_image"] = plan.adapter_images(len(plan.adapter_tokens))
             if plan.timed:
                 chain_step_callback(self, plan, call_kwargs)
 
@@ -555,9 +732,9 @@ class AnyMSPipelineMixin:
                 finally:
                     self._anyms_pending = None
 
-    def encode_image(self, image, device, num_images_per_prompt, output_hidden_states=None):
-        """The parent's, except that during an AnyMS call each subject image goes through the
-        image encoder alone (batch 1).
+    def encode_image(self, image, device, num_images_per_prompt, output_hidden_states=None, adapter: int = 0):
+        """The parent's, with IP-Adapter ``adapter``'s image encoder (:meth:`ip_adapter_image_encoder`),
+        and during an AnyMS call each subject image goes through the image encoder alone (batch 1).
 
         A batch of S images and S batches of one need not give the same last bits (the
         encoder's matmuls may reduce in another order for another batch size, on some
@@ -566,7 +743,12 @@ class AnyMSPipelineMixin:
         :class:`~anyms.embeddings.SubjectEmbeddingCache` encodes one image at a time) and
         ``--from`` run the same operations and give the same bytes.
         """
-        encode = super().encode_image
+        encoder, extractor = self.ip_adapter_image_encoder(adapter)
+        if encoder is getattr(self, "image_encoder", None) and extractor is self.feature_extractor:
+            encode = super().encode_image
+        else:
+            def encode(images, dev, num, hidden):
+                return _encode_with(encoder, extractor, images, dev, num, hidden)
         if self._anyms_pending is None or not isinstance(image, (list, tuple)) or len(image) <= 1:
             return encode(image, device, num_images_per_prompt, output_hidden_states)
         parts = [encode([one], device, num_images_per_prompt, output_hidden_states) for one in image]
@@ -575,34 +757,47 @@ class AnyMSPipelineMixin:
 
     def prepare_ip_adapter_image_embeds(self, ip_adapter_image, ip_adapter_image_embeds, device,
                                         num_images_per_prompt, do_classifier_free_guidance):
-        """The parent's; during an AnyMS call with guidance, a subject with a negative image has
-        that image's embedding in the unconditional half, in place of the parent's default.
+        """The parent's; during an AnyMS call, each adapter's subjects are encoded with that
+        adapter's encoder (``encode_image(..., adapter=a)``, each image alone), and with guidance a
+        subject with a negative image has that image's embedding in the unconditional half, in
+        place of the parent's default.
 
         The negative image goes through ``encode_image`` alone (batch 1), as the subject images
         do, so ``--jobs``'s embedding cache serves it and every path runs the same operations.
         The embedding is what the conditional pass would take for that image: the image
         embedding for the 4-token adapters, the encoder's penultimate hidden states for the
-        "plus" ones.
+        "plus" ones. An adapter none of whose subjects has an image (every adapter, in a call with
+        regional prompts only) gets a placeholder of zeros for one image (the U-Net projects every
+        loaded adapter's embeddings; the AnyMS processors do not read it).
         """
         plan = self._anyms_pending
-        if plan is not None and not plan.images:       # regional prompts only
-            return placeholder_image_embeds(self.unet, num_images_per_prompt * (2 if do_classifier_free_guidance
-                                                                                 else 1), device)
-        embeds = super().prepare_ip_adapter_image_embeds(ip_adapter_image, ip_adapter_image_embeds, device,
-                                                         num_images_per_prompt, do_classifier_free_guidance)
-        if plan is None or not do_classifier_free_guidance or not plan.negative_image_names():
-            return embeds
+        if plan is None or ip_adapter_image_embeds is not None:
+            return super().prepare_ip_adapter_image_embeds(ip_adapter_image, ip_adapter_image_embeds, device,
+                                                           num_images_per_prompt, do_classifier_free_guidance)
         from diffusers.models.embeddings import ImageProjection
 
-        (both,) = embeds                       # one adapter: [2 * B, S, ...], the unconditional half first
-        hidden = not isinstance(self.unet.encoder_hid_proj.image_projection_layers[0], ImageProjection)
-        negative, positive = both.chunk(2)
-        negative = negative.clone()
-        for s, subject in enumerate(s for s in plan.subjects if s.image is not None):   # the images' order
-            if subject.negative_image is not None:
-                embedding, _ = self.encode_image([subject.negative_image], device, 1, hidden)
-                negative[:, s] = embedding[0].to(negative.dtype)
-        return [torch.cat([negative, positive])]
+        embeds = []
+        for adapter, layer in enumerate(self.unet.encoder_hid_proj.image_projection_layers):
+            hidden = not isinstance(layer, ImageProjection)
+            subjects = [s for s in plan.subjects if s.image is not None and s.adapter == adapter]
+            if not subjects:
+                embeds.append(_placeholder_embeds(layer, 2 if do_classifier_free_guidance else 1, device))
+                continue
+            positive, negative = self.encode_image([s.image for s in subjects], device, 1, hidden, adapter=adapter)
+            positive, negative = positive[None], negative[None]
+            if do_classifier_free_guidance:
+                if any(s.negative_image is not None for s in subjects):
+                    negative = negative.clone()
+                    for j, subject in enumerate(subjects):
+                        if subject.negative_image is not None:
+                            embedding, _ = self.encode_image([subject.negative_image], device, 1, hidden,
+                                                             adapter=adapter)
+                            negative[:, j] = embedding[0].to(negative.dtype)
+                embeds.append(torch.cat([negative, positive]))
+            else:
+                embeds.append(positive)
+        return super().prepare_ip_adapter_image_embeds(None, embeds, device, num_images_per_prompt,
+                                                       do_classifier_free_guidance)
 
     def encode_prompt(self, *args, **kwargs):
         """The parent's; during an AnyMS call with regional prompts it also encodes them
@@ -645,7 +840,7 @@ class AnyMSPipelineMixin:
             layout = plan.make_layout((height // self.vae_scale_factor, width // self.vae_scale_factor))
             tokens = None
             if plan.prompts:        # the token counts the layers will hand the op (its routing carries them)
-                tokens = (self._anyms_image_tokens(), prompt_tokenizers(self)[0].model_max_length)
+                tokens = (plan.image_tokens, prompt_tokenizers(self)[0].model_max_length)
             plan.layout = layout.prepare(self._execution_device, levels=len(self.unet.config.block_out_channels),
                                          tokens=tokens)
             set_anyms_layout(self, plan.layout)
@@ -679,6 +874,43 @@ class AnyMSPipelineMixin:
         config = json.loads(super().to_json_string())
         config["_class_name"] = _parent_pipeline(type(self)).__name__
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+def _encode_with(encoder, feature_extractor, image, device, num_images_per_prompt, output_hidden_states):
+    """The SD / SDXL pipelines' ``encode_image`` with another image encoder (an adapter's own):
+    ``(embeds, negative embeds)``, the penultimate hidden states with ``output_hidden_states``."""
+    dtype = next(encoder.parameters()).dtype
+    if not isinstance(image, torch.Tensor):
+        image = feature_extractor(image, return_tensors="pt").pixel_values
+    image = image.to(device=encoder.device, dtype=dtype)
+    if output_hidden_states:
+        positive = encoder(image, output_hidden_states=True).hidden_states[-2]
+        negative = encoder(torch.zeros_like(image), output_hidden_states=True).hidden_states[-2]
+    else:
+        positive = encoder(image).image_embeds
+        negative = torch.zeros_like(positive)
+    return (positive.to(device).repeat_interleave(num_images_per_prompt, dim=0),
+            negative.to(device).repeat_interleave(num_images_per_prompt, dim=0))
+
+
+def _placeholder_embeds(layer, rows: int, device) -> torch.Tensor:
+    """Zeros for one image per row, ``[rows, 1, E]`` (or ``[rows, 1, 1, C]`` for a "plus" projection,
+    one token), for the IP-Adapter whose image projection is ``layer`` when no subject of the call
+    has an image of it: the U-Net projects every loaded adapter's embeddings, and the AnyMS
+    processors read none of that adapter (a call with regional prompts only reads no image at
+    all), so the values never reach the output. ValueError for a projection of another kind."""
+    from diffusers.models.embeddings import ImageProjection, IPAdapterPlusImageProjection
+
+    dtype = next(layer.parameters()).dtype
+    if isinstance(layer, ImageProjection):
+        shape = (rows, 1, layer.image_embeds.in_features)
+    elif isinstance(layer, IPAdapterPlusImageProjection):
+        shape = (rows, 1, 1, layer.proj_in.in_features)
+    else:
+        raise ValueError(f"an IP-Adapter none of whose subjects has an image (a call with prompts only, or an "
+                         f"adapter no subject uses) needs an image projection of ImageProjection or "
+                         f"IPAdapterPlusImageProjection, this one's is {type(layer).__name__}: give it a subject image")
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 # ---------------------------------------------------------------- the steps of a timed call

@@ -328,6 +328,9 @@ def estimate_peak_memory(pipe, height: int, width: int, *, cfg: bool = True, off
     size = torch.empty((), dtype=dtype).element_size()
     components = {name: getattr(pipe, name, None) for name in
                   (den_key, "vae", "text_encoder", "text_encoder_2", "image_encoder")}
+    # the image encoders of their own of IP-Adapters beside the first (AnyMS pipelines, anyms.budget's skeleton)
+    for adapter, module in sorted((getattr(pipe, "adapter_image_encoders", None) or {}).items()):
+        components[f"image_encoder[{adapter}]"] = module
     # weights in ``dtype`` where it is given (the pipeline would be cast to it), else as they are
     comp_bytes = {k: _module_bytes(m, size if explicit_dtype else None) for k, m in components.items() if m is not None}
     upcast = _upcasts_vae(pipe, flux) and bool(getattr(vae.config, "force_upcast", False)) and dtype == torch.float16

@@ -11,9 +11,12 @@ one branch per subject image, each confined to its region (a box or a mask), in 
 call of ``anyms_kernels.region_cross_attention``, handing it the layout's routing
 (built once per layer grid and kept by the layout); without one it is its parent.
 
-The subject images are the S images of ONE IP-Adapter: the U-Net hands the
-processor ``ip_hidden_states[0]`` of shape ``[B, S, T, C]`` (diffusers' multi-image
-path, the one ``ip_adapter_masks`` uses), image ``s`` belonging to region ``s``.
+The subject images come from the loaded IP-Adapters: the U-Net hands the processor
+``ip_hidden_states[a]`` of shape ``[B, S_a, T_a, C]`` for adapter ``a`` (diffusers'
+multi-image path, the one ``ip_adapter_masks`` uses), holding the images of the layout's
+subjects of that adapter (``Layout(adapters=...)``; default: every subject is adapter 0's,
+image ``s`` belonging to region ``s``). Subjects of adapters with other token counts (4 and
+16) go into the same single call of the op, each with its own count.
 
 ``apply_anyms`` converts, in place, the processors that ``load_ip_adapter``
 installed, sharing their weight modules and their ``scale`` list (so
@@ -69,8 +72,8 @@ class AnyMSAttnProcessor(AnyMSBranches, IPAdapterAttnProcessor2_0, metaclass=_Eq
     Args (as ``IPAdapterAttnProcessor2_0``):
         hidden_size: the attention layer's width (``heads * head_dim``).
         cross_attention_dim: the width of the image embeddings fed to ``to_k_ip`` / ``to_v_ip``.
-        num_tokens: image tokens per image, one entry per IP-Adapter (AnyMS uses one adapter).
-        scale: the IP-Adapter scale, one per adapter: a float, or a list of S floats.
+        num_tokens: image tokens per image, one entry per IP-Adapter.
+        scale: the IP-Adapter scale, one per adapter: a float, or a list of one float per image.
         layout: an :class:`anyms.layout.Layout`, or None to behave exactly like the parent.
         backend: the ``anyms_kernels.region_cross_attention`` backend (``"auto"`` by default).
 
@@ -80,22 +83,23 @@ class AnyMSAttnProcessor(AnyMSBranches, IPAdapterAttnProcessor2_0, metaclass=_Eq
         Z_image[t] = lambda_r * attn(q_t, K_r, V_r) for the subject r that owns t
                      ("overwrite", AnyMS), or the sum over every region covering t ("sum")
 
-    with ``lambda_s = layout.scales[s] * self.scale[0]`` (so ``set_ip_adapter_scale``
-    keeps working), keys ``K_s = to_k_ip(image tokens of s)``. Softmax scale ``1/sqrt(D)``,
-    as the parent's SDPA calls use. Text key masks (``attention_mask``) apply to the text
-    branch only, as in the parent.
+    with ``lambda_s = layout.scales[s] * self.scale[a]`` (so ``set_ip_adapter_scale``
+    keeps working), keys ``K_s = to_k_ip[a](image tokens of s)``, ``a = layout.adapters[s]``.
+    Softmax scale ``1/sqrt(D)``, as the parent's SDPA calls use. Text key masks
+    (``attention_mask``) apply to the text branch only, as in the parent.
 
     Regional prompts (subjects of kind ``"prompt"`` / ``"both"`` in the layout): each adds a
     text-kind branch, keys ``attn.to_k`` / values ``attn.to_v`` of its text states
     (:meth:`Layout.set_prompt_states`), which replaces ``attn(Q, K_text, V_text)`` where it acts
-    (same routing rule per kind), in the same op call as the image branches. A layout whose
+    (same routing rule per kind), in the same op call as the image branches of every adapter,
+    each branch with its own token count (:meth:`Layout.branch_tokens`). A layout whose
     subjects all have no image reads no image tokens (the pipelines then pass a placeholder
-    embedding, which the U-Net's IP-Adapter input needs).
+    embedding per adapter, which the U-Net's IP-Adapter input needs).
 
     Raises (with a layout): ``ValueError`` when the number of images per prompt differs
-    from the layout's subjects with an image, when regional prompt states are missing or of
-    another batch, when ``ip_adapter_masks`` is also passed, when more than one
-    IP-Adapter is loaded, when the image embeddings are missing, or when
+    from the layout's subjects with an image (of each adapter), when regional prompt states are
+    missing or of another batch, when ``ip_adapter_masks`` is also passed, when a subject's
+    adapter is not loaded, when the image embeddings are missing, or when
     ``attention_mask`` is not a key-padding mask the fused op can express.
     """
 
@@ -191,28 +195,12 @@ class AnyMSAttnProcessor(AnyMSBranches, IPAdapterAttnProcessor2_0, metaclass=_Eq
         k_text = rearrange(key, "b l (h d) -> b h l d", h=heads)
         v_text = rearrange(value, "b l (h d) -> b h l d", h=heads)
 
-        images = self._subject_images(ip_hidden_states, layout)
-        if images.dim() != 4:
-            raise ValueError(f"ip_hidden_states[0] must be [B, S, T, C], got shape {tuple(images.shape)}")
-        if images.shape[0] != batch_size:
-            raise ValueError(
-                f"ip_hidden_states[0] has batch {images.shape[0]} but the hidden states have {batch_size}; "
-                "with classifier-free guidance both must hold the unconditional and conditional halves"
-            )
-        if layout.num_image_subjects or not layout.has_prompts:
-            self._check_subject_count(images.shape[1], layout)
-            k_subj = rearrange(self.to_k_ip[0](images), "b s t (h d) -> b h s t d", h=heads)
-            v_subj = rearrange(self.to_v_ip[0](images), "b s t (h d) -> b h s t d", h=heads)
-            if k_subj.dtype != q.dtype:               # e.g. image projection kept in float32
-                k_subj, v_subj = k_subj.to(q.dtype), v_subj.to(q.dtype)
-        else:       # regional prompts only: the pipelines pass a placeholder image the U-Net needs
-            k_subj = v_subj = None
         prompt_states = layout.prompt_states
         if prompt_states is not None and attn.norm_cross:     # as the global prompt's states
             prompt_states = attn.norm_encoder_hidden_states(prompt_states.flatten(0, 1)).unflatten(
                 0, prompt_states.shape[:2])
-        k_subj, v_subj, tokens = self._branches(layout, k_subj, v_subj, attn.to_k, attn.to_v, heads,
-                                                batch_size, q.dtype, prompt_states)
+        k_subj, v_subj, tokens = self._branches(layout, ip_hidden_states, batch_size, heads, q.dtype,
+                                                attn.to_k, attn.to_v, prompt_states)
 
         # The layout's routing on this grid, built on the first call and kept by the layout.
         grid, routing = layout.routing(num_queries, q.device, self.layer_name, tokens)

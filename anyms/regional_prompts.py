@@ -10,9 +10,11 @@ layout's, :class:`~anyms.Layout` ``kinds``). This module holds what the pipeline
   leave at their defaults, before any model work;
 - :func:`check_prompt_lengths`: each prompt against the pipeline's tokenizers (no model work);
 - :func:`encode_regional_prompts`: the prompts' text states, for both halves of
-  classifier-free guidance, with the pipeline's own ``encode_prompt``;
-- :func:`placeholder_image_embeds`: the image embedding a call without any subject image hands
-  the U-Net, whose IP-Adapter input needs one (the processors read no image then).
+  classifier-free guidance, with the pipeline's own ``encode_prompt``.
+
+A call without any subject image still hands the U-Net a placeholder image embedding per
+loaded adapter (its IP-Adapter input needs one; the processors read no image then): the
+pipelines' ``prepare_ip_adapter_image_embeds``.
 
 Classifier-free guidance: in the unconditional half a region with a prompt sees the global
 negative prompt's states (its text branch then computes the same attention as the global text
@@ -27,13 +29,12 @@ from typing import List, Optional, Sequence
 
 import torch
 
-__all__ = ["check_regional_prompt", "check_prompt_lengths", "encode_regional_prompts", "placeholder_image_embeds",
-           "prompt_tokenizers"]
+__all__ = ["check_regional_prompt", "check_prompt_lengths", "encode_regional_prompts", "prompt_tokenizers"]
 
 
 def check_regional_prompt(subject, name: str, scale: float, schedule: str) -> str:
     """``subject.prompt`` checked (a non-empty string); for a subject without an image, its
-    ``scale`` (checked), ``schedule``, ``blocks`` and ``negative_image`` must be the defaults: they are
+    ``scale`` (checked), ``schedule``, ``blocks``, ``negative_image`` and ``adapter`` must be the defaults: they are
     the image branch's, and a prompt replaces the text at weight 1. ValueError / TypeError naming
     ``{name}.prompt`` (or the field)."""
     prompt = subject.prompt
@@ -52,6 +53,8 @@ def check_regional_prompt(subject, name: str, scale: float, schedule: str) -> st
             raise ValueError(f"{name}.blocks {why}: leave blocks out (the prompt acts at every layer)")
         if subject.negative_image is not None:
             raise ValueError(f"{name}.negative_image {why}: leave negative_image out")
+        if subject.adapter != 0:
+            raise ValueError(f"{name}.adapter {why}: leave adapter out (the IP-Adapter takes images only)")
     return prompt
 
 
@@ -108,22 +111,3 @@ def encode_regional_prompts(encode_prompt, prompts: List[str], arguments: dict, 
                          f"see the negative prompt in the unconditional pass), got {got}")
     uncond = negative_prompt_embeds.to(cond.dtype).unsqueeze(1).expand(-1, len(prompts), -1, -1)
     return torch.cat([uncond, cond])
-
-
-def placeholder_image_embeds(unet, batch: int, device) -> list:
-    """``[embeds]`` of one zero image per row, for a call whose subjects have no image: a U-Net with
-    an IP-Adapter refuses to run without image embeddings, and a layout without images reads none
-    (so its values never reach the output). ValueError for an image projection of another kind."""
-    from diffusers.models.embeddings import ImageProjection, IPAdapterPlusImageProjection
-
-    layer = unet.encoder_hid_proj.image_projection_layers[0]
-    dtype = next(layer.parameters()).dtype
-    if isinstance(layer, ImageProjection):
-        shape = (batch, 1, layer.image_embeds.in_features)
-    elif isinstance(layer, IPAdapterPlusImageProjection):
-        shape = (batch, 1, 1, layer.proj_in.in_features)
-    else:
-        raise ValueError(f"subjects with prompts and no image need an IP-Adapter whose image projection is "
-                         f"ImageProjection or IPAdapterPlusImageProjection, this one's is {type(layer).__name__}: "
-                         f"give one subject an image")
-    return [torch.zeros(shape, dtype=dtype, device=device)]

@@ -154,12 +154,13 @@ def _text_config(projection_dim: Optional[int] = None):
     return CLIPTextConfig(**kwargs)
 
 
-def tiny_image_encoder(seed: int = 0):
-    """A random ``CLIPVisionModelWithProjection`` of 32x32 images (hidden 32, projection 32)."""
+def tiny_image_encoder(seed: int = 0, hidden_size: int = _VISION_HIDDEN):
+    """A random ``CLIPVisionModelWithProjection`` of 32x32 images (hidden ``hidden_size``, default 32,
+    projection 32)."""
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     config = CLIPVisionConfig(
-        hidden_size=_VISION_HIDDEN, intermediate_size=64, projection_dim=_VISION_PROJECTION,
+        hidden_size=hidden_size, intermediate_size=64, projection_dim=_VISION_PROJECTION,
         num_hidden_layers=2, num_attention_heads=2, image_size=_VISION_IMAGE_SIZE, patch_size=8,
     )
     with _seeded(seed):
@@ -389,7 +390,12 @@ def tiny_pipeline(pipeline_cls, kind: str = "sdxl", plus: bool = False, seed: in
         pipeline_cls: ``StableDiffusionXLPipeline`` (``kind="sdxl"``),
             ``StableDiffusionPipeline`` (``kind="sd15"``) or a subclass of either.
         kind: ``"sdxl"`` or ``"sd15"``.
-        plus: load the 16-token "plus" IP-Adapter instead of the 4-token one.
+        plus: load the 16-token "plus" IP-Adapter instead of the 4-token one; a list of bools
+            loads one adapter per entry with the list form of ``load_ip_adapter`` (adapter ``i``
+            from ``folder/adapter{i}``), each with an image encoder of its own: adapter 0's
+            becomes ``pipe.image_encoder``, adapter ``i >= 1``'s (hidden size ``32 + 16 i``, so that
+            a wrong pairing fails) the adapter's own (``pipe.ip_adapter_image_encoder(i)``); the
+            list form needs an AnyMS pipeline class.
         seed: all weights are deterministic functions of it.
         with_ip_adapter: write random IP-Adapter weights (and the image encoder) to a
             folder and load them with the real ``pipe.load_ip_adapter``; without it the
@@ -414,7 +420,16 @@ def tiny_pipeline(pipeline_cls, kind: str = "sdxl", plus: bool = False, seed: in
     with contextlib.ExitStack() as stack:
         stack.enter_context(_quiet_transformers_progress())
         folder = ip_adapter_folder or stack.enter_context(tempfile.TemporaryDirectory(prefix="anyms-tiny-ipa-"))
-        weight_name = save_tiny_ip_adapter(folder, pipe.unet, image_encoder, plus=plus, seed=seed + 5)
+        several = isinstance(plus, (list, tuple))
+        if several:
+            subfolders, weights = [], []
+            for i, kind_plus in enumerate(plus):
+                encoder = image_encoder if i == 0 else tiny_image_encoder(seed + 4 + 10 * i, _VISION_HIDDEN + 16 * i)
+                subfolders.append(f"adapter{i}")
+                weights.append(save_tiny_ip_adapter(os.path.join(folder, subfolders[-1]), pipe.unet, encoder,
+                                                    plus=bool(kind_plus), seed=seed + 5 + 10 * i))
+        else:
+            weight_name = save_tiny_ip_adapter(folder, pipe.unet, image_encoder, plus=plus, seed=seed + 5)
         if kind == "sdxl":
             # Give the pipeline the processor of the tiny encoder's size up front
             # (load_ip_adapter would make an equivalent one, with a warning where torchvision is missing).
@@ -422,7 +437,11 @@ def tiny_pipeline(pipeline_cls, kind: str = "sdxl", plus: bool = False, seed: in
         # load_ip_adapter draws from the global RNG (the resampler's latents are made
         # with torch.randn before the saved ones replace them): keep the caller's RNG as it was.
         with torch.random.fork_rng(devices=[]), _diffusers_errors_only():
-            pipe.load_ip_adapter(folder, subfolder="", weight_name=weight_name)
+            if several:
+                pipe.load_ip_adapter(folder, subfolder=subfolders, weight_name=weights,
+                                     image_encoder_folder=["image_encoder"] * len(weights))
+            else:
+                pipe.load_ip_adapter(folder, subfolder="", weight_name=weight_name)
     return pipe
 
 

@@ -330,11 +330,19 @@ def tiled_upscale(pipe, image, prompt=None, *, subjects: Sequence[Subject], scal
     if seed is not None and kwargs.get("generator") is not None:
         raise ValueError("give seed or generator, not both")
     size = (image.height * scale, image.width * scale)
+    for i, subject in enumerate(subjects if isinstance(subjects, (list, tuple)) else ()):
+        if isinstance(subject, Subject) and subject.adapter != 0:
+            raise ValueError(f"subjects[{i}].adapter is {subject.adapter}: tiled upscaling takes every subject "
+                             f"from IP-Adapter 0")
     plan_subjects = prepare_subjects(_subjects_at_scale(subjects, (image.height, image.width), scale),
                                      anyms_mode, anyms_priority, anyms_blocks)
     plan_subjects.refuse_prompts("tiled upscaling does not take regional prompts (each tile's layout routes "
                                  "images only); leave the prompt out")
     pipe._anyms_check_adapter()
+    loaded = len(pipe.unet.encoder_hid_proj.image_projection_layers)
+    if loaded != 1:
+        raise ValueError(f"tiled upscaling takes its subjects from one IP-Adapter, but {loaded} are loaded: "
+                         f"unload_ip_adapter() and load one")
     plan_subjects.resolve_blocks(pipe.unet)
     factor = int(pipe.vae_scale_factor)
     levels = len(pipe.unet.config.block_out_channels)

@@ -236,6 +236,7 @@ def test_a_regional_prompt_recolours_its_box_in_the_toy_world():
     (Subject(prompt="a dog", box=FULL, scale=0.5), r"subjects\[0\]\.scale is the image branch's"),
     (Subject(prompt="a dog", box=FULL, schedule="linear_up"), r"subjects\[0\]\.schedule is the image branch's"),
     (Subject(prompt="a dog", box=FULL, blocks="style"), r"subjects\[0\]\.blocks is the image branch's"),
+    (Subject(prompt="a dog", box=FULL, adapter=1), r"subjects\[0\]\.adapter is the image branch's"),
 ])
 def test_bad_prompt_subjects_are_named_before_any_model_work(subject, message):
     with pytest.raises((ValueError, TypeError), match=message):
@@ -342,6 +343,7 @@ def test_a_long_region_prompt_is_refused_after_loading_before_denoising(capsys, 
     ({"prompt": "", "box": [0, 0, 1, 1]}, r"jobs\.jsonl:2: subjects\[0\]\.prompt must be a non-empty string"),
     ({"prompt": 7, "box": [0, 0, 1, 1]}, r"jobs\.jsonl:2: subjects\[0\]\.prompt must be a non-empty string"),
     ({"prompt": "a dog", "box": [0, 0, 1, 1], "scale": 2}, r"jobs\.jsonl:2: subjects\[0\]\.scale is the image"),
+    ({"prompt": "a dog", "box": [0, 0, 1, 1], "adapter": 1}, r"jobs\.jsonl:2: subjects\[0\]\.adapter is the image"),
     ({"prompt": " ".join(["dog"] * 80), "box": [0, 0, 1, 1]}, r"jobs\.jsonl:2: subjects\[0\]\.prompt is 82 tokens"),
 ])
 def test_bad_prompt_lines_in_jobs_name_the_line_and_the_key(subject, message, tmp_path, capsys, monkeypatch):
