@@ -189,7 +189,6 @@ class AnyMSAttnProcessor(AnyMSBranches, IPAdapterAttnProcessor2_0, metaclass=_Eq
         value = attn.to_v(encoder_hidden_states)
 
         heads = attn.heads
-        head_dim = key.shape[-1] // heads
         # Views, no copies: the op reads any strides and writes its output in q's layout.
         q = rearrange(query, "b n (h d) -> b h n d", h=heads)
         k_text = rearrange(key, "b l (h d) -> b h l d", h=heads)
