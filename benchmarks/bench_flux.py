@@ -136,13 +136,14 @@ def masked_sum_processor_class():
     class DiffusersMaskedSum(AnyMSFluxAttnProcessor):
         masks: Optional[torch.Tensor] = None          # [1, S, H, W] image-size binary masks
 
-        def _ip_term(self, attn, ip_query, images, layout):
+        def _ip_term(self, ip_query, k_subj, v_subj, layout):
+            # k_subj, v_subj: [B, H, S, T, D], each subject's keys and values (the adapter's projections)
             batch, num_tokens, heads, head_dim = ip_query.shape
             out = torch.zeros(batch, num_tokens, heads * head_dim, device=ip_query.device, dtype=ip_query.dtype)
             scales = (layout.scales * float(self.scale[0])).tolist()
-            for s in range(images.shape[1]):
-                key = self.to_k_ip[0](images[:, s]).view(batch, -1, heads, head_dim)
-                value = self.to_v_ip[0](images[:, s]).view(batch, -1, heads, head_dim)
+            for s in range(k_subj.shape[2]):
+                key = k_subj[:, :, s].transpose(1, 2).to(ip_query.dtype)
+                value = v_subj[:, :, s].transpose(1, 2).to(ip_query.dtype)
                 z = dispatch_attention_fn(ip_query, key, value, dropout_p=0.0, is_causal=False,
                                           backend=self._attention_backend, parallel_config=self._parallel_config)
                 z = z.reshape(batch, num_tokens, heads * head_dim).to(ip_query.dtype)
@@ -151,6 +152,13 @@ def masked_sum_processor_class():
             return out
 
     return DiffusersMaskedSum
+
+
+def anyms_ip_term(proc, ip_query, images) -> torch.Tensor:
+    """The IP term of an AnyMS FLUX processor (or a subclass) on its own: the adapter's k/v
+    projections of the subjects' ``images`` ``[B, S, T, C]``, then the routed attention."""
+    k_subj, v_subj, _ = proc._branches(proc.layout, [images], ip_query.shape[0], ip_query.shape[2])
+    return proc._ip_term(ip_query, k_subj, v_subj, proc.layout)
 
 
 def plain_ip_term(proc, ip_query, images) -> torch.Tensor:
@@ -262,7 +270,7 @@ class Bench:
             if name == "plain":
                 plain_ip_term(proc, q, self.images[1])
             else:
-                proc._ip_term(self.doubles[0].attn, q, self.images[num], proc.layout)
+                anyms_ip_term(proc, q, self.images[num])
             sync()
             return {"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}
 

@@ -76,6 +76,6 @@ def test_masked_sum_baseline_is_the_masked_sum(bench):
     q = torch.randn(1, 64, shape["heads"], shape["head_dim"], generator=g)
     images = torch.randn(1, 3, bench.IP_TOKENS, shape["joint_dim"], generator=g)
     with torch.no_grad():
-        expected = ours._ip_term(None, q, images, layout)
-        got = b0._ip_term(None, q, images, layout)
+        expected = bench.anyms_ip_term(ours, q, images)
+        got = bench.anyms_ip_term(b0, q, images)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
