@@ -50,7 +50,8 @@ from .loading import (
     ARCHS, DEFAULT_IP_ADAPTER, DEFAULT_FLUX_MODEL, DEFAULT_MODEL, DTYPES, TINY_MODEL, TOY_MODEL, load_for_run,
     run_from_args, threads_for,
 )
-from .budget import plan_memory, size_argument
+from .budget import plan_memory
+from .sizes import size_argument
 from .preflight import MAX_SIDE, MAX_STEPS
 from .toy import DEFAULT_GUIDANCE as TOY_GUIDANCE
 

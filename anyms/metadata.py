@@ -422,7 +422,7 @@ def check_record(record: Dict[str, Any], where: str) -> None:
              model["image_encoder"])
     choice(model["dtype"], "model.dtype", DTYPES)
     if "max_memory" in model:
-        from .budget import SIZE_FORMS, parse_size
+        from .sizes import SIZE_FORMS, parse_size
 
         try:
             parse_size(model["max_memory"], "model.max_memory")
