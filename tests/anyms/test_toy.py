@@ -179,7 +179,7 @@ def test_train_command_runs_a_few_steps_resumes_and_exports_a_loadable_world(tmp
 
     out = tmp_path / "run"
     small = ["--out", str(out), "--steps", "2", "--batch", "2", "--vae-steps", "1", "--vae-batch", "2",
-             "--checkpoint-every", "1", "--no-progress"]
+             "--checkpoint-every", "1", "--no-progress", "--multi-steps", "0"]
     assert cli.main(["toy", "train", *small]) == 0
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     assert state["step"] == 2
@@ -197,10 +197,63 @@ def test_train_command_runs_a_few_steps_resumes_and_exports_a_loadable_world(tmp
     capsys.readouterr()
     assert cli.main(["toy", "train", *small, "--lr", "0.5"]) == 2
     assert "--lr 0.001 (now 0.5)" in capsys.readouterr().err
+    # extended by a multi-reference stage: it starts from the averaged weights, with a fresh optimiser
+    assert cli.main(["toy", "train", *small[:3], "3", *small[4:-1], "1"]) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 4 and state["opt"]["state"][0]["step"] == 1
+
+
+def test_multi_reference_batches_give_every_referenced_sample_the_references_of_all_its_objects():
+    from anyms.toy.train import multi_batch
+
+    counts = set()
+    for step in range(12):
+        images, captions, references = multi_batch(np.random.default_rng([0, 3, step]), 32)
+        with_refs = [r for r in references if r is not None]
+        assert with_refs and len({len(r) for r in with_refs}) == 1       # one count per batch
+        counts.add(len(with_refs[0]))
+        for image, refs in zip(images, references):
+            if refs is None:
+                continue
+            # each reference's colour is in the image, and the image holds no other palette colour
+            labels = ev.colour_map(np.asarray(((image.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255),
+                                              dtype=np.uint8))
+            ref_colours = {int(np.bincount(ev.colour_map(r)[ev.colour_map(r) >= 1]).argmax()) for r in refs}
+            assert len(ref_colours) == len(refs)
+            present = {c for c in range(1, len(world.COLOURS) + 1) if (labels == c).sum() >= 6}
+            assert present == ref_colours
+    assert counts == {1, 2, 3}
+
+
+def test_train_init_from_a_world_runs_the_multi_reference_stage_from_its_weights(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from anyms import cli
+
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--steps", "1300", "--multi-steps", "1", "--batch", "2", "--no-progress"]
+    assert cli.main(["toy", "train", *args, "--init-from", WEIGHTS_DIR, "--lr", "1e-12", "--multi-lr", "1e-12"]) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 1301
+    # a step at a negligible learning rate: the exported world is the one it started from (fp16 rounding)
+    for sub, name in (("unet", "diffusion_pytorch_model.safetensors"), ("ip_adapter", models.IP_WEIGHT_NAME),
+                      ("text_encoder", "model.safetensors")):
+        a, b = load_file(os.path.join(WEIGHTS_DIR, sub, name)), load_file(out / "world" / sub / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key].float(), a[key].float(), rtol=2e-3, atol=1e-4, msg=key)
+    capsys.readouterr()
+    # a run in the second stage keeps its first stage's length; a second --init-from is refused
+    assert cli.main(["toy", "train", *args[:3], "1200", *args[4:], "--lr", "1e-12", "--multi-lr", "1e-12"]) == 2
+    assert "--steps must stay 1300" in capsys.readouterr().err
+    assert cli.main(["toy", "train", *args, "--init-from", WEIGHTS_DIR]) == 2
+    assert "already holds a checkpoint.pt" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [
     (["train", "--out", "x", "--steps", "0"], "--steps must be at least 1"),
+    (["train", "--out", "x", "--init-from", "nowhere"], "--init-from: no model_index.json"),
+    (["train", "--out", "x", "--multi-steps", "-1"], "--multi-steps and --multi-warmup must be at least 0"),
     (["train", "--out", "x", "--lr", "-1"], "--lr must be positive"),
     (["export", "--checkpoint", "missing.pt", "--out", "y"], "--checkpoint: no file"),
     (["evaluate", "--world", "nowhere"], "--world: no model_index.json"),
