@@ -123,7 +123,7 @@ def test_full_box_equals_plain_ip_adapter_on_the_trained_world(toy):
 # Owner accuracy of AnyMS overwrite on FIXED_LAYOUTS at STEPS steps, seed 0, measured on the
 # shipped weights: MEASURED_OWNER. The test allows MARGIN under it (another CPU's rounding can
 # flip a borderline box or two of the ~30).
-MEASURED_OWNER = 0.346     # 9 of 26 boxes, shipped weights, Intel Xeon, 1 thread
+MEASURED_OWNER = 0.615     # 16 of 26 boxes, shipped weights, Intel Xeon, 1 thread (earlier weights: 9 of 26)
 MARGIN = 0.1
 
 
@@ -156,7 +156,8 @@ def as_uint8(image):
 
 
 # The shipped world follows the boxes for the first pair only (measured: the red circle /
-# blue square pair swaps; the other two do not at 10 steps): the tests hold that much.
+# blue square pair swaps; in the second only the yellow cross follows its box, the cyan triangle
+# does not show; the third does not swap, at 10 steps): the tests hold that much.
 def test_swapping_two_subjects_boxes_swaps_their_colours(toy):
     a, b = PAIRS[0]
     one = as_uint8(two_subjects(toy, a, b, LEFT_BOX, RIGHT_BOX))
@@ -169,7 +170,7 @@ def test_scale_zero_takes_colour_out_of_the_box(toy):
     a, b = PAIRS[0]
     on = as_uint8(two_subjects(toy, a, b, LEFT_BOX, RIGHT_BOX))
     off = as_uint8(two_subjects(toy, a, b, LEFT_BOX, RIGHT_BOX, scale_a=0.0))
-    # measured 0.63 -> 0.38 (the prompt still names the subject, so some of it stays)
+    # measured 0.62 -> 0.00 (earlier weights: 0.63 -> 0.38, the prompt alone drew the colour there)
     assert colour_fraction(off, LEFT_BOX, a[0]) < colour_fraction(on, LEFT_BOX, a[0]) - 0.15
 
 
@@ -294,15 +295,17 @@ def own_colour_share(image, colour):
 
 
 # Each pair's subjects in LEFT_BOX / RIGHT_BOX under a prompt naming only the shapes (a box's
-# colour then comes from its reference image alone), seeds 0 and 1: 12 boxes. Measured (Intel
-# Xeon, 1 thread, 10 steps), mean share of a subject's colour in (its box, the other box):
-#   every block                                     0.131  0.001
-#   "layout" (down_blocks.1.attentions.0, 8x8)      0.105  0.092
-#   the 8x8 path (down_blocks.1, mid, up_blocks.0)  0.150  0.020
-#   scale 0                                         0.036  0.100
-# On this small U-Net the one "layout" block weakens identity but does not hold placement (its
-# colour reaches the other box about as often as its own); the whole low-resolution path holds
-# both. The margins below are under half of each measured gap.
+# colour then comes from its reference image alone), seeds 0 and 1: 12 boxes. Measured on the
+# shipped weights (Intel Xeon, 1 thread, 10 steps), mean share of a subject's colour in (its box,
+# the other box):
+#   every block                                     0.211  0.002
+#   "layout" (down_blocks.1.attentions.0, 8x8)      0.014  0.060
+#   the 8x8 path (down_blocks.1, mid, up_blocks.0)  0.157  0.012
+#   scale 0                                         0.000  0.031
+# On this small U-Net the one "layout" block alone hardly draws the subject, and what it draws
+# reaches the other box more than its own; the whole low-resolution path holds both. (The earlier
+# weights: 0.131/0.001, 0.105/0.092, 0.150/0.020, 0.036/0.100.) The margins are under half of each
+# measured gap.
 @pytest.mark.slow
 def test_block_selection_on_the_toy_world(toy):
     shares = {}
@@ -322,7 +325,6 @@ def test_block_selection_on_the_toy_world(toy):
     report = {k: v.round(3).tolist() for k, v in shares.items()}
     (all_in, all_out), (layout_in, layout_out) = shares["all"], shares["layout"]
     (low_in, low_out), (none_in, _) = shares["low"], shares["none"]
-    assert layout_in < all_in - 0.01, report              # weaker identity (measured gap 0.026)
-    assert layout_in > none_in + 0.03, report             # the image still acts (0.069)
-    assert layout_out > all_out + 0.04, report            # placement not held (0.091)
-    assert low_out < all_out + 0.04 and low_in > none_in + 0.05, report   # the 8x8 path holds both
+    assert layout_in < all_in - 0.1, report               # much weaker identity (measured gap 0.197)
+    assert layout_out > all_out + 0.025, report           # placement not held (0.058)
+    assert low_out < all_out + 0.04 and low_in > none_in + 0.07, report   # the 8x8 path holds both (0.157)
