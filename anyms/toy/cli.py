@@ -1,6 +1,7 @@
 """``anyms toy``: train, export and evaluate the toy world.
 
-    anyms toy train --out runs/toy [--steps 1000] [--seed 0] [--threads 1]   # resumable
+    anyms toy train --out runs/toy [--steps 1300] [--multi-steps 900] [--seed 0] [--threads 1]   # resumable
+    anyms toy train --out runs/more --init-from anyms/toy/weights   # only the multi-reference stage
     anyms toy export --checkpoint runs/toy/checkpoint.pt --out my_world
     anyms toy evaluate [--world FOLDER] [--layouts 10] [--seeds 0 1] [--steps 20]
 
@@ -34,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, value in asdict(TrainConfig()).items():
         train.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
                            help=f"(default {value})")
+    train.add_argument("--init-from", default=None, metavar="WORLD",
+                       help="start a new run at the multi-reference stage from a world folder's weights "
+                            "(e.g. the shipped ones), skipping the first stage")
     train.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the models are small)")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                        help="a progress bar (default on; off: one log line every 10 steps)")
@@ -71,7 +75,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 value = getattr(cfg, name)
             if value < 1 and not (name == "vae_steps" and value == 0):
                 return _usage(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-        for name in ("lr", "vae_lr"):
+        if cfg.multi_steps < 0 or cfg.multi_warmup < 0:
+            return _usage("--multi-steps and --multi-warmup must be at least 0")
+        if args.init_from is not None:
+            if not os.path.isfile(os.path.join(args.init_from, "model_index.json")):
+                return _usage(f"--init-from: no model_index.json in {args.init_from!r}")
+            if os.path.exists(os.path.join(args.out, "checkpoint.pt")):
+                return _usage(f"--init-from: {args.out!r} already holds a checkpoint.pt; give a new --out")
+        for name in ("lr", "vae_lr", "multi_lr"):
             if not getattr(cfg, name) > 0:
                 return _usage(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
         if not 0 <= cfg.ema_decay < 1:
@@ -79,6 +90,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
         log = (lambda m: None) if args.progress else (lambda m: print(time.strftime("%H:%M:%S"), m, flush=True))
         try:
+            if args.init_from is not None:
+                from .train import start_from_world
+
+                start_from_world(args.init_from, args.out, cfg)
             folder = train(args.out, cfg, log=log, progress=args.progress)
         except ValueError as e:   # a checkpoint written with other options
             return _usage(str(e))

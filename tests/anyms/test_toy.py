@@ -123,7 +123,7 @@ def test_full_box_equals_plain_ip_adapter_on_the_trained_world(toy):
 # Owner accuracy of AnyMS overwrite on FIXED_LAYOUTS at STEPS steps, seed 0, measured on the
 # shipped weights: MEASURED_OWNER. The test allows MARGIN under it (another CPU's rounding can
 # flip a borderline box or two of the ~30).
-MEASURED_OWNER = 0.346     # 9 of 26 boxes, shipped weights, Intel Xeon, 1 thread
+MEASURED_OWNER = 0.615     # 16 of 26 boxes, shipped weights, Intel Xeon, 1 thread (earlier weights: 9 of 26)
 MARGIN = 0.1
 
 
@@ -156,7 +156,8 @@ def as_uint8(image):
 
 
 # The shipped world follows the boxes for the first pair only (measured: the red circle /
-# blue square pair swaps; the other two do not at 10 steps): the tests hold that much.
+# blue square pair swaps; in the second only the yellow cross follows its box, the cyan triangle
+# does not show; the third does not swap, at 10 steps): the tests hold that much.
 def test_swapping_two_subjects_boxes_swaps_their_colours(toy):
     a, b = PAIRS[0]
     one = as_uint8(two_subjects(toy, a, b, LEFT_BOX, RIGHT_BOX))
@@ -169,7 +170,7 @@ def test_scale_zero_takes_colour_out_of_the_box(toy):
     a, b = PAIRS[0]
     on = as_uint8(two_subjects(toy, a, b, LEFT_BOX, RIGHT_BOX))
     off = as_uint8(two_subjects(toy, a, b, LEFT_BOX, RIGHT_BOX, scale_a=0.0))
-    # measured 0.63 -> 0.38 (the prompt still names the subject, so some of it stays)
+    # measured 0.62 -> 0.00 (earlier weights: 0.63 -> 0.38, the prompt alone drew the colour there)
     assert colour_fraction(off, LEFT_BOX, a[0]) < colour_fraction(on, LEFT_BOX, a[0]) - 0.15
 
 
@@ -179,7 +180,7 @@ def test_train_command_runs_a_few_steps_resumes_and_exports_a_loadable_world(tmp
 
     out = tmp_path / "run"
     small = ["--out", str(out), "--steps", "2", "--batch", "2", "--vae-steps", "1", "--vae-batch", "2",
-             "--checkpoint-every", "1", "--no-progress"]
+             "--checkpoint-every", "1", "--no-progress", "--multi-steps", "0"]
     assert cli.main(["toy", "train", *small]) == 0
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     assert state["step"] == 2
@@ -197,10 +198,63 @@ def test_train_command_runs_a_few_steps_resumes_and_exports_a_loadable_world(tmp
     capsys.readouterr()
     assert cli.main(["toy", "train", *small, "--lr", "0.5"]) == 2
     assert "--lr 0.001 (now 0.5)" in capsys.readouterr().err
+    # extended by a multi-reference stage: it starts from the averaged weights, with a fresh optimiser
+    assert cli.main(["toy", "train", *small[:3], "3", *small[4:-1], "1"]) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 4 and state["opt"]["state"][0]["step"] == 1
+
+
+def test_multi_reference_batches_give_every_referenced_sample_the_references_of_all_its_objects():
+    from anyms.toy.train import multi_batch
+
+    counts = set()
+    for step in range(12):
+        images, captions, references = multi_batch(np.random.default_rng([0, 3, step]), 32)
+        with_refs = [r for r in references if r is not None]
+        assert with_refs and len({len(r) for r in with_refs}) == 1       # one count per batch
+        counts.add(len(with_refs[0]))
+        for image, refs in zip(images, references):
+            if refs is None:
+                continue
+            # each reference's colour is in the image, and the image holds no other palette colour
+            labels = ev.colour_map(np.asarray(((image.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255),
+                                              dtype=np.uint8))
+            ref_colours = {int(np.bincount(ev.colour_map(r)[ev.colour_map(r) >= 1]).argmax()) for r in refs}
+            assert len(ref_colours) == len(refs)
+            present = {c for c in range(1, len(world.COLOURS) + 1) if (labels == c).sum() >= 6}
+            assert present == ref_colours
+    assert counts == {1, 2, 3}
+
+
+def test_train_init_from_a_world_runs_the_multi_reference_stage_from_its_weights(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from anyms import cli
+
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--steps", "1300", "--multi-steps", "1", "--batch", "2", "--no-progress"]
+    assert cli.main(["toy", "train", *args, "--init-from", WEIGHTS_DIR, "--lr", "1e-12", "--multi-lr", "1e-12"]) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 1301
+    # a step at a negligible learning rate: the exported world is the one it started from (fp16 rounding)
+    for sub, name in (("unet", "diffusion_pytorch_model.safetensors"), ("ip_adapter", models.IP_WEIGHT_NAME),
+                      ("text_encoder", "model.safetensors")):
+        a, b = load_file(os.path.join(WEIGHTS_DIR, sub, name)), load_file(out / "world" / sub / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key].float(), a[key].float(), rtol=2e-3, atol=1e-4, msg=key)
+    capsys.readouterr()
+    # a run in the second stage keeps its first stage's length; a second --init-from is refused
+    assert cli.main(["toy", "train", *args[:3], "1200", *args[4:], "--lr", "1e-12", "--multi-lr", "1e-12"]) == 2
+    assert "--steps must stay 1300" in capsys.readouterr().err
+    assert cli.main(["toy", "train", *args, "--init-from", WEIGHTS_DIR]) == 2
+    assert "already holds a checkpoint.pt" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [
     (["train", "--out", "x", "--steps", "0"], "--steps must be at least 1"),
+    (["train", "--out", "x", "--init-from", "nowhere"], "--init-from: no model_index.json"),
+    (["train", "--out", "x", "--multi-steps", "-1"], "--multi-steps and --multi-warmup must be at least 0"),
     (["train", "--out", "x", "--lr", "-1"], "--lr must be positive"),
     (["export", "--checkpoint", "missing.pt", "--out", "y"], "--checkpoint: no file"),
     (["evaluate", "--world", "nowhere"], "--world: no model_index.json"),
@@ -241,15 +295,17 @@ def own_colour_share(image, colour):
 
 
 # Each pair's subjects in LEFT_BOX / RIGHT_BOX under a prompt naming only the shapes (a box's
-# colour then comes from its reference image alone), seeds 0 and 1: 12 boxes. Measured (Intel
-# Xeon, 1 thread, 10 steps), mean share of a subject's colour in (its box, the other box):
-#   every block                                     0.131  0.001
-#   "layout" (down_blocks.1.attentions.0, 8x8)      0.105  0.092
-#   the 8x8 path (down_blocks.1, mid, up_blocks.0)  0.150  0.020
-#   scale 0                                         0.036  0.100
-# On this small U-Net the one "layout" block weakens identity but does not hold placement (its
-# colour reaches the other box about as often as its own); the whole low-resolution path holds
-# both. The margins below are under half of each measured gap.
+# colour then comes from its reference image alone), seeds 0 and 1: 12 boxes. Measured on the
+# shipped weights (Intel Xeon, 1 thread, 10 steps), mean share of a subject's colour in (its box,
+# the other box):
+#   every block                                     0.211  0.002
+#   "layout" (down_blocks.1.attentions.0, 8x8)      0.014  0.060
+#   the 8x8 path (down_blocks.1, mid, up_blocks.0)  0.157  0.012
+#   scale 0                                         0.000  0.031
+# On this small U-Net the one "layout" block alone hardly draws the subject, and what it draws
+# reaches the other box more than its own; the whole low-resolution path holds both. (The earlier
+# weights: 0.131/0.001, 0.105/0.092, 0.150/0.020, 0.036/0.100.) The margins are under half of each
+# measured gap.
 @pytest.mark.slow
 def test_block_selection_on_the_toy_world(toy):
     shares = {}
@@ -269,10 +325,9 @@ def test_block_selection_on_the_toy_world(toy):
     report = {k: v.round(3).tolist() for k, v in shares.items()}
     (all_in, all_out), (layout_in, layout_out) = shares["all"], shares["layout"]
     (low_in, low_out), (none_in, _) = shares["low"], shares["none"]
-    assert layout_in < all_in - 0.01, report              # weaker identity (measured gap 0.026)
-    assert layout_in > none_in + 0.03, report             # the image still acts (0.069)
-    assert layout_out > all_out + 0.04, report            # placement not held (0.091)
-    assert low_out < all_out + 0.04 and low_in > none_in + 0.05, report   # the 8x8 path holds both
+    assert layout_in < all_in - 0.1, report               # much weaker identity (measured gap 0.197)
+    assert layout_out > all_out + 0.025, report           # placement not held (0.058)
+    assert low_out < all_out + 0.04 and low_in > none_in + 0.07, report   # the 8x8 path holds both (0.157)
 
 
 def test_the_toy_worlds_guidance_is_one_value_for_the_command_the_demo_and_the_benchmark(tmp_path, capsys):
