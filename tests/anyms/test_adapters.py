@@ -761,3 +761,27 @@ def test_flux_processor_two_adapters_full_images_in_sum_mode_equal_diffusers():
         only = cover[s] & ~cover[1 - s]
         assert only.any()
         assert_close(split[:, only], term[:, only], atol=2e-5, rtol=1e-5, what=f"FLUX: subject {s} in its half")
+
+
+@pytest.mark.parametrize("two", [False, True], ids=["one-adapter", "two-adapters"])
+@pytest.mark.parametrize("max_memory", [False, True], ids=["load", "max-memory"])
+def test_a_local_image_encoder_folder_loads_and_estimates(two_adapters_on_disk, subject_images, tmp_path, capsys,
+                                                          two, max_memory):
+    """--image-encoder naming a local folder (no subfolder inside it): the run loads that encoder
+    (and --max-memory reads its config) rather than failing on the missing subfolder."""
+    model, plain, plus = two_adapters_on_disk
+    subject_images[0].save(tmp_path / "s0.png")
+    encoders = [os.path.join(os.path.dirname(plain), "image_encoder")]
+    adapters = ["--ip-adapter", plain]
+    if two:
+        encoders.append(os.path.join(os.path.dirname(plus), "image_encoder"))
+        adapters += ["--ip-adapter", plus]
+    out = tmp_path / "enc.png"
+    code, _, err = _cli(["generate", "a cat", "--model", model, *adapters,
+                         *[a for e in encoders for a in ("--image-encoder", e)],
+                         "--subject", f"{tmp_path / 's0.png'}:0,0,1,1" + (":adapter=1" if two else ""),
+                         *(["--max-memory", "64GB"] if max_memory else []),
+                         "--height", "64", "--width", "64", "--steps", "1", "--device", "cpu", "--no-pictures",
+                         "--out", str(out)], capsys)
+    assert code == 0, err
+    assert _record(out)["model"]["image_encoder"] == (encoders if two else encoders[0])
