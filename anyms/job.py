@@ -414,6 +414,12 @@ def check_job(job: Job, arch: str = "sdxl", upscale_geometry=None, num_adapters:
         if flux:
             raise UsageError(f"{(job.upscale_names or UPSCALE_OPTIONS)['scale']}: tiled upscaling runs a U-Net "
                              f"(SDXL, SD 1.5); FLUX is not supported")
+        if num_adapters is not None and num_adapters > 1:
+            # refused now, not after the first pass has run (tiled_upscale refuses a pipeline with several)
+            name = (job.upscale_names or UPSCALE_OPTIONS)["scale"]
+            name = name if not job.where or name.startswith(job.where) else f"{job.where}: {name}"
+            raise UsageError(f"{name}: tiled upscaling takes its subjects from one IP-Adapter, but {num_adapters} "
+                             f"--ip-adapter are given; give one --ip-adapter, or leave out the upscale")
         check_upscale(job, None)
     if flux:
         for key in ("height", "width"):

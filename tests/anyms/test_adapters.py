@@ -582,7 +582,7 @@ def test_bad_adapters_on_the_command_line_exit_2_before_loading(two_adapters_on_
         (["a", "--subject", f"{s0}:0,0,1,1", *two, "--image-encoder", str(tmp_path)],
          r"--image-encoder is given 1 times for 2 --ip-adapter"),
         (["a", "--subject", f"{s0}:0,0,1,1:adapter=1", *two, "--upscale", "2", "--steps", "8"],
-         r"subjects\[0\]\.adapter is 1: tiled upscaling takes every subject from IP-Adapter 0"),
+         r"error: --upscale: tiled upscaling takes its subjects from one IP-Adapter, but 2 --ip-adapter are given"),
     ]
     for argv, message in cases:
         code, _, err = _cli(["generate", *argv, "--out", str(tmp_path / "x.png")]
@@ -785,3 +785,42 @@ def test_a_local_image_encoder_folder_loads_and_estimates(two_adapters_on_disk, 
                          "--out", str(out)], capsys)
     assert code == 0, err
     assert _record(out)["model"]["image_encoder"] == (encoders if two else encoders[0])
+
+
+def test_an_upscale_with_two_adapters_is_refused_before_loading(two_adapters_on_disk, subject_images, tmp_path,
+                                                                capsys, monkeypatch):
+    """Tiled upscaling takes one IP-Adapter: with two --ip-adapter an upscale from the options, a
+    layout file or a jobs line exits 2 in one line naming both, before any model loads and with
+    nothing written (not after the first generation, losing its image)."""
+    import json
+
+    from anyms import loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the upscale was checked")
+
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
+    model, plain, plus = two_adapters_on_disk
+    subject_images[0].save(tmp_path / "s0.png")
+    s0 = str(tmp_path / "s0.png")
+    two = ["--model", model, "--ip-adapter", plain, "--ip-adapter", plus, "--device", "cpu", "--steps", "8",
+           "--height", "64", "--width", "64"]
+    subject = {"image": "s0.png", "box": [0, 0, 1, 1]}
+    (tmp_path / "layout.json").write_text(json.dumps({"prompt": "a", "subjects": [subject], "upscale": {"scale": 2}}))
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"prompt": "a", "subjects": [subject]}) + "\n" + json.dumps(
+        {"prompt": "a", "subjects": [subject], "upscale": {"scale": 2}}) + "\n")
+    out_dir = tmp_path / "o"
+    cases = [
+        (["a", "--subject", f"{s0}:0,0,1,1", *two, "--upscale", "2", "--out", str(tmp_path / "x.png")],
+         r"error: --upscale: tiled upscaling takes its subjects from one IP-Adapter, but 2 --ip-adapter are given"),
+        (["--layout", str(tmp_path / "layout.json"), *two, "--out", str(tmp_path / "x.png")],
+         r"error: --layout .*layout\.json'?: upscale\.scale: tiled upscaling takes its subjects from one IP-Adapter, "
+         r"but 2 --ip-adapter"),
+        (["--jobs", str(tmp_path / "jobs.jsonl"), "--out-dir", str(out_dir), *two],
+         r"error: --jobs .*jobs\.jsonl:2: upscale\.scale: tiled upscaling takes its subjects from one IP-Adapter, but 2 "
+         r"--ip-adapter"),
+    ]
+    for argv, message in cases:
+        code, _, err = _cli(["generate", *argv], capsys)
+        assert code == 2 and err.count("\n") == 1 and re.search(message, err), (argv, err)
+    assert not (tmp_path / "x.png").exists() and not any(out_dir.glob("*.png"))
