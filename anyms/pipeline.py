@@ -589,12 +589,14 @@ class AnyMSPipelineMixin:
                                               "ip-adapter-plus-face_sdxl_vit-h.safetensors"],
                                  image_encoder_folder=["image_encoder", "models/image_encoder"])
 
-        Loading replaces the adapters loaded before, and the encoders of their own."""
+        Loading replaces the adapters loaded before, and the encoders of their own; a load that
+        fails leaves them as they were (the encoders of their own are read before the adapters)."""
         weights = weight_name if isinstance(weight_name, list) else [weight_name]
-        self._anyms_image_encoders = None
         if not isinstance(image_encoder_folder, (list, tuple)):
-            return super().load_ip_adapter(pretrained_model_name_or_path_or_dict, subfolder, weight_name,
-                                           image_encoder_folder=image_encoder_folder, **kwargs)
+            out = super().load_ip_adapter(pretrained_model_name_or_path_or_dict, subfolder, weight_name,
+                                          image_encoder_folder=image_encoder_folder, **kwargs)
+            self._anyms_image_encoders = None
+            return out
         folders = list(image_encoder_folder)
         if len(folders) != len(weights):
             raise ValueError(f"image_encoder_folder has {len(folders)} entries but weight_name {len(weights)}: give "
@@ -614,19 +616,23 @@ class AnyMSPipelineMixin:
                 return None
             return sources[i], (folder if "/" in folder else "/".join(p for p in (subfolders[i], folder) if p))
 
-        super().load_ip_adapter(sources, subfolders, weights, image_encoder_folder=folders[0], **kwargs)
+        # the encoders of their own first, the adapters last: a failure leaves the pipeline as it was
+        own = {}
         first = where(0)
         for i in range(1, len(weights)):
-            own = where(i)
-            if own is None or own == first:
+            folder = where(i)
+            if folder is None or folder == first:
                 continue
             from diffusers.utils import is_transformers_version
             from transformers import CLIPVisionModelWithProjection
 
             dtype_kwarg = {"dtype" if is_transformers_version(">=", "4.56.0") else "torch_dtype": self.dtype}
             options = {k: kwargs[k] for k in ("cache_dir", "local_files_only", "token", "revision") if k in kwargs}
-            encoder = CLIPVisionModelWithProjection.from_pretrained(own[0], subfolder=own[1], **dtype_kwarg,
-                                                                    **options).to(self.device)
+            own[i] = CLIPVisionModelWithProjection.from_pretrained(folder[0], subfolder=folder[1], **dtype_kwarg,
+                                                                   **options).to(self.device)
+        super().load_ip_adapter(sources, subfolders, weights, image_encoder_folder=folders[0], **kwargs)
+        self._anyms_image_encoders = None
+        for i, encoder in own.items():
             self.set_ip_adapter_image_encoder(i, encoder)
 
     @classmethod

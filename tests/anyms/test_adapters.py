@@ -436,6 +436,33 @@ def test_set_ip_adapter_image_encoder_checks_the_index_and_unload_drops_it(subje
     assert pipe._anyms_image_encoders is None
 
 
+@pytest.mark.parametrize("bad", ["weights", "encoder"])
+def test_a_failed_load_leaves_the_adapters_and_their_encoders_as_they_were(subject_images, tmp_path, bad):
+    """A list-form load_ip_adapter that fails (a missing weight file, a missing encoder folder)
+    leaves the pipeline as before the call: the loaded adapters keep their own encoders (adapter 1
+    does not fall back to adapter 0's, which its resampler cannot read)."""
+    from anyms.pipeline import AnyMSStableDiffusionXLPipeline
+    from anyms.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline(AnyMSStableDiffusionXLPipeline, kind="sdxl", plus=[False, True], seed=0,
+                         ip_adapter_folder=str(tmp_path))
+    pipe.set_progress_bar_config(disable=True)
+    before = {i: pipe.ip_adapter_image_encoder(i)[0] for i in (0, 1)}
+    subjects = [Subject(subject_images[0], box=(0, 0, 0.5, 1)), Subject(subject_images[1], box=(0.5, 0, 1, 1),
+                                                                         adapter=1)]
+    expected = generate(pipe, subjects, steps=1)
+    names = sorted(f for d in ("adapter0", "adapter1") for f in os.listdir(tmp_path / d) if f.endswith(".safetensors"))
+    weights = ["nope.safetensors", "nope.safetensors"] if bad == "weights" else names
+    folders = ["image_encoder", "image_encoder"] if bad == "weights" else ["image_encoder", "no_such_encoder"]
+    with pytest.raises(OSError):
+        pipe.load_ip_adapter(str(tmp_path), subfolder=["adapter0", "adapter1"], weight_name=weights,
+                             image_encoder_folder=folders)
+    assert {i: pipe.ip_adapter_image_encoder(i)[0] for i in (0, 1)} == before
+    assert before[1] is not before[0]
+    torch.testing.assert_close(generate(pipe, subjects, steps=1), expected,
+                               atol=0, rtol=0)
+
+
 def test_the_embedding_cache_keys_on_the_adapter(two_adapter_pipe, subject_images):
     from anyms.embeddings import SubjectEmbeddingCache
 
