@@ -606,7 +606,7 @@ def warn_unreached(pipe, job: Job, warn=None) -> List[str]:
     grids = _routing_grids(pipe, layout)
     steps = _loop_steps(pipe, job.steps) if layout.timed else None
     lines = unreached_message(unreached_subjects(layout, grids, steps), job.plan.labels, names,
-                              idle=idle_subjects(layout, grids, steps))
+                              idle=idle_subjects(layout, grids, steps), kinds=layout.kinds)
     for line in lines:
         (warn or console.warn)(f"{job.where}: {line}" if job.where else line)
     return lines
