@@ -513,12 +513,14 @@ class AnyMSPipelineMixin:
     def _anyms_check_adapter(self, plan: Optional[AnyMSPlan] = None) -> None:
         """A loaded IP-Adapter whose processors hold its weights, and an image encoder for every
         adapter ``plan``'s subject images use (:meth:`AnyMSPlan.check_adapters`; regional prompts
-        need none). No model work."""
+        need the adapter, not an encoder). No model work."""
         unet = self.unet
         proj = getattr(unet, "encoder_hid_proj", None)
         layers = getattr(proj, "image_projection_layers", None)
         if unet.config.encoder_hid_dim_type != "ip_image_proj" or layers is None:
-            raise ValueError("subjects need a loaded IP-Adapter: call pipe.load_ip_adapter(...) first")
+            # the AnyMS processors take the IP-Adapter's place (its to_k_ip / to_v_ip), prompts' branches included
+            raise ValueError("subjects need a loaded IP-Adapter, regional prompts alone too (AnyMS's attention "
+                             "processors replace the IP-Adapter's): call pipe.load_ip_adapter(...) first")
         processors = [p for p in unet.attn_processors.values() if isinstance(p, IPAdapterAttnProcessor2_0)]
         if not processors:
             kinds = sorted({type(p).__name__ for p in unet.attn_processors.values()})

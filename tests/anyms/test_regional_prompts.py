@@ -426,3 +426,12 @@ def test_a_subject_whose_prompt_acts_is_not_warned_about(images, tmp_path, capsy
     assert code == 0, err
     assert "never acts" not in err, err
     assert re.search(r"subject 'a cushion' \(subjects\[1\]\) gets no token .* so its prompt does not act", err), err
+
+
+def test_regional_prompts_alone_say_they_need_an_ip_adapter_too():
+    """AnyMS's processors are the IP-Adapter's, so a call with text-only regions needs one loaded
+    as well: the error says so (not only "subjects"), before any model work."""
+    pipe = tiny_pipeline(AnyMSStableDiffusionPipeline, kind="sd15", seed=0, with_ip_adapter=False)
+    with pytest.raises(ValueError, match=r"subjects need a loaded IP-Adapter, regional prompts alone too .*"
+                                         r"load_ip_adapter"):
+        pipe("a cat", subjects=[Subject(prompt="a dog", box=FULL)], num_inference_steps=1)
