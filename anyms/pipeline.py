@@ -592,7 +592,11 @@ class AnyMSPipelineMixin:
                                  image_encoder_folder=["image_encoder", "models/image_encoder"])
 
         Loading replaces the adapters loaded before, and the encoders of their own; a load that
-        fails leaves them as they were (the encoders of their own are read before the adapters)."""
+        fails leaves them as they were (the encoders of their own are read before the adapters).
+        Adapter 0's encoder is ``pipe.image_encoder``: as in diffusers, it is read from adapter 0's
+        folder only when the pipeline has none, so loading adapters over loaded ones keeps the
+        encoder the pipeline has, whatever ``image_encoder_folder[0]`` names (and so does every
+        adapter whose folder is adapter 0's); call :meth:`unload_ip_adapter` first to read it again."""
         weights = weight_name if isinstance(weight_name, list) else [weight_name]
         if not isinstance(image_encoder_folder, (list, tuple)):
             out = super().load_ip_adapter(pretrained_model_name_or_path_or_dict, subfolder, weight_name,

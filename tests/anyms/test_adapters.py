@@ -463,6 +463,29 @@ def test_a_failed_load_leaves_the_adapters_and_their_encoders_as_they_were(subje
                                atol=0, rtol=0)
 
 
+def test_loading_over_loaded_adapters_keeps_the_pipeline_s_encoder_as_documented(tmp_path):
+    """As diffusers does, load_ip_adapter reads adapter 0's encoder only into a pipeline without one:
+    a second list-form load naming another folder for adapter 0 keeps ``pipe.image_encoder`` (the
+    docstring says so); after unload_ip_adapter() the named folder is read."""
+    from anyms.pipeline import AnyMSStableDiffusionXLPipeline
+    from anyms.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline(AnyMSStableDiffusionXLPipeline, kind="sdxl", plus=[False, True], seed=0,
+                         ip_adapter_folder=str(tmp_path))
+    names = [next(f for f in os.listdir(tmp_path / d) if f.endswith(".safetensors")) for d in ("adapter0", "adapter1")]
+    kept = pipe.image_encoder
+    assert kept.config.hidden_size == 32
+    # adapter 0's folder: adapter 1's encoder (hidden 48), for both
+    again = dict(subfolder=["adapter0", "adapter1"], weight_name=names,
+                 image_encoder_folder=["adapter1/image_encoder", "adapter1/image_encoder"])
+    pipe.load_ip_adapter(str(tmp_path), **again)
+    assert pipe.image_encoder is kept and pipe.ip_adapter_image_encoder(1)[0] is kept
+    assert "unload_ip_adapter" in type(pipe).load_ip_adapter.__doc__
+    pipe.unload_ip_adapter()
+    pipe.load_ip_adapter(str(tmp_path), **again)
+    assert pipe.image_encoder.config.hidden_size == 48
+
+
 def test_the_embedding_cache_keys_on_the_adapter(two_adapter_pipe, subject_images):
     from anyms.embeddings import SubjectEmbeddingCache
 
