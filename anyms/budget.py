@@ -124,7 +124,7 @@ def _meta_component(library: str, class_name: str, model: str, subfolder: str, o
             config = cls.load_config(model, subfolder=subfolder, local_files_only=offline)
             with torch.device("meta"):
                 return cls.from_config(config)
-        config = cls.config_class.from_pretrained(model, subfolder=subfolder or None, local_files_only=offline)
+        config = cls.config_class.from_pretrained(model, subfolder=subfolder or "", local_files_only=offline)
         with torch.device("meta"):
             return cls(config)
     except (OSError, ValueError, KeyError, TypeError) as e:

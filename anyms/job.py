@@ -414,6 +414,12 @@ def check_job(job: Job, arch: str = "sdxl", upscale_geometry=None, num_adapters:
         if flux:
             raise UsageError(f"{(job.upscale_names or UPSCALE_OPTIONS)['scale']}: tiled upscaling runs a U-Net "
                              f"(SDXL, SD 1.5); FLUX is not supported")
+        if num_adapters is not None and num_adapters > 1:
+            # refused now, not after the first pass has run (tiled_upscale refuses a pipeline with several)
+            name = (job.upscale_names or UPSCALE_OPTIONS)["scale"]
+            name = name if not job.where or name.startswith(job.where) else f"{job.where}: {name}"
+            raise UsageError(f"{name}: tiled upscaling takes its subjects from one IP-Adapter, but {num_adapters} "
+                             f"--ip-adapter are given; give one --ip-adapter, or leave out the upscale")
         check_upscale(job, None)
     if flux:
         for key in ("height", "width"):
@@ -600,7 +606,7 @@ def warn_unreached(pipe, job: Job, warn=None) -> List[str]:
     grids = _routing_grids(pipe, layout)
     steps = _loop_steps(pipe, job.steps) if layout.timed else None
     lines = unreached_message(unreached_subjects(layout, grids, steps), job.plan.labels, names,
-                              idle=idle_subjects(layout, grids, steps))
+                              idle=idle_subjects(layout, grids, steps), kinds=layout.kinds)
     for line in lines:
         (warn or console.warn)(f"{job.where}: {line}" if job.where else line)
     return lines

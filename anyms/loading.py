@@ -348,7 +348,7 @@ def _load_pipeline(args, run: Run):
         dtype_kwarg = {"dtype" if is_transformers_version(">=", "4.56.0") else "torch_dtype": dtype}
         try:
             kwargs["image_encoder"] = CLIPVisionModelWithProjection.from_pretrained(
-                source, subfolder=subfolder or None, **dtype_kwarg, **offline)
+                source, subfolder=subfolder or "", **dtype_kwarg, **offline)
         except load_errors as e:
             raise LoadError(f"cannot load the image encoder {args.image_encoder!r}: {type(e).__name__}: {e}") from None
     try:
@@ -395,7 +395,7 @@ def _load_adapters(pipe, sources, adapters, dtype, offline, load_errors):
                 continue                      # adapter 0's: the pipeline's own
             try:
                 encoder = CLIPVisionModelWithProjection.from_pretrained(
-                    source, subfolder=subfolder or None, **_transformers_dtype(dtype), **offline)
+                    source, subfolder=subfolder or "", **_transformers_dtype(dtype), **offline)
             except load_errors as e:
                 raise LoadError(f"cannot load the image encoder {'/'.join(p for p in (source, subfolder) if p)!r} "
                                 f"of --ip-adapter {i}: {type(e).__name__}: {e}") from None

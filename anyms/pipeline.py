@@ -513,12 +513,14 @@ class AnyMSPipelineMixin:
     def _anyms_check_adapter(self, plan: Optional[AnyMSPlan] = None) -> None:
         """A loaded IP-Adapter whose processors hold its weights, and an image encoder for every
         adapter ``plan``'s subject images use (:meth:`AnyMSPlan.check_adapters`; regional prompts
-        need none). No model work."""
+        need the adapter, not an encoder). No model work."""
         unet = self.unet
         proj = getattr(unet, "encoder_hid_proj", None)
         layers = getattr(proj, "image_projection_layers", None)
         if unet.config.encoder_hid_dim_type != "ip_image_proj" or layers is None:
-            raise ValueError("subjects need a loaded IP-Adapter: call pipe.load_ip_adapter(...) first")
+            # the AnyMS processors take the IP-Adapter's place (its to_k_ip / to_v_ip), prompts' branches included
+            raise ValueError("subjects need a loaded IP-Adapter, regional prompts alone too (AnyMS's attention "
+                             "processors replace the IP-Adapter's): call pipe.load_ip_adapter(...) first")
         processors = [p for p in unet.attn_processors.values() if isinstance(p, IPAdapterAttnProcessor2_0)]
         if not processors:
             kinds = sorted({type(p).__name__ for p in unet.attn_processors.values()})
@@ -589,12 +591,18 @@ class AnyMSPipelineMixin:
                                               "ip-adapter-plus-face_sdxl_vit-h.safetensors"],
                                  image_encoder_folder=["image_encoder", "models/image_encoder"])
 
-        Loading replaces the adapters loaded before, and the encoders of their own."""
+        Loading replaces the adapters loaded before, and the encoders of their own; a load that
+        fails leaves them as they were (the encoders of their own are read before the adapters).
+        Adapter 0's encoder is ``pipe.image_encoder``: as in diffusers, it is read from adapter 0's
+        folder only when the pipeline has none, so loading adapters over loaded ones keeps the
+        encoder the pipeline has, whatever ``image_encoder_folder[0]`` names (and so does every
+        adapter whose folder is adapter 0's); call :meth:`unload_ip_adapter` first to read it again."""
         weights = weight_name if isinstance(weight_name, list) else [weight_name]
-        self._anyms_image_encoders = None
         if not isinstance(image_encoder_folder, (list, tuple)):
-            return super().load_ip_adapter(pretrained_model_name_or_path_or_dict, subfolder, weight_name,
-                                           image_encoder_folder=image_encoder_folder, **kwargs)
+            out = super().load_ip_adapter(pretrained_model_name_or_path_or_dict, subfolder, weight_name,
+                                          image_encoder_folder=image_encoder_folder, **kwargs)
+            self._anyms_image_encoders = None
+            return out
         folders = list(image_encoder_folder)
         if len(folders) != len(weights):
             raise ValueError(f"image_encoder_folder has {len(folders)} entries but weight_name {len(weights)}: give "
@@ -614,19 +622,23 @@ class AnyMSPipelineMixin:
                 return None
             return sources[i], (folder if "/" in folder else "/".join(p for p in (subfolders[i], folder) if p))
 
-        super().load_ip_adapter(sources, subfolders, weights, image_encoder_folder=folders[0], **kwargs)
+        # the encoders of their own first, the adapters last: a failure leaves the pipeline as it was
+        own = {}
         first = where(0)
         for i in range(1, len(weights)):
-            own = where(i)
-            if own is None or own == first:
+            folder = where(i)
+            if folder is None or folder == first:
                 continue
             from diffusers.utils import is_transformers_version
             from transformers import CLIPVisionModelWithProjection
 
             dtype_kwarg = {"dtype" if is_transformers_version(">=", "4.56.0") else "torch_dtype": self.dtype}
             options = {k: kwargs[k] for k in ("cache_dir", "local_files_only", "token", "revision") if k in kwargs}
-            encoder = CLIPVisionModelWithProjection.from_pretrained(own[0], subfolder=own[1], **dtype_kwarg,
-                                                                    **options).to(self.device)
+            own[i] = CLIPVisionModelWithProjection.from_pretrained(folder[0], subfolder=folder[1], **dtype_kwarg,
+                                                                   **options).to(self.device)
+        super().load_ip_adapter(sources, subfolders, weights, image_encoder_folder=folders[0], **kwargs)
+        self._anyms_image_encoders = None
+        for i, encoder in own.items():
             self.set_ip_adapter_image_encoder(i, encoder)
 
     @classmethod

@@ -623,8 +623,9 @@ def unreached_subjects(layout, grids, num_steps: Optional[int] = None
 
 
 def idle_subjects(layout, grids, num_steps: Optional[int] = None) -> List[Tuple[int, str]]:
-    """``(subject, why)`` for every subject that acts at no layer of ``grids`` at any step: a
-    scale of 0, a window that holds no step, or blocks that select none of the layers
+    """``(subject, why)`` for every subject that acts at no layer of ``grids`` at any step: an
+    image at a scale of 0, a window that holds no step, or blocks that select none of the layers
+    (a subject's regional prompt acts at every layer of its window: such a subject acts)
     (arguments as :func:`unreached_subjects`)."""
     from .visualize import routing_rows
 
@@ -640,9 +641,11 @@ def idle_subjects(layout, grids, num_steps: Optional[int] = None) -> List[Tuple[
 
 
 def unreached_message(unreached, labels: Sequence[str], names: Optional[Sequence[str]] = None,
-                      idle: Sequence[Tuple[int, str]] = ()) -> List[str]:
+                      idle: Sequence[Tuple[int, str]] = (), kinds: Optional[Sequence[str]] = None) -> List[str]:
     """One line per subject that acts nowhere (``idle``, :func:`idle_subjects`) or vanishes at
-    some level (``unreached``, :func:`unreached_subjects`): its label, its name and why or where."""
+    some level (``unreached``, :func:`unreached_subjects`): its label, its name and why or where.
+    ``kinds``: the subjects' (``Layout.kinds``; default: each an image), which branches to name."""
+    branches = {"image": "its image does", "prompt": "its prompt does", "both": "its image and its prompt do"}
     def named(s):
         return f"subject {labels[s]!r}" + (f" ({names[s]})" if names else "")
 
@@ -651,8 +654,10 @@ def unreached_message(unreached, labels: Sequence[str], names: Optional[Sequence
     for s, (h, w), layers in unreached:
         by_subject.setdefault(s, []).append(f"{h}x{w}" + (f" ({layers} layer{'s' * (layers != 1)})" if layers else ""))
     for s, where in by_subject.items():
+        several = len(where) > 1
         lines.append(f"{named(s)} gets no token at the {', '.join(where)} level"
-                     f"{'s' if len(where) > 1 else ''}: the subjects on top of it cover every cell of its region "
-                     f"there whenever it acts, so its image does not act at that level (enlarge its region, move "
-                     f"it on top, or use --mode sum)")
+                     f"{'s' if several else ''}: the subjects on top of it cover every cell of its region "
+                     f"there whenever it acts, so {branches[kinds[s] if kinds else 'image']} not act at "
+                     f"{'those levels' if several else 'that level'} (enlarge its region, move it on top, or use "
+                     f"--mode sum)")
     return lines

@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from anyms_kernels.regions import Grid, check_grid, mask_bbox, rasterize_boxes
 
 from .layout import load_mask
+from .timing import step_acts
 
 __all__ = ["draw_layout", "mask_outline", "subject_masks", "cross_attention_grids", "cross_attention_layers",
            "subject_maps", "routing_figure", "routing_rows", "RoutingRow", "idle_reasons", "subject_colors"]
@@ -159,16 +160,19 @@ def mask_outline(mask, size: Tuple[int, int], width: int) -> Image.Image:
     return Image.fromarray(band.astype(np.uint8) * 255)
 
 
-def subject_masks(layout, grid: Grid, active: Optional[Sequence[bool]] = None) -> torch.Tensor:
+def subject_masks(layout, grid: Grid, active: Optional[Sequence[bool]] = None,
+                  prompt_active: Optional[Sequence[bool]] = None) -> torch.Tensor:
     """Where each subject's branch acted on one layer grid, weighted by its scale.
 
     Args:
         layout: an :class:`anyms.Layout` (regions in ascending priority, scales, mode).
         grid: ``(h, w)`` of a cross-attention layer.
-        active: one bool per subject, the subjects that act (default: those whose scale is
-            not 0). An inactive subject covers no token, as in the layout's routing
-            (:meth:`anyms.Layout.active_coverage`): in ``overwrite`` mode the subject under it
-            takes its tokens.
+        active: one bool per subject, the subjects whose image branch acts (default: those
+            whose scale is not 0). An inactive branch covers no token, as in the layout's
+            routing (:meth:`anyms.Layout.active_coverage`): in ``overwrite`` mode the branch
+            of its kind under it takes its tokens.
+        prompt_active: one bool per subject, the subjects whose regional prompt acts (default:
+            ``active`` where it is given, else every subject: a prompt acts whatever the scale).
 
     Returns:
         float32 ``[S, h, w]``: ``lambda_s`` where subject ``s``'s image attention was
@@ -182,9 +186,31 @@ def subject_masks(layout, grid: Grid, active: Optional[Sequence[bool]] = None) -
     num = layout.num_subjects
     if num == 0:
         return torch.zeros(0, h, w)
+    if prompt_active is None:
+        prompt_active = (True,) * num if active is None else active
     if active is None:
         active = tuple(bool(v) for v in (layout.scales != 0).tolist())
-    cover = layout.active_coverage((h, w), active)
+    image, prompt = _branch_masks(layout, (h, w), active, prompt_active)
+    return _branch_values(layout, image, prompt)
+
+
+def _branch_values(layout, image: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    """float32 ``[S, h, w]`` from where each subject's image and prompt branches act (bool
+    ``[S, h, w]`` each): its scale where its image does, 1 where only its prompt does."""
+    num = layout.num_subjects
+    values = image.to(torch.float32) * layout.scales.reshape(num, 1, 1)
+    return torch.where(prompt & ~image, torch.ones(()), values)
+
+
+def _branch_masks(layout, grid: Grid, image_active: Sequence[bool], prompt_active: Sequence[bool]):
+    """bool ``[S, h, w]`` twice: where each subject's image branch, and its prompt branch, takes
+    tokens when the branches of ``image_active`` / ``prompt_active`` act (one bool per subject)."""
+    num = layout.num_subjects
+    if len(image_active) != num or len(prompt_active) != num:
+        raise ValueError(f"active must hold {num} bools (one per subject), got {len(image_active)} and "
+                         f"{len(prompt_active)}")
+    with torch.inference_mode(False), torch.no_grad():
+        cover = layout.coverage(grid).clone()
     kinds = getattr(layout, "kinds", ("image",) * num)
 
     def acting(members):
@@ -196,12 +222,9 @@ def subject_masks(layout, grid: Grid, active: Optional[Sequence[bool]] = None) -
             acted = owner[None] == torch.arange(num).reshape(num, 1, 1)
         return acted
 
-    image = acting([k != "prompt" for k in kinds])
-    values = image.to(torch.float32) * layout.scales.reshape(num, 1, 1)
-    if any(k != "image" for k in kinds):
-        prompt = acting([k != "image" for k in kinds])
-        values = torch.where(prompt & ~image, torch.ones(()), values)
-    return values
+    image = acting([k != "prompt" and bool(a) for k, a in zip(kinds, image_active)])
+    prompt = acting([k != "image" and bool(a) for k, a in zip(kinds, prompt_active)])
+    return image, prompt
 
 
 @dataclass(frozen=True)
@@ -209,10 +232,11 @@ class RoutingRow:
     """The layers of one grid at which the same subjects act (one row of the routing picture).
 
     ``layers``: how many layers of ``grid`` these are (None: not known), of ``grid_layers``.
-    ``acts[s]``: subject ``s`` acts at these layers at some step (its blocks select them, its
-    scale is not 0 and its window holds a step). ``masks``: float32 ``[S, h, w]``, ``lambda_s``
-    where ``s``'s branch acts at some step (with windows: the union over the steps, each step
-    routed with the subjects active then). ``together``: bool ``[S, h, w]``, where each acts
+    ``acts[s]``: subject ``s`` acts at these layers at some step: its image (its blocks select
+    them, its scale is not 0 and its window holds a step) or its regional prompt (at every
+    layer, whenever its window holds a step). ``masks``: float32 ``[S, h, w]``, ``lambda_s``
+    where ``s``'s image branch acts at some step, 1 where only its prompt does (with windows:
+    the union over the steps, each step routed with the branches active then). ``together``: bool ``[S, h, w]``, where each acts
     when every subject of ``acts`` does (the composite panel; ``varies``: some subject of
     ``acts`` sits out some steps, so that moment may not occur). ``why_not[s]``: why a subject
     that does not act here does not (``""`` for one that acts).
@@ -229,15 +253,17 @@ class RoutingRow:
 
 
 def idle_reasons(layout, num_steps: Optional[int] = None) -> Tuple[str, ...]:
-    """Per subject, why it acts at no step at all (``""`` where it acts at some step): a scale
-    of 0, or a window that holds none of the ``num_steps`` steps (:mod:`anyms.timing`)."""
+    """Per subject, why it acts at no step at all (``""`` where it acts at some step): its image
+    at a scale of 0 (and no prompt), or a window that holds none of the ``num_steps`` steps
+    (:mod:`anyms.timing`). A regional prompt acts at every step of its window, whatever the scale."""
     states = _step_states(layout, num_steps)
+    kinds = getattr(layout, "kinds", ("image",) * layout.num_subjects)
     out = []
     for s in range(layout.num_subjects):
         start, end = layout.windows[s]
-        if float(layout.scales[s]) == 0:
+        if kinds[s] == "image" and float(layout.scales[s]) == 0:
             out.append("its scale is 0")
-        elif not any(state[s] for state in states):
+        elif not any(image[s] or prompt[s] for image, prompt in states):
             out.append(f"its window [{start:g}, {end:g}) holds none of the {_num_steps(layout, num_steps)} steps")
         else:
             out.append("")
@@ -255,17 +281,26 @@ def _num_steps(layout, num_steps: Optional[int]) -> int:
                      "number of denoising steps: give num_steps (a layout a pipeline ran knows it)")
 
 
-def _step_states(layout, num_steps: Optional[int]) -> List[Tuple[bool, ...]]:
-    """The distinct sets of subjects (one bool each) that the windows let act, over the steps."""
+def _step_states(layout, num_steps: Optional[int] = None) -> List[Tuple[Tuple[bool, ...], Tuple[bool, ...]]]:
+    """The distinct ``(image, prompt)`` states over the steps: per subject, whether its image branch
+    acts (its scale and timing weight are not 0) and whether its prompt branch does (its window
+    holds the step), as :meth:`anyms.Layout.set_step` sets them; blocks are the caller's."""
     num = layout.num_subjects
+    kinds = getattr(layout, "kinds", ("image",) * num)
+    scaled = [float(v) != 0 for v in layout.scales.tolist()]
+
+    def state(weights, windows):
+        return (tuple(k != "prompt" and a and w != 0 for k, a, w in zip(kinds, scaled, weights)),
+                tuple(k != "image" and bool(o) for k, o in zip(kinds, windows)))
+
     if not layout.timed:
-        return [(True,) * num]
+        return [state((1.0,) * num, (True,) * num)]
     n = _num_steps(layout, num_steps)
-    states: List[Tuple[bool, ...]] = []
+    states = []
     for step in range(n):
-        state = tuple(w != 0 for w in layout.step_weights(step, n))
-        if state not in states:
-            states.append(state)
+        current = state(layout.step_weights(step, n), [step_acts(step, n, a, b) for a, b in layout.windows])
+        if current not in states:
+            states.append(current)
     return states
 
 
@@ -298,7 +333,6 @@ def routing_rows(layout, grids, num_steps: Optional[int] = None) -> List[Routing
     num = layout.num_subjects
     states = _step_states(layout, num_steps)
     idle = idle_reasons(layout, num_steps)
-    scaled = tuple(bool(v) for v in (layout.scales != 0).tolist())
     rows = []
     for grid, layers in items:
         if isinstance(layers, (list, tuple)):
@@ -314,20 +348,29 @@ def routing_rows(layout, grids, num_steps: Optional[int] = None) -> List[Routing
             total = layers
             groups = {(True,) * num: layers}
         for selected, count in groups.items():
-            base = tuple(a and b for a, b in zip(scaled, selected))
-            union = torch.zeros(num, *grid, dtype=torch.bool)
-            acts = [False] * num
-            for state in states:
-                active = tuple(a and t for a, t in zip(base, state))
-                if any(active):
-                    union |= subject_masks(layout, grid, active) != 0
-                acts = [a or b for a, b in zip(acts, active)]
-            acts = tuple(acts)
+            # blocks weigh the image branches only: a prompt acts at every layer
+            moments = [(tuple(a and b for a, b in zip(image, selected)), prompt) for image, prompt in states]
+            image_union = torch.zeros(num, *grid, dtype=torch.bool)
+            prompt_union = torch.zeros(num, *grid, dtype=torch.bool)
+            image_acts, prompt_acts = [False] * num, [False] * num
+            for image, prompt in moments:
+                if any(image) or any(prompt):
+                    at_image, at_prompt = _branch_masks(layout, grid, image, prompt)
+                    image_union |= at_image
+                    prompt_union |= at_prompt
+                image_acts = [a or b for a, b in zip(image_acts, image)]
+                prompt_acts = [a or b for a, b in zip(prompt_acts, prompt)]
+            acts = tuple(a or b for a, b in zip(image_acts, prompt_acts))
             why = tuple("" if acts[s] else (idle[s] or "its blocks leave these layers out") for s in range(num))
-            together = subject_masks(layout, grid, acts) != 0 if num else torch.zeros(0, *grid, dtype=torch.bool)
-            varies = any(any(a and not t for a, t in zip(acts, state)) for state in states)
-            rows.append(RoutingRow(grid, count, total, acts, union.to(torch.float32) *
-                                   layout.scales.reshape(num, 1, 1), together, varies, why))
+            if num:
+                together = torch.ne(_branch_values(layout, *_branch_masks(layout, grid, image_acts, prompt_acts)), 0)
+            else:
+                together = torch.zeros(0, *grid, dtype=torch.bool)
+            varies = any(any((a and not i) or (b and not p) for a, i, b, p in zip(image_acts, image, prompt_acts,
+                                                                                 prompt))
+                         for image, prompt in moments)
+            rows.append(RoutingRow(grid, count, total, acts, _branch_values(layout, image_union, prompt_union),
+                                   together, varies, why))
     return rows
 
 

@@ -436,6 +436,56 @@ def test_set_ip_adapter_image_encoder_checks_the_index_and_unload_drops_it(subje
     assert pipe._anyms_image_encoders is None
 
 
+@pytest.mark.parametrize("bad", ["weights", "encoder"])
+def test_a_failed_load_leaves_the_adapters_and_their_encoders_as_they_were(subject_images, tmp_path, bad):
+    """A list-form load_ip_adapter that fails (a missing weight file, a missing encoder folder)
+    leaves the pipeline as before the call: the loaded adapters keep their own encoders (adapter 1
+    does not fall back to adapter 0's, which its resampler cannot read)."""
+    from anyms.pipeline import AnyMSStableDiffusionXLPipeline
+    from anyms.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline(AnyMSStableDiffusionXLPipeline, kind="sdxl", plus=[False, True], seed=0,
+                         ip_adapter_folder=str(tmp_path))
+    pipe.set_progress_bar_config(disable=True)
+    before = {i: pipe.ip_adapter_image_encoder(i)[0] for i in (0, 1)}
+    subjects = [Subject(subject_images[0], box=(0, 0, 0.5, 1)), Subject(subject_images[1], box=(0.5, 0, 1, 1),
+                                                                         adapter=1)]
+    expected = generate(pipe, subjects, steps=1)
+    names = sorted(f for d in ("adapter0", "adapter1") for f in os.listdir(tmp_path / d) if f.endswith(".safetensors"))
+    weights = ["nope.safetensors", "nope.safetensors"] if bad == "weights" else names
+    folders = ["image_encoder", "image_encoder"] if bad == "weights" else ["image_encoder", "no_such_encoder"]
+    with pytest.raises(OSError):
+        pipe.load_ip_adapter(str(tmp_path), subfolder=["adapter0", "adapter1"], weight_name=weights,
+                             image_encoder_folder=folders)
+    assert {i: pipe.ip_adapter_image_encoder(i)[0] for i in (0, 1)} == before
+    assert before[1] is not before[0]
+    torch.testing.assert_close(generate(pipe, subjects, steps=1), expected,
+                               atol=0, rtol=0)
+
+
+def test_loading_over_loaded_adapters_keeps_the_pipeline_s_encoder_as_documented(tmp_path):
+    """As diffusers does, load_ip_adapter reads adapter 0's encoder only into a pipeline without one:
+    a second list-form load naming another folder for adapter 0 keeps ``pipe.image_encoder`` (the
+    docstring says so); after unload_ip_adapter() the named folder is read."""
+    from anyms.pipeline import AnyMSStableDiffusionXLPipeline
+    from anyms.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline(AnyMSStableDiffusionXLPipeline, kind="sdxl", plus=[False, True], seed=0,
+                         ip_adapter_folder=str(tmp_path))
+    names = [next(f for f in os.listdir(tmp_path / d) if f.endswith(".safetensors")) for d in ("adapter0", "adapter1")]
+    kept = pipe.image_encoder
+    assert kept.config.hidden_size == 32
+    # adapter 0's folder: adapter 1's encoder (hidden 48), for both
+    again = dict(subfolder=["adapter0", "adapter1"], weight_name=names,
+                 image_encoder_folder=["adapter1/image_encoder", "adapter1/image_encoder"])
+    pipe.load_ip_adapter(str(tmp_path), **again)
+    assert pipe.image_encoder is kept and pipe.ip_adapter_image_encoder(1)[0] is kept
+    assert "unload_ip_adapter" in type(pipe).load_ip_adapter.__doc__
+    pipe.unload_ip_adapter()
+    pipe.load_ip_adapter(str(tmp_path), **again)
+    assert pipe.image_encoder.config.hidden_size == 48
+
+
 def test_the_embedding_cache_keys_on_the_adapter(two_adapter_pipe, subject_images):
     from anyms.embeddings import SubjectEmbeddingCache
 
@@ -582,7 +632,7 @@ def test_bad_adapters_on_the_command_line_exit_2_before_loading(two_adapters_on_
         (["a", "--subject", f"{s0}:0,0,1,1", *two, "--image-encoder", str(tmp_path)],
          r"--image-encoder is given 1 times for 2 --ip-adapter"),
         (["a", "--subject", f"{s0}:0,0,1,1:adapter=1", *two, "--upscale", "2", "--steps", "8"],
-         r"subjects\[0\]\.adapter is 1: tiled upscaling takes every subject from IP-Adapter 0"),
+         r"error: --upscale: tiled upscaling takes its subjects from one IP-Adapter, but 2 --ip-adapter are given"),
     ]
     for argv, message in cases:
         code, _, err = _cli(["generate", *argv, "--out", str(tmp_path / "x.png")]
@@ -761,3 +811,66 @@ def test_flux_processor_two_adapters_full_images_in_sum_mode_equal_diffusers():
         only = cover[s] & ~cover[1 - s]
         assert only.any()
         assert_close(split[:, only], term[:, only], atol=2e-5, rtol=1e-5, what=f"FLUX: subject {s} in its half")
+
+
+@pytest.mark.parametrize("two", [False, True], ids=["one-adapter", "two-adapters"])
+@pytest.mark.parametrize("max_memory", [False, True], ids=["load", "max-memory"])
+def test_a_local_image_encoder_folder_loads_and_estimates(two_adapters_on_disk, subject_images, tmp_path, capsys,
+                                                          two, max_memory):
+    """--image-encoder naming a local folder (no subfolder inside it): the run loads that encoder
+    (and --max-memory reads its config) rather than failing on the missing subfolder."""
+    model, plain, plus = two_adapters_on_disk
+    subject_images[0].save(tmp_path / "s0.png")
+    encoders = [os.path.join(os.path.dirname(plain), "image_encoder")]
+    adapters = ["--ip-adapter", plain]
+    if two:
+        encoders.append(os.path.join(os.path.dirname(plus), "image_encoder"))
+        adapters += ["--ip-adapter", plus]
+    out = tmp_path / "enc.png"
+    code, _, err = _cli(["generate", "a cat", "--model", model, *adapters,
+                         *[a for e in encoders for a in ("--image-encoder", e)],
+                         "--subject", f"{tmp_path / 's0.png'}:0,0,1,1" + (":adapter=1" if two else ""),
+                         *(["--max-memory", "64GB"] if max_memory else []),
+                         "--height", "64", "--width", "64", "--steps", "1", "--device", "cpu", "--no-pictures",
+                         "--out", str(out)], capsys)
+    assert code == 0, err
+    assert _record(out)["model"]["image_encoder"] == (encoders if two else encoders[0])
+
+
+def test_an_upscale_with_two_adapters_is_refused_before_loading(two_adapters_on_disk, subject_images, tmp_path,
+                                                                capsys, monkeypatch):
+    """Tiled upscaling takes one IP-Adapter: with two --ip-adapter an upscale from the options, a
+    layout file or a jobs line exits 2 in one line naming both, before any model loads and with
+    nothing written (not after the first generation, losing its image)."""
+    import json
+
+    from anyms import loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the upscale was checked")
+
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
+    model, plain, plus = two_adapters_on_disk
+    subject_images[0].save(tmp_path / "s0.png")
+    s0 = str(tmp_path / "s0.png")
+    two = ["--model", model, "--ip-adapter", plain, "--ip-adapter", plus, "--device", "cpu", "--steps", "8",
+           "--height", "64", "--width", "64"]
+    subject = {"image": "s0.png", "box": [0, 0, 1, 1]}
+    (tmp_path / "layout.json").write_text(json.dumps({"prompt": "a", "subjects": [subject], "upscale": {"scale": 2}}))
+    (tmp_path / "jobs.jsonl").write_text(json.dumps({"prompt": "a", "subjects": [subject]}) + "\n" + json.dumps(
+        {"prompt": "a", "subjects": [subject], "upscale": {"scale": 2}}) + "\n")
+    out_dir = tmp_path / "o"
+    cases = [
+        (["a", "--subject", f"{s0}:0,0,1,1", *two, "--upscale", "2", "--out", str(tmp_path / "x.png")],
+         r"error: --upscale: tiled upscaling takes its subjects from one IP-Adapter, but 2 --ip-adapter are given"),
+        (["--layout", str(tmp_path / "layout.json"), *two, "--out", str(tmp_path / "x.png")],
+         r"error: --layout .*layout\.json'?: upscale\.scale: tiled upscaling takes its subjects from one IP-Adapter, "
+         r"but 2 --ip-adapter"),
+        (["--jobs", str(tmp_path / "jobs.jsonl"), "--out-dir", str(out_dir), *two],
+         r"error: --jobs .*jobs\.jsonl:2: upscale\.scale: tiled upscaling takes its subjects from one IP-Adapter, but 2 "
+         r"--ip-adapter"),
+    ]
+    for argv, message in cases:
+        code, _, err = _cli(["generate", *argv], capsys)
+        assert code == 2 and err.count("\n") == 1 and re.search(message, err), (argv, err)
+    assert not (tmp_path / "x.png").exists() and not any(out_dir.glob("*.png"))

@@ -377,3 +377,28 @@ def test_the_routing_picture_follows_the_kinds_and_labels_prompts():
     assert picture.size == (64, 64)
     pytest.importorskip("matplotlib")
     assert subject_maps(layout, [(8, 8)], labels=["dog image", "a red dog"]).size[0] > 0
+
+
+def test_a_subject_whose_prompt_acts_is_not_warned_about(images, tmp_path, capsys):
+    """A subject with an image at scale 0 and a prompt: its prompt acts, so no "never acts" warning;
+    a region under a region of its kind is warned about as a prompt (not as an image)."""
+    import json
+
+    layout = tmp_path / "layout.json"
+    layout.write_text(json.dumps({"prompt": "a dog on a sofa", "subjects": [
+        {"image": str(images[0]), "box": [0, 0, 0.6, 1], "prompt": "a red dog", "scale": 0.0},
+        {"prompt": "a cushion", "box": [0.7, 0, 0.9, 0.5]}, {"prompt": "a sofa", "box": [0.6, 0, 1, 1]}]}))
+    code, _, err = _cli(["generate", "--layout", str(layout), *TINY, "--no-pictures", "--out",
+                         str(tmp_path / "a.png")], capsys)
+    assert code == 0, err
+    assert "never acts" not in err, err
+    assert re.search(r"subject 'a cushion' \(subjects\[1\]\) gets no token .* so its prompt does not act", err), err
+
+
+def test_regional_prompts_alone_say_they_need_an_ip_adapter_too():
+    """AnyMS's processors are the IP-Adapter's, so a call with text-only regions needs one loaded
+    as well: the error says so (not only "subjects"), before any model work."""
+    pipe = tiny_pipeline(AnyMSStableDiffusionPipeline, kind="sd15", seed=0, with_ip_adapter=False)
+    with pytest.raises(ValueError, match=r"subjects need a loaded IP-Adapter, regional prompts alone too .*"
+                                         r"load_ip_adapter"):
+        pipe("a cat", subjects=[Subject(prompt="a dog", box=FULL)], num_inference_steps=1)

@@ -195,3 +195,55 @@ def test_a_subject_of_scale_zero_leaves_its_tokens_to_the_one_under_it():
     layout = Layout([FULL, FULL], (8, 8), scales=[1.0, 0.0])
     masks = subject_masks(layout, (4, 4))
     assert (masks[0] == 1).all() and (masks[1] == 0).all()
+
+
+def test_a_subject_acts_where_its_image_or_its_prompt_does():
+    """A subject's prompt acts at every layer, at weight 1, within its window, whatever its scale,
+    schedule and blocks (which weigh its image only): the routing rows, the idle reasons and the
+    warnings count the subject as acting wherever either branch does."""
+    from anyms.preflight import idle_subjects, unreached_message, unreached_subjects
+    from anyms.visualize import idle_reasons, routing_rows
+
+    left, right = [0.0, 0.0, 0.5, 1.0], [0.5, 0.0, 1.0, 1.0]
+    # image and prompt at scale 0: the prompt acts (weight 1 in its region), the image does not
+    both0 = Layout([left, right], (8, 8), scales=[0.0, 1.0], kinds=["both", "image"])
+    assert idle_reasons(both0) == ("", "")
+    (row,) = routing_rows(both0, [(8, 8)])
+    assert row.acts == (True, True) and row.why_not == ("", "")
+    region = both0.coverage((8, 8))[0]
+    assert row.masks[0][region].eq(1.0).all() and not row.masks[0][~region].any()
+    assert row.together[0].equal(region)
+    assert idle_subjects(both0, [(8, 8)]) == [] and unreached_subjects(both0, [(8, 8)]) == []
+    # an image alone at scale 0 still never acts
+    image0 = Layout([left, right], (8, 8), scales=[0.0, 1.0], kinds=["image", "image"])
+    assert idle_reasons(image0) == ("its scale is 0", "")
+    assert idle_subjects(image0, [(8, 8)]) == [(0, "its scale is 0")]
+    # blocks weigh the image only: image and prompt at a block's layers, the prompt alone elsewhere
+    both_blocks = Layout([left], (8, 8), kinds=["both"], blocks=[["down_blocks.1"]])
+    rows = routing_rows(both_blocks, TINY_LAYERS)
+    assert [r.acts for r in rows] == [(True,)] * len(rows) and all(r.why_not == ("",) for r in rows)
+    assert all(r.masks[0][both_blocks.coverage(r.grid)[0]].eq(1.0).all() for r in rows)
+    # a prompt-only subject under blocks (the call's): it acts at every layer; the image subject not
+    prompt_blocks = Layout([left, right], (8, 8), kinds=["image", "prompt"],
+                           blocks=[["down_blocks.1"], ["down_blocks.1"]])
+    rows = routing_rows(prompt_blocks, TINY_LAYERS)
+    assert [r.acts for r in rows] == [(True, True), (False, True), (False, True)]
+    assert rows[2].why_not == ("its blocks leave these layers out", "")
+    assert idle_subjects(prompt_blocks, TINY_LAYERS) == []
+    # a window that holds no step silences both branches
+    shut = Layout([left], (8, 8), scales=[0.0], kinds=["both"], windows=[(0.0, 0.0)])
+    assert idle_reasons(shut, 4) == ("its window [0, 0) holds none of the 4 steps",)
+
+
+def test_the_unreached_warning_names_the_branches_of_the_subject_s_kind():
+    from anyms.preflight import unreached_message, unreached_subjects
+
+    layout = Layout([[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0]], (16, 16),
+                    kinds=["prompt", "image", "prompt"])
+    unreached = unreached_subjects(layout, {(16, 16): 1, (8, 8): 1})
+    assert [s for s, _, _ in unreached] == [0, 0]
+    (line,) = unreached_message(unreached, ["small text", "big image", "big text"], kinds=layout.kinds)
+    assert "its prompt does not act at those levels" in line and "image" not in line, line
+    both = unreached_message([(0, (8, 8), 1)], ["x"], kinds=["both"])
+    assert "its image and its prompt do not act at that level" in both[0], both
+    assert "its image does not act at that level" in unreached_message([(0, (8, 8), 1)], ["x"])[0]
