@@ -442,14 +442,17 @@ def check_job(job: Job, arch: str = "sdxl", upscale_geometry=None, num_adapters:
 
             job.plan.refuse_prompts(FLUX_NO_PROMPTS)
             job.plan.require_guidance(False, "FLUX runs here without classifier-free guidance")
-        if job.upscale is not None:
-            job.plan.refuse_prompts(f"{(job.upscale_names or UPSCALE_OPTIONS)['scale']}: tiled upscaling does not "
-                                    f"take regional prompts; leave out the upscale or the prompt")
-        elif job.guidance is not None:
+        if job.upscale is None and job.guidance is not None:
             job.plan.require_guidance(job.guidance > 1, f"guidance {job.guidance:g} <= 1")
         job.hashes = subject_hashes(job.subjects)     # the record's, whatever happens to the files later
     except (ValueError, TypeError) as e:
         raise job.error(str(e)) from None
+    if job.upscale is not None:
+        try:
+            job.plan.refuse_prompts("tiled upscaling does not take regional prompts; leave out the upscale or "
+                                    "the prompt")
+        except ValueError as e:      # the upscale's name says where it came from (--jobs FILE:LINE: ...)
+            raise UsageError(f"{(job.upscale_names or UPSCALE_OPTIONS)['scale']}: {e}") from None
     if job.upscale is not None and upscale_geometry is not None:
         check_upscale(job, upscale_geometry)
     return job

@@ -282,7 +282,7 @@ def test_region_record_and_from_regenerate_bit_for_bit(images, tmp_path, capsys)
     (["--region", "a dog@0,0,1,1", "--layout", "x.json"], r"--region goes with --subject or alone, not with --layout"),
     (["--region", "a dog@0,0,1.5,1"], r"subjects\[0\]\.box"),
     (["--region", "a dog@0,0,1,1", "--arch", "flux", "--model", "tiny"], r"subjects\[0\]\.prompt: .*FLUX"),
-    (["--region", "a dog@0,0,1,1", "--upscale", "2"], r"subjects\[0\]\.prompt: --upscale: tiled upscaling"),
+    (["--region", "a dog@0,0,1,1", "--upscale", "2"], r"--upscale: subjects\[0\]\.prompt: tiled upscaling"),
 ])
 def test_bad_regions_are_one_line_before_loading(argv, message, capsys, monkeypatch):
     from anyms import cli, loading
@@ -326,6 +326,21 @@ def test_bad_prompt_lines_in_jobs_name_the_line_and_the_key(subject, message, tm
     code, _, err = _cli(["generate", "--jobs", str(path), *TINY, "--out-dir", str(tmp_path / "out")], capsys)
     assert code == 2, err
     assert re.search(r"--jobs .*" + message, err), err
+
+
+def test_a_jobs_line_with_an_upscale_and_a_prompt_names_its_line_once(tmp_path, capsys, monkeypatch):
+    import json
+
+    from anyms import jobs as jobs_module
+
+    monkeypatch.setattr(jobs_module, "generate_image", _no_loading)
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(json.dumps({"prompt": "a cat", "upscale": {"scale": 2}, "steps": 8,
+                                "subjects": [{"prompt": "a dog", "box": [0, 0, 0.5, 1]}]}) + "\n")
+    code, _, err = _cli(["generate", "--jobs", str(path), *TINY, "--out-dir", str(tmp_path / "out")], capsys)
+    assert code == 2, err
+    assert re.search(r"jobs\.jsonl:1: upscale\.scale: subjects\[0\]\.prompt: tiled upscaling", err), err
+    assert err.count("jobs.jsonl:1") == 1, err
 
 
 def test_a_layout_file_with_a_text_only_subject_runs(images, tmp_path, capsys):
