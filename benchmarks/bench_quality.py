@@ -58,6 +58,18 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).strip("-")[:40]
 
 
+CSV_FIELDS = ["mode", "scale", "kind", "layout", "seed", "subject", "colour", "shape_name", "owner", "presence",
+              "shape", "similarity", "leakage", "region_pixels"]
+
+
+def write_rows(path: str, rows) -> None:
+    """One CSV row per box (the modes' run and the upscale's share the columns)."""
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--world", default=None, help="a world folder (default: the shipped weights)")
@@ -144,12 +156,7 @@ def main(argv=None) -> int:
     commit = git_commit()
     stem = os.path.join(args.out_dir, f"quality{'_quick' if args.quick else ''}_{_slug(machine)}_{commit}")
     os.makedirs(args.out_dir, exist_ok=True)
-    fields = ["mode", "scale", "kind", "layout", "seed", "subject", "colour", "shape_name", "owner", "presence",
-              "shape", "similarity", "leakage", "region_pixels"]
-    with open(stem + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(stem + ".csv", rows)
 
     def select(mode, scale=1.0, kinds=ev.LAYOUT_KINDS):
         sel = [r for r in rows if r["mode"] == mode and r["scale"] == scale and r["kind"] in kinds]
@@ -239,12 +246,7 @@ def upscale_run(args, pipe, layouts, classifier, clean, encoder, world_folder, t
     stem = os.path.join(args.out_dir, f"quality_upscale{args.upscale}{strength}{'_quick' if args.quick else ''}_"
                                       f"{_slug(machine)}_{commit}")
     os.makedirs(args.out_dir, exist_ok=True)
-    fields = ["mode", "scale", "kind", "layout", "seed", "subject", "colour", "shape_name", "owner", "presence",
-              "shape", "similarity", "leakage", "region_pixels"]
-    with open(stem + ".csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(stem + ".csv", rows)
     table = []
     for variant in UPSCALE_VARIANTS:
         for kinds, label in ((ev.LAYOUT_KINDS, "all"),) + tuple(((k,), k) for k in ev.LAYOUT_KINDS):
