@@ -18,6 +18,8 @@ from anyms.branches import adapter_layers
 from anyms.pipeline import AnyMSStableDiffusionXLPipeline, prepare_subjects
 from anyms.tiny import tiny_pipeline
 
+from .cli_checks import assert_refused_in_one_line, job_source, no_loading
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 2
@@ -299,10 +301,6 @@ def test_changing_scales_do_not_recompile_with_blocks(subject_images):
 TINY = ["--model", "tiny", "--height", "64", "--width", "64", "--steps", "2", "--device", "cpu", "--no-pictures"]
 
 
-def no_loading(*args, **kwargs):
-    raise AssertionError("a model was loaded before the input was checked")
-
-
 BAD_FILE = [({"blocks": "styel"}, r"subjects\[1\]\.blocks must be a preset"),
             ({"blocks": []}, r"subjects\[1\]\.blocks is empty"),
             ({"blocks": {"up_blocks.0": True}}, r"subjects\[1\]\.blocks\['up_blocks.0'\] must be a finite number")]
@@ -312,27 +310,14 @@ BAD_FILE = [({"blocks": "styel"}, r"subjects\[1\]\.blocks must be a preset"),
 @pytest.mark.parametrize("source", ["--layout", "--jobs"])
 def test_bad_blocks_in_a_file_are_one_line_exit_2_before_loading(tmp_path, subject_images, capsys, monkeypatch,
                                                                  bad, message, source):
-    import json
-    import re
-
-    from anyms import cli, loading
+    from anyms import loading
 
     monkeypatch.setattr(loading, "_load_pipeline", no_loading)
     subject_images[0].save(tmp_path / "s.png")
     good = {"image": "s.png", "box": list(LOW)}
     job = {"prompt": "a", "subjects": [good, {**good, "box": list(HIGH), **bad}]}
-    if source == "--layout":
-        (tmp_path / "layout.json").write_text(json.dumps(job))
-        argv = ["--layout", str(tmp_path / "layout.json"), "--out", str(tmp_path / "x.png")]
-        where = r"--layout .*layout\.json.*: "
-    else:
-        (tmp_path / "jobs.jsonl").write_text(json.dumps({"prompt": "a", "subjects": [good]}) + "\n" + json.dumps(job))
-        argv = ["--jobs", str(tmp_path / "jobs.jsonl"), "--out-dir", str(tmp_path / "out")]
-        where = r"--jobs .*jobs\.jsonl:2: "
-    code = cli.main(["generate", *argv, "--model", "tiny", "--steps", "2", "--device", "cpu"])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and re.search(where + message, err), err
-    assert not (tmp_path / "x.png").exists() and not (tmp_path / "out").exists()
+    argv, where = job_source(tmp_path, source, job, {"prompt": "a", "subjects": [good]})
+    assert_refused_in_one_line(tmp_path, argv, where + message, capsys)
 
 
 @pytest.mark.parametrize("option,message", [

@@ -23,6 +23,8 @@ from anyms.job import Job, check_job
 from anyms.pipeline import AnyMSStableDiffusionXLPipeline, prepare_subjects
 from anyms.tiny import tiny_pipeline
 
+from .cli_checks import assert_refused_in_one_line, job_source, no_loading
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 2
@@ -41,10 +43,6 @@ def run(pipe, prompt="a cat and a dog", seed=0, **kwargs):
     kwargs.setdefault("num_inference_steps", STEPS)
     kwargs.setdefault("output_type", "latent")
     return pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs).images
-
-
-def no_loading(*args, **kwargs):
-    raise AssertionError("a model was loaded before the input was checked")
 
 
 # ------------------------------------------------------------------ the U-Net pipelines
@@ -290,24 +288,15 @@ def test_a_bad_negative_image_in_a_file_is_one_line_exit_2_before_loading(tmp_pa
     guidance = bad.pop("guidance", None)
     good = {"image": "s.png", "box": list(LEFT)}
     job = {"prompt": "a", "subjects": [good, {**good, "box": list(RIGHT), **bad}]}
+    if source == "--jobs" and guidance is not None:
+        job["guidance"] = guidance
+    argv, where = job_source(tmp_path, source, job, {"prompt": "a", "subjects": [good]})
     if source == "--layout":
-        (tmp_path / "layout.json").write_text(json.dumps(job))
-        argv = ["--layout", str(tmp_path / "layout.json"), "--out", str(tmp_path / "x.png")]
         argv += [] if guidance is None else ["--guidance", str(guidance)]
         # the file's own checks name the file; reading the images (as for "image") and the
         # guidance are the job's checks, which name the key
-        where = r"--layout .*layout\.json.*: " if "path string" in message else ""
-    else:
-        if guidance is not None:
-            job["guidance"] = guidance
-        (tmp_path / "jobs.jsonl").write_text(json.dumps({"prompt": "a", "subjects": [good]}) + "\n"
-                                             + json.dumps(job) + "\n")
-        argv = ["--jobs", str(tmp_path / "jobs.jsonl"), "--out-dir", str(tmp_path / "out")]
-        where = r"--jobs .*jobs\.jsonl:2: "
-    code = cli.main(["generate", *argv, "--model", "tiny", "--steps", "2", "--device", "cpu"])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and re.search(where + message, err), err
-    assert not (tmp_path / "x.png").exists() and not (tmp_path / "out").exists()
+        where = where if "path string" in message else ""
+    assert_refused_in_one_line(tmp_path, argv, where + message, capsys)
 
 
 def test_the_cli_refuses_a_negative_image_with_flux_before_loading(tmp_path, subject_images):

@@ -21,6 +21,8 @@ from anyms.pipeline import AnyMSStableDiffusionXLPipeline, prepare_subjects
 from anyms.timing import SCHEDULES, step_acts, step_weight
 from anyms.tiny import tiny_pipeline
 
+from .cli_checks import assert_refused_in_one_line, job_source, no_loading
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = 4
@@ -115,10 +117,6 @@ def test_bad_timing_names_the_subject_and_key(subject_images, bad, message):
         prepare_subjects(subjects)
 
 
-def no_loading(*args, **kwargs):
-    raise AssertionError("a model was loaded before the input was checked")
-
-
 @pytest.mark.parametrize("bad,message", BAD, ids=[str(b) for b, _ in BAD])
 @pytest.mark.parametrize("source", ["--layout", "--jobs"])
 def test_bad_timing_in_a_file_is_one_line_exit_2_before_loading(tmp_path, subject_images, capsys, monkeypatch,
@@ -127,19 +125,8 @@ def test_bad_timing_in_a_file_is_one_line_exit_2_before_loading(tmp_path, subjec
     subject_images[0].save(tmp_path / "s.png")
     good = {"image": "s.png", "box": list(LOW)}
     job = {"prompt": "a", "subjects": [good, {**good, "box": list(HIGH), **bad}]}
-    text = json.dumps(job).replace("NaN", "NaN")
-    if source == "--layout":
-        (tmp_path / "layout.json").write_text(text)
-        argv = ["--layout", str(tmp_path / "layout.json"), "--out", str(tmp_path / "x.png")]
-        where = r"--layout .*layout\.json.*: "
-    else:
-        (tmp_path / "jobs.jsonl").write_text(json.dumps({"prompt": "a", "subjects": [good]}) + "\n" + text + "\n")
-        argv = ["--jobs", str(tmp_path / "jobs.jsonl"), "--out-dir", str(tmp_path / "out")]
-        where = r"--jobs .*jobs\.jsonl:2: "
-    code = cli.main(["generate", *argv, "--model", "tiny", "--steps", "2", "--device", "cpu"])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and re.search(where + message, err), err
-    assert not (tmp_path / "x.png").exists() and not (tmp_path / "out").exists()
+    argv, where = job_source(tmp_path, source, job, {"prompt": "a", "subjects": [good]})
+    assert_refused_in_one_line(tmp_path, argv, where + message, capsys)
 
 
 BAD_RECORD = [({"start": 2}, r'"layout.subjects\[0\].start" must be a number in \[0, 1\]'),
