@@ -21,6 +21,7 @@ from anyms.tiny import tiny_pipeline
 from anyms_kernels.reference import region_cross_attention_reference
 from anyms_kernels.regions import box_cover, rasterize_boxes
 
+from .cli_checks import no_loading
 from .test_processor import make_inputs, make_layer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -243,10 +244,6 @@ def _cli(argv, capsys):
     return code, captured.out, captured.err
 
 
-def _no_loading(*args, **kwargs):
-    raise AssertionError("a model was loaded before the input was checked")
-
-
 def test_region_record_and_from_regenerate_bit_for_bit(images, tmp_path, capsys):
     """--region beside --subject: the PNG record holds the prompt (no image keys), and --from makes
     the same bytes of pixels from the record alone."""
@@ -287,8 +284,8 @@ def test_region_record_and_from_regenerate_bit_for_bit(images, tmp_path, capsys)
 def test_bad_regions_are_one_line_before_loading(argv, message, capsys, monkeypatch):
     from anyms import cli, loading
 
-    monkeypatch.setattr(cli, "load_for_run", _no_loading)
-    monkeypatch.setattr(loading, "_load_pipeline", _no_loading)
+    monkeypatch.setattr(cli, "load_for_run", no_loading)
+    monkeypatch.setattr(loading, "_load_pipeline", no_loading)
     code, _, err = _cli(["generate", "a cat", *argv, "--device", "cpu"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert re.search(message, err), err
@@ -297,7 +294,7 @@ def test_bad_regions_are_one_line_before_loading(argv, message, capsys, monkeypa
 def test_a_long_region_prompt_is_refused_after_loading_before_denoising(capsys, monkeypatch, tmp_path):
     from anyms import job as job_module
 
-    monkeypatch.setattr(job_module, "generate_image", _no_loading)
+    monkeypatch.setattr(job_module, "generate_image", no_loading)
     long = " ".join(["dog"] * 80)
     code, _, err = _cli(["generate", "a cat", "--region", "a cat@0,0,1,1", "--region", f"{long}@0,0,0.5,0.5",
                          *TINY, "--out", str(tmp_path / "x.png")], capsys)
@@ -318,7 +315,7 @@ def test_bad_prompt_lines_in_jobs_name_the_line_and_the_key(subject, message, tm
 
     from anyms import jobs as jobs_module
 
-    monkeypatch.setattr(jobs_module, "generate_image", _no_loading)
+    monkeypatch.setattr(jobs_module, "generate_image", no_loading)
     lines = [{"prompt": "a cat", "subjects": [{"prompt": "a dog", "box": [0, 0, 0.5, 1]}]},
              {"prompt": "a cat", "subjects": [subject]}]
     path = tmp_path / "jobs.jsonl"
@@ -333,7 +330,7 @@ def test_a_jobs_line_with_an_upscale_and_a_prompt_names_its_line_once(tmp_path, 
 
     from anyms import jobs as jobs_module
 
-    monkeypatch.setattr(jobs_module, "generate_image", _no_loading)
+    monkeypatch.setattr(jobs_module, "generate_image", no_loading)
     path = tmp_path / "jobs.jsonl"
     path.write_text(json.dumps({"prompt": "a cat", "upscale": {"scale": 2}, "steps": 8,
                                 "subjects": [{"prompt": "a dog", "box": [0, 0, 0.5, 1]}]}) + "\n")

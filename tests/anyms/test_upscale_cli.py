@@ -12,6 +12,8 @@ from PIL import Image
 
 from anyms import cli, loading
 
+from .cli_checks import no_loading
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ["--model", "tiny", "--height", "64", "--width", "64", "--steps", "4", "--device", "cpu"]
@@ -169,10 +171,6 @@ def test_an_unset_tile_means_the_models_default_on_resume(folder, capsys):
 
 
 # ------------------------------------------------------------------ bad input, before loading
-def no_loading(*args, **kwargs):
-    raise AssertionError("a model was loaded before the input was checked")
-
-
 # (the upscale object, what the error says after the argument's name); each also given as options
 BAD = [
     ({"scale": 3}, r"must be 2 or 4, got 3"),
