@@ -429,22 +429,6 @@ if HAS_TRITON:
 
                 # Level 2: only the subjects on this tile's list (usually one, often none).
                 if PREFETCH_TEXT and SUBJ_LEN <= BLOCK_T:
-                    # The next tile's first subject: its weights and keys, in flight during this
-                    # tile's subjects and store.
-                    w0_n = _subject_weight(s0_n, owner_n, text_owner_n, COVER, SCALES, b_m, pos_next,
-                                           (pos_next < N) & (pos_next * 0 + count_n > 0), stride_cb, stride_cs,
-                                           stride_sb, stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
-                    n0_n = SUBJ_LEN
-                    if HAS_SUBJ_TOKENS:
-                        n0_n = tl.load(SUBJ_TOKENS + s0_n)
-                    k0_n, v0_n, ok0_n = _load_keys(
-                        KS + tl.multiple_of(b_m * stride_ksb + h_m * stride_ksh + s0_n * stride_kss, VEC),
-                        VS + tl.multiple_of(b_m * stride_vsb + h_m * stride_vsh + s0_n * stride_vss, VEC),
-                        0, tl.where(count_n > 0, n0_n, 0), stride_kst, stride_ksd, stride_vst, stride_vsd, offs_d,
-                        d_ok, TEXT_MASK, 0, False, BLOCK_T)
-                    # ... and the index of its second, which the tile's count (arrived by now) guards.
-                    s1_n = tl.load(TILE_SUBJECTS + b_m * stride_tsb + tile_m * stride_tst + 1, mask=count_n > 1,
-                                   other=0)
                     # This tile's subjects, software-pipelined: while subject j computes, the keys and
                     # weights of subject j + 1 (its index arrived one step ago) and the index of
                     # subject j + 2 are in flight. Subject 0 arrived during the tile before.
@@ -489,6 +473,26 @@ if HAS_TRITON:
                                                TEXT_MASK, 0, qk_scale, offs_d, d_ok, False, BLOCK_M, BLOCK_T, BLOCK_D,
                                                DOT_PRECISION, SUBJ_LOOP_STAGES)
                             out += weight[:, None] * z
+
+                if PREFETCH_TEXT and SUBJ_LEN <= BLOCK_T:
+                    # The next tile's first subject: its weights and keys, in flight during this
+                    # tile's store and the next tile's text branch. Issued after this tile's subjects:
+                    # loads issued before them would share a scoreboard with the subject keys the loop
+                    # stores to shared memory first, which would then wait for these too.
+                    w0_n = _subject_weight(s0_n, owner_n, text_owner_n, COVER, SCALES, b_m, pos_next,
+                                           (pos_next < N) & (pos_next * 0 + count_n > 0), stride_cb, stride_cs,
+                                           stride_sb, stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
+                    n0_n = SUBJ_LEN
+                    if HAS_SUBJ_TOKENS:
+                        n0_n = tl.load(SUBJ_TOKENS + s0_n)
+                    k0_n, v0_n, ok0_n = _load_keys(
+                        KS + tl.multiple_of(b_m * stride_ksb + h_m * stride_ksh + s0_n * stride_kss, VEC),
+                        VS + tl.multiple_of(b_m * stride_vsb + h_m * stride_vsh + s0_n * stride_vss, VEC),
+                        0, tl.where(count_n > 0, n0_n, 0), stride_kst, stride_ksd, stride_vst, stride_vsd, offs_d,
+                        d_ok, TEXT_MASK, 0, False, BLOCK_T)
+                    # ... and the index of its second, which the tile's count (arrived by now) guards.
+                    s1_n = tl.load(TILE_SUBJECTS + b_m * stride_tsb + tile_m * stride_tst + 1, mask=count_n > 1,
+                                   other=0)
 
                 o_rows = tl.multiple_of(o_base + tok * stride_on, VEC)
                 tl.store(OUT + o_rows[:, None] + offs_d[None, :] * stride_od, out.to(OUT.dtype.element_ty),
