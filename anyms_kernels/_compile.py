@@ -56,6 +56,7 @@ class ResourceUsage:
     shared_bytes: int      # Triton's shared-memory allocation for one program
     text_subjects: bool = False   # compiled for text-kind subjects (HAS_TEXT_SUBJECTS)
     subject_counts: bool = False  # compiled for per-subject token counts (HAS_SUBJ_TOKENS)
+    int32_offsets: bool = True    # compiled with 32-bit address math (OFFSETS_32: 16-bit heads up to 64)
 
     @property
     def spills(self) -> bool:
@@ -71,13 +72,15 @@ def _nvidia_tool(name: str) -> str:
 
 def compile_kernel(head_dim: int, dtype: torch.dtype, config, *, arch: int = 90, overwrite: bool = True,
                    has_text_mask: bool = False, text_len: int = 77, subject_tokens: int = 16, vec: int = None,
-                   has_text: bool = True, text_subjects: bool = False, subject_counts: bool = False):
+                   has_text: bool = True, text_subjects: bool = False, subject_counts: bool = False,
+                   int32_offsets: bool = True):
     """Compile ``_region_attention_fwd`` for ``sm_<arch>`` without a GPU; returns the CompiledKernel.
 
     ``vec``: the alignment hint the launcher would pass (default: 16 bytes, what
     diffusers' layouts give for the supported head dims). ``subject_tokens``: T, the longest
     subject; ``text_subjects`` / ``subject_counts``: compile the variants for text-kind subjects
-    and for per-subject token counts."""
+    and for per-subject token counts; ``int32_offsets``: the launcher's choice for inputs whose
+    offsets fit int32 (every SDXL and FLUX layer), else the 64-bit address math."""
     reason = triton_unavailable_reason()
     if reason:
         raise RuntimeError(reason)
@@ -112,6 +115,7 @@ def compile_kernel(head_dim: int, dtype: torch.dtype, config, *, arch: int = 90,
         HAS_TEXT_SUBJECTS=text_subjects, HAS_SUBJ_TOKENS=subject_counts,
         SUBJ_LOOP_STAGES=rt.subject_loop_stages(head_dim, subject_counts),
         VEC=vec or 16 // torch.empty((), dtype=dtype).element_size(),
+        OFFSETS_32=int32_offsets and rt.prefetch_text(head_dim, dtype),   # the launcher's rule (int32_offsets)
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
     )
     constexprs.update({name: 1 for name in _UNIT_STRIDES})
@@ -144,10 +148,13 @@ def _ptxas_spills(ptx: str, arch: int):
 
 def resource_usage(head_dim: int, dtype: torch.dtype, config, *, arch: int = 90, overwrite: bool = True,
                    text_len: int = 77, subject_tokens: int = 16, text_subjects: bool = False,
-                   subject_counts: bool = False) -> ResourceUsage:
+                   subject_counts: bool = False, int32_offsets: bool = True) -> ResourceUsage:
     """Registers, stack, spills and shared memory of one configuration, read from its cubin."""
+    from .ops import region_attention_triton as rt
+
     ck = compile_kernel(head_dim, dtype, config, arch=arch, overwrite=overwrite, text_len=text_len,
-                        subject_tokens=subject_tokens, text_subjects=text_subjects, subject_counts=subject_counts)
+                        subject_tokens=subject_tokens, text_subjects=text_subjects, subject_counts=subject_counts,
+                        int32_offsets=int32_offsets)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
@@ -162,6 +169,7 @@ def resource_usage(head_dim: int, dtype: torch.dtype, config, *, arch: int = 90,
         num_stages=config.num_stages, registers=int(fields["REG"]), stack_bytes=int(fields["STACK"]),
         spill_stores=stores, spill_loads=loads, shared_bytes=int(ck.metadata.shared),
         text_subjects=text_subjects, subject_counts=subject_counts,
+        int32_offsets=int32_offsets and rt.prefetch_text(head_dim, dtype),
     )
 
 

@@ -559,6 +559,10 @@ def frequencies(an: Analysis, trips: Dict[str, float], runs: Dict[str, float],
             prob[k] = 1.0 if tr <= 0 else 1.0 / tr
             continue
         skipped = [lp for lp in loops if k < lp.head < target and lp.construct]
+        # The guard skips the outermost of them: a loop nested in another (a tile's subject
+        # loop inside the tile loop) may run zero times while the loop around it runs.
+        skipped = [lp for lp in skipped if not any(o is not lp and o.head <= lp.head and lp.latch <= o.latch
+                                                   for o in skipped)]
         if skipped:                                                         # a zero-trip guard
             prob[k] = 1.0 if any(trips[lp.construct] <= 0 for lp in skipped) else 0.0
             continue

@@ -72,9 +72,9 @@ LISTING = [
 ]
 
 
-def _sass(path: str) -> str:
+def _sass(path: str, listing=LISTING) -> str:
     out = []
-    for item in LISTING:
+    for item in listing:
         if isinstance(item, str):
             out.append(item + ":")
             continue
@@ -117,6 +117,56 @@ def test_counts_of_a_hand_written_listing(tmp_path):
     # a loop with no trips: its zero-trip guard is taken
     freq0 = kc.frequencies(an, {"text_keys": 0, "subjects": 4, "subject_keys": 2}, {"acting": 0.5})
     assert round(freq0[[b.start for b in an.blocks].index(0x20)], 9) == 0
+
+
+NESTED_SOURCE = '''\
+def kern(T, S):
+    a = 0
+    for t in range(0, T):
+        for s in range(0, S):
+            a = a + 1
+        a = a * 2
+    return a
+'''
+
+# A tile loop whose body holds a subject loop; each loop has its zero-trip guard.
+NESTED_LISTING = [
+    (0x00, "MOV R1, RZ", (2,)),
+    (0x10, "@!P0 BRA `(.L_x_0)", (3,)),              # zero-trip guard of the tile loop: skips both loops
+    ".L_x_1",
+    (0x20, "ISETP.GE.AND P1, PT, R2, 0x1, PT", (4,)),
+    (0x30, "@!P1 BRA `(.L_x_2)", (4,)),              # zero-trip guard of the subject loop
+    ".L_x_3",
+    (0x40, "IADD3 R1, R1, 0x1, RZ", (5,)),
+    (0x50, "@P2 BRA `(.L_x_3)", (4,)),               # subject loop back edge
+    ".L_x_2",
+    (0x60, "FMUL R1, R1, 2", (6,)),
+    (0x70, "FMUL R1, R1, 2", (6,)),
+    (0x80, "FMUL R1, R1, 2", (6,)),
+    (0x90, "FMUL R1, R1, 2", (6,)),
+    (0xa0, "@P3 BRA `(.L_x_1)", (3,)),               # tile loop back edge
+    ".L_x_0",
+    (0xb0, "EXIT", (7,)),
+]
+
+
+def test_a_tile_with_no_subjects_still_runs_the_tile_loop(tmp_path):
+    """The guard in front of a loop nest is taken only when the outer loop has no trips: tiles
+    that no subject acts on (the subject loop's zero trips) still run their tile's work."""
+    src = tmp_path / "kernel.py"
+    src.write_text(NESTED_SOURCE)
+    C = kc.Construct
+    an = kc.analyse(_sass(str(src), NESTED_LISTING), str(src),
+                    [C("tiles", "loop", [("kern", ("for", 0, "for t"))], "fixed"),
+                     C("subjects", "loop", [("kern", ("for", 0, "for s"))], "per_acting", parent="tiles")])
+    starts = [b.start for b in an.blocks]
+    for subjects, per_tile in ((0, 0), (2, 2)):
+        freq = kc.frequencies(an, {"tiles": 3, "subjects": subjects}, {})
+        by_start = {a: round(f, 9) for a, f in zip(starts, freq)}
+        assert by_start[0x20] == 3 and by_start[0x60] == 3, by_start
+        assert by_start[0x40] == 3 * per_tile and by_start[0xb0] == 1, by_start
+    freq = kc.frequencies(an, {"tiles": 0, "subjects": 2}, {})
+    assert round(freq[starts.index(0x20)], 9) == 0 and round(freq[starts.index(0x40)], 9) == 0
 
 
 def test_hardware_model():

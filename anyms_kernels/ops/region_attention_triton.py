@@ -119,7 +119,8 @@ if HAS_TRITON:
             acc = tl.dot(pb.to(vb.dtype), vb, acc, input_precision=DOT_PRECISION)
         # l == 0 only for a fully masked row (the host refuses those, except while a CUDA
         # graph is captured): write zeros, never 0/0.
-        inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
+        # div.approx (2 ulp): l >= 1 (the row's largest score gives 1), far inside its range.
+        inv_l = tl.fdiv(1.0, tl.where(l_i == 0.0, 1.0, l_i), approx=True)
         return acc * inv_l[:, None]
 
     @triton.jit
@@ -138,7 +139,7 @@ if HAS_TRITON:
             s = tl.where(t_ok[None, :], s, float("-inf"))
         m = tl.max(s, 1) * qk_scale
         p = tl.exp2(s * qk_scale - m[:, None])
-        w = weight / tl.sum(p, 1)
+        w = tl.fdiv(weight, tl.sum(p, 1), approx=True)      # the sum is >= 1: div.approx is within 2 ulp
         p = p * w[:, None]
         return tl.dot(p.to(v.dtype), v, out, input_precision=DOT_PRECISION)
 
@@ -213,6 +214,15 @@ if HAS_TRITON:
         return tl.where(next_b, b + 1, b), tl.where(next_b, 0, h2), tl.where(wrap, 0, tile + 1)
 
     @triton.jit
+    def _offset(x, OFFSETS_32: tl.constexpr):
+        """An index as an element offset: int32 where every offset of the launch fits it (one
+        32-bit multiply-add per address instead of a 64-bit one), else int64."""
+        if OFFSETS_32:
+            return x.to(tl.int32)
+        else:
+            return x.to(tl.int64)
+
+    @triton.jit
     def _masked(live, b, h, tile, b_here, h_here, n_tiles):
         """The coordinates a prefetch loads from: (b, h, tile), or for a tile past the program's
         last, tile n_tiles of (b_here, h_here), whose loads are all masked off (a batch index stays
@@ -276,6 +286,7 @@ if HAS_TRITON:
         SUBJ_LOOP_STAGES: tl.constexpr,   # pipelining stages of the online subject loop (None: the launch's)
         HAS_TEXT_MASK: tl.constexpr,
         VEC: tl.constexpr,           # every row offset is a multiple of VEC elements (16-byte accesses)
+        OFFSETS_32: tl.constexpr,    # every element offset fits int32 (``int32_offsets``): int32 address math
         DOT_PRECISION: tl.constexpr, # "ieee" for float32 inputs, "tf32" otherwise (ignored for 16-bit)
     ):
         # This program's tiles: g_first .. g_end - 1 of all (batch, head)s' tiles in a row
@@ -295,10 +306,10 @@ if HAS_TRITON:
         MASK_T: tl.constexpr = SUBJ_LEN < BLOCK_T or HAS_SUBJ_TOKENS   # a subject's block may hold padding keys
         bh_first = g_first // n_tiles
         tile0 = g_first - bh_first * n_tiles
-        bi = bh_first // H              # int32 coordinates; int64 offsets (they overflow int32 at large sizes)
+        bi = bh_first // H              # int32 coordinates; int64 offsets where int32 would overflow
         hi = bh_first - bi * H
-        b = bi.to(tl.int64)
-        h = hi.to(tl.int64)
+        b = _offset(bi, OFFSETS_32)
+        h = _offset(hi, OFFSETS_32)
 
         # The first tile's token indices are issued first (the query gather depends on them), then
         # the first query tile and the second tile's indices; each segment stages its text keys.
@@ -307,17 +318,18 @@ if HAS_TRITON:
         # when the tile starts.
         pos0 = tile0 * BLOCK_M + rows
         if PREFETCH_TEXT:
-            tok = tl.load(ORDER + b * stride_rb + pos0, mask=pos0 < N, other=0).to(tl.int64)
+            tok = _offset(tl.load(ORDER + b * stride_rb + pos0, mask=pos0 < N, other=0), OFFSETS_32)
             q = _load_query(Q, b * stride_qb + h * stride_qh, tok, pos0 < N, stride_qn, stride_qd, offs_d, d_ok, VEC)
             b_n, h_n, tile_n = _following(bi, hi, tile0, n_tiles, H)
             b_m, h_m, tile_m = _masked(g_first + 1 < g_end, b_n, h_n, tile_n, bi, hi, n_tiles)
-            b_m = b_m.to(tl.int64)
-            h_m = h_m.to(tl.int64)
+            b_m = _offset(b_m, OFFSETS_32)
+            h_m = _offset(h_m, OFFSETS_32)
             pos_next = tile_m * BLOCK_M + rows
-            tok_next = tl.load(ORDER + b_m * stride_rb + pos_next, mask=pos_next < N, other=0).to(tl.int64)
+            tok_next = _offset(tl.load(ORDER + b_m * stride_rb + pos_next, mask=pos_next < N, other=0),
+                               OFFSETS_32)
         else:       # each segment loads its first tiles' indices (below)
             q = tl.zeros([BLOCK_M, BLOCK_D], Q.dtype.element_ty)
-            tok = tl.zeros([BLOCK_M], tl.int64)
+            tok = _offset(tl.zeros([BLOCK_M], tl.int32), OFFSETS_32)
             tok_next = tok
         # Routing one tile ahead (narrow 16-bit heads, one-block subjects): the first tile's
         # count, first listed subject, its weights and keys; later tiles' arrive during the
@@ -350,8 +362,8 @@ if HAS_TRITON:
             # once for them (they do not depend on the routing).
             bi = bh // H
             hi = bh - bi * H
-            b = bi.to(tl.int64)
-            h = hi.to(tl.int64)
+            b = _offset(bi, OFFSETS_32)
+            h = _offset(hi, OFFSETS_32)
             route = b * stride_rb
             q_base = b * stride_qb + h * stride_qh
             o_base = b * stride_ob + h * stride_oh
@@ -369,9 +381,9 @@ if HAS_TRITON:
                 # follow a run into the next (batch, head) would spill): its first two tiles'
                 # indices, loaded here.
                 pos_first = (seg_lo - bh * n_tiles) * BLOCK_M + rows
-                tok = tl.load(ORDER + route + pos_first, mask=pos_first < N, other=0).to(tl.int64)
+                tok = _offset(tl.load(ORDER + route + pos_first, mask=pos_first < N, other=0), OFFSETS_32)
                 pos_second = tl.where(seg_lo + 1 < seg_hi, pos_first + BLOCK_M, N)
-                tok_next = tl.load(ORDER + route + pos_second, mask=pos_second < N, other=0).to(tl.int64)
+                tok_next = _offset(tl.load(ORDER + route + pos_second, mask=pos_second < N, other=0), OFFSETS_32)
             for g in tl.range(seg_lo, seg_hi, num_stages=1):
                 tile = g - bh * n_tiles
                 pos = tile * BLOCK_M + rows
@@ -381,8 +393,8 @@ if HAS_TRITON:
                 if PREFETCH_TEXT:
                     b_n, h_n, tile_n = _following(bi, hi, tile, n_tiles, H)
                     b_m, h_m, tile_m = _masked(g + 1 < g_end, b_n, h_n, tile_n, bi, hi, n_tiles)
-                    b_m = b_m.to(tl.int64)
-                    h_m = h_m.to(tl.int64)
+                    b_m = _offset(b_m, OFFSETS_32)
+                    h_m = _offset(h_m, OFFSETS_32)
                     b_a, h_a, tile_a = _following(b_n, h_n, tile_n, n_tiles, H)
                     b_a, h_a, tile_a = _masked(g + 2 < g_end, b_a, h_a, tile_a, bi, hi, n_tiles)
                 else:
@@ -397,8 +409,8 @@ if HAS_TRITON:
                 else:
                     q = _load_query(Q, q_base, tok, m_ok, stride_qn, stride_qd, offs_d, d_ok, VEC)
                 pos_after = tile_a * BLOCK_M + rows
-                tok_after = tl.load(ORDER + b_a.to(tl.int64) * stride_rb + pos_after, mask=pos_after < N,
-                                    other=0).to(tl.int64)
+                tok_after = _offset(tl.load(ORDER + _offset(b_a, OFFSETS_32) * stride_rb + pos_after,
+                                            mask=pos_after < N, other=0), OFFSETS_32)
                 subjects = TILE_SUBJECTS + b * stride_tsb + tile * stride_tst
                 if PREFETCH_TEXT and SUBJ_LEN <= BLOCK_T:
                     # The next tile's routing heads, arriving during this tile's text branch.
@@ -429,22 +441,6 @@ if HAS_TRITON:
 
                 # Level 2: only the subjects on this tile's list (usually one, often none).
                 if PREFETCH_TEXT and SUBJ_LEN <= BLOCK_T:
-                    # The next tile's first subject: its weights and keys, in flight during this
-                    # tile's subjects and store.
-                    w0_n = _subject_weight(s0_n, owner_n, text_owner_n, COVER, SCALES, b_m, pos_next,
-                                           (pos_next < N) & (pos_next * 0 + count_n > 0), stride_cb, stride_cs,
-                                           stride_sb, stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
-                    n0_n = SUBJ_LEN
-                    if HAS_SUBJ_TOKENS:
-                        n0_n = tl.load(SUBJ_TOKENS + s0_n)
-                    k0_n, v0_n, ok0_n = _load_keys(
-                        KS + tl.multiple_of(b_m * stride_ksb + h_m * stride_ksh + s0_n * stride_kss, VEC),
-                        VS + tl.multiple_of(b_m * stride_vsb + h_m * stride_vsh + s0_n * stride_vss, VEC),
-                        0, tl.where(count_n > 0, n0_n, 0), stride_kst, stride_ksd, stride_vst, stride_vsd, offs_d,
-                        d_ok, TEXT_MASK, 0, False, BLOCK_T)
-                    # ... and the index of its second, which the tile's count (arrived by now) guards.
-                    s1_n = tl.load(TILE_SUBJECTS + b_m * stride_tsb + tile_m * stride_tst + 1, mask=count_n > 1,
-                                   other=0)
                     # This tile's subjects, software-pipelined: while subject j computes, the keys and
                     # weights of subject j + 1 (its index arrived one step ago) and the index of
                     # subject j + 2 are in flight. Subject 0 arrived during the tile before.
@@ -489,6 +485,26 @@ if HAS_TRITON:
                                                TEXT_MASK, 0, qk_scale, offs_d, d_ok, False, BLOCK_M, BLOCK_T, BLOCK_D,
                                                DOT_PRECISION, SUBJ_LOOP_STAGES)
                             out += weight[:, None] * z
+
+                if PREFETCH_TEXT and SUBJ_LEN <= BLOCK_T:
+                    # The next tile's first subject: its weights and keys, in flight during this
+                    # tile's store and the next tile's text branch. Issued after this tile's subjects:
+                    # loads issued before them would share a scoreboard with the subject keys the loop
+                    # stores to shared memory first, which would then wait for these too.
+                    w0_n = _subject_weight(s0_n, owner_n, text_owner_n, COVER, SCALES, b_m, pos_next,
+                                           (pos_next < N) & (pos_next * 0 + count_n > 0), stride_cb, stride_cs,
+                                           stride_sb, stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
+                    n0_n = SUBJ_LEN
+                    if HAS_SUBJ_TOKENS:
+                        n0_n = tl.load(SUBJ_TOKENS + s0_n)
+                    k0_n, v0_n, ok0_n = _load_keys(
+                        KS + tl.multiple_of(b_m * stride_ksb + h_m * stride_ksh + s0_n * stride_kss, VEC),
+                        VS + tl.multiple_of(b_m * stride_vsb + h_m * stride_vsh + s0_n * stride_vss, VEC),
+                        0, tl.where(count_n > 0, n0_n, 0), stride_kst, stride_ksd, stride_vst, stride_vsd, offs_d,
+                        d_ok, TEXT_MASK, 0, False, BLOCK_T)
+                    # ... and the index of its second, which the tile's count (arrived by now) guards.
+                    s1_n = tl.load(TILE_SUBJECTS + b_m * stride_tsb + tile_m * stride_tst + 1, mask=count_n > 1,
+                                   other=0)
 
                 o_rows = tl.multiple_of(o_base + tok * stride_on, VEC)
                 tl.store(OUT + o_rows[:, None] + offs_d[None, :] * stride_od, out.to(OUT.dtype.element_ty),
@@ -592,6 +608,22 @@ def split_tiles(n_tiles: int, heads: int, slots: int, across: bool = True) -> Tu
     if across and MIN_CROSSING_RUN <= run < per:
         return run, 0
     return per, -(-n_tiles // per)
+
+
+# Offsets the kernel forms stay within each tensor's extent, plus what a masked-off prefetch
+# addresses past it (a tile past the last, a padding key): this margin covers that.
+_INT32_MARGIN = 1 << 20
+
+
+def offsets_fit_int32(*tensors: torch.Tensor) -> bool:
+    """Whether every element offset into ``tensors`` (the kernel's address math) fits int32."""
+    return all(sum(n * st for n, st in zip(t.shape, t.stride())) + _INT32_MARGIN < 2 ** 31 for t in tensors)
+
+
+def int32_offsets(head_dim: int, dtype: torch.dtype, *tensors: torch.Tensor) -> bool:
+    """32-bit address math (OFFSETS_32) for 16-bit heads up to 64 wide (``prefetch_text``; with it
+    float32 heads of 80-128 spill on sm_90) whose offsets fit int32; else 64-bit."""
+    return prefetch_text(head_dim, dtype) and offsets_fit_int32(*tensors)
 
 
 def block_d(head_dim: int) -> int:
@@ -760,6 +792,8 @@ def _launch(q, k_text, v_text, k_subj, v_subj, routing: Routing, scales, text_ma
         SUBJ_LEN=max(T, 1), BLOCK_T=subject_block(max(T, 1)),
         OVERWRITE=(routing.mode == "overwrite"), HAS_TEXT_SUBJECTS=has_kinds, HAS_SUBJ_TOKENS=has_counts,
         SUBJ_LOOP_STAGES=subject_loop_stages(D, has_counts), HAS_TEXT_MASK=has_mask, VEC=vec,
+        OFFSETS_32=int32_offsets(D, q.dtype, q, k_text, v_text, k_subj, v_subj, out, order, owner, text_owner,
+                                 cover, count, subjects, mask),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

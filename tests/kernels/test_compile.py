@@ -65,7 +65,8 @@ def test_fake_tensor_keeps_layout():
 def test_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     """Every configuration the heuristic picks, for A100 (sm_80) and H100 (sm_90), fp16/bf16/fp32,
     every supported head dim, both modes, and the variants for text-kind subjects with per-subject
-    token counts: it compiles, and ptxas reports no spills.
+    token counts and (16-bit heads of 64) with 64-bit address math: it compiles, and ptxas reports no
+    spills.
     Runs in a fresh process: the kernel must not be defined under TRITON_INTERPRET."""
     report = tmp_path / "compile_report.json"
     code = (
@@ -79,6 +80,8 @@ def test_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
         "        rows.append(asdict(resource_usage(D, dtype, cfg, arch=arch, overwrite=overwrite)))\n"
         "    if D == 64 and dtype != torch.float32:  # long subject sequences (T = 257): the online path\n"
         "        rows.append(asdict(resource_usage(D, dtype, cfg, arch=arch, subject_tokens=257)))\n"
+        "    if D == 64 and dtype != torch.float32:  # 64-bit address math, for offsets past int32\n"
+        "        rows.append(asdict(resource_usage(D, dtype, cfg, arch=arch, int32_offsets=False)))\n"
         "    if D in (64, 128):  # text-kind subjects and per-subject token counts (SDXL's and FLUX's heads):\n"
         "        # image subjects of 4 and 16 tokens (T = 16), and beside 77-token regional prompts\n"
         "        for T, overwrite in ((16, True), (77, False)):\n"
@@ -94,11 +97,11 @@ def test_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     rows = json.loads(report.read_text())
     table = "\n".join(
         f"sm_{x['arch']} {x['dtype']:>4} D={x['head_dim']:<3} {'ow ' if x['overwrite'] else 'sum'} T{x['block_t']} "
-        f"{'kinds+counts ' if x['text_subjects'] else ''}"
+        f"{'kinds+counts ' if x['text_subjects'] else ''}{'' if x['int32_offsets'] else 'int64 '}"
         f"BLOCK_M={x['block_m']:<3} warps={x['num_warps']} regs={x['registers']:<3} stack={x['stack_bytes']} "
         f"spill={x['spill_stores']}/{x['spill_loads']} smem={x['shared_bytes']}" for x in rows)
     print("\n" + table)
-    assert len(rows) == 2 * 3 * len(ak.TRITON_HEAD_DIMS) + 2 * 3 + 2 * 2 + 2 * 3 * 2 * 2
+    assert len(rows) == 2 * 3 * len(ak.TRITON_HEAD_DIMS) + 2 * 3 + 2 * 2 + 2 * 3 * 2 * 2 + 2 * 2
     spilled = [x for x in rows if x["stack_bytes"] > 0 or x["spill_stores"] > 0 or x["spill_loads"] > 0]
     assert not spilled, "register spills:\n" + table
     assert all(x["spill_stores"] == 0 for x in rows), "ptxas -v could not be read for some configurations"

@@ -116,3 +116,32 @@ def test_this_triton_has_the_private_hook_the_launcher_reads():
     from triton.compiler import CompiledKernel
 
     assert hasattr(CompiledKernel, "_init_handles"), triton.__version__
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "sum"])
+def test_64_bit_address_math_gives_the_output_of_32_bit(mode, monkeypatch):
+    """Inputs whose offsets overflow int32 take the kernel's 64-bit address math (OFFSETS_32 off),
+    as float32 and wide heads always do: the same operations on the same values, so the output is
+    bit for bit the 32-bit one's."""
+    _skip_without_triton()
+    grid = (13, 11)
+    q, kt, vt, ks, vs = make_inputs(B=2, H=3, grid=grid, D=32, L=20, S=3, T=4, dtype=torch.float16)
+    tok = ak.rasterize_boxes(torch.tensor(LAYOUTS["partial_overlap"], dtype=torch.float64), grid)
+    assert rt.int32_offsets(32, torch.float16, q, kt, ks)
+    assert not rt.int32_offsets(32, torch.float32, q.float(), kt.float(), ks.float())   # 64-bit: spills otherwise
+    narrow = _run(q, kt, vt, ks, vs, tok, grid, mode, torch.float16, 2)
+    monkeypatch.setattr(rt, "offsets_fit_int32", lambda *tensors: False)
+    wide = _run(q, kt, vt, ks, vs, tok, grid, mode, torch.float16, 2)
+    assert torch.equal(narrow, wide)
+
+
+def test_offsets_fit_int32_reads_each_tensors_extent():
+    """The extent is sum(size x stride) (one past every dimension), with a margin for masked-off
+    prefetches past it; a view's extent follows its strides, not its element count."""
+    small = torch.empty(2, 10, 4096, 64)
+    assert rt.offsets_fit_int32(small, small[:, :, ::2])
+    big = torch.empty_strided((2, 3), (2 ** 30, 1), device="meta")       # strides reaching 2^31 elements
+    assert not rt.offsets_fit_int32(small, big)
+    limit = 2 ** 31 - (1 << 20)                                             # the margin: 2^20 elements
+    assert rt.offsets_fit_int32(torch.empty_strided((1, limit - 1), (0, 1), device="meta"))
+    assert not rt.offsets_fit_int32(torch.empty_strided((1, limit), (0, 1), device="meta"))
