@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import warnings
 from dataclasses import dataclass
@@ -49,6 +50,18 @@ LOG2E = 1.4426950408889634
 
 # --------------------------------------------------------------------------- kernel
 if HAS_TRITON:
+    # tl.fdiv(..., approx=True) (div.approx.f32) is new in triton 3.9; older releases (3.0-3.8,
+    # which the package supports) have no ``approx`` and take the plain tl.fdiv (div.full.f32).
+    FDIV_APPROX = tl.constexpr("approx" in inspect.signature(tl.fdiv).parameters)
+
+    @triton.jit
+    def _div_by_sum(x, l):
+        """x / l for a softmax row sum l >= 1 (the row's largest score gives 1): div.approx where
+        this triton has it, else div.full; both within 2 ulp there, far inside their range."""
+        if FDIV_APPROX:
+            return tl.fdiv(x, l, approx=True)
+        else:
+            return tl.fdiv(x, l)
 
     @triton.jit
     def _load_keys(
@@ -119,8 +132,7 @@ if HAS_TRITON:
             acc = tl.dot(pb.to(vb.dtype), vb, acc, input_precision=DOT_PRECISION)
         # l == 0 only for a fully masked row (the host refuses those, except while a CUDA
         # graph is captured): write zeros, never 0/0.
-        # div.approx (2 ulp): l >= 1 (the row's largest score gives 1), far inside its range.
-        inv_l = tl.fdiv(1.0, tl.where(l_i == 0.0, 1.0, l_i), approx=True)
+        inv_l = _div_by_sum(1.0, tl.where(l_i == 0.0, 1.0, l_i))
         return acc * inv_l[:, None]
 
     @triton.jit
@@ -139,7 +151,7 @@ if HAS_TRITON:
             s = tl.where(t_ok[None, :], s, float("-inf"))
         m = tl.max(s, 1) * qk_scale
         p = tl.exp2(s * qk_scale - m[:, None])
-        w = tl.fdiv(weight, tl.sum(p, 1), approx=True)      # the sum is >= 1: div.approx is within 2 ulp
+        w = _div_by_sum(weight, tl.sum(p, 1))
         p = p * w[:, None]
         return tl.dot(p.to(v.dtype), v, out, input_precision=DOT_PRECISION)
 
