@@ -804,8 +804,8 @@ def _launch(q, k_text, v_text, k_subj, v_subj, routing: Routing, scales, text_ma
         SUBJ_LEN=max(T, 1), BLOCK_T=subject_block(max(T, 1)),
         OVERWRITE=(routing.mode == "overwrite"), HAS_TEXT_SUBJECTS=has_kinds, HAS_SUBJ_TOKENS=has_counts,
         SUBJ_LOOP_STAGES=subject_loop_stages(D, has_counts), HAS_TEXT_MASK=has_mask, VEC=vec,
-        OFFSETS_32=int32_offsets(D, q.dtype, q, k_text, v_text, k_subj, v_subj, out, order, owner, text_owner,
-                                 cover, count, subjects, mask),
+        # every tensor the kernel addresses, the subject scales and token counts too
+        OFFSETS_32=int32_offsets(D, q.dtype, *(a for a in args if isinstance(a, torch.Tensor))),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -145,3 +145,25 @@ def test_offsets_fit_int32_reads_each_tensors_extent():
     limit = 2 ** 31 - (1 << 20)                                             # the margin: 2^20 elements
     assert rt.offsets_fit_int32(torch.empty_strided((1, limit - 1), (0, 1), device="meta"))
     assert not rt.offsets_fit_int32(torch.empty_strided((1, limit), (0, 1), device="meta"))
+
+
+def test_every_tensor_the_kernel_addresses_counts_for_int32_offsets(monkeypatch):
+    """The subject scales are addressed as b * stride + s * stride like every other tensor: a
+    [B, S] view whose strides reach past int32 (a column of a wide table) takes the 64-bit math.
+    (A meta view: no storage of 2^31 elements; the kernel is not run, its launch is recorded.)"""
+    _skip_without_triton()
+    grid = (4, 4)
+    q, kt, vt, ks, vs = make_inputs(B=2, H=1, grid=grid, D=32, L=16, S=2, T=4, dtype=torch.float16)
+    routing = build_routing(ak.rasterize_boxes([[0, 0, 0.5, 1], [0.5, 0, 1, 1]], grid), grid, "overwrite")
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **consts: launches.append(consts["OFFSETS_32"])
+
+    monkeypatch.setattr(rt, "_region_attention_fwd", Recorder())
+    small = torch.full((2, 2), 0.75)
+    wide = torch.empty_strided((2, 2), (2 ** 30, 1), device="meta")
+    for scales in (small, wide):
+        rt.region_attention_triton(q, kt, vt, ks, vs, routing, scales, None, 32 ** -0.5)
+    assert launches == [True, False]
