@@ -61,6 +61,35 @@ def test_every_split_of_tiles_into_programs_gives_the_same_output(dtype, mode, h
         assert_matches_reference(first, None, ref64, dtype=dtype, ref_same_dtype=same)
 
 
+@pytest.mark.parametrize("mode", ["overwrite", "sum"])
+def test_runs_across_heads_with_text_kinds_token_counts_and_a_text_mask(mode):
+    """The prefetch of the next tile's routing, text owners, first subject's weights, token count
+    and keys follows a run into the next (batch, head) with text-kind subjects, per-subject token
+    counts, a text mask and a routing per batch too: every split is bit-identical, and matches the
+    reference."""
+    _skip_without_triton()
+    grid, dtype = (13, 11), torch.float16
+    q, kt, vt, ks, vs = make_inputs(B=2, H=3, grid=grid, D=32, L=20, S=3, T=8, dtype=dtype)
+    layouts = torch.tensor([LAYOUTS["partial_overlap"], LAYOUTS["nested"]], dtype=torch.float64)
+    tok = ak.rasterize_boxes(layouts, grid)          # [B, S, 4]: each batch its own routing
+    kinds, counts = [True, False, True], [3, 8, 1]
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[1, 7:] = False
+    scales = torch.tensor([[0.75, 1.2, 0.3], [0.5, 0.9, 1.1]])
+    routing = build_routing(tok, grid, mode, replaces_text=kinds, subject_tokens=counts)
+    base = rt.config_candidates(32, dtype)[0]
+    n_tiles = -(-grid[0] * grid[1] // base.block_m)
+    outs = {}
+    for split in ((1, 0), (2, 0), (4, 0), (n_tiles, 1)):    # 2 and 4 tiles a program cross (batch, head)s
+        cfg = rt.KernelConfig(base.block_m, base.num_warps, base.num_stages, *split)
+        outs[split] = rt.region_attention_triton(q, kt, vt, ks, vs, routing, scales, mask, 32 ** -0.5, config=cfg)
+    for split, out in outs.items():
+        assert torch.equal(out, outs[(1, 0)]), f"(tiles a program, programs per head) = {split} differ"
+    args = dict(mode=mode, subject_scale=scales.double(), text_mask=mask, replaces_text=kinds, subject_tokens=counts)
+    assert_matches_reference(outs[(1, 0)], None, reference(q, kt, vt, ks, vs, tok, grid, **args), dtype=dtype,
+                             ref_same_dtype=reference(q, kt, vt, ks, vs, tok, grid, dtype=dtype, **args))
+
+
 def test_tiles_per_program_fills_the_gpu_in_one_wave_and_covers_every_tile():
     # SDXL's 64x64 level at 10 heads, B=2, on 132 SMs x 1: 32 tiles of 128 per (batch, head), 640
     # in all: 5 a program, 128 programs (runs per (batch, head) alone would take 6: ceil(32 / 6))
