@@ -769,7 +769,7 @@ def _launch(q, k_text, v_text, k_subj, v_subj, routing: Routing, scales, text_ma
         # Empty tensors may hold a null data pointer, which Triton's launcher can reject;
         # with S = 0 no tile lists a subject, so hand it non-empty stand-ins it never reads.
         k_subj, v_subj = q.unsqueeze(2)[:, :, :, :1], q.unsqueeze(2)[:, :, :, :1]
-        scales = torch.zeros(1, 1, dtype=torch.float32, device=q.device)
+        scales = torch.zeros(1, 1, dtype=torch.float32, device=q.device).expand(B, 1)   # read at [b, 0]
         subjects = count.unsqueeze(-1)
     if cover is None or cover.numel() == 0:
         cover = routing.owner.unsqueeze(1)   # any pointer will do when unused (overwrite, or S = 0)

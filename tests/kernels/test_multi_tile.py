@@ -196,3 +196,26 @@ def test_every_tensor_the_kernel_addresses_counts_for_int32_offsets(monkeypatch)
     for scales in (small, wide):
         rt.region_attention_triton(q, kt, vt, ks, vs, routing, scales, None, 32 ** -0.5)
     assert launches == [True, False]
+
+
+def test_subject_scales_hold_a_value_for_every_batch_without_subjects(monkeypatch):
+    """With S = 0 no tile lists a subject, but the narrow heads' prefetch still reads
+    SCALES[b, 0] (unmasked, weighted by nothing) for the batch of every tile: the launcher's
+    stand-in must hold that element for every b, not read past a one-element tensor."""
+    _skip_without_triton()
+    grid = (4, 4)
+    q, kt, vt, ks, vs = make_inputs(B=3, H=1, grid=grid, D=32, L=16, S=0, T=4, dtype=torch.float16)
+    routing = build_routing(torch.zeros(0, 4, dtype=torch.int64), grid, "overwrite")
+    names = rt._region_attention_fwd.arg_names
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **consts: launches.append(dict(zip(names, args)))
+
+    monkeypatch.setattr(rt, "_region_attention_fwd", Recorder())
+    rt.region_attention_triton(q, kt, vt, ks, vs, routing, torch.zeros(3, 0), None, 32 ** -0.5)
+    (args,) = launches
+    scales = args["SCALES"]
+    elements = scales.untyped_storage().nbytes() // scales.element_size() - scales.storage_offset()
+    assert (q.shape[0] - 1) * args["stride_sb"] < elements, (scales.shape, scales.stride())
