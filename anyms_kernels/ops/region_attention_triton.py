@@ -212,7 +212,7 @@ if HAS_TRITON:
             acts = owner == s
         else:
             acts = tl.load(COVER + b * stride_cb + s * stride_cs + pos, mask=m_ok, other=0) != 0
-        lam = tl.load(SCALES + b * stride_sb + s * stride_ss)
+        lam = tl.load(SCALES + b * stride_sb + s * stride_ss)     # B x S floats (the launcher compacts them)
         return tl.where(acts, lam, 0.0)
 
     @triton.jit
@@ -357,8 +357,9 @@ if HAS_TRITON:
             n0 = SUBJ_LEN
             if HAS_SUBJ_TOKENS:
                 n0 = tl.load(SUBJ_TOKENS + s0)
-            k0, v0, ok0 = _load_keys(KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s0 * stride_kss, VEC),
-                                     VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s0 * stride_vss, VEC),
+            s0_off = _offset(s0, OFFSETS_32)       # int64 with 64-bit offsets: s * stride may pass int32
+            k0, v0, ok0 = _load_keys(KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s0_off * stride_kss, VEC),
+                                     VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s0_off * stride_vss, VEC),
                                      0, tl.where(count > 0, n0, 0), stride_kst, stride_ksd, stride_vst,
                                      stride_vsd, offs_d, d_ok, TEXT_MASK, 0, False, BLOCK_T)
             s1 = tl.load(TILE_SUBJECTS + b * stride_tsb + tile0 * stride_tst + 1, mask=count > 1, other=0)
@@ -468,8 +469,10 @@ if HAS_TRITON:
                         if HAS_SUBJ_TOKENS:
                             n_n = tl.load(SUBJ_TOKENS + s_next)
                         k_n, v_n, ok_n = _load_keys(
-                            KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s_next * stride_kss, VEC),
-                            VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s_next * stride_vss, VEC),
+                            KS + tl.multiple_of(b * stride_ksb + h * stride_ksh
+                                                + _offset(s_next, OFFSETS_32) * stride_kss, VEC),
+                            VS + tl.multiple_of(b * stride_vsb + h * stride_vsh
+                                                + _offset(s_next, OFFSETS_32) * stride_vss, VEC),
                             0, tl.where(more, n_n, 0), stride_kst, stride_ksd, stride_vst, stride_vsd, offs_d,
                             d_ok, TEXT_MASK, 0, False, BLOCK_T)
                         s_after = tl.load(subjects + j + 2, mask=j + 2 < count, other=0)
@@ -480,8 +483,9 @@ if HAS_TRITON:
                         s = tl.load(subjects + j)
                         weight = _subject_weight(s, owner, text_owner, COVER, SCALES, b, pos, m_ok, stride_cb,
                                                  stride_cs, stride_sb, stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
-                        ks_ptr = KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s * stride_kss, VEC)
-                        vs_ptr = VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s * stride_vss, VEC)
+                        s_off = _offset(s, OFFSETS_32)
+                        ks_ptr = KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s_off * stride_kss, VEC)
+                        vs_ptr = VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s_off * stride_vss, VEC)
                         # A subject runs its own n_s keys only: one block of BLOCK_T when T fits it, else
                         # an online softmax over ceil(n_s / BLOCK_T) blocks, so a subject with few keys
                         # beside a long one runs one block.
@@ -510,8 +514,10 @@ if HAS_TRITON:
                     if HAS_SUBJ_TOKENS:
                         n0_n = tl.load(SUBJ_TOKENS + s0_n)
                     k0_n, v0_n, ok0_n = _load_keys(
-                        KS + tl.multiple_of(b_m * stride_ksb + h_m * stride_ksh + s0_n * stride_kss, VEC),
-                        VS + tl.multiple_of(b_m * stride_vsb + h_m * stride_vsh + s0_n * stride_vss, VEC),
+                        KS + tl.multiple_of(b_m * stride_ksb + h_m * stride_ksh
+                                            + _offset(s0_n, OFFSETS_32) * stride_kss, VEC),
+                        VS + tl.multiple_of(b_m * stride_vsb + h_m * stride_vsh
+                                            + _offset(s0_n, OFFSETS_32) * stride_vss, VEC),
                         0, tl.where(count_n > 0, n0_n, 0), stride_kst, stride_ksd, stride_vst, stride_vsd, offs_d,
                         d_ok, TEXT_MASK, 0, False, BLOCK_T)
                     # ... and the index of its second, which the tile's count (arrived by now) guards.
@@ -771,6 +777,10 @@ def _launch(q, k_text, v_text, k_subj, v_subj, routing: Routing, scales, text_ma
         k_subj, v_subj = q.unsqueeze(2)[:, :, :, :1], q.unsqueeze(2)[:, :, :, :1]
         scales = torch.zeros(1, 1, dtype=torch.float32, device=q.device).expand(B, 1)   # read at [b, 0]
         subjects = count.unsqueeze(-1)
+    elif not offsets_fit_int32(scales):
+        # B x S floats whose strides pass int32 (a view of a wide table): compacted, so s * stride_ss
+        # stays in int32 and they do not take the whole launch to 64-bit math.
+        scales = scales.contiguous()
     if cover is None or cover.numel() == 0:
         cover = routing.owner.unsqueeze(1)   # any pointer will do when unused (overwrite, or S = 0)
     has_mask = text_mask is not None
