@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import warnings
 from dataclasses import dataclass
@@ -49,6 +50,18 @@ LOG2E = 1.4426950408889634
 
 # --------------------------------------------------------------------------- kernel
 if HAS_TRITON:
+    # tl.fdiv(..., approx=True) (div.approx.f32) is new in triton 3.9; older releases (3.0-3.8,
+    # which the package supports) have no ``approx`` and take the plain tl.fdiv (div.full.f32).
+    FDIV_APPROX = tl.constexpr("approx" in inspect.signature(tl.fdiv).parameters)
+
+    @triton.jit
+    def _div_by_sum(x, l):
+        """x / l for a softmax row sum l >= 1 (the row's largest score gives 1): div.approx where
+        this triton has it, else div.full; both within 2 ulp there, far inside their range."""
+        if FDIV_APPROX:
+            return tl.fdiv(x, l, approx=True)
+        else:
+            return tl.fdiv(x, l)
 
     @triton.jit
     def _load_keys(
@@ -119,8 +132,7 @@ if HAS_TRITON:
             acc = tl.dot(pb.to(vb.dtype), vb, acc, input_precision=DOT_PRECISION)
         # l == 0 only for a fully masked row (the host refuses those, except while a CUDA
         # graph is captured): write zeros, never 0/0.
-        # div.approx (2 ulp): l >= 1 (the row's largest score gives 1), far inside its range.
-        inv_l = tl.fdiv(1.0, tl.where(l_i == 0.0, 1.0, l_i), approx=True)
+        inv_l = _div_by_sum(1.0, tl.where(l_i == 0.0, 1.0, l_i))
         return acc * inv_l[:, None]
 
     @triton.jit
@@ -139,7 +151,7 @@ if HAS_TRITON:
             s = tl.where(t_ok[None, :], s, float("-inf"))
         m = tl.max(s, 1) * qk_scale
         p = tl.exp2(s * qk_scale - m[:, None])
-        w = tl.fdiv(weight, tl.sum(p, 1), approx=True)      # the sum is >= 1: div.approx is within 2 ulp
+        w = _div_by_sum(weight, tl.sum(p, 1))
         p = p * w[:, None]
         return tl.dot(p.to(v.dtype), v, out, input_precision=DOT_PRECISION)
 
@@ -200,7 +212,7 @@ if HAS_TRITON:
             acts = owner == s
         else:
             acts = tl.load(COVER + b * stride_cb + s * stride_cs + pos, mask=m_ok, other=0) != 0
-        lam = tl.load(SCALES + b * stride_sb + s * stride_ss)
+        lam = tl.load(SCALES + b * stride_sb + s * stride_ss)     # B x S floats (the launcher compacts them)
         return tl.where(acts, lam, 0.0)
 
     @triton.jit
@@ -345,8 +357,9 @@ if HAS_TRITON:
             n0 = SUBJ_LEN
             if HAS_SUBJ_TOKENS:
                 n0 = tl.load(SUBJ_TOKENS + s0)
-            k0, v0, ok0 = _load_keys(KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s0 * stride_kss, VEC),
-                                     VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s0 * stride_vss, VEC),
+            s0_off = _offset(s0, OFFSETS_32)       # int64 with 64-bit offsets: s * stride may pass int32
+            k0, v0, ok0 = _load_keys(KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s0_off * stride_kss, VEC),
+                                     VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s0_off * stride_vss, VEC),
                                      0, tl.where(count > 0, n0, 0), stride_kst, stride_ksd, stride_vst,
                                      stride_vsd, offs_d, d_ok, TEXT_MASK, 0, False, BLOCK_T)
             s1 = tl.load(TILE_SUBJECTS + b * stride_tsb + tile0 * stride_tst + 1, mask=count > 1, other=0)
@@ -456,8 +469,10 @@ if HAS_TRITON:
                         if HAS_SUBJ_TOKENS:
                             n_n = tl.load(SUBJ_TOKENS + s_next)
                         k_n, v_n, ok_n = _load_keys(
-                            KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s_next * stride_kss, VEC),
-                            VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s_next * stride_vss, VEC),
+                            KS + tl.multiple_of(b * stride_ksb + h * stride_ksh
+                                                + _offset(s_next, OFFSETS_32) * stride_kss, VEC),
+                            VS + tl.multiple_of(b * stride_vsb + h * stride_vsh
+                                                + _offset(s_next, OFFSETS_32) * stride_vss, VEC),
                             0, tl.where(more, n_n, 0), stride_kst, stride_ksd, stride_vst, stride_vsd, offs_d,
                             d_ok, TEXT_MASK, 0, False, BLOCK_T)
                         s_after = tl.load(subjects + j + 2, mask=j + 2 < count, other=0)
@@ -468,8 +483,9 @@ if HAS_TRITON:
                         s = tl.load(subjects + j)
                         weight = _subject_weight(s, owner, text_owner, COVER, SCALES, b, pos, m_ok, stride_cb,
                                                  stride_cs, stride_sb, stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
-                        ks_ptr = KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s * stride_kss, VEC)
-                        vs_ptr = VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s * stride_vss, VEC)
+                        s_off = _offset(s, OFFSETS_32)
+                        ks_ptr = KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s_off * stride_kss, VEC)
+                        vs_ptr = VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s_off * stride_vss, VEC)
                         # A subject runs its own n_s keys only: one block of BLOCK_T when T fits it, else
                         # an online softmax over ceil(n_s / BLOCK_T) blocks, so a subject with few keys
                         # beside a long one runs one block.
@@ -498,8 +514,10 @@ if HAS_TRITON:
                     if HAS_SUBJ_TOKENS:
                         n0_n = tl.load(SUBJ_TOKENS + s0_n)
                     k0_n, v0_n, ok0_n = _load_keys(
-                        KS + tl.multiple_of(b_m * stride_ksb + h_m * stride_ksh + s0_n * stride_kss, VEC),
-                        VS + tl.multiple_of(b_m * stride_vsb + h_m * stride_vsh + s0_n * stride_vss, VEC),
+                        KS + tl.multiple_of(b_m * stride_ksb + h_m * stride_ksh
+                                            + _offset(s0_n, OFFSETS_32) * stride_kss, VEC),
+                        VS + tl.multiple_of(b_m * stride_vsb + h_m * stride_vsh
+                                            + _offset(s0_n, OFFSETS_32) * stride_vss, VEC),
                         0, tl.where(count_n > 0, n0_n, 0), stride_kst, stride_ksd, stride_vst, stride_vsd, offs_d,
                         d_ok, TEXT_MASK, 0, False, BLOCK_T)
                     # ... and the index of its second, which the tile's count (arrived by now) guards.
@@ -757,8 +775,12 @@ def _launch(q, k_text, v_text, k_subj, v_subj, routing: Routing, scales, text_ma
         # Empty tensors may hold a null data pointer, which Triton's launcher can reject;
         # with S = 0 no tile lists a subject, so hand it non-empty stand-ins it never reads.
         k_subj, v_subj = q.unsqueeze(2)[:, :, :, :1], q.unsqueeze(2)[:, :, :, :1]
-        scales = torch.zeros(1, 1, dtype=torch.float32, device=q.device)
+        scales = torch.zeros(1, 1, dtype=torch.float32, device=q.device).expand(B, 1)   # read at [b, 0]
         subjects = count.unsqueeze(-1)
+    elif not offsets_fit_int32(scales):
+        # B x S floats whose strides pass int32 (a view of a wide table): compacted, so s * stride_ss
+        # stays in int32 and they do not take the whole launch to 64-bit math.
+        scales = scales.contiguous()
     if cover is None or cover.numel() == 0:
         cover = routing.owner.unsqueeze(1)   # any pointer will do when unused (overwrite, or S = 0)
     has_mask = text_mask is not None
@@ -792,8 +814,8 @@ def _launch(q, k_text, v_text, k_subj, v_subj, routing: Routing, scales, text_ma
         SUBJ_LEN=max(T, 1), BLOCK_T=subject_block(max(T, 1)),
         OVERWRITE=(routing.mode == "overwrite"), HAS_TEXT_SUBJECTS=has_kinds, HAS_SUBJ_TOKENS=has_counts,
         SUBJ_LOOP_STAGES=subject_loop_stages(D, has_counts), HAS_TEXT_MASK=has_mask, VEC=vec,
-        OFFSETS_32=int32_offsets(D, q.dtype, q, k_text, v_text, k_subj, v_subj, out, order, owner, text_owner,
-                                 cover, count, subjects, mask),
+        # every tensor the kernel addresses, the subject scales and token counts too
+        OFFSETS_32=int32_offsets(D, q.dtype, *(a for a in args if isinstance(a, torch.Tensor))),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

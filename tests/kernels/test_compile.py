@@ -107,6 +107,41 @@ def test_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
     assert all(x["spill_stores"] == 0 for x in rows), "ptxas -v could not be read for some configurations"
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiles offline, like the test above")
+def test_kernel_compiles_with_a_triton_whose_fdiv_takes_no_approx(tmp_path):
+    """Triton before 3.9 has tl.fdiv(x, y, ieee_rounding) only (no ``approx``), and the package
+    supports triton >= 3.0: there the softmax sums take the plain tl.fdiv (div.full.f32), and the
+    kernel compiles; with this triton's fdiv they take div.approx.f32. Fresh processes (no
+    TRITON_INTERPRET), the older fdiv's signature put in place before the kernel is defined."""
+    code = (
+        "import sys, torch\n"
+        "import triton.language as tl\n"
+        "from triton.language import core, math as tl_math\n"
+        "if sys.argv[1] == 'old':\n"
+        "    new_fdiv = tl_math.fdiv\n"
+        "    @core.builtin\n"
+        "    def fdiv(x, y, ieee_rounding=False, _semantic=None):   # triton 3.0-3.8's signature\n"
+        "        return new_fdiv(x, y, ieee_rounding, _semantic=_semantic)\n"
+        "    tl.fdiv = tl_math.fdiv = fdiv\n"
+        "from anyms_kernels._compile import compile_kernel\n"
+        "from anyms_kernels.ops import region_attention_triton as rt\n"
+        "ptx = compile_kernel(64, torch.float16, rt.config_candidates(64, torch.float16)[0], arch=90).asm['ptx']\n"
+        "print(int('div.approx.f32' in ptx), int('div.full.f32' in ptx))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    divisions = {}
+    for fdiv in ("old", "new"):
+        env["TRITON_CACHE_DIR"] = str(tmp_path / fdiv)    # compiled afresh: the cache key omits tl.fdiv
+        r = subprocess.run([sys.executable, "-c", code, fdiv], capture_output=True, text=True, env=env, cwd=ROOT,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-4000:]
+        divisions[fdiv] = r.stdout.split()[-2:]
+    assert divisions == {"old": ["0", "1"], "new": ["1", "0"]}, divisions
+
+
 def test_registered_op_equals_public_function_in_eager():
     """Eager calls skip the dispatcher; the registered op (what tracers see) computes the same."""
     grid = (5, 6)

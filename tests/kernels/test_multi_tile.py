@@ -5,6 +5,10 @@ outputs (each tile runs the same operations whichever program runs it), equal to
 reference within the dtype's tolerance."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -59,6 +63,35 @@ def test_every_split_of_tiles_into_programs_gives_the_same_output(dtype, mode, h
         ref64 = reference(q, kt, vt, ks, vs, tok, grid, mode=mode, subject_scale=0.75)
         same = reference(q, kt, vt, ks, vs, tok, grid, mode=mode, subject_scale=0.75, dtype=dtype)
         assert_matches_reference(first, None, ref64, dtype=dtype, ref_same_dtype=same)
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "sum"])
+def test_runs_across_heads_with_text_kinds_token_counts_and_a_text_mask(mode):
+    """The prefetch of the next tile's routing, text owners, first subject's weights, token count
+    and keys follows a run into the next (batch, head) with text-kind subjects, per-subject token
+    counts, a text mask and a routing per batch too: every split is bit-identical, and matches the
+    reference."""
+    _skip_without_triton()
+    grid, dtype = (13, 11), torch.float16
+    q, kt, vt, ks, vs = make_inputs(B=2, H=3, grid=grid, D=32, L=20, S=3, T=8, dtype=dtype)
+    layouts = torch.tensor([LAYOUTS["partial_overlap"], LAYOUTS["nested"]], dtype=torch.float64)
+    tok = ak.rasterize_boxes(layouts, grid)          # [B, S, 4]: each batch its own routing
+    kinds, counts = [True, False, True], [3, 8, 1]
+    mask = torch.ones(2, 20, dtype=torch.bool)
+    mask[1, 7:] = False
+    scales = torch.tensor([[0.75, 1.2, 0.3], [0.5, 0.9, 1.1]])
+    routing = build_routing(tok, grid, mode, replaces_text=kinds, subject_tokens=counts)
+    base = rt.config_candidates(32, dtype)[0]
+    n_tiles = -(-grid[0] * grid[1] // base.block_m)
+    outs = {}
+    for split in ((1, 0), (2, 0), (4, 0), (n_tiles, 1)):    # 2 and 4 tiles a program cross (batch, head)s
+        cfg = rt.KernelConfig(base.block_m, base.num_warps, base.num_stages, *split)
+        outs[split] = rt.region_attention_triton(q, kt, vt, ks, vs, routing, scales, mask, 32 ** -0.5, config=cfg)
+    for split, out in outs.items():
+        assert torch.equal(out, outs[(1, 0)]), f"(tiles a program, programs per head) = {split} differ"
+    args = dict(mode=mode, subject_scale=scales.double(), text_mask=mask, replaces_text=kinds, subject_tokens=counts)
+    assert_matches_reference(outs[(1, 0)], None, reference(q, kt, vt, ks, vs, tok, grid, **args), dtype=dtype,
+                             ref_same_dtype=reference(q, kt, vt, ks, vs, tok, grid, dtype=dtype, **args))
 
 
 def test_tiles_per_program_fills_the_gpu_in_one_wave_and_covers_every_tile():
@@ -135,6 +168,60 @@ def test_64_bit_address_math_gives_the_output_of_32_bit(mode, monkeypatch):
     assert torch.equal(narrow, wide)
 
 
+# Subject keys and values 2^30 elements apart per subject, and scales 2^30 elements apart: the
+# third subject's offsets pass 2^31, so the launch takes the 64-bit math. One buffer of 8 GiB
+# of address space holds them all; only the few rows written are ever touched.
+_PAST_INT32 = """
+import sys, torch
+import anyms_kernels as ak
+from anyms_kernels.ops import region_attention_triton as rt
+from tests.kernels.helpers import assert_matches_reference, reference
+D = int(sys.argv[1])
+B, H, S, T, L, grid, dtype = 1, 1, 3, 4, 16, (4, 4), torch.float16
+g = torch.Generator().manual_seed(0)
+rnd = lambda *shape: torch.randn(*shape, generator=g).to(dtype)
+q, kt, vt = rnd(B, H, 16, D), rnd(B, H, L, D), rnd(B, H, L, D)
+try:
+    words = torch.empty(2 ** 31 + 2 ** 22, dtype=torch.float32)   # address space: untouched pages cost nothing
+except RuntimeError as exc:
+    print("SKIP", exc)
+    sys.exit(0)
+halves = words.view(dtype)
+for s in range(S):
+    halves[s * 2 ** 30: s * 2 ** 30 + 2 * T * D] = rnd(2 * T * D)
+    words[2 ** 21 + s * 2 ** 30] = 0.5 + s
+ks = halves.as_strided((B, H, S, T, D), (0, 0, 2 ** 30, D, 1))
+vs = halves.as_strided((B, H, S, T, D), (0, 0, 2 ** 30, D, 1), T * D)
+scales = words.as_strided((B, S), (0, 2 ** 30), 2 ** 21)
+assert not rt.offsets_fit_int32(ks) and not rt.offsets_fit_int32(scales)
+boxes = ak.rasterize_boxes([[0, 0, 0.5, 0.5], [0.5, 0, 1, 0.5], [0, 0.5, 1, 1]], grid)
+for mode in ("overwrite", "sum"):
+    out = ak.region_cross_attention(q, kt, vt, ks, vs, boxes, grid, mode=mode, subject_scale=scales,
+                                    backend="triton")
+    args = dict(mode=mode, subject_scale=scales.double())
+    assert_matches_reference(out, None, reference(q, kt, vt, ks, vs, boxes, grid, **args), dtype=dtype,
+                             ref_same_dtype=reference(q, kt, vt, ks, vs, boxes, grid, dtype=dtype, **args))
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("head_dim", [32, 128])     # the narrow heads' prefetching path, the wide heads'
+def test_64_bit_address_math_reaches_subjects_past_int32(head_dim):
+    """With 64-bit offsets, a subject index times the subject stride (keys, values, scales) is
+    formed in 64 bits too: in 32 bits the third subject's address wrapped, and its loads read
+    2^31 elements before the keys. Runs in a fresh process, as a wrapped load may crash it."""
+    _skip_without_triton()
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", _PAST_INT32, str(head_dim)], capture_output=True, text=True,
+                       env=env, cwd=root, timeout=600)
+    assert r.returncode == 0, f"exit status {r.returncode}\n{r.stderr[-3000:]}"
+    if r.stdout.startswith("SKIP"):
+        pytest.skip(f"no 8 GiB of address space here: {r.stdout.strip()}")
+    assert r.stdout.strip().endswith("OK"), r.stdout
+
+
 def test_offsets_fit_int32_reads_each_tensors_extent():
     """The extent is sum(size x stride) (one past every dimension), with a margin for masked-off
     prefetches past it; a view's extent follows its strides, not its element count."""
@@ -145,3 +232,54 @@ def test_offsets_fit_int32_reads_each_tensors_extent():
     limit = 2 ** 31 - (1 << 20)                                             # the margin: 2^20 elements
     assert rt.offsets_fit_int32(torch.empty_strided((1, limit - 1), (0, 1), device="meta"))
     assert not rt.offsets_fit_int32(torch.empty_strided((1, limit), (0, 1), device="meta"))
+
+
+def test_every_tensor_the_kernel_addresses_counts_for_int32_offsets(monkeypatch):
+    """32-bit address math only where every tensor the launch hands the kernel fits int32, the
+    subject scales too: they are addressed as b * stride + s * stride like the rest. A [B, S]
+    view whose strides reach past int32 (a column of a wide table) is compacted (B x S floats),
+    so it neither wraps nor takes the launch to 64-bit math. (A meta view: no storage of 2^31
+    elements; the kernel is not run, its launch is recorded.)"""
+    _skip_without_triton()
+    grid = (4, 4)
+    q, kt, vt, ks, vs = make_inputs(B=2, H=1, grid=grid, D=32, L=16, S=2, T=4, dtype=torch.float16)
+    routing = build_routing(ak.rasterize_boxes([[0, 0, 0.5, 1], [0.5, 0, 1, 1]], grid), grid, "overwrite")
+    names = rt._region_attention_fwd.arg_names
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **consts: launches.append((dict(zip(names, args)), consts["OFFSETS_32"]))
+
+    monkeypatch.setattr(rt, "_region_attention_fwd", Recorder())
+    small = torch.full((2, 2), 0.75)
+    wide = torch.empty_strided((2, 2), (2 ** 30, 1), device="meta")
+    for scales in (small, wide):
+        rt.region_attention_triton(q, kt, vt, ks, vs, routing, scales, None, 32 ** -0.5)
+    for args, offsets_32 in launches:
+        assert offsets_32 == rt.offsets_fit_int32(*(a for a in args.values() if isinstance(a, torch.Tensor)))
+    assert [offsets_32 for _, offsets_32 in launches] == [True, True]
+    assert launches[1][0]["SCALES"].stride() == (2, 1)
+
+
+def test_subject_scales_hold_a_value_for_every_batch_without_subjects(monkeypatch):
+    """With S = 0 no tile lists a subject, but the narrow heads' prefetch still reads
+    SCALES[b, 0] (unmasked, weighted by nothing) for the batch of every tile: the launcher's
+    stand-in must hold that element for every b, not read past a one-element tensor."""
+    _skip_without_triton()
+    grid = (4, 4)
+    q, kt, vt, ks, vs = make_inputs(B=3, H=1, grid=grid, D=32, L=16, S=0, T=4, dtype=torch.float16)
+    routing = build_routing(torch.zeros(0, 4, dtype=torch.int64), grid, "overwrite")
+    names = rt._region_attention_fwd.arg_names
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **consts: launches.append(dict(zip(names, args)))
+
+    monkeypatch.setattr(rt, "_region_attention_fwd", Recorder())
+    rt.region_attention_triton(q, kt, vt, ks, vs, routing, torch.zeros(3, 0), None, 32 ** -0.5)
+    (args,) = launches
+    scales = args["SCALES"]
+    elements = scales.untyped_storage().nbytes() // scales.element_size() - scales.storage_offset()
+    assert (q.shape[0] - 1) * args["stride_sb"] < elements, (scales.shape, scales.stride())
