@@ -216,6 +216,28 @@ if HAS_TRITON:
         return tl.where(acts, lam, 0.0)
 
     @triton.jit
+    def _subject_operands(s, j, count, owner, text_owner, COVER, SCALES, SUBJ_TOKENS, KS, VS, b, h, pos, w_ok,
+                          stride_cb, stride_cs, stride_sb, stride_ss, stride_ksb, stride_ksh, stride_kss,
+                          stride_kst, stride_ksd, stride_vsb, stride_vsh, stride_vss, stride_vst, stride_vsd,
+                          offs_d, d_ok, TEXT_MASK, OVERWRITE: tl.constexpr, HAS_TEXT_SUBJECTS: tl.constexpr,
+                          HAS_SUBJ_TOKENS: tl.constexpr, SUBJ_LEN: tl.constexpr, BLOCK_T: tl.constexpr,
+                          VEC: tl.constexpr, OFFSETS_32: tl.constexpr):
+        """Subject s, the tile's j-th of ``count``: its weight per row and its one block of keys /
+        values (none past the last), issued in that order: what the pipelined subject loop loads a
+        step ahead."""
+        w = _subject_weight(s, owner, text_owner, COVER, SCALES, b, pos, w_ok, stride_cb, stride_cs, stride_sb,
+                            stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
+        n = SUBJ_LEN
+        if HAS_SUBJ_TOKENS:
+            n = tl.load(SUBJ_TOKENS + s)
+        s_off = _offset(s, OFFSETS_32)       # int64 with 64-bit offsets: s * stride may pass int32
+        k, v, ok = _load_keys(KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s_off * stride_kss, VEC),
+                              VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s_off * stride_vss, VEC),
+                              0, tl.where(j < count, n, 0), stride_kst, stride_ksd, stride_vst, stride_vsd, offs_d,
+                              d_ok, TEXT_MASK, 0, False, BLOCK_T)
+        return w, k, v, ok
+
+    @triton.jit
     def _following(b, h, tile, n_tiles, H):
         """(batch, head, tile) of the tile after ``tile`` of (b, h) in the run of all (batch,
         head)s' tiles: the next tile, or the first of the next head, or of the next batch (past
@@ -352,16 +374,12 @@ if HAS_TRITON:
             count, s0, owner, text_owner = _tile_routing(TILE_COUNT, TILE_SUBJECTS, OWNER, TEXT_OWNER, b, tile0,
                                                          n_tiles, pos0, pos0 < N, b * stride_rb, stride_tcb,
                                                          stride_tsb, stride_tst, OVERWRITE, HAS_TEXT_SUBJECTS)
-            w0 = _subject_weight(s0, owner, text_owner, COVER, SCALES, b, pos0, (pos0 < N) & (pos0 * 0 + count > 0),
-                                 stride_cb, stride_cs, stride_sb, stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
-            n0 = SUBJ_LEN
-            if HAS_SUBJ_TOKENS:
-                n0 = tl.load(SUBJ_TOKENS + s0)
-            s0_off = _offset(s0, OFFSETS_32)       # int64 with 64-bit offsets: s * stride may pass int32
-            k0, v0, ok0 = _load_keys(KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s0_off * stride_kss, VEC),
-                                     VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s0_off * stride_vss, VEC),
-                                     0, tl.where(count > 0, n0, 0), stride_kst, stride_ksd, stride_vst,
-                                     stride_vsd, offs_d, d_ok, TEXT_MASK, 0, False, BLOCK_T)
+            w0, k0, v0, ok0 = _subject_operands(
+                s0, 0, count, owner, text_owner, COVER, SCALES, SUBJ_TOKENS, KS, VS, b, h, pos0,
+                (pos0 < N) & (pos0 * 0 + count > 0), stride_cb, stride_cs, stride_sb, stride_ss, stride_ksb,
+                stride_ksh, stride_kss, stride_kst, stride_ksd, stride_vsb, stride_vsh, stride_vss, stride_vst,
+                stride_vsd, offs_d, d_ok, TEXT_MASK, OVERWRITE, HAS_TEXT_SUBJECTS, HAS_SUBJ_TOKENS, SUBJ_LEN,
+                BLOCK_T, VEC, OFFSETS_32)
             s1 = tl.load(TILE_SUBJECTS + b * stride_tsb + tile0 * stride_tst + 1, mask=count > 1, other=0)
 
         # Wide or float32 heads run one segment: their runs stay within one (batch, head)
@@ -461,20 +479,12 @@ if HAS_TRITON:
                     for j in tl.range(0, count, num_stages=1):
                         # Unconditional (masked off past the tile's last subject): under an ``if`` the
                         # compiler would wait for these loads where the branches merge, before subject j.
-                        more = j + 1 < count
-                        w_n = _subject_weight(s_next, owner, text_owner, COVER, SCALES, b, pos,
-                                              m_ok & (pos * 0 + j + 1 < count), stride_cb, stride_cs, stride_sb,
-                                              stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
-                        n_n = SUBJ_LEN
-                        if HAS_SUBJ_TOKENS:
-                            n_n = tl.load(SUBJ_TOKENS + s_next)
-                        k_n, v_n, ok_n = _load_keys(
-                            KS + tl.multiple_of(b * stride_ksb + h * stride_ksh
-                                                + _offset(s_next, OFFSETS_32) * stride_kss, VEC),
-                            VS + tl.multiple_of(b * stride_vsb + h * stride_vsh
-                                                + _offset(s_next, OFFSETS_32) * stride_vss, VEC),
-                            0, tl.where(more, n_n, 0), stride_kst, stride_ksd, stride_vst, stride_vsd, offs_d,
-                            d_ok, TEXT_MASK, 0, False, BLOCK_T)
+                        w_n, k_n, v_n, ok_n = _subject_operands(
+                            s_next, j + 1, count, owner, text_owner, COVER, SCALES, SUBJ_TOKENS, KS, VS, b, h, pos,
+                            m_ok & (pos * 0 + j + 1 < count), stride_cb, stride_cs, stride_sb, stride_ss, stride_ksb,
+                            stride_ksh, stride_kss, stride_kst, stride_ksd, stride_vsb, stride_vsh, stride_vss,
+                            stride_vst, stride_vsd, offs_d, d_ok, TEXT_MASK, OVERWRITE, HAS_TEXT_SUBJECTS,
+                            HAS_SUBJ_TOKENS, SUBJ_LEN, BLOCK_T, VEC, OFFSETS_32)
                         s_after = tl.load(subjects + j + 2, mask=j + 2 < count, other=0)
                         out = _subject_branch(out, q, k, v, t_ok, weight, qk_scale, MASK_T, DOT_PRECISION)
                         weight, k, v, t_ok, s_next = w_n, k_n, v_n, ok_n, s_after
@@ -507,19 +517,12 @@ if HAS_TRITON:
                     # tile's store and the next tile's text branch. Issued after this tile's subjects:
                     # loads issued before them would share a scoreboard with the subject keys the loop
                     # stores to shared memory first, which would then wait for these too.
-                    w0_n = _subject_weight(s0_n, owner_n, text_owner_n, COVER, SCALES, b_m, pos_next,
-                                           (pos_next < N) & (pos_next * 0 + count_n > 0), stride_cb, stride_cs,
-                                           stride_sb, stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
-                    n0_n = SUBJ_LEN
-                    if HAS_SUBJ_TOKENS:
-                        n0_n = tl.load(SUBJ_TOKENS + s0_n)
-                    k0_n, v0_n, ok0_n = _load_keys(
-                        KS + tl.multiple_of(b_m * stride_ksb + h_m * stride_ksh
-                                            + _offset(s0_n, OFFSETS_32) * stride_kss, VEC),
-                        VS + tl.multiple_of(b_m * stride_vsb + h_m * stride_vsh
-                                            + _offset(s0_n, OFFSETS_32) * stride_vss, VEC),
-                        0, tl.where(count_n > 0, n0_n, 0), stride_kst, stride_ksd, stride_vst, stride_vsd, offs_d,
-                        d_ok, TEXT_MASK, 0, False, BLOCK_T)
+                    w0_n, k0_n, v0_n, ok0_n = _subject_operands(
+                        s0_n, 0, count_n, owner_n, text_owner_n, COVER, SCALES, SUBJ_TOKENS, KS, VS, b_m, h_m,
+                        pos_next, (pos_next < N) & (pos_next * 0 + count_n > 0), stride_cb, stride_cs, stride_sb,
+                        stride_ss, stride_ksb, stride_ksh, stride_kss, stride_kst, stride_ksd, stride_vsb,
+                        stride_vsh, stride_vss, stride_vst, stride_vsd, offs_d, d_ok, TEXT_MASK, OVERWRITE,
+                        HAS_TEXT_SUBJECTS, HAS_SUBJ_TOKENS, SUBJ_LEN, BLOCK_T, VEC, OFFSETS_32)
                     # ... and the index of its second, which the tile's count (arrived by now) guards.
                     s1_n = tl.load(TILE_SUBJECTS + b_m * stride_tsb + tile_m * stride_tst + 1, mask=count_n > 1,
                                    other=0)
