@@ -15,12 +15,14 @@ from . import _layout
 
 
 def _chunk_tokens(num_tokens: int) -> int:
-    # A subject's gathered queries and their attention output are processed in slabs of
-    # at most 256 tokens (a sixteenth of the grid on small grids, at least 64): they stay in
-    # cache, and temporaries stay near a tenth of the output whatever the region sizes.
-    # Measured on CPU, 1 thread, S=5, T=16: against N/8-token slabs, 128x128 went from 1.50x
-    # to 1.27x the time of text-only SDPA and peak memory from 1.28x to 1.05x the output.
-    return min(256, max(64, num_tokens // 16))
+    # A subject's gathered queries and their attention output are processed one batch row at
+    # a time, in slabs of at most 512 tokens (an eighth of the grid on small grids, at least
+    # 64): they stay in cache, and temporaries stay near a tenth of the output whatever the
+    # region sizes (a 512-token slab of one row holds what a 256-token slab of both CFG rows
+    # did). Fewer, larger slabs matter at 2 threads, where each small op pays a parallel
+    # region: measured on CPU, S=5, T=16, 64x64, against 256-token slabs, 1.53-1.56x -> 1.46-1.49x
+    # the time of text-only SDPA (1024 tokens: 1.43-1.46x, for twice the temporaries).
+    return min(512, max(64, num_tokens // 8))
 
 
 def _small_attention(q, k_t, v, scale: float, out=None) -> torch.Tensor:
@@ -72,15 +74,17 @@ def region_attention_torch(q, k_text, v_text, k_subj, v_subj, routing: Routing, 
             k_s_t, v_s = k_subj[bs, :, s, :n].transpose(-1, -2), v_subj[bs, :, s, :n] * lam
             tokens = tokens.to(q.device)
             for idx in tokens.split(chunk):
-                q_s = q_rows.index_select(dim, idx)
                 if dim == 1:
-                    # [b, c, H, D] rows: one batch row at a time is [H, c, D] with a row stride, which
-                    # the batched matmul reads in place; all rows at once ([b, H, c, D]) would be
-                    # copied first (measured: that copy was a fifth of the subjects' time).
-                    z = q_s.new_empty(q_s.shape[0], q_s.shape[2], q_s.shape[1], q_s.shape[3])
-                    for i in range(q_s.shape[0]):
-                        _small_attention(q_s[i].transpose(0, 1), k_s_t[i], v_s[i], softmax_scale, out=z[i])
+                    # [b, N, H, D] rows: gather and scatter one batch row's [N, H, D] along its first
+                    # dim, whose copies torch runs in parallel (along N of the 4-d view they run on one
+                    # thread: at 2 threads they were a third of the subjects' time), and let the
+                    # batched matmul read and write the [c, H, D] slabs as [H, c, D] in place.
+                    for i in range(q_rows.shape[0]):
+                        q_s = q_rows[i].index_select(0, idx)
+                        z = torch.empty_like(q_s)
+                        _small_attention(q_s.transpose(0, 1), k_s_t[i], v_s[i], softmax_scale, out=z.transpose(0, 1))
+                        out_rows[i].index_add_(0, idx, z)
                 else:
-                    z = _small_attention(q_s, k_s_t, v_s, softmax_scale)
-                out_rows.index_add_(out_dim, idx, z.transpose(1, 2) if out_dim == 1 else z)
+                    z = _small_attention(q_rows.index_select(dim, idx), k_s_t, v_s, softmax_scale)
+                    out_rows.index_add_(out_dim, idx, z)
     return out

@@ -281,3 +281,41 @@ def test_a_nan_query_row_gives_a_nan_output_row_on_every_backend(backend, mode, 
     kt_ref, vt_ref = (kt, vt) if text else (torch.zeros(1, 2, 1, 64), torch.zeros(1, 2, 1, 64))
     ref = reference(clean, kt_ref, vt_ref, ks, vs, tok, NAN_GRID, mode=mode, subject_scale=0.7)
     torch.testing.assert_close(out[~nan_rows].double(), ref[~nan_rows], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "sum"])
+@pytest.mark.parametrize("q_layout", ["diffusers", "contiguous"])
+@pytest.mark.parametrize("layouts", ["shared Routing", "shared boxes", "per row"])
+@pytest.mark.parametrize("slab", [1, 7, 10_000])
+def test_torch_backend_slabs_split_regions_anywhere(monkeypatch, mode, q_layout, layouts, slab):
+    """The torch backend runs a subject's tokens in slabs, per batch row for diffusers' q: slabs
+    of 1 token, of 7 (cutting every region mid-row) and larger than any region all give the
+    reference's output, with one layout for the batch (as a Routing, whose batch rows share one
+    work list, or as boxes) or one per row, both text kinds and their own key counts."""
+    from anyms_kernels.ops import region_attention_torch as rat
+
+    monkeypatch.setattr(rat, "_chunk_tokens", lambda num_tokens: slab)
+    B, H, grid, S, T = 3, 2, (9, 11), 4, 6
+    q, kt, vt, ks, vs = make_inputs(B, H, grid, 64, 77, S, T, torch.float32, seed=5)
+    if q_layout == "contiguous":
+        q = q.contiguous()
+    boxes = torch.tensor([[[0, 0, 6, 5], [3, 2, 11, 9], [1, 4, 5, 9], [5, 0, 11, 3]],
+                          [[2, 1, 9, 8], [0, 0, 4, 9], [6, 3, 11, 6], [0, 6, 11, 9]],
+                          [[0, 0, 11, 9], [4, 4, 7, 7], [0, 0, 2, 2], [8, 6, 11, 9]]], dtype=torch.int32)
+    if layouts != "per row":
+        boxes = boxes[0]
+    kinds = torch.tensor([False, True, False, True])
+    counts = torch.tensor([6, 3, 1, 5], dtype=torch.int32)
+    scales = torch.tensor([[1.0, 0.5, 2.0, 1.5]]).expand(B, S).contiguous()
+    if layouts == "shared Routing":
+        routing = ak.build_routing(boxes, grid, mode, replaces_text=kinds, subject_tokens=counts)
+        assert routing.batch == 1
+        out = ak.region_cross_attention(q, kt, vt, ks, vs, routing, grid, mode=mode, subject_scale=scales,
+                                        backend="torch")
+    else:
+        out = ak.region_cross_attention(q, kt, vt, ks, vs, boxes, grid, mode=mode, subject_scale=scales,
+                                        replaces_text=kinds, subject_tokens=counts, backend="torch")
+    ref = reference(q, kt, vt, ks, vs, boxes, grid, mode=mode, subject_scale=scales, replaces_text=kinds,
+                    subject_tokens=counts)
+    assert_same_layout(out, q)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
