@@ -53,12 +53,24 @@ if HAS_TRITON:
     # tl.fdiv(..., approx=True) (div.approx.f32) is new in triton 3.9; older releases (3.0-3.8,
     # which the package supports) have no ``approx`` and take the plain tl.fdiv (div.full.f32).
     FDIV_APPROX = tl.constexpr("approx" in inspect.signature(tl.fdiv).parameters)
+    try:
+        from triton.language.extra.cuda import libdevice as _libdevice
+    except ImportError:  # pragma: no cover - depends on the triton release
+        _libdevice = None
+    # Compiled, libdevice's fast_dividef is div.approx.ftz.f32 (triton links libdevice with flush-to-zero):
+    # without ftz, div.approx first rescales a divisor below 2^-126, a compare, two multiplies and a select
+    # per row that these sums never need. The interpreter has no libdevice: tl.fdiv there.
+    FAST_DIV = tl.constexpr(_libdevice is not None and hasattr(_libdevice, "fast_dividef")
+                            and not interpreter_requested())
 
     @triton.jit
     def _div_by_sum(x, l):
-        """x / l for a softmax row sum l >= 1 (the row's largest score gives 1): div.approx where
-        this triton has it, else div.full; both within 2 ulp there, far inside their range."""
-        if FDIV_APPROX:
+        """x / l for a softmax row sum l >= 1 (the row's largest score gives 1): div.approx (with
+        ftz where compiled) where this triton has it, else div.full; all within 2 ulp there, far
+        inside their range (ftz flushes only an x below 2^-126, a subject scale no caller gives)."""
+        if FAST_DIV:
+            return _libdevice.fast_dividef(x, l)
+        elif FDIV_APPROX:
             return tl.fdiv(x, l, approx=True)
         else:
             return tl.fdiv(x, l)
