@@ -133,7 +133,8 @@ if HAS_TRITON:
             sb = tl.dot(q, kb, input_precision=DOT_PRECISION)
             sb = tl.where(ok_b[None, :], sb, float("-inf"))
             m = tl.maximum(m, tl.max(sb, 1))
-        # A row whose keys are all masked keeps m = -inf: shift by 0 (its p are all 0).
+        # A row whose keys are all masked keeps m = -inf: shift by 0 (its p are all 0). Only a masked
+        # block A can mask a whole row (block B, if any, comes with A's keys).
         m = tl.where(m == float("-inf"), 0.0, m) * qk_scale
         pa = tl.exp2(sa * qk_scale - m[:, None])          # one FFMA per score, then MUFU.EX2
         l_i = tl.sum(pa, 1)
@@ -143,8 +144,10 @@ if HAS_TRITON:
             l_i += tl.sum(pb, 1)
             acc = tl.dot(pb.to(vb.dtype), vb, acc, input_precision=DOT_PRECISION)
         # l == 0 only for a fully masked row (the host refuses those, except while a CUDA
-        # graph is captured): write zeros, never 0/0.
-        inv_l = _div_by_sum(1.0, tl.where(l_i == 0.0, 1.0, l_i))
+        # graph is captured): write zeros, never 0/0. Else l >= 1 (the row's largest score).
+        if MASK_A:
+            l_i = tl.where(l_i == 0.0, 1.0, l_i)
+        inv_l = _div_by_sum(1.0, l_i)
         return acc * inv_l[:, None]
 
     @triton.jit
