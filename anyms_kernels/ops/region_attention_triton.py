@@ -171,6 +171,16 @@ if HAS_TRITON:
         return tl.dot(p.to(v.dtype), v, out, input_precision=DOT_PRECISION)
 
     @triton.jit
+    def _subject_keys_ok(t_ok, SUBJ_LEN: tl.constexpr, HAS_SUBJ_TOKENS: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Which keys of a subject's block its scores keep: its own count's (``t_ok``, loaded with its
+        keys) with per-subject counts, else the first T, a constant computed where the scores are
+        (not carried from the load through the pipelined loop)."""
+        if HAS_SUBJ_TOKENS:
+            return t_ok
+        else:
+            return tl.arange(0, BLOCK_T) < SUBJ_LEN
+
+    @triton.jit
     def _attend_online(
         q, K, V, stride_kn, stride_kd, stride_vn, stride_vd, n_keys,
         KEY_MASK, stride_mask, qk_scale, offs_d, d_ok,
@@ -501,7 +511,8 @@ if HAS_TRITON:
                             stride_vst, stride_vsd, offs_d, d_ok, TEXT_MASK, OVERWRITE, HAS_TEXT_SUBJECTS,
                             HAS_SUBJ_TOKENS, SUBJ_LEN, BLOCK_T, VEC, OFFSETS_32)
                         s_after = tl.load(subjects + j + 2, mask=j + 2 < count, other=0)
-                        out = _subject_branch(out, q, k, v, t_ok, weight, qk_scale, MASK_T, DOT_PRECISION)
+                        out = _subject_branch(out, q, k, v, _subject_keys_ok(t_ok, SUBJ_LEN, HAS_SUBJ_TOKENS, BLOCK_T),
+                                              weight, qk_scale, MASK_T, DOT_PRECISION)
                         weight, k, v, t_ok, s_next = w_n, k_n, v_n, ok_n, s_after
                 else:
                     for j in range(0, count):
