@@ -228,17 +228,30 @@ if HAS_TRITON:
         return count, first, owner, text_owner
 
     @triton.jit
-    def _subject_weight(s, owner, text_owner, COVER, SCALES, b, pos, m_ok, stride_cb, stride_cs, stride_sb,
-                        stride_ss, OVERWRITE: tl.constexpr, HAS_TEXT_SUBJECTS: tl.constexpr):
-        """[BLOCK_M]: lambda_s where subject s acts on the token, else 0."""
-        if OVERWRITE and HAS_TEXT_SUBJECTS:
-            acts = (owner == s) | (text_owner == s)      # its kind's owner: the image or the text one
-        elif OVERWRITE:
+    def _subject_cover(s, owner, text_owner, COVER, SCALES, b, pos, m_ok, stride_cb, stride_cs, stride_sb,
+                       stride_ss, OVERWRITE: tl.constexpr, HAS_TEXT_SUBJECTS: tl.constexpr):
+        """Subject s's weights as loaded, and its scale lambda_s: in overwrite mode the weights
+        themselves ([BLOCK_M]: lambda_s where its kind's owner is s, else 0), in sum mode its
+        coverage bytes, which ``_weight`` turns into weights where they are used (the pipelined
+        subject loop: a step later, once they have arrived, instead of waiting for them)."""
+        if OVERWRITE:
             acts = owner == s
+            if HAS_TEXT_SUBJECTS:
+                acts = acts | (text_owner == s)       # its kind's owner: the image or the text one
         else:
-            acts = tl.load(COVER + b * stride_cb + s * stride_cs + pos, mask=m_ok, other=0) != 0
+            cover = tl.load(COVER + b * stride_cb + s * stride_cs + pos, mask=m_ok, other=0)
         lam = tl.load(SCALES + b * stride_sb + s * stride_ss)     # B x S floats (the launcher compacts them)
-        return tl.where(acts, lam, 0.0)
+        if OVERWRITE:
+            cover = tl.where(acts, lam, 0.0)
+        return cover, lam
+
+    @triton.jit
+    def _weight(cover, lam, OVERWRITE: tl.constexpr):
+        """[BLOCK_M]: lambda_s where the subject acts on the token, else 0, from ``_subject_cover``."""
+        if OVERWRITE:
+            return cover
+        else:
+            return tl.where(cover != 0, lam, 0.0)
 
     @triton.jit
     def _subject_operands(s, j, count, owner, text_owner, COVER, SCALES, SUBJ_TOKENS, KS, VS, b, h, pos, w_ok,
@@ -247,11 +260,11 @@ if HAS_TRITON:
                           offs_d, d_ok, TEXT_MASK, OVERWRITE: tl.constexpr, HAS_TEXT_SUBJECTS: tl.constexpr,
                           HAS_SUBJ_TOKENS: tl.constexpr, SUBJ_LEN: tl.constexpr, BLOCK_T: tl.constexpr,
                           VEC: tl.constexpr, OFFSETS_32: tl.constexpr):
-        """Subject s, the tile's j-th of ``count``: its weight per row and its one block of keys /
-        values (none past the last), issued in that order: what the pipelined subject loop loads a
-        step ahead."""
-        w = _subject_weight(s, owner, text_owner, COVER, SCALES, b, pos, w_ok, stride_cb, stride_cs, stride_sb,
-                            stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
+        """Subject s, the tile's j-th of ``count``: its weights as loaded and its scale
+        (``_subject_cover``) and its one block of keys / values (none past the last), issued in that
+        order: what the pipelined subject loop loads a step ahead."""
+        cover, lam = _subject_cover(s, owner, text_owner, COVER, SCALES, b, pos, w_ok, stride_cb, stride_cs,
+                                   stride_sb, stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
         n = SUBJ_LEN
         if HAS_SUBJ_TOKENS:
             n = tl.load(SUBJ_TOKENS + s)
@@ -260,7 +273,7 @@ if HAS_TRITON:
                               VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s_off * stride_vss, VEC),
                               0, tl.where(j < count, n, 0), stride_kst, stride_ksd, stride_vst, stride_vsd, offs_d,
                               d_ok, TEXT_MASK, 0, False, BLOCK_T)
-        return w, k, v, ok
+        return cover, lam, k, v, ok
 
     @triton.jit
     def _following(b, h, tile, n_tiles, H):
@@ -399,7 +412,7 @@ if HAS_TRITON:
             count, s0, owner, text_owner = _tile_routing(TILE_COUNT, TILE_SUBJECTS, OWNER, TEXT_OWNER, b, tile0,
                                                          n_tiles, pos0, pos0 < N, b * stride_rb, stride_tcb,
                                                          stride_tsb, stride_tst, OVERWRITE, HAS_TEXT_SUBJECTS)
-            w0, k0, v0, ok0 = _subject_operands(
+            cover0, lam0, k0, v0, ok0 = _subject_operands(
                 s0, 0, count, owner, text_owner, COVER, SCALES, SUBJ_TOKENS, KS, VS, b, h, pos0,
                 (pos0 < N) & (pos0 * 0 + count > 0), stride_cb, stride_cs, stride_sb, stride_ss, stride_ksb,
                 stride_ksh, stride_kss, stride_kst, stride_ksd, stride_vsb, stride_vsh, stride_vss, stride_vst,
@@ -500,11 +513,11 @@ if HAS_TRITON:
                     # This tile's subjects, software-pipelined: while subject j computes, the keys and
                     # weights of subject j + 1 (its index arrived one step ago) and the index of
                     # subject j + 2 are in flight. Subject 0 arrived during the tile before.
-                    weight, k, v, t_ok, s_next = w0, k0, v0, ok0, s1
+                    cover, lam, k, v, t_ok, s_next = cover0, lam0, k0, v0, ok0, s1
                     for j in tl.range(0, count, num_stages=1):
                         # Unconditional (masked off past the tile's last subject): under an ``if`` the
                         # compiler would wait for these loads where the branches merge, before subject j.
-                        w_n, k_n, v_n, ok_n = _subject_operands(
+                        cover_n, lam_n, k_n, v_n, ok_n = _subject_operands(
                             s_next, j + 1, count, owner, text_owner, COVER, SCALES, SUBJ_TOKENS, KS, VS, b, h, pos,
                             m_ok & (pos * 0 + j + 1 < count), stride_cb, stride_cs, stride_sb, stride_ss, stride_ksb,
                             stride_ksh, stride_kss, stride_kst, stride_ksd, stride_vsb, stride_vsh, stride_vss,
@@ -512,13 +525,14 @@ if HAS_TRITON:
                             HAS_SUBJ_TOKENS, SUBJ_LEN, BLOCK_T, VEC, OFFSETS_32)
                         s_after = tl.load(subjects + j + 2, mask=j + 2 < count, other=0)
                         out = _subject_branch(out, q, k, v, _subject_keys_ok(t_ok, SUBJ_LEN, HAS_SUBJ_TOKENS, BLOCK_T),
-                                              weight, qk_scale, MASK_T, DOT_PRECISION)
-                        weight, k, v, t_ok, s_next = w_n, k_n, v_n, ok_n, s_after
+                                              _weight(cover, lam, OVERWRITE), qk_scale, MASK_T, DOT_PRECISION)
+                        cover, lam, k, v, t_ok, s_next = cover_n, lam_n, k_n, v_n, ok_n, s_after
                 else:
                     for j in range(0, count):
                         s = tl.load(subjects + j)
-                        weight = _subject_weight(s, owner, text_owner, COVER, SCALES, b, pos, m_ok, stride_cb,
-                                                 stride_cs, stride_sb, stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
+                        cover, lam = _subject_cover(s, owner, text_owner, COVER, SCALES, b, pos, m_ok, stride_cb,
+                                                    stride_cs, stride_sb, stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
+                        weight = _weight(cover, lam, OVERWRITE)
                         s_off = _offset(s, OFFSETS_32)
                         ks_ptr = KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s_off * stride_kss, VEC)
                         vs_ptr = VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s_off * stride_vss, VEC)
@@ -543,7 +557,7 @@ if HAS_TRITON:
                     # tile's store and the next tile's text branch. Issued after this tile's subjects:
                     # loads issued before them would share a scoreboard with the subject keys the loop
                     # stores to shared memory first, which would then wait for these too.
-                    w0_n, k0_n, v0_n, ok0_n = _subject_operands(
+                    cover0_n, lam0_n, k0_n, v0_n, ok0_n = _subject_operands(
                         s0_n, 0, count_n, owner_n, text_owner_n, COVER, SCALES, SUBJ_TOKENS, KS, VS, b_m, h_m,
                         pos_next, (pos_next < N) & (pos_next * 0 + count_n > 0), stride_cb, stride_cs, stride_sb,
                         stride_ss, stride_ksb, stride_ksh, stride_kss, stride_kst, stride_ksd, stride_vsb,
@@ -559,7 +573,8 @@ if HAS_TRITON:
                 if PREFETCH_TEXT:
                     q = q_next
                 if PREFETCH_TEXT and SUBJ_LEN <= BLOCK_T:
-                    count, owner, w0, k0, v0, ok0, s1 = count_n, owner_n, w0_n, k0_n, v0_n, ok0_n, s1_n
+                    count, owner, cover0, lam0, s1 = count_n, owner_n, cover0_n, lam0_n, s1_n
+                    k0, v0, ok0 = k0_n, v0_n, ok0_n
                     text_owner = text_owner_n
                 tok = tok_next
                 tok_next = tok_after
