@@ -698,7 +698,7 @@ def block_d(head_dim: int) -> int:
 # registers a thread where the table says so (two or more programs per SM; tests/kernels/
 # test_compile.py, benchmarks/compile_report.py). One table for sm_80 and sm_90: for SDXL's
 # heads (64, 16-bit) the cost model (benchmarks/kernel_cost.py) picks 128-token tiles of 8
-# warps on both (one program per SM, 167 / 242 registers), over 64 x 4 warps (three / two
+# warps on both (one program per SM, 167 / 245 registers), over 64 x 4 warps (three / two
 # programs per SM), 32 x 4, 64 x 8 and 128 x 4, and over capping registers (spills).
 CONFIGS = {
     # (BLOCK_D, 16-bit operands?) -> candidates, the heuristic's choice first
