@@ -53,12 +53,24 @@ if HAS_TRITON:
     # tl.fdiv(..., approx=True) (div.approx.f32) is new in triton 3.9; older releases (3.0-3.8,
     # which the package supports) have no ``approx`` and take the plain tl.fdiv (div.full.f32).
     FDIV_APPROX = tl.constexpr("approx" in inspect.signature(tl.fdiv).parameters)
+    try:
+        from triton.language.extra.cuda import libdevice as _libdevice
+    except ImportError:  # pragma: no cover - depends on the triton release
+        _libdevice = None
+    # Compiled, libdevice's fast_dividef is div.approx.ftz.f32 (triton links libdevice with flush-to-zero):
+    # without ftz, div.approx first rescales a divisor below 2^-126, a compare, two multiplies and a select
+    # per row that these sums never need. The interpreter has no libdevice: tl.fdiv there.
+    FAST_DIV = tl.constexpr(_libdevice is not None and hasattr(_libdevice, "fast_dividef")
+                            and not interpreter_requested())
 
     @triton.jit
     def _div_by_sum(x, l):
-        """x / l for a softmax row sum l >= 1 (the row's largest score gives 1): div.approx where
-        this triton has it, else div.full; both within 2 ulp there, far inside their range."""
-        if FDIV_APPROX:
+        """x / l for a softmax row sum l >= 1 (the row's largest score gives 1): div.approx (with
+        ftz where compiled) where this triton has it, else div.full; all within 2 ulp there, far
+        inside their range (ftz flushes only an x below 2^-126, a subject scale no caller gives)."""
+        if FAST_DIV:
+            return _libdevice.fast_dividef(x, l)
+        elif FDIV_APPROX:
             return tl.fdiv(x, l, approx=True)
         else:
             return tl.fdiv(x, l)
@@ -121,7 +133,8 @@ if HAS_TRITON:
             sb = tl.dot(q, kb, input_precision=DOT_PRECISION)
             sb = tl.where(ok_b[None, :], sb, float("-inf"))
             m = tl.maximum(m, tl.max(sb, 1))
-        # A row whose keys are all masked keeps m = -inf: shift by 0 (its p are all 0).
+        # A row whose keys are all masked keeps m = -inf: shift by 0 (its p are all 0). Only a masked
+        # block A can mask a whole row (block B, if any, comes with A's keys).
         m = tl.where(m == float("-inf"), 0.0, m) * qk_scale
         pa = tl.exp2(sa * qk_scale - m[:, None])          # one FFMA per score, then MUFU.EX2
         l_i = tl.sum(pa, 1)
@@ -131,8 +144,10 @@ if HAS_TRITON:
             l_i += tl.sum(pb, 1)
             acc = tl.dot(pb.to(vb.dtype), vb, acc, input_precision=DOT_PRECISION)
         # l == 0 only for a fully masked row (the host refuses those, except while a CUDA
-        # graph is captured): write zeros, never 0/0.
-        inv_l = _div_by_sum(1.0, tl.where(l_i == 0.0, 1.0, l_i))
+        # graph is captured): write zeros, never 0/0. Else l >= 1 (the row's largest score).
+        if MASK_A:
+            l_i = tl.where(l_i == 0.0, 1.0, l_i)
+        inv_l = _div_by_sum(1.0, l_i)
         return acc * inv_l[:, None]
 
     @triton.jit
@@ -154,6 +169,16 @@ if HAS_TRITON:
         w = _div_by_sum(weight, tl.sum(p, 1))
         p = p * w[:, None]
         return tl.dot(p.to(v.dtype), v, out, input_precision=DOT_PRECISION)
+
+    @triton.jit
+    def _subject_keys_ok(t_ok, SUBJ_LEN: tl.constexpr, HAS_SUBJ_TOKENS: tl.constexpr, BLOCK_T: tl.constexpr):
+        """Which keys of a subject's block its scores keep: its own count's (``t_ok``, loaded with its
+        keys) with per-subject counts, else the first T, a constant computed where the scores are
+        (not carried from the load through the pipelined loop)."""
+        if HAS_SUBJ_TOKENS:
+            return t_ok
+        else:
+            return tl.arange(0, BLOCK_T) < SUBJ_LEN
 
     @triton.jit
     def _attend_online(
@@ -203,17 +228,30 @@ if HAS_TRITON:
         return count, first, owner, text_owner
 
     @triton.jit
-    def _subject_weight(s, owner, text_owner, COVER, SCALES, b, pos, m_ok, stride_cb, stride_cs, stride_sb,
-                        stride_ss, OVERWRITE: tl.constexpr, HAS_TEXT_SUBJECTS: tl.constexpr):
-        """[BLOCK_M]: lambda_s where subject s acts on the token, else 0."""
-        if OVERWRITE and HAS_TEXT_SUBJECTS:
-            acts = (owner == s) | (text_owner == s)      # its kind's owner: the image or the text one
-        elif OVERWRITE:
+    def _subject_cover(s, owner, text_owner, COVER, SCALES, b, pos, m_ok, stride_cb, stride_cs, stride_sb,
+                       stride_ss, OVERWRITE: tl.constexpr, HAS_TEXT_SUBJECTS: tl.constexpr):
+        """Subject s's weights as loaded, and its scale lambda_s: in overwrite mode the weights
+        themselves ([BLOCK_M]: lambda_s where its kind's owner is s, else 0), in sum mode its
+        coverage bytes, which ``_weight`` turns into weights where they are used (the pipelined
+        subject loop: a step later, once they have arrived, instead of waiting for them)."""
+        if OVERWRITE:
             acts = owner == s
+            if HAS_TEXT_SUBJECTS:
+                acts = acts | (text_owner == s)       # its kind's owner: the image or the text one
         else:
-            acts = tl.load(COVER + b * stride_cb + s * stride_cs + pos, mask=m_ok, other=0) != 0
+            cover = tl.load(COVER + b * stride_cb + s * stride_cs + pos, mask=m_ok, other=0)
         lam = tl.load(SCALES + b * stride_sb + s * stride_ss)     # B x S floats (the launcher compacts them)
-        return tl.where(acts, lam, 0.0)
+        if OVERWRITE:
+            cover = tl.where(acts, lam, 0.0)
+        return cover, lam
+
+    @triton.jit
+    def _weight(cover, lam, OVERWRITE: tl.constexpr):
+        """[BLOCK_M]: lambda_s where the subject acts on the token, else 0, from ``_subject_cover``."""
+        if OVERWRITE:
+            return cover
+        else:
+            return tl.where(cover != 0, lam, 0.0)
 
     @triton.jit
     def _subject_operands(s, j, count, owner, text_owner, COVER, SCALES, SUBJ_TOKENS, KS, VS, b, h, pos, w_ok,
@@ -222,11 +260,11 @@ if HAS_TRITON:
                           offs_d, d_ok, TEXT_MASK, OVERWRITE: tl.constexpr, HAS_TEXT_SUBJECTS: tl.constexpr,
                           HAS_SUBJ_TOKENS: tl.constexpr, SUBJ_LEN: tl.constexpr, BLOCK_T: tl.constexpr,
                           VEC: tl.constexpr, OFFSETS_32: tl.constexpr):
-        """Subject s, the tile's j-th of ``count``: its weight per row and its one block of keys /
-        values (none past the last), issued in that order: what the pipelined subject loop loads a
-        step ahead."""
-        w = _subject_weight(s, owner, text_owner, COVER, SCALES, b, pos, w_ok, stride_cb, stride_cs, stride_sb,
-                            stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
+        """Subject s, the tile's j-th of ``count``: its weights as loaded and its scale
+        (``_subject_cover``) and its one block of keys / values (none past the last), issued in that
+        order: what the pipelined subject loop loads a step ahead."""
+        cover, lam = _subject_cover(s, owner, text_owner, COVER, SCALES, b, pos, w_ok, stride_cb, stride_cs,
+                                   stride_sb, stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
         n = SUBJ_LEN
         if HAS_SUBJ_TOKENS:
             n = tl.load(SUBJ_TOKENS + s)
@@ -235,7 +273,7 @@ if HAS_TRITON:
                               VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s_off * stride_vss, VEC),
                               0, tl.where(j < count, n, 0), stride_kst, stride_ksd, stride_vst, stride_vsd, offs_d,
                               d_ok, TEXT_MASK, 0, False, BLOCK_T)
-        return w, k, v, ok
+        return cover, lam, k, v, ok
 
     @triton.jit
     def _following(b, h, tile, n_tiles, H):
@@ -374,7 +412,7 @@ if HAS_TRITON:
             count, s0, owner, text_owner = _tile_routing(TILE_COUNT, TILE_SUBJECTS, OWNER, TEXT_OWNER, b, tile0,
                                                          n_tiles, pos0, pos0 < N, b * stride_rb, stride_tcb,
                                                          stride_tsb, stride_tst, OVERWRITE, HAS_TEXT_SUBJECTS)
-            w0, k0, v0, ok0 = _subject_operands(
+            cover0, lam0, k0, v0, ok0 = _subject_operands(
                 s0, 0, count, owner, text_owner, COVER, SCALES, SUBJ_TOKENS, KS, VS, b, h, pos0,
                 (pos0 < N) & (pos0 * 0 + count > 0), stride_cb, stride_cs, stride_sb, stride_ss, stride_ksb,
                 stride_ksh, stride_kss, stride_kst, stride_ksd, stride_vsb, stride_vsh, stride_vss, stride_vst,
@@ -475,24 +513,26 @@ if HAS_TRITON:
                     # This tile's subjects, software-pipelined: while subject j computes, the keys and
                     # weights of subject j + 1 (its index arrived one step ago) and the index of
                     # subject j + 2 are in flight. Subject 0 arrived during the tile before.
-                    weight, k, v, t_ok, s_next = w0, k0, v0, ok0, s1
+                    cover, lam, k, v, t_ok, s_next = cover0, lam0, k0, v0, ok0, s1
                     for j in tl.range(0, count, num_stages=1):
                         # Unconditional (masked off past the tile's last subject): under an ``if`` the
                         # compiler would wait for these loads where the branches merge, before subject j.
-                        w_n, k_n, v_n, ok_n = _subject_operands(
+                        cover_n, lam_n, k_n, v_n, ok_n = _subject_operands(
                             s_next, j + 1, count, owner, text_owner, COVER, SCALES, SUBJ_TOKENS, KS, VS, b, h, pos,
                             m_ok & (pos * 0 + j + 1 < count), stride_cb, stride_cs, stride_sb, stride_ss, stride_ksb,
                             stride_ksh, stride_kss, stride_kst, stride_ksd, stride_vsb, stride_vsh, stride_vss,
                             stride_vst, stride_vsd, offs_d, d_ok, TEXT_MASK, OVERWRITE, HAS_TEXT_SUBJECTS,
                             HAS_SUBJ_TOKENS, SUBJ_LEN, BLOCK_T, VEC, OFFSETS_32)
                         s_after = tl.load(subjects + j + 2, mask=j + 2 < count, other=0)
-                        out = _subject_branch(out, q, k, v, t_ok, weight, qk_scale, MASK_T, DOT_PRECISION)
-                        weight, k, v, t_ok, s_next = w_n, k_n, v_n, ok_n, s_after
+                        out = _subject_branch(out, q, k, v, _subject_keys_ok(t_ok, SUBJ_LEN, HAS_SUBJ_TOKENS, BLOCK_T),
+                                              _weight(cover, lam, OVERWRITE), qk_scale, MASK_T, DOT_PRECISION)
+                        cover, lam, k, v, t_ok, s_next = cover_n, lam_n, k_n, v_n, ok_n, s_after
                 else:
                     for j in range(0, count):
                         s = tl.load(subjects + j)
-                        weight = _subject_weight(s, owner, text_owner, COVER, SCALES, b, pos, m_ok, stride_cb,
-                                                 stride_cs, stride_sb, stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
+                        cover, lam = _subject_cover(s, owner, text_owner, COVER, SCALES, b, pos, m_ok, stride_cb,
+                                                    stride_cs, stride_sb, stride_ss, OVERWRITE, HAS_TEXT_SUBJECTS)
+                        weight = _weight(cover, lam, OVERWRITE)
                         s_off = _offset(s, OFFSETS_32)
                         ks_ptr = KS + tl.multiple_of(b * stride_ksb + h * stride_ksh + s_off * stride_kss, VEC)
                         vs_ptr = VS + tl.multiple_of(b * stride_vsb + h * stride_vsh + s_off * stride_vss, VEC)
@@ -517,7 +557,7 @@ if HAS_TRITON:
                     # tile's store and the next tile's text branch. Issued after this tile's subjects:
                     # loads issued before them would share a scoreboard with the subject keys the loop
                     # stores to shared memory first, which would then wait for these too.
-                    w0_n, k0_n, v0_n, ok0_n = _subject_operands(
+                    cover0_n, lam0_n, k0_n, v0_n, ok0_n = _subject_operands(
                         s0_n, 0, count_n, owner_n, text_owner_n, COVER, SCALES, SUBJ_TOKENS, KS, VS, b_m, h_m,
                         pos_next, (pos_next < N) & (pos_next * 0 + count_n > 0), stride_cb, stride_cs, stride_sb,
                         stride_ss, stride_ksb, stride_ksh, stride_kss, stride_kst, stride_ksd, stride_vsb,
@@ -533,7 +573,8 @@ if HAS_TRITON:
                 if PREFETCH_TEXT:
                     q = q_next
                 if PREFETCH_TEXT and SUBJ_LEN <= BLOCK_T:
-                    count, owner, w0, k0, v0, ok0, s1 = count_n, owner_n, w0_n, k0_n, v0_n, ok0_n, s1_n
+                    count, owner, cover0, lam0, s1 = count_n, owner_n, cover0_n, lam0_n, s1_n
+                    k0, v0, ok0 = k0_n, v0_n, ok0_n
                     text_owner = text_owner_n
                 tok = tok_next
                 tok_next = tok_after
@@ -657,7 +698,7 @@ def block_d(head_dim: int) -> int:
 # registers a thread where the table says so (two or more programs per SM; tests/kernels/
 # test_compile.py, benchmarks/compile_report.py). One table for sm_80 and sm_90: for SDXL's
 # heads (64, 16-bit) the cost model (benchmarks/kernel_cost.py) picks 128-token tiles of 8
-# warps on both (one program per SM, 167 / 242 registers), over 64 x 4 warps (three / two
+# warps on both (one program per SM, 167 / 245 registers), over 64 x 4 warps (three / two
 # programs per SM), 32 x 4, 64 x 8 and 128 x 4, and over capping registers (spills).
 CONFIGS = {
     # (BLOCK_D, 16-bit operands?) -> candidates, the heuristic's choice first
