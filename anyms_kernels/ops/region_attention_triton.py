@@ -57,11 +57,18 @@ if HAS_TRITON:
         from triton.language.extra.cuda import libdevice as _libdevice
     except ImportError:  # pragma: no cover - depends on the triton release
         _libdevice = None
+
+    @triton.jit
+    def _jit_probe():
+        pass
+
+    # Whether triton interprets the kernels defined now: its own decision (its reading of
+    # TRITON_INTERPRET, which is not ours: "2" is off to it), taken when a kernel is defined.
+    _JIT_INTERPRETS = type(_jit_probe).__name__ == "InterpretedFunction"
     # Compiled, libdevice's fast_dividef is div.approx.ftz.f32 (triton links libdevice with flush-to-zero):
     # without ftz, div.approx first rescales a divisor below 2^-126, a compare, two multiplies and a select
     # per row that these sums never need. The interpreter has no libdevice: tl.fdiv there.
-    FAST_DIV = tl.constexpr(_libdevice is not None and hasattr(_libdevice, "fast_dividef")
-                            and not interpreter_requested())
+    FAST_DIV = tl.constexpr(_libdevice is not None and hasattr(_libdevice, "fast_dividef") and not _JIT_INTERPRETS)
 
     @triton.jit
     def _div_by_sum(x, l):

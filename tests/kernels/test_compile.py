@@ -143,6 +143,34 @@ def test_kernel_compiles_with_a_triton_whose_fdiv_takes_no_approx(tmp_path):
     assert divisions == {"old": ["1", "0", "0"], "new": ["1", "0", "0"]}, divisions
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiles offline, like the test above")
+def test_compiled_kernel_takes_the_fast_division_whatever_triton_interpret_holds(tmp_path):
+    """The fast division goes wherever triton compiles the kernel, decided by what triton did with
+    it, not by our own reading of TRITON_INTERPRET: triton reads "2" as off and compiles, and the
+    sums must then take div.approx.ftz.f32, as without the variable; under "1" it interprets."""
+    code = (
+        "import torch\n"
+        "from anyms_kernels.ops import region_attention_triton as rt\n"
+        "print('interpreted' if rt.KERNEL_INTERPRETED else 'compiled', bool(rt.FAST_DIV))\n"
+        "if not rt.KERNEL_INTERPRETED:\n"
+        "    from anyms_kernels._compile import compile_kernel\n"
+        "    ptx = compile_kernel(64, torch.float16, rt.config_candidates(64, torch.float16)[0], arch=90).asm['ptx']\n"
+        "    print(int('div.approx.ftz.f32' in ptx), int('div.approx.f32' in ptx))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TRITON_CACHE_DIR=str(tmp_path))
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    seen = {}
+    for value in ("2", "1"):
+        env["TRITON_INTERPRET"] = value
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-4000:]
+        seen[value] = r.stdout.split()
+    assert seen == {"2": ["compiled", "True", "1", "0"], "1": ["interpreted", "False"]}, seen
+
+
 def test_registered_op_equals_public_function_in_eager():
     """Eager calls skip the dispatcher; the registered op (what tracers see) computes the same."""
     grid = (5, 6)
