@@ -113,8 +113,10 @@ def test_kernel_compiles_with_a_triton_whose_fdiv_takes_no_approx(tmp_path):
     """Triton before 3.9 has tl.fdiv(x, y, ieee_rounding) only (no ``approx``), and the package
     supports triton >= 3.0: the kernel compiles with either, and compiled, the softmax sums take
     libdevice's fast_dividef (div.approx.ftz.f32: no rescaling of tiny divisors), never div.full
-    or the non-ftz div.approx. Fresh processes (no TRITON_INTERPRET), the older fdiv's signature
-    put in place before the kernel is defined."""
+    or the non-ftz div.approx. A triton whose libdevice has no fast_dividef takes tl.fdiv: the
+    non-ftz div.approx with ``approx``, div.full without. Fresh processes (no TRITON_INTERPRET),
+    the older fdiv's signature (and libdevice less fast_dividef) put in place before the kernel
+    is defined."""
     code = (
         "import sys, torch\n"
         "import triton.language as tl\n"
@@ -125,6 +127,9 @@ def test_kernel_compiles_with_a_triton_whose_fdiv_takes_no_approx(tmp_path):
         "    def fdiv(x, y, ieee_rounding=False, _semantic=None):   # triton 3.0-3.8's signature\n"
         "        return new_fdiv(x, y, ieee_rounding, _semantic=_semantic)\n"
         "    tl.fdiv = tl_math.fdiv = fdiv\n"
+        "if sys.argv[2] == 'no_fast_dividef':\n"
+        "    from triton.language.extra.cuda import libdevice\n"
+        "    del libdevice.fast_dividef\n"
         "from anyms_kernels._compile import compile_kernel\n"
         "from anyms_kernels.ops import region_attention_triton as rt\n"
         "ptx = compile_kernel(64, torch.float16, rt.config_candidates(64, torch.float16)[0], arch=90).asm['ptx']\n"
@@ -135,12 +140,15 @@ def test_kernel_compiles_with_a_triton_whose_fdiv_takes_no_approx(tmp_path):
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     divisions = {}
     for fdiv in ("old", "new"):
-        env["TRITON_CACHE_DIR"] = str(tmp_path / fdiv)    # compiled afresh: the cache key omits tl.fdiv
-        r = subprocess.run([sys.executable, "-c", code, fdiv], capture_output=True, text=True, env=env, cwd=ROOT,
-                           timeout=600)
-        assert r.returncode == 0, r.stderr[-4000:]
-        divisions[fdiv] = r.stdout.split()[-3:]
-    assert divisions == {"old": ["1", "0", "0"], "new": ["1", "0", "0"]}, divisions
+        for libdevice in ("fast_dividef", "no_fast_dividef"):
+            env["TRITON_CACHE_DIR"] = str(tmp_path / fdiv / libdevice)   # compiled afresh: the key omits tl.fdiv
+            r = subprocess.run([sys.executable, "-c", code, fdiv, libdevice], capture_output=True, text=True,
+                               env=env, cwd=ROOT, timeout=600)
+            assert r.returncode == 0, r.stderr[-4000:]
+            divisions[fdiv, libdevice] = r.stdout.split()[-3:]
+    assert divisions == {("old", "fast_dividef"): ["1", "0", "0"], ("new", "fast_dividef"): ["1", "0", "0"],
+                         ("old", "no_fast_dividef"): ["0", "0", "1"], ("new", "no_fast_dividef"): ["0", "1", "0"]}, \
+        divisions
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
