@@ -179,6 +179,37 @@ def test_compiled_kernel_takes_the_fast_division_whatever_triton_interpret_holds
     assert seen == {"2": ["compiled", "True", "1", "0"], "1": ["interpreted", "False"]}, seen
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiles offline, like the test above")
+def test_compiled_fast_divisions_divide_one_never_a_subject_scale(tmp_path):
+    """div.approx.ftz flushes a quotient below 2^-126 to 0: a float32 subject scale of 1e-38
+    divided by its row sum would drop the branch (the reference gives scale x attention, 1e-4
+    with values of 1e34). Compiled, every such division computes 1 / l, and the scale multiplies
+    after, in plain float32: each numerator is the constant 1. Both modes, float32 (whose ieee
+    dots keep subnormal weights) and float16."""
+    code = (
+        "import re, torch\n"
+        "from anyms_kernels._compile import compile_kernel\n"
+        "from anyms_kernels.ops import region_attention_triton as rt\n"
+        "for dtype in (torch.float32, torch.float16):\n"
+        "    for overwrite in (True, False):\n"
+        "        ptx = compile_kernel(64, dtype, rt.config_candidates(64, dtype)[0], arch=90,\n"
+        "                             overwrite=overwrite).asm['ptx']\n"
+        "        ones = set(re.findall(r'mov\\.b32\\s+(%r\\d+), 0f3F800000;', ptx))\n"
+        "        nums = re.findall(r'div\\.approx\\.ftz\\.f32\\s+%r\\d+, (\\S+), \\S+;', ptx)\n"
+        "        print(len(nums), sum(n in ones or n == '0f3F800000' for n in nums))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    counts = [tuple(map(int, line.split())) for line in r.stdout.strip().splitlines()]
+    assert len(counts) == 4 and all(n > 0 for n, _ in counts), counts       # the fast division is there
+    assert all(ones == n for n, ones in counts), f"(divisions, of them 1 / l) per variant: {counts}"
+
+
 def test_registered_op_equals_public_function_in_eager():
     """Eager calls skip the dispatcher; the registered op (what tracers see) computes the same."""
     grid = (5, 6)
