@@ -57,23 +57,32 @@ if HAS_TRITON:
         from triton.language.extra.cuda import libdevice as _libdevice
     except ImportError:  # pragma: no cover - depends on the triton release
         _libdevice = None
+
+    @triton.jit
+    def _jit_probe():
+        pass
+
+    # Whether triton interprets the kernels defined now: its own decision (its reading of
+    # TRITON_INTERPRET, which is not ours: "2" is off to it), taken when a kernel is defined.
+    _JIT_INTERPRETS = type(_jit_probe).__name__ == "InterpretedFunction"
     # Compiled, libdevice's fast_dividef is div.approx.ftz.f32 (triton links libdevice with flush-to-zero):
     # without ftz, div.approx first rescales a divisor below 2^-126, a compare, two multiplies and a select
     # per row that these sums never need. The interpreter has no libdevice: tl.fdiv there.
-    FAST_DIV = tl.constexpr(_libdevice is not None and hasattr(_libdevice, "fast_dividef")
-                            and not interpreter_requested())
+    FAST_DIV = tl.constexpr(_libdevice is not None and hasattr(_libdevice, "fast_dividef") and not _JIT_INTERPRETS)
 
     @triton.jit
-    def _div_by_sum(x, l):
-        """x / l for a softmax row sum l >= 1 (the row's largest score gives 1): div.approx (with
+    def _reciprocal_of_sum(l):
+        """1 / l for a softmax row sum l >= 1 (the row's largest score gives 1): div.approx (with
         ftz where compiled) where this triton has it, else div.full; all within 2 ulp there, far
-        inside their range (ftz flushes only an x below 2^-126, a subject scale no caller gives)."""
+        inside their range. The numerator is 1, never a subject's scale: ftz flushes quotients
+        below 2^-126 to 0, and a scale below 2^-126 * l divided by l would drop its branch (the
+        callers multiply by the scale after, in plain float32)."""
         if FAST_DIV:
-            return _libdevice.fast_dividef(x, l)
+            return _libdevice.fast_dividef(1.0, l)
         elif FDIV_APPROX:
-            return tl.fdiv(x, l, approx=True)
+            return tl.fdiv(1.0, l, approx=True)
         else:
-            return tl.fdiv(x, l)
+            return tl.fdiv(1.0, l)
 
     @triton.jit
     def _load_keys(
@@ -147,7 +156,7 @@ if HAS_TRITON:
         # graph is captured): write zeros, never 0/0. Else l >= 1 (the row's largest score).
         if MASK_A:
             l_i = tl.where(l_i == 0.0, 1.0, l_i)
-        inv_l = _div_by_sum(1.0, l_i)
+        inv_l = _reciprocal_of_sum(l_i)
         return acc * inv_l[:, None]
 
     @triton.jit
@@ -166,7 +175,7 @@ if HAS_TRITON:
             s = tl.where(t_ok[None, :], s, float("-inf"))
         m = tl.max(s, 1) * qk_scale
         p = tl.exp2(s * qk_scale - m[:, None])
-        w = _div_by_sum(weight, tl.sum(p, 1))
+        w = weight * _reciprocal_of_sum(tl.sum(p, 1))
         p = p * w[:, None]
         return tl.dot(p.to(v.dtype), v, out, input_precision=DOT_PRECISION)
 

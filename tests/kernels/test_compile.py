@@ -113,8 +113,10 @@ def test_kernel_compiles_with_a_triton_whose_fdiv_takes_no_approx(tmp_path):
     """Triton before 3.9 has tl.fdiv(x, y, ieee_rounding) only (no ``approx``), and the package
     supports triton >= 3.0: the kernel compiles with either, and compiled, the softmax sums take
     libdevice's fast_dividef (div.approx.ftz.f32: no rescaling of tiny divisors), never div.full
-    or the non-ftz div.approx. Fresh processes (no TRITON_INTERPRET), the older fdiv's signature
-    put in place before the kernel is defined."""
+    or the non-ftz div.approx. A triton whose libdevice has no fast_dividef takes tl.fdiv: the
+    non-ftz div.approx with ``approx``, div.full without. Fresh processes (no TRITON_INTERPRET),
+    the older fdiv's signature (and libdevice less fast_dividef) put in place before the kernel
+    is defined."""
     code = (
         "import sys, torch\n"
         "import triton.language as tl\n"
@@ -125,6 +127,9 @@ def test_kernel_compiles_with_a_triton_whose_fdiv_takes_no_approx(tmp_path):
         "    def fdiv(x, y, ieee_rounding=False, _semantic=None):   # triton 3.0-3.8's signature\n"
         "        return new_fdiv(x, y, ieee_rounding, _semantic=_semantic)\n"
         "    tl.fdiv = tl_math.fdiv = fdiv\n"
+        "if sys.argv[2] == 'no_fast_dividef':\n"
+        "    from triton.language.extra.cuda import libdevice\n"
+        "    del libdevice.fast_dividef\n"
         "from anyms_kernels._compile import compile_kernel\n"
         "from anyms_kernels.ops import region_attention_triton as rt\n"
         "ptx = compile_kernel(64, torch.float16, rt.config_candidates(64, torch.float16)[0], arch=90).asm['ptx']\n"
@@ -135,12 +140,74 @@ def test_kernel_compiles_with_a_triton_whose_fdiv_takes_no_approx(tmp_path):
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     divisions = {}
     for fdiv in ("old", "new"):
-        env["TRITON_CACHE_DIR"] = str(tmp_path / fdiv)    # compiled afresh: the cache key omits tl.fdiv
-        r = subprocess.run([sys.executable, "-c", code, fdiv], capture_output=True, text=True, env=env, cwd=ROOT,
+        for libdevice in ("fast_dividef", "no_fast_dividef"):
+            env["TRITON_CACHE_DIR"] = str(tmp_path / fdiv / libdevice)   # compiled afresh: the key omits tl.fdiv
+            r = subprocess.run([sys.executable, "-c", code, fdiv, libdevice], capture_output=True, text=True,
+                               env=env, cwd=ROOT, timeout=600)
+            assert r.returncode == 0, r.stderr[-4000:]
+            divisions[fdiv, libdevice] = r.stdout.split()[-3:]
+    assert divisions == {("old", "fast_dividef"): ["1", "0", "0"], ("new", "fast_dividef"): ["1", "0", "0"],
+                         ("old", "no_fast_dividef"): ["0", "0", "1"], ("new", "no_fast_dividef"): ["0", "1", "0"]}, \
+        divisions
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiles offline, like the test above")
+def test_compiled_kernel_takes_the_fast_division_whatever_triton_interpret_holds(tmp_path):
+    """The fast division goes wherever triton compiles the kernel, decided by what triton did with
+    it, not by our own reading of TRITON_INTERPRET: triton reads "2" as off and compiles, and the
+    sums must then take div.approx.ftz.f32, as without the variable; under "1" it interprets."""
+    code = (
+        "import torch\n"
+        "from anyms_kernels.ops import region_attention_triton as rt\n"
+        "print('interpreted' if rt.KERNEL_INTERPRETED else 'compiled', bool(rt.FAST_DIV))\n"
+        "if not rt.KERNEL_INTERPRETED:\n"
+        "    from anyms_kernels._compile import compile_kernel\n"
+        "    ptx = compile_kernel(64, torch.float16, rt.config_candidates(64, torch.float16)[0], arch=90).asm['ptx']\n"
+        "    print(int('div.approx.ftz.f32' in ptx), int('div.approx.f32' in ptx))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               TRITON_CACHE_DIR=str(tmp_path))
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    seen = {}
+    for value in ("2", "1"):
+        env["TRITON_INTERPRET"] = value
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
                            timeout=600)
         assert r.returncode == 0, r.stderr[-4000:]
-        divisions[fdiv] = r.stdout.split()[-3:]
-    assert divisions == {"old": ["1", "0", "0"], "new": ["1", "0", "0"]}, divisions
+        seen[value] = r.stdout.split()
+    assert seen == {"2": ["compiled", "True", "1", "0"], "1": ["interpreted", "False"]}, seen
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiles offline, like the test above")
+def test_compiled_fast_divisions_divide_one_never_a_subject_scale(tmp_path):
+    """div.approx.ftz flushes a quotient below 2^-126 to 0: a float32 subject scale of 1e-38
+    divided by its row sum would drop the branch (the reference gives scale x attention, 1e-4
+    with values of 1e34). Compiled, every such division computes 1 / l, and the scale multiplies
+    after, in plain float32: each numerator is the constant 1. Both modes, float32 (whose ieee
+    dots keep subnormal weights) and float16."""
+    code = (
+        "import re, torch\n"
+        "from anyms_kernels._compile import compile_kernel\n"
+        "from anyms_kernels.ops import region_attention_triton as rt\n"
+        "for dtype in (torch.float32, torch.float16):\n"
+        "    for overwrite in (True, False):\n"
+        "        ptx = compile_kernel(64, dtype, rt.config_candidates(64, dtype)[0], arch=90,\n"
+        "                             overwrite=overwrite).asm['ptx']\n"
+        "        ones = set(re.findall(r'mov\\.b32\\s+(%r\\d+), 0f3F800000;', ptx))\n"
+        "        nums = re.findall(r'div\\.approx\\.ftz\\.f32\\s+%r\\d+, (\\S+), \\S+;', ptx)\n"
+        "        print(len(nums), sum(n in ones or n == '0f3F800000' for n in nums))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    counts = [tuple(map(int, line.split())) for line in r.stdout.strip().splitlines()]
+    assert len(counts) == 4 and all(n > 0 for n, _ in counts), counts       # the fast division is there
+    assert all(ones == n for n, ones in counts), f"(divisions, of them 1 / l) per variant: {counts}"
 
 
 def test_registered_op_equals_public_function_in_eager():

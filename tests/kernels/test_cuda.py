@@ -40,6 +40,21 @@ def test_head_dims_on_gpu(D):
                              ref_same_dtype=reference(*args, dtype=torch.float16))
 
 
+@pytest.mark.parametrize("D", [64, 128])
+def test_a_tiny_subject_scale_keeps_its_branch(D):
+    """The kernel's fast division flushes quotients below 2^-126: a float32 subject scale of 1e-38
+    must still give scale x attention (1e-4 here, with values of 1e34), not drop the branch."""
+    grid = (8, 8)
+    q, kt, vt, ks, vs = make_inputs(1, 2, grid, D, 77, 1, 4, torch.float32, "cuda", seed=3)
+    vs = vs * 1e34
+    boxes = [[0, 0, 4, 4]]
+    out = ak.region_cross_attention(q, kt, vt, ks, vs, boxes, grid, subject_scale=1e-38, backend="triton")
+    args = (q, kt, vt, ks, vs, boxes, grid)
+    ref64 = reference(*args, subject_scale=1e-38)
+    assert (ref64 - reference(*args, subject_scale=0.0)).abs().max() > 1e-4     # the branch is no rounding
+    assert_matches_reference(out, args, ref64, dtype=torch.float32)
+
+
 def test_cuda_graph_capture_and_replay():
     grid = (64, 64)
     q, kt, vt, ks, vs = make_inputs(2, 10, grid, 64, 77, 5, 16, torch.float16, "cuda")
