@@ -38,9 +38,19 @@ TRITON_VERSION: Tuple[int, ...] = parse_version(triton.__version__) if triton is
 HAS_TRITON = triton is not None and TRITON_VERSION >= MIN_TRITON_VERSION
 
 
+# Triton's own reading of a boolean variable (its C++ getenv_bool): these words, any case, are on;
+# everything else ("2", " 1", "") is off. Mirrored for triton releases that do not export it.
+_TRUE_WORDS = ("1", "true", "on", "yes", "y")
+
+
 def interpreter_requested() -> bool:
-    """Whether TRITON_INTERPRET asks for the interpreter (Triton reads it when a kernel is defined)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("", "0", "false", "off")
+    """Whether TRITON_INTERPRET asks for the interpreter, read as Triton reads it (when a kernel is
+    defined): a value Triton takes as off (e.g. "2") compiles the kernel, so it must read off here too."""
+    try:
+        from triton._C.libtriton import getenv_bool
+    except Exception:  # no triton, or a release without it
+        return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUE_WORDS
+    return bool(getenv_bool("TRITON_INTERPRET", False))
 
 
 def triton_unavailable_reason() -> Optional[str]:

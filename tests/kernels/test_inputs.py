@@ -183,6 +183,24 @@ def test_triton_backend_on_cpu_without_interpreter_says_why():
     assert "RAISED backend='triton' cannot run" in r.stdout and "TRITON_INTERPRET" in r.stdout, r.stdout
 
 
+@pytest.mark.parametrize("value, on", [("1", True), ("true", True), ("On", True), ("y", True), ("2", False),
+                                       (" 1", False), ("0", False), ("", False), ("off", False)])
+def test_interpreter_requested_reads_triton_interpret_as_triton_does(monkeypatch, value, on):
+    """Triton compiles the kernel for "2" or " 1" (its reading: off), so the op must not then say the
+    variable was set after import: it names the CPU tensor instead."""
+    from anyms_kernels import _triton
+    from anyms_kernels.ops import region_attention_triton as rt
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert _triton.interpreter_requested() is on
+    if _triton.triton is not None:
+        from triton._C.libtriton import getenv_bool
+        assert getenv_bool("TRITON_INTERPRET", False) is on
+    monkeypatch.setattr(rt, "KERNEL_INTERPRETED", False)     # as if triton had compiled the kernel at import
+    reason = rt.triton_runnable(torch.empty(1, 1, 4, 64))
+    assert ("set after anyms_kernels was imported" in reason) is on, reason
+
+
 def test_device_tensors_are_checked_once_per_version():
     """A GPU tensor's values are read once (one device sync), again only after an in-place
     change or for another grid; a dead tensor leaves no entry. Meta tensors stand in for
