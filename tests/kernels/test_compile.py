@@ -58,6 +58,23 @@ def test_fake_tensor_keeps_layout():
         assert out.shape == q.shape and out.stride() == q.stride()
 
 
+def _compile_in_fresh_process(code: str, *args: str, interpret=None, cache_dir=None, timeout: int = 600):
+    """Run ``code`` (python, with ``args``) in a fresh process, as the kernel must be defined: without
+    TRITON_INTERPRET (or with ``interpret`` as its value), FP fusion as triton 3.9's default, the
+    compiled kernels cached in ``cache_dir`` if given. Returns its stdout; fails with its stderr."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if interpret is not None:
+        env["TRITON_INTERPRET"] = interpret
+    if cache_dir is not None:
+        env["TRITON_CACHE_DIR"] = str(cache_dir)
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=timeout)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return r.stdout
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.skipif(torch.cuda.is_available(),
                     reason="on a GPU machine the kernel is compiled and run for real (test_cuda.py); the offline "
@@ -89,11 +106,7 @@ def test_kernel_compiles_for_sm80_and_sm90_without_spills(tmp_path):
         "                                              subject_tokens=T, text_subjects=True, subject_counts=True)))\n"
         f"json.dump(rows, open({str(report)!r}, 'w'))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
-    assert r.returncode == 0, r.stderr[-4000:]
+    _compile_in_fresh_process(code, timeout=1200)
     rows = json.loads(report.read_text())
     table = "\n".join(
         f"sm_{x['arch']} {x['dtype']:>4} D={x['head_dim']:<3} {'ow ' if x['overwrite'] else 'sum'} T{x['block_t']} "
@@ -135,17 +148,12 @@ def test_kernel_compiles_with_a_triton_whose_fdiv_takes_no_approx(tmp_path):
         "ptx = compile_kernel(64, torch.float16, rt.config_candidates(64, torch.float16)[0], arch=90).asm['ptx']\n"
         "print(int('div.approx.ftz.f32' in ptx), int('div.approx.f32' in ptx), int('div.full.f32' in ptx))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     divisions = {}
     for fdiv in ("old", "new"):
         for libdevice in ("fast_dividef", "no_fast_dividef"):
-            env["TRITON_CACHE_DIR"] = str(tmp_path / fdiv / libdevice)   # compiled afresh: the key omits tl.fdiv
-            r = subprocess.run([sys.executable, "-c", code, fdiv, libdevice], capture_output=True, text=True,
-                               env=env, cwd=ROOT, timeout=600)
-            assert r.returncode == 0, r.stderr[-4000:]
-            divisions[fdiv, libdevice] = r.stdout.split()[-3:]
+            # compiled afresh (a cache of its own): the cache key omits tl.fdiv
+            out = _compile_in_fresh_process(code, fdiv, libdevice, cache_dir=tmp_path / fdiv / libdevice)
+            divisions[fdiv, libdevice] = out.split()[-3:]
     assert divisions == {("old", "fast_dividef"): ["1", "0", "0"], ("new", "fast_dividef"): ["1", "0", "0"],
                          ("old", "no_fast_dividef"): ["0", "0", "1"], ("new", "no_fast_dividef"): ["0", "1", "0"]}, \
         divisions
@@ -166,16 +174,8 @@ def test_compiled_kernel_takes_the_fast_division_whatever_triton_interpret_holds
         "    ptx = compile_kernel(64, torch.float16, rt.config_candidates(64, torch.float16)[0], arch=90).asm['ptx']\n"
         "    print(int('div.approx.ftz.f32' in ptx), int('div.approx.f32' in ptx))\n"
     )
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               TRITON_CACHE_DIR=str(tmp_path))
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    seen = {}
-    for value in ("2", "1"):
-        env["TRITON_INTERPRET"] = value
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
-                           timeout=600)
-        assert r.returncode == 0, r.stderr[-4000:]
-        seen[value] = r.stdout.split()
+    seen = {value: _compile_in_fresh_process(code, interpret=value, cache_dir=tmp_path).split()
+            for value in ("2", "1")}
     assert seen == {"2": ["compiled", "True", "1", "0"], "1": ["interpreted", "False"]}, seen
 
 
@@ -199,13 +199,8 @@ def test_compiled_fast_divisions_divide_one_never_a_subject_scale(tmp_path):
         "        nums = re.findall(r'div\\.approx\\.ftz\\.f32\\s+%r\\d+, (\\S+), \\S+;', ptx)\n"
         "        print(len(nums), sum(n in ones or n == '0f3F800000' for n in nums))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    counts = [tuple(map(int, line.split())) for line in r.stdout.strip().splitlines()]
+    out = _compile_in_fresh_process(code, cache_dir=tmp_path)
+    counts = [tuple(map(int, line.split())) for line in out.strip().splitlines()]
     assert len(counts) == 4 and all(n > 0 for n, _ in counts), counts       # the fast division is there
     assert all(ones == n for n, ones in counts), f"(divisions, of them 1 / l) per variant: {counts}"
 
