@@ -1,9 +1,31 @@
 """Shared helpers of the kernel tests: inputs, layouts, tolerances, a mismatch report."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 
 from anyms_kernels.reference import region_cross_attention_reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_python(code: str, *args: str, env=None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run python ``code`` (with ``args``) in a fresh process from the repository root, with the
+    repository on its path; ``env`` sets variables, and a value of None removes one (e.g.
+    TRITON_INTERPRET, read when a kernel is defined)."""
+    full = dict(os.environ)
+    for name, value in (env or {}).items():
+        if value is None:
+            full.pop(name, None)
+        else:
+            full[name] = value
+    full["PYTHONPATH"] = ROOT + os.pathsep + full.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=full, cwd=ROOT,
+                          timeout=timeout)
+
 
 # One tolerance table, keyed by dtype: fp32 is compared directly against the
 # float64 reference; 16-bit dtypes by the self-calibrating rule (at most

@@ -3,17 +3,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import anyms_kernels as ak
 from anyms_kernels._triton import HAS_TRITON
-from tests.kernels.helpers import make_inputs, reference
+from tests.kernels.helpers import ROOT, make_inputs, reference, run_python
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _layer(x, w_q, kt, vt, ks, vs, boxes, grid, mode):
@@ -62,15 +59,12 @@ def _compile_in_fresh_process(code: str, *args: str, interpret=None, cache_dir=N
     """Run ``code`` (python, with ``args``) in a fresh process, as the kernel must be defined: without
     TRITON_INTERPRET (or with ``interpret`` as its value), FP fusion as triton 3.9's default, the
     compiled kernels cached in ``cache_dir`` if given. Returns its stdout; fails with its stderr."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    if interpret is not None:
-        env["TRITON_INTERPRET"] = interpret
+    env = {"TRITON_INTERPRET": interpret}
+    if "TRITON_DEFAULT_FP_FUSION" not in os.environ:
+        env["TRITON_DEFAULT_FP_FUSION"] = "1"
     if cache_dir is not None:
         env["TRITON_CACHE_DIR"] = str(cache_dir)
-    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=ROOT,
-                       timeout=timeout)
+    r = run_python(code, *args, env=env, timeout=timeout)
     assert r.returncode == 0, r.stderr[-4000:]
     return r.stdout
 

@@ -2,18 +2,15 @@
 from __future__ import annotations
 
 import math
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
 import anyms_kernels as ak
 from anyms_kernels.regions import coverage_count, token_owner
-from tests.kernels.helpers import make_inputs
+from tests.kernels.helpers import make_inputs, run_python
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ------------------------------------------------------------------ rasterize_boxes
@@ -158,11 +155,7 @@ def test_triton_rejects_unsupported_head_dim_and_dtype():
 
 def _run_clean(code: str) -> subprocess.CompletedProcess:
     """Run python code in a fresh process with no GPU visible and no TRITON_INTERPRET."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=300)
+    return run_python(code, env={"TRITON_INTERPRET": None, "CUDA_VISIBLE_DEVICES": ""}, timeout=300)
 
 
 def test_import_touches_no_gpu_and_needs_no_interpreter():

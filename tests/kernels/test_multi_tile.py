@@ -5,17 +5,13 @@ outputs (each tile runs the same operations whichever program runs it), equal to
 reference within the dtype's tolerance."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import anyms_kernels as ak
 from anyms_kernels.ops import region_attention_triton as rt
 from anyms_kernels.routing import build_routing
-from tests.kernels.helpers import LAYOUTS, assert_matches_reference, make_inputs, reference
+from tests.kernels.helpers import LAYOUTS, assert_matches_reference, make_inputs, reference, run_python
 
 
 def _skip_without_triton():
@@ -211,11 +207,7 @@ def test_64_bit_address_math_reaches_subjects_past_int32(head_dim):
     formed in 64 bits too: in 32 bits the third subject's address wrapped, and its loads read
     2^31 elements before the keys. Runs in a fresh process, as a wrapped load may crash it."""
     _skip_without_triton()
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, "-c", _PAST_INT32, str(head_dim)], capture_output=True, text=True,
-                       env=env, cwd=root, timeout=600)
+    r = run_python(_PAST_INT32, str(head_dim), env={"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, f"exit status {r.returncode}\n{r.stderr[-3000:]}"
     if r.stdout.startswith("SKIP"):
         pytest.skip(f"no 8 GiB of address space here: {r.stdout.strip()}")
